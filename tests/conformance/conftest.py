@@ -9,6 +9,7 @@ session; tests keep out of each other's way with unique client ids and topics.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -134,8 +135,12 @@ def broker(request) -> Broker:
                         "`cargo build --release -p corvid-broker` or set CORVID_BROKER_BIN", 2)
         cmd = [str(exe), "serve", "--mqtt-port", str(port), "--ws-port", str(ws_port),
                "--admin-port", str(admin_port)]
+        cmd += shlex.split(os.environ.get("CORVID_BROKER_ARGS", ""))
+    # The suite's own settings are not broker configuration.
+    env = {k: v for k, v in os.environ.items() if k not in ("CORVID_BROKER_BIN",
+                                                            "CORVID_BROKER_ARGS")}
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=workdir, env=env)
     try:
         wait_for_port(port, proc, log)
         wait_for_port(ws_port, proc, log)
