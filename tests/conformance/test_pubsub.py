@@ -6,7 +6,7 @@ This is the core promise of a broker; each test is run for MQTT 3.1.1 and 5.0.
 
 import pytest
 
-from mqttutil import (PUBCOMP, PUBREC, PUBREL, V311, V5, ack_packet, publish_packet, sub_options,
+from mqttutil import (PUBCOMP, PUBREC, PUBREL, V311, V5, Closed, ack_packet, publish_packet, sub_options,
                       unique)
 
 
@@ -90,8 +90,9 @@ def test_messages_on_one_topic_keep_their_order(version, raw, topic):
 
 
 # Filters relative to the test's own prefix T, and which of TOPICS each must match.
-# Rules: section 4.7.1; "sport/#" also matches "sport" [MQTT-4.7.1-2]; "+" matches exactly
-# one level, including an empty one [MQTT-4.7.1-3]; topics are case sensitive (4.7.3).
+# Rules and examples: sections 4.7.1.2 ("sport/#" also matches "sport"), 4.7.1.3 ("+" matches
+# exactly one level, an empty one included: "sport/+" matches "sport/") and 4.7.3 (topics are
+# case sensitive; "/" separates levels, zero-length levels are allowed).
 TOPICS = ["T", "T/", "T/a", "T/b", "T/A", "T/a/b", "T/a/b/c", "T/b/c", "T//c"]
 WILDCARD_CASES = [
     ("T/a", {"T/a"}),
@@ -196,3 +197,40 @@ def test_subscribe_to_many_filters_in_one_packet(version, raw, topic):
     ack = sub.subscribe_many([(f"{topic}/0", opts(0)), (f"{topic}/1", opts(1)),
                               (f"{topic}/2", opts(2))])
     assert ack.codes == [0, 1, 2]
+
+
+@pytest.mark.parametrize("pub_version,sub_version", [(V311, V5), (V5, V311)],
+                         ids=["v311-to-v5", "v5-to-v311"])
+def test_messages_cross_protocol_versions(pub_version, sub_version, raw, topic):
+    # One broker, two protocol versions: a message is a message (3.1.1 and 5.0 clients share
+    # topics; 5.0-only properties are simply not representable for the 3.1.1 receiver).
+    sub = raw(sub_version)
+    sub.subscribe(topic, 2)
+    raw(pub_version).publish(topic, b"x", 2)
+    m = sub.message()
+    assert (m.topic, m.payload, m.qos) == (topic, b"x", 2)
+
+
+def test_large_payload(version, raw, topic):
+    # A 256 KiB payload needs a 3-byte Remaining Length (2.2.3) and must arrive intact.
+    sub = raw(version)
+    sub.subscribe(topic, 1)
+    body = bytes(range(256)) * 1024
+    raw(version).publish(topic, body, 1)
+    assert sub.message().payload == body
+
+
+@pytest.mark.parametrize("bad_filter", ["a/#/b", "a#", "a/b+", "+a/b", ""])
+def test_invalid_topic_filter_refused(version, bad_filter, raw, port, topic):
+    # [MQTT-4.7.1-2]: "#" must be the last character and stand alone in its level;
+    # [MQTT-4.7.1-3]: "+" must occupy a whole level; [MQTT-4.7.3-1]: filters are at least one
+    # character long. The Server refuses the filter: SUBACK 0x80 (3.1.1) / 0x8F Topic Filter
+    # invalid (5.0), or closes the connection as for a protocol violation.
+    c = raw(version)
+    try:
+        ack = c.subscribe(bad_filter, 1)
+    except Closed:
+        return
+    assert ack.codes[0] >= 0x80, ack
+    if version == V5:
+        assert ack.codes[0] == 0x8F, ack
