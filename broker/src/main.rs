@@ -1,2 +1,179 @@
-//! Entry point of `corvid-broker`: parses the command line and starts the broker.
-fn main() {}
+//! `corvid-broker`: the command line — serve, check or print the configuration.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use corvid_broker::config::{Config, Discovery, LogFormat, Overrides};
+
+/// Corvid's clustered MQTT broker.
+#[derive(Debug, Parser)]
+#[command(name = "corvid-broker", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the broker.
+    Serve(ServeArgs),
+    /// Validate or print configuration.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate a configuration file; names the bad field on error.
+    Check {
+        /// The YAML file.
+        file: PathBuf,
+    },
+    /// Print a complete, commented example configuration.
+    Example,
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// YAML configuration file (every field has a default).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Node name (default: POD_NAME, then the host name).
+    #[arg(long)]
+    node_name: Option<String>,
+    /// MQTT/TCP port.
+    #[arg(long)]
+    mqtt_port: Option<u16>,
+    /// MQTT/WebSocket port.
+    #[arg(long)]
+    ws_port: Option<u16>,
+    /// Admin HTTP port.
+    #[arg(long)]
+    admin_port: Option<u16>,
+    /// Inter-node cluster port.
+    #[arg(long)]
+    cluster_port: Option<u16>,
+    /// Peer discovery: static, dns or kubernetes.
+    #[arg(long)]
+    discovery: Option<String>,
+    /// Static peers, host:port,...
+    #[arg(long, value_delimiter = ',')]
+    peers: Vec<String>,
+    /// Headless Service name for DNS discovery.
+    #[arg(long)]
+    dns_name: Option<String>,
+    /// File holding the shared cluster secret.
+    #[arg(long)]
+    cluster_secret_file: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Config {
+            command: ConfigCommand::Example,
+        } => {
+            print!("{}", corvid_broker::config::EXAMPLE);
+            Ok(())
+        }
+        Command::Config {
+            command: ConfigCommand::Check { file },
+        } => match Config::load(Some(&file), std::env::vars(), &Overrides::default()) {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                std::process::exit(1);
+            }
+        },
+        Command::Serve(args) => serve(args),
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let overrides = Overrides {
+        node_name: args.node_name.clone(),
+        mqtt_port: args.mqtt_port,
+        ws_port: args.ws_port,
+        admin_port: args.admin_port,
+        cluster_port: args.cluster_port,
+    };
+    let mut config = Config::load(args.config.as_deref(), std::env::vars(), &overrides)
+        .context("invalid configuration")?;
+    if let Some(d) = &args.discovery {
+        config.cluster.discovery = match d.as_str() {
+            "static" => Discovery::Static,
+            "dns" => Discovery::Dns,
+            "kubernetes" => Discovery::Kubernetes,
+            "none" => Discovery::None,
+            other => {
+                anyhow::bail!("--discovery: unknown method {other:?} (static, dns, kubernetes)")
+            }
+        };
+    }
+    if !args.peers.is_empty() {
+        config.cluster.peers = args.peers.clone();
+    }
+    if args.dns_name.is_some() {
+        config.cluster.dns_name = args.dns_name.clone();
+    }
+    if args.cluster_secret_file.is_some() {
+        config.cluster.secret_file = args.cluster_secret_file.clone();
+    }
+    config.validate().context("invalid configuration")?;
+    init_logging(&config);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("corvid")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        if config.cluster.discovery != Discovery::None {
+            tracing::warn!(
+                "clustering is not available in this version yet; running as a single node"
+            );
+        }
+        let drain = Duration::from_secs(config.shutdown.drain_timeout);
+        let running = corvid_broker::server::start(config).await?;
+        wait_for_signal().await;
+        tracing::info!(deadline_s = drain.as_secs(), "shutting down");
+        running.shutdown(drain).await;
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => {}
+                _ = i.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log.level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

@@ -1,0 +1,258 @@
+//! The admin HTTP endpoint: health and readiness for Kubernetes probes, Prometheus metrics, and
+//! the read-only API people and the operator use to see clients, subscriptions and routes.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::broker::Broker;
+use crate::session::Kick;
+
+/// Builds the admin router.
+pub fn router(broker: Arc<Broker>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/stats", get(stats))
+        .route("/api/v1/clients", get(clients))
+        .route("/api/v1/clients/{id}", get(client).delete(kick))
+        .route("/api/v1/clients/{id}/kick", delete(kick).post(kick))
+        .route("/api/v1/subscriptions", get(subscriptions))
+        .route("/api/v1/routes", get(routes))
+        .with_state(broker)
+}
+
+/// Serves the admin API on `listener` until shutdown.
+pub async fn serve(broker: Arc<Broker>, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+    let shutdown = broker.shutdown.clone();
+    axum::serve(listener, router(broker))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(b): State<Arc<Broker>>) -> Response {
+    if b.accepting.load(Ordering::Relaxed) && !b.shutdown.is_cancelled() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: not accepting connections\n",
+        )
+            .into_response()
+    }
+}
+
+async fn metrics(State(b): State<Arc<Broker>>) -> Response {
+    b.refresh_gauges();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        b.metrics.render(),
+    )
+        .into_response()
+}
+
+fn authorized(b: &Broker, headers: &HeaderMap) -> Result<(), Response> {
+    let Some(file) = &b.config.admin.token_file else {
+        return Ok(());
+    };
+    let expected = std::fs::read_to_string(file).unwrap_or_default();
+    let expected = expected.trim();
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !expected.is_empty() && given == expected {
+        Ok(())
+    } else {
+        Err((
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": "missing or wrong bearer token"})),
+        )
+            .into_response())
+    }
+}
+
+async fn stats(State(b): State<Arc<Broker>>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorized(&b, &headers) {
+        return r;
+    }
+    b.refresh_gauges();
+    let m = &b.metrics;
+    Json(json!({
+        "node": b.node,
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": b.started.elapsed().as_secs(),
+        "connections": m.connections.get(),
+        "sessions": m.sessions.get(),
+        "subscriptions": m.subscriptions.get(),
+        "routes": m.routes.get(),
+        "retained": m.retained.get(),
+        "queued": m.queued.get(),
+        "inflight": m.inflight.get(),
+        "messages_received": (0..3).map(|q| m.messages_received.at(q).get()).sum::<u64>(),
+        "messages_sent": (0..3).map(|q| m.messages_sent.at(q).get()).sum::<u64>(),
+    }))
+    .into_response()
+}
+
+/// Filters for the client list.
+#[derive(Debug, Deserialize)]
+struct ClientFilter {
+    /// Substring of the client id.
+    like: Option<String>,
+    /// Only connected (`true`) or only offline (`false`) sessions.
+    connected: Option<bool>,
+    /// Exact user name.
+    username: Option<String>,
+    /// Page size.
+    limit: Option<usize>,
+}
+
+fn client_json(s: &crate::session::Session) -> Value {
+    let st = s.state.lock();
+    json!({
+        "client_id": &*s.client_id,
+        "connected": st.connection.is_some(),
+        "connection": st.connection,
+        "subscriptions": st.subscriptions.len(),
+        "queued": st.queue.len(),
+        "inflight": st.inflight.len(),
+        "dropped": st.dropped,
+        "session_expiry": st.expiry,
+    })
+}
+
+async fn clients(
+    State(b): State<Arc<Broker>>,
+    headers: HeaderMap,
+    Query(f): Query<ClientFilter>,
+) -> Response {
+    if let Err(r) = authorized(&b, &headers) {
+        return r;
+    }
+    let mut all = b.sessions.all();
+    all.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+    let list: Vec<Value> = all
+        .iter()
+        .filter(|s| {
+            f.like
+                .as_ref()
+                .is_none_or(|l| s.client_id.contains(l.as_str()))
+        })
+        .filter(|s| {
+            let st = s.state.lock();
+            f.connected.is_none_or(|c| st.connection.is_some() == c)
+                && f.username.as_ref().is_none_or(|u| {
+                    st.connection.as_ref().and_then(|c| c.username.as_ref()) == Some(u)
+                })
+        })
+        .take(f.limit.unwrap_or(1000))
+        .map(|s| client_json(s))
+        .collect();
+    Json(json!({ "count": list.len(), "clients": list })).into_response()
+}
+
+async fn client(
+    State(b): State<Arc<Broker>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Err(r) = authorized(&b, &headers) {
+        return r;
+    }
+    match b.sessions.get(&id) {
+        Some(s) => {
+            let mut v = client_json(&s);
+            let subs: Vec<Value> = s
+                .state
+                .lock()
+                .subscriptions
+                .iter()
+                .map(|(f, sub)| json!({"filter": f, "qos": sub.opts.qos.value()}))
+                .collect();
+            v["subscription_list"] = Value::Array(subs);
+            Json(v).into_response()
+        }
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": format!("no client {id}")})),
+        )
+            .into_response(),
+    }
+}
+
+async fn kick(
+    State(b): State<Arc<Broker>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Err(r) = authorized(&b, &headers) {
+        return r;
+    }
+    let Some(s) = b.sessions.get(&id) else {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": format!("no client {id}")})),
+        )
+            .into_response();
+    };
+    let conn = s.state.lock().connection.clone();
+    match conn {
+        Some(c) => {
+            let _ = c.kick.send(Kick::Administrative);
+            Json(json!({"kicked": id})).into_response()
+        }
+        None => (
+            StatusCode::CONFLICT,
+            Json(json!({"error": format!("client {id} is not connected")})),
+        )
+            .into_response(),
+    }
+}
+
+async fn subscriptions(State(b): State<Arc<Broker>>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorized(&b, &headers) {
+        return r;
+    }
+    let mut out = Vec::new();
+    for s in b.sessions.all() {
+        let st = s.state.lock();
+        for (f, sub) in &st.subscriptions {
+            out.push(json!({
+                "client_id": &*s.client_id,
+                "filter": f,
+                "qos": sub.opts.qos.value(),
+                "no_local": sub.opts.no_local,
+                "retain_as_published": sub.opts.retain_as_published,
+                "subscription_id": sub.sub_id.map(|i| i.get()),
+            }));
+        }
+    }
+    Json(json!({"count": out.len(), "subscriptions": out})).into_response()
+}
+
+async fn routes(State(b): State<Arc<Broker>>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorized(&b, &headers) {
+        return r;
+    }
+    let mut filters = b.router.filters();
+    filters.sort();
+    let list: Vec<Value> = filters
+        .iter()
+        .map(|f| json!({"filter": f, "node": b.node}))
+        .collect();
+    Json(json!({"count": list.len(), "routes": list})).into_response()
+}

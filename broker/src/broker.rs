@@ -1,0 +1,367 @@
+//! The broker's shared state and the operations that span sessions: publishing (routing,
+//! retained store, delivery), subscribing, opening and ending sessions, wills.
+//!
+//! Connection tasks call into this; the cluster layer will too, which is why these
+//! operations take plain values (messages, client ids) and never a socket.
+
+use std::num::NonZeroU32;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytestring::ByteString;
+use tokio_util::sync::CancellationToken;
+
+use crate::codec::{QoS, RetainHandling, SubOptions, Will};
+use crate::config::Config;
+use crate::message::{Delivery, Message, Msg};
+use crate::metrics::Metrics;
+use crate::retained::Retained;
+use crate::router::{Router, Target};
+use crate::session::{ConnInfo, Enqueued, Kick, Registry, Session, Subscription};
+use crate::topic;
+
+/// Shared broker state; one per process, behind an `Arc`.
+#[derive(Debug)]
+pub struct Broker {
+    /// Effective configuration.
+    pub config: Arc<Config>,
+    /// This node's name.
+    pub node: String,
+    /// Subscription trie.
+    pub router: Router,
+    /// Retained messages.
+    pub retained: Retained,
+    /// Sessions by client id.
+    pub sessions: Registry,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Cancelled when the broker shuts down.
+    pub shutdown: CancellationToken,
+    /// Whether new connections are accepted (false while evacuating or shutting down).
+    pub accepting: AtomicBool,
+    /// Start time.
+    pub started: Instant,
+}
+
+/// Result of opening a session for a CONNECT.
+#[derive(Debug)]
+pub struct Opened {
+    /// The session.
+    pub session: Arc<Session>,
+    /// Whether an existing session was resumed (CONNACK session present).
+    pub present: bool,
+    /// Generation of this connection's ownership.
+    pub generation: u64,
+}
+
+impl Broker {
+    /// Creates the broker state.
+    pub fn new(config: Config) -> Result<Arc<Self>, prometheus::Error> {
+        let node = config.node_name();
+        Ok(Arc::new(Broker {
+            config: Arc::new(config),
+            node,
+            router: Router::default(),
+            retained: Retained::default(),
+            sessions: Registry::default(),
+            metrics: Metrics::new()?,
+            shutdown: CancellationToken::new(),
+            accepting: AtomicBool::new(true),
+            started: Instant::now(),
+        }))
+    }
+
+    /// Publishes a message: updates the retained store if asked, then delivers it to every
+    /// matching session. Returns how many sessions it was routed to.
+    pub fn publish(&self, msg: Msg) -> usize {
+        if msg.retain && self.config.mqtt.retain_available {
+            self.retained.set(msg.clone());
+        }
+        let targets = self.router.route(
+            &msg.topic,
+            &msg.publisher,
+            self.config.mqtt.shared_subscription_strategy,
+        );
+        let n = targets.len();
+        for t in targets {
+            self.deliver(&msg, t);
+        }
+        n
+    }
+
+    fn deliver(&self, msg: &Msg, t: Target) {
+        let d = Delivery {
+            msg: msg.clone(),
+            qos: msg.qos.min(t.qos),
+            retain: msg.retain && t.retain_as_published,
+            sub_ids: t.sub_ids,
+            share: t.share,
+        };
+        self.enqueue(&t.session, d);
+    }
+
+    /// Queues a delivery on a session with the configured bounds, counting drops.
+    pub fn enqueue(&self, session: &Session, d: Delivery) {
+        let s = &self.config.sessions;
+        match session.enqueue(d, s.max_offline_queue, s.queue_full_policy, s.queue_qos0) {
+            Enqueued::Queued => {}
+            Enqueued::QueuedDroppedOldest => self.metrics.dropped("queue_full"),
+            Enqueued::Dropped => self.metrics.dropped("queue_full_or_offline_qos0"),
+        }
+    }
+
+    /// Adds a subscription for `session` and queues the retained messages it should get.
+    /// Returns the granted QoS.
+    pub fn subscribe(
+        &self,
+        session: &Arc<Session>,
+        raw: &str,
+        mut opts: SubOptions,
+        sub_id: Option<NonZeroU32>,
+    ) -> Result<QoS, topic::TopicError> {
+        let f = topic::parse_filter(raw)?;
+        opts.qos = opts.qos.min(max_qos(&self.config));
+        let existed = {
+            let mut st = session.state.lock();
+            st.subscriptions
+                .insert(raw.to_string(), Subscription { opts, sub_id })
+                .is_some()
+        };
+        self.router
+            .subscribe(f.group, f.filter, session, opts, sub_id);
+        // Retained messages are not sent for shared subscriptions [MQTT-3.8.4-?, 4.8.2].
+        let send_retained = f.group.is_none()
+            && match opts.retain_handling {
+                RetainHandling::AtSubscribe => true,
+                RetainHandling::AtSubscribeNew => !existed,
+                RetainHandling::NoAtSubscribe => false,
+            };
+        if send_retained {
+            for m in self.retained.matching(f.filter) {
+                let d = Delivery {
+                    qos: m.qos.min(opts.qos),
+                    msg: m,
+                    retain: true,
+                    sub_ids: sub_id.into_iter().collect(),
+                    share: None,
+                };
+                self.enqueue(session, d);
+            }
+        }
+        Ok(opts.qos)
+    }
+
+    /// Removes a subscription; returns whether it existed.
+    pub fn unsubscribe(&self, session: &Arc<Session>, raw: &str) -> bool {
+        let existed = session.state.lock().subscriptions.remove(raw).is_some();
+        if let Ok(f) = topic::parse_filter(raw) {
+            self.router
+                .unsubscribe(f.group, f.filter, &session.client_id);
+        }
+        existed
+    }
+
+    /// Opens (or resumes) the session for a connecting client and marks it online, kicking
+    /// any connection that holds it now.
+    pub fn open_session(
+        &self,
+        client_id: &ByteString,
+        clean_start: bool,
+        expiry: u32,
+        conn: ConnInfo,
+    ) -> Opened {
+        let existing = self.sessions.get(client_id);
+        if let Some(old) = &existing {
+            let mut st = old.state.lock();
+            if let Some(c) = st.connection.take() {
+                // The old connection sees the bumped generation and lets go.
+                let _ = c.kick.send(Kick::TakenOver);
+                self.metrics.takeovers.inc();
+            }
+            st.generation += 1;
+        }
+        let resumable = existing.filter(|s| !s.state.lock().ended);
+        let (session, present) = match resumable {
+            Some(old) if !clean_start => (old, true),
+            Some(old) => {
+                self.end_session(&old);
+                let s = Session::new(client_id.clone(), expiry);
+                self.sessions.insert(s.clone());
+                (s, false)
+            }
+            None => {
+                let s = Session::new(client_id.clone(), expiry);
+                self.sessions.insert(s.clone());
+                (s, false)
+            }
+        };
+        let generation = {
+            let mut st = session.state.lock();
+            st.generation += 1;
+            st.expiry = expiry;
+            st.connection = Some(conn);
+            st.disconnected_at = None;
+            st.generation
+        };
+        Opened {
+            session,
+            present,
+            generation,
+        }
+    }
+
+    /// Called when a connection that owned `session` at `generation` ends. Ends the session
+    /// now if its expiry is zero, otherwise schedules its expiry.
+    pub fn close_session(self: &Arc<Self>, session: &Arc<Session>, generation: u64) {
+        let expiry = {
+            let mut st = session.state.lock();
+            if st.generation != generation || st.ended {
+                return; // taken over or already ended: the new owner decides
+            }
+            st.connection = None;
+            st.disconnected_at = Some(Instant::now());
+            st.expiry
+        };
+        if expiry == 0 {
+            self.end_session(session);
+            self.sessions.remove_if_same(session);
+            return;
+        }
+        if expiry == u32::MAX {
+            return;
+        }
+        let broker = self.clone();
+        let session = session.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(u64::from(expiry))) => {}
+                _ = broker.shutdown.cancelled() => return,
+            }
+            let expired = {
+                let st = session.state.lock();
+                st.generation == generation && st.connection.is_none() && !st.ended
+            };
+            if expired {
+                broker.end_session(&session);
+                broker.sessions.remove_if_same(&session);
+                broker.metrics.sessions_expired.inc();
+            }
+        });
+    }
+
+    /// Ends a session: removes its routes, and gives its undelivered shared-subscription
+    /// messages to other members of their groups.
+    pub fn end_session(&self, session: &Arc<Session>) {
+        let (subs, orphans) = {
+            let mut st = session.state.lock();
+            st.ended = true;
+            st.generation += 1;
+            let subs: Vec<String> = st.subscriptions.drain().map(|(k, _)| k).collect();
+            let mut orphans: Vec<Delivery> = st
+                .inflight
+                .drain(..)
+                .map(|f| f.delivery)
+                .filter(|d| d.share.is_some())
+                .collect();
+            orphans.extend(st.queue.drain(..).filter(|d| d.share.is_some()));
+            (subs, orphans)
+        };
+        for raw in subs {
+            if let Ok(f) = topic::parse_filter(&raw) {
+                self.router
+                    .unsubscribe(f.group, f.filter, &session.client_id);
+            }
+        }
+        for d in orphans {
+            self.redispatch_shared(d);
+        }
+    }
+
+    /// Sends a shared-subscription delivery to another member of its group, if any.
+    fn redispatch_shared(&self, d: Delivery) {
+        let Some(share) = d.share.clone() else { return };
+        let targets = self.router.route(
+            &d.msg.topic,
+            &d.msg.publisher,
+            self.config.mqtt.shared_subscription_strategy,
+        );
+        match targets
+            .into_iter()
+            .find(|t| t.share.as_deref() == Some(&*share))
+        {
+            Some(t) => {
+                let d = Delivery {
+                    qos: d.msg.qos.min(t.qos),
+                    share: t.share,
+                    ..d
+                };
+                self.enqueue(&t.session, d);
+            }
+            None => self.metrics.dropped("shared_group_empty"),
+        }
+    }
+
+    /// Publishes a will, after its delay unless the session reconnects first.
+    pub fn schedule_will(
+        self: &Arc<Self>,
+        will: Will,
+        client_id: ByteString,
+        session: Arc<Session>,
+        generation: u64,
+    ) {
+        let delay = will.delay.min(session.state.lock().expiry);
+        let msg = Arc::new(Message::new(
+            will.topic,
+            will.payload,
+            will.qos,
+            will.retain,
+            will.properties,
+            client_id,
+        ));
+        if delay == 0 {
+            self.metrics.wills_published.inc();
+            self.publish(msg);
+            return;
+        }
+        let broker = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
+            let still_gone = {
+                let st = session.state.lock();
+                st.connection.is_none() && (st.generation == generation || st.ended)
+            };
+            if still_gone {
+                broker.metrics.wills_published.inc();
+                broker.publish(msg);
+            }
+        });
+    }
+
+    /// Refreshes the gauges that mirror state; called before rendering metrics.
+    pub fn refresh_gauges(&self) {
+        let sessions = self.sessions.all();
+        let (mut queued, mut inflight) = (0usize, 0usize);
+        for s in &sessions {
+            let st = s.state.lock();
+            queued += st.queue.len();
+            inflight += st.inflight.len();
+        }
+        let m = &self.metrics;
+        m.sessions.set(gauge(sessions.len()));
+        m.queued.set(gauge(queued));
+        m.inflight.set(gauge(inflight));
+        m.subscriptions.set(gauge(self.router.subscription_count()));
+        m.routes.set(gauge(self.router.filters().len()));
+        m.retained.set(gauge(self.retained.len()));
+    }
+}
+
+fn gauge(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// The highest QoS the broker grants.
+pub fn max_qos(config: &Config) -> QoS {
+    QoS::try_from(config.mqtt.max_qos).unwrap_or(QoS::ExactlyOnce)
+}

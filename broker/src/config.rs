@@ -1,0 +1,689 @@
+//! The broker's one configuration file: every field defaulted, so an empty file (or none) runs a
+//! useful broker, and the operator can render exactly the sections it manages.
+//!
+//! Load order: embedded defaults ← YAML file ← `CORVID_SECTION__KEY` environment variables ←
+//! command-line flags. Unknown keys are errors that name the field, so a typo never silently
+//! falls back to a default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Why a configuration could not be loaded; the message always names the file or field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// File that failed.
+        path: PathBuf,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// YAML syntax or a field of the wrong shape (serde names the field path).
+    #[error("{origin}: {message}")]
+    Parse {
+        /// File name or `environment`.
+        origin: String,
+        /// Parser message, which includes the field path.
+        message: String,
+    },
+    /// A value that parses but makes no sense.
+    #[error("invalid value for `{field}`: {reason}")]
+    Invalid {
+        /// Dotted field path.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// The whole broker configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Identity of this node in a cluster.
+    pub node: NodeConfig,
+    /// Logging output.
+    pub log: LogConfig,
+    /// Client-facing listeners.
+    pub listeners: Listeners,
+    /// Certificates for the TLS listeners.
+    pub tls: TlsConfig,
+    /// Admin HTTP endpoint (health, metrics, API).
+    pub admin: AdminConfig,
+    /// MQTT protocol limits and capabilities.
+    pub mqtt: MqttConfig,
+    /// Session persistence and offline queues.
+    pub sessions: SessionConfig,
+    /// Connection and message limits.
+    pub limits: LimitsConfig,
+    /// Inter-node clustering.
+    pub cluster: ClusterConfig,
+    /// Graceful shutdown.
+    pub shutdown: ShutdownConfig,
+}
+
+/// Node identity: the pod name in Kubernetes, stable across restarts.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Node name; when unset, `POD_NAME`, then the host name.
+    pub name: Option<String>,
+}
+
+/// Log level and format.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `tracing` filter directive, e.g. `info` or `corvid_broker=debug`.
+    pub level: String,
+    /// `text` for people, `json` for log collectors.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The four client listeners.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Listeners {
+    /// Plain MQTT over TCP.
+    pub mqtt: ListenerConfig,
+    /// MQTT over WebSocket.
+    pub ws: ListenerConfig,
+    /// MQTT over TLS.
+    pub mqtts: ListenerConfig,
+    /// MQTT over WebSocket over TLS.
+    pub wss: ListenerConfig,
+}
+
+impl Default for Listeners {
+    fn default() -> Self {
+        Self {
+            mqtt: ListenerConfig::new(true, "0.0.0.0:1883"),
+            ws: ListenerConfig::new(true, "0.0.0.0:8083"),
+            mqtts: ListenerConfig::new(false, "0.0.0.0:8883"),
+            wss: ListenerConfig::new(false, "0.0.0.0:8084"),
+        }
+    }
+}
+
+/// One listener.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Whether the listener is opened.
+    pub enabled: bool,
+    /// Address and port to bind.
+    pub bind: SocketAddr,
+    /// WebSocket path (WebSocket listeners only).
+    pub path: String,
+    /// Expect a PROXY protocol v1/v2 header first (load balancer in front).
+    pub proxy_protocol: bool,
+}
+
+impl ListenerConfig {
+    fn new(enabled: bool, bind: &str) -> Self {
+        Self {
+            enabled,
+            bind: bind
+                .parse()
+                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),
+            path: "/mqtt".into(),
+            proxy_protocol: false,
+        }
+    }
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        Self::new(false, "0.0.0.0:0")
+    }
+}
+
+/// PEM files for the TLS listeners; re-read when they change on disk.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate chain (PEM).
+    pub cert_file: PathBuf,
+    /// Private key (PEM).
+    pub key_file: PathBuf,
+    /// CA bundle to verify client certificates; when set, clients must present one.
+    pub ca_file: Option<PathBuf>,
+    /// Seconds a TLS or WebSocket handshake may take.
+    pub handshake_timeout: u64,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert_file: "/etc/corvid/tls/tls.crt".into(),
+            key_file: "/etc/corvid/tls/tls.key".into(),
+            ca_file: None,
+            handshake_timeout: 10,
+        }
+    }
+}
+
+/// Admin HTTP endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address and port to bind.
+    pub bind: SocketAddr,
+    /// File holding a bearer token required by `/api/*` when set.
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            bind: SocketAddr::from(([0, 0, 0, 0], 18083)),
+            token_file: None,
+        }
+    }
+}
+
+/// How a message for a shared-subscription group picks its member.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SharedStrategy {
+    /// Members in turn.
+    #[default]
+    RoundRobin,
+    /// A random member.
+    Random,
+    /// The same member while it stays connected.
+    Sticky,
+    /// A member chosen by a hash of the publisher's client id.
+    HashClientid,
+}
+
+/// MQTT protocol limits and capabilities announced in CONNACK.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttConfig {
+    /// Largest packet accepted from clients, in bytes.
+    pub max_packet_size: u32,
+    /// Unacknowledged QoS 2 publishes a client may have in flight towards the broker, and the
+    /// broker's own cap on QoS 1/2 deliveries in flight towards one client.
+    pub receive_maximum: u16,
+    /// Largest keep-alive the broker accepts; larger requests are lowered (MQTT 5 server keep alive).
+    pub max_keepalive: u16,
+    /// Topic aliases a client may use towards the broker.
+    pub topic_alias_maximum: u16,
+    /// Whether retained messages are supported.
+    pub retain_available: bool,
+    /// Highest QoS the broker grants.
+    pub max_qos: u8,
+    /// Longest client id accepted.
+    pub max_client_id_len: usize,
+    /// Seconds a new connection may take to send CONNECT.
+    pub connect_timeout: u64,
+    /// Shared-subscription member selection.
+    pub shared_subscription_strategy: SharedStrategy,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            max_packet_size: 1024 * 1024,
+            receive_maximum: 32,
+            max_keepalive: 65535,
+            topic_alias_maximum: 64,
+            retain_available: true,
+            max_qos: 2,
+            max_client_id_len: 65535,
+            connect_timeout: 10,
+            shared_subscription_strategy: SharedStrategy::RoundRobin,
+        }
+    }
+}
+
+/// What happens to a new message when a session's queue is full.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum QueueFullPolicy {
+    /// Drop the oldest queued message to make room.
+    #[default]
+    DropOldest,
+    /// Drop the new message.
+    DropNew,
+}
+
+/// Sessions and their queues.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionConfig {
+    /// Messages queued per session (offline, or waiting for the inflight window).
+    pub max_offline_queue: usize,
+    /// Policy when the queue is full.
+    pub queue_full_policy: QueueFullPolicy,
+    /// Cap on a client's session expiry interval, in seconds.
+    pub max_session_expiry: u32,
+    /// Whether QoS 0 messages are queued for offline sessions.
+    pub queue_qos0: bool,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            max_offline_queue: 1000,
+            queue_full_policy: QueueFullPolicy::DropOldest,
+            max_session_expiry: 7200,
+            queue_qos0: false,
+        }
+    }
+}
+
+/// Connection and message limits.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Simultaneous client connections; more are refused.
+    pub max_connections: usize,
+    /// New connections per second per listener (0 = unlimited).
+    pub max_conn_rate: u32,
+    /// Max subscriptions per client (0 = unlimited).
+    pub max_subscriptions: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 100_000,
+            max_conn_rate: 0,
+            max_subscriptions: 0,
+        }
+    }
+}
+
+/// How a node finds its peers.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Discovery {
+    /// Single node.
+    #[default]
+    None,
+    /// A fixed list of `host:port`.
+    Static,
+    /// A/SRV lookups of a headless Service name.
+    Dns,
+    /// EndpointSlices of the headless Service through the Kubernetes API.
+    Kubernetes,
+}
+
+/// Clustering.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Inter-node port.
+    pub port: u16,
+    /// Peer discovery method.
+    pub discovery: Discovery,
+    /// Static peers.
+    pub peers: Vec<String>,
+    /// Headless Service DNS name for `dns` discovery.
+    pub dns_name: Option<String>,
+    /// File holding the shared cluster secret.
+    pub secret_file: Option<PathBuf>,
+    /// Kubernetes discovery settings.
+    pub kubernetes: KubernetesDiscovery,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            port: 4370,
+            discovery: Discovery::None,
+            peers: Vec::new(),
+            dns_name: None,
+            secret_file: None,
+            kubernetes: KubernetesDiscovery::default(),
+        }
+    }
+}
+
+/// Where to look for peers in Kubernetes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct KubernetesDiscovery {
+    /// Namespace; `POD_NAMESPACE` when unset.
+    pub namespace: Option<String>,
+    /// Headless Service name.
+    pub service: Option<String>,
+}
+
+/// Graceful shutdown.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// Seconds SIGTERM may take to disconnect clients before the process exits.
+    pub drain_timeout: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self { drain_timeout: 30 }
+    }
+}
+
+/// Command-line values that override the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--node-name`.
+    pub node_name: Option<String>,
+    /// `--mqtt-port`.
+    pub mqtt_port: Option<u16>,
+    /// `--ws-port`.
+    pub ws_port: Option<u16>,
+    /// `--admin-port`.
+    pub admin_port: Option<u16>,
+    /// `--cluster-port`.
+    pub cluster_port: Option<u16>,
+}
+
+impl Config {
+    /// Loads the file (if any), applies environment overrides from `env`, then `overrides`,
+    /// and validates the result.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &Overrides,
+    ) -> Result<Self, ConfigError> {
+        let (origin, text) = match path {
+            Some(p) => (
+                p.display().to_string(),
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?,
+            ),
+            None => ("defaults".to_string(), String::new()),
+        };
+        // Defaults first, the file merged on top: a partial section (one listener's `bind`)
+        // keeps the defaults of that section's other fields.
+        let mut value =
+            serde_yaml::to_value(Config::default()).map_err(|e| ConfigError::Parse {
+                origin: "defaults".into(),
+                message: e.to_string(),
+            })?;
+        if !text.trim().is_empty() {
+            let file: serde_yaml::Value =
+                serde_yaml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    origin: origin.clone(),
+                    message: e.to_string(),
+                })?;
+            merge(&mut value, file);
+        }
+        let mut from_env = false;
+        for (key, val) in env {
+            if let Some(rest) = key.strip_prefix("CORVID_") {
+                if rest.contains("__") {
+                    apply_env(&mut value, rest, &val);
+                    from_env = true;
+                }
+            }
+        }
+        let origin = if from_env {
+            format!("{origin} (with CORVID_* environment)")
+        } else {
+            origin
+        };
+        let mut cfg: Config = serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            let message = if path == "." {
+                e.inner().to_string()
+            } else {
+                format!("{path}: {}", e.inner())
+            };
+            ConfigError::Parse { origin, message }
+        })?;
+        cfg.apply(overrides);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn apply(&mut self, o: &Overrides) {
+        if let Some(n) = &o.node_name {
+            self.node.name = Some(n.clone());
+        }
+        if let Some(p) = o.mqtt_port {
+            self.listeners.mqtt.bind.set_port(p);
+        }
+        if let Some(p) = o.ws_port {
+            self.listeners.ws.bind.set_port(p);
+        }
+        if let Some(p) = o.admin_port {
+            self.admin.bind.set_port(p);
+        }
+        if let Some(p) = o.cluster_port {
+            self.cluster.port = p;
+        }
+    }
+
+    /// Checks values that parse but cannot work together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field: &str, reason: &str| {
+            Err(ConfigError::Invalid {
+                field: field.into(),
+                reason: reason.into(),
+            })
+        };
+        if self.mqtt.max_qos > 2 {
+            return invalid("mqtt.max_qos", "must be 0, 1 or 2");
+        }
+        if self.mqtt.receive_maximum == 0 {
+            return invalid("mqtt.receive_maximum", "must be at least 1");
+        }
+        if self.mqtt.max_packet_size < 64 {
+            return invalid("mqtt.max_packet_size", "must be at least 64 bytes");
+        }
+        if self.sessions.max_offline_queue == 0 {
+            return invalid("sessions.max_offline_queue", "must be at least 1");
+        }
+        for (name, l) in self.listener_list() {
+            if (name == "ws" || name == "wss") && !l.path.starts_with('/') {
+                return invalid(&format!("listeners.{name}.path"), "must start with '/'");
+            }
+        }
+        let mut seen: Vec<(&str, SocketAddr)> = Vec::new();
+        for (name, l) in self.listener_list() {
+            if !l.enabled || l.bind.port() == 0 {
+                continue;
+            }
+            if let Some((other, _)) = seen.iter().find(|(_, a)| a.port() == l.bind.port()) {
+                return invalid(
+                    &format!("listeners.{name}.bind"),
+                    &format!(
+                        "port {} is already used by listeners.{other}",
+                        l.bind.port()
+                    ),
+                );
+            }
+            seen.push((name, l.bind));
+        }
+        if let Some((other, _)) = seen
+            .iter()
+            .find(|(_, a)| a.port() == self.admin.bind.port())
+        {
+            return invalid(
+                "admin.bind",
+                &format!(
+                    "port {} is already used by listeners.{other}",
+                    self.admin.bind.port()
+                ),
+            );
+        }
+        if self.cluster.discovery == Discovery::Dns && self.cluster.dns_name.is_none() {
+            return invalid("cluster.dns_name", "required when cluster.discovery is dns");
+        }
+        Ok(())
+    }
+
+    /// Listeners with their names, in a fixed order.
+    pub fn listener_list(&self) -> [(&'static str, &ListenerConfig); 4] {
+        [
+            ("mqtt", &self.listeners.mqtt),
+            ("ws", &self.listeners.ws),
+            ("mqtts", &self.listeners.mqtts),
+            ("wss", &self.listeners.wss),
+        ]
+    }
+
+    /// The node name: configured, else `POD_NAME`, else the host name.
+    pub fn node_name(&self) -> String {
+        self.node
+            .name
+            .clone()
+            .or_else(|| std::env::var("POD_NAME").ok().filter(|s| !s.is_empty()))
+            .unwrap_or_else(|| gethostname::gethostname().to_string_lossy().into_owned())
+    }
+}
+
+/// Deep-merges `over` into `base`: mappings merge key by key, anything else replaces.
+pub fn merge(base: &mut serde_yaml::Value, over: serde_yaml::Value) {
+    match (base, over) {
+        (serde_yaml::Value::Mapping(b), serde_yaml::Value::Mapping(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) => merge(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o,
+    }
+}
+
+/// Sets `section.key` (from `SECTION__KEY`) in a YAML tree; the value is parsed as YAML so
+/// numbers and booleans keep their types.
+fn apply_env(root: &mut serde_yaml::Value, path: &str, raw: &str) {
+    let parsed: serde_yaml::Value =
+        serde_yaml::from_str(raw).unwrap_or_else(|_| serde_yaml::Value::String(raw.to_string()));
+    let keys: Vec<String> = path.split("__").map(|k| k.to_ascii_lowercase()).collect();
+    let mut cur = root;
+    for (i, key) in keys.iter().enumerate() {
+        if !cur.is_mapping() {
+            *cur = serde_yaml::Value::Mapping(Default::default());
+        }
+        let Some(map) = cur.as_mapping_mut() else {
+            return;
+        };
+        let k = serde_yaml::Value::String(key.clone());
+        if i == keys.len() - 1 {
+            map.insert(k, parsed);
+            return;
+        }
+        cur = map
+            .entry(k)
+            .or_insert(serde_yaml::Value::Mapping(Default::default()));
+    }
+}
+
+/// A complete, commented example configuration (`corvid-broker config example`).
+pub const EXAMPLE: &str = include_str!("../corvid.example.yaml");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(yaml: &str, env: Vec<(&str, &str)>) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().map_err(|e| ConfigError::Read {
+            path: "tmp".into(),
+            source: e,
+        })?;
+        let p = dir.path().join("c.yaml");
+        std::fs::write(&p, yaml).map_err(|e| ConfigError::Read {
+            path: p.clone(),
+            source: e,
+        })?;
+        Config::load(
+            Some(&p),
+            env.into_iter().map(|(a, b)| (a.to_string(), b.to_string())),
+            &Overrides::default(),
+        )
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = load_str("", vec![]).expect("defaults load");
+        assert_eq!(c, Config::default());
+        assert_eq!(c.listeners.mqtt.bind.port(), 1883);
+        assert_eq!(c.listeners.ws.bind.port(), 8083);
+        assert_eq!(c.listeners.mqtts.bind.port(), 8883);
+        assert_eq!(c.admin.bind.port(), 18083);
+        assert_eq!(c.cluster.port, 4370);
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let err = load_str("listeners:\n  mqtt:\n    bnd: 1\n", vec![]).expect_err("typo");
+        let msg = err.to_string();
+        assert!(msg.contains("listeners.mqtt"), "{msg}");
+        assert!(msg.contains("bnd"), "{msg}");
+    }
+
+    #[test]
+    fn env_overrides_keep_types() {
+        let c = load_str(
+            "mqtt:\n  max_qos: 2\n",
+            vec![
+                ("CORVID_MQTT__MAX_QOS", "1"),
+                ("CORVID_SESSIONS__QUEUE_QOS0", "true"),
+            ],
+        )
+        .expect("env applies");
+        assert_eq!(c.mqtt.max_qos, 1);
+        assert!(c.sessions.queue_qos0);
+    }
+
+    #[test]
+    fn partial_section_keeps_its_defaults() {
+        let c = load_str("listeners:\n  ws:\n    bind: 0.0.0.0:9001\n", vec![]).expect("loads");
+        assert!(c.listeners.ws.enabled);
+        assert_eq!(c.listeners.ws.path, "/mqtt");
+        assert_eq!(c.listeners.ws.bind.port(), 9001);
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let err = load_str("mqtt:\n  max_qos: high\n", vec![]).expect_err("type");
+        assert!(err.to_string().contains("mqtt.max_qos"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_ports_rejected() {
+        let err = load_str("listeners:\n  ws:\n    bind: 0.0.0.0:1883\n", vec![]).expect_err("dup");
+        assert!(err.to_string().contains("listeners.ws.bind"), "{err}");
+    }
+
+    #[test]
+    fn example_is_valid_and_complete() {
+        let v: serde_yaml::Value = serde_yaml::from_str(EXAMPLE).expect("example parses");
+        let c: Config = serde_yaml::from_value(v).expect("example matches schema");
+        c.validate().expect("example validates");
+    }
+}

@@ -1,0 +1,721 @@
+//! One task per client connection: read packets, act on them, write the answers and the
+//! session's queued messages — nothing hidden.
+//!
+//! The task owns the socket and the per-connection protocol state (topic aliases, keep alive);
+//! everything that must outlive the connection lives in the [`Session`]. Protocol errors end
+//! only this connection, with an MQTT 5 DISCONNECT reason code where the protocol has one.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::num::NonZeroU16;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use bytestring::ByteString;
+use tokio::sync::mpsc;
+
+use crate::broker::{max_qos, Broker};
+use crate::codec::{
+    self, Codec, ConnAckCode, ConnAckProps, Connect, Inbound, Outbound, Protocol, Publish, QoS,
+    Will,
+};
+use crate::listener::transport::Transport;
+use crate::message::Message;
+use crate::session::{unix_now, ConnInfo, Inflight, InflightState, Kick, Session};
+use crate::topic;
+
+/// Bytes buffered for writing before the queue drain pauses to flush.
+const WRITE_BATCH: usize = 64 * 1024;
+
+/// Why a connection ended.
+#[derive(Debug)]
+enum End {
+    /// Client sent DISCONNECT; `will` says whether to publish the will (MQTT 5 reason 0x04).
+    ClientDisconnect { will: bool },
+    /// The socket closed or failed without DISCONNECT.
+    Lost,
+    /// Keep alive expired.
+    KeepAlive,
+    /// Protocol violation, with the MQTT 5 reason code to send.
+    Protocol(u8, String),
+    /// Someone else closed it.
+    Kicked(Kick),
+}
+
+/// Serves one client connection from its first byte to its close.
+pub async fn serve(
+    broker: Arc<Broker>,
+    mut transport: Transport,
+    peer: SocketAddr,
+    listener: &'static str,
+) {
+    let mut codec = Codec::new(broker.config.mqtt.max_packet_size);
+    let mut rbuf = BytesMut::new();
+    let mut wbuf = BytesMut::new();
+    let timeout = Duration::from_secs(broker.config.mqtt.connect_timeout.max(1));
+    let first =
+        tokio::time::timeout(timeout, read_packet(&mut transport, &mut codec, &mut rbuf)).await;
+    let connect = match first {
+        Ok(Ok(Some(Inbound::Connect(c)))) => c,
+        Ok(Ok(Some(other))) => {
+            tracing::debug!(%peer, packet = ?other, "first packet is not CONNECT");
+            broker
+                .metrics
+                .protocol_errors
+                .with_label_values(&["first_packet_not_connect"])
+                .inc();
+            return transport.close().await;
+        }
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e.message, "bad CONNECT");
+            broker
+                .metrics
+                .protocol_errors
+                .with_label_values(&["malformed_connect"])
+                .inc();
+            let code = if e.unsupported_version {
+                Some(ConnAckCode::UnsupportedVersion)
+            } else if e.client_id_rejected {
+                Some(ConnAckCode::ClientIdNotValid)
+            } else {
+                None
+            };
+            if let Some(code) = code {
+                let _ = codec.encode(
+                    Outbound::ConnAck {
+                        session_present: false,
+                        code,
+                        props: Box::default(),
+                    },
+                    &mut wbuf,
+                );
+                let _ = transport.write_all(&wbuf).await;
+            }
+            return transport.close().await;
+        }
+        Err(_) => {
+            broker
+                .metrics
+                .connections_refused
+                .with_label_values(&["connect_timeout"])
+                .inc();
+            return;
+        }
+    };
+    let mut conn = match Conn::accept(broker, codec, peer, listener, *connect, &mut wbuf) {
+        Ok(c) => c,
+        Err(()) => {
+            let _ = transport.write_all(&wbuf).await;
+            return transport.close().await;
+        }
+    };
+    let end = conn.run(&mut transport, rbuf, wbuf).await;
+    conn.finish(end, &mut transport).await;
+}
+
+/// Reads until one whole packet is decoded; `Ok(None)` if the peer closed first.
+async fn read_packet(
+    t: &mut Transport,
+    codec: &mut Codec,
+    buf: &mut BytesMut,
+) -> Result<Option<Inbound>, codec::DecodeError> {
+    loop {
+        if let Some(p) = codec.decode(buf)? {
+            return Ok(Some(p));
+        }
+        match t.read(buf).await {
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// State of an accepted connection.
+struct Conn {
+    broker: Arc<Broker>,
+    codec: Codec,
+    protocol: Protocol,
+    client_id: ByteString,
+    session: Arc<Session>,
+    generation: u64,
+    kick_rx: mpsc::UnboundedReceiver<Kick>,
+    keep_alive: Duration,
+    will: Option<Will>,
+    max_inflight: usize,
+    aliases_in: HashMap<u16, ByteString>,
+    aliases_out: HashMap<ByteString, u16>,
+    client_alias_max: u16,
+    expiry_was_zero: bool,
+    peer: SocketAddr,
+}
+
+impl Conn {
+    /// Validates CONNECT, opens the session and writes CONNACK into `wbuf`. On refusal the
+    /// refusing CONNACK is in `wbuf` and `Err` is returned.
+    fn accept(
+        broker: Arc<Broker>,
+        mut codec: Codec,
+        peer: SocketAddr,
+        listener: &'static str,
+        c: Connect,
+        wbuf: &mut BytesMut,
+    ) -> Result<Conn, ()> {
+        let cfg = broker.config.clone();
+        let protocol = c.protocol;
+        let mut refuse = |codec: &mut Codec, code: ConnAckCode, why: &str| {
+            tracing::debug!(%peer, client_id = %c.client_id, reason = why, "connection refused");
+            broker
+                .metrics
+                .connections_refused
+                .with_label_values(&[why])
+                .inc();
+            let _ = codec.encode(
+                Outbound::ConnAck {
+                    session_present: false,
+                    code,
+                    props: Box::default(),
+                },
+                wbuf,
+            );
+            Err(())
+        };
+        if !broker.accepting.load(Ordering::Relaxed) || broker.shutdown.is_cancelled() {
+            return refuse(&mut codec, ConnAckCode::ServerUnavailable, "not_accepting");
+        }
+        if c.auth_method.is_some() {
+            return refuse(&mut codec, ConnAckCode::BadAuthMethod, "auth_method");
+        }
+        if c.client_id.len() > cfg.mqtt.max_client_id_len || c.client_id.contains('\0') {
+            return refuse(&mut codec, ConnAckCode::ClientIdNotValid, "client_id");
+        }
+        if let Some(w) = &c.will {
+            if topic::validate_name(&w.topic).is_err() {
+                return refuse(&mut codec, ConnAckCode::ProtocolError, "will_topic");
+            }
+            if w.qos > max_qos(&cfg) || (w.retain && !cfg.mqtt.retain_available) {
+                return refuse(&mut codec, ConnAckCode::NotAuthorized, "will_unsupported");
+            }
+        }
+        let assigned = c.client_id.is_empty();
+        let client_id = if assigned {
+            ByteString::from(format!("corvid-{:016x}", fastrand::u64(..)))
+        } else {
+            c.client_id.clone()
+        };
+        let expiry = if protocol.is_v5() {
+            c.session_expiry.min(cfg.sessions.max_session_expiry)
+        } else if c.clean_start {
+            0
+        } else {
+            cfg.sessions.max_session_expiry
+        };
+        let mut server_keepalive = None;
+        let mut keep_alive = c.keep_alive;
+        if protocol.is_v5()
+            && (keep_alive > cfg.mqtt.max_keepalive || keep_alive == 0)
+            && cfg.mqtt.max_keepalive < u16::MAX
+        {
+            keep_alive = cfg.mqtt.max_keepalive;
+            server_keepalive = Some(keep_alive);
+        }
+        let (kick_tx, kick_rx) = mpsc::unbounded_channel();
+        let info = ConnInfo {
+            id: broker.sessions.next_conn_id(),
+            peer,
+            listener,
+            protocol,
+            keep_alive,
+            username: c.username.as_ref().map(|u| u.to_string()),
+            connected_at: unix_now(),
+            kick: kick_tx,
+        };
+        let opened = broker.open_session(&client_id, c.clean_start, expiry, info);
+        if let Some(max) = c.max_packet_size {
+            codec.set_max_outbound(max);
+        }
+        let props = ConnAckProps {
+            session_expiry: (protocol.is_v5() && expiry != c.session_expiry).then_some(expiry),
+            receive_max: cfg.mqtt.receive_maximum,
+            max_qos: cfg.mqtt.max_qos,
+            max_packet_size: cfg.mqtt.max_packet_size,
+            assigned_client_id: assigned.then(|| client_id.clone()),
+            topic_alias_max: cfg.mqtt.topic_alias_maximum,
+            retain_available: cfg.mqtt.retain_available,
+            server_keepalive,
+            server_reference: None,
+            reason_string: None,
+        };
+        let _ = codec.encode(
+            Outbound::ConnAck {
+                session_present: opened.present,
+                code: ConnAckCode::Success,
+                props: Box::new(props),
+            },
+            wbuf,
+        );
+        broker.metrics.connections.inc();
+        broker.metrics.connections_total.inc();
+        tracing::debug!(%peer, client_id = %client_id, protocol = protocol.label(), present = opened.present, "client connected");
+        let max_inflight = usize::from(c.receive_max.min(cfg.mqtt.receive_maximum).max(1));
+        let mut conn = Conn {
+            broker,
+            codec,
+            protocol,
+            client_id,
+            session: opened.session,
+            generation: opened.generation,
+            kick_rx,
+            keep_alive: Duration::from_millis(u64::from(keep_alive) * 1500),
+            will: c.will,
+            max_inflight,
+            aliases_in: HashMap::new(),
+            aliases_out: HashMap::new(),
+            client_alias_max: if protocol.is_v5() {
+                c.topic_alias_max
+            } else {
+                0
+            },
+            expiry_was_zero: expiry == 0,
+            peer,
+        };
+        if opened.present {
+            conn.resend_inflight(wbuf);
+        }
+        Ok(conn)
+    }
+
+    /// Resends unacknowledged messages of a resumed session [MQTT-4.4.0-1].
+    fn resend_inflight(&mut self, wbuf: &mut BytesMut) {
+        let pending: Vec<Inflight> = self.session.state.lock().inflight.iter().cloned().collect();
+        let now = Instant::now();
+        for f in pending {
+            match f.state {
+                InflightState::AwaitAck => {
+                    let p = self.publish_packet(&f.delivery, Some(f.packet_id), true, now);
+                    let _ = self.codec.encode(p, wbuf);
+                }
+                InflightState::AwaitComp => {
+                    let _ = self.codec.encode(Outbound::PubRel(f.packet_id, 0), wbuf);
+                }
+            }
+        }
+    }
+
+    async fn run(&mut self, t: &mut Transport, mut rbuf: BytesMut, mut wbuf: BytesMut) -> End {
+        let shutdown = self.broker.shutdown.clone();
+        let session = self.session.clone();
+        let ka = self.keep_alive;
+        let far = Duration::from_secs(86400 * 365);
+        let sleep = tokio::time::sleep(if ka.is_zero() { far } else { ka });
+        tokio::pin!(sleep);
+        loop {
+            let more = match self.drain(&mut wbuf) {
+                Ok(more) => more,
+                Err(end) => return end,
+            };
+            if !wbuf.is_empty() {
+                let n = wbuf.len();
+                if t.write_all(&wbuf).await.is_err() {
+                    return End::Lost;
+                }
+                self.broker.metrics.bytes_sent.inc_by(n as u64);
+                wbuf.clear();
+                if wbuf.capacity() > 4 * WRITE_BATCH {
+                    wbuf = BytesMut::new();
+                }
+            }
+            if more {
+                session.notify.notify_one();
+            }
+            if rbuf.is_empty() && rbuf.capacity() > 0 && !more {
+                // Idle connections hold no read buffer.
+                rbuf = BytesMut::new();
+            }
+            tokio::select! {
+                biased;
+                k = self.kick_rx.recv() => {
+                    return End::Kicked(k.unwrap_or(Kick::TakenOver));
+                }
+                _ = shutdown.cancelled() => return End::Kicked(Kick::ShuttingDown),
+                r = t.read(&mut rbuf) => {
+                    match r {
+                        Ok(0) | Err(_) => return End::Lost,
+                        Ok(n) => {
+                            self.broker.metrics.bytes_received.inc_by(n as u64);
+                            if !ka.is_zero() {
+                                sleep.as_mut().reset(tokio::time::Instant::now() + ka);
+                            }
+                            loop {
+                                match self.codec.decode(&mut rbuf) {
+                                    Ok(Some(p)) => {
+                                        if let Some(end) = self.handle(p, &mut wbuf) {
+                                            return end;
+                                        }
+                                    }
+                                    Ok(None) => break,
+                                    Err(e) => return End::Protocol(e.reason, e.message),
+                                }
+                            }
+                        }
+                    }
+                }
+                _ = session.notify.notified() => {}
+                _ = &mut sleep => return End::KeepAlive,
+            }
+        }
+    }
+
+    /// Moves queued messages into the inflight window and encodes them. Returns whether more
+    /// could be sent right away (the write batch filled up).
+    fn drain(&mut self, wbuf: &mut BytesMut) -> Result<bool, End> {
+        let now = Instant::now();
+        let session = self.session.clone();
+        let mut st = session.state.lock();
+        if st.generation != self.generation || st.ended {
+            return Err(End::Kicked(Kick::TakenOver));
+        }
+        let broker = self.broker.clone();
+        let metrics = &broker.metrics;
+        while let Some(front) = st.queue.front() {
+            if front.msg.expired(now) {
+                st.queue.pop_front();
+                metrics.dropped("expired");
+                continue;
+            }
+            if front.qos != QoS::AtMostOnce && st.inflight.len() >= self.max_inflight {
+                return Ok(false);
+            }
+            if wbuf.len() >= WRITE_BATCH {
+                return Ok(true);
+            }
+            let Some(d) = st.queue.pop_front() else { break };
+            let packet_id = if d.qos == QoS::AtMostOnce {
+                None
+            } else {
+                match st.alloc_packet_id() {
+                    Some(id) => Some(id),
+                    None => {
+                        st.queue.push_front(d);
+                        return Ok(false);
+                    }
+                }
+            };
+            let p = self.publish_packet(&d, packet_id, false, now);
+            if self.codec.encode(p, wbuf).is_err() {
+                // Larger than the client's maximum packet size [MQTT-3.1.2-25]: drop it.
+                metrics.dropped("too_large_for_client");
+                continue;
+            }
+            metrics.messages_sent.at(d.qos.value()).inc();
+            if let Some(packet_id) = packet_id {
+                st.inflight.push_back(Inflight {
+                    packet_id,
+                    delivery: d,
+                    state: InflightState::AwaitAck,
+                });
+            }
+        }
+        Ok(false)
+    }
+
+    fn publish_packet(
+        &mut self,
+        d: &crate::message::Delivery,
+        packet_id: Option<NonZeroU16>,
+        dup: bool,
+        now: Instant,
+    ) -> Outbound {
+        let mut props = if self.protocol.is_v5() {
+            d.msg.properties_for(now, &d.sub_ids)
+        } else {
+            None
+        };
+        let mut topic = d.msg.topic.clone();
+        if self.client_alias_max > 0 && !dup {
+            let next = self.aliases_out.len() as u16 + 1;
+            let alias = match self.aliases_out.get(&topic) {
+                Some(&a) => {
+                    topic = ByteString::new();
+                    Some(a)
+                }
+                None if next <= self.client_alias_max => {
+                    self.aliases_out.insert(topic.clone(), next);
+                    Some(next)
+                }
+                None => None,
+            };
+            if let Some(a) = alias {
+                props.get_or_insert_with(Default::default).topic_alias = NonZeroU16::new(a);
+            }
+        }
+        codec::publish(
+            topic,
+            d.msg.payload.clone(),
+            d.qos,
+            d.retain,
+            dup,
+            packet_id,
+            props,
+        )
+    }
+
+    /// Acts on one packet; `Some(end)` closes the connection.
+    fn handle(&mut self, p: Inbound, wbuf: &mut BytesMut) -> Option<End> {
+        match p {
+            Inbound::Publish(p) => return self.on_publish(*p, wbuf),
+            Inbound::PubAck(id) => {
+                let mut st = self.session.state.lock();
+                if let Some(pos) = st
+                    .inflight
+                    .iter()
+                    .position(|f| f.packet_id == id && f.state == InflightState::AwaitAck)
+                {
+                    st.inflight.remove(pos);
+                }
+            }
+            Inbound::PubRec(id, rc) => {
+                let mut st = self.session.state.lock();
+                let found = st.inflight.iter().position(|f| f.packet_id == id);
+                match found {
+                    Some(pos) if rc >= 0x80 => {
+                        st.inflight.remove(pos);
+                    }
+                    Some(pos) => {
+                        if let Some(f) = st.inflight.get_mut(pos) {
+                            f.state = InflightState::AwaitComp;
+                        }
+                        drop(st);
+                        let _ = self.codec.encode(Outbound::PubRel(id, 0), wbuf);
+                    }
+                    None => {
+                        drop(st);
+                        let _ = self.codec.encode(Outbound::PubRel(id, 0x92), wbuf);
+                    }
+                }
+            }
+            Inbound::PubRel(id) => {
+                let known = self.session.state.lock().incoming_qos2.remove(&id.get());
+                let _ = self
+                    .codec
+                    .encode(Outbound::PubComp(id, if known { 0 } else { 0x92 }), wbuf);
+            }
+            Inbound::PubComp(id) => {
+                let mut st = self.session.state.lock();
+                if let Some(pos) = st
+                    .inflight
+                    .iter()
+                    .position(|f| f.packet_id == id && f.state == InflightState::AwaitComp)
+                {
+                    st.inflight.remove(pos);
+                }
+            }
+            Inbound::Subscribe {
+                packet_id,
+                sub_id,
+                filters,
+            } => {
+                let mut codes = Vec::with_capacity(filters.len());
+                let max_subs = self.broker.config.limits.max_subscriptions;
+                for (raw, opts) in filters {
+                    if opts.no_local && raw.starts_with("$share/") {
+                        return Some(End::Protocol(
+                            0x82,
+                            "no-local on a shared subscription".into(),
+                        ));
+                    }
+                    let count = self.session.state.lock().subscriptions.len();
+                    if max_subs > 0
+                        && count >= max_subs
+                        && !self.session.state.lock().subscriptions.contains_key(&*raw)
+                    {
+                        codes.push(if self.protocol.is_v5() { 0x97 } else { 0x80 });
+                        continue;
+                    }
+                    match self.broker.subscribe(&self.session, &raw, opts, sub_id) {
+                        Ok(q) => codes.push(q.value()),
+                        Err(_) => codes.push(if self.protocol.is_v5() { 0x8F } else { 0x80 }),
+                    }
+                }
+                let _ = self.codec.encode(Outbound::SubAck(packet_id, codes), wbuf);
+            }
+            Inbound::Unsubscribe { packet_id, filters } => {
+                let codes = filters
+                    .iter()
+                    .map(|f| {
+                        if self.broker.unsubscribe(&self.session, f) {
+                            0x00
+                        } else {
+                            0x11
+                        }
+                    })
+                    .collect();
+                let _ = self
+                    .codec
+                    .encode(Outbound::UnsubAck(packet_id, codes), wbuf);
+            }
+            Inbound::PingReq => {
+                let _ = self.codec.encode(Outbound::PingResp, wbuf);
+            }
+            Inbound::Disconnect {
+                reason,
+                session_expiry,
+            } => {
+                if let Some(e) = session_expiry {
+                    if self.expiry_was_zero && e != 0 {
+                        // [MQTT-3.14.2-2]
+                        return Some(End::Protocol(
+                            0x82,
+                            "session expiry set after connecting with 0".into(),
+                        ));
+                    }
+                    let cap = self.broker.config.sessions.max_session_expiry;
+                    self.session.state.lock().expiry = e.min(cap);
+                }
+                return Some(End::ClientDisconnect {
+                    will: reason == 0x04,
+                });
+            }
+            Inbound::Connect(_) => {
+                return Some(End::Protocol(0x82, "second CONNECT".into()));
+            }
+            Inbound::Auth => {
+                return Some(End::Protocol(
+                    0x82,
+                    "AUTH without an authentication method".into(),
+                ))
+            }
+            Inbound::ServerOnly(name) => {
+                return Some(End::Protocol(0x82, format!("client sent {name}")));
+            }
+        }
+        None
+    }
+
+    fn on_publish(&mut self, mut p: Publish, wbuf: &mut BytesMut) -> Option<End> {
+        let cfg = &self.broker.config;
+        self.broker
+            .metrics
+            .messages_received
+            .at(p.qos.value())
+            .inc();
+        if let Some(alias) = p.properties.as_ref().and_then(|pr| pr.topic_alias) {
+            if alias.get() > cfg.mqtt.topic_alias_maximum {
+                return Some(End::Protocol(0x94, "topic alias out of range".into()));
+            }
+            if p.topic.is_empty() {
+                match self.aliases_in.get(&alias.get()) {
+                    Some(t) => p.topic = t.clone(),
+                    None => return Some(End::Protocol(0x82, "unknown topic alias".into())),
+                }
+            } else {
+                self.aliases_in.insert(alias.get(), p.topic.clone());
+            }
+        }
+        if topic::validate_name(&p.topic).is_err() {
+            return Some(End::Protocol(
+                0x90,
+                format!("invalid topic name {:?}", &*p.topic),
+            ));
+        }
+        if p.qos > max_qos(cfg) {
+            return Some(End::Protocol(0x9B, "QoS not supported".into()));
+        }
+        if p.retain && !cfg.mqtt.retain_available {
+            return Some(End::Protocol(0x9A, "retain not supported".into()));
+        }
+        let packet_id = p.packet_id;
+        if p.qos == QoS::ExactlyOnce {
+            let Some(id) = packet_id else {
+                return Some(End::Protocol(0x82, "QoS 2 without packet id".into()));
+            };
+            let mut st = self.session.state.lock();
+            if st.incoming_qos2.contains(&id.get()) {
+                // A resend of a message already routed: acknowledge again, don't deliver twice.
+                drop(st);
+                let _ = self.codec.encode(Outbound::PubRec(id, 0), wbuf);
+                return None;
+            }
+            if st.incoming_qos2.len() >= usize::from(cfg.mqtt.receive_maximum) {
+                return Some(End::Protocol(0x93, "receive maximum exceeded".into()));
+            }
+            st.incoming_qos2.insert(id.get());
+        }
+        let qos = p.qos;
+        let msg = Arc::new(Message::new(
+            p.topic,
+            p.payload,
+            p.qos,
+            p.retain,
+            p.properties,
+            self.client_id.clone(),
+        ));
+        let routed = self.broker.publish(msg);
+        let reason = if routed == 0 { 0x10 } else { 0x00 };
+        match (qos, packet_id) {
+            (QoS::AtLeastOnce, Some(id)) => {
+                let _ = self.codec.encode(Outbound::PubAck(id, reason), wbuf);
+            }
+            (QoS::ExactlyOnce, Some(id)) => {
+                let _ = self.codec.encode(Outbound::PubRec(id, reason), wbuf);
+            }
+            _ => {}
+        }
+        None
+    }
+
+    /// Closes the connection: DISCONNECT with a reason for MQTT 5 where one applies, the will
+    /// unless the client said goodbye, and the session handed back to the broker.
+    async fn finish(mut self, end: End, t: &mut Transport) {
+        let (reason, server_ref, publish_will) = match &end {
+            End::ClientDisconnect { will } => (None, None, *will),
+            End::Lost => (None, None, true),
+            End::KeepAlive => (Some(0x8D), None, true),
+            End::Protocol(code, why) => {
+                tracing::debug!(peer = %self.peer, client_id = %self.client_id, code, reason = %why, "protocol error");
+                self.broker
+                    .metrics
+                    .protocol_errors
+                    .with_label_values(&[&format!("0x{code:02X}")])
+                    .inc();
+                (Some(*code), None, true)
+            }
+            End::Kicked(Kick::TakenOver) => (Some(0x8E), None, true),
+            End::Kicked(Kick::Administrative) => (Some(0x98), None, true),
+            End::Kicked(Kick::ShuttingDown) => (Some(0x8B), None, true),
+            End::Kicked(Kick::UseAnotherServer(r)) => (Some(0x9C), r.clone(), true),
+        };
+        if let (Some(code), true) = (reason, self.protocol.is_v5()) {
+            let mut buf = BytesMut::new();
+            if self
+                .codec
+                .encode(
+                    Outbound::Disconnect {
+                        reason: code,
+                        server_reference: server_ref,
+                    },
+                    &mut buf,
+                )
+                .is_ok()
+            {
+                let _ = tokio::time::timeout(Duration::from_secs(2), t.write_all(&buf)).await;
+            }
+        }
+        tokio::time::timeout(Duration::from_secs(2), t.close())
+            .await
+            .ok();
+        self.broker.metrics.connections.dec();
+        if let (true, Some(will)) = (publish_will, self.will.take()) {
+            self.broker.schedule_will(
+                will,
+                self.client_id.clone(),
+                self.session.clone(),
+                self.generation,
+            );
+        }
+        self.broker.close_session(&self.session, self.generation);
+        tracing::debug!(peer = %self.peer, client_id = %self.client_id, end = ?end, "client disconnected");
+    }
+}

@@ -1,0 +1,20 @@
+//! Corvid's MQTT broker: its own core (sessions, router, retained store, delivery) on tokio,
+//! with the wire codec behind [`codec`]. The binary `corvid-broker` wires it up; tests and the
+//! cluster layer use the library directly.
+
+pub mod admin;
+pub mod broker;
+pub mod codec;
+pub mod config;
+pub mod connection;
+pub mod listener;
+pub mod message;
+pub mod metrics;
+pub mod retained;
+pub mod router;
+pub mod server;
+pub mod session;
+pub mod topic;
+
+pub use broker::Broker;
+pub use config::Config;

@@ -1,0 +1,94 @@
+//! A client byte stream, whatever carries it (TCP, TLS, WebSocket, WebSocket over TLS), with
+//! the two operations the connection task needs: read more bytes, write a batch.
+
+use std::io;
+
+use bytes::BytesMut;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::WebSocketStream;
+
+/// Any async byte stream.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// The stream under a connection.
+pub enum Transport {
+    /// TCP or TLS.
+    Stream(Box<dyn Io>),
+    /// WebSocket (binary frames carry MQTT bytes) over TCP or TLS.
+    Ws(Box<WebSocketStream<Box<dyn Io>>>),
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Transport::Stream(_) => "Transport::Stream",
+            Transport::Ws(_) => "Transport::Ws",
+        })
+    }
+}
+
+/// Bytes read per call when the buffer is empty.
+const READ_CHUNK: usize = 4096;
+
+impl Transport {
+    /// Reads more bytes into `buf`; `Ok(0)` means the peer closed. Cancel-safe.
+    pub async fn read(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        match self {
+            Transport::Stream(s) => {
+                buf.reserve(READ_CHUNK);
+                s.read_buf(buf).await
+            }
+            Transport::Ws(ws) => loop {
+                match ws.next().await {
+                    None => return Ok(0),
+                    Some(Err(e)) => return Err(io::Error::other(e)),
+                    Some(Ok(WsMessage::Binary(b))) => {
+                        if b.is_empty() {
+                            continue;
+                        }
+                        buf.extend_from_slice(&b);
+                        return Ok(b.len());
+                    }
+                    Some(Ok(WsMessage::Close(_))) => return Ok(0),
+                    Some(Ok(WsMessage::Text(_))) => {
+                        // MQTT over WebSocket must use binary frames [MQTT-6.0.0-1].
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "text WebSocket frame",
+                        ));
+                    }
+                    Some(Ok(_)) => continue, // ping/pong are answered by tungstenite
+                }
+            },
+        }
+    }
+
+    /// Writes all of `data` and flushes.
+    pub async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        match self {
+            Transport::Stream(s) => {
+                s.write_all(data).await?;
+                s.flush().await
+            }
+            Transport::Ws(ws) => ws
+                .send(WsMessage::Binary(bytes::Bytes::copy_from_slice(data)))
+                .await
+                .map_err(io::Error::other),
+        }
+    }
+
+    /// Closes the stream politely (TLS close_notify, WebSocket close frame).
+    pub async fn close(&mut self) {
+        match self {
+            Transport::Stream(s) => {
+                let _ = s.shutdown().await;
+            }
+            Transport::Ws(ws) => {
+                let _ = ws.close().await;
+            }
+        }
+    }
+}

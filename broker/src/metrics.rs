@@ -1,0 +1,163 @@
+//! Prometheus metrics. Hot-path counters are resolved once at start-up (no label lookups
+//! per message); gauges that mirror state (sessions, routes, queues) are computed at scrape
+//! time from the state itself, so they cannot drift.
+
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+
+/// Counters by QoS level, indexed by the QoS value.
+#[derive(Debug, Clone)]
+pub struct ByQos(pub [IntCounter; 3]);
+
+impl ByQos {
+    fn new(vec: &IntCounterVec) -> Self {
+        ByQos([
+            vec.with_label_values(&["0"]),
+            vec.with_label_values(&["1"]),
+            vec.with_label_values(&["2"]),
+        ])
+    }
+
+    /// Counter for `qos` (0..=2).
+    pub fn at(&self, qos: u8) -> &IntCounter {
+        &self.0[usize::from(qos.min(2))]
+    }
+}
+
+/// All broker metrics.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Connected clients.
+    pub connections: IntGauge,
+    /// Connections accepted.
+    pub connections_total: IntCounter,
+    /// Connections refused, by reason.
+    pub connections_refused: IntCounterVec,
+    /// Connections closed for a protocol error, by MQTT reason code name.
+    pub protocol_errors: IntCounterVec,
+    /// PUBLISH packets received from clients, by QoS.
+    pub messages_received: ByQos,
+    /// PUBLISH packets sent to clients, by QoS.
+    pub messages_sent: ByQos,
+    /// Messages dropped, by reason.
+    pub messages_dropped: IntCounterVec,
+    /// Bytes read from clients.
+    pub bytes_received: IntCounter,
+    /// Bytes written to clients.
+    pub bytes_sent: IntCounter,
+    /// Sessions (gauge refreshed at scrape).
+    pub sessions: IntGauge,
+    /// Subscriptions (gauge refreshed at scrape).
+    pub subscriptions: IntGauge,
+    /// Distinct route filters (gauge refreshed at scrape).
+    pub routes: IntGauge,
+    /// Retained messages (gauge refreshed at scrape).
+    pub retained: IntGauge,
+    /// Messages queued in sessions (gauge refreshed at scrape).
+    pub queued: IntGauge,
+    /// Messages inflight to clients (gauge refreshed at scrape).
+    pub inflight: IntGauge,
+    /// Session takeovers.
+    pub takeovers: IntCounter,
+    /// Sessions expired.
+    pub sessions_expired: IntCounter,
+    /// Will messages published.
+    pub wills_published: IntCounter,
+    /// TLS certificate reloads.
+    pub tls_reloads: IntCounter,
+}
+
+impl Metrics {
+    /// Registers every metric in a fresh registry, with process metrics.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let gauge = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let counter = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let vec =
+            |name: &str, help: &str, label: &str| -> Result<IntCounterVec, prometheus::Error> {
+                let v = IntCounterVec::new(Opts::new(name, help), &[label])?;
+                registry.register(Box::new(v.clone()))?;
+                Ok(v)
+            };
+        let received = vec(
+            "corvid_messages_received_total",
+            "PUBLISH packets received from clients",
+            "qos",
+        )?;
+        let sent = vec(
+            "corvid_messages_sent_total",
+            "PUBLISH packets sent to clients",
+            "qos",
+        )?;
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        Ok(Metrics {
+            connections: gauge("corvid_connections", "Connected clients")?,
+            connections_total: counter("corvid_connections_total", "Connections accepted")?,
+            connections_refused: vec(
+                "corvid_connections_refused_total",
+                "Connections refused",
+                "reason",
+            )?,
+            protocol_errors: vec(
+                "corvid_protocol_errors_total",
+                "Connections closed for a protocol error",
+                "reason",
+            )?,
+            messages_received: ByQos::new(&received),
+            messages_sent: ByQos::new(&sent),
+            messages_dropped: vec(
+                "corvid_messages_dropped_total",
+                "Messages dropped",
+                "reason",
+            )?,
+            bytes_received: counter("corvid_bytes_received_total", "Bytes read from clients")?,
+            bytes_sent: counter("corvid_bytes_sent_total", "Bytes written to clients")?,
+            sessions: gauge("corvid_sessions", "Sessions, online and offline")?,
+            subscriptions: gauge("corvid_subscriptions", "Subscriptions")?,
+            routes: gauge("corvid_routes", "Distinct subscription filters")?,
+            retained: gauge("corvid_retained_messages", "Retained messages")?,
+            queued: gauge(
+                "corvid_session_queue_messages",
+                "Messages queued in sessions (offline queue depth)",
+            )?,
+            inflight: gauge(
+                "corvid_inflight_messages",
+                "QoS 1/2 messages sent and not yet acknowledged",
+            )?,
+            takeovers: counter(
+                "corvid_session_takeovers_total",
+                "Sessions taken over by a new connection",
+            )?,
+            sessions_expired: counter("corvid_sessions_expired_total", "Sessions expired")?,
+            wills_published: counter("corvid_wills_published_total", "Will messages published")?,
+            tls_reloads: counter("corvid_tls_reloads_total", "TLS certificate reloads")?,
+            registry,
+        })
+    }
+
+    /// Renders all metrics in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let families = self.registry.gather();
+        if TextEncoder::new().encode(&families, &mut buf).is_err() {
+            return String::new();
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// Counts a dropped message.
+    pub fn dropped(&self, reason: &str) {
+        self.messages_dropped.with_label_values(&[reason]).inc();
+    }
+}

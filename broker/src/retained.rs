@@ -1,0 +1,176 @@
+//! Retained messages, kept in a topic trie so a new subscription finds the retained messages
+//! its filter matches without scanning every retained topic.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use parking_lot::RwLock;
+
+use crate::message::Msg;
+
+#[derive(Debug, Default)]
+struct Node {
+    children: HashMap<Box<str>, Node>,
+    msg: Option<Msg>,
+}
+
+/// The retained-message store.
+#[derive(Debug, Default)]
+pub struct Retained {
+    root: RwLock<Node>,
+    count: AtomicUsize,
+}
+
+impl Retained {
+    /// Stores `msg` as the retained message of its topic; an empty payload clears it
+    /// [MQTT-3.3.1-6, 3.3.1-7].
+    pub fn set(&self, msg: Msg) {
+        let levels: Vec<&str> = msg.topic.split('/').collect();
+        let mut root = self.root.write();
+        if msg.payload.is_empty() {
+            if clear(&mut root, &levels) {
+                self.count.fetch_sub(1, Ordering::Relaxed);
+            }
+            return;
+        }
+        let mut node = &mut *root;
+        for l in levels {
+            node = node.children.entry(l.into()).or_default();
+        }
+        if node.msg.replace(msg).is_none() {
+            self.count.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Retained messages whose topics match `filter`, skipping expired ones.
+    pub fn matching(&self, filter: &str) -> Vec<Msg> {
+        let levels: Vec<&str> = filter.split('/').collect();
+        let root = self.root.read();
+        let mut out = Vec::new();
+        let now = Instant::now();
+        collect(&root, &levels, true, now, &mut out);
+        out
+    }
+
+    /// Number of retained messages.
+    pub fn len(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Whether the store is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn clear(node: &mut Node, levels: &[&str]) -> bool {
+    match levels.split_first() {
+        None => node.msg.take().is_some(),
+        Some((first, rest)) => {
+            let Some(child) = node.children.get_mut(*first) else {
+                return false;
+            };
+            let removed = clear(child, rest);
+            if child.msg.is_none() && child.children.is_empty() {
+                node.children.remove(*first);
+            }
+            removed
+        }
+    }
+}
+
+fn collect(node: &Node, filter: &[&str], root: bool, now: Instant, out: &mut Vec<Msg>) {
+    let Some((level, rest)) = filter.split_first() else {
+        if let Some(m) = &node.msg {
+            if !m.expired(now) {
+                out.push(m.clone());
+            }
+        }
+        return;
+    };
+    match *level {
+        "#" => {
+            // `#` also matches the parent level itself [MQTT-4.7.1-2].
+            if !root {
+                if let Some(m) = &node.msg {
+                    if !m.expired(now) {
+                        out.push(m.clone());
+                    }
+                }
+            }
+            all(node, root, now, out);
+        }
+        "+" => {
+            for (name, child) in &node.children {
+                if root && name.starts_with('$') {
+                    continue;
+                }
+                collect(child, rest, false, now, out);
+            }
+        }
+        lit => {
+            if let Some(child) = node.children.get(lit) {
+                collect(child, rest, false, now, out);
+            }
+        }
+    }
+}
+
+fn all(node: &Node, root: bool, now: Instant, out: &mut Vec<Msg>) {
+    for (name, child) in &node.children {
+        if root && name.starts_with('$') {
+            continue;
+        }
+        if let Some(m) = &child.msg {
+            if !m.expired(now) {
+                out.push(m.clone());
+            }
+        }
+        all(child, false, now, out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::QoS;
+    use crate::message::Message;
+    use bytes::Bytes;
+    use bytestring::ByteString;
+    use std::sync::Arc;
+
+    fn msg(topic: &str, payload: &str) -> Msg {
+        Arc::new(Message::new(
+            ByteString::from(topic),
+            Bytes::from(payload.to_string()),
+            QoS::AtMostOnce,
+            true,
+            None,
+            ByteString::new(),
+        ))
+    }
+
+    fn topics(v: Vec<Msg>) -> Vec<String> {
+        let mut t: Vec<String> = v.iter().map(|m| m.topic.to_string()).collect();
+        t.sort();
+        t
+    }
+
+    #[test]
+    fn set_match_clear() {
+        let r = Retained::default();
+        for t in ["a", "a/b", "a/b/c", "x/b", "$SYS/v"] {
+            r.set(msg(t, "1"));
+        }
+        assert_eq!(r.len(), 5);
+        assert_eq!(topics(r.matching("a/#")), vec!["a", "a/b", "a/b/c"]);
+        assert_eq!(topics(r.matching("+/b")), vec!["a/b", "x/b"]);
+        assert_eq!(topics(r.matching("#")), vec!["a", "a/b", "a/b/c", "x/b"]);
+        assert_eq!(topics(r.matching("$SYS/#")), vec!["$SYS/v"]);
+        r.set(msg("a/b", ""));
+        assert_eq!(r.len(), 4);
+        assert_eq!(topics(r.matching("a/+")), Vec::<String>::new());
+        assert_eq!(topics(r.matching("a/b/c")), vec!["a/b/c"]);
+    }
+}

@@ -1,0 +1,427 @@
+//! The subscription router: a topic trie from filters to the sessions subscribed to them,
+//! including shared-subscription groups.
+//!
+//! Matching takes a read lock and walks only the branches a topic can reach (`+`, `#` and the
+//! literal level), so the cost of a publish grows with the number of matching filters, not
+//! with the number of subscriptions. The trie is also the route table the cluster layer
+//! replicates: [`Router::filters`] lists what this node wants.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytestring::ByteString;
+use parking_lot::RwLock;
+
+use crate::codec::{QoS, SubOptions};
+use crate::config::SharedStrategy;
+use crate::session::Session;
+
+/// One subscriber of a filter.
+#[derive(Debug, Clone)]
+struct Subscriber {
+    session: Arc<Session>,
+    opts: SubOptions,
+    sub_id: Option<NonZeroU32>,
+}
+
+/// The members of one `$share/{group}/{filter}`.
+#[derive(Debug)]
+struct SharedGroup {
+    key: Arc<str>,
+    members: Vec<Subscriber>,
+    next: AtomicUsize,
+    sticky: AtomicUsize,
+}
+
+#[derive(Debug, Default)]
+struct Node {
+    children: HashMap<Box<str>, Node>,
+    subscribers: HashMap<ByteString, Subscriber>,
+    shared: HashMap<Box<str>, SharedGroup>,
+}
+
+impl Node {
+    fn is_empty(&self) -> bool {
+        self.children.is_empty() && self.subscribers.is_empty() && self.shared.is_empty()
+    }
+}
+
+/// A matched subscriber, ready to become a [`crate::message::Delivery`].
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Session to deliver to.
+    pub session: Arc<Session>,
+    /// Highest QoS among the matching subscriptions of this session.
+    pub qos: QoS,
+    /// Whether any matching subscription asked for retain-as-published.
+    pub retain_as_published: bool,
+    /// Subscription identifiers of the matching subscriptions.
+    pub sub_ids: Vec<NonZeroU32>,
+    /// Shared group key when chosen through a shared subscription.
+    pub share: Option<Arc<str>>,
+}
+
+/// The subscription trie.
+#[derive(Debug, Default)]
+pub struct Router {
+    root: RwLock<Node>,
+    subscriptions: AtomicUsize,
+}
+
+impl Router {
+    /// Adds or replaces `session`'s subscription to `filter`, optionally in share `group`.
+    /// Returns true if it is new.
+    pub fn subscribe(
+        &self,
+        group: Option<&str>,
+        filter: &str,
+        session: &Arc<Session>,
+        opts: SubOptions,
+        sub_id: Option<NonZeroU32>,
+    ) -> bool {
+        let mut root = self.root.write();
+        let mut node = &mut *root;
+        for level in filter.split('/') {
+            node = node.children.entry(level.into()).or_default();
+        }
+        let sub = Subscriber {
+            session: session.clone(),
+            opts,
+            sub_id,
+        };
+        let new = match group {
+            None => node
+                .subscribers
+                .insert(session.client_id.clone(), sub)
+                .is_none(),
+            Some(g) => {
+                let grp = node.shared.entry(g.into()).or_insert_with(|| SharedGroup {
+                    key: Arc::from(format!("{g}/{filter}")),
+                    members: Vec::new(),
+                    next: AtomicUsize::new(0),
+                    sticky: AtomicUsize::new(usize::MAX),
+                });
+                match grp
+                    .members
+                    .iter_mut()
+                    .find(|m| m.session.client_id == session.client_id)
+                {
+                    Some(m) => {
+                        *m = sub;
+                        false
+                    }
+                    None => {
+                        grp.members.push(sub);
+                        true
+                    }
+                }
+            }
+        };
+        if new {
+            self.subscriptions.fetch_add(1, Ordering::Relaxed);
+        }
+        new
+    }
+
+    /// Removes `client_id`'s subscription to `filter` (in `group`). Returns true if it existed.
+    pub fn unsubscribe(&self, group: Option<&str>, filter: &str, client_id: &str) -> bool {
+        let mut root = self.root.write();
+        let levels: Vec<&str> = filter.split('/').collect();
+        let removed = remove(&mut root, &levels, group, client_id);
+        if removed {
+            self.subscriptions.fetch_sub(1, Ordering::Relaxed);
+        }
+        removed
+    }
+
+    /// Subscriptions in the trie.
+    pub fn subscription_count(&self) -> usize {
+        self.subscriptions.load(Ordering::Relaxed)
+    }
+
+    /// Finds the sessions a message on `topic` goes to: one target per session for ordinary
+    /// subscriptions (overlaps merged at the highest QoS), and one member per shared group.
+    pub fn route(&self, topic: &str, publisher: &str, strategy: SharedStrategy) -> Vec<Target> {
+        let root = self.root.read();
+        let levels: Vec<&str> = topic.split('/').collect();
+        let mut out = Vec::new();
+        let dollar = topic.starts_with('$');
+        collect(&root, &levels, 0, dollar, publisher, strategy, &mut out);
+        drop(root);
+        merge_overlaps(out)
+    }
+
+    /// All distinct filters with subscribers (shared ones as `$share/{group}/{filter}`).
+    pub fn filters(&self) -> Vec<String> {
+        let root = self.root.read();
+        let mut out = Vec::new();
+        walk_filters(&root, &mut Vec::new(), &mut out);
+        out
+    }
+}
+
+fn remove(node: &mut Node, levels: &[&str], group: Option<&str>, client_id: &str) -> bool {
+    match levels.split_first() {
+        None => match group {
+            None => node.subscribers.remove(client_id).is_some(),
+            Some(g) => {
+                let Some(grp) = node.shared.get_mut(g) else {
+                    return false;
+                };
+                let before = grp.members.len();
+                grp.members.retain(|m| &*m.session.client_id != client_id);
+                let removed = grp.members.len() != before;
+                if grp.members.is_empty() {
+                    node.shared.remove(g);
+                }
+                removed
+            }
+        },
+        Some((first, rest)) => {
+            let Some(child) = node.children.get_mut(*first) else {
+                return false;
+            };
+            let removed = remove(child, rest, group, client_id);
+            if child.is_empty() {
+                node.children.remove(*first);
+            }
+            removed
+        }
+    }
+}
+
+fn collect(
+    node: &Node,
+    levels: &[&str],
+    depth: usize,
+    dollar: bool,
+    publisher: &str,
+    strategy: SharedStrategy,
+    out: &mut Vec<Target>,
+) {
+    let wildcard_ok = !(dollar && depth == 0);
+    if wildcard_ok {
+        if let Some(hash) = node.children.get("#") {
+            emit(hash, publisher, strategy, out);
+        }
+    }
+    let Some((level, rest)) = levels.split_first() else {
+        emit(node, publisher, strategy, out);
+        return;
+    };
+    if wildcard_ok {
+        if let Some(plus) = node.children.get("+") {
+            collect(plus, rest, depth + 1, dollar, publisher, strategy, out);
+        }
+    }
+    if let Some(child) = node.children.get(*level) {
+        collect(child, rest, depth + 1, dollar, publisher, strategy, out);
+    }
+}
+
+fn emit(node: &Node, publisher: &str, strategy: SharedStrategy, out: &mut Vec<Target>) {
+    for s in node.subscribers.values() {
+        if s.opts.no_local && &*s.session.client_id == publisher {
+            continue;
+        }
+        out.push(target(s, None));
+    }
+    for grp in node.shared.values() {
+        if let Some(m) = pick_member(grp, publisher, strategy) {
+            out.push(target(m, Some(grp.key.clone())));
+        }
+    }
+}
+
+fn target(s: &Subscriber, share: Option<Arc<str>>) -> Target {
+    Target {
+        session: s.session.clone(),
+        qos: s.opts.qos,
+        retain_as_published: s.opts.retain_as_published,
+        sub_ids: s.sub_id.into_iter().collect(),
+        share,
+    }
+}
+
+/// Picks the member of a shared group that gets this message. Connected members are
+/// preferred; if none is connected, an offline persistent member queues it.
+fn pick_member<'a>(
+    grp: &'a SharedGroup,
+    publisher: &str,
+    strategy: SharedStrategy,
+) -> Option<&'a Subscriber> {
+    let n = grp.members.len();
+    if n == 0 {
+        return None;
+    }
+    let online = |i: usize| grp.members[i].session.state.lock().connection.is_some();
+    let start = match strategy {
+        SharedStrategy::RoundRobin => grp.next.fetch_add(1, Ordering::Relaxed) % n,
+        SharedStrategy::Random => fastrand::usize(..n),
+        SharedStrategy::HashClientid => {
+            let mut h: u64 = 0xcbf29ce484222325;
+            for b in publisher.bytes() {
+                h = (h ^ u64::from(b)).wrapping_mul(0x100000001b3);
+            }
+            (h % n as u64) as usize
+        }
+        SharedStrategy::Sticky => {
+            let s = grp.sticky.load(Ordering::Relaxed);
+            if s < n && online(s) {
+                return Some(&grp.members[s]);
+            }
+            fastrand::usize(..n)
+        }
+    };
+    let chosen = (0..n)
+        .map(|k| (start + k) % n)
+        .find(|&i| online(i))
+        .unwrap_or(start);
+    if strategy == SharedStrategy::Sticky {
+        grp.sticky.store(chosen, Ordering::Relaxed);
+    }
+    Some(&grp.members[chosen])
+}
+
+/// One target per session for ordinary subscriptions: overlapping matches merge at the highest
+/// QoS with all their subscription ids [MQTT-3.3.4-2, 3.3.4-3]. Shared-group targets stay apart.
+fn merge_overlaps(mut out: Vec<Target>) -> Vec<Target> {
+    if out.len() < 2 {
+        return out;
+    }
+    out.sort_by_key(|t| (Arc::as_ptr(&t.session) as usize, t.share.is_some()));
+    let mut merged: Vec<Target> = Vec::with_capacity(out.len());
+    for t in out {
+        if let Some(last) = merged.last_mut() {
+            if t.share.is_none() && last.share.is_none() && Arc::ptr_eq(&last.session, &t.session) {
+                last.qos = last.qos.max(t.qos);
+                last.retain_as_published |= t.retain_as_published;
+                last.sub_ids.extend(t.sub_ids);
+                continue;
+            }
+        }
+        merged.push(t);
+    }
+    merged
+}
+
+fn walk_filters<'a>(node: &'a Node, path: &mut Vec<&'a str>, out: &mut Vec<String>) {
+    if !path.is_empty() {
+        let filter = path.join("/");
+        for g in node.shared.keys() {
+            out.push(format!("$share/{g}/{filter}"));
+        }
+        if !node.subscribers.is_empty() {
+            out.push(filter);
+        }
+    }
+    for (level, child) in &node.children {
+        path.push(level);
+        walk_filters(child, path, out);
+        path.pop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sess(id: &str) -> Arc<Session> {
+        Session::new(ByteString::from(id), 0)
+    }
+
+    fn ids(t: &[Target]) -> Vec<String> {
+        let mut v: Vec<String> = t.iter().map(|t| t.session.client_id.to_string()).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn wildcards_and_dollar_topics() {
+        let r = Router::default();
+        let (a, b, c) = (sess("a"), sess("b"), sess("c"));
+        r.subscribe(None, "x/+", &a, SubOptions::qos(QoS::AtMostOnce), None);
+        r.subscribe(None, "#", &b, SubOptions::qos(QoS::AtMostOnce), None);
+        r.subscribe(None, "$SYS/#", &c, SubOptions::qos(QoS::AtMostOnce), None);
+        let rr = SharedStrategy::RoundRobin;
+        assert_eq!(ids(&r.route("x/y", "p", rr)), vec!["a", "b"]);
+        assert_eq!(ids(&r.route("x/y/z", "p", rr)), vec!["b"]);
+        assert_eq!(ids(&r.route("$SYS/up", "p", rr)), vec!["c"]);
+        assert_eq!(ids(&r.route("x", "p", rr)), vec!["b"]);
+    }
+
+    #[test]
+    fn overlaps_merge_to_max_qos_with_all_ids() {
+        let r = Router::default();
+        let a = sess("a");
+        r.subscribe(
+            None,
+            "x/+",
+            &a,
+            SubOptions::qos(QoS::AtMostOnce),
+            NonZeroU32::new(1),
+        );
+        r.subscribe(
+            None,
+            "x/#",
+            &a,
+            SubOptions::qos(QoS::ExactlyOnce),
+            NonZeroU32::new(2),
+        );
+        let t = r.route("x/y", "p", SharedStrategy::RoundRobin);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].qos, QoS::ExactlyOnce);
+        let mut ids: Vec<u32> = t[0].sub_ids.iter().map(|i| i.get()).collect();
+        ids.sort();
+        assert_eq!(ids, vec![1, 2]);
+    }
+
+    #[test]
+    fn no_local_skips_publisher() {
+        let r = Router::default();
+        let a = sess("a");
+        let mut o = SubOptions::qos(QoS::AtMostOnce);
+        o.no_local = true;
+        r.subscribe(None, "t", &a, o, None);
+        assert!(r.route("t", "a", SharedStrategy::RoundRobin).is_empty());
+        assert_eq!(r.route("t", "b", SharedStrategy::RoundRobin).len(), 1);
+    }
+
+    #[test]
+    fn shared_group_round_robin_one_per_message() {
+        let r = Router::default();
+        let members: Vec<_> = (0..3).map(|i| sess(&format!("m{i}"))).collect();
+        for m in &members {
+            r.subscribe(Some("g"), "t/#", m, SubOptions::qos(QoS::AtLeastOnce), None);
+        }
+        let mut counts = HashMap::new();
+        for _ in 0..30 {
+            let t = r.route("t/1", "p", SharedStrategy::RoundRobin);
+            assert_eq!(t.len(), 1);
+            *counts
+                .entry(t[0].session.client_id.to_string())
+                .or_insert(0) += 1;
+        }
+        assert_eq!(counts.len(), 3);
+        assert!(counts.values().all(|&c| c == 10), "{counts:?}");
+    }
+
+    #[test]
+    fn unsubscribe_prunes() {
+        let r = Router::default();
+        let a = sess("a");
+        r.subscribe(None, "a/b/c", &a, SubOptions::qos(QoS::AtMostOnce), None);
+        r.subscribe(Some("g"), "a/b", &a, SubOptions::qos(QoS::AtMostOnce), None);
+        assert_eq!(r.subscription_count(), 2);
+        let mut f = r.filters();
+        f.sort();
+        assert_eq!(f, vec!["$share/g/a/b".to_string(), "a/b/c".to_string()]);
+        assert!(r.unsubscribe(None, "a/b/c", "a"));
+        assert!(!r.unsubscribe(None, "a/b/c", "a"));
+        assert!(r.unsubscribe(Some("g"), "a/b", "a"));
+        assert_eq!(r.subscription_count(), 0);
+        assert!(r.root.read().is_empty());
+    }
+}

@@ -1,0 +1,111 @@
+//! Starting and stopping a whole broker: listeners, admin endpoint, graceful shutdown. Shared by
+//! the binary and the tests, so tests run exactly what users run.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::listener::{self, BindError, ConnCount};
+
+/// Why the broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener failed.
+    #[error(transparent)]
+    Listener(#[from] BindError),
+    /// The admin port could not be bound.
+    #[error("admin.bind: cannot bind {addr}: {source}")]
+    Admin {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Metrics registration failed (a bug).
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// A started broker.
+#[derive(Debug)]
+pub struct Running {
+    /// Shared state.
+    pub broker: Arc<Broker>,
+    /// Bound client listeners by name.
+    pub listeners: HashMap<&'static str, SocketAddr>,
+    /// Bound admin address.
+    pub admin: SocketAddr,
+    tasks: JoinSet<()>,
+}
+
+/// Binds everything and starts serving.
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    let broker = Broker::new(config)?;
+    let mut tasks = JoinSet::new();
+    let mut addrs = HashMap::new();
+    let count = Arc::new(ConnCount::default());
+    for l in listener::bind_all(&broker).await? {
+        if let Ok(a) = l.local_addr() {
+            addrs.insert(l.name, a);
+        }
+        tasks.spawn(l.run(broker.clone(), count.clone()));
+    }
+    let admin_addr = broker.config.admin.bind;
+    let admin = tokio::net::TcpListener::bind(admin_addr)
+        .await
+        .map_err(|source| StartError::Admin {
+            addr: admin_addr,
+            source,
+        })?;
+    let admin_addr = admin.local_addr().unwrap_or(admin_addr);
+    tracing::info!(addr = %admin_addr, "admin endpoint listening");
+    let b = broker.clone();
+    tasks.spawn(async move {
+        if let Err(e) = crate::admin::serve(b, admin).await {
+            tracing::error!(error = %e, "admin endpoint failed");
+        }
+    });
+    tracing::info!(node = %broker.node, version = env!("CARGO_PKG_VERSION"), "broker started");
+    Ok(Running {
+        broker,
+        listeners: addrs,
+        admin: admin_addr,
+        tasks,
+    })
+}
+
+impl Running {
+    /// Address of a client listener (`mqtt`, `ws`, `mqtts`, `wss`).
+    pub fn addr(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners.get(name).copied()
+    }
+
+    /// Stops accepting, tells connected clients the server is shutting down (MQTT 5 reason
+    /// 0x8B) and waits up to `deadline` for their connections to close. Persistent sessions
+    /// stay in memory until the process exits (the cluster layer hands them off first).
+    pub async fn shutdown(mut self, deadline: Duration) {
+        let b = &self.broker;
+        b.accepting.store(false, Ordering::Relaxed);
+        b.shutdown.cancel();
+        let until = tokio::time::Instant::now() + deadline;
+        while b.metrics.connections.get() > 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = b.metrics.connections.get();
+        if left > 0 {
+            tracing::warn!(
+                connections = left,
+                "drain deadline reached with clients still connected"
+            );
+        }
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
+        tracing::info!("broker stopped");
+    }
+}

@@ -1,0 +1,182 @@
+//! Topic names and filters: the validation rules of MQTT 4.7 in one place, so the router can
+//! assume well-formed input and every entry point (PUBLISH, SUBSCRIBE, wills, ACLs) agrees.
+
+/// Why a topic or filter is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TopicError {
+    /// Empty topic or filter [MQTT-4.7.3-1].
+    #[error("topic is empty")]
+    Empty,
+    /// U+0000 is not allowed [MQTT-4.7.3-2].
+    #[error("topic contains U+0000")]
+    NullChar,
+    /// Wildcards are not allowed in topic names [MQTT-3.3.2-2].
+    #[error("wildcard in topic name")]
+    WildcardInName,
+    /// `#` must be last and alone in its level, `+` alone in its level [MQTT-4.7.1-2, 4.7.1-3].
+    #[error("misplaced wildcard in filter")]
+    BadWildcard,
+    /// `$share/{group}/{filter}` with an empty or wildcard group, or no filter [MQTT-4.8.2-1/2].
+    #[error("malformed shared subscription")]
+    BadShare,
+}
+
+/// Checks a PUBLISH topic name.
+pub fn validate_name(topic: &str) -> Result<(), TopicError> {
+    if topic.is_empty() {
+        return Err(TopicError::Empty);
+    }
+    for b in topic.bytes() {
+        match b {
+            0 => return Err(TopicError::NullChar),
+            b'+' | b'#' => return Err(TopicError::WildcardInName),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Checks a subscription filter (without a `$share/` prefix).
+pub fn validate_filter(filter: &str) -> Result<(), TopicError> {
+    if filter.is_empty() {
+        return Err(TopicError::Empty);
+    }
+    if filter.contains('\0') {
+        return Err(TopicError::NullChar);
+    }
+    let mut levels = filter.split('/').peekable();
+    while let Some(level) = levels.next() {
+        if level.contains('#') && (level != "#" || levels.peek().is_some()) {
+            return Err(TopicError::BadWildcard);
+        }
+        if level.contains('+') && level != "+" {
+            return Err(TopicError::BadWildcard);
+        }
+    }
+    Ok(())
+}
+
+/// A parsed subscription filter: plain, or a member of a shared-subscription group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Filter<'a> {
+    /// Share group name, for `$share/{group}/{filter}`.
+    pub group: Option<&'a str>,
+    /// The topic filter proper.
+    pub filter: &'a str,
+}
+
+/// Parses and validates a SUBSCRIBE filter, splitting off `$share/{group}/`.
+pub fn parse_filter(raw: &str) -> Result<Filter<'_>, TopicError> {
+    if let Some(rest) = raw.strip_prefix("$share/") {
+        let (group, filter) = rest.split_once('/').ok_or(TopicError::BadShare)?;
+        if group.is_empty() || group.contains(['+', '#']) || filter.is_empty() {
+            return Err(TopicError::BadShare);
+        }
+        validate_filter(filter)?;
+        Ok(Filter {
+            group: Some(group),
+            filter,
+        })
+    } else {
+        if raw == "$share" {
+            return Err(TopicError::BadShare);
+        }
+        validate_filter(raw)?;
+        Ok(Filter {
+            group: None,
+            filter: raw,
+        })
+    }
+}
+
+/// Whether `filter` matches `topic` (both already validated). Topics starting with `$` are
+/// not matched by a leading wildcard [MQTT-4.7.2-1].
+pub fn matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Whether a filter contains wildcards.
+pub fn has_wildcards(filter: &str) -> bool {
+    filter.contains(['+', '#'])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(validate_name("a/b").is_ok());
+        assert!(validate_name("/").is_ok());
+        assert_eq!(validate_name(""), Err(TopicError::Empty));
+        assert_eq!(validate_name("a/+"), Err(TopicError::WildcardInName));
+        assert_eq!(validate_name("a/#"), Err(TopicError::WildcardInName));
+        assert_eq!(validate_name("a\0b"), Err(TopicError::NullChar));
+    }
+
+    #[test]
+    fn filters() {
+        for ok in ["#", "+", "a/#", "a/+/b", "+/+", "/", "$SYS/#", "a//b"] {
+            assert!(validate_filter(ok).is_ok(), "{ok}");
+        }
+        for bad in ["a/#/b", "a#", "a/b+", "#/a", "", "a+/b"] {
+            assert!(validate_filter(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn shares() {
+        assert_eq!(
+            parse_filter("$share/g/a/+"),
+            Ok(Filter {
+                group: Some("g"),
+                filter: "a/+"
+            })
+        );
+        assert_eq!(parse_filter("$share/g"), Err(TopicError::BadShare));
+        assert_eq!(parse_filter("$share//a"), Err(TopicError::BadShare));
+        assert_eq!(parse_filter("$share/g+/a"), Err(TopicError::BadShare));
+        assert_eq!(
+            parse_filter("a/b"),
+            Ok(Filter {
+                group: None,
+                filter: "a/b"
+            })
+        );
+    }
+
+    #[test]
+    fn matching() {
+        let cases = [
+            ("a/b", "a/b", true),
+            ("a/+", "a/b", true),
+            ("a/+", "a/b/c", false),
+            ("a/#", "a", true),
+            ("a/#", "a/b/c", true),
+            ("#", "a/b", true),
+            ("+/+", "/x", true),
+            ("+", "/x", false),
+            ("#", "$SYS/x", false),
+            ("+/x", "$SYS/x", false),
+            ("$SYS/#", "$SYS/x", true),
+            ("a/b", "a/c", false),
+            ("a//b", "a//b", true),
+        ];
+        for (f, t, m) in cases {
+            assert_eq!(matches(f, t), m, "{f} vs {t}");
+        }
+    }
+}
