@@ -1,0 +1,144 @@
+//! Client authentication and topic ACLs, rendered into the broker's `auth` and `acl` sections.
+
+use kube::KubeSchema;
+use serde::{Deserialize, Serialize};
+
+/// Who may connect.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthSpec {
+    /// Allow clients that send no username.
+    #[serde(default = "yes")]
+    pub allow_anonymous: bool,
+    /// Users file from a Secret (one user:password-hash per line), mounted read-only into the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub users_secret: Option<SecretKeyRef>,
+    /// When not empty, only these client ids may connect.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub client_ids: Vec<String>,
+    /// An HTTP backend asked to authenticate every connect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpAuth>,
+}
+
+impl Default for AuthSpec {
+    fn default() -> Self {
+        AuthSpec {
+            allow_anonymous: true,
+            users_secret: None,
+            client_ids: Vec::new(),
+            http: None,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A key inside a Secret in the cluster's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct SecretKeyRef {
+    /// Name of the Secret.
+    pub name: String,
+    /// Key inside the Secret.
+    #[serde(default = "default_users_key")]
+    pub key: String,
+}
+
+fn default_users_key() -> String {
+    "users".to_string()
+}
+
+/// HTTP authentication backend.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.url.startsWith('http://') || self.url.startsWith('https://')")
+    .message("auth.http.url must start with http:// or https://"))]
+pub struct HttpAuth {
+    /// URL that receives a POST per connect; 200 allows, anything else denies.
+    pub url: String,
+    /// Request timeout in milliseconds.
+    #[serde(default = "default_http_timeout_ms")]
+    pub timeout_ms: i64,
+}
+
+fn default_http_timeout_ms() -> i64 {
+    5000
+}
+
+/// Topic access control.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AclSpec {
+    /// Decision when no rule matches: allow or deny.
+    #[serde(default)]
+    pub no_match: AclPermission,
+    /// Rules evaluated in order; the first match decides.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<AclRule>,
+}
+
+/// allow or deny.
+#[derive(
+    Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum AclPermission {
+    /// Permit the action.
+    #[default]
+    Allow,
+    /// Refuse the action.
+    Deny,
+}
+
+/// One ACL rule.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("size(self.topics) > 0").message("acl.rules[].topics must not be empty"))]
+pub struct AclRule {
+    /// allow or deny when the rule matches.
+    pub permission: AclPermission,
+    /// Which clients the rule applies to.
+    pub who: AclWho,
+    /// publish, subscribe or all.
+    #[serde(default)]
+    pub action: AclAction,
+    /// Topic filters (%c = client id, %u = username).
+    pub topics: Vec<String>,
+}
+
+/// Selects the clients a rule applies to; exactly one field is set.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("[has(self.user), has(self.clientId), has(self.ipCidr), has(self.all) && self.all].filter(x, x).size() == 1")
+    .message("acl.rules[].who must set exactly one of user, clientId, ipCidr, all"))]
+pub struct AclWho {
+    /// A username.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// A client id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// A source address range (CIDR).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_cidr: Option<String>,
+    /// Every client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub all: Option<bool>,
+}
+
+/// Which operation a rule covers.
+#[derive(
+    Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum AclAction {
+    /// Publishing.
+    Publish,
+    /// Subscribing.
+    Subscribe,
+    /// Both.
+    #[default]
+    All,
+}

@@ -1,0 +1,7 @@
+//! corvid-operator: reconciles `MqttCluster` resources into a running, clustered Corvid broker.
+//!
+//! The reconcile is a pipeline where only the edges talk to the API server:
+//! read (`controller`) → validate (`validate`) → build (`build`, pure) → apply (`apply`) →
+//! plan the rollout (`planner`, pure) → status (`status`, pure computation + one patch).
+
+pub mod cli;
