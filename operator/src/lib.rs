@@ -4,4 +4,9 @@
 //! read (`controller`) → validate (`validate`) → build (`build`, pure) → apply (`apply`) →
 //! plan the rollout (`planner`, pure) → status (`status`, pure computation + one patch).
 
+pub mod build;
 pub mod cli;
+pub mod validate;
+
+#[cfg(test)]
+pub mod testing;

@@ -1,0 +1,48 @@
+//! ServiceAccount, Role and RoleBinding of the broker pods: read access to the EndpointSlices of the
+//! cluster's own namespace (the broker's `kubernetes` discovery watches those of the headless Service), which is exactly what Kubernetes peer discovery needs.
+
+use corvid_crds::MqttCluster;
+use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+
+use super::names::{owned_meta, Names};
+
+/// The pods' identity; no API token beyond what the Role grants.
+pub fn service_account(cluster: &MqttCluster, names: &Names) -> ServiceAccount {
+    ServiceAccount {
+        metadata: owned_meta(cluster, names, names.service_account()),
+        ..ServiceAccount::default()
+    }
+}
+
+/// Read-only access to EndpointSlices (the headless Service's members); nothing else.
+pub fn role(cluster: &MqttCluster, names: &Names) -> Role {
+    let read = vec!["get".to_string(), "list".to_string(), "watch".to_string()];
+    Role {
+        metadata: owned_meta(cluster, names, names.service_account()),
+        rules: Some(vec![PolicyRule {
+            api_groups: Some(vec!["discovery.k8s.io".to_string()]),
+            resources: Some(vec!["endpointslices".to_string()]),
+            verbs: read,
+            ..PolicyRule::default()
+        }]),
+    }
+}
+
+/// Binds the Role to the ServiceAccount.
+pub fn role_binding(cluster: &MqttCluster, names: &Names) -> RoleBinding {
+    RoleBinding {
+        metadata: owned_meta(cluster, names, names.service_account()),
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".to_string(),
+            kind: "Role".to_string(),
+            name: names.service_account(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".to_string(),
+            name: names.service_account(),
+            namespace: Some(names.namespace.clone()),
+            ..Subject::default()
+        }]),
+    }
+}

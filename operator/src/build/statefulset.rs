@@ -1,0 +1,388 @@
+//! The broker StatefulSet. The operator drives rollouts itself (updateStrategy OnDelete), so the
+//! StatefulSet only records the desired pod template; a hash of the rendered configuration in the
+//! template makes configuration changes roll the pods, while TLS files come from a projected volume
+//! so certificate renewals do not.
+
+use std::collections::BTreeMap;
+
+use corvid_crds::{ListenerKind, MqttCluster, PersistenceMode, TlsMode, ADMIN_PORT, CLUSTER_PORT};
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler, ObjectFieldSelector,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec,
+    Probe, ProjectedVolumeSource, SeccompProfile, SecretProjection, SecretVolumeSource,
+    SecurityContext, SleepAction, TopologySpreadConstraint, Volume, VolumeMount, VolumeProjection,
+    VolumeResourceRequirements,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::config::{
+    broker_serves, Rendered, AUTH_DIR, CLUSTER_SECRET_DIR, CLUSTER_SECRET_KEY, CONFIG_KEY,
+    CONFIG_PATH, DATA_DIR, TLS_DIR,
+};
+use super::names::{owned_meta, Names, CONFIG_HASH_ANNOTATION};
+
+/// Name of the broker container.
+pub const CONTAINER: &str = "broker";
+/// Seconds the pod stays in the endpoints after deletion starts, before SIGTERM: lets load
+/// balancers stop sending new connections first.
+pub const PRE_STOP_SLEEP_SECONDS: i64 = 5;
+/// Margin on top of the drain timeout before the kubelet kills the broker: the grace period is
+/// bounded, so a pod can never hang in Terminating.
+pub const GRACE_MARGIN_SECONDS: i64 = 10;
+/// User and group the broker runs as under the default security context.
+pub const BROKER_UID: i64 = 10001;
+
+/// The StatefulSet with `replicas` pods (chosen by the planner).
+pub fn build(
+    cluster: &MqttCluster,
+    names: &Names,
+    rendered: &Rendered,
+    replicas: i32,
+) -> StatefulSet {
+    let spec = &cluster.spec;
+    StatefulSet {
+        metadata: owned_meta(cluster, names, names.statefulset()),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(replicas),
+            service_name: Some(names.headless_service()),
+            selector: LabelSelector {
+                match_labels: Some(names.selector()),
+                ..LabelSelector::default()
+            },
+            // Pods start in parallel; ordering is the operator's job during rollouts.
+            pod_management_policy: Some("Parallel".to_string()),
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some("OnDelete".to_string()),
+                rolling_update: None,
+            }),
+            template: pod_template(cluster, names, rendered),
+            volume_claim_templates: (spec.persistence.mode == PersistenceMode::Pvc)
+                .then(|| vec![data_claim(cluster)]),
+            ..StatefulSetSpec::default()
+        }),
+        ..StatefulSet::default()
+    }
+}
+
+fn data_claim(cluster: &MqttCluster) -> PersistentVolumeClaim {
+    let p = &cluster.spec.persistence;
+    PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some("data".to_string()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".to_string()]),
+            storage_class_name: p.storage_class_name.clone(),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([(
+                    "storage".to_string(),
+                    Quantity(p.size.clone()),
+                )])),
+                ..VolumeResourceRequirements::default()
+            }),
+            ..PersistentVolumeClaimSpec::default()
+        }),
+        ..PersistentVolumeClaim::default()
+    }
+}
+
+/// Pod template: metadata (labels, config hash), placement, security, volumes, broker container.
+pub fn pod_template(cluster: &MqttCluster, names: &Names, rendered: &Rendered) -> PodTemplateSpec {
+    let spec = &cluster.spec;
+    let pod = &spec.pod;
+    let mut labels = pod.labels.clone();
+    labels.extend(names.labels());
+    let mut annotations = pod.annotations.clone();
+    annotations.insert(CONFIG_HASH_ANNOTATION.to_string(), rendered.hash.clone());
+    let grace = i64::from(spec.upgrade_strategy.drain_timeout_seconds)
+        + PRE_STOP_SLEEP_SECONDS
+        + GRACE_MARGIN_SECONDS;
+    PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(labels),
+            annotations: Some(annotations),
+            ..ObjectMeta::default()
+        }),
+        spec: Some(PodSpec {
+            service_account_name: Some(names.service_account()),
+            termination_grace_period_seconds: Some(grace),
+            node_selector: (!pod.node_selector.is_empty()).then(|| pod.node_selector.clone()),
+            tolerations: (!pod.tolerations.is_empty()).then(|| pod.tolerations.clone()),
+            affinity: pod.affinity.clone(),
+            topology_spread_constraints: Some(
+                pod.topology_spread_constraints
+                    .clone()
+                    .unwrap_or_else(|| default_spread(names)),
+            ),
+            priority_class_name: pod.priority_class_name.clone(),
+            image_pull_secrets: (!spec.image_pull_secrets.is_empty())
+                .then(|| spec.image_pull_secrets.clone()),
+            security_context: Some(
+                pod.security_context
+                    .clone()
+                    .unwrap_or_else(default_pod_security),
+            ),
+            containers: vec![container(cluster)],
+            volumes: Some(volumes(cluster, names)),
+            ..PodSpec::default()
+        }),
+    }
+}
+
+/// Spread across nodes and zones, preferring but not requiring balance (small clusters still schedule).
+pub fn default_spread(names: &Names) -> Vec<TopologySpreadConstraint> {
+    ["kubernetes.io/hostname", "topology.kubernetes.io/zone"]
+        .into_iter()
+        .map(|key| TopologySpreadConstraint {
+            max_skew: 1,
+            topology_key: key.to_string(),
+            when_unsatisfiable: "ScheduleAnyway".to_string(),
+            label_selector: Some(LabelSelector {
+                match_labels: Some(names.selector()),
+                ..LabelSelector::default()
+            }),
+            ..TopologySpreadConstraint::default()
+        })
+        .collect()
+}
+
+/// The restricted Pod Security Standard at pod level.
+pub fn default_pod_security() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(BROKER_UID),
+        run_as_group: Some(BROKER_UID),
+        fs_group: Some(BROKER_UID),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".to_string(),
+            ..SeccompProfile::default()
+        }),
+        ..PodSecurityContext::default()
+    }
+}
+
+/// The restricted Pod Security Standard at container level, plus a read-only root filesystem.
+pub fn default_container_security() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".to_string()]),
+            ..Capabilities::default()
+        }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".to_string(),
+            ..SeccompProfile::default()
+        }),
+        ..SecurityContext::default()
+    }
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_string(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.to_string(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+fn container_port(name: &str, port: i32) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.to_string()),
+        container_port: port,
+        protocol: Some("TCP".to_string()),
+        ..ContainerPort::default()
+    }
+}
+
+fn admin_probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_string()),
+            port: IntOrString::String("admin".to_string()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(3),
+        ..Probe::default()
+    }
+}
+
+/// The broker container.
+pub fn container(cluster: &MqttCluster) -> Container {
+    let spec = &cluster.spec;
+    let mut ports: Vec<ContainerPort> = ListenerKind::ALL
+        .into_iter()
+        .filter(|k| broker_serves(cluster, *k))
+        .map(|k| container_port(k.name(), spec.listeners.get(k).port))
+        .collect();
+    ports.push(container_port("admin", ADMIN_PORT));
+    ports.push(container_port("cluster", CLUSTER_PORT));
+    let mut env = vec![
+        field_env("POD_NAME", "metadata.name"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+        field_env("POD_IP", "status.podIP"),
+    ];
+    env.extend(spec.pod.env.iter().cloned());
+    Container {
+        name: CONTAINER.to_string(),
+        image: Some(spec.image_ref()),
+        image_pull_policy: Some(spec.image_pull_policy.as_str().to_string()),
+        args: Some(vec![
+            "serve".to_string(),
+            "--config".to_string(),
+            CONFIG_PATH.to_string(),
+        ]),
+        ports: Some(ports),
+        env: Some(env),
+        resources: spec.resources.clone(),
+        // Ready means joined and synced (the broker's /readyz contract): an unjoined pod gets no traffic.
+        readiness_probe: Some(admin_probe("/readyz", 5, 3)),
+        liveness_probe: Some(admin_probe("/healthz", 10, 6)),
+        startup_probe: Some(admin_probe("/healthz", 2, 60)),
+        lifecycle: Some(Lifecycle {
+            // Sleep first so endpoints drop the pod; SIGTERM then makes the broker evacuate within
+            // shutdown.drain_timeout, all inside terminationGracePeriodSeconds.
+            pre_stop: Some(LifecycleHandler {
+                sleep: Some(SleepAction {
+                    seconds: PRE_STOP_SLEEP_SECONDS,
+                }),
+                ..LifecycleHandler::default()
+            }),
+            ..Lifecycle::default()
+        }),
+        security_context: Some(
+            spec.pod
+                .container_security_context
+                .clone()
+                .unwrap_or_else(default_container_security),
+        ),
+        volume_mounts: Some(mounts(cluster)),
+        ..Container::default()
+    }
+}
+
+fn mount(name: &str, path: &str) -> VolumeMount {
+    VolumeMount {
+        name: name.to_string(),
+        mount_path: path.to_string(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    }
+}
+
+fn mounts(cluster: &MqttCluster) -> Vec<VolumeMount> {
+    let spec = &cluster.spec;
+    let mut m = vec![
+        VolumeMount {
+            sub_path: Some(CONFIG_KEY.to_string()),
+            ..mount("config", CONFIG_PATH)
+        },
+        mount("cluster-secret", CLUSTER_SECRET_DIR),
+        VolumeMount {
+            read_only: Some(false),
+            ..mount("tmp", "/tmp")
+        },
+    ];
+    if spec.tls.mode == TlsMode::Broker {
+        m.push(mount("tls", TLS_DIR));
+    }
+    if spec.auth.users_secret.is_some() {
+        m.push(mount("users", AUTH_DIR));
+    }
+    if spec.persistence.mode == PersistenceMode::Pvc {
+        m.push(VolumeMount {
+            read_only: Some(false),
+            ..mount("data", DATA_DIR)
+        });
+    }
+    m
+}
+
+/// Name of the Secret the broker's TLS files come from.
+pub fn tls_secret_name(cluster: &MqttCluster, names: &Names) -> String {
+    cluster
+        .spec
+        .tls
+        .secret_name
+        .clone()
+        .unwrap_or_else(|| names.tls_secret())
+}
+
+fn volumes(cluster: &MqttCluster, names: &Names) -> Vec<Volume> {
+    let spec = &cluster.spec;
+    let mut v = vec![
+        Volume {
+            name: "config".to_string(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: names.config_map(),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: "cluster-secret".to_string(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(names.cluster_secret()),
+                items: Some(vec![KeyToPath {
+                    key: CLUSTER_SECRET_KEY.to_string(),
+                    path: CLUSTER_SECRET_KEY.to_string(),
+                    ..KeyToPath::default()
+                }]),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: "tmp".to_string(),
+            empty_dir: Some(Default::default()),
+            ..Volume::default()
+        },
+    ];
+    if spec.tls.mode == TlsMode::Broker {
+        // Projected (not subPath) so the kubelet swaps renewed files in place; the broker re-reads them.
+        v.push(Volume {
+            name: "tls".to_string(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(vec![VolumeProjection {
+                    secret: Some(SecretProjection {
+                        name: tls_secret_name(cluster, names),
+                        ..SecretProjection::default()
+                    }),
+                    ..VolumeProjection::default()
+                }]),
+                ..ProjectedVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    }
+    if let Some(users) = &spec.auth.users_secret {
+        v.push(Volume {
+            name: "users".to_string(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(users.name.clone()),
+                items: Some(vec![KeyToPath {
+                    key: users.key.clone(),
+                    path: "users".to_string(),
+                    ..KeyToPath::default()
+                }]),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    }
+    v
+}

@@ -1,0 +1,25 @@
+//! Builder tests: spec in, objects out, no API server.
+
+mod config;
+mod objects;
+mod service;
+mod statefulset;
+
+use corvid_crds::MqttCluster;
+use serde_json::Value;
+
+use super::{desired, BuildInputs, Desired};
+use crate::testing::cluster;
+use crate::validate::validate;
+
+/// Validates and builds everything for a spec, with the StatefulSet at spec.replicas.
+fn build(spec: Value) -> (MqttCluster, Desired) {
+    let c = cluster(spec);
+    let valid = validate(&c).expect("valid spec");
+    let inputs = BuildInputs {
+        statefulset_replicas: c.spec.replicas,
+        service_monitor_crd: true,
+    };
+    let d = desired(&c, &valid, &inputs);
+    (c, d)
+}

@@ -1,0 +1,319 @@
+//! The StatefulSet and its pod template.
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{Container, PodSpec};
+use serde_json::json;
+
+use super::build;
+
+fn pod(sts: &StatefulSet) -> &PodSpec {
+    sts.spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .expect("pod spec")
+}
+
+fn broker(sts: &StatefulSet) -> &Container {
+    &pod(sts).containers[0]
+}
+
+#[test]
+fn operator_drives_rollouts_and_names_are_stable() {
+    let (_, d) = build(json!({"replicas": 5}));
+    let spec = d.statefulset.spec.as_ref().expect("spec");
+    assert_eq!(d.statefulset.metadata.name.as_deref(), Some("demo"));
+    assert_eq!(spec.replicas, Some(5));
+    assert_eq!(spec.service_name.as_deref(), Some("demo-headless"));
+    assert_eq!(
+        spec.update_strategy
+            .as_ref()
+            .and_then(|u| u.type_.as_deref()),
+        Some("OnDelete")
+    );
+    assert_eq!(spec.pod_management_policy.as_deref(), Some("Parallel"));
+    assert!(spec.volume_claim_templates.is_none());
+}
+
+#[test]
+fn config_hash_annotation_matches_rendered_config() {
+    let (_, a) = build(json!({}));
+    let (_, b) = build(json!({"limits": {"maxConnections": 7}}));
+    let hash = |d: &crate::build::Desired| {
+        d.statefulset
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.annotations.as_ref())
+            .expect("annotations")["corvid.dev/config-hash"]
+            .clone()
+    };
+    assert_eq!(hash(&a).len(), 64);
+    assert_ne!(hash(&a), hash(&b));
+}
+
+#[test]
+fn restricted_security_context_by_default() {
+    let (_, d) = build(json!({}));
+    let psc = pod(&d.statefulset)
+        .security_context
+        .as_ref()
+        .expect("pod security");
+    assert_eq!(psc.run_as_non_root, Some(true));
+    assert_eq!(
+        psc.seccomp_profile.as_ref().map(|s| s.type_.as_str()),
+        Some("RuntimeDefault")
+    );
+    let csc = broker(&d.statefulset)
+        .security_context
+        .as_ref()
+        .expect("container security");
+    assert_eq!(csc.allow_privilege_escalation, Some(false));
+    assert_eq!(csc.read_only_root_filesystem, Some(true));
+    assert_eq!(
+        csc.capabilities.as_ref().and_then(|c| c.drop.clone()),
+        Some(vec!["ALL".to_string()])
+    );
+    // A read-only root filesystem needs a writable /tmp.
+    let mounts = broker(&d.statefulset)
+        .volume_mounts
+        .clone()
+        .expect("mounts");
+    assert!(mounts
+        .iter()
+        .any(|m| m.mount_path == "/tmp" && m.read_only == Some(false)));
+}
+
+#[test]
+fn security_context_can_be_overridden() {
+    let (_, d) = build(
+        json!({"pod": {"securityContext": {"runAsUser": 1234}, "containerSecurityContext": {"privileged": false}}}),
+    );
+    assert_eq!(
+        pod(&d.statefulset)
+            .security_context
+            .as_ref()
+            .and_then(|s| s.run_as_user),
+        Some(1234)
+    );
+    assert_eq!(
+        broker(&d.statefulset)
+            .security_context
+            .as_ref()
+            .and_then(|s| s.read_only_root_filesystem),
+        None
+    );
+}
+
+#[test]
+fn probes_on_admin_port_and_grace_period_from_drain_timeout() {
+    let (_, d) = build(json!({"upgradeStrategy": {"drainTimeoutSeconds": 120}}));
+    let c = broker(&d.statefulset);
+    let ready = c
+        .readiness_probe
+        .as_ref()
+        .and_then(|p| p.http_get.as_ref())
+        .expect("readiness");
+    assert_eq!(ready.path.as_deref(), Some("/readyz"));
+    assert_eq!(
+        ready.port,
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("admin".into())
+    );
+    let live = c
+        .liveness_probe
+        .as_ref()
+        .and_then(|p| p.http_get.as_ref())
+        .expect("liveness");
+    assert_eq!(live.path.as_deref(), Some("/healthz"));
+    assert_eq!(
+        pod(&d.statefulset).termination_grace_period_seconds,
+        Some(135)
+    );
+    let pre_stop = c
+        .lifecycle
+        .as_ref()
+        .and_then(|l| l.pre_stop.as_ref())
+        .expect("preStop");
+    assert_eq!(pre_stop.sleep.as_ref().map(|s| s.seconds), Some(5));
+}
+
+#[test]
+fn container_image_args_ports_and_env() {
+    let (_, d) = build(json!({"version": "1.2.3", "imagePullPolicy": "Always",
+        "pod": {"env": [{"name": "CORVID_LOG__LEVEL", "value": "debug"}]}}));
+    let c = broker(&d.statefulset);
+    assert_eq!(c.image.as_deref(), Some("corvid/corvid-broker:1.2.3"));
+    assert_eq!(c.image_pull_policy.as_deref(), Some("Always"));
+    assert_eq!(
+        c.args,
+        Some(vec![
+            "serve".into(),
+            "--config".into(),
+            "/etc/corvid/corvid.yaml".into()
+        ])
+    );
+    let ports: Vec<(String, i32)> = c
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| (p.name.clone().unwrap_or_default(), p.container_port))
+        .collect();
+    assert_eq!(
+        ports,
+        vec![
+            ("mqtt".into(), 1883),
+            ("ws".into(), 8083),
+            ("admin".into(), 18083),
+            ("cluster".into(), 4370)
+        ]
+    );
+    let env: Vec<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
+    assert_eq!(
+        env,
+        ["POD_NAME", "POD_NAMESPACE", "POD_IP", "CORVID_LOG__LEVEL"]
+    );
+    let (_, custom) = build(json!({"image": "registry.local/corvid:dev"}));
+    assert_eq!(
+        broker(&custom.statefulset).image.as_deref(),
+        Some("registry.local/corvid:dev")
+    );
+}
+
+#[test]
+fn broker_tls_comes_from_a_projected_volume() {
+    let (_, d) = build(
+        json!({"listeners": {"mqtts": {"enabled": true, "port": 8883}}, "tls": {"mode": "broker", "secretName": "certs"}}),
+    );
+    let volumes = pod(&d.statefulset).volumes.clone().expect("volumes");
+    let tls = volumes
+        .iter()
+        .find(|v| v.name == "tls")
+        .expect("tls volume");
+    let source = tls
+        .projected
+        .as_ref()
+        .and_then(|p| p.sources.as_ref())
+        .expect("projected sources");
+    assert_eq!(
+        source[0].secret.as_ref().map(|s| s.name.as_str()),
+        Some("certs")
+    );
+    let mounts = broker(&d.statefulset)
+        .volume_mounts
+        .clone()
+        .expect("mounts");
+    let m = mounts.iter().find(|m| m.name == "tls").expect("tls mount");
+    assert_eq!(m.mount_path, "/etc/corvid/tls");
+    assert!(
+        m.sub_path.is_none(),
+        "subPath mounts never see renewed files"
+    );
+    let (_, issued) = build(
+        json!({"listeners": {"mqtts": {"enabled": true, "port": 8883}}, "tls": {"mode": "broker", "issuerRef": {"name": "ca"}}}),
+    );
+    let volumes = pod(&issued.statefulset).volumes.clone().expect("volumes");
+    let tls = volumes
+        .iter()
+        .find(|v| v.name == "tls")
+        .expect("tls volume");
+    assert_eq!(
+        tls.projected
+            .as_ref()
+            .and_then(|p| p.sources.as_ref())
+            .expect("s")[0]
+            .secret
+            .as_ref()
+            .map(|s| s.name.as_str()),
+        Some("demo-tls")
+    );
+    let (_, plain) = build(json!({}));
+    assert!(pod(&plain.statefulset)
+        .volumes
+        .iter()
+        .flatten()
+        .all(|v| v.name != "tls"));
+}
+
+#[test]
+fn persistence_adds_a_claim_template() {
+    let (_, d) =
+        build(json!({"persistence": {"mode": "pvc", "size": "5Gi", "storageClassName": "fast"}}));
+    let claims = d
+        .statefulset
+        .spec
+        .as_ref()
+        .and_then(|s| s.volume_claim_templates.clone())
+        .expect("claims");
+    let spec = claims[0].spec.as_ref().expect("claim spec");
+    assert_eq!(spec.storage_class_name.as_deref(), Some("fast"));
+    assert_eq!(
+        spec.resources
+            .as_ref()
+            .and_then(|r| r.requests.as_ref())
+            .expect("requests")["storage"]
+            .0,
+        "5Gi"
+    );
+    let mounts = broker(&d.statefulset)
+        .volume_mounts
+        .clone()
+        .expect("mounts");
+    assert!(mounts
+        .iter()
+        .any(|m| m.name == "data" && m.mount_path == "/var/lib/corvid"));
+}
+
+#[test]
+fn spreads_across_nodes_and_zones_unless_told_otherwise() {
+    let (_, d) = build(json!({}));
+    let tsc = pod(&d.statefulset)
+        .topology_spread_constraints
+        .clone()
+        .expect("spread");
+    let keys: Vec<&str> = tsc.iter().map(|t| t.topology_key.as_str()).collect();
+    assert_eq!(
+        keys,
+        ["kubernetes.io/hostname", "topology.kubernetes.io/zone"]
+    );
+    assert!(tsc
+        .iter()
+        .all(|t| t.when_unsatisfiable == "ScheduleAnyway" && t.max_skew == 1));
+    let (_, off) = build(json!({"pod": {"topologySpreadConstraints": []}}));
+    assert_eq!(
+        pod(&off.statefulset).topology_spread_constraints,
+        Some(vec![])
+    );
+}
+
+#[test]
+fn pod_knobs_are_copied() {
+    let (_, d) = build(json!({"pod": {
+        "nodeSelector": {"pool": "mqtt"}, "priorityClassName": "high",
+        "tolerations": [{"key": "dedicated", "operator": "Exists"}],
+        "annotations": {"a": "1"}, "labels": {"team": "iot", "app.kubernetes.io/instance": "spoof"},
+    }, "imagePullSecrets": [{"name": "regcred"}]}));
+    let p = pod(&d.statefulset);
+    assert_eq!(p.node_selector.clone().expect("ns")["pool"], "mqtt");
+    assert_eq!(p.priority_class_name.as_deref(), Some("high"));
+    assert_eq!(
+        p.tolerations.clone().expect("tol")[0].key.as_deref(),
+        Some("dedicated")
+    );
+    assert_eq!(p.service_account_name.as_deref(), Some("demo-broker"));
+    assert_eq!(
+        p.image_pull_secrets.clone().expect("ips")[0].name,
+        "regcred"
+    );
+    let meta = d
+        .statefulset
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.metadata.clone())
+        .expect("meta");
+    let labels = meta.labels.expect("labels");
+    assert_eq!(labels["team"], "iot");
+    assert_eq!(
+        labels["app.kubernetes.io/instance"], "demo",
+        "operator labels win: the selector must match"
+    );
+    assert_eq!(meta.annotations.expect("annotations")["a"], "1");
+}

@@ -1,0 +1,137 @@
+//! Semantic checks that the CRD's CEL rules also make, repeated here so that an object admitted by
+//! an API server without CEL support (or edited with validation off) never reaches the builders.
+//! A failure is a `Invalid` error: the controller records it and waits for the next spec change.
+
+use std::collections::BTreeSet;
+
+use corvid_crds::{
+    ListenerKind, LoadBalancerProvider, MqttCluster, TlsMode, ADMIN_PORT, CLUSTER_PORT,
+};
+use serde_json::Value;
+
+/// Facts established by validation that the builders rely on.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Validated {
+    /// `spec.config`, known to be a JSON object.
+    pub config_overrides: Option<Value>,
+}
+
+/// Why a spec cannot be reconciled; the message names the field.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct InvalidSpec(pub String);
+
+/// Checks the spec; every error message names the offending field.
+pub fn validate(cluster: &MqttCluster) -> Result<Validated, InvalidSpec> {
+    let spec = &cluster.spec;
+    let invalid = |m: &str| Err(InvalidSpec(m.to_string()));
+    if spec.replicas < 1 {
+        return invalid("spec.replicas must be at least 1");
+    }
+    let mut ports = BTreeSet::from([ADMIN_PORT, CLUSTER_PORT]);
+    for kind in ListenerKind::ALL {
+        let listener = spec.listeners.get(kind);
+        if listener.enabled && !ports.insert(listener.port) {
+            return Err(InvalidSpec(format!(
+                "listeners.{}.port {} is used twice (listener ports, 18083 and 4370 must be unique)",
+                kind.name(),
+                listener.port
+            )));
+        }
+    }
+    let tls_listener = spec.listeners.mqtts.enabled || spec.listeners.wss.enabled;
+    match spec.tls.mode {
+        TlsMode::None if tls_listener => {
+            return invalid(
+                "listeners.mqtts and listeners.wss need tls.mode broker or loadBalancer",
+            );
+        }
+        TlsMode::Broker if spec.tls.secret_name.is_none() && spec.tls.issuer_ref.is_none() => {
+            return invalid("tls.mode: broker needs tls.secretName or tls.issuerRef");
+        }
+        TlsMode::LoadBalancer => match &spec.tls.load_balancer {
+            None => return invalid("tls.mode: loadBalancer needs tls.loadBalancer"),
+            Some(lb) if lb.provider == LoadBalancerProvider::Aws && lb.certificate.is_none() => {
+                return invalid("tls.loadBalancer.certificate is required for provider aws");
+            }
+            Some(_) => {}
+        },
+        _ => {}
+    }
+    if !ListenerKind::ALL
+        .iter()
+        .any(|k| spec.listeners.get(*k).enabled)
+    {
+        return invalid("listeners: at least one listener must be enabled");
+    }
+    let config_overrides = match &spec.config {
+        None => None,
+        Some(v @ Value::Object(_)) => Some(v.clone()),
+        Some(_) => return invalid("spec.config must be an object"),
+    };
+    Ok(Validated { config_overrides })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::validate;
+    use crate::testing::cluster;
+
+    fn error(spec: serde_json::Value) -> String {
+        validate(&cluster(spec))
+            .err()
+            .map(|e| e.0)
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn default_spec_is_valid() {
+        assert!(validate(&cluster(json!({}))).is_ok());
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert_eq!(
+            error(json!({"replicas": 0})),
+            "spec.replicas must be at least 1"
+        );
+        assert!(
+            error(json!({"listeners": {"ws": {"enabled": true, "port": 1883}}}))
+                .starts_with("listeners.ws.port 1883")
+        );
+        assert!(
+            error(json!({"listeners": {"mqtt": {"enabled": true, "port": 4370}}}))
+                .starts_with("listeners.mqtt.port")
+        );
+        assert_eq!(
+            error(
+                json!({"listeners": {"mqtts": {"enabled": true, "port": 8883}}, "tls": {"mode": "broker"}})
+            ),
+            "tls.mode: broker needs tls.secretName or tls.issuerRef"
+        );
+        assert!(
+            error(json!({"listeners": {"mqtts": {"enabled": true, "port": 8883}}}))
+                .starts_with("listeners.mqtts")
+        );
+        assert_eq!(
+            error(json!({"config": [1, 2]})),
+            "spec.config must be an object"
+        );
+        assert_eq!(
+            error(
+                json!({"listeners": {"mqtt": {"enabled": false, "port": 1}, "ws": {"enabled": false, "port": 2}}})
+            ),
+            "listeners: at least one listener must be enabled"
+        );
+    }
+
+    #[test]
+    fn disabled_listeners_may_share_ports() {
+        assert!(validate(&cluster(
+            json!({"listeners": {"wss": {"enabled": false, "port": 1883}}})
+        ))
+        .is_ok());
+    }
+}
