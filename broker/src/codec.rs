@@ -338,8 +338,8 @@ impl Codec {
         }
         match self.inner.decode(buf)? {
             None => Ok(None),
-            Some((MqttPacket::V3(p), _)) => Ok(Some(self.from_v3(p))),
-            Some((MqttPacket::V5(p), _)) => Ok(Some(self.from_v5(p))),
+            Some((MqttPacket::V3(p), _)) => Ok(Some(self.inbound_v3(p))),
+            Some((MqttPacket::V5(p), _)) => Ok(Some(self.inbound_v5(p))),
             Some((MqttPacket::Version(_), _)) => Err(DecodeError {
                 message: "unexpected version packet".into(),
                 reason: 0x82,
@@ -349,7 +349,7 @@ impl Codec {
         }
     }
 
-    fn from_v3(&mut self, p: v3::Packet) -> Inbound {
+    fn inbound_v3(&mut self, p: v3::Packet) -> Inbound {
         use v3::Packet as P;
         match p {
             P::Connect(c) => {
@@ -417,7 +417,7 @@ impl Codec {
         }
     }
 
-    fn from_v5(&mut self, p: v5::Packet) -> Inbound {
+    fn inbound_v5(&mut self, p: v5::Packet) -> Inbound {
         use v5::Packet as P;
         match p {
             P::Connect(c) => {

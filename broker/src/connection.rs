@@ -185,6 +185,14 @@ impl Conn {
         if !broker.accepting.load(Ordering::Relaxed) || broker.shutdown.is_cancelled() {
             return refuse(&mut codec, ConnAckCode::ServerUnavailable, "not_accepting");
         }
+        if !protocol.is_v5() && c.password.is_some() && c.username.is_none() {
+            // [MQTT-3.1.2-22]: 3.1.1 forbids a password without a user name.
+            return refuse(
+                &mut codec,
+                ConnAckCode::ProtocolError,
+                "password_without_username",
+            );
+        }
         if c.auth_method.is_some() {
             return refuse(&mut codec, ConnAckCode::BadAuthMethod, "auth_method");
         }

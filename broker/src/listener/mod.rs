@@ -174,11 +174,11 @@ impl Listener {
             Kind::Tcp | Kind::Tls => Transport::Stream(io),
             Kind::Ws | Kind::Wss => {
                 let path = self.config.path.clone();
-                let ws = tokio_tungstenite::accept_hdr_async(io, move |req: &Request, resp| {
-                    ws_accept(&path, req, resp)
-                })
-                .await
-                .map_err(std::io::Error::other)?;
+                #[allow(clippy::result_large_err)] // tungstenite's callback signature
+                let check = move |req: &Request, resp| ws_accept(&path, req, resp);
+                let ws = tokio_tungstenite::accept_hdr_async(io, check)
+                    .await
+                    .map_err(std::io::Error::other)?;
                 Transport::Ws(Box::new(ws))
             }
         };
