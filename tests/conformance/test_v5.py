@@ -52,7 +52,8 @@ def test_topic_alias_from_client(raw, topic):
     for payload in (b"first", b"second"):
         m = sub.message()
         assert (m.topic, m.payload) == (topic, payload)
-        # Server-to-client aliases are only allowed if the client announced a maximum.
+        # The client announced no Topic Alias Maximum (= 0): the Server MUST NOT send it
+        # aliases [MQTT-3.1.2-27].
         assert "topic_alias" not in m.props
 
 
