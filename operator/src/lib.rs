@@ -6,6 +6,7 @@
 
 pub mod build;
 pub mod cli;
+pub mod planner;
 pub mod validate;
 
 #[cfg(test)]

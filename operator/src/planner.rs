@@ -1,0 +1,344 @@
+//! The rollout and scale-down planner: a pure state machine from what the operator observes
+//! (pods, revisions, readiness, membership, evacuation progress, the step recorded in status) to
+//! the single next action. One pod at a time, highest ordinal first; every wait is bounded, a pod
+//! that never becomes Ready blocks the rollout (Degraded) instead of taking more pods down, and a
+//! spec change always un-blocks it because broken pods on an old revision are replaced first.
+//! The step in progress lives in status, so an operator restart resumes where it stopped.
+
+use corvid_crds::{OperationPhase, OperationStatus};
+use jiff::Timestamp;
+
+/// Evacuation progress as the broker reports it (`GET /api/v1/evacuate`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Evacuation {
+    /// Not evacuating.
+    Idle,
+    /// Moving clients away.
+    Running,
+    /// No clients or sessions left.
+    Done,
+}
+
+/// What the planner knows about one broker pod.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodView {
+    /// Pod name (`<cluster>-<ordinal>`).
+    pub name: String,
+    /// StatefulSet ordinal.
+    pub ordinal: i32,
+    /// `controller-revision-hash` label: the StatefulSet revision the pod was created from.
+    pub revision: Option<String>,
+    /// Pod Ready condition (the broker's /readyz: joined and synced).
+    pub ready: bool,
+    /// Whether the cluster view lists the pod as a member; None when nobody could be asked.
+    pub joined: Option<bool>,
+    /// Deletion has started.
+    pub terminating: bool,
+    /// Evacuation progress; None when not asked or unreachable.
+    pub evacuation: Option<Evacuation>,
+    /// When the pod was created.
+    pub created: Option<Timestamp>,
+}
+
+impl PodView {
+    /// Serving clients as a full member.
+    pub fn healthy(&self) -> bool {
+        self.ready && !self.terminating && self.joined != Some(false)
+    }
+}
+
+/// Everything the planner decides from.
+#[derive(Clone, Debug)]
+pub struct Observed {
+    /// spec.replicas.
+    pub desired_replicas: i32,
+    /// The StatefulSet's current spec.replicas (None before it exists).
+    pub statefulset_replicas: Option<i32>,
+    /// The StatefulSet's status.updateRevision: the revision every pod should run.
+    pub update_revision: Option<String>,
+    /// The broker pods.
+    pub pods: Vec<PodView>,
+    /// The step recorded in status by an earlier reconcile.
+    pub operation: Option<OperationStatus>,
+    /// upgradeStrategy.paused.
+    pub paused: bool,
+    /// upgradeStrategy.drainTimeoutSeconds.
+    pub drain_timeout_seconds: i64,
+    /// upgradeStrategy.readyTimeoutSeconds.
+    pub ready_timeout_seconds: i64,
+    /// The pods' terminationGracePeriodSeconds (a replaced pod may take this long to go away).
+    pub grace_period_seconds: i64,
+    /// Current time.
+    pub now: Timestamp,
+}
+
+/// Why the planner is waiting.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// The StatefulSet has not reported its revisions yet.
+    StatefulSetPending,
+    /// Pods are missing or not Ready; nothing is taken down meanwhile.
+    ClusterNotReady,
+    /// The pod is moving its clients away.
+    Draining(String),
+    /// The old pod is terminating or the new one is not created yet.
+    Replacing(String),
+    /// The new pod must become Ready and join.
+    Joining(String),
+    /// The leaving pods are drained; the StatefulSet shrinks now.
+    Shrinking,
+}
+
+/// The one thing to do now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Converged: every pod runs the update revision and the size is right.
+    Idle,
+    /// Nothing to do but check again soon.
+    Wait(Wait),
+    /// Ask the pod to evacuate through its admin API.
+    Evacuate(String),
+    /// Delete the pod; the StatefulSet recreates it at the update revision.
+    DeletePod(String),
+    /// The rollout cannot continue until the spec changes or the pod recovers.
+    Blocked {
+        /// The pod that does not come up.
+        pod: String,
+        /// Human-readable reason (goes into the Degraded condition and an Event).
+        reason: String,
+    },
+    /// upgradeStrategy.paused holds an outstanding rollout.
+    Paused,
+}
+
+/// The planner's decision.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    /// Replicas to write into the StatefulSet.
+    pub statefulset_replicas: i32,
+    /// What to do now.
+    pub action: Action,
+    /// The step to record in status (None clears it).
+    pub operation: Option<OperationStatus>,
+}
+
+/// Decides the next step.
+pub fn plan(o: &Observed) -> Plan {
+    let current = o.statefulset_replicas.unwrap_or(o.desired_replicas);
+    if o.desired_replicas < current {
+        return scale_down(o, current);
+    }
+    // Scale-up (or creation) happens at once: new pods start at the update revision and join.
+    let (action, operation) = rollout(o);
+    Plan {
+        statefulset_replicas: o.desired_replicas,
+        action,
+        operation,
+    }
+}
+
+fn elapsed(o: &Observed, since: &str) -> i64 {
+    // An unparsable timestamp counts as "just started": the worst case is one extra wait period.
+    since
+        .parse::<Timestamp>()
+        .map(|t| (o.now - t).get_seconds())
+        .unwrap_or(0)
+}
+
+fn op(o: &Observed, phase: OperationPhase, pod: &str, revision: &str) -> Option<OperationStatus> {
+    Some(OperationStatus {
+        phase,
+        pod: pod.to_string(),
+        revision: revision.to_string(),
+        since: o.now.to_string(),
+    })
+}
+
+fn pod<'a>(o: &'a Observed, name: &str) -> Option<&'a PodView> {
+    o.pods.iter().find(|p| p.name == name)
+}
+
+/// Evacuates the pods above the new size one at a time (highest first), then shrinks.
+fn scale_down(o: &Observed, current: i32) -> Plan {
+    let hold = |action, operation| Plan {
+        statefulset_replicas: current,
+        action,
+        operation,
+    };
+    let mut leaving: Vec<&PodView> = o
+        .pods
+        .iter()
+        .filter(|p| p.ordinal >= o.desired_replicas)
+        .collect();
+    leaving.sort_by_key(|p| std::cmp::Reverse(p.ordinal));
+    let recorded = o
+        .operation
+        .as_ref()
+        .filter(|op| op.phase == OperationPhase::ScalingDown);
+    let recorded_ordinal = recorded.and_then(|r| pod(o, &r.pod)).map(|p| p.ordinal);
+    for p in leaving {
+        if recorded_ordinal.is_some_and(|r| p.ordinal > r) {
+            continue; // handled earlier in this scale-down
+        }
+        let finished = !p.ready || p.terminating || p.evacuation == Some(Evacuation::Done);
+        if finished {
+            continue;
+        }
+        match recorded.filter(|r| r.pod == p.name) {
+            Some(r) if elapsed(o, &r.since) >= o.drain_timeout_seconds => continue, // bounded drain
+            Some(r) if p.evacuation == Some(Evacuation::Running) => {
+                return hold(
+                    Action::Wait(Wait::Draining(p.name.clone())),
+                    Some(r.clone()),
+                );
+            }
+            // Recorded but not running (the request was lost): ask again, keep the clock.
+            Some(r) => return hold(Action::Evacuate(p.name.clone()), Some(r.clone())),
+            None => {
+                return hold(
+                    Action::Evacuate(p.name.clone()),
+                    op(o, OperationPhase::ScalingDown, &p.name, ""),
+                );
+            }
+        }
+    }
+    Plan {
+        statefulset_replicas: o.desired_replicas,
+        action: Action::Wait(Wait::Shrinking),
+        operation: None,
+    }
+}
+
+/// Replaces outdated pods one at a time.
+fn rollout(o: &Observed) -> (Action, Option<OperationStatus>) {
+    let Some(target) = o.update_revision.as_deref() else {
+        return (Action::Wait(Wait::StatefulSetPending), None);
+    };
+    // A step recorded for another revision is obsolete: the spec changed, start over from the pods.
+    let recorded = o
+        .operation
+        .clone()
+        .filter(|r| r.revision == target && r.phase != OperationPhase::ScalingDown);
+    if o.paused {
+        let outdated = o.pods.iter().any(|p| p.revision.as_deref() != Some(target));
+        return if outdated || recorded.is_some() {
+            (Action::Paused, recorded)
+        } else {
+            (Action::Idle, None)
+        };
+    }
+    if let Some(r) = recorded {
+        if let Some(next) = continue_step(o, &r, target) {
+            return next;
+        }
+    }
+    next_step(o, target)
+}
+
+/// Continues a recorded step; None when it is finished.
+fn continue_step(
+    o: &Observed,
+    r: &OperationStatus,
+    target: &str,
+) -> Option<(Action, Option<OperationStatus>)> {
+    let p = pod(o, &r.pod);
+    let updated = p.is_some_and(|p| p.revision.as_deref() == Some(target) && !p.terminating);
+    let since = elapsed(o, &r.since);
+    match r.phase {
+        OperationPhase::Evacuating if updated => Some((Action::Wait(Wait::Joining(r.pod.clone())), op(o, OperationPhase::WaitingReady, &r.pod, target))),
+        OperationPhase::Evacuating => {
+            let p = p?;
+            let drained = !p.ready || p.evacuation == Some(Evacuation::Done) || since >= o.drain_timeout_seconds;
+            if drained {
+                Some((Action::DeletePod(r.pod.clone()), op(o, OperationPhase::Replacing, &r.pod, target)))
+            } else if p.evacuation == Some(Evacuation::Running) {
+                Some((Action::Wait(Wait::Draining(r.pod.clone())), Some(r.clone())))
+            } else {
+                Some((Action::Evacuate(r.pod.clone()), Some(r.clone())))
+            }
+        }
+        OperationPhase::Replacing if updated => Some((Action::Wait(Wait::Joining(r.pod.clone())), op(o, OperationPhase::WaitingReady, &r.pod, target))),
+        OperationPhase::Replacing => {
+            if since >= o.grace_period_seconds + o.ready_timeout_seconds {
+                return Some(blocked(r, format!("pod {} was not replaced within {}s", r.pod, since)));
+            }
+            match p {
+                Some(p) if !p.terminating => Some((Action::DeletePod(r.pod.clone()), Some(r.clone()))),
+                _ => Some((Action::Wait(Wait::Replacing(r.pod.clone())), Some(r.clone()))),
+            }
+        }
+        OperationPhase::WaitingReady => match p {
+            Some(p) if updated && p.healthy() => None,
+            _ if since >= o.ready_timeout_seconds => Some(blocked(
+                r,
+                format!("pod {} did not become Ready and join the cluster within {}s; fix the spec to resume", r.pod, o.ready_timeout_seconds),
+            )),
+            _ => Some((Action::Wait(Wait::Joining(r.pod.clone())), Some(r.clone()))),
+        },
+        OperationPhase::ScalingDown => None,
+    }
+}
+
+fn blocked(r: &OperationStatus, reason: String) -> (Action, Option<OperationStatus>) {
+    (
+        Action::Blocked {
+            pod: r.pod.clone(),
+            reason,
+        },
+        Some(r.clone()),
+    )
+}
+
+/// Picks the next pod to replace.
+fn next_step(o: &Observed, target: &str) -> (Action, Option<OperationStatus>) {
+    let mut outdated: Vec<&PodView> = o
+        .pods
+        .iter()
+        .filter(|p| p.revision.as_deref() != Some(target))
+        .collect();
+    outdated.sort_by_key(|p| std::cmp::Reverse(p.ordinal));
+    // Broken pods on an old revision serve nobody: replace them first, without evacuation. This is
+    // what un-blocks a rollout once a bad image is fixed in the spec.
+    if let Some(p) = outdated.iter().find(|p| !p.ready && !p.terminating) {
+        return (
+            Action::DeletePod(p.name.clone()),
+            op(o, OperationPhase::Replacing, &p.name, target),
+        );
+    }
+    // An updated pod that stays unready past the timeout blocks the rollout (even after a restart
+    // that lost the recorded step).
+    let stuck = o.pods.iter().find(|p| {
+        p.revision.as_deref() == Some(target)
+            && !p.healthy()
+            && p.created
+                .is_some_and(|c| (o.now - c).get_seconds() >= o.ready_timeout_seconds)
+    });
+    if let Some(p) = stuck {
+        if !outdated.is_empty() {
+            let reason = format!("pod {} did not become Ready and join the cluster within {}s; fix the spec to resume", p.name, o.ready_timeout_seconds);
+            return (
+                Action::Blocked {
+                    pod: p.name.clone(),
+                    reason,
+                },
+                None,
+            );
+        }
+    }
+    let all_present = o.pods.len() >= usize::try_from(o.desired_replicas).unwrap_or(0);
+    if !all_present || !o.pods.iter().all(PodView::healthy) {
+        // Never take a healthy member down while another one is missing or unready.
+        return (Action::Wait(Wait::ClusterNotReady), None);
+    }
+    match outdated.first() {
+        None => (Action::Idle, None),
+        Some(p) => (
+            Action::Evacuate(p.name.clone()),
+            op(o, OperationPhase::Evacuating, &p.name, target),
+        ),
+    }
+}
+
+#[cfg(test)]
+#[path = "planner_tests.rs"]
+mod tests;

@@ -1,0 +1,414 @@
+//! Table tests of the planner: observed pods → next action.
+
+use corvid_crds::{OperationPhase, OperationStatus};
+use jiff::{SignedDuration, Timestamp};
+
+use super::*;
+
+const NOW: &str = "2026-01-01T12:00:00Z";
+
+fn now() -> Timestamp {
+    NOW.parse().expect("time")
+}
+
+fn ago(seconds: i64) -> Timestamp {
+    now() - SignedDuration::from_secs(seconds)
+}
+
+fn healthy(ordinal: i32, revision: &str) -> PodView {
+    PodView {
+        name: format!("demo-{ordinal}"),
+        ordinal,
+        revision: Some(revision.to_string()),
+        ready: true,
+        joined: Some(true),
+        terminating: false,
+        evacuation: None,
+        created: Some(ago(3600)),
+    }
+}
+
+fn observed(pods: Vec<PodView>, target: &str) -> Observed {
+    Observed {
+        desired_replicas: 3,
+        statefulset_replicas: Some(3),
+        update_revision: Some(target.to_string()),
+        pods,
+        operation: None,
+        paused: false,
+        drain_timeout_seconds: 60,
+        ready_timeout_seconds: 300,
+        grace_period_seconds: 75,
+        now: now(),
+    }
+}
+
+fn step(
+    phase: OperationPhase,
+    pod: &str,
+    revision: &str,
+    seconds_ago: i64,
+) -> Option<OperationStatus> {
+    Some(OperationStatus {
+        phase,
+        pod: pod.to_string(),
+        revision: revision.to_string(),
+        since: ago(seconds_ago).to_string(),
+    })
+}
+
+fn three(revision: &str) -> Vec<PodView> {
+    (0..3).map(|i| healthy(i, revision)).collect()
+}
+
+use OperationPhase::*;
+
+#[test]
+fn converged_cluster_is_idle() {
+    let p = plan(&observed(three("r1"), "r1"));
+    assert_eq!(
+        p,
+        Plan {
+            statefulset_replicas: 3,
+            action: Action::Idle,
+            operation: None
+        }
+    );
+}
+
+#[test]
+fn creation_waits_for_the_statefulset() {
+    let mut o = observed(vec![], "r1");
+    o.statefulset_replicas = None;
+    o.update_revision = None;
+    let p = plan(&o);
+    assert_eq!(
+        (p.statefulset_replicas, p.action),
+        (3, Action::Wait(Wait::StatefulSetPending))
+    );
+}
+
+#[test]
+fn starting_pods_are_waited_for() {
+    let mut pods = three("r1");
+    pods[1].ready = false;
+    pods[1].created = Some(ago(10));
+    assert_eq!(
+        plan(&observed(pods, "r1")).action,
+        Action::Wait(Wait::ClusterNotReady)
+    );
+    assert_eq!(
+        plan(&observed(three("r1")[..2].to_vec(), "r1")).action,
+        Action::Wait(Wait::ClusterNotReady)
+    );
+}
+
+#[test]
+fn rollout_starts_with_the_highest_ordinal() {
+    let p = plan(&observed(three("r1"), "r2"));
+    assert_eq!(p.action, Action::Evacuate("demo-2".into()));
+    assert_eq!(p.operation, step(Evacuating, "demo-2", "r2", 0));
+}
+
+/// (case, evacuation state of demo-2, seconds since evacuation started, expected action, expected phase)
+#[test]
+fn evacuation_table() {
+    let cases = [
+        (
+            "draining",
+            Some(Evacuation::Running),
+            10,
+            Action::Wait(Wait::Draining("demo-2".into())),
+            Some(Evacuating),
+        ),
+        (
+            "drained",
+            Some(Evacuation::Done),
+            10,
+            Action::DeletePod("demo-2".into()),
+            Some(Replacing),
+        ),
+        (
+            "drain timeout bounds the wait",
+            Some(Evacuation::Running),
+            60,
+            Action::DeletePod("demo-2".into()),
+            Some(Replacing),
+        ),
+        (
+            "lost request is repeated",
+            Some(Evacuation::Idle),
+            10,
+            Action::Evacuate("demo-2".into()),
+            Some(Evacuating),
+        ),
+        (
+            "unreachable admin api: ask again (idempotent)",
+            None,
+            10,
+            Action::Evacuate("demo-2".into()),
+            Some(Evacuating),
+        ),
+    ];
+    for (case, evacuation, since, action, phase) in cases {
+        let mut pods = three("r1");
+        pods[2].evacuation = evacuation;
+        let mut o = observed(pods, "r2");
+        o.operation = step(Evacuating, "demo-2", "r2", since);
+        let p = plan(&o);
+        assert_eq!(p.action, action, "{case}");
+        assert_eq!(p.operation.map(|op| op.phase), phase, "{case}");
+    }
+}
+
+#[test]
+fn replacing_waits_for_the_old_pod_to_go_then_for_the_new_one() {
+    let mut pods = three("r1");
+    pods[2].terminating = true;
+    let mut o = observed(pods, "r2");
+    o.operation = step(Replacing, "demo-2", "r2", 5);
+    assert_eq!(
+        plan(&o).action,
+        Action::Wait(Wait::Replacing("demo-2".into()))
+    );
+
+    let mut pods = three("r1");
+    pods[2] = PodView {
+        ready: false,
+        joined: None,
+        created: Some(ago(1)),
+        ..healthy(2, "r2")
+    };
+    o.pods = pods;
+    let p = plan(&o);
+    assert_eq!(p.action, Action::Wait(Wait::Joining("demo-2".into())));
+    assert_eq!(
+        p.operation,
+        step(WaitingReady, "demo-2", "r2", 0),
+        "ready clock starts when the new pod exists"
+    );
+}
+
+#[test]
+fn replacing_repeats_a_lost_delete() {
+    let mut o = observed(three("r1"), "r2");
+    o.operation = step(Replacing, "demo-2", "r2", 5);
+    assert_eq!(plan(&o).action, Action::DeletePod("demo-2".into()));
+}
+
+#[test]
+fn joined_pod_moves_the_rollout_to_the_next_ordinal() {
+    let mut pods = three("r1");
+    pods[2] = healthy(2, "r2");
+    let mut o = observed(pods, "r2");
+    o.operation = step(WaitingReady, "demo-2", "r2", 20);
+    let p = plan(&o);
+    assert_eq!(p.action, Action::Evacuate("demo-1".into()));
+    assert_eq!(p.operation, step(Evacuating, "demo-1", "r2", 0));
+}
+
+#[test]
+fn ready_but_not_joined_is_not_done() {
+    let mut pods = three("r1");
+    pods[2] = PodView {
+        joined: Some(false),
+        ..healthy(2, "r2")
+    };
+    let mut o = observed(pods, "r2");
+    o.operation = step(WaitingReady, "demo-2", "r2", 20);
+    assert_eq!(
+        plan(&o).action,
+        Action::Wait(Wait::Joining("demo-2".into()))
+    );
+}
+
+#[test]
+fn bad_image_blocks_the_rollout_without_touching_other_pods() {
+    let mut pods = three("r1");
+    pods[2] = PodView {
+        ready: false,
+        joined: None,
+        created: Some(ago(301)),
+        ..healthy(2, "r2")
+    };
+    let mut o = observed(pods, "r2");
+    o.operation = step(WaitingReady, "demo-2", "r2", 300);
+    let p = plan(&o);
+    assert!(
+        matches!(&p.action, Action::Blocked { pod, reason } if pod == "demo-2" && reason.contains("300s")),
+        "{:?}",
+        p.action
+    );
+    assert_eq!(
+        p.operation.map(|op| op.phase),
+        Some(WaitingReady),
+        "the step stays recorded"
+    );
+}
+
+#[test]
+fn fixing_the_spec_replaces_the_broken_pod_first_without_evacuation() {
+    let mut pods = three("r1");
+    pods[2] = PodView {
+        ready: false,
+        joined: None,
+        created: Some(ago(900)),
+        ..healthy(2, "r2-bad")
+    };
+    let mut o = observed(pods, "r3");
+    o.operation = step(WaitingReady, "demo-2", "r2-bad", 900);
+    let p = plan(&o);
+    assert_eq!(p.action, Action::DeletePod("demo-2".into()));
+    assert_eq!(p.operation, step(Replacing, "demo-2", "r3", 0));
+}
+
+#[test]
+fn operator_restart_that_lost_the_step_still_blocks_on_a_stuck_pod() {
+    let mut pods = three("r1");
+    pods[2] = PodView {
+        ready: false,
+        joined: None,
+        created: Some(ago(400)),
+        ..healthy(2, "r2")
+    };
+    let p = plan(&observed(pods, "r2"));
+    assert!(
+        matches!(p.action, Action::Blocked { ref pod, .. } if pod == "demo-2"),
+        "{:?}",
+        p.action
+    );
+}
+
+#[test]
+fn operator_restart_resumes_from_pod_revisions() {
+    let mut pods = three("r1");
+    pods[2] = healthy(2, "r2");
+    let p = plan(&observed(pods, "r2"));
+    assert_eq!(p.action, Action::Evacuate("demo-1".into()));
+}
+
+#[test]
+fn operator_restart_mid_evacuation_keeps_the_recorded_clock() {
+    let mut pods = three("r1");
+    pods[2].evacuation = Some(Evacuation::Running);
+    let mut o = observed(pods, "r2");
+    o.operation = step(Evacuating, "demo-2", "r2", 30);
+    let p = plan(&o);
+    assert_eq!(p.action, Action::Wait(Wait::Draining("demo-2".into())));
+    assert_eq!(p.operation, step(Evacuating, "demo-2", "r2", 30));
+}
+
+#[test]
+fn paused_holds_the_rollout() {
+    let mut o = observed(three("r1"), "r2");
+    o.paused = true;
+    assert_eq!(
+        plan(&o),
+        Plan {
+            statefulset_replicas: 3,
+            action: Action::Paused,
+            operation: None
+        }
+    );
+    o.operation = step(Evacuating, "demo-2", "r2", 5);
+    assert_eq!(
+        plan(&o).operation,
+        step(Evacuating, "demo-2", "r2", 5),
+        "the step is kept for later"
+    );
+    let mut idle = observed(three("r1"), "r1");
+    idle.paused = true;
+    assert_eq!(plan(&idle).action, Action::Idle);
+}
+
+#[test]
+fn unhealthy_member_stops_new_evacuations() {
+    let mut pods = three("r1");
+    pods[0].ready = false;
+    let p = plan(&observed(pods, "r2"));
+    assert_eq!(
+        p.action,
+        Action::DeletePod("demo-0".into()),
+        "an unready outdated pod is replaced directly"
+    );
+    let mut pods = three("r1");
+    pods[0] = PodView {
+        ready: false,
+        created: Some(ago(5)),
+        ..healthy(0, "r2")
+    };
+    let p = plan(&observed(pods, "r2"));
+    assert_eq!(p.action, Action::Wait(Wait::ClusterNotReady));
+}
+
+fn five() -> Observed {
+    let mut o = observed((0..5).map(|i| healthy(i, "r1")).collect(), "r1");
+    o.statefulset_replicas = Some(5);
+    o
+}
+
+#[test]
+fn scale_down_evacuates_leaving_pods_highest_first_then_shrinks() {
+    let o = five();
+    let p = plan(&o);
+    assert_eq!(
+        (p.statefulset_replicas, p.action.clone()),
+        (5, Action::Evacuate("demo-4".into()))
+    );
+    assert_eq!(p.operation, step(ScalingDown, "demo-4", "", 0));
+
+    let mut o = five();
+    o.pods[4].evacuation = Some(Evacuation::Running);
+    o.operation = step(ScalingDown, "demo-4", "", 10);
+    let p = plan(&o);
+    assert_eq!(
+        (p.statefulset_replicas, p.action),
+        (5, Action::Wait(Wait::Draining("demo-4".into())))
+    );
+
+    o.pods[4].evacuation = Some(Evacuation::Done);
+    let p = plan(&o);
+    assert_eq!(
+        (p.statefulset_replicas, p.action.clone()),
+        (5, Action::Evacuate("demo-3".into()))
+    );
+    assert_eq!(p.operation, step(ScalingDown, "demo-3", "", 0));
+
+    o.pods[3].evacuation = Some(Evacuation::Done);
+    o.operation = p.operation;
+    let p = plan(&o);
+    assert_eq!(
+        p,
+        Plan {
+            statefulset_replicas: 3,
+            action: Action::Wait(Wait::Shrinking),
+            operation: None
+        }
+    );
+}
+
+#[test]
+fn scale_down_drain_is_bounded_and_skips_unready_pods() {
+    let mut o = five();
+    o.pods[4].evacuation = Some(Evacuation::Running);
+    o.pods[3].ready = false;
+    o.operation = step(ScalingDown, "demo-4", "", 61);
+    let p = plan(&o);
+    assert_eq!(
+        p.statefulset_replicas, 3,
+        "demo-4 timed out, demo-3 serves nobody"
+    );
+}
+
+#[test]
+fn scale_up_is_immediate() {
+    let mut o = observed(three("r1"), "r1");
+    o.desired_replicas = 5;
+    let p = plan(&o);
+    assert_eq!(p.statefulset_replicas, 5);
+    assert_eq!(
+        p.action,
+        Action::Wait(Wait::ClusterNotReady),
+        "new pods are awaited"
+    );
+}
