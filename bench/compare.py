@@ -1,0 +1,477 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark of corvid-broker and Debian's mosquitto on this machine.
+
+Why: the issue asks for ratios against a well-known broker measured the same way, so this script
+starts one broker at a time on 127.0.0.1, drives it with corvid-bench, alternates the order of the
+brokers every round (so slow drift on a shared machine hits both), and prints the median of each
+figure plus the corvid/mosquitto ratio. Standard library only.
+
+Figures: QoS0 and QoS1 delivered msg/s (p2p pairs, unthrottled with a bounded window), fan-out
+1->1000 deliveries/s, p99 latency at a fixed offered rate, broker CPU-seconds per million
+deliveries (utime+stime from /proc/PID/stat around the run), and broker RSS per idle connection at
+10k connections (VmRSS delta from /proc/PID/status / connections).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def log(msg: str) -> None:
+    print(f"[compare] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"broker exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"broker did not listen on 127.0.0.1:{port} within {timeout}s")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the process (all threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        raw = f.read()
+    # Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+class Broker:
+    """One broker process on loopback; subclasses say how to start it."""
+
+    name = "broker"
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self.port = free_port()
+        cmd = self.command()
+        logf = open(self.workdir / f"{self.name}.log", "ab")
+        self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        logf.close()
+        wait_port(self.port, self.proc)
+        time.sleep(0.3)  # let it finish start-up allocations before baselines are read
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+class Mosquitto(Broker):
+    name = "mosquitto"
+
+    def __init__(self, workdir: Path, binary: str):
+        super().__init__(workdir)
+        self.binary = binary
+
+    def command(self) -> list[str]:
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(
+            "\n".join(
+                [
+                    f"listener {self.port} 127.0.0.1",
+                    "allow_anonymous true",
+                    "persistence false",
+                    # Never drop on queue limits: we measure speed, not load shedding.
+                    "max_queued_messages 10000000",
+                    "max_queued_bytes 0",
+                    "max_inflight_messages 0",
+                    # Mosquitto leaves Nagle on by default; turn it off as corvid does.
+                    "set_tcp_nodelay true",
+                    "log_dest stderr",
+                    "log_type error",
+                    "log_type warning",
+                    "max_connections -1",
+                    "",
+                ]
+            )
+        )
+        return [self.binary, "-c", str(conf)]
+
+
+class Corvid(Broker):
+    name = "corvid"
+
+    def __init__(self, workdir: Path, binary: str):
+        super().__init__(workdir)
+        self.binary = binary
+        try:
+            help_text = subprocess.run(
+                [binary, "serve", "--help"], capture_output=True, text=True, timeout=10
+            ).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            help_text = ""
+        self.has_cluster_port = "--cluster-port" in help_text
+
+    def command(self) -> list[str]:
+        cmd = [
+            self.binary,
+            "serve",
+            "--mqtt-port",
+            str(self.port),
+            "--ws-port",
+            str(free_port()),
+            "--admin-port",
+            str(free_port()),
+        ]
+        if self.has_cluster_port:
+            cmd += ["--cluster-port", str(free_port())]
+        return cmd
+
+
+def run_bench(bench: str, args: list[str], timeout: float) -> dict:
+    cmd = [bench, *args, "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def scenarios(quick: bool) -> list[dict]:
+    dur, warm = ("3", "1") if quick else ("8", "2")
+    pairs = "10"
+    fan = "200" if quick else "1000"
+    conns = 2000 if quick else 10000
+    common = ["--duration", dur, "--warmup", warm, "--drain", "5"]
+    return [
+        {
+            "key": "qos0",
+            "title": "QoS0 delivered msg/s (p2p 10 pairs, 64 B, unthrottled)",
+            "args": ["pub-sub", "--scenario", "p2p", "--publishers", pairs, "--qos", "0", "--rate", "0", *common],
+        },
+        {
+            "key": "qos1",
+            "title": "QoS1 delivered msg/s (p2p 10 pairs, 64 B, unthrottled)",
+            "args": ["pub-sub", "--scenario", "p2p", "--publishers", pairs, "--qos", "1", "--rate", "0", *common],
+        },
+        {
+            "key": "fanout",
+            "title": f"fan-out 1->{fan} deliveries/s (QoS0, 64 B)",
+            "args": [
+                "pub-sub", "--scenario", "fan-out", "--publishers", "1", "--subscribers", fan,
+                "--qos", "0", "--rate", "0", "--window", "100", *common,
+            ],
+        },
+        {
+            "key": "latency",
+            "title": "p99 latency at 2000 msg/s (p2p 10 pairs, QoS1)",
+            "args": ["pub-sub", "--scenario", "p2p", "--publishers", pairs, "--qos", "1", "--rate", "2000", *common],
+        },
+        {"key": "idle", "title": f"RSS per idle connection ({conns} connections)", "connections": conns},
+    ]
+
+
+def measure_pubsub(broker: Broker, bench: str, sc: dict) -> dict:
+    cpu0 = cpu_seconds(broker.pid)
+    t0 = time.monotonic()
+    rep = run_bench(bench, [*sc["args"][:1], "--port", str(broker.port), *sc["args"][1:]], timeout=300)
+    wall = time.monotonic() - t0
+    cpu = cpu_seconds(broker.pid) - cpu0
+    delivered = rep["delivered"]
+    return {
+        "delivered_per_sec": rep["delivered_per_sec"],
+        "p99_us": rep["latency"]["p99_us"],
+        "p50_us": rep["latency"]["p50_us"],
+        "p99_from_send_us": rep["latency_from_send"]["p99_us"],
+        "cpu_s": cpu,
+        "cpu_s_per_million": cpu / delivered * 1e6 if delivered else None,
+        "broker_cpu_util": cpu / wall if wall else None,
+        "lost": rep["lost"],
+        "duplicates": rep["duplicates"],
+        "connect_errors": rep["connect_errors"],
+        "run_errors": rep["run_errors"],
+        "report": rep,
+    }
+
+
+def measure_idle(broker: Broker, bench: str, sc: dict, workdir: Path, hold: float) -> dict:
+    ready = workdir / "idle.ready"
+    ready.unlink(missing_ok=True)
+    base = rss_bytes(broker.pid)
+    cmd = [
+        bench, "conn", "--port", str(broker.port), "--connections", str(sc["connections"]),
+        "--rate", "5000", "--hold", str(hold), "--ready-file", str(ready), "--json",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            out, err = proc.communicate()
+            raise RuntimeError(f"conn run ended before all connections were up: {err.strip()[-2000:]}")
+        time.sleep(0.1)
+    time.sleep(min(2.0, hold / 3))  # let the broker finish per-connection allocations
+    held = rss_bytes(broker.pid)
+    out, err = proc.communicate(timeout=hold + 60)
+    if proc.returncode != 0:
+        raise RuntimeError(f"conn run failed: {err.strip()[-2000:]}")
+    rep = json.loads(out.strip().splitlines()[-1])
+    n = rep["established"]
+    return {
+        "rss_base_bytes": base,
+        "rss_held_bytes": held,
+        "established": n,
+        "connect_errors": rep["connect_errors"],
+        "bytes_per_conn": (held - base) / n if n else None,
+        "report": rep,
+    }
+
+
+def median(values: list) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def fmt(v: float | None, unit: str = "") -> str:
+    if v is None:
+        return "n/a"
+    if abs(v) >= 100:
+        return f"{v:,.0f}{unit}"
+    return f"{v:.2f}{unit}"
+
+
+def ensure_mosquitto() -> str:
+    found = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    if found:
+        return found
+    if os.geteuid() != 0:
+        raise SystemExit("mosquitto is not installed and we are not root: apt-get install mosquitto")
+    log("installing mosquitto with apt-get")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "mosquitto"], check=True, env=env)
+    found = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not Path(found).exists():
+        raise SystemExit("mosquitto still missing after apt-get install")
+    # Debian's package enables a system service; make sure it is not holding port 1883 for us.
+    subprocess.run(["systemctl", "stop", "mosquitto"], capture_output=True)
+    return found
+
+
+def build(target_dir: Path, package: str) -> bool:
+    log(f"cargo build --release -p {package}")
+    env = {**os.environ, "CARGO_TARGET_DIR": str(target_dir)}
+    res = subprocess.run(["cargo", "build", "--release", "-p", package], cwd=REPO, env=env)
+    return res.returncode == 0
+
+
+TARGETS = {
+    # key: (metric, better, target ratio or absolute, description)
+    "qos0": ("delivered_per_sec", "higher", 1.5),
+    "qos1": ("delivered_per_sec", "higher", 1.5),
+    "fanout": ("delivered_per_sec", "higher", 1.0),
+    "latency": ("p99_us", "lower", None),
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="short runs, 1 round, smaller fan-out and idle counts")
+    ap.add_argument("--rounds", type=int, help="rounds per scenario (default 3, quick 1)")
+    ap.add_argument("--brokers", default="corvid,mosquitto", help="comma list of corvid,mosquitto")
+    ap.add_argument("--only", help="comma list of scenarios: qos0,qos1,fanout,latency,idle")
+    ap.add_argument("--skip-build", action="store_true", help="use already built release binaries")
+    ap.add_argument("--out", default=str(REPO / "target" / "bench" / "report.json"))
+    args = ap.parse_args()
+
+    rounds = args.rounds or (1 if args.quick else 3)
+    target_dir = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"))
+    wanted = [b.strip() for b in args.brokers.split(",") if b.strip()]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 65536
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(hard, want)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+    if not args.skip_build and not build(target_dir, "corvid-bench"):
+        raise SystemExit("corvid-bench did not build")
+    bench = str(target_dir / "release" / "corvid-bench")
+
+    workdir = Path(tempfile.mkdtemp(prefix="corvid-compare-"))
+    brokers: list[Broker] = []
+    notes: list[str] = []
+    if "corvid" in wanted:
+        corvid_bin = target_dir / "release" / "corvid-broker"
+        ok = args.skip_build or build(target_dir, "corvid-broker")
+        usable = ok and corvid_bin.exists() and subprocess.run(
+            [str(corvid_bin), "serve", "--help"], capture_output=True
+        ).returncode == 0
+        if usable:
+            brokers.append(Corvid(workdir, str(corvid_bin)))
+        else:
+            notes.append("corvid-broker unavailable (did not build or has no `serve`); ratios omitted")
+            log(notes[-1])
+    if "mosquitto" in wanted:
+        brokers.append(Mosquitto(workdir, ensure_mosquitto()))
+    if not brokers:
+        raise SystemExit("no broker to benchmark")
+
+    scs = scenarios(args.quick)
+    if args.only:
+        keep = {k.strip() for k in args.only.split(",")}
+        scs = [s for s in scs if s["key"] in keep]
+    hold = 6.0 if args.quick else 10.0
+    runs: list[dict] = []
+    for sc in scs:
+        for r in range(rounds):
+            order = brokers if r % 2 == 0 else list(reversed(brokers))
+            for b in order:
+                log(f"{sc['key']} round {r + 1}/{rounds} on {b.name}")
+                b.start()
+                try:
+                    if sc["key"] == "idle":
+                        m = measure_idle(b, bench, sc, workdir, hold)
+                    else:
+                        m = measure_pubsub(b, bench, sc)
+                    m.update({"scenario": sc["key"], "broker": b.name, "round": r + 1})
+                    runs.append(m)
+                    short = {k: v for k, v in m.items() if k != "report"}
+                    log(f"  -> {json.dumps(short)}")
+                except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as e:
+                    log(f"  !! {b.name} {sc['key']} failed: {e}")
+                    runs.append({"scenario": sc["key"], "broker": b.name, "round": r + 1, "error": str(e)})
+                finally:
+                    b.stop()
+                time.sleep(0.5)
+
+    # Medians per broker and metric.
+    def med(key: str, broker: str, metric: str):
+        return median([x.get(metric) for x in runs if x["scenario"] == key and x["broker"] == broker])
+
+    names = [b.name for b in brokers]
+    rows = []
+
+    def add(label, key, metric, better, target, unit=""):
+        vals = {n: med(key, n, metric) for n in names}
+        c, m = vals.get("corvid"), vals.get("mosquitto")
+        ratio = c / m if (c is not None and m) else None
+        ok = None
+        if ratio is not None and target is not None:
+            ok = ratio >= target if better == "higher" else ratio <= target
+        rows.append({"figure": label, "scenario": key, "metric": metric, "better": better, "target_ratio": target,
+                     "corvid": c, "mosquitto": m, "ratio": ratio, "meets_target": ok, "unit": unit})
+
+    titles = {s["key"]: s["title"] for s in scenarios(args.quick)}
+    keys = {s["key"] for s in scs}
+    if "qos0" in keys:
+        add(titles["qos0"], "qos0", "delivered_per_sec", "higher", 1.5, " msg/s")
+    if "qos1" in keys:
+        add(titles["qos1"], "qos1", "delivered_per_sec", "higher", 1.5, " msg/s")
+    if "fanout" in keys:
+        add(titles["fanout"], "fanout", "delivered_per_sec", "higher", 1.0, " /s")
+    if "latency" in keys:
+        add(titles["latency"], "latency", "p99_us", "lower", None, " µs")
+        add("  same run: p99 from actual send", "latency", "p99_from_send_us", "lower", None, " µs")
+        add("CPU-s per million deliveries (at 2000 msg/s, QoS1)", "latency", "cpu_s_per_million", "lower", 1.0, " s")
+    if "qos0" in keys:
+        add("CPU-s per million deliveries (QoS0 unthrottled)", "qos0", "cpu_s_per_million", "lower", 1.0, " s")
+    if "idle" in keys:
+        add(titles["idle"], "idle", "bytes_per_conn", "lower", None, " B")
+
+    correctness = {
+        n: {
+            "lost": sum(x.get("lost", 0) or 0 for x in runs if x["broker"] == n),
+            "duplicates": sum(x.get("duplicates", 0) or 0 for x in runs if x["broker"] == n),
+            "connect_errors": sum(x.get("connect_errors", 0) or 0 for x in runs if x["broker"] == n),
+            "failed_runs": sum(1 for x in runs if x["broker"] == n and "error" in x),
+        }
+        for n in names
+    }
+    idle_corvid = med("idle", "corvid", "bytes_per_conn")
+    report = {
+        "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "quick": args.quick,
+        "rounds": rounds,
+        "brokers": names,
+        "notes": notes,
+        "host": {"cpus": os.cpu_count(), "loadavg_at_end": os.getloadavg()},
+        "summary": rows,
+        "corvid_idle_conn_target_bytes": 2048,
+        "corvid_idle_conn_meets_target": (idle_corvid <= 2048) if idle_corvid is not None else None,
+        "correctness": correctness,
+        "runs": runs,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    log(f"wrote {out}")
+
+    print(f"| figure | corvid | mosquitto | corvid/mosquitto | target |")
+    print("|---|---:|---:|---:|---|")
+    for row in rows:
+        if row["target_ratio"] is None:
+            tgt = "≤ 2 KB (corvid)" if row["scenario"] == "idle" else "—"
+        else:
+            tgt = ("≥ " if row["better"] == "higher" else "≤ ") + f"{row['target_ratio']}×"
+        if row["meets_target"] is not None:
+            tgt += " ✅" if row["meets_target"] else " ❌"
+        elif row["scenario"] == "idle" and idle_corvid is not None:
+            tgt += " ✅" if idle_corvid <= 2048 else " ❌"
+        ratio = f"{row['ratio']:.2f}×" if row["ratio"] is not None else "n/a"
+        print(f"| {row['figure']} | {fmt(row['corvid'], row['unit'])} | {fmt(row['mosquitto'], row['unit'])} | {ratio} | {tgt} |")
+    print()
+    print(f"rounds per figure: {rounds} (median shown); correctness: {json.dumps(correctness)}")
+    for n in notes:
+        print(f"note: {n}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
