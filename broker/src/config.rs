@@ -59,10 +59,285 @@ pub struct Config {
     pub sessions: SessionConfig,
     /// Connection and message limits.
     pub limits: LimitsConfig,
+    /// Client authentication.
+    pub auth: AuthConfig,
+    /// Topic access control.
+    pub acl: AclConfig,
+    /// Subscriptions the server makes for every client on connect.
+    pub auto_subscriptions: Vec<AutoSubscription>,
+    /// Event hooks delivered to HTTP endpoints.
+    pub webhooks: Vec<WebhookConfig>,
+    /// `$SYS` topics.
+    pub sys: SysConfig,
+    /// Client and topic tracing.
+    pub trace: TraceConfig,
     /// Inter-node clustering.
     pub cluster: ClusterConfig,
+    /// Durable state.
+    pub persistence: PersistenceConfig,
     /// Graceful shutdown.
     pub shutdown: ShutdownConfig,
+}
+
+/// Authentication sources, tried in order: client-id allow list, users file, HTTP backend,
+/// then the anonymous switch.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Accept clients that send no user name.
+    pub allow_anonymous: bool,
+    /// File of `username:hash` lines (bcrypt, argon2 or pbkdf2 PHC strings); re-read on change.
+    pub users_file: Option<PathBuf>,
+    /// When non-empty, only these client ids may connect.
+    pub client_ids: Vec<String>,
+    /// HTTP authentication backend.
+    pub http: Option<HttpAuthConfig>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            allow_anonymous: true,
+            users_file: None,
+            client_ids: Vec::new(),
+            http: None,
+        }
+    }
+}
+
+/// An HTTP service that decides on each CONNECT.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpAuthConfig {
+    /// URL that receives a JSON POST per CONNECT.
+    pub url: String,
+    /// Request timeout in milliseconds.
+    pub timeout_ms: u64,
+    /// Seconds a decision is cached for the same credentials.
+    pub cache_ttl: u64,
+    /// Allow connections when the backend cannot be reached (default: refuse).
+    pub fail_open: bool,
+    /// Extra request headers.
+    pub headers: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for HttpAuthConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            timeout_ms: 5000,
+            cache_ttl: 30,
+            fail_open: false,
+            headers: Default::default(),
+        }
+    }
+}
+
+/// Allow or deny.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Permission {
+    /// Permit.
+    #[default]
+    Allow,
+    /// Refuse.
+    Deny,
+}
+
+/// What an ACL rule governs.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AclAction {
+    /// PUBLISH.
+    Publish,
+    /// SUBSCRIBE.
+    Subscribe,
+    /// Both.
+    #[default]
+    All,
+}
+
+/// Whom an ACL rule applies to: `all`, or one of user / client id / address range.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum AclWho {
+    /// The literal string `all`.
+    All(AllClients),
+    /// A user name, client id or CIDR.
+    One(AclWhoOne),
+}
+
+/// The word `all`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AllClients {
+    /// Every client.
+    All,
+}
+
+/// One kind of client selector (exactly one field set).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AclWhoOne {
+    /// User name.
+    pub user: Option<String>,
+    /// Client id.
+    pub client_id: Option<String>,
+    /// Address range, e.g. `10.0.0.0/8`.
+    pub ip_cidr: Option<String>,
+}
+
+/// One ACL rule.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AclRule {
+    /// Allow or deny when it matches.
+    pub permission: Permission,
+    /// Clients it applies to.
+    #[serde(default = "all_clients")]
+    pub who: AclWho,
+    /// Actions it applies to.
+    #[serde(default)]
+    pub action: AclAction,
+    /// Topic filters, with `%u` / `%c` placeholders; `eq FILTER` matches only that literal filter.
+    pub topics: Vec<String>,
+}
+
+fn all_clients() -> AclWho {
+    AclWho::All(AllClients::All)
+}
+
+/// Ordered ACL rules; the first match decides, else `no_match`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AclConfig {
+    /// Decision when no rule matches.
+    pub no_match: Permission,
+    /// Rules in order.
+    pub rules: Vec<AclRule>,
+}
+
+/// A subscription made by the server for each client.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AutoSubscription {
+    /// Topic filter with `%c` / `%u` placeholders.
+    pub topic: String,
+    /// QoS.
+    #[serde(default)]
+    pub qos: u8,
+}
+
+/// One webhook.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Name used in logs and metrics.
+    pub name: String,
+    /// URL receiving a JSON POST per event.
+    pub url: String,
+    /// Events to send (`client.connected`, `message.publish`, ...); empty = all.
+    pub events: Vec<String>,
+    /// Only message events whose topic matches this filter.
+    pub topic: Option<String>,
+    /// Extra request headers.
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// Request timeout in milliseconds.
+    pub timeout_ms: u64,
+    /// Events buffered while the endpoint is slow; more are dropped and counted.
+    pub queue_size: usize,
+    /// Retries per event, with exponential backoff.
+    pub max_retries: u32,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            url: String::new(),
+            events: Vec::new(),
+            topic: None,
+            headers: Default::default(),
+            timeout_ms: 5000,
+            queue_size: 10_000,
+            max_retries: 3,
+        }
+    }
+}
+
+/// `$SYS` publishing.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SysConfig {
+    /// Publish `$SYS` topics.
+    pub enabled: bool,
+    /// Seconds between periodic `$SYS` publications.
+    pub interval: u64,
+}
+
+impl Default for SysConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval: 30,
+        }
+    }
+}
+
+/// Where traces are written.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TraceConfig {
+    /// Directory for trace files.
+    pub dir: PathBuf,
+    /// Longest trace in seconds.
+    pub max_duration: u64,
+}
+
+impl Default for TraceConfig {
+    fn default() -> Self {
+        Self {
+            dir: std::env::temp_dir().join("corvid-trace"),
+            max_duration: 3600,
+        }
+    }
+}
+
+/// Durable state.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PersistenceConfig {
+    /// Directory for persistent sessions and retained messages; unset keeps state in memory.
+    pub data_dir: Option<PathBuf>,
+}
+
+/// A rate with a burst, written `rate,burst` (e.g. `1024,4096`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// Units per second.
+    pub rate: u64,
+    /// Bucket size.
+    pub burst: u64,
+}
+
+impl std::str::FromStr for Rate {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (r, b) = match s.split_once(',') {
+            Some((r, b)) => (r.trim(), b.trim()),
+            None => (s.trim(), s.trim()),
+        };
+        let rate: u64 = r
+            .parse()
+            .map_err(|_| format!("rate {r:?} is not a whole number"))?;
+        let burst: u64 = b
+            .parse()
+            .map_err(|_| format!("burst {b:?} is not a whole number"))?;
+        if rate == 0 || burst == 0 {
+            return Err("rate and burst must be positive".into());
+        }
+        Ok(Rate { rate, burst })
+    }
 }
 
 /// Node identity: the pod name in Kubernetes, stable across restarts.
@@ -306,6 +581,23 @@ pub struct LimitsConfig {
     pub max_conn_rate: u32,
     /// Max subscriptions per client (0 = unlimited).
     pub max_subscriptions: usize,
+    /// Per-connection PUBLISH rate, `rate,burst` messages per second.
+    pub message_rate: Option<String>,
+    /// Per-connection inbound byte rate, `rate,burst` bytes per second.
+    pub byte_rate: Option<String>,
+    /// What happens to a client over its rate: `throttle` (stop reading) or `disconnect`.
+    pub over_rate: OverRate,
+}
+
+/// Reaction to a client exceeding its rate.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OverRate {
+    /// Stop reading from the client until it is back under its rate.
+    #[default]
+    Throttle,
+    /// Disconnect it (MQTT 5 reason 0x96, message rate too high).
+    Disconnect,
 }
 
 impl Default for LimitsConfig {
@@ -314,7 +606,22 @@ impl Default for LimitsConfig {
             max_connections: 100_000,
             max_conn_rate: 0,
             max_subscriptions: 0,
+            message_rate: None,
+            byte_rate: None,
+            over_rate: OverRate::Throttle,
         }
+    }
+}
+
+impl LimitsConfig {
+    /// The parsed message rate.
+    pub fn message_rate(&self) -> Option<Rate> {
+        self.message_rate.as_deref().and_then(|s| s.parse().ok())
+    }
+
+    /// The parsed byte rate.
+    pub fn byte_rate(&self) -> Option<Rate> {
+        self.byte_rate.as_deref().and_then(|s| s.parse().ok())
     }
 }
 
@@ -349,6 +656,18 @@ pub struct ClusterConfig {
     pub secret_file: Option<PathBuf>,
     /// Kubernetes discovery settings.
     pub kubernetes: KubernetesDiscovery,
+    /// Moving connections onto new nodes after a scale-up.
+    pub rebalance: RebalanceConfig,
+}
+
+/// Connection rebalancing after scale-up.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RebalanceConfig {
+    /// Whether to rebalance.
+    pub enabled: bool,
+    /// Connections per second moved.
+    pub rate: u32,
 }
 
 impl Default for ClusterConfig {
@@ -360,6 +679,7 @@ impl Default for ClusterConfig {
             dns_name: None,
             secret_file: None,
             kubernetes: KubernetesDiscovery::default(),
+            rebalance: RebalanceConfig::default(),
         }
     }
 }
@@ -535,6 +855,51 @@ impl Config {
                 ),
             );
         }
+        for (field, v) in [
+            ("limits.message_rate", &self.limits.message_rate),
+            ("limits.byte_rate", &self.limits.byte_rate),
+        ] {
+            if let Some(s) = v {
+                if let Err(reason) = s.parse::<Rate>() {
+                    return invalid(field, &reason);
+                }
+            }
+        }
+        for (i, rule) in self.acl.rules.iter().enumerate() {
+            if let AclWho::One(w) = &rule.who {
+                let set = [w.user.is_some(), w.client_id.is_some(), w.ip_cidr.is_some()];
+                if set.iter().filter(|x| **x).count() != 1 {
+                    return invalid(
+                        &format!("acl.rules[{i}].who"),
+                        "set exactly one of user, client_id, ip_cidr (or write `all`)",
+                    );
+                }
+            }
+            if rule.topics.is_empty() {
+                return invalid(
+                    &format!("acl.rules[{i}].topics"),
+                    "must list at least one topic filter",
+                );
+            }
+        }
+        for (i, a) in self.auto_subscriptions.iter().enumerate() {
+            if a.qos > 2 {
+                return invalid(&format!("auto_subscriptions[{i}].qos"), "must be 0, 1 or 2");
+            }
+        }
+        for (i, w) in self.webhooks.iter().enumerate() {
+            if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
+                return invalid(
+                    &format!("webhooks[{i}].url"),
+                    "must start with http:// or https://",
+                );
+            }
+        }
+        if let Some(h) = &self.auth.http {
+            if !(h.url.starts_with("http://") || h.url.starts_with("https://")) {
+                return invalid("auth.http.url", "must start with http:// or https://");
+            }
+        }
         if self.cluster.discovery == Discovery::Dns && self.cluster.dns_name.is_none() {
             return invalid("cluster.dns_name", "required when cluster.discovery is dns");
         }
@@ -672,6 +1037,48 @@ mod tests {
     fn wrong_type_is_named() {
         let err = load_str("mqtt:\n  max_qos: high\n", vec![]).expect_err("type");
         assert!(err.to_string().contains("mqtt.max_qos"), "{err}");
+    }
+
+    #[test]
+    fn operator_rendered_sections_load() {
+        let yaml = r#"
+mqtt: { max_packet_size: 2048 }
+limits: { message_rate: "100,200", byte_rate: "1024,4096" }
+auth: { allow_anonymous: false, users_file: /etc/corvid/auth/users, client_ids: [a, b], http: { url: "http://auth:8080/mqtt", timeout_ms: 500 } }
+acl:
+  no_match: deny
+  rules:
+    - { permission: allow, who: { user: dashboard }, action: subscribe, topics: ["$SYS/#"] }
+    - { permission: allow, who: all, action: all, topics: ["devices/%c/#", "eq shared/#"] }
+auto_subscriptions: [{ topic: "devices/%c/cmd", qos: 1 }]
+webhooks: [{ name: audit, url: "http://sink/events", events: [client.connected] }]
+cluster: { rebalance: { enabled: true, rate: 10 } }
+persistence: { data_dir: /var/lib/corvid }
+"#;
+        let c = load_str(yaml, vec![]).expect("operator shape loads");
+        assert_eq!(
+            c.limits.message_rate(),
+            Some(Rate {
+                rate: 100,
+                burst: 200
+            })
+        );
+        assert_eq!(c.acl.no_match, Permission::Deny);
+        assert_eq!(c.acl.rules[1].who, AclWho::All(AllClients::All));
+        assert_eq!(c.auto_subscriptions[0].qos, 1);
+        assert_eq!(c.webhooks[0].timeout_ms, 5000);
+    }
+
+    #[test]
+    fn bad_rate_and_who_are_named() {
+        let err = load_str("limits: { message_rate: \"fast\" }\n", vec![]).expect_err("rate");
+        assert!(err.to_string().contains("limits.message_rate"), "{err}");
+        let err = load_str(
+            "acl: { rules: [{ permission: deny, who: { user: a, client_id: b }, topics: [x] }] }\n",
+            vec![],
+        )
+        .expect_err("who");
+        assert!(err.to_string().contains("acl.rules[0].who"), "{err}");
     }
 
     #[test]
