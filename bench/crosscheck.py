@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""Cross-check corvid-bench against an independent generator on the same broker (mosquitto).
+
+Why: a load generator that is itself the bottleneck, or that counts wrongly, makes every broker
+figure meaningless. This runs paho-bench (bench/crosscheck/paho-bench: Eclipse Paho Go client,
+mqtt-benchmark's publish-and-wait-for-token method, built into ~/.cache/corvid/tools) and
+corvid-bench on the same scenario -- 10 publisher/subscriber pairs, 64 B payloads, QoS 0 and 1 --
+alternating, each on a fresh mosquitto on 127.0.0.1, and prints both generators' msg/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import compare  # noqa: E402  (same directory; shares broker start/stop)
+
+TOOLS = Path.home() / ".cache" / "corvid" / "tools"
+
+
+def build_paho() -> str:
+    out = TOOLS / "paho-bench"
+    if not out.exists():
+        TOOLS.mkdir(parents=True, exist_ok=True)
+        src = Path(__file__).resolve().parent / "crosscheck" / "paho-bench"
+        compare.log("go build paho-bench")
+        subprocess.run(["go", "build", "-o", str(out), "."], cwd=src, check=True)
+    return str(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--count", type=int, default=20000, help="messages per paho publisher")
+    ap.add_argument("--out", default=str(compare.REPO / "target" / "bench" / "crosscheck.json"))
+    args = ap.parse_args()
+    target_dir = Path(os.environ.get("CARGO_TARGET_DIR", compare.REPO / "target"))
+    bench = str(target_dir / "release" / "corvid-bench")
+    paho = build_paho()
+    broker = compare.Mosquitto(Path(tempfile.mkdtemp(prefix="corvid-xcheck-")), compare.ensure_mosquitto())
+    pairs = 10
+    rows = []
+    for qos in (0, 1):
+        variants = {
+            "paho-bench (wait per publish)": lambda port: [paho, "-broker", f"tcp://127.0.0.1:{port}",
+                                                         "-clients", str(pairs), "-count", str(args.count),
+                                                         "-qos", str(qos), "-size", "64"],
+            "corvid-bench --inflight 1": lambda port: [bench, "pub-sub", "--port", str(port), "--scenario", "p2p",
+                                                       "--publishers", str(pairs), "--qos", str(qos), "--rate", "0",
+                                                       "--inflight", "1", "--duration", "5", "--warmup", "1", "--json"],
+            "corvid-bench (default window)": lambda port: [bench, "pub-sub", "--port", str(port), "--scenario",
+                                                           "p2p", "--publishers", str(pairs), "--qos", str(qos),
+                                                           "--rate", "0", "--duration", "5", "--warmup", "1",
+                                                           "--json"],
+        }
+        results: dict[str, list] = {k: [] for k in variants}
+        for r in range(args.rounds):
+            names = list(variants) if r % 2 == 0 else list(reversed(variants))
+            for name in names:
+                broker.start()
+                try:
+                    out = subprocess.run(variants[name](broker.port), capture_output=True, text=True, timeout=300)
+                    if out.returncode != 0:
+                        raise RuntimeError(out.stderr[-1000:])
+                    rep = json.loads(out.stdout.strip().splitlines()[-1])
+                finally:
+                    broker.stop()
+                if "delivered_msgs_per_sec" in rep:
+                    fig = {"delivered": rep["delivered_msgs_per_sec"], "published": rep["publish_msgs_per_sec"],
+                           "lost": rep["published"] - rep["received"]}
+                else:
+                    fig = {"delivered": rep["delivered_per_sec"], "published": rep["sent_per_sec"],
+                           "lost": rep["lost"]}
+                compare.log(f"qos{qos} {name}: {fig}")
+                results[name].append(fig)
+        for name, figs in results.items():
+            rows.append({
+                "qos": qos, "generator": name,
+                "published_per_sec": statistics.median(f["published"] for f in figs),
+                "delivered_per_sec": statistics.median(f["delivered"] for f in figs),
+                "lost": sum(f["lost"] for f in figs), "runs": figs,
+            })
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(rows, indent=2))
+    print("| QoS | generator | published msg/s | delivered msg/s | lost |")
+    print("|---|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['qos']} | {r['generator']} | {r['published_per_sec']:,.0f} | {r['delivered_per_sec']:,.0f} | {r['lost']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
