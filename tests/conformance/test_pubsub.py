@@ -269,3 +269,14 @@ def test_qos1_publish_acknowledged(version, raw, topic):
     c = raw(version)
     c.send(publish_packet(f"{topic}/nobody", b"x", 1, pid=77, version=version))
     assert c.expect(PUBACK).pid == 77
+
+
+def test_fan_out_to_many_subscribers(version, raw, topic):
+    # [MQTT-4.5.0-1]: the Server MUST add an incoming Application Message to the Session State
+    # of every client with a matching subscription.
+    subs = [raw(version) for _ in range(40)]
+    for s in subs:
+        s.subscribe(topic, 1)
+    raw(version).publish(topic, b"fan", 1)
+    for s in subs:
+        assert s.message().payload == b"fan"
