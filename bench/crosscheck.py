@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Cross-check corvid-bench against an independent generator on the same broker (mosquitto).
+"""Cross-check corvid-bench against an independent generator on the same broker.
 
 Why: a load generator that is itself the bottleneck, or that counts wrongly, makes every broker
 figure meaningless. This runs paho-bench (bench/crosscheck/paho-bench: Eclipse Paho Go client,
 mqtt-benchmark's publish-and-wait-for-token method, built into ~/.cache/corvid/tools) and
 corvid-bench on the same scenario -- 10 publisher/subscriber pairs, 64 B payloads, QoS 0 and 1 --
-alternating, each on a fresh mosquitto on 127.0.0.1, and prints both generators' msg/s.
+alternating, each on a fresh broker (mosquitto, or corvid with --broker corvid) on 127.0.0.1, and
+prints both generators' msg/s.
 """
 
 from __future__ import annotations
@@ -39,12 +40,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--count", type=int, default=20000, help="messages per paho publisher")
-    ap.add_argument("--out", default=str(compare.REPO / "target" / "bench" / "crosscheck.json"))
+    ap.add_argument("--broker", choices=["mosquitto", "corvid"], default="mosquitto",
+                    help="broker to run both generators against (corvid: the release corvid-broker)")
+    ap.add_argument("--out", help="JSON output (default target/bench/crosscheck-BROKER.json)")
     args = ap.parse_args()
     target_dir = Path(os.environ.get("CARGO_TARGET_DIR", compare.REPO / "target"))
     bench = str(target_dir / "release" / "corvid-bench")
     paho = build_paho()
-    broker = compare.Mosquitto(Path(tempfile.mkdtemp(prefix="corvid-xcheck-")), compare.ensure_mosquitto())
+    workdir = Path(tempfile.mkdtemp(prefix="corvid-xcheck-"))
+    if args.broker == "corvid":
+        broker: compare.Broker = compare.Corvid(workdir, str(target_dir / "release" / "corvid-broker"))
+    else:
+        broker = compare.Mosquitto(workdir, compare.ensure_mosquitto())
+    out_path = Path(args.out or compare.REPO / "target" / "bench" / f"crosscheck-{args.broker}.json")
     pairs = 10
     rows = []
     for qos in (0, 1):
@@ -87,12 +95,12 @@ def main() -> int:
                 "delivered_per_sec": statistics.median(f["delivered"] for f in figs),
                 "lost": sum(f["lost"] for f in figs), "runs": figs,
             })
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rows, indent=2))
-    print("| QoS | generator | published msg/s | delivered msg/s | lost |")
-    print("|---|---|---:|---:|---:|")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(rows, indent=2))
+    print("| broker | QoS | generator | published msg/s | delivered msg/s | lost |")
+    print("|---|---|---|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['qos']} | {r['generator']} | {r['published_per_sec']:,.0f} | {r['delivered_per_sec']:,.0f} | {r['lost']} |")
+        print(f"| {args.broker} | {r['qos']} | {r['generator']} | {r['published_per_sec']:,.0f} | {r['delivered_per_sec']:,.0f} | {r['lost']} |")
     return 0
 
 

@@ -464,6 +464,35 @@ pub async fn run(cfg: PubSubConfig) -> Result<PubSubReport> {
     ))
 }
 
+/// Says which sequence ranges each subscriber missed (at `warn`, only when something was lost),
+/// so a broker bug shows its shape: a burst mid-run, the tail of a stream, one subscriber only.
+fn log_gaps(cfg: &PubSubConfig, pubs: &[PublisherOutcome], subs: &[SubscriberOutcome]) {
+    let Ok(plan) = TopicPlan::new(cfg.scenario, "", cfg.publishers, cfg.subscribers) else {
+        return;
+    };
+    let mut reported = 0;
+    for (s, sub) in subs.iter().enumerate().filter(|(_, s)| s.connected) {
+        for (p, publ) in pubs.iter().enumerate().filter(|(p, _)| plan.reaches(*p, s)) {
+            let gaps = sub
+                .ledger
+                .stream(p as u32)
+                .map(|st| st.gaps(publ.sent))
+                .unwrap_or_else(|| vec![(0, publ.sent)]);
+            if gaps.is_empty() || reported >= 20 {
+                continue;
+            }
+            reported += 1;
+            let missing: u64 = gaps.iter().map(|(a, b)| b - a).sum();
+            let shown: Vec<String> = gaps
+                .iter()
+                .take(5)
+                .map(|(a, b)| format!("{a}..{b}"))
+                .collect();
+            warn!(subscriber = s, publisher = p, sent = publ.sent, missing, gaps = %shown.join(","), "lost messages");
+        }
+    }
+}
+
 fn dur_ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX / 4)
 }
@@ -477,6 +506,9 @@ fn summarise(
     sigfig: u8,
 ) -> PubSubReport {
     let totals = DeliveryTotals::from_ledgers(expected, subs.iter().map(|s| &s.ledger));
+    if totals.lost > 0 {
+        log_gaps(cfg, pubs, subs);
+    }
     let mut latency = LatencyHistogram::new(sigfig).ok();
     let mut latency_from_send = LatencyHistogram::new(sigfig).ok();
     for s in subs {
