@@ -1,0 +1,568 @@
+//! Publish/subscribe through a real broker with real clients (rumqttc v3 and v5, and the raw
+//! client where a test must see exactly what is on the wire): QoS, overlaps, retained, wills,
+//! persistent sessions, session expiry, flow control, topic aliases and shared subscriptions.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use common::{pkt, v3, v5, wait_until, Raw, V};
+use rumqttc::v5::mqttbytes::v5::{LastWill, LastWillProperties, PublishProperties};
+
+type Q3 = rumqttc::QoS;
+type Q5 = rumqttc::v5::mqttbytes::QoS;
+
+#[tokio::test]
+async fn qos_round_trips_v3() {
+    let b = common::start().await;
+    let addr = common::mqtt(&b);
+    let mut sub = v3::client(addr, "rt3-sub").await;
+    let mut publ = v3::client(addr, "rt3-pub").await;
+    for qos in [Q3::AtMostOnce, Q3::AtLeastOnce, Q3::ExactlyOnce] {
+        let topic = format!("rt3/{qos:?}");
+        assert_eq!(sub.subscribe(&topic, qos).await, qos);
+        publ.publish(&topic, qos, false, "hello").await;
+        assert_eq!(sub.publishes(1).await, [(topic, "hello".into(), qos)]);
+    }
+    common::stop(b).await;
+}
+
+#[tokio::test]
+async fn qos_round_trips_v5() {
+    let b = common::start().await;
+    let addr = common::mqtt(&b);
+    let mut sub = v5::client(addr, "rt5-sub").await;
+    let mut publ = v5::client(addr, "rt5-pub").await;
+    for qos in [Q5::AtMostOnce, Q5::AtLeastOnce, Q5::ExactlyOnce] {
+        let topic = format!("rt5/{qos:?}");
+        assert_eq!(sub.subscribe(&topic, qos).await, qos);
+        publ.publish(&topic, qos, false, "hello").await;
+        assert_eq!(sub.publishes(1).await, [(topic, "hello".into(), qos)]);
+    }
+    common::stop(b).await;
+}
+
+/// Several matching filters: one copy, at the highest QoS granted [MQTT-3.3.4-2]. A marker
+/// published afterwards on the same session must come next, so no second copy is queued.
+#[tokio::test]
+async fn overlapping_subscriptions_deliver_once_at_max_qos() {
+    let b = common::start().await;
+    let addr = common::mqtt(&b);
+    let mut s3 = v3::client(addr, "ov-sub3").await;
+    let mut s5 = v5::client(addr, "ov-sub5").await;
+    for (f, q) in [("ov/+/c", 0u8), ("ov/#", 2), ("ov/b/c", 1)] {
+        let q3 = rumqttc::qos(q).expect("qos");
+        let q5 = rumqttc::v5::mqttbytes::qos(q).expect("qos");
+        assert_eq!(s3.subscribe(f, q3).await, q3);
+        assert_eq!(s5.subscribe(f, q5).await, q5);
+    }
+    let mut publ = v5::client(addr, "ov-pub").await;
+    publ.publish("ov/b/c", Q5::ExactlyOnce, false, "once").await;
+    publ.publish("ov/end", Q5::AtLeastOnce, false, "marker")
+        .await;
+    assert_eq!(
+        s3.publishes(2).await,
+        [
+            ("ov/b/c".into(), "once".into(), Q3::ExactlyOnce),
+            ("ov/end".into(), "marker".into(), Q3::AtLeastOnce)
+        ]
+    );
+    assert_eq!(
+        s5.publishes(2).await,
+        [
+            ("ov/b/c".into(), "once".into(), Q5::ExactlyOnce),
+            ("ov/end".into(), "marker".into(), Q5::AtLeastOnce)
+        ]
+    );
+    common::stop(b).await;
+}
+
+#[tokio::test]
+async fn retained_message_is_sent_to_new_subscribers_until_cleared() {
+    let b = common::start().await;
+    let addr = common::mqtt(&b);
+    let mut publ = v3::client(addr, "ret-pub").await;
+    publ.publish("ret/a", Q3::AtLeastOnce, true, "kept").await;
+
+    let mut s3 = v3::client(addr, "ret-sub3").await;
+    s3.subscribe("ret/#", Q3::AtLeastOnce).await;
+    let p = s3.next_publish().await;
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..], p.retain),
+        ("ret/a", &b"kept"[..], true)
+    );
+
+    let mut s5 = v5::client(addr, "ret-sub5").await;
+    s5.subscribe("ret/+", Q5::AtLeastOnce).await;
+    let p = s5.next_publish().await;
+    assert_eq!(
+        (&p.topic[..], &p.payload[..], p.retain),
+        (&b"ret/a"[..], &b"kept"[..], true)
+    );
+
+    // An empty retained payload clears it [MQTT-3.3.1-6]; live subscribers still get it.
+    publ.publish("ret/a", Q3::AtLeastOnce, true, "").await;
+    assert_eq!(s3.next_publish().await.payload.len(), 0);
+    let mut late = v5::client(addr, "ret-late").await;
+    late.subscribe("ret/#", Q5::AtLeastOnce).await;
+    publ.publish("ret/marker", Q3::AtLeastOnce, false, "marker")
+        .await;
+    let p = late.next_publish().await;
+    assert_eq!((&p.topic[..], p.retain), (&b"ret/marker"[..], false));
+    common::stop(b).await;
+}
+
+/// 3.1.1 will: published when the connection is lost, not after a clean DISCONNECT.
+#[tokio::test]
+async fn will_on_lost_connection_not_on_disconnect_v3() {
+    let b = common::start().await;
+    let addr = common::mqtt(&b);
+    let mut watcher = v3::client(addr, "will3-watch").await;
+    watcher.subscribe("will3/#", Q3::AtLeastOnce).await;
+
+    let mut o = v3::options(addr, "will3-polite");
+    o.set_last_will(rumqttc::LastWill::new(
+        "will3/polite",
+        "gone",
+        Q3::AtLeastOnce,
+        false,
+    ));
+    v3::connect(o).await.0.disconnect().await;
+
+    let mut o = v3::options(addr, "will3-lost");
+    o.set_last_will(rumqttc::LastWill::new(
+        "will3/lost",
+        "gone",
+        Q3::AtLeastOnce,
+        false,
+    ));
+    v3::connect(o).await.0.kill().await;
+
+    let p = watcher.next_publish().await;
+    assert_eq!(
+        p.topic, "will3/lost",
+        "the polite client's will must not be sent"
+    );
+    common::stop(b).await;
+}
+
+fn will_with_delay(topic: &str, delay: u32) -> LastWill {
+    let props = LastWillProperties {
+        delay_interval: Some(delay),
+        payload_format_indicator: None,
+        message_expiry_interval: None,
+        content_type: None,
+        response_topic: None,
+        correlation_data: None,
+        user_properties: Vec::new(),
+    };
+    LastWill::new(topic, "gone", Q5::AtLeastOnce, false, Some(props))
+}
+
+/// MQTT 5 will delay [MQTT-3.1.3-9]: the will waits for its delay, and a reconnect within the
+/// delay cancels it — so after lose, reconnect, lose again, exactly one will arrives.
+#[tokio::test]
+async fn will_delay_v5() {
+    let b = common::start().await;
+    let addr = common::mqtt(&b);
+    let mut watcher = v5::client(addr, "will5-watch").await;
+    watcher.subscribe("will5/#", Q5::AtLeastOnce).await;
+
+    let opts = |clean| {
+        let mut o = v5::options(addr, "will5-client");
+        o.set_last_will(will_with_delay("will5/gone", 2));
+        o.set_session_expiry_interval(Some(60));
+        o.set_clean_start(clean);
+        o
+    };
+    v5::connect(opts(true)).await.0.kill().await;
+    let (again, ack) = v5::connect(opts(false)).await;
+    assert!(ack.session_present);
+    again.kill().await;
+    let lost = Instant::now();
+
+    let p = watcher.next_publish().await;
+    assert_eq!(&p.topic[..], b"will5/gone");
+    let waited = lost.elapsed();
+    assert!(
+        waited.as_millis() >= 1900,
+        "will sent after {waited:?}, delay is 2 s"
+    );
+    let mut publ = v5::client(addr, "will5-pub").await;
+    publ.publish("will5/marker", Q5::AtLeastOnce, false, "marker")
+        .await;
+    let p = watcher.next_publish().await;
+    assert_eq!(
+        &p.topic[..],
+        b"will5/marker",
+        "the cancelled will was sent too"
+    );
+    common::stop(b).await;
+}
+
+/// Messages published while a persistent subscriber is away are queued and delivered, all of
+/// them and in order, when it comes back [MQTT-3.1.2-4, MQTT-4.6.0-6].
+#[tokio::test]
+async fn offline_queue_survives_reconnect_v3() {
+    let b = common::start().await;
+    let addr = common::mqtt(&b);
+    let opts = || {
+        let mut o = v3::options(addr, "off3-sub");
+        o.set_clean_session(false);
+        o
+    };
+    let (mut sub, ack) = v3::connect(opts()).await;
+    assert!(!ack.session_present);
+    sub.subscribe("off3/#", Q3::ExactlyOnce).await;
+    sub.disconnect().await;
+
+    let mut publ = v3::client(addr, "off3-pub").await;
+    let sent: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
+    for (i, m) in sent.iter().enumerate() {
+        let qos = if i % 2 == 0 {
+            Q3::AtLeastOnce
+        } else {
+            Q3::ExactlyOnce
+        };
+        publ.publish("off3/t", qos, false, m).await;
+    }
+
+    let (mut sub, ack) = v3::connect(opts()).await;
+    assert!(ack.session_present);
+    let got: Vec<String> = sub
+        .publishes(20)
+        .await
+        .into_iter()
+        .map(|(_, p, _)| p)
+        .collect();
+    assert_eq!(got, sent);
+    publ.publish("off3/t", Q3::AtLeastOnce, false, "marker")
+        .await;
+    assert_eq!(
+        sub.next_publish().await.payload,
+        "marker",
+        "more than 20 were queued"
+    );
+    common::stop(b).await;
+}
+
+#[tokio::test]
+async fn offline_queue_survives_reconnect_v5() {
+    let b = common::start().await;
+    let addr = common::mqtt(&b);
+    let opts = |clean| {
+        let mut o = v5::options(addr, "off5-sub");
+        o.set_clean_start(clean);
+        o.set_session_expiry_interval(Some(300));
+        o
+    };
+    let (mut sub, ack) = v5::connect(opts(true)).await;
+    assert!(!ack.session_present);
+    sub.subscribe("off5/#", Q5::ExactlyOnce).await;
+    sub.disconnect().await;
+
+    let mut publ = v5::client(addr, "off5-pub").await;
+    let sent: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
+    for (i, m) in sent.iter().enumerate() {
+        let qos = if i % 2 == 0 {
+            Q5::AtLeastOnce
+        } else {
+            Q5::ExactlyOnce
+        };
+        publ.publish("off5/t", qos, false, m).await;
+    }
+
+    let (mut sub, ack) = v5::connect(opts(false)).await;
+    assert!(ack.session_present);
+    let got: Vec<String> = sub
+        .publishes(20)
+        .await
+        .into_iter()
+        .map(|(_, p, _)| p)
+        .collect();
+    assert_eq!(got, sent);
+    publ.publish("off5/t", Q5::AtLeastOnce, false, "marker")
+        .await;
+    assert_eq!(
+        &sub.next_publish().await.payload[..],
+        b"marker",
+        "more than 20 were queued"
+    );
+    common::stop(b).await;
+}
+
+/// A session with a 1 s expiry is gone 1 s after its connection closes [MQTT-3.1.2-23]:
+/// the broker forgets it, and reconnecting finds no session and no queued messages.
+#[tokio::test]
+async fn session_expires_after_its_interval() {
+    let b = common::start().await;
+    let addr = common::mqtt(&b);
+    let opts = |clean| {
+        let mut o = v5::options(addr, "exp-sub");
+        o.set_clean_start(clean);
+        o.set_session_expiry_interval(Some(1));
+        o
+    };
+    let (mut sub, _) = v5::connect(opts(true)).await;
+    sub.subscribe("exp/#", Q5::AtLeastOnce).await;
+    sub.disconnect().await;
+    let closed = Instant::now();
+    assert!(
+        b.broker.sessions.get("exp-sub").is_some(),
+        "session kept while within expiry"
+    );
+
+    wait_until("the session to expire", || {
+        b.broker.sessions.get("exp-sub").is_none()
+    })
+    .await;
+    assert!(
+        closed.elapsed().as_millis() >= 900,
+        "expired after {:?}",
+        closed.elapsed()
+    );
+    let mut publ = v5::client(addr, "exp-pub").await;
+    publ.publish("exp/t", Q5::AtLeastOnce, false, "lost").await;
+
+    let (mut sub, ack) = v5::connect(opts(false)).await;
+    assert!(!ack.session_present);
+    sub.subscribe("exp/#", Q5::AtLeastOnce).await;
+    publ.publish("exp/t", Q5::AtLeastOnce, false, "marker")
+        .await;
+    assert_eq!(&sub.next_publish().await.payload[..], b"marker");
+    common::stop(b).await;
+}
+
+/// The broker never has more unacknowledged QoS 1 messages towards a client than the client's
+/// Receive Maximum [MQTT-3.3.4-7]; acknowledging one lets the next through.
+#[tokio::test]
+async fn client_receive_maximum_is_honoured() {
+    let b = common::start().await;
+    let addr = common::mqtt(&b);
+    let mut sub = Raw::tcp(addr, V::V5).await;
+    // Property 0x21 Receive Maximum = 3.
+    sub.send(&pkt::connect_with(V::V5, b"rm-sub", &[0x21, 0, 3]))
+        .await;
+    assert_eq!(sub.expect(pkt::CONNACK).await.reason(), 0);
+    assert_eq!(sub.subscribe(1, "rm/t", 1).await, 1);
+
+    let mut publ = v5::client(addr, "rm-pub").await;
+    for i in 0..10 {
+        publ.publish("rm/t", Q5::AtLeastOnce, false, &format!("m{i}"))
+            .await;
+    }
+    let session = b.broker.sessions.get("rm-sub").expect("session");
+    wait_until("all 10 messages in the session", || {
+        let st = session.state.lock();
+        st.queue.len() + st.inflight.len() == 10
+    })
+    .await;
+
+    // PINGRESP is written after anything the broker would send now, so it bounds the count.
+    sub.send(&pkt::pingreq()).await;
+    let mut inflight = Vec::new();
+    loop {
+        let p = sub.recv().await.expect("connected");
+        match p.kind() {
+            pkt::PUBLISH => inflight.push(p.publish(V::V5)),
+            pkt::PINGRESP => break,
+            _ => panic!("unexpected {p:?}"),
+        }
+    }
+    assert_eq!(
+        inflight.len(),
+        3,
+        "sent beyond receive maximum: {inflight:?}"
+    );
+
+    let mut got: Vec<Vec<u8>> = Vec::new();
+    let mut unacked: std::collections::VecDeque<_> = inflight.into();
+    while got.len() < 10 {
+        let (_, id, payload) = unacked.pop_front().expect("a message in flight");
+        got.push(payload);
+        sub.send(&pkt::puback(id.expect("QoS 1"))).await;
+        if got.len() + unacked.len() < 10 {
+            let next = sub.expect(pkt::PUBLISH).await;
+            unacked.push_back(next.publish(V::V5));
+        }
+        assert!(unacked.len() <= 3);
+    }
+    let want: Vec<Vec<u8>> = (0..10).map(|i| format!("m{i}").into_bytes()).collect();
+    assert_eq!(got, want);
+    common::stop(b).await;
+}
+
+/// The broker's own Receive Maximum: one QoS 2 PUBLISH more than it allows unreleased ends the
+/// connection with DISCONNECT 0x93 [MQTT-3.3.4-8], and nobody else notices.
+#[tokio::test]
+async fn broker_receive_maximum_is_enforced() {
+    let mut cfg = common::config();
+    cfg.mqtt.receive_maximum = 4;
+    let b = common::start_with(cfg).await;
+    let addr = common::mqtt(&b);
+    let mut bystander = common::Bystander::connect(addr, "rmx-by").await;
+    let mut c = Raw::connect(addr, V::V5, "rmx").await;
+    for id in 1..=4u16 {
+        c.send(&pkt::publish(V::V5, b"rmx/t", 2, id, b"x")).await;
+        assert_eq!(c.expect(pkt::PUBREC).await.body[..2], id.to_be_bytes());
+    }
+    c.send(&pkt::publish(V::V5, b"rmx/t", 2, 5, b"x")).await;
+    c.expect_disconnect(0x93).await;
+    common::assert_serving(addr, &mut bystander).await;
+    common::stop(b).await;
+}
+
+/// A QoS 2 PUBLISH sent again (DUP) before PUBREL is acknowledged again but delivered once
+/// [MQTT-4.3.3-10].
+#[tokio::test]
+async fn qos2_resend_is_delivered_once() {
+    let b = common::start().await;
+    let addr = common::mqtt(&b);
+    let mut sub = v5::client(addr, "q2dup-sub").await;
+    sub.subscribe("q2dup/#", Q5::ExactlyOnce).await;
+    let mut publ = Raw::connect(addr, V::V5, "q2dup-pub").await;
+    let first = pkt::publish(V::V5, b"q2dup/t", 2, 9, b"once");
+    let mut again = first.clone();
+    again[0] |= 0x08; // DUP
+    for p in [first, again] {
+        publ.send(&p).await;
+        assert_eq!(publ.expect(pkt::PUBREC).await.body[..2], [0, 9]);
+    }
+    publ.send(&pkt::frame(0x62, &[0, 9])).await; // PUBREL
+    assert_eq!(publ.expect(7).await.body[..2], [0, 9]); // PUBCOMP
+    publ.send(&pkt::publish(V::V5, b"q2dup/t", 1, 10, b"marker"))
+        .await;
+    let got: Vec<String> = sub
+        .publishes(2)
+        .await
+        .into_iter()
+        .map(|(_, p, _)| p)
+        .collect();
+    assert_eq!(got, ["once", "marker"]);
+    common::stop(b).await;
+}
+
+/// Messages sent but not acknowledged when the connection dropped are sent again, with DUP
+/// set and before anything newer, when the session resumes [MQTT-4.4.0-1, MQTT-3.3.1-1].
+#[tokio::test]
+async fn unacknowledged_messages_are_resent_on_reconnect() {
+    let b = common::start().await;
+    let addr = common::mqtt(&b);
+    // Session Expiry Interval (0x11) 60 s; clean start for the first connection only.
+    let connect = |clean: bool| {
+        let mut p = pkt::connect_with(V::V5, b"resend-sub", &[0x11, 0, 0, 0, 60]);
+        if !clean {
+            p[9] &= !0x02; // connect flags: fixed header, length, name (6), level
+        }
+        p
+    };
+    let mut sub = Raw::tcp(addr, V::V5).await;
+    sub.send(&connect(true)).await;
+    assert_eq!(sub.expect(pkt::CONNACK).await.body[..2], [0, 0]);
+    assert_eq!(sub.subscribe(1, "resend/t", 1).await, 1);
+    let mut publ = v5::client(addr, "resend-pub").await;
+    for i in 0..3 {
+        publ.publish("resend/t", Q5::AtLeastOnce, false, &format!("m{i}"))
+            .await;
+    }
+    let mut first = Vec::new();
+    for _ in 0..3 {
+        let p = sub.expect(pkt::PUBLISH).await;
+        assert_eq!(p.header & 0x08, 0, "first delivery has DUP clear");
+        first.push(p.publish(V::V5));
+    }
+    sub.send(&pkt::puback(first[0].1.expect("QoS 1"))).await;
+    drop(sub);
+    let session = b.broker.sessions.get("resend-sub").expect("session");
+    wait_until("the broker to see the connection gone", || {
+        session.state.lock().connection.is_none()
+    })
+    .await;
+    publ.publish("resend/t", Q5::AtLeastOnce, false, "m3").await;
+
+    let mut sub = Raw::tcp(addr, V::V5).await;
+    sub.send(&connect(false)).await;
+    let ack = sub.expect(pkt::CONNACK).await;
+    assert_eq!(ack.body[..2], [1, 0], "session present, success");
+    let mut again = Vec::new();
+    for _ in 0..3 {
+        let p = sub.expect(pkt::PUBLISH).await;
+        let dup = p.header & 0x08 != 0;
+        let (_, id, payload) = p.publish(V::V5);
+        sub.send(&pkt::puback(id.expect("QoS 1"))).await;
+        again.push((String::from_utf8_lossy(&payload).into_owned(), dup));
+    }
+    let want = [("m1", true), ("m2", true), ("m3", false)].map(|(m, d)| (m.to_string(), d));
+    assert_eq!(again, want);
+    common::stop(b).await;
+}
+
+/// Topic alias set by the client [MQTT-3.3.2-12]: the first PUBLISH maps alias 1 to a topic,
+/// later ones send an empty topic; subscribers see the full topic every time.
+#[tokio::test]
+async fn topic_alias_from_client() {
+    let b = common::start().await;
+    let addr = common::mqtt(&b);
+    let mut sub = v5::client(addr, "ta-sub").await;
+    sub.subscribe("ta/#", Q5::AtLeastOnce).await;
+    let mut publ = v5::client(addr, "ta-pub").await;
+    let alias = || PublishProperties {
+        topic_alias: Some(1),
+        ..Default::default()
+    };
+    publ.publish_with("ta/long/topic", Q5::AtLeastOnce, false, "1", Some(alias()))
+        .await;
+    publ.publish_with("", Q5::AtLeastOnce, false, "2", Some(alias()))
+        .await;
+    publ.publish_with("", Q5::AtMostOnce, false, "3", Some(alias()))
+        .await;
+    let got = sub.publishes(3).await;
+    assert!(got.iter().all(|(t, _, _)| t == "ta/long/topic"), "{got:?}");
+    let payloads: Vec<&str> = got.iter().map(|(_, p, _)| p.as_str()).collect();
+    assert_eq!(payloads, ["1", "2", "3"]);
+    common::stop(b).await;
+}
+
+/// `$share/{group}/{filter}`: each message goes to exactly one member of the group, and the
+/// default round-robin strategy spreads them evenly [MQTT-4.8.2].
+#[tokio::test]
+async fn shared_subscription_distributes_across_members() {
+    let b = common::start().await;
+    let addr = common::mqtt(&b);
+    let got: Arc<Mutex<Vec<(usize, String)>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for member in 0..3 {
+        let mut c = v5::client(addr, &format!("sh-{member}")).await;
+        c.subscribe("$share/workers/sh/#", Q5::AtLeastOnce).await;
+        let got = got.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let p = c.next_publish().await;
+                let payload = String::from_utf8_lossy(&p.payload).into_owned();
+                got.lock().expect("lock").push((member, payload));
+            }
+        }));
+    }
+    let mut publ = v5::client(addr, "sh-pub").await;
+    for i in 0..30 {
+        publ.publish(&format!("sh/{i}"), Q5::AtLeastOnce, false, &format!("m{i}"))
+            .await;
+    }
+    wait_until("30 shared deliveries", || {
+        got.lock().expect("lock").len() >= 30
+    })
+    .await;
+    let got = got.lock().expect("lock").clone();
+    let unique: BTreeSet<&str> = got.iter().map(|(_, p)| p.as_str()).collect();
+    assert_eq!((got.len(), unique.len()), (30, 30), "duplicates: {got:?}");
+    for member in 0..3 {
+        let n = got.iter().filter(|(m, _)| *m == member).count();
+        assert_eq!(n, 10, "member {member} got {n} of 30 with round robin");
+    }
+    for t in tasks {
+        t.abort();
+    }
+    common::stop(b).await;
+}
