@@ -17,7 +17,8 @@ pub const CLUSTER_PORT: i32 = 4370;
     validation = Rule::new("!(self.ws.enabled && self.mqtts.enabled) || self.ws.port != self.mqtts.port").message("listeners.ws.port and listeners.mqtts.port must differ"),
     validation = Rule::new("!(self.ws.enabled && self.wss.enabled) || self.ws.port != self.wss.port").message("listeners.ws.port and listeners.wss.port must differ"),
     validation = Rule::new("!(self.mqtts.enabled && self.wss.enabled) || self.mqtts.port != self.wss.port").message("listeners.mqtts.port and listeners.wss.port must differ"),
-    validation = Rule::new("[self.mqtt, self.ws, self.mqtts, self.wss].all(l, !l.enabled || (l.port != 18083 && l.port != 4370))").message("listeners ports must not use the admin port 18083 or the cluster port 4370"),
+    // One clause per listener: CEL gives every property its own type, so they cannot share a list.
+    validation = Rule::new("(!self.mqtt.enabled || !(self.mqtt.port in [18083, 4370])) && (!self.ws.enabled || !(self.ws.port in [18083, 4370])) && (!self.mqtts.enabled || !(self.mqtts.port in [18083, 4370])) && (!self.wss.enabled || !(self.wss.port in [18083, 4370]))").message("listeners ports must not use the admin port 18083 or the cluster port 4370"),
     validation = Rule::new("self.mqtt.enabled || self.ws.enabled || self.mqtts.enabled || self.wss.enabled").message("listeners: at least one listener must be enabled")
 )]
 pub struct Listeners {

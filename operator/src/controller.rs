@@ -171,11 +171,34 @@ async fn reconcile_pipeline(cluster: &MqttCluster, ctx: &Context) -> Result<Requ
             service_monitor_crd: observation.service_monitor_crd,
         },
     );
+    let current = observation
+        .statefulset
+        .as_ref()
+        .and_then(|s| s.spec.as_ref())
+        .and_then(|s| s.replicas);
     let outcome = apply_and_act(ctx, cluster, &names, &desired, &observation).await;
     let (plan, endpoint, error) = match outcome {
-        Ok((plan, endpoint)) => (Some(plan), endpoint, None),
-        Err(e) => (Some(pre), None, Some(e)),
+        Ok(Acted {
+            plan,
+            endpoint,
+            error,
+        }) => (plan, endpoint, error),
+        // Nothing was done to pods: keep the recorded step as it was.
+        Err(e) => {
+            let kept = cluster.status.as_ref().and_then(|s| s.operation.clone());
+            (
+                Plan {
+                    operation: kept,
+                    ..pre.clone()
+                },
+                None,
+                Some(e),
+            )
+        }
     };
+    if error.is_none() {
+        scale_event(ctx, cluster, current, pre.statefulset_replicas).await;
+    }
     let error_note = error.as_ref().map(|e| (e.reason(), e.to_string()));
     if let Some((reason, message)) = &error_note {
         ctx.event(cluster, EventType::Warning, reason, message.clone())
@@ -186,16 +209,25 @@ async fn reconcile_pipeline(cluster: &MqttCluster, ctx: &Context) -> Result<Requ
         cluster,
         &names,
         &observation,
-        plan.as_ref(),
+        Some(&plan),
         error_note,
         endpoint,
     )
     .await?;
-    match (error, plan) {
-        (Some(e), _) => Err(e),
-        (None, Some(plan)) => Ok(Requeue::requeue(requeue_after(&plan.action))),
-        (None, None) => Ok(Requeue::await_change()),
+    match error {
+        Some(e) => Err(e),
+        None => Ok(Requeue::requeue(requeue_after(&plan.action))),
     }
+}
+
+/// Result of the apply and act steps once the objects were applied.
+struct Acted {
+    /// The pod-level decision (recorded in status even when acting on it failed).
+    plan: Plan,
+    /// Client endpoint.
+    endpoint: Option<String>,
+    /// Failure of the act step.
+    error: Option<Error>,
 }
 
 async fn apply_and_act(
@@ -204,7 +236,7 @@ async fn apply_and_act(
     names: &Names,
     desired: &build::Desired,
     observation: &Observation,
-) -> Result<(Plan, Option<String>)> {
+) -> Result<Acted> {
     let ns = names.namespace.as_str();
     let key_material: [u8; 32] = rand::random();
     if apply::create_secret_once(
@@ -242,8 +274,29 @@ async fn apply_and_act(
             source,
         })?;
     let plan = planner::plan(&planner_input(cluster, observation, applied.as_ref()));
-    act(ctx, cluster, names, &plan).await?;
-    Ok((plan, endpoint(&client_service, names)))
+    let error = act(ctx, cluster, names, &plan).await.err();
+    Ok(Acted {
+        plan,
+        endpoint: endpoint(&client_service, names),
+        error,
+    })
+}
+
+/// An Event when this reconcile changed the StatefulSet's size.
+async fn scale_event(ctx: &Context, cluster: &MqttCluster, before: Option<i32>, after: i32) {
+    match before {
+        Some(before) if after < before => {
+            let note = format!("leaving pods drained; scaled from {before} to {after}");
+            ctx.event(cluster, EventType::Normal, "ScaledDown", note)
+                .await;
+        }
+        Some(before) if after > before => {
+            let note = format!("scaled from {before} to {after}; new pods join the cluster");
+            ctx.event(cluster, EventType::Normal, "ScaledUp", note)
+                .await;
+        }
+        _ => {}
+    }
 }
 
 /// The planner's input from the observation and a StatefulSet.
