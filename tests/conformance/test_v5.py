@@ -396,3 +396,24 @@ def test_shared_subscription_respects_member_qos(raw, topic):
     member.subscribe(f"$share/{unique('g')}/{topic}", 0)
     raw(V5).publish(topic, b"x", 2)
     assert member.message().qos == 0
+
+
+@pytest.mark.xfail_mosquitto("answers the extra PUBLISH with PUBREC 0x97 (Quota exceeded) and "
+                             "keeps the connection, instead of DISCONNECT 0x93 (3.3.4, 4.9)")
+def test_client_exceeding_server_receive_maximum(raw, topic):
+    # 3.3.4 and 4.9: a client MUST NOT exceed the Server's Receive Maximum [MQTT-3.3.4-7]; a
+    # Server receiving more unacknowledged QoS 2 PUBLISHes than that "uses DISCONNECT with
+    # Reason Code 0x93 (Receive Maximum exceeded)" (spec text without a statement id).
+    # Here no PUBREL is ever sent, so every flow stays open.
+    c = raw(V5)
+    maximum = c.connack.props.get("receive_maximum", 65535)
+    if maximum > 1000:
+        pytest.skip(f"Server Receive Maximum {maximum} is too large to exhaust quickly")
+    for pid in range(1, maximum + 1):
+        c.send(publish_packet(f"{topic}/flood", b"x", 2, pid=pid))
+        c.expect(PUBREC)
+    c.send(publish_packet(f"{topic}/flood", b"x", 2, pid=maximum + 1))
+    seen = c.wait_closed()
+    disconnects = [p.reason for p in seen if p.type == DISCONNECT]
+    assert disconnects in ([], [0x93]), seen
+    assert not any(p.type == PUBREC and p.pid == maximum + 1 for p in seen), seen
