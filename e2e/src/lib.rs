@@ -174,3 +174,30 @@ impl TestNamespace {
         Ok(())
     }
 }
+
+/// GETs `path` from a plain-HTTP endpoint (the broker's admin API) and returns the status code
+/// and body; a few lines of HTTP/1.0 keep the crate free of an HTTP client dependency.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let io = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: */*\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        anyhow::Ok(response)
+    };
+    let response = tokio::time::timeout(Duration::from_secs(5), io)
+        .await
+        .with_context(|| format!("GET http://{addr}{path} timed out"))??;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("malformed HTTP response from {addr}"))?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("no status code from {addr}: {head}"))?;
+    Ok((code, body.to_string()))
+}
