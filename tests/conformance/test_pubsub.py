@@ -280,3 +280,15 @@ def test_fan_out_to_many_subscribers(version, raw, topic):
     raw(version).publish(topic, b"fan", 1)
     for s in subs:
         assert s.message().payload == b"fan"
+
+
+@pytest.mark.parametrize("leaf", ["café/☃/日本", "with space", "x" * 60000],
+                         ids=["unicode", "space", "60000-chars"])
+def test_unusual_but_valid_topic_names(version, leaf, raw, topic):
+    # 1.5.3 (5.0 1.5.4) and 4.7.3: any UTF-8 except U+0000, up to 65,535 bytes, is a valid
+    # Topic Name; spaces are allowed.
+    name = f"{topic}/{leaf}"
+    sub = raw(version)
+    sub.subscribe(name, 1)
+    raw(version).publish(name, b"x", 1)
+    assert sub.message().topic == name

@@ -417,3 +417,79 @@ def test_client_exceeding_server_receive_maximum(raw, topic):
     disconnects = [p.reason for p in seen if p.type == DISCONNECT]
     assert disconnects in ([], [0x93]), seen
     assert not any(p.type == PUBREC and p.pid == maximum + 1 for p in seen), seen
+
+
+def alias_max_or_skip(client):
+    maximum = client.connack.props.get("topic_alias_maximum", 0)
+    if maximum < 1:
+        pytest.skip("broker accepts no topic aliases (Topic Alias Maximum 0)")
+    return maximum
+
+
+def test_topic_alias_can_be_remapped(raw, topic):
+    # 3.3.2.3.4: a PUBLISH with a Topic Name and an existing alias replaces that mapping.
+    sub = raw(V5)
+    sub.subscribe(f"{topic}/#", 1)
+    pub = raw(V5)
+    alias_max_or_skip(pub)
+    for t, payload, alias_topic in ((f"{topic}/a", b"1", f"{topic}/a"),
+                                    ("", b"2", None),
+                                    (f"{topic}/b", b"3", f"{topic}/b"),
+                                    ("", b"4", None)):
+        pub.send(publish_packet(t, payload, 1, pid=int(payload), props={"topic_alias": 1}))
+        pub.expect(PUBACK)
+    got = [(m.topic, m.payload) for m in (sub.message() for _ in range(4))]
+    assert got == [(f"{topic}/a", b"1"), (f"{topic}/a", b"2"), (f"{topic}/b", b"3"),
+                   (f"{topic}/b", b"4")]
+
+
+def test_topic_alias_not_carried_to_new_connection(raw, port, topic):
+    # [MQTT-3.3.2-7]: Topic Alias mappings do not survive the network connection; using an
+    # unmapped alias with an empty Topic Name is a Protocol Error (3.3.2.3.4).
+    first = raw(V5, props={"session_expiry_interval": 30})
+    alias_max_or_skip(first)
+    first.send(publish_packet(topic, b"x", 1, pid=1, props={"topic_alias": 1}))
+    first.expect(PUBACK)
+    first.disconnect()
+    again = raw(V5, client_id=first.client_id, clean=False)
+    again.send(publish_packet("", b"y", 1, pid=2, props={"topic_alias": 1}))
+    seen = again.wait_closed()
+    assert all(p.type == DISCONNECT and p.reason >= 0x80 for p in seen), seen
+    raw(V5, client_id=first.client_id, clean=True).disconnect()
+
+
+def test_session_expiry_taken_from_latest_connect(raw, topic):
+    # 3.1.2.11.2: the Session Expiry Interval of the latest CONNECT applies: a session first
+    # created with 300 s and resumed with 1 s is gone 1 s after that connection ends.
+    c = raw(V5, props={"session_expiry_interval": 300})
+    c.subscribe(topic, 1)
+    c.disconnect()
+    c = raw(V5, client_id=c.client_id, clean=False, props={"session_expiry_interval": 1})
+    assert c.connack.session_present
+    c.disconnect()
+    time.sleep(2.5)  # time-based behaviour
+    c = raw(V5, client_id=c.client_id, clean=False)
+    assert not c.connack.session_present
+
+
+def test_will_delay_cancelled_by_takeover(raw, topic):
+    # [MQTT-3.1.3-9]: a new network connection to the session before the Will Delay Interval
+    # has passed - here by taking the session over while the old connection is still open.
+    sub = raw(V5)
+    sub.subscribe(topic, 1)
+    old = raw(V5, props={"session_expiry_interval": 30},
+              will={"topic": topic, "payload": b"gone", "qos": 1,
+                    "props": {"will_delay_interval": 2}})
+    new = raw(V5, client_id=old.client_id, clean=False, props={"session_expiry_interval": 30})
+    old.wait_closed()
+    sub.no_message(3.0)
+    new.disconnect()
+
+
+def test_unsuback_has_code_per_filter(raw, topic):
+    # [MQTT-3.11.3-1]: one UNSUBACK reason code per Topic Filter, in order; 0x00 for an
+    # existing subscription, 0x00 or 0x11 (No subscription existed) for the other.
+    c = raw(V5)
+    c.subscribe(f"{topic}/a", 1)
+    ack = c.unsubscribe(f"{topic}/a", f"{topic}/never")
+    assert len(ack.codes) == 2 and ack.codes[0] == 0x00 and ack.codes[1] in (0x00, 0x11), ack
