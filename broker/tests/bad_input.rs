@@ -304,6 +304,31 @@ async fn bad_topic_aliases() {
     common::stop(b).await;
 }
 
+/// A client that goes silent is cut off after one and a half keep-alive periods, with
+/// DISCONNECT 0x8D for MQTT 5 [MQTT-3.1.2-22]; the bystander is unaffected.
+#[tokio::test]
+async fn silent_client_is_cut_off_after_keep_alive() {
+    let b = common::start().await;
+    let addr = common::mqtt(&b);
+    let mut bystander = Bystander::connect(addr, "ka-by").await;
+    for v in V::BOTH {
+        let mut c = Raw::tcp(addr, v).await;
+        let mut connect = pkt::connect(v, "ka-silent");
+        connect[10..12].copy_from_slice(&1u16.to_be_bytes()); // keep alive 1 s
+        c.send(&connect).await;
+        assert_eq!(c.expect(pkt::CONNACK).await.reason(), 0);
+        let started = Instant::now();
+        c.expect_disconnect(0x8D).await;
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(1400),
+            "cut off after {took:?}"
+        );
+        common::assert_serving(addr, &mut bystander).await;
+    }
+    common::stop(b).await;
+}
+
 /// A TLS client that never finishes its handshake is cut off after `tls.handshake_timeout`,
 /// and TLS and plain clients are served meanwhile.
 #[tokio::test]

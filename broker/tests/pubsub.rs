@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use common::{pkt, v3, v5, wait_until, Raw, V};
 use rumqttc::v5::mqttbytes::v5::{LastWill, LastWillProperties, PublishProperties};
@@ -104,7 +104,9 @@ async fn retained_message_is_sent_to_new_subscribers_until_cleared() {
 
     // An empty retained payload clears it [MQTT-3.3.1-6]; live subscribers still get it.
     publ.publish("ret/a", Q3::AtLeastOnce, true, "").await;
-    assert_eq!(s3.next_publish().await.payload.len(), 0);
+    let live = s3.next_publish().await;
+    // Live delivery to an existing subscription clears the flag [MQTT-3.3.1-9].
+    assert_eq!((live.payload.len(), live.retain), (0, false));
     let mut late = v5::client(addr, "ret-late").await;
     late.subscribe("ret/#", Q5::AtLeastOnce).await;
     publ.publish("ret/marker", Q3::AtLeastOnce, false, "marker")
@@ -202,6 +204,56 @@ async fn will_delay_v5() {
     common::stop(b).await;
 }
 
+/// The will delay never outlasts the session: with a 30 s delay and a 1 s session expiry the
+/// will is published when the session ends [MQTT-3.1.3-9].
+#[tokio::test]
+async fn will_delay_is_capped_by_session_expiry() {
+    let b = common::start().await;
+    let addr = common::mqtt(&b);
+    let mut watcher = v3::client(addr, "willcap-watch").await;
+    watcher.subscribe("willcap/#", Q3::AtLeastOnce).await;
+    let mut o = v5::options(addr, "willcap-client");
+    o.set_last_will(will_with_delay("willcap/gone", 30));
+    o.set_session_expiry_interval(Some(1));
+    v5::connect(o).await.0.kill().await;
+    let lost = Instant::now();
+    assert_eq!(watcher.next_publish().await.topic, "willcap/gone");
+    let waited = lost.elapsed();
+    assert!(
+        waited < Duration::from_secs(10),
+        "will waited {waited:?}, session expiry is 1 s"
+    );
+    common::stop(b).await;
+}
+
+/// A second connection with the same client id takes the session over: the first gets
+/// DISCONNECT 0x8E [MQTT-3.1.4-3] and the second resumes the session, subscriptions and all
+/// [MQTT-3.2.2-2].
+#[tokio::test]
+async fn session_takeover() {
+    let b = common::start().await;
+    let addr = common::mqtt(&b);
+    let mut old = Raw::tcp(addr, V::V5).await;
+    // Session Expiry Interval (0x11) 60 s.
+    let props = [0x11, 0, 0, 0, 60];
+    old.send(&pkt::connect_with(V::V5, b"takeover", &props))
+        .await;
+    assert_eq!(old.expect(pkt::CONNACK).await.reason(), 0);
+    assert_eq!(old.subscribe(1, "takeover/t", 1).await, 1);
+
+    let mut o = v5::options(addr, "takeover");
+    o.set_clean_start(false);
+    o.set_session_expiry_interval(Some(60));
+    let (mut new, ack) = v5::connect(o).await;
+    assert!(ack.session_present);
+    old.expect_disconnect(0x8E).await;
+    let mut publ = v5::client(addr, "takeover-pub").await;
+    publ.publish("takeover/t", Q5::AtLeastOnce, false, "kept")
+        .await;
+    assert_eq!(&new.next_publish().await.payload[..], b"kept");
+    common::stop(b).await;
+}
+
 /// Messages published while a persistent subscriber is away are queued and delivered, all of
 /// them and in order, when it comes back [MQTT-3.1.2-4, MQTT-4.6.0-6].
 #[tokio::test]
@@ -293,7 +345,7 @@ async fn offline_queue_survives_reconnect_v5() {
     common::stop(b).await;
 }
 
-/// A session with a 1 s expiry is gone 1 s after its connection closes [MQTT-3.1.2-23]:
+/// A session with a 2 s expiry is gone 2 s after its connection closes [MQTT-3.1.2-23]:
 /// the broker forgets it, and reconnecting finds no session and no queued messages.
 #[tokio::test]
 async fn session_expires_after_its_interval() {
@@ -302,7 +354,7 @@ async fn session_expires_after_its_interval() {
     let opts = |clean| {
         let mut o = v5::options(addr, "exp-sub");
         o.set_clean_start(clean);
-        o.set_session_expiry_interval(Some(1));
+        o.set_session_expiry_interval(Some(2));
         o
     };
     let (mut sub, _) = v5::connect(opts(true)).await;
@@ -522,6 +574,94 @@ async fn topic_alias_from_client() {
     assert!(got.iter().all(|(t, _, _)| t == "ta/long/topic"), "{got:?}");
     let payloads: Vec<&str> = got.iter().map(|(_, p, _)| p.as_str()).collect();
     assert_eq!(payloads, ["1", "2", "3"]);
+    common::stop(b).await;
+}
+
+/// Topic aliases towards a client that accepts two: the first message on a topic carries the
+/// topic and a new alias, later ones only the alias; a third topic goes without one
+/// (section 3.3.2.3.4).
+#[tokio::test]
+async fn topic_alias_to_client() {
+    let b = common::start().await;
+    let addr = common::mqtt(&b);
+    let mut sub = Raw::tcp(addr, V::V5).await;
+    // Topic Alias Maximum (0x22) = 2.
+    sub.send(&pkt::connect_with(V::V5, b"tao-sub", &[0x22, 0, 2]))
+        .await;
+    assert_eq!(sub.expect(pkt::CONNACK).await.reason(), 0);
+    assert_eq!(sub.subscribe(1, "tao/#", 0).await, 0);
+    let mut publ = v5::client(addr, "tao-pub").await;
+    for t in ["tao/a", "tao/a", "tao/b", "tao/c", "tao/b"] {
+        publ.publish(t, Q5::AtLeastOnce, false, "x").await;
+    }
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        let p = sub.expect(pkt::PUBLISH).await;
+        let (topic, _, rest) = p.publish(V::V5);
+        let alias = topic_alias(&p);
+        assert_eq!(rest, b"x");
+        seen.push((topic, alias));
+    }
+    let want = [
+        ("tao/a", Some(1)),
+        ("", Some(1)),
+        ("tao/b", Some(2)),
+        ("tao/c", None),
+        ("", Some(2)),
+    ];
+    let want: Vec<(String, Option<u16>)> = want.iter().map(|(t, a)| (t.to_string(), *a)).collect();
+    assert_eq!(seen, want);
+    common::stop(b).await;
+}
+
+/// The Topic Alias property (0x23) of a QoS 0 MQTT 5 PUBLISH, if present.
+fn topic_alias(p: &common::Packet) -> Option<u16> {
+    let b = &p.body;
+    let at = 2 + usize::from(u16::from_be_bytes([b[0], b[1]]));
+    let len = usize::from(b[at]); // short property blocks only
+    let props = &b[at + 1..at + 1 + len];
+    props
+        .windows(3)
+        .find(|w| w[0] == 0x23)
+        .map(|w| u16::from_be_bytes([w[1], w[2]]))
+}
+
+/// When a shared-subscription member's session ends with messages still unacknowledged or
+/// queued, they go to another member of the group instead of being lost (section 4.8.2).
+#[tokio::test]
+async fn shared_subscription_redelivers_when_a_member_leaves() {
+    let b = common::start().await;
+    let addr = common::mqtt(&b);
+    let mut lazy = Raw::tcp(addr, V::V5).await;
+    // Receive Maximum 2, never acknowledges.
+    lazy.send(&pkt::connect_with(V::V5, b"shr-lazy", &[0x21, 0, 2]))
+        .await;
+    assert_eq!(lazy.expect(pkt::CONNACK).await.reason(), 0);
+    assert_eq!(lazy.subscribe(1, "$share/g/shr/#", 1).await, 1);
+    let mut good = v5::client(addr, "shr-good").await;
+    good.subscribe("$share/g/shr/#", Q5::AtLeastOnce).await;
+    let mut publ = v5::client(addr, "shr-pub").await;
+    for i in 0..6 {
+        publ.publish(
+            &format!("shr/{i}"),
+            Q5::AtLeastOnce,
+            false,
+            &format!("m{i}"),
+        )
+        .await;
+    }
+    for _ in 0..2 {
+        lazy.expect(pkt::PUBLISH).await;
+    }
+    drop(lazy);
+    let mut got: Vec<String> = good
+        .publishes(6)
+        .await
+        .into_iter()
+        .map(|(_, p, _)| p)
+        .collect();
+    got.sort();
+    assert_eq!(got, ["m0", "m1", "m2", "m3", "m4", "m5"]);
     common::stop(b).await;
 }
 

@@ -9,6 +9,8 @@ use std::time::Duration;
 use common::tls::Pki;
 use common::{v3, v5, within, Raw, V};
 use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 type Q3 = rumqttc::QoS;
 type Q5 = rumqttc::v5::mqttbytes::QoS;
@@ -136,34 +138,57 @@ async fn websocket_round_trip() {
     common::stop(b).await;
 }
 
+/// Sends a WebSocket upgrade request for `path`; returns the stream and the status line.
+async fn ws_upgrade(ws: SocketAddr, path: &str) -> (TcpStream, String) {
+    within("WebSocket upgrade", async {
+        let mut s = TcpStream::connect(ws).await.expect("connect");
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Protocol: mqtt\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.expect("write");
+        // Read exactly the response head, leaving any frames after it unread.
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let byte = s.read_u8().await.expect("response head");
+            head.push(byte);
+        }
+        let text = String::from_utf8_lossy(&head).into_owned();
+        (s, text.lines().next().unwrap_or("").to_string())
+    })
+    .await
+}
+
 /// The upgrade is accepted only on the configured path (`/mqtt`).
 #[tokio::test]
 async fn websocket_wrong_path_is_refused() {
     let b = common::start().await;
     let ws = b.addr("ws").expect("ws");
-    let upgrade = |path: &str| {
-        format!(
-            "GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
-             Sec-WebSocket-Protocol: mqtt\r\n\r\n"
-        )
-    };
-    let status = |path: String| async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(ws).await.expect("connect");
-        s.write_all(path.as_bytes()).await.expect("write");
-        let mut buf = vec![0u8; 512];
-        let n = within("HTTP response", s.read(&mut buf))
-            .await
-            .expect("read");
-        String::from_utf8_lossy(&buf[..n])
-            .lines()
-            .next()
-            .unwrap_or("")
-            .to_string()
-    };
-    assert!(status(upgrade("/other")).await.starts_with("HTTP/1.1 404"));
-    assert!(status(upgrade("/mqtt")).await.starts_with("HTTP/1.1 101"));
+    assert!(ws_upgrade(ws, "/other").await.1.starts_with("HTTP/1.1 404"));
+    assert!(ws_upgrade(ws, "/mqtt").await.1.starts_with("HTTP/1.1 101"));
+    common::stop(b).await;
+}
+
+/// MQTT over WebSocket uses binary frames only; a text frame closes the connection
+/// [MQTT-6.0.0-1].
+#[tokio::test]
+async fn websocket_text_frame_closes_connection() {
+    let b = common::start().await;
+    let ws = b.addr("ws").expect("ws");
+    let mut bystander = common::Bystander::connect(common::mqtt(&b), "wstext-by").await;
+    let (mut s, status) = ws_upgrade(ws, "/mqtt").await;
+    assert!(status.starts_with("HTTP/1.1 101"), "{status}");
+    let mask = [1u8, 2, 3, 4];
+    let mut frame = vec![0x81, 0x80 | 5]; // FIN + text, masked, 5 bytes
+    frame.extend_from_slice(&mask);
+    frame.extend(b"hello".iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
+    s.write_all(&frame).await.expect("write frame");
+    let mut rest = Vec::new();
+    within("close after a text frame", s.read_to_end(&mut rest))
+        .await
+        .expect("read");
+    common::assert_serving(common::mqtt(&b), &mut bystander).await;
     common::stop(b).await;
 }
 
