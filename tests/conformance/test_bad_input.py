@@ -13,7 +13,7 @@ import pytest
 
 from mqttutil import (CONNACK, DISCONNECT, PINGREQ, PINGRESP, SUBACK, V311, V5, RawClient,
                       assert_healthy, connect_packet, encode_props, packet, publish_packet,
-                      unique, utf8, varint)
+                      unique, utf8)
 
 
 # How long the broker gets to close a connection after bad input.

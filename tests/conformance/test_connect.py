@@ -28,7 +28,8 @@ def test_session_present_flag(version, raw):
     c = raw(version, client_id=cid, clean=False, props=session_props(version))
     assert c.connack.session_present
     c.disconnect()
-    # Clean Session / Clean Start discards it: Session Present 0 [MQTT-3.2.2-1] (5.0: [MQTT-3.2.2-2]).
+    # Clean Session / Clean Start discards it: Session Present 0 [MQTT-3.2.2-1]
+    # (5.0: [MQTT-3.2.2-2]).
     c = raw(version, client_id=cid, clean=True)
     assert not c.connack.session_present
     c.disconnect()
@@ -80,7 +81,8 @@ def test_keepalive_timeout_closes_connection(version, sock):
     start = time.monotonic()
     seen = c.wait_closed(timeout=1.5 * keepalive + KEEPALIVE_SLACK)
     elapsed = time.monotonic() - start
-    assert elapsed >= keepalive * 0.9, f"closed after {elapsed:.2f}s, before Keep Alive ({keepalive}s)"
+    assert elapsed >= keepalive * 0.9, \
+        f"closed after {elapsed:.2f}s, before Keep Alive ({keepalive}s)"
     if version == V5 and seen:
         assert seen[-1].type == DISCONNECT and seen[-1].reason == 0x8D, seen
 
