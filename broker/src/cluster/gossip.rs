@@ -23,6 +23,8 @@ use super::ClusterError;
 pub const KEY_LINK: &str = "link";
 /// Gossip key: the node's admin HTTP address.
 pub const KEY_ADMIN: &str = "admin";
+/// Gossip key: number of sessions the node holds.
+pub const KEY_SESSIONS: &str = "sessions";
 /// Gossip key: `joining`, `ready`, `evacuating` or `left`.
 pub const KEY_STATE: &str = "state";
 

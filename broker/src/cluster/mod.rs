@@ -185,6 +185,7 @@ pub struct Cluster {
     synced: Mutex<HashSet<String>>,
     gossip: tokio::sync::OnceCell<ChitchatHandle>,
     live: Mutex<HashMap<String, (String, Option<String>)>>,
+    departed: Mutex<HashSet<String>>,
     pending: Mutex<HashMap<u64, PendingTake>>,
     next_req: AtomicU64,
     share_rr: AtomicUsize,
@@ -243,6 +244,7 @@ impl Cluster {
             synced: Mutex::new(HashSet::new()),
             gossip: tokio::sync::OnceCell::new(),
             live: Mutex::new(HashMap::new()),
+            departed: Mutex::new(HashSet::new()),
             pending: Mutex::new(HashMap::new()),
             next_req: AtomicU64::new(1),
             share_rr: AtomicUsize::new(0),
@@ -613,8 +615,11 @@ impl Cluster {
         }
         if let Some(g) = self.gossip.get() {
             if let Ok(c) = g.chitchat().try_lock() {
+                let departed = self.departed.lock();
                 for dead in c.dead_nodes() {
-                    if !live.contains_key(&*dead.node_id) && *dead.node_id != *self.node {
+                    let name = &*dead.node_id;
+                    // A member that left cleanly (scale-down) is not a ghost.
+                    if !live.contains_key(name) && *name != *self.node && !departed.contains(name) {
                         out.push(Member {
                             name: dead.node_id.to_string(),
                             state: "dead".into(),
@@ -769,8 +774,20 @@ async fn membership_loop(cluster: Arc<Cluster>) {
         return;
     };
     let mut watcher = g.chitchat().lock().await.live_nodes_watcher();
+    let mut sessions_of: HashMap<String, u64> = HashMap::new();
+    let mut left: HashSet<String> = HashSet::new();
+    let mut own_sessions = u64::MAX;
     loop {
-        let snapshot: Vec<(String, String, Option<String>)> = watcher
+        // Publish our session count, so survivors can tell how many sessions a dead node held.
+        if let Some(b) = cluster.broker() {
+            let n = b.sessions.len() as u64;
+            if n != own_sessions {
+                own_sessions = n;
+                g.with_chitchat(|c| c.self_node_state().set(gossip::KEY_SESSIONS, n))
+                    .await;
+            }
+        }
+        let snapshot: Vec<(String, String, Option<String>, Option<u64>)> = watcher
             .borrow_and_update()
             .iter()
             .filter(|(id, _)| *id.node_id != *cluster.node)
@@ -779,14 +796,20 @@ async fn membership_loop(cluster: Arc<Cluster>) {
                     id.node_id.to_string(),
                     st.get(gossip::KEY_STATE).unwrap_or("joining").to_string(),
                     st.get(gossip::KEY_LINK).map(str::to_string),
+                    st.get(gossip::KEY_SESSIONS).and_then(|v| v.parse().ok()),
                 )
             })
             .collect();
         let mut now: HashMap<String, (String, Option<String>)> = HashMap::new();
-        for (name, state, link) in snapshot {
+        for (name, state, link, sessions) in snapshot {
+            if let Some(n) = sessions {
+                sessions_of.insert(name.clone(), n);
+            }
             if state == "left" {
+                left.insert(name);
                 continue;
             }
+            left.remove(&name);
             now.insert(name, (state, link));
         }
         let gone: Vec<String> = {
@@ -800,10 +823,21 @@ async fn membership_loop(cluster: Arc<Cluster>) {
             gone
         };
         for n in &gone {
-            tracing::info!(peer = %n, "member left or failed");
             cluster.links.lock().remove(n);
             cluster.routes.remove_node(n);
             cluster.synced.lock().remove(n);
+            if left.contains(n) {
+                tracing::info!(peer = %n, "member left the cluster");
+                continue;
+            }
+            // It died without evacuating: its sessions are gone. One survivor (the first by
+            // name) counts them, so the cluster-wide sum is right.
+            let counter = now.keys().chain(std::iter::once(&cluster.node)).min();
+            let lost = sessions_of.get(n).copied().unwrap_or(0);
+            tracing::warn!(peer = %n, sessions_lost = lost, "member failed");
+            if counter == Some(&cluster.node) {
+                cluster.metrics.sessions_lost.inc_by(lost);
+            }
         }
         for (name, (_, link)) in &now {
             let Some(addr) = link.as_deref().and_then(|a| a.parse::<SocketAddr>().ok()) else {
@@ -827,12 +861,10 @@ async fn membership_loop(cluster: Arc<Cluster>) {
             *by_state.entry(st.clone()).or_default() += 1;
         }
         for s in ["ready", "joining", "evacuating"] {
-            cluster
-                .metrics
-                .members
-                .with_label_values(&[s])
-                .set(by_state.get(s).copied().unwrap_or(0));
+            let n = by_state.get(s).copied().unwrap_or(0);
+            cluster.metrics.members.with_label_values(&[s]).set(n);
         }
+        *cluster.departed.lock() = left.clone();
         tokio::select! {
             r = watcher.changed() => if r.is_err() { return },
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
