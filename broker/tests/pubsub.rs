@@ -502,17 +502,7 @@ async fn qos2_resend_is_delivered_once() {
 async fn unacknowledged_messages_are_resent_on_reconnect() {
     let b = common::start().await;
     let addr = common::mqtt(&b);
-    // Session Expiry Interval (0x11) 60 s; clean start for the first connection only.
-    let connect = |clean: bool| {
-        let mut p = pkt::connect_with(V::V5, b"resend-sub", &[0x11, 0, 0, 0, 60]);
-        if !clean {
-            p[9] &= !0x02; // connect flags: fixed header, length, name (6), level
-        }
-        p
-    };
-    let mut sub = Raw::tcp(addr, V::V5).await;
-    sub.send(&connect(true)).await;
-    assert_eq!(sub.expect(pkt::CONNACK).await.body[..2], [0, 0]);
+    let mut sub = persistent_raw(addr, "resend-sub", true).await;
     assert_eq!(sub.subscribe(1, "resend/t", 1).await, 1);
     let mut publ = v5::client(addr, "resend-pub").await;
     for i in 0..3 {
@@ -527,17 +517,10 @@ async fn unacknowledged_messages_are_resent_on_reconnect() {
     }
     sub.send(&pkt::puback(first[0].1.expect("QoS 1"))).await;
     drop(sub);
-    let session = b.broker.sessions.get("resend-sub").expect("session");
-    wait_until("the broker to see the connection gone", || {
-        session.state.lock().connection.is_none()
-    })
-    .await;
+    gone(&b, "resend-sub").await;
     publ.publish("resend/t", Q5::AtLeastOnce, false, "m3").await;
 
-    let mut sub = Raw::tcp(addr, V::V5).await;
-    sub.send(&connect(false)).await;
-    let ack = sub.expect(pkt::CONNACK).await;
-    assert_eq!(ack.body[..2], [1, 0], "session present, success");
+    let mut sub = persistent_raw(addr, "resend-sub", false).await;
     let mut again = Vec::new();
     for _ in 0..3 {
         let p = sub.expect(pkt::PUBLISH).await;
@@ -548,6 +531,124 @@ async fn unacknowledged_messages_are_resent_on_reconnect() {
     }
     let want = [("m1", true), ("m2", true), ("m3", false)].map(|(m, d)| (m.to_string(), d));
     assert_eq!(again, want);
+    common::stop(b).await;
+}
+
+/// A QoS 2 delivery that got as far as PUBREL continues with PUBREL, not the PUBLISH, when the
+/// session resumes [MQTT-4.4.0-1].
+#[tokio::test]
+async fn qos2_pubrel_is_resent_on_reconnect() {
+    let b = common::start().await;
+    let addr = common::mqtt(&b);
+    let mut sub = persistent_raw(addr, "relsub", true).await;
+    assert_eq!(sub.subscribe(1, "rel/t", 2).await, 2);
+    let mut publ = v5::client(addr, "relpub").await;
+    publ.publish("rel/t", Q5::ExactlyOnce, false, "two").await;
+    let id = sub
+        .expect(pkt::PUBLISH)
+        .await
+        .publish(V::V5)
+        .1
+        .expect("QoS 2");
+    sub.send(&pkt::frame(0x50, &id.to_be_bytes())).await; // PUBREC
+    let rel = sub.expect(6).await; // PUBREL
+    assert_eq!((rel.header, &rel.body[..2]), (0x62, &id.to_be_bytes()[..]));
+    drop(sub);
+    gone(&b, "relsub").await;
+
+    let mut sub = persistent_raw(addr, "relsub", false).await;
+    let rel = sub.expect(6).await;
+    assert_eq!(rel.body[..2], id.to_be_bytes());
+    sub.send(&pkt::frame(0x70, &id.to_be_bytes())).await; // PUBCOMP
+    publ.publish("rel/t", Q5::AtLeastOnce, false, "next").await;
+    let (_, _, payload) = sub.expect(pkt::PUBLISH).await.publish(V::V5);
+    assert_eq!(payload, b"next", "the completed message came again");
+    common::stop(b).await;
+}
+
+/// Connects a raw MQTT 5 client with a 60 s session, asserting session present is `!clean`.
+async fn persistent_raw(addr: std::net::SocketAddr, id: &str, clean: bool) -> Raw {
+    let mut c = Raw::tcp(addr, V::V5).await;
+    // Session Expiry Interval (0x11) 60 s; clear Clean Start (flags byte) to resume.
+    let mut connect = pkt::connect_with(V::V5, id.as_bytes(), &[0x11, 0, 0, 0, 60]);
+    if !clean {
+        connect[9] &= !0x02;
+    }
+    c.send(&connect).await;
+    let ack = c.expect(pkt::CONNACK).await;
+    assert_eq!(ack.body[..2], [u8::from(!clean), 0], "CONNACK {ack:?}");
+    c
+}
+
+/// Waits until the broker has noticed that `client_id`'s connection is gone.
+async fn gone(b: &corvid_broker::server::Running, client_id: &str) {
+    let session = b.broker.sessions.get(client_id).expect("session");
+    wait_until("the broker to see the connection gone", || {
+        session.state.lock().connection.is_none()
+    })
+    .await;
+}
+
+/// The offline queue is bounded by `sessions.max_offline_queue`; with the default policy the
+/// oldest messages make room for new ones.
+#[tokio::test]
+async fn offline_queue_is_bounded_dropping_oldest() {
+    let mut cfg = common::config();
+    cfg.sessions.max_offline_queue = 5;
+    let b = common::start_with(cfg).await;
+    let addr = common::mqtt(&b);
+    let mut sub = persistent_raw(addr, "qlim", true).await;
+    assert_eq!(sub.subscribe(1, "qlim/t", 1).await, 1);
+    sub.send(&pkt::disconnect()).await;
+    assert!(sub.closed().await.is_empty());
+    let mut publ = v5::client(addr, "qlim-pub").await;
+    for i in 0..10 {
+        publ.publish("qlim/t", Q5::AtLeastOnce, false, &format!("m{i}"))
+            .await;
+    }
+    let mut sub = persistent_raw(addr, "qlim", false).await;
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        let (_, id, payload) = sub.expect(pkt::PUBLISH).await.publish(V::V5);
+        sub.send(&pkt::puback(id.expect("QoS 1"))).await;
+        got.push(String::from_utf8_lossy(&payload).into_owned());
+    }
+    assert_eq!(got, ["m5", "m6", "m7", "m8", "m9"]);
+    publ.publish("qlim/t", Q5::AtLeastOnce, false, "marker")
+        .await;
+    let (_, _, payload) = sub.expect(pkt::PUBLISH).await.publish(V::V5);
+    assert_eq!(payload, b"marker");
+    common::stop(b).await;
+}
+
+/// With overlapping subscriptions the one delivered message carries every matching
+/// Subscription Identifier [MQTT-3.3.4-3].
+#[tokio::test]
+async fn overlapping_subscription_identifiers() {
+    let b = common::start().await;
+    let addr = common::mqtt(&b);
+    let mut sub = Raw::connect(addr, V::V5, "subid").await;
+    // SUBSCRIBE with property 0x0B (Subscription Identifier) = 1 and 2.
+    for (id, filter) in [(1u8, &b"sid/#"[..]), (2, b"sid/b")] {
+        let mut body = vec![0, id, 2, 0x0B, id];
+        pkt::field(filter, &mut body);
+        body.push(1);
+        sub.send(&pkt::frame(0x82, &body)).await;
+        assert_eq!(sub.expect(pkt::SUBACK).await.body.last(), Some(&1));
+    }
+    let mut publ = v5::client(addr, "subid-pub").await;
+    publ.publish("sid/b", Q5::AtMostOnce, false, "x").await;
+    let p = sub.expect(pkt::PUBLISH).await;
+    let b2 = &p.body;
+    let at = 2 + usize::from(u16::from_be_bytes([b2[0], b2[1]]));
+    let props = &b2[at + 1..at + 1 + usize::from(b2[at])];
+    let mut ids: Vec<u8> = props
+        .chunks(2)
+        .filter(|c| c[0] == 0x0B)
+        .map(|c| c[1])
+        .collect();
+    ids.sort();
+    assert_eq!(ids, [1, 2], "properties {props:02X?}");
     common::stop(b).await;
 }
 
