@@ -518,12 +518,22 @@ impl Cluster {
                 let _ = c.kick.send(Kick::TakenOver);
             }
             st.generation += 1;
-            let snap = (!clean).then(|| SessionSnapshot::capture(client_id, &st));
-            st.queue.clear();
-            st.inflight.clear();
-            st.moved_to = Some(to.to_string());
-            snap
+            if clean {
+                None
+            } else {
+                let snap = SessionSnapshot::capture(client_id, &st);
+                st.queue.clear();
+                st.inflight.clear();
+                st.moved_to = Some(to.to_string());
+                Some(snap)
+            }
         };
+        if snapshot.is_none() {
+            // Clean start elsewhere: the old session simply ends.
+            b.end_session(&session);
+            b.sessions.remove_if_same(&session);
+            return None;
+        }
         self.metrics.handed_off.inc();
         self.retire_stub(b, session);
         snapshot
