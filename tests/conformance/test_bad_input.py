@@ -7,6 +7,7 @@ Spec basis: a protocol violation or malformed packet closes the network connecti
 (3.1.1 [MQTT-4.8.0-1]; 5.0 section 4.13, with an optional DISCONNECT carrying a reason code).
 """
 
+import socket
 import struct
 
 import pytest
@@ -292,4 +293,21 @@ def test_packet_over_advertised_maximum_v5(raw, port, bystander, topic):
     c.send(publish_packet(f"{topic}/big", b"x" * maximum, 0))
     seen = c.wait_closed()
     assert all(p.type == DISCONNECT and p.reason == 0x95 for p in seen), seen
+    still_served(port, bystander, topic)
+
+
+def test_slow_consumer_does_not_stall_others(raw, port, bystander, topic):
+    # A subscriber that never reads its socket: the broker must buffer, drop (QoS 0 may be
+    # dropped, 4.3.1) or disconnect it - but not stop serving everyone else.
+    slow = raw(V311)
+    slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.subscribe(f"{topic}/flood", 0)
+    pub = raw(V311)
+    pub.sock.settimeout(5)
+    chunk = publish_packet(f"{topic}/flood", b"z" * 10_000, 0, version=V311) * 100
+    try:
+        for _ in range(20):  # 2,000 messages, 20 MB, none of them read by `slow`
+            pub.sock.sendall(chunk)
+    except (socket.timeout, OSError):
+        pass  # the broker may push back on this publisher; that is its right
     still_served(port, bystander, topic)
