@@ -230,12 +230,48 @@ async fn wildcards_in_publish_topic() {
     after_connect("hash", |v| pkt::publish(v, b"a/#", 0, 0, b"x"), &[0x90]).await;
 }
 
+/// Ill-formed UTF-8 in a SUBSCRIBE or UNSUBSCRIBE filter is malformed [MQTT-1.5.4-1].
+#[tokio::test]
+async fn invalid_utf8_in_filters() {
+    let filter_packet = |header: u8, with_qos: bool| {
+        move |v: V| {
+            let mut body = vec![0, 1];
+            if v == V::V5 {
+                body.push(0);
+            }
+            pkt::field(b"a/\xFF", &mut body);
+            if with_qos {
+                body.push(0);
+            }
+            pkt::frame(header, &body)
+        }
+    };
+    after_connect("sub-utf8", filter_packet(0x82, true), &[0x81]).await;
+    after_connect("unsub-utf8", filter_packet(0xA2, false), &[0x81]).await;
+}
+
 /// A client id with U+0000 or ill-formed UTF-8 is refused [MQTT-1.5.4-1, MQTT-1.5.4-2].
 #[tokio::test]
 async fn invalid_client_ids() {
     for v in V::BOTH {
         instead_of_connect("cid-nul", &pkt::connect_with(v, b"bad\x00id", &[])).await;
         instead_of_connect("cid-utf8", &pkt::connect_with(v, b"bad\xFF\xFEid", &[])).await;
+    }
+}
+
+/// A user name with ill-formed UTF-8 is refused [MQTT-1.5.4-1].
+#[tokio::test]
+async fn invalid_utf8_user_name() {
+    for (v, level) in [(V::V311, 4u8), (V::V5, 5)] {
+        let mut body = Vec::new();
+        pkt::field(b"MQTT", &mut body);
+        body.extend_from_slice(&[level, 0x82, 0, 60]); // user name flag, clean start
+        if v == V::V5 {
+            body.push(0);
+        }
+        pkt::field(b"uname-cid", &mut body);
+        pkt::field(b"user\xFF", &mut body);
+        instead_of_connect("user-utf8", &pkt::frame(0x10, &body)).await;
     }
 }
 
@@ -300,6 +336,11 @@ async fn bad_topic_aliases() {
     let mut c = Raw::connect(addr, V::V5, "alias-unknown").await;
     c.send(&unknown).await;
     c.expect_disconnect(0x82).await;
+    // Alias 0 is never allowed [MQTT-3.3.2-8]; the specification names no single code.
+    let zero = pkt::publish_with(V::V5, b"a/b", 0, 0, &[0x23, 0, 0], b"x");
+    let mut c = Raw::connect(addr, V::V5, "alias-zero").await;
+    c.send(&zero).await;
+    c.expect_disconnect_in(&[0x81, 0x82, 0x94]).await;
     common::assert_serving(addr, &mut bystander).await;
     common::stop(b).await;
 }
@@ -361,6 +402,33 @@ async fn stalled_tls_handshake() {
     );
     assert_eq!(over_tls.subscribe(1, "tls/t", 1).await, 1);
     common::assert_serving(addr, &mut bystander).await;
+    common::stop(b).await;
+}
+
+/// A PROXY header that never ends is cut off after the handshake timeout too.
+#[tokio::test]
+async fn stalled_proxy_header() {
+    let mut cfg = common::config();
+    cfg.listeners.mqtt.proxy_protocol = true;
+    cfg.tls.handshake_timeout = 1;
+    let b = common::start_with(cfg).await;
+    let addr = common::mqtt(&b);
+    let mut bystander = Raw::tcp(addr, V::V5).await;
+    bystander
+        .send(b"PROXY TCP4 192.0.2.1 192.0.2.2 1000 1883\r\n")
+        .await;
+    bystander.handshake("proxy-stall-by").await;
+    let started = Instant::now();
+    let mut stalled = Raw::tcp(addr, V::V5).await;
+    stalled.send(b"PROXY TCP4 192.0.2.9 ").await;
+    assert_eq!(bystander.subscribe(1, "ps/t", 0).await, 0);
+    assert!(stalled.closed().await.is_empty());
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900),
+        "closed after {took:?}, before the timeout"
+    );
+    assert_eq!(bystander.subscribe(2, "ps/u", 0).await, 0);
     common::stop(b).await;
 }
 
