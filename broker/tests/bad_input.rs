@@ -493,3 +493,37 @@ async fn connect_flood() {
     drop(connecting);
     common::stop(b).await;
 }
+
+/// A hundred connections racing for one client id: each is taken over by the next (CONNACK,
+/// then DISCONNECT 0x8E [MQTT-3.1.4-3]), the last one keeps the session and is served, and no
+/// connection is left behind.
+#[tokio::test]
+async fn same_client_id_storm() {
+    let b = common::start().await;
+    let addr = common::mqtt(&b);
+    let mut bystander = Bystander::connect(addr, "storm-by").await;
+    let mut racers = Vec::new();
+    for _ in 0..100 {
+        let mut c = Raw::tcp(addr, V::V5).await;
+        c.send(&pkt::connect(V::V5, "storm")).await;
+        racers.push(c);
+    }
+    let mut winner = racers.pop().expect("racers");
+    for mut c in racers {
+        let seen: Vec<(u8, u8)> = c
+            .closed()
+            .await
+            .iter()
+            .map(|p| (p.kind(), p.reason()))
+            .collect();
+        assert_eq!(seen, [(pkt::CONNACK, 0), (pkt::DISCONNECT, 0x8E)]);
+    }
+    assert_eq!(winner.expect(pkt::CONNACK).await.reason(), 0);
+    assert_eq!(winner.subscribe(1, "storm/t", 0).await, 0);
+    common::wait_until("only the winner and the bystander connected", || {
+        b.broker.metrics.connections.get() == 2
+    })
+    .await;
+    common::assert_serving(addr, &mut bystander).await;
+    common::stop(b).await;
+}
