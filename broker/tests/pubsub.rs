@@ -345,6 +345,67 @@ async fn offline_queue_survives_reconnect_v5() {
     common::stop(b).await;
 }
 
+/// Message Expiry Interval: a message that expires while queued for an offline session, or
+/// while retained, is not delivered [MQTT-3.3.2-5]; one still valid is delivered with the
+/// interval reduced by its time in the broker [MQTT-3.3.2-6].
+#[tokio::test]
+async fn message_expiry() {
+    let b = common::start().await;
+    let addr = common::mqtt(&b);
+    let mut sub = persistent_raw(addr, "mexp-sub", true).await;
+    assert_eq!(sub.subscribe(1, "mexp/#", 1).await, 1);
+    sub.send(&pkt::disconnect()).await;
+    assert!(sub.closed().await.is_empty());
+
+    let mut publ = v5::client(addr, "mexp-pub").await;
+    let expiry = |secs| PublishProperties {
+        message_expiry_interval: Some(secs),
+        ..Default::default()
+    };
+    let published = Instant::now();
+    publ.publish_with(
+        "mexp/retained",
+        Q5::AtLeastOnce,
+        true,
+        "short",
+        Some(expiry(1)),
+    )
+    .await;
+    publ.publish_with("mexp/q", Q5::AtLeastOnce, false, "short", Some(expiry(1)))
+        .await;
+    publ.publish_with("mexp/q", Q5::AtLeastOnce, false, "long", Some(expiry(600)))
+        .await;
+    // The scenario is time passing: wait until the 1 s messages are certainly expired.
+    wait_until("1.5 s to pass", || {
+        published.elapsed() > Duration::from_millis(1500)
+    })
+    .await;
+
+    let mut sub = persistent_raw(addr, "mexp-sub", false).await;
+    let p = sub.expect(pkt::PUBLISH).await;
+    let (topic, _, payload) = p.publish(V::V5);
+    assert_eq!((topic.as_str(), &payload[..]), ("mexp/q", &b"long"[..]));
+    let at = 2 + 2 + usize::from(u16::from_be_bytes([p.body[0], p.body[1]]));
+    let props = &p.body[at + 1..at + 1 + usize::from(p.body[at])];
+    assert_eq!(
+        props[0], 0x02,
+        "Message Expiry Interval first: {props:02X?}"
+    );
+    let left = u32::from_be_bytes([props[1], props[2], props[3], props[4]]);
+    assert!((590..600).contains(&left), "expiry forwarded as {left}");
+
+    let mut late = Raw::connect(addr, V::V5, "mexp-late").await;
+    assert_eq!(late.subscribe(1, "mexp/#", 1).await, 1);
+    publ.publish("mexp/marker", Q5::AtLeastOnce, false, "marker")
+        .await;
+    let (topic, _, _) = late.expect(pkt::PUBLISH).await.publish(V::V5);
+    assert_eq!(
+        topic, "mexp/marker",
+        "the expired retained message was sent"
+    );
+    common::stop(b).await;
+}
+
 /// A session with a 2 s expiry is gone 2 s after its connection closes [MQTT-3.1.2-23]:
 /// the broker forgets it, and reconnecting finds no session and no queued messages.
 #[tokio::test]
