@@ -313,6 +313,20 @@ async fn second_connect() {
     after_connect("again", |v| pkt::connect(v, "again-2"), &[0x82]).await;
 }
 
+/// Connected with session expiry 0, a client may not set one on DISCONNECT: protocol error
+/// 0x82 [MQTT-3.14.2-2].
+#[tokio::test]
+async fn disconnect_setting_expiry_after_zero() {
+    let b = common::start().await;
+    let addr = common::mqtt(&b);
+    let mut bystander = Bystander::connect(addr, "dexp0-by").await;
+    let mut c = Raw::connect(addr, V::V5, "dexp0").await;
+    c.send(&[0xE0, 7, 0, 5, 0x11, 0, 0, 0, 60]).await;
+    c.expect_disconnect(0x82).await;
+    common::assert_serving(addr, &mut bystander).await;
+    common::stop(b).await;
+}
+
 /// A topic alias above the broker's Topic Alias Maximum: 0x94 [MQTT-3.3.2-9]; an alias never
 /// set: protocol error 0x82 [MQTT-3.3.4]. MQTT 5 only.
 #[tokio::test]

@@ -406,6 +406,32 @@ async fn message_expiry() {
     common::stop(b).await;
 }
 
+/// DISCONNECT can shorten the session expiry to 0, ending the session at once
+/// (section 3.14.2.2.2).
+#[tokio::test]
+async fn disconnect_can_end_the_session() {
+    let b = common::start().await;
+    let addr = common::mqtt(&b);
+    let mut c = persistent_raw(addr, "dexp", true).await;
+    // DISCONNECT, reason 0, Session Expiry Interval (0x11) = 0.
+    c.send(&[0xE0, 7, 0, 5, 0x11, 0, 0, 0, 0]).await;
+    assert!(c.closed().await.is_empty());
+    wait_until("the session to end", || {
+        b.broker.sessions.get("dexp").is_none()
+    })
+    .await;
+    let mut again = Raw::tcp(addr, V::V5).await;
+    let mut resume = pkt::connect(V::V5, "dexp");
+    resume[9] &= !0x02; // clean start off: resume if there were a session
+    again.send(&resume).await;
+    assert_eq!(
+        again.expect(pkt::CONNACK).await.body[..2],
+        [0, 0],
+        "no session present"
+    );
+    common::stop(b).await;
+}
+
 /// A session with a 2 s expiry is gone 2 s after its connection closes [MQTT-3.1.2-23]:
 /// the broker forgets it, and reconnecting finds no session and no queued messages.
 #[tokio::test]
