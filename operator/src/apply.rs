@@ -81,15 +81,26 @@ pub async fn apply_all(client: &Client, names: &Names, desired: &Desired) -> Res
     apply(client, ns, &desired.config_map).await?;
     apply(client, ns, &desired.headless_service).await?;
     let client_service = apply(client, ns, &desired.client_service).await?;
-    if let Some(cert) = &desired.certificate {
-        apply_dynamic(client, ns, &certificate::api_resource(), cert).await?;
-    }
     apply(client, ns, &desired.statefulset).await?;
     if let Some(pdb) = &desired.pdb {
         apply(client, ns, pdb).await?;
     }
     if let Some(sm) = &desired.service_monitor {
         apply_dynamic(client, ns, &servicemonitor::api_resource(), sm).await?;
+    }
+    // Last, so everything else converges even when cert-manager is missing.
+    if let Some(cert) = &desired.certificate {
+        match apply_dynamic(client, ns, &certificate::api_resource(), cert).await {
+            Err(Error::Apply {
+                source: kube::Error::Api(e),
+                ..
+            }) if e.code == 404 => {
+                return Err(Error::MissingApi(
+                    "tls.issuerRef needs cert-manager, but the cert-manager.io/v1 Certificate API is not installed".to_string(),
+                ));
+            }
+            other => other?,
+        }
     }
     Ok(client_service)
 }

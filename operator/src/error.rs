@@ -28,6 +28,9 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    /// An API the spec relies on (cert-manager) is not installed in the cluster.
+    #[error("{0}")]
+    MissingApi(String),
     /// Talking to a broker's admin API failed.
     #[error("broker admin API: {0}")]
     PodTalk(#[from] PodTalkError),
@@ -46,6 +49,7 @@ impl Error {
             Error::InvalidSpec(_) => "InvalidSpec",
             Error::Read { .. } => "ReadFailed",
             Error::Apply { .. } => "ApplyFailed",
+            Error::MissingApi(_) => "MissingApi",
             Error::PodTalk(_) => "BrokerAdminFailed",
             Error::Status(_) => "StatusFailed",
             Error::MissingNamespace => "MissingNamespace",

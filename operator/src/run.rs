@@ -6,13 +6,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
+use corvid_crds::MqttCluster;
 use corvid_operator::cli::RunArgs;
 use corvid_operator::controller::{self, Context};
 use corvid_operator::leader::Elector;
 use corvid_operator::metrics::{self, HttpState, Metrics};
 use corvid_operator::podtalk::ApiServerProxy;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::events::{Recorder, Reporter};
+use kube::CustomResourceExt;
 use kube::{Client, Config};
 use tracing_subscriber::EnvFilter;
 
@@ -43,6 +47,33 @@ async fn client(args: &RunArgs) -> anyhow::Result<Client> {
     Client::try_from(config).context("building the Kubernetes client")
 }
 
+/// Applies the CRD this binary was built with (Helm installs `crds/` once and never upgrades
+/// it). Every replica does this before the election; applies of the same YAML by the same field
+/// manager are idempotent. A failure (most often RBAC) is logged, not fatal: the operator then
+/// runs against whatever CRD version the cluster has.
+async fn apply_own_crd(client: &Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    // The same document as `corvid-operator crd` and manifests/crds/ (descriptions unwrapped).
+    let crd: CustomResourceDefinition = match corvid_crds::crd_yaml()
+        .map_err(anyhow::Error::from)
+        .and_then(|yaml| serde_yaml::from_str(&yaml).map_err(anyhow::Error::from))
+    {
+        Ok(crd) => crd,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not render the MqttCluster CRD");
+            return;
+        }
+    };
+    let name = MqttCluster::crd_name();
+    let params = PatchParams::apply("corvid-operator").force();
+    match crds.patch(&name, &params, &Patch::Apply(&crd)).await {
+        Ok(_) => tracing::info!(crd = %name, "applied the MqttCluster CRD"),
+        Err(e) => {
+            tracing::warn!(crd = %name, error = %e, "could not apply the MqttCluster CRD; using the installed one")
+        }
+    }
+}
+
 /// Runs the operator until SIGTERM/SIGINT or until leadership is lost.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     init_logging(&args.log_format);
@@ -64,6 +95,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await
         .context("contacting the API server")?;
     tracing::info!(version = %version.git_version, "connected to the API server");
+    if args.apply_crd {
+        apply_own_crd(&client).await;
+    }
     ready.store(true, Ordering::Relaxed);
 
     let identity = std::env::var("POD_NAME")

@@ -85,7 +85,8 @@ pub fn compute(i: &StatusInputs) -> MqttClusterStatus {
     let (progressing, p_reason, p_message) = progressing(i.plan);
     conditions.push(cond(i, PROGRESSING, progressing, p_reason, p_message));
     let (degraded, d_reason, d_message) = match (i.plan.map(|p| &p.action), &i.error) {
-        (_, Some(("InvalidSpec", m))) => (true, "InvalidSpec", m.clone()),
+        // Problems that only a spec change or an install fixes.
+        (_, Some((reason @ ("InvalidSpec" | "MissingApi"), m))) => (true, *reason, m.clone()),
         (Some(Action::Blocked { reason, .. }), _) => (true, "RolloutBlocked", reason.clone()),
         _ => (false, "AsExpected", "no known problem".to_string()),
     };
