@@ -3,8 +3,9 @@
 
 Why: a load generator that is itself the bottleneck, or that counts wrongly, makes every broker
 figure meaningless. This runs paho-bench (bench/crosscheck/paho-bench: Eclipse Paho Go client,
-mqtt-benchmark's publish-and-wait-for-token method, built into ~/.cache/corvid/tools) and
-corvid-bench on the same scenario -- 10 publisher/subscriber pairs, 64 B payloads, QoS 0 and 1 --
+mqtt-benchmark's publish-and-wait-for-token method, built into ~/.cache/corvid/tools), Debian's
+mosquitto_pub/mosquitto_sub (1 pair, QoS 0) and corvid-bench on the same scenarios -- 10
+publisher/subscriber pairs, 64 B payloads, QoS 0 and 1 --
 alternating, each on a fresh broker (mosquitto, or corvid with --broker corvid) on 127.0.0.1, and
 prints both generators' msg/s.
 """
@@ -17,7 +18,9 @@ import os
 import statistics
 import subprocess
 import sys
+import shutil
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -34,6 +37,32 @@ def build_paho() -> str:
         compare.log("go build paho-bench")
         subprocess.run(["go", "build", "-o", str(out), "."], cwd=src, check=True)
     return str(out)
+
+
+def mosquitto_clients(port: int, count: int) -> dict:
+    """1->1 QoS0 with Debian's own clients: mosquitto_pub -l publishes one message per stdin line,
+    mosquitto_sub -C exits after COUNT messages; delivered msg/s = COUNT / (sub exit - pub start)."""
+    lines = ("x" * 63 + "\n") * count
+    sub = subprocess.Popen(
+        ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(port), "-t", "xcheck/one", "-q", "0", "-C", str(count)],
+        stdout=subprocess.DEVNULL,
+    )
+    time.sleep(0.5)  # let the subscription land before publishing
+    t0 = time.monotonic()
+    subprocess.run(
+        ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-t", "xcheck/one", "-q", "0", "-l"],
+        input=lines.encode(), check=True, timeout=120,
+    )
+    t1 = time.monotonic()
+    try:
+        sub.wait(timeout=60)
+        received = count
+    except subprocess.TimeoutExpired:
+        sub.kill()
+        received = -1  # unknown: mosquitto_sub does not say how many it got
+    t2 = time.monotonic()
+    return {"published_msgs_per_sec": count / (t1 - t0), "delivered_msgs_per_sec": count / (t2 - t0),
+            "published": count, "received": received if received >= 0 else 0}
 
 
 def main() -> int:
@@ -68,20 +97,31 @@ def main() -> int:
                                                            "--rate", "0", "--duration", "5", "--warmup", "1",
                                                            "--json"],
         }
+        if qos == 0 and shutil.which("mosquitto_pub") and shutil.which("mosquitto_sub"):
+            variants["mosquitto_pub -l / mosquitto_sub -C, 1 pair"] = "clients"
+            variants["corvid-bench, 1 pair"] = lambda port: [bench, "pub-sub", "--port", str(port), "--scenario",
+                                                            "p2p", "--publishers", "1", "--qos", "0", "--payload",
+                                                            "63", "--rate", "0", "--duration", "3", "--warmup",
+                                                            "1", "--json"]
         results: dict[str, list] = {k: [] for k in variants}
         for r in range(args.rounds):
             names = list(variants) if r % 2 == 0 else list(reversed(variants))
             for name in names:
                 broker.start()
                 try:
-                    out = subprocess.run(variants[name](broker.port), capture_output=True, text=True, timeout=300)
-                    if out.returncode != 0:
-                        raise RuntimeError(out.stderr[-1000:])
-                    rep = json.loads(out.stdout.strip().splitlines()[-1])
+                    if variants[name] == "clients":
+                        rep = mosquitto_clients(broker.port, args.count * 5)
+                    else:
+                        out = subprocess.run(variants[name](broker.port), capture_output=True, text=True,
+                                             timeout=300)
+                        if out.returncode != 0:
+                            raise RuntimeError(out.stderr[-1000:])
+                        rep = json.loads(out.stdout.strip().splitlines()[-1])
                 finally:
                     broker.stop()
                 if "delivered_msgs_per_sec" in rep:
-                    fig = {"delivered": rep["delivered_msgs_per_sec"], "published": rep["publish_msgs_per_sec"],
+                    fig = {"delivered": rep["delivered_msgs_per_sec"],
+                           "published": rep.get("publish_msgs_per_sec", rep.get("published_msgs_per_sec")),
                            "lost": rep["published"] - rep["received"]}
                 else:
                     fig = {"delivered": rep["delivered_per_sec"], "published": rep["sent_per_sec"],
