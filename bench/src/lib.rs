@@ -12,6 +12,7 @@ pub mod connection;
 pub mod error;
 pub mod histogram;
 pub mod idle;
+pub mod pacer;
 pub mod payload;
 pub mod pubsub;
 pub mod report;
