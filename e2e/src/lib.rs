@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{DeleteParams, PostParams};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, PostParams};
 use kube::{Api, Client};
 
 /// Env var that turns "no cluster" from a skip into a failure (set by CI).
@@ -200,4 +201,143 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<
         .and_then(|c| c.parse().ok())
         .with_context(|| format!("no status code from {addr}: {head}"))?;
     Ok((code, body.to_string()))
+}
+
+/// Name of the MqttCluster CRD.
+pub const CRD_NAME: &str = "mqttclusters.corvid.dev";
+
+/// The committed CRD manifests (`corvid-operator crd` output).
+pub fn crd_dir() -> PathBuf {
+    repo_root().join("manifests/crds")
+}
+
+/// How kube's dynamic API addresses MqttClusters (tests use untyped objects so they can also
+/// send what the Rust types would never produce).
+pub fn mqtt_cluster_resource() -> ApiResource {
+    let gvk = GroupVersionKind::gvk("corvid.dev", "v1alpha1", "MqttCluster");
+    ApiResource::from_gvk_with_plural(&gvk, "mqttclusters")
+}
+
+/// An MqttCluster object with the given spec.
+pub fn mqtt_cluster(name: &str, spec: serde_json::Value) -> DynamicObject {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "corvid.dev/v1alpha1",
+        "kind": "MqttCluster",
+        "metadata": { "name": name },
+        "spec": spec,
+    }))
+    .expect("valid MqttCluster object")
+}
+
+/// Applies every CRD under manifests/crds/ with `kubectl apply --server-side` (the only way a
+/// CRD this large installs: its last-applied annotation would exceed the 256 KiB limit) and
+/// waits until MqttClusters can be listed. Idempotent, so every test that needs it calls it.
+pub async fn apply_crds(client: &Client) {
+    let dir = crd_dir();
+    let dir = dir.to_str().expect("UTF-8 path");
+    let out = kubectl(
+        &[
+            "apply",
+            "--server-side",
+            "--field-manager=corvid-e2e",
+            "-f",
+            dir,
+        ],
+        None,
+    )
+    .expect("run kubectl");
+    assert!(
+        out.status.success(),
+        "kubectl apply --server-side -f {dir} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let crds = Api::<CustomResourceDefinition>::all(client.clone());
+    wait_for("the MqttCluster CRD to be Established", SETTLE, || async {
+        let crd = crds.get(CRD_NAME).await?;
+        let conditions = crd.status.and_then(|s| s.conditions).unwrap_or_default();
+        let established = conditions
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True");
+        Ok(if established {
+            Ok(())
+        } else {
+            Err(format!("{conditions:?}"))
+        })
+    })
+    .await
+    .unwrap();
+    let all = Api::<DynamicObject>::all_with(client.clone(), &mqtt_cluster_resource());
+    wait_for("MqttClusters to be served", SETTLE, || async {
+        Ok(all
+            .list(&Default::default())
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string()))
+    })
+    .await
+    .unwrap();
+}
+
+/// How long the API server gets to settle after a CRD change.
+const SETTLE: Duration = Duration::from_secs(60);
+
+/// A binary of this workspace for a test to run: `$<env_var>`, else the one cargo built next to
+/// the running test (`target/<profile>/<name>`); e2e/ci-kwok builds them before the tests.
+pub fn workspace_binary(name: &str, env_var: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(env_var) {
+        return PathBuf::from(path);
+    }
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let exe = std::env::current_exe().expect("test executable path");
+    let candidate = exe.parent().and_then(Path::parent).map(|d| d.join(name));
+    match candidate {
+        Some(path) if path.exists() => path,
+        _ => panic!(
+            "no {name} binary: build it with `cargo build -p {name}` (same target dir) or set \
+             {env_var}"
+        ),
+    }
+}
+
+/// A process a test started, with its output in a log file; killed when dropped, so a failing
+/// assertion never leaves it running.
+pub struct TestProcess {
+    /// What the process is, for messages.
+    pub name: String,
+    /// Its combined stdout and stderr.
+    pub log: PathBuf,
+    child: std::process::Child,
+}
+
+impl TestProcess {
+    /// Starts `command` with stdin closed and stdout/stderr appended to `log`.
+    pub fn spawn(name: &str, mut command: Command, log: PathBuf) -> anyhow::Result<Self> {
+        let file = std::fs::File::create(&log).with_context(|| log.display().to_string())?;
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        Ok(Self {
+            name: name.to_string(),
+            log,
+            child,
+        })
+    }
+
+    /// The last `lines` lines of the log, headed by the process name, for failure messages.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        let tail = all[all.len().saturating_sub(lines)..].join("\n");
+        format!("--- {} ({})\n{tail}\n", self.name, self.log.display())
+    }
+}
+
+impl Drop for TestProcess {
+    fn drop(&mut self) {
+        self.child.kill().ok();
+        self.child.wait().ok();
+    }
 }

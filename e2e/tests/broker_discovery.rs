@@ -5,16 +5,17 @@
 //! service-account token limited by RBAC and must form one cluster from what it finds.
 //!
 //! Needs root (CAP_NET_ADMIN) to add the pod IPs to `lo`, and a built `corvid-broker`
-//! (`$CORVID_BROKER_BIN`, else the one next to this test in the cargo target dir;
-//! `e2e/ci-kwok` builds it first).
+//! (see [`corvid_e2e::workspace_binary`]; `e2e/ci-kwok` builds it first).
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use corvid_e2e::{cluster, http_get, kubectl, wait_for, TestNamespace};
+use corvid_e2e::{
+    cluster, http_get, kubectl, wait_for, workspace_binary, TestNamespace, TestProcess,
+};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -33,7 +34,7 @@ async fn brokers_find_each_other_through_endpoint_slices() {
     let Some(client) = cluster("brokers_find_each_other_through_endpoint_slices").await else {
         return;
     };
-    let broker = broker_binary();
+    let broker = workspace_binary("corvid-broker", "CORVID_BROKER_BIN");
     let ns = TestNamespace::create(&client, "discovery").await.unwrap();
     create_rbac_service_and_statefulset(&client, &ns.name).await;
     let pods = wait_for_pod_ips(&client, &ns.name).await;
@@ -118,26 +119,6 @@ async fn brokers_find_each_other_through_endpoint_slices() {
     drop(brokers);
     std::fs::remove_dir_all(&work).ok();
     ns.delete().await.unwrap();
-}
-
-/// The broker binary under test.
-fn broker_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("CORVID_BROKER_BIN") {
-        return PathBuf::from(path);
-    }
-    // target/<profile>/deps/<this test> -> target/<profile>/corvid-broker
-    let exe = std::env::current_exe().unwrap();
-    let candidate = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join("corvid-broker"));
-    match candidate {
-        Some(path) if path.exists() => path,
-        _ => panic!(
-            "no corvid-broker binary: build it with `cargo build -p corvid-broker` (same target \
-             dir) or set CORVID_BROKER_BIN"
-        ),
-    }
 }
 
 /// The API server URL and a PEM file with the CA that signed its certificate, both taken from
@@ -310,7 +291,7 @@ async fn wait_for_endpoint_slices(client: &Client, ns: &str, pods: &[(String, Ip
 /// when an assertion fails.
 #[derive(Default)]
 struct Brokers {
-    children: Vec<(String, Child, PathBuf)>,
+    processes: Vec<TestProcess>,
     added_ips: Vec<IpAddr>,
 }
 
@@ -329,38 +310,25 @@ impl Brokers {
     }
 
     fn start(&mut self, binary: &Path, name: &str, config: &Path, work: &Path) {
-        let log = work.join(format!("{name}.log"));
-        let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(binary)
+        let mut command = Command::new(binary);
+        command
             .args(["serve", "--config"])
             .arg(config)
             .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {}: {e}", binary.display()));
-        self.children.push((name.to_string(), child, log));
+            .env("NO_COLOR", "1");
+        let log = work.join(format!("{name}.log"));
+        self.processes
+            .push(TestProcess::spawn(name, command, log).expect("start corvid-broker"));
     }
 
     fn log_tails(&self) -> String {
-        let mut out = String::new();
-        for (name, _, log) in &self.children {
-            let text = std::fs::read_to_string(log).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            let tail = lines[lines.len().saturating_sub(20)..].join("\n");
-            out.push_str(&format!("--- {name} ({})\n{tail}\n", log.display()));
-        }
-        out
+        self.processes.iter().map(|p| p.log_tail(20)).collect()
     }
 }
 
 impl Drop for Brokers {
     fn drop(&mut self) {
-        for (_, child, _) in &mut self.children {
-            child.kill().ok();
-            child.wait().ok();
-        }
+        self.processes.clear(); // kills them before their addresses go away
         for ip in &self.added_ips {
             Command::new("ip")
                 .args(["addr", "del", &format!("{ip}/32"), "dev", "lo"])

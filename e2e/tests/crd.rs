@@ -3,85 +3,13 @@
 //! names the offending field: the CEL rules are the operator's first line of validation, so
 //! they are tested where they run, not only as YAML.
 
-use std::path::PathBuf;
-use std::time::Duration;
-
-use corvid_e2e::{cluster, kubectl, repo_root, wait_for, TestNamespace};
+use corvid_e2e::{
+    apply_crds, cluster, kubectl, mqtt_cluster, mqtt_cluster_resource, TestNamespace, CRD_NAME,
+};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams};
-use kube::{Api, Client};
-use serde_json::{json, Value};
-
-const CRD_NAME: &str = "mqttclusters.corvid.dev";
-const SETTLE: Duration = Duration::from_secs(60);
-
-fn crd_dir() -> PathBuf {
-    repo_root().join("manifests/crds")
-}
-
-fn mqtt_cluster_resource() -> ApiResource {
-    let gvk = GroupVersionKind::gvk("corvid.dev", "v1alpha1", "MqttCluster");
-    ApiResource::from_gvk_with_plural(&gvk, "mqttclusters")
-}
-
-/// Applies every CRD under manifests/crds/ with `kubectl apply --server-side` (the only way a
-/// CRD this large installs: its last-applied annotation would exceed the 256 KiB limit) and
-/// waits until MqttClusters can be listed. Idempotent, so every test calls it.
-async fn apply_crds(client: &Client) {
-    let dir = crd_dir();
-    let dir = dir.to_str().unwrap();
-    let out = kubectl(
-        &[
-            "apply",
-            "--server-side",
-            "--field-manager=corvid-e2e",
-            "-f",
-            dir,
-        ],
-        None,
-    )
-    .expect("run kubectl");
-    assert!(
-        out.status.success(),
-        "kubectl apply --server-side -f {dir} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let crds = Api::<CustomResourceDefinition>::all(client.clone());
-    wait_for("the MqttCluster CRD to be Established", SETTLE, || async {
-        let crd = crds.get(CRD_NAME).await?;
-        let conditions = crd.status.and_then(|s| s.conditions).unwrap_or_default();
-        let established = conditions
-            .iter()
-            .any(|c| c.type_ == "Established" && c.status == "True");
-        Ok(if established {
-            Ok(())
-        } else {
-            Err(format!("{conditions:?}"))
-        })
-    })
-    .await
-    .unwrap();
-    let all = Api::<DynamicObject>::all_with(client.clone(), &mqtt_cluster_resource());
-    wait_for("MqttClusters to be served", SETTLE, || async {
-        Ok(all
-            .list(&Default::default())
-            .await
-            .map(drop)
-            .map_err(|e| e.to_string()))
-    })
-    .await
-    .unwrap();
-}
-
-fn mqtt_cluster(name: &str, spec: Value) -> DynamicObject {
-    serde_json::from_value(json!({
-        "apiVersion": "corvid.dev/v1alpha1",
-        "kind": "MqttCluster",
-        "metadata": { "name": name },
-        "spec": spec,
-    }))
-    .unwrap()
-}
+use kube::api::{DynamicObject, Patch, PatchParams, PostParams};
+use kube::Api;
+use serde_json::json;
 
 /// The API server's 422 message for a rejected object, or a panic if it was accepted.
 fn rejection(result: kube::Result<DynamicObject>, case: &str) -> String {
