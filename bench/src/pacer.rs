@@ -138,8 +138,9 @@ mod tests {
             woke_at >= Duration::from_millis(10),
             "woke too early: {woke_at:?}"
         );
+        // Generous: CI machines are shared; this guards against "never" or "only on the next tick".
         assert!(
-            woke_at < Duration::from_millis(30),
+            woke_at < Duration::from_millis(500),
             "woke too late: {woke_at:?}"
         );
     }
