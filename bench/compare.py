@@ -24,7 +24,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -372,7 +371,10 @@ def main() -> int:
         raise SystemExit("corvid-bench did not build")
     bench = str(target_dir / "release" / "corvid-bench")
 
-    workdir = Path(tempfile.mkdtemp(prefix="corvid-compare-"))
+    # Broker configs and logs of the last run stay here for a look after a failure.
+    workdir = Path(args.out).parent / "work"
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
     brokers: list[Broker] = []
     notes: list[str] = []
     if "corvid" in wanted:

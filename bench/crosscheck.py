@@ -19,7 +19,6 @@ import statistics
 import subprocess
 import sys
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -76,7 +75,9 @@ def main() -> int:
     target_dir = Path(os.environ.get("CARGO_TARGET_DIR", compare.REPO / "target"))
     bench = str(target_dir / "release" / "corvid-bench")
     paho = build_paho()
-    workdir = Path(tempfile.mkdtemp(prefix="corvid-xcheck-"))
+    workdir = compare.REPO / "target" / "bench" / f"work-crosscheck-{args.broker}"
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
     if args.broker == "corvid":
         broker: compare.Broker = compare.Corvid(workdir, str(target_dir / "release" / "corvid-broker"))
     else:
