@@ -66,7 +66,7 @@ async fn apply_own_crd(client: &Client) {
     };
     let name = MqttCluster::crd_name();
     let params = PatchParams::apply("corvid-operator").force();
-    match crds.patch(&name, &params, &Patch::Apply(&crd)).await {
+    match crds.patch(name, &params, &Patch::Apply(&crd)).await {
         Ok(_) => tracing::info!(crd = %name, "applied the MqttCluster CRD"),
         Err(e) => {
             tracing::warn!(crd = %name, error = %e, "could not apply the MqttCluster CRD; using the installed one")
