@@ -74,6 +74,12 @@ BEFORE_CONNECT = {
         connect_packet(unique(), V311)),
     # Client id that is not valid UTF-8 [MQTT-1.5.3-1].
     "client-id-invalid-utf8": connect_packet(b"\xc3\x28bad", V311),
+    # [MQTT-3.1.2-14]: Will QoS 3 is malformed.
+    "will-qos-3": connect_packet(unique(), V311, will={"topic": "w", "qos": 3}),
+    # 3.1.3.3 + [MQTT-3.3.2-2]/[MQTT-1.5.3-1]: the Will Topic is a Topic Name - no wildcards,
+    # valid UTF-8.
+    "will-topic-wildcard": connect_packet(unique(), V311, will={"topic": "w/+/x"}),
+    "will-topic-invalid-utf8": connect_packet(unique(), V311, will={"topic": b"w/\xff"}),
     # 5.0 3.1.2.11.3: Receive Maximum 0 is a Protocol Error.
     "receive-maximum-zero-v5": connect_packet(unique(), V5, props={"receive_maximum": 0}),
     # 5.0 3.1.2.11.2: a property included twice is a Protocol Error.

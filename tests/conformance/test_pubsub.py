@@ -292,3 +292,16 @@ def test_unusual_but_valid_topic_names(version, leaf, raw, topic):
     sub.subscribe(name, 1)
     raw(version).publish(name, b"x", 1)
     assert sub.message().topic == name
+
+
+def test_inflight_packet_ids_are_distinct(version, raw, topic):
+    # [MQTT-2.2.1-3]: each new QoS > 0 PUBLISH gets a currently unused, non-zero Packet
+    # Identifier - so unacknowledged messages never share one.
+    props = {"receive_maximum": 20} if version == V5 else None
+    sub = raw(version, props=props)
+    sub.subscribe(topic, 1)
+    pub = raw(version)
+    for i in range(10):
+        pub.publish(topic, str(i).encode(), 1)
+    pids = [sub.message(ack=False).pid for _ in range(10)]
+    assert 0 not in pids and len(set(pids)) == 10, pids

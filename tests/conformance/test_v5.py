@@ -493,3 +493,18 @@ def test_unsuback_has_code_per_filter(raw, topic):
     c.subscribe(f"{topic}/a", 1)
     ack = c.unsubscribe(f"{topic}/a", f"{topic}/never")
     assert len(ack.codes) == 2 and ack.codes[0] == 0x00 and ack.codes[1] in (0x00, 0x11), ack
+
+
+def test_pubrec_error_code_ends_qos2_flow(raw, topic):
+    # 4.3.3 / [MQTT-3.3.4-9]: a PUBREC with a Reason Code of 0x80 or greater ends the QoS 2
+    # flow - no PUBREL follows - and frees the Receive Maximum slot.
+    sub = raw(V5, props={"receive_maximum": 1})
+    sub.subscribe(topic, 2)
+    pub = raw(V5)
+    pub.publish(topic, b"1", 2)
+    pub.publish(topic, b"2", 2)
+    first = sub.message(ack=False)
+    sub.send(ack_packet(PUBREC, first.pid, V5, reason=0x80))
+    second = sub.message(ack=False)
+    assert second.payload == b"2", second
+    assert not any(p.type == PUBREL and p.pid == first.pid for p in sub.pending), sub.pending
