@@ -165,18 +165,23 @@ async fn subscribe_without_filters() {
     after_connect("nosub", empty, &[0x82, 0x8F]).await;
 }
 
-/// Reserved bits in MQTT 5 subscription options are malformed [MQTT-3.8.3-5]; Maximum QoS 3
-/// is a protocol error (section 3.8.3.1), which the broker reports as malformed today
-/// (reported). The 3.1.1 case is a known broker bug, pinned in its own test.
+/// Reserved bits in subscription options are malformed (3.1.1 [MQTT-3.8.3-4], MQTT 5
+/// [MQTT-3.8.3-5]); MQTT 5 Maximum QoS 3 is a protocol error (section 3.8.3.1), which the
+/// broker reports as malformed today (reported).
 #[tokio::test]
-async fn subscribe_bad_options_v5() {
+async fn subscribe_bad_options() {
     let b = common::start().await;
     let addr = common::mqtt(&b);
     let mut bystander = Bystander::connect(addr, "subopt-by").await;
-    for (options, reasons) in [(0xC1u8, &[0x81u8][..]), (0x03, &[0x81, 0x82][..])] {
-        let mut p = pkt::subscribe(V::V5, 1, "a/b", 1);
+    let cases = [
+        (V::V311, 0xC1u8, &[][..]),
+        (V::V5, 0xC1, &[0x81][..]),
+        (V::V5, 0x03, &[0x81, 0x82][..]),
+    ];
+    for (v, options, reasons) in cases {
+        let mut p = pkt::subscribe(v, 1, "a/b", 1);
         *p.last_mut().expect("options byte") = options;
-        let mut c = Raw::connect(addr, V::V5, "subopt").await;
+        let mut c = Raw::connect(addr, v, "subopt").await;
         c.send(&p).await;
         c.expect_disconnect_in(reasons).await;
     }
