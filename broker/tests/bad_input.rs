@@ -71,7 +71,7 @@ async fn connection_closed_mid_packet() {
     common::stop(b).await;
 }
 
-/// A packet over `mqtt.max_packet_size`: 0x95 [MQTT-3.2.2-15], whether it is really sent or
+/// A packet over `mqtt.max_packet_size`: 0x95 (section 3.2.2.3.6), whether it is really sent or
 /// only announced by its remaining length.
 #[tokio::test]
 async fn oversized_packet() {
@@ -140,7 +140,7 @@ async fn publish_packet_id_zero() {
     .await;
 }
 
-/// A remaining length encoded in five bytes is malformed [MQTT-1.5.5].
+/// A remaining length encoded in five bytes is malformed (section 1.5.5: at most four bytes).
 #[tokio::test]
 async fn five_byte_remaining_length() {
     after_connect(
@@ -280,8 +280,8 @@ async fn invalid_utf8_user_name() {
     }
 }
 
-/// CONNECT packets broken in different ways are refused and closed [MQTT-3.1.2-1,
-/// MQTT-3.1.2-3, MQTT-3.1.2-12].
+/// CONNECT packets broken in different ways are refused and closed: wrong protocol name
+/// [MQTT-3.1.2-1], reserved flag set [MQTT-3.1.2-3], will QoS 3, fields past the end.
 #[tokio::test]
 async fn malformed_connect() {
     let with = |name: &[u8], level: u8, flags: u8| {
@@ -302,7 +302,7 @@ async fn malformed_connect() {
     short[1] -= 3; // remaining length ends inside the client id
     short.truncate(short.len() - 3);
     instead_of_connect("short", &short).await;
-    // Will flag with a wildcard will topic [MQTT-3.1.3-11 via MQTT-3.3.2-2].
+    // Will flag with a wildcard will topic: the will topic is a topic name [MQTT-3.3.2-2].
     let mut will = Vec::new();
     pkt::field(b"MQTT", &mut will);
     will.extend_from_slice(&[4, 0x06, 0, 60]);
@@ -319,7 +319,7 @@ async fn second_connect() {
 }
 
 /// Connected with session expiry 0, a client may not set one on DISCONNECT: protocol error
-/// 0x82 [MQTT-3.14.2-2].
+/// 0x82 (section 3.14.2.2.2).
 #[tokio::test]
 async fn disconnect_setting_expiry_after_zero() {
     let b = common::start().await;

@@ -228,7 +228,7 @@ async fn will_delay_is_capped_by_session_expiry() {
 
 /// A second connection with the same client id takes the session over: the first gets
 /// DISCONNECT 0x8E [MQTT-3.1.4-3] and the second resumes the session, subscriptions and all
-/// [MQTT-3.2.2-2].
+/// [MQTT-3.2.2-3].
 #[tokio::test]
 async fn session_takeover() {
     let b = common::start().await;
@@ -255,7 +255,7 @@ async fn session_takeover() {
 }
 
 /// Messages published while a persistent subscriber is away are queued and delivered, all of
-/// them and in order, when it comes back [MQTT-3.1.2-4, MQTT-4.6.0-6].
+/// them and in order, when it comes back (session state, section 4.1; order [MQTT-4.6.0-6]).
 #[tokio::test]
 async fn offline_queue_survives_reconnect_v3() {
     let b = common::start().await;
@@ -475,7 +475,7 @@ async fn session_expires_after_its_interval() {
 }
 
 /// The broker never has more unacknowledged QoS 1 messages towards a client than the client's
-/// Receive Maximum [MQTT-3.3.4-7]; acknowledging one lets the next through.
+/// Receive Maximum [MQTT-3.3.4-9]; acknowledging one lets the next through.
 #[tokio::test]
 async fn client_receive_maximum_is_honoured() {
     let b = common::start().await;
@@ -534,7 +534,7 @@ async fn client_receive_maximum_is_honoured() {
 }
 
 /// The broker's own Receive Maximum: one QoS 2 PUBLISH more than it allows unreleased ends the
-/// connection with DISCONNECT 0x93 [MQTT-3.3.4-8], and nobody else notices.
+/// connection with DISCONNECT 0x93 (section 3.2.2.3.3), and nobody else notices.
 #[tokio::test]
 async fn broker_receive_maximum_is_enforced() {
     let mut cfg = common::config();
@@ -739,7 +739,7 @@ async fn overlapping_subscription_identifiers() {
     common::stop(b).await;
 }
 
-/// Topic alias set by the client [MQTT-3.3.2-12]: the first PUBLISH maps alias 1 to a topic,
+/// Topic alias set by the client (section 3.3.2.3.4): the first PUBLISH maps alias 1 to a topic,
 /// later ones send an empty topic; subscribers see the full topic every time.
 #[tokio::test]
 async fn topic_alias_from_client() {
