@@ -274,7 +274,7 @@ async fn apply_and_act(
             source,
         })?;
     let plan = planner::plan(&planner_input(cluster, observation, applied.as_ref()));
-    let error = act(ctx, cluster, names, &plan).await.err();
+    let error = act(ctx, cluster, names, &plan, observation).await.err();
     Ok(Acted {
         plan,
         endpoint: endpoint(&client_service, names),
@@ -344,7 +344,13 @@ pub fn endpoint(service: &Service, names: &Names) -> Option<String> {
     (!is_lb).then(|| format!("{}.{}.svc", names.client_service(), names.namespace))
 }
 
-async fn act(ctx: &Context, cluster: &MqttCluster, names: &Names, plan: &Plan) -> Result<()> {
+async fn act(
+    ctx: &Context,
+    cluster: &MqttCluster,
+    names: &Names,
+    plan: &Plan,
+    observation: &Observation,
+) -> Result<()> {
     let ns = names.namespace.as_str();
     match &plan.action {
         Action::Evacuate(pod) => {
@@ -401,6 +407,19 @@ async fn act(ctx: &Context, cluster: &MqttCluster, names: &Names, plan: &Plan) -
             .await;
         }
         Action::Idle => {
+            // Scale-downs must not leave ghosts: members whose pod is gone for good.
+            for ghost in status::stale_members(
+                &observation.members,
+                &observation.pods,
+                &names.statefulset(),
+                cluster.spec.replicas,
+            ) {
+                let note = format!(
+                    "{ghost} is still listed as a cluster member after its pod was removed"
+                );
+                ctx.event(cluster, EventType::Warning, "StaleMember", note)
+                    .await;
+            }
             let was_progressing = cluster.status.as_ref().is_some_and(|s| {
                 s.conditions
                     .iter()

@@ -192,3 +192,25 @@ fn cond(i: &StatusInputs, type_: &str, status: bool, reason: &str, message: Stri
 #[cfg(test)]
 #[path = "status_tests.rs"]
 mod tests;
+
+/// Members the brokers still list although their pod is gone for good (an ordinal at or above
+/// the desired size, no pod): after a scale-down these are ghosts that should have left.
+pub fn stale_members(
+    members: &[MemberStatus],
+    pods: &[PodView],
+    statefulset: &str,
+    desired: i32,
+) -> Vec<String> {
+    members
+        .iter()
+        .filter(|m| {
+            let ordinal = m
+                .name
+                .strip_prefix(statefulset)
+                .and_then(|rest| rest.strip_prefix('-'))
+                .and_then(|o| o.parse::<i32>().ok());
+            ordinal.is_some_and(|o| o >= desired) && !pods.iter().any(|p| p.name == m.name)
+        })
+        .map(|m| m.name.clone())
+        .collect()
+}

@@ -1,6 +1,6 @@
 //! Condition and count tests.
 
-use corvid_crds::MqttClusterStatus;
+use corvid_crds::{MemberStatus, MqttClusterStatus};
 use jiff::Timestamp;
 
 use super::*;
@@ -152,4 +152,28 @@ fn transition_time_only_moves_when_status_changes() {
     changed.now = later.now;
     let third = compute(&changed);
     assert_eq!(get(&third, DEGRADED).last_transition_time.0, later.now);
+}
+
+#[test]
+fn members_left_behind_by_a_scale_down_are_found() {
+    let member = |name: &str| MemberStatus {
+        name: name.into(),
+        state: "up".into(),
+        routes: 0,
+    };
+    let members = [
+        member("demo-0"),
+        member("demo-1"),
+        member("demo-2"),
+        member("other-5"),
+    ];
+    let pods = [pod(0, "r2", true), pod(1, "r2", true)];
+    assert_eq!(
+        stale_members(&members, &pods, "demo", 2),
+        vec!["demo-2".to_string()]
+    );
+    assert!(stale_members(&members[..2], &pods, "demo", 2).is_empty());
+    // A pod that is merely being replaced is not a ghost.
+    let all = [pod(0, "r2", true), pod(1, "r2", true), pod(2, "r2", false)];
+    assert!(stale_members(&members, &all, "demo", 3).is_empty());
 }
