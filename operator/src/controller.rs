@@ -101,6 +101,11 @@ pub fn error_policy(cluster: Arc<MqttCluster>, error: &Error, ctx: Arc<Context>)
     if matches!(error, Error::InvalidSpec(_)) {
         return Requeue::await_change();
     }
+    // An unreachable broker must not slow a rollout down past its own bounds: the planner's drain
+    // timeout decides when to move on, so look again soon.
+    if matches!(error, Error::PodTalk(_)) {
+        return Requeue::requeue(Duration::from_secs(5));
+    }
     let attempts = match ctx.failures.lock() {
         Ok(mut failures) => {
             let n = failures.entry(key(&cluster)).or_insert(0);

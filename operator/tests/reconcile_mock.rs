@@ -275,3 +275,20 @@ async fn other_errors_back_off() {
     assert_eq!(first, Action::requeue(std::time::Duration::from_secs(5)));
     assert_eq!(second, Action::requeue(std::time::Duration::from_secs(10)));
 }
+
+#[tokio::test]
+async fn unreachable_brokers_do_not_stretch_the_backoff() {
+    let (client, _) = fake_client();
+    let ctx = context(client);
+    let obj = cluster(json!({}));
+    let err = corvid_operator::error::Error::PodTalk(PodTalkError::Request {
+        pod: "demo-2".into(),
+        message: "down".into(),
+    });
+    for _ in 0..5 {
+        assert_eq!(
+            error_policy(obj.clone(), &err, ctx.clone()),
+            Action::requeue(std::time::Duration::from_secs(5))
+        );
+    }
+}
