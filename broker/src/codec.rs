@@ -64,7 +64,6 @@ impl From<rmqtt_codec::error::DecodeError> for DecodeError {
             E::InvalidProtocol
             | E::ConnectReservedFlagSet
             | E::InvalidConnectFlags
-            | E::UnsupportedPacketType
             | E::PacketIdRequired => 0x82,
             E::InvalidTopicName => 0x90,
             E::InvalidTopicFilter => 0x8F,
@@ -221,6 +220,10 @@ pub enum ConnAckCode {
     BadAuthMethod,
     /// Use another server (0x03 / 0x9C).
     UseAnotherServer,
+    /// Will QoS above the maximum (0x05 / 0x9B).
+    QosNotSupported,
+    /// Retained will while retain is unavailable (0x05 / 0x9A).
+    RetainNotSupported,
     /// Malformed or protocol error (0x81/0x82) — 3.1.1 has no code, the connection just closes.
     ProtocolError,
 }
@@ -577,7 +580,10 @@ fn to_v3(pkt: Outbound) -> Option<v3::Packet> {
                 ConnAckCode::UnsupportedVersion => R::UnacceptableProtocolVersion,
                 ConnAckCode::ClientIdNotValid => R::IdentifierRejected,
                 ConnAckCode::BadCredentials => R::BadUserNameOrPassword,
-                ConnAckCode::NotAuthorized | ConnAckCode::BadAuthMethod => R::NotAuthorized,
+                ConnAckCode::NotAuthorized
+                | ConnAckCode::BadAuthMethod
+                | ConnAckCode::QosNotSupported
+                | ConnAckCode::RetainNotSupported => R::NotAuthorized,
                 ConnAckCode::ServerUnavailable
                 | ConnAckCode::ServerBusy
                 | ConnAckCode::ConnectionRateExceeded
@@ -632,6 +638,8 @@ fn to_v5(pkt: Outbound) -> v5::Packet {
                 ConnAckCode::ConnectionRateExceeded => v5::ConnectAckReason::ConnectionRateExceeded,
                 ConnAckCode::BadAuthMethod => v5::ConnectAckReason::BadAuthenticationMethod,
                 ConnAckCode::UseAnotherServer => v5::ConnectAckReason::UseAnotherServer,
+                ConnAckCode::QosNotSupported => v5::ConnectAckReason::QosNotSupported,
+                ConnAckCode::RetainNotSupported => v5::ConnectAckReason::RetainNotSupported,
                 ConnAckCode::ProtocolError => v5::ConnectAckReason::ProtocolError,
             };
             let p = *props;

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use bytestring::ByteString;
-use tokio::sync::mpsc;
 
 use crate::broker::{max_qos, Broker};
 use crate::codec::{
@@ -23,7 +22,7 @@ use crate::codec::{
 };
 use crate::listener::transport::Transport;
 use crate::message::Message;
-use crate::session::{unix_now, ConnInfo, Inflight, InflightState, Kick, Session};
+use crate::session::{unix_now, ConnInfo, Inflight, InflightState, Kick, KickSlot, Session};
 use crate::topic;
 
 /// Bytes buffered for writing before the queue drain pauses to flush.
@@ -146,7 +145,7 @@ struct Conn {
     client_id: ByteString,
     session: Arc<Session>,
     generation: u64,
-    kick_rx: mpsc::UnboundedReceiver<Kick>,
+    kick: Arc<KickSlot>,
     keep_alive: Duration,
     will: Option<Will>,
     max_inflight: usize,
@@ -208,8 +207,11 @@ impl Conn {
             if topic::validate_name(&w.topic).is_err() {
                 return refuse(&mut codec, ConnAckCode::ProtocolError, "will_topic");
             }
-            if w.qos > max_qos(&cfg) || (w.retain && !cfg.mqtt.retain_available) {
-                return refuse(&mut codec, ConnAckCode::NotAuthorized, "will_unsupported");
+            if w.qos > max_qos(&cfg) {
+                return refuse(&mut codec, ConnAckCode::QosNotSupported, "will_qos");
+            }
+            if w.retain && !cfg.mqtt.retain_available {
+                return refuse(&mut codec, ConnAckCode::RetainNotSupported, "will_retain");
             }
         }
         let assigned = c.client_id.is_empty();
@@ -234,7 +236,7 @@ impl Conn {
             keep_alive = cfg.mqtt.max_keepalive;
             server_keepalive = Some(keep_alive);
         }
-        let (kick_tx, kick_rx) = mpsc::unbounded_channel();
+        let kick = Arc::new(KickSlot::default());
         let info = ConnInfo {
             id: broker.sessions.next_conn_id(),
             peer,
@@ -243,7 +245,7 @@ impl Conn {
             keep_alive,
             username: c.username.as_ref().map(|u| u.to_string()),
             connected_at: unix_now(),
-            kick: kick_tx,
+            kick: kick.clone(),
         };
         let opened = broker.open_session(&client_id, c.clean_start, expiry, info);
         if let Some(max) = c.max_packet_size {
@@ -280,7 +282,7 @@ impl Conn {
             client_id,
             session: opened.session,
             generation: opened.generation,
-            kick_rx,
+            kick,
             keep_alive: Duration::from_millis(u64::from(keep_alive) * 1500),
             will: c.will,
             max_inflight,
@@ -302,7 +304,25 @@ impl Conn {
 
     /// Resends unacknowledged messages of a resumed session [MQTT-4.4.0-1].
     fn resend_inflight(&mut self, wbuf: &mut BytesMut) {
-        let pending: Vec<Inflight> = self.session.state.lock().inflight.iter().cloned().collect();
+        let pending: Vec<Inflight> = {
+            let mut st = self.session.state.lock();
+            // The client's receive maximum may be smaller now [MQTT-4.9.0-2]: unacknowledged
+            // messages beyond it go back to the head of the queue and are sent as the window
+            // frees up.
+            while st.inflight.len() > self.max_inflight {
+                let Some(pos) = st
+                    .inflight
+                    .iter()
+                    .rposition(|f| f.state == InflightState::AwaitAck)
+                else {
+                    break;
+                };
+                if let Some(f) = st.inflight.remove(pos) {
+                    st.queue.push_front(f.delivery);
+                }
+            }
+            st.inflight.iter().cloned().collect()
+        };
         let now = Instant::now();
         for f in pending {
             match f.state {
@@ -320,6 +340,7 @@ impl Conn {
     async fn run(&mut self, t: &mut Transport, mut rbuf: BytesMut, mut wbuf: BytesMut) -> End {
         let shutdown = self.broker.shutdown.clone();
         let session = self.session.clone();
+        let kick = self.kick.clone();
         let ka = self.keep_alive;
         let far = Duration::from_secs(86400 * 365);
         let sleep = tokio::time::sleep(if ka.is_zero() { far } else { ka });
@@ -336,7 +357,8 @@ impl Conn {
                 }
                 self.broker.metrics.bytes_sent.inc_by(n as u64);
                 wbuf.clear();
-                if wbuf.capacity() > 4 * WRITE_BATCH {
+                if !more || wbuf.capacity() > 4 * WRITE_BATCH {
+                    // Idle connections hold no write buffer either.
                     wbuf = BytesMut::new();
                 }
             }
@@ -349,9 +371,7 @@ impl Conn {
             }
             tokio::select! {
                 biased;
-                k = self.kick_rx.recv() => {
-                    return End::Kicked(k.unwrap_or(Kick::TakenOver));
-                }
+                k = kick.recv() => return End::Kicked(k),
                 _ = shutdown.cancelled() => return End::Kicked(Kick::ShuttingDown),
                 r = t.read(&mut rbuf) => {
                     match r {
@@ -362,14 +382,18 @@ impl Conn {
                                 sleep.as_mut().reset(tokio::time::Instant::now() + ka);
                             }
                             loop {
-                                match self.codec.decode(&mut rbuf) {
-                                    Ok(Some(p)) => {
-                                        if let Some(end) = self.handle(p, &mut wbuf) {
-                                            return end;
-                                        }
-                                    }
+                                let end = match self.codec.decode(&mut rbuf) {
+                                    Ok(Some(p)) => self.handle(p, &mut wbuf),
                                     Ok(None) => break,
-                                    Err(e) => return End::Protocol(e.reason, e.message),
+                                    Err(e) => Some(End::Protocol(e.reason, e.message)),
+                                };
+                                if let Some(end) = end {
+                                    // Acknowledgements of packets handled before the error
+                                    // go out first [MQTT-4.3.2-4, 4.3.3-8].
+                                    if !wbuf.is_empty() {
+                                        let _ = t.write_all(&wbuf).await;
+                                    }
+                                    return end;
                                 }
                             }
                         }
@@ -416,9 +440,14 @@ impl Conn {
                     }
                 }
             };
+            let aliases_before = self.aliases_out.len();
             let p = self.publish_packet(&d, packet_id, false, now);
             if self.codec.encode(p, wbuf).is_err() {
-                // Larger than the client's maximum packet size [MQTT-3.1.2-25]: drop it.
+                // Larger than the client's maximum packet size [MQTT-3.1.2-25]: drop it, and
+                // forget an alias it would have introduced (the client never learned it).
+                if self.aliases_out.len() > aliases_before {
+                    self.aliases_out.remove(&d.msg.topic);
+                }
                 metrics.dropped("too_large_for_client");
                 continue;
             }
@@ -532,6 +561,9 @@ impl Conn {
             } => {
                 let mut codes = Vec::with_capacity(filters.len());
                 let max_subs = self.broker.config.limits.max_subscriptions;
+                if filters.iter().any(|(f, _)| f.contains('\0')) {
+                    return Some(End::Protocol(0x81, "U+0000 in topic filter".into()));
+                }
                 for (raw, opts) in filters {
                     if opts.no_local && raw.starts_with("$share/") {
                         return Some(End::Protocol(
@@ -636,6 +668,10 @@ impl Conn {
                 0x82,
                 "PUBLISH with a subscription identifier".into(),
             ));
+        }
+        if p.topic.contains('\0') {
+            // [MQTT-1.5.4-2]: U+0000 in a UTF-8 string is a malformed packet.
+            return Some(End::Protocol(0x81, "U+0000 in topic name".into()));
         }
         if topic::validate_name(&p.topic).is_err() {
             return Some(End::Protocol(

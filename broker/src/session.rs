@@ -14,7 +14,7 @@ use std::time::{Instant, SystemTime};
 
 use bytestring::ByteString;
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 
 use crate::codec::{Protocol, QoS, SubOptions};
 use crate::config::QueueFullPolicy;
@@ -51,8 +51,38 @@ pub struct ConnInfo {
     /// Connect time, seconds since the Unix epoch.
     pub connected_at: u64,
     #[serde(skip)]
-    /// Channel to ask the connection task to close.
-    pub kick: mpsc::UnboundedSender<Kick>,
+    /// Asks the connection task to close.
+    pub kick: Arc<KickSlot>,
+}
+
+/// A one-shot mailbox to ask a connection task to close: a few dozen bytes per connection,
+/// where a channel would allocate a block of slots.
+#[derive(Debug, Default)]
+pub struct KickSlot {
+    kick: Mutex<Option<Kick>>,
+    notify: Notify,
+}
+
+impl KickSlot {
+    /// Asks the connection to close (the first reason wins).
+    pub fn send(&self, k: Kick) {
+        let mut slot = self.kick.lock();
+        if slot.is_none() {
+            *slot = Some(k);
+        }
+        drop(slot);
+        self.notify.notify_one();
+    }
+
+    /// Waits for a kick. Cancel-safe.
+    pub async fn recv(&self) -> Kick {
+        loop {
+            if let Some(k) = self.kick.lock().take() {
+                return k;
+            }
+            self.notify.notified().await;
+        }
+    }
 }
 
 /// One subscription as the session records it.

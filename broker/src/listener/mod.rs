@@ -166,6 +166,9 @@ impl Listener {
                 peer = src;
             }
         }
+        if self.kind == Kind::Tcp {
+            return Ok((Transport::Tcp(stream), peer));
+        }
         let io: Box<dyn Io> = match (&self.tls, self.kind) {
             (Some(tls), Kind::Tls | Kind::Wss) => Box::new(tls.acceptor().accept(stream).await?),
             _ => Box::new(stream),

@@ -15,7 +15,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// The stream under a connection.
 pub enum Transport {
-    /// TCP or TLS.
+    /// Plain TCP: read buffers are only allocated once the socket is readable, so an idle
+    /// connection holds no buffer.
+    Tcp(tokio::net::TcpStream),
+    /// TLS (or anything else that is a byte stream).
     Stream(Box<dyn Io>),
     /// WebSocket (binary frames carry MQTT bytes) over TCP or TLS.
     Ws(Box<WebSocketStream<Box<dyn Io>>>),
@@ -24,6 +27,7 @@ pub enum Transport {
 impl std::fmt::Debug for Transport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
+            Transport::Tcp(_) => "Transport::Tcp",
             Transport::Stream(_) => "Transport::Stream",
             Transport::Ws(_) => "Transport::Ws",
         })
@@ -37,6 +41,15 @@ impl Transport {
     /// Reads more bytes into `buf`; `Ok(0)` means the peer closed. Cancel-safe.
     pub async fn read(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         match self {
+            Transport::Tcp(s) => loop {
+                s.readable().await?;
+                buf.reserve(READ_CHUNK);
+                match s.try_read_buf(buf) {
+                    Ok(n) => return Ok(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(e),
+                }
+            },
             Transport::Stream(s) => {
                 buf.reserve(READ_CHUNK);
                 s.read_buf(buf).await
@@ -69,6 +82,7 @@ impl Transport {
     /// Writes all of `data` and flushes.
     pub async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
         match self {
+            Transport::Tcp(s) => s.write_all(data).await,
             Transport::Stream(s) => {
                 s.write_all(data).await?;
                 s.flush().await
@@ -83,6 +97,9 @@ impl Transport {
     /// Closes the stream politely (TLS close_notify, WebSocket close frame).
     pub async fn close(&mut self) {
         match self {
+            Transport::Tcp(s) => {
+                let _ = s.shutdown().await;
+            }
             Transport::Stream(s) => {
                 let _ = s.shutdown().await;
             }
