@@ -58,11 +58,15 @@ struct Target {
 
 impl Target {
     fn addr(&self) -> String {
-        if self.host.contains(':') && !self.host.starts_with('[') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
+        host_port(&self.host, self.port)
+    }
+}
+
+fn host_port(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
     }
 }
 
@@ -71,6 +75,13 @@ impl Target {
 struct PubSubArgs {
     #[command(flatten)]
     target: Target,
+    /// Host the subscribers connect to (default: --host); with --sub-port, publishers on one
+    /// cluster node and subscribers on another.
+    #[arg(long)]
+    sub_host: Option<String>,
+    /// MQTT port the subscribers connect to (default: --port).
+    #[arg(long)]
+    sub_port: Option<u16>,
     /// Topic layout.
     #[arg(long, value_enum, default_value = "p2p")]
     scenario: Scenario,
@@ -158,6 +169,12 @@ fn main() -> anyhow::Result<()> {
             }
             let cfg = PubSubConfig {
                 addr: a.target.addr(),
+                sub_addr: (a.sub_host.is_some() || a.sub_port.is_some()).then(|| {
+                    host_port(
+                        a.sub_host.as_deref().unwrap_or(&a.target.host),
+                        a.sub_port.unwrap_or(a.target.port),
+                    )
+                }),
                 protocol: Protocol::from_level(a.target.protocol)?,
                 scenario: a.scenario,
                 publishers: a.publishers,

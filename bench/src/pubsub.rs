@@ -51,6 +51,8 @@ pub enum Scenario {
 pub struct PubSubConfig {
     /// Broker address, `host:port`.
     pub addr: String,
+    /// Address the subscribers connect to instead of `addr` (another node of a cluster).
+    pub sub_addr: Option<String>,
     /// MQTT protocol version for every connection.
     pub protocol: Protocol,
     /// Topic layout.
@@ -870,7 +872,7 @@ impl SubscriberTask {
         let conn = {
             let _permit = gate.acquire().await;
             match Connection::open(
-                &cfg.addr,
+                cfg.sub_addr.as_deref().unwrap_or(&cfg.addr),
                 cfg.protocol,
                 &client_id,
                 cfg.keep_alive,
