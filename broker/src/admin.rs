@@ -297,7 +297,7 @@ async fn kick(
     let conn = s.state.lock().connection.clone();
     match conn {
         Some(c) => {
-            let _ = c.kick.send(Kick::Administrative);
+            c.kick.send(Kick::Administrative);
             Json(json!({"kicked": id})).into_response()
         }
         None => (

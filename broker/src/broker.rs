@@ -283,7 +283,7 @@ impl Broker {
             let mut st = old.state.lock();
             if let Some(c) = st.connection.take() {
                 // The old connection sees the bumped generation and lets go.
-                let _ = c.kick.send(Kick::TakenOver);
+                c.kick.send(Kick::TakenOver);
                 self.metrics.takeovers.inc();
             }
             st.generation += 1;

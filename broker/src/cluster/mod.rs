@@ -515,7 +515,7 @@ impl Cluster {
                 return None;
             }
             if let Some(c) = st.connection.take() {
-                let _ = c.kick.send(Kick::TakenOver);
+                c.kick.send(Kick::TakenOver);
             }
             st.generation += 1;
             if clean {
@@ -708,7 +708,7 @@ impl Cluster {
             };
             let conn = s.state.lock().connection.clone();
             if let Some(c) = conn {
-                let _ = c.kick.send(Kick::UseAnotherServer(reference.clone()));
+                c.kick.send(Kick::UseAnotherServer(reference.clone()));
                 // Wait (bounded) for the connection task to hand the session back.
                 let until = Instant::now() + Duration::from_secs(5);
                 while s
