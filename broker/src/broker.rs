@@ -226,9 +226,8 @@ impl Broker {
                 return; // it is here
             }
         }
-        if let Some(snap) = c.take_session(client_id, clean_start).await {
+        if c.take_session(client_id, clean_start).await {
             tracing::info!(client_id, "session taken over from another node");
-            self.install_session(snap);
         }
     }
 
@@ -259,6 +258,12 @@ impl Broker {
                         c.route_added(&raw);
                     }
                 }
+            }
+        }
+        // Deliveries the old node forwarded before the session arrived.
+        if let Some(c) = self.cluster.get() {
+            for d in c.take_early(&session.client_id) {
+                self.enqueue(&session, d);
             }
         }
         // An offline persistent session expires here like any other.

@@ -62,16 +62,17 @@ pub async fn accept_loop(cluster: Arc<Cluster>, listener: TcpListener) {
                 }
             };
             tracing::debug!(%addr, peer = %peer, "inter-node link accepted");
+            let link_id = fastrand::u64(..);
             while let Some(Ok(bytes)) = io.next().await {
                 match proto::decode(&bytes) {
-                    Ok(frame) => c.handle(&peer, frame),
+                    Ok(frame) => c.handle(&peer, link_id, frame),
                     Err(e) => {
                         tracing::warn!(peer = %peer, error = %e, "undecodable frame; closing link");
                         break;
                     }
                 }
             }
-            c.link_closed(&peer);
+            c.link_closed(&peer, link_id);
         });
     }
 }

@@ -169,8 +169,8 @@ pub struct Member {
 
 struct PendingTake {
     waiting: usize,
-    found: Option<SessionSnapshot>,
-    done: Option<oneshot::Sender<Option<SessionSnapshot>>>,
+    found: bool,
+    done: Option<oneshot::Sender<bool>>,
 }
 
 /// The cluster layer of one node.
@@ -182,7 +182,8 @@ pub struct Cluster {
     /// Peers' route tables.
     pub routes: RemoteRoutes,
     links: Mutex<HashMap<String, Link>>,
-    synced: Mutex<HashSet<String>>,
+    synced: Mutex<HashMap<String, u64>>,
+    early: Mutex<HashMap<String, Vec<Delivery>>>,
     gossip: tokio::sync::OnceCell<ChitchatHandle>,
     live: Mutex<HashMap<String, (String, Option<String>)>>,
     departed: Mutex<HashSet<String>>,
@@ -241,7 +242,8 @@ impl Cluster {
             secret: secret.clone(),
             routes: RemoteRoutes::default(),
             links: Mutex::new(HashMap::new()),
-            synced: Mutex::new(HashSet::new()),
+            synced: Mutex::new(HashMap::new()),
+            early: Mutex::new(HashMap::new()),
             gossip: tokio::sync::OnceCell::new(),
             live: Mutex::new(HashMap::new()),
             departed: Mutex::new(HashSet::new()),
@@ -329,7 +331,7 @@ impl Cluster {
         let seen_world = self.started.elapsed() > Duration::from_secs(2) || !live.is_empty();
         seen_world
             && live.keys().all(|p| {
-                synced.contains(p) && links.get(p).is_some_and(|l| l.up.load(Ordering::Relaxed))
+                synced.contains_key(p) && links.get(p).is_some_and(|l| l.up.load(Ordering::Relaxed))
             })
     }
 
@@ -427,13 +429,13 @@ impl Cluster {
         );
     }
 
-    /// Handles a frame from `peer`.
-    pub fn handle(self: &Arc<Self>, peer: &str, frame: Frame) {
+    /// Handles a frame from `peer`, received on incoming link `link`.
+    pub fn handle(self: &Arc<Self>, peer: &str, link: u64, frame: Frame) {
         let Some(b) = self.broker() else { return };
         match frame {
             Frame::Routes(filters) => {
                 self.routes.replace(peer, &filters);
-                self.synced.lock().insert(peer.to_string());
+                self.synced.lock().insert(peer.to_string(), link);
             }
             Frame::RouteAdd(f) => self.routes.add(peer, &f),
             Frame::RouteDel(f) => self.routes.del(peer, &f),
@@ -463,19 +465,27 @@ impl Cluster {
                 );
             }
             Frame::TakeReply { req, snapshot } => {
+                // Install right here, in link order: deliveries the old node forwards after
+                // its reply must find the session.
                 let mut pending = self.pending.lock();
                 if let Some(p) = pending.get_mut(&req) {
                     p.waiting = p.waiting.saturating_sub(1);
                     if let Some(s) = snapshot {
-                        p.found = Some(*s);
+                        b.install_session(*s);
+                        p.found = true;
                     }
-                    if p.waiting == 0 || p.found.is_some() {
+                    if p.waiting == 0 || p.found {
                         if let Some(mut p) = pending.remove(&req) {
                             if let Some(tx) = p.done.take() {
-                                let _ = tx.send(p.found.take());
+                                let _ = tx.send(p.found);
                             }
                         }
                     }
+                } else if let Some(s) = snapshot {
+                    // The client stopped waiting (timeout) and started afresh; the session it
+                    // gave up elsewhere is gone.
+                    tracing::warn!(client_id = %s.client_id, "session arrived after the takeover wait; dropped");
+                    b.metrics.dropped("late_takeover");
                 }
             }
             Frame::Handoff(snap) => {
@@ -487,15 +497,33 @@ impl Cluster {
                 delivery,
             } => match b.sessions.get(&client_id) {
                 Some(s) => b.enqueue(&s, delivery.into_delivery()),
-                None => b.metrics.dropped("moved_session_missing"),
+                None => {
+                    // The old node may forward before its reply reaches us: hold it until the
+                    // session is installed (bounded).
+                    let mut early = self.early.lock();
+                    let q = early.entry(client_id).or_default();
+                    if q.len() < 10_000 {
+                        q.push(delivery.into_delivery());
+                    } else {
+                        b.metrics.dropped("moved_session_missing");
+                    }
+                }
             },
             Frame::Hello { .. } | Frame::Welcome { .. } => {}
         }
     }
 
-    /// The incoming link from `peer` closed.
-    pub fn link_closed(&self, peer: &str) {
-        self.synced.lock().remove(peer);
+    /// Incoming link `link` from `peer` closed; a newer link's sync state is kept.
+    pub fn link_closed(&self, peer: &str, link: u64) {
+        let mut synced = self.synced.lock();
+        if synced.get(peer) == Some(&link) {
+            synced.remove(peer);
+        }
+    }
+
+    /// Deliveries forwarded for `client_id` before its session was installed here.
+    pub fn take_early(&self, client_id: &str) -> Vec<Delivery> {
+        self.early.lock().remove(client_id).unwrap_or_default()
     }
 
     /// Gives up a local session to `to`: the connection (if any) is closed as taken over, the
@@ -548,9 +576,9 @@ impl Cluster {
         });
     }
 
-    /// Asks the other nodes for `client_id`'s session before it connects here. Returns the
-    /// moved session, if one existed and `clean` is false.
-    pub async fn take_session(&self, client_id: &str, clean: bool) -> Option<SessionSnapshot> {
+    /// Asks the other nodes for `client_id`'s session before it connects here. Returns whether
+    /// a session moved here (it is installed by the time this returns).
+    pub async fn take_session(&self, client_id: &str, clean: bool) -> bool {
         let peers: Vec<String> = {
             let links = self.links.lock();
             links
@@ -560,7 +588,7 @@ impl Cluster {
                 .collect()
         };
         if peers.is_empty() {
-            return None;
+            return false;
         }
         let req = self.next_req.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -568,7 +596,7 @@ impl Cluster {
             req,
             PendingTake {
                 waiting: peers.len(),
-                found: None,
+                found: false,
                 done: Some(tx),
             },
         );
@@ -584,13 +612,11 @@ impl Cluster {
         }
         let got = tokio::time::timeout(TAKEOVER_WAIT, rx).await;
         self.pending.lock().remove(&req);
-        match got {
-            Ok(Ok(Some(s))) => {
-                self.metrics.takeovers.inc();
-                Some(s)
-            }
-            _ => None,
+        let moved = matches!(got, Ok(Ok(true)));
+        if moved {
+            self.metrics.takeovers.inc();
         }
+        moved
     }
 
     /// Members, this node first.
