@@ -27,9 +27,9 @@ pub enum StartError {
         /// Cause.
         source: std::io::Error,
     },
-    /// Metrics registration failed (a bug).
-    #[error("metrics: {0}")]
-    Metrics(#[from] prometheus::Error),
+    /// The configuration could not be turned into broker state (auth, ACL, webhooks).
+    #[error(transparent)]
+    Setup(#[from] crate::broker::BrokerError),
 }
 
 /// A started broker.
@@ -47,6 +47,8 @@ pub struct Running {
 /// Binds everything and starts serving.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let broker = Broker::new(config)?;
+    broker.hooks.start(&broker.shutdown);
+    crate::sys::start(broker.clone());
     let mut tasks = JoinSet::new();
     let mut addrs = HashMap::new();
     let count = Arc::new(ConnCount::default());
