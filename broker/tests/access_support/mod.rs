@@ -2,7 +2,7 @@
 //! clients for both protocol versions whose incoming packets are forwarded to a channel, and
 //! a local HTTP server (auth backend, webhook sink). Every wait has a deadline.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -253,6 +253,14 @@ pub mod v5 {
                         }
                     }
                     Ok(_) => {}
+                    Err(ConnectionError::MqttState(
+                        rumqttc::v5::StateError::ServerDisconnect { reason_code, .. },
+                    )) => {
+                        // rumqttc reports a server DISCONNECT as an error: hand it on.
+                        let d = rumqttc::v5::mqttbytes::v5::Disconnect::new(reason_code);
+                        let _ = tx.send(Packet::Disconnect(d));
+                        return;
+                    }
                     Err(_) => return,
                 }
             }
