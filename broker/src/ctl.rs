@@ -215,7 +215,7 @@ async fn exec(api: &Api, as_json: bool, cmd: CtlCommand) -> anyhow::Result<()> {
                         s(&c["client_id"]),
                         s(&c["connected"]),
                         s(&conn["peer"]),
-                        s(&conn["protocol"]),
+                        proto(&conn["protocol"]),
                         s(&conn["username"]),
                         s(&c["subscriptions"]),
                         s(&c["queued"]),
@@ -258,7 +258,12 @@ async fn exec(api: &Api, as_json: bool, cmd: CtlCommand) -> anyhow::Result<()> {
                 "keep_alive",
                 "connected_at",
             ] {
-                t.push_str(&format!("{k:<16} {}\n", s(&conn[k])));
+                let v = if k == "protocol" {
+                    proto(&conn[k])
+                } else {
+                    s(&conn[k])
+                };
+                t.push_str(&format!("{k:<16} {v}\n"));
             }
             t.push_str("subscriptions:\n");
             for sub in list(&v["subscription_list"]) {
@@ -393,6 +398,16 @@ fn status_text(v: &Value) -> String {
         t.push_str(&format!("{k:<18} {}\n", s(&v[k])));
     }
     t
+}
+
+/// The API's protocol enum (`V311`, `V5`) as people write it.
+fn proto(v: &Value) -> String {
+    match v.as_str() {
+        Some("V31") => "3.1".into(),
+        Some("V311") => "3.1.1".into(),
+        Some("V5") => "5.0".into(),
+        _ => s(v),
+    }
 }
 
 fn list(v: &Value) -> Vec<Value> {
