@@ -518,6 +518,10 @@ impl Conn {
                                 Err(end) => return end,
                             }
                             paused = wait.map(|w| tokio::time::Instant::now() + w);
+                            if let (Some(until), false) = (paused, ka.is_zero()) {
+                                // Not reading is the broker's doing: keep alive waits too.
+                                sleep.as_mut().reset(until + ka);
+                            }
                         }
                     }
                 }
@@ -527,7 +531,12 @@ impl Conn {
                         sleep.as_mut().reset(tokio::time::Instant::now() + ka);
                     }
                     match self.process(&mut rbuf, &mut wbuf) {
-                        Ok(w) => paused = w.map(|w| tokio::time::Instant::now() + w),
+                        Ok(w) => {
+                            paused = w.map(|w| tokio::time::Instant::now() + w);
+                            if let (Some(until), false) = (paused, ka.is_zero()) {
+                                sleep.as_mut().reset(until + ka);
+                            }
+                        }
                         Err(end) => return end,
                     }
                 }

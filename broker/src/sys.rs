@@ -1,7 +1,8 @@
 //! `$SYS` topics: the broker's own state published as MQTT messages, for dashboards that
 //! speak only MQTT. A periodic task publishes the node list, version, uptime, counts and
-//! message counters (retained, so a new subscriber sees them at once); connection tasks
-//! publish `clients/{id}/connected` and `/disconnected` as they happen (not retained).
+//! message counters; connection tasks publish `clients/{id}/connected` and `/disconnected` as
+//! they happen. Nothing is retained (as in EMQX): `$SYS` never fills the retained store or
+//! changes its counts, and a new subscriber sees the next round within `sys.interval`.
 //!
 //! Who may subscribe is the ACL's business: `acl.rules` can allow `$SYS/#` to a dashboard user
 //! and a `deny` policy keeps everyone else out.
@@ -62,7 +63,7 @@ pub fn publish_stats(b: &Broker) {
         .flat_map(|f| f.get_metric())
         .map(|mm| mm.get_counter().get_value() as u64)
         .sum();
-    publish(b, "$SYS/brokers".into(), b.node.clone(), true);
+    publish(b, "$SYS/brokers".into(), b.node.clone(), false);
     let items: Vec<(&str, String)> = vec![
         ("version", env!("CARGO_PKG_VERSION").to_string()),
         ("uptime", b.started.elapsed().as_secs().to_string()),
@@ -85,7 +86,7 @@ pub fn publish_stats(b: &Broker) {
         ("metrics/bytes/sent", m.bytes_sent.get().to_string()),
     ];
     for (k, v) in items {
-        publish(b, format!("{base}/{k}"), v, true);
+        publish(b, format!("{base}/{k}"), v, false);
     }
 }
 
