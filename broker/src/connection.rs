@@ -130,7 +130,32 @@ pub async fn serve(
             return;
         }
     };
-    let mut conn = match Conn::accept(broker, codec, peer, listener, *connect, &mut wbuf).await {
+    // Authenticate before anything else touches a session (here or, clustered, on another
+    // node): a refused client gets its CONNACK code and nothing more.
+    let extra_acl = match authenticate(&broker, &connect, peer).await {
+        Ok(rules) => rules,
+        Err((code, why)) => {
+            tracing::debug!(%peer, client_id = %connect.client_id, reason = why, "authentication failed");
+            broker
+                .metrics
+                .connections_refused
+                .with_label_values(&[why])
+                .inc();
+            let _ = codec.encode(
+                Outbound::ConnAck {
+                    session_present: false,
+                    code,
+                    props: Box::default(),
+                },
+                &mut wbuf,
+            );
+            let _ = transport.write_all(&wbuf).await;
+            return transport.close().await;
+        }
+    };
+    let mut conn = match Conn::accept(
+        broker, codec, peer, listener, *connect, extra_acl, &mut wbuf,
+    ) {
         Ok(c) => c,
         Err(()) => {
             let _ = transport.write_all(&wbuf).await;
@@ -139,6 +164,35 @@ pub async fn serve(
     };
     let end = conn.run(&mut transport, rbuf, wbuf).await;
     conn.finish(end, &mut transport).await;
+}
+
+/// Runs the authentication chain for a CONNECT (skipped when it admits everyone). On success
+/// returns the extra ACL rules for this connection; on refusal the CONNACK code and the
+/// `connections_refused` reason.
+async fn authenticate(
+    broker: &Broker,
+    c: &Connect,
+    peer: SocketAddr,
+) -> Result<Vec<acl::Rule>, (ConnAckCode, &'static str)> {
+    if broker.auth.is_open() {
+        return Ok(Vec::new());
+    }
+    let ctx = ConnectCtx {
+        client_id: &c.client_id,
+        username: c.username.as_deref(),
+        password: c.password.as_deref(),
+        peer,
+        protocol: c.protocol.label(),
+    };
+    match broker.auth.authenticate(&ctx).await {
+        AuthDecision::Allow { acl, .. } => Ok(acl),
+        AuthDecision::Deny(r) => Err(match r {
+            Refusal::BadCredentials => (ConnAckCode::BadCredentials, "bad_credentials"),
+            Refusal::NotAuthorized => (ConnAckCode::NotAuthorized, "not_authorized"),
+            Refusal::ClientIdNotAllowed => (ConnAckCode::ClientIdNotValid, "client_id_not_allowed"),
+            Refusal::BackendUnavailable => (ConnAckCode::NotAuthorized, "auth_backend_unavailable"),
+        }),
+    }
 }
 
 /// Reads until one whole packet is decoded; `Ok(None)` if the peer closed first.
@@ -186,12 +240,13 @@ struct Conn {
 impl Conn {
     /// Validates CONNECT, opens the session and writes CONNACK into `wbuf`. On refusal the
     /// refusing CONNACK is in `wbuf` and `Err` is returned.
-    async fn accept(
+    fn accept(
         broker: Arc<Broker>,
         mut codec: Codec,
         peer: SocketAddr,
         listener: &'static str,
         c: Connect,
+        extra_acl: Vec<acl::Rule>,
         wbuf: &mut BytesMut,
     ) -> Result<Conn, ()> {
         let cfg = broker.config.clone();
@@ -236,32 +291,6 @@ impl Conn {
             }
             if w.qos > max_qos(&cfg) || (w.retain && !cfg.mqtt.retain_available) {
                 return refuse(&mut codec, ConnAckCode::NotAuthorized, "will_unsupported");
-            }
-        }
-        let mut extra_acl = Vec::new();
-        if !broker.auth.is_open() {
-            let ctx = ConnectCtx {
-                client_id: &c.client_id,
-                username: c.username.as_deref(),
-                password: c.password.as_deref(),
-                peer,
-                protocol: protocol.label(),
-            };
-            match broker.auth.authenticate(&ctx).await {
-                AuthDecision::Allow { acl, .. } => extra_acl = acl,
-                AuthDecision::Deny(r) => {
-                    let (code, why) = match r {
-                        Refusal::BadCredentials => (ConnAckCode::BadCredentials, "bad_credentials"),
-                        Refusal::NotAuthorized => (ConnAckCode::NotAuthorized, "not_authorized"),
-                        Refusal::ClientIdNotAllowed => {
-                            (ConnAckCode::ClientIdNotValid, "client_id_not_allowed")
-                        }
-                        Refusal::BackendUnavailable => {
-                            (ConnAckCode::NotAuthorized, "auth_backend_unavailable")
-                        }
-                    };
-                    return refuse(&mut codec, code, why);
-                }
             }
         }
         let assigned = c.client_id.is_empty();
