@@ -48,6 +48,32 @@ impl SeqSet {
     pub fn unique(&self) -> u64 {
         self.unique
     }
+
+    /// Sequence numbers below `upto` that were never seen, as half-open ranges (for diagnosing
+    /// where a broker lost messages: at the start, in bursts, or at the end).
+    pub fn gaps(&self, upto: u64) -> Vec<(u64, u64)> {
+        let mut gaps = Vec::new();
+        let mut start = None;
+        for seq in 0..upto.min(MAX_SEQ) {
+            let word = (seq / 64) as usize;
+            let seen = self
+                .words
+                .get(word)
+                .is_some_and(|w| w & (1 << (seq % 64)) != 0);
+            match (seen, start) {
+                (false, None) => start = Some(seq),
+                (true, Some(s)) => {
+                    gaps.push((s, seq));
+                    start = None;
+                }
+                _ => {}
+            }
+        }
+        if let Some(s) = start {
+            gaps.push((s, upto));
+        }
+        gaps
+    }
 }
 
 /// Everything one subscriber received, by publisher.
@@ -84,6 +110,11 @@ impl Ledger {
     /// Distinct messages received, all publishers together.
     pub fn unique(&self) -> u64 {
         self.streams.iter().map(SeqSet::unique).sum()
+    }
+
+    /// The per-publisher set, if anything from `publisher` arrived.
+    pub fn stream(&self, publisher: u32) -> Option<&SeqSet> {
+        self.streams.get(publisher as usize)
     }
 
     /// Deliveries that repeated an already seen message.
@@ -157,6 +188,16 @@ mod tests {
             assert_eq!(l.observe(7, seq), Observation::First);
         }
         assert_eq!(DeliveryTotals::from_ledgers(1000, [&l]).lost, 0);
+    }
+
+    #[test]
+    fn gaps_show_where_messages_went_missing() {
+        let mut s = SeqSet::default();
+        for seq in [0, 1, 4, 5, 9] {
+            s.insert(seq);
+        }
+        assert_eq!(s.gaps(12), vec![(2, 4), (6, 9), (10, 12)]);
+        assert_eq!(SeqSet::default().gaps(3), vec![(0, 3)]);
     }
 
     #[test]

@@ -5,11 +5,14 @@
 //! The binary (`main.rs`) only parses flags and prints; everything measurable lives here so the
 //! integration tests and other tools can drive it directly.
 
+#![warn(missing_docs)]
+
 pub mod accounting;
 pub mod connection;
 pub mod error;
 pub mod histogram;
 pub mod idle;
+pub mod pacer;
 pub mod payload;
 pub mod pubsub;
 pub mod report;

@@ -20,6 +20,7 @@ use crate::accounting::{DeliveryTotals, Ledger, Observation};
 use crate::connection::Connection;
 use crate::error::{BenchError, Result};
 use crate::histogram::{LatencyHistogram, LatencySummary};
+use crate::pacer::{PacePlan, Pacer};
 use crate::payload::{self, PayloadBuilder, Stamp};
 use crate::wire::{Incoming, Protocol, QoS};
 
@@ -29,6 +30,9 @@ const MAX_BATCH: u64 = 256;
 const STALL_FORGIVE: Duration = Duration::from_secs(1);
 /// Read buffer growth step for publishers and subscribers.
 const READ_CHUNK: usize = 16 * 1024;
+/// A message this close to its due time is sent now: the pacer's float arithmetic may wake a
+/// publisher a few nanoseconds before the publisher's own computation says "due".
+const DUE_SLACK_NS: u64 = 5_000;
 
 /// Who publishes to whom.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -384,6 +388,10 @@ pub async fn run(cfg: PubSubConfig) -> Result<PubSubReport> {
     let (ready_tx, mut ready_rx) = mpsc::channel::<(usize, bool)>(cfg.publishers.max(1));
     let mut pub_handles = Vec::with_capacity(cfg.publishers);
     let mut reach_total = 0u64;
+    let open_loop = cfg.rate > 0.0;
+    let wakers: Vec<Arc<tokio::sync::Notify>> = (0..cfg.publishers)
+        .map(|_| Arc::new(tokio::sync::Notify::new()))
+        .collect();
     for (idx, topic) in plan.publish_topics.iter().enumerate() {
         let reach = (0..cfg.subscribers)
             .filter(|s| subscribed[*s] && plan.reaches(idx, *s))
@@ -399,6 +407,7 @@ pub async fn run(cfg: PubSubConfig) -> Result<PubSubReport> {
             gate: gate.clone(),
             ready: ready_tx.clone(),
             sched: sched_rx.clone(),
+            pace: open_loop.then(|| wakers[idx].clone()),
         };
         pub_handles.push(tokio::spawn(task.run()));
     }
@@ -427,6 +436,19 @@ pub async fn run(cfg: PubSubConfig) -> Result<PubSubReport> {
     };
     // Receivers only disappear if every task already ended, in which case nobody needs it.
     let _ = sched_tx.send(Some(schedule));
+    let pacer = if open_loop {
+        let plan = PacePlan {
+            epoch: shared.epoch,
+            start_ns,
+            end_ns: schedule.end_ns,
+            rate: cfg.rate,
+        };
+        Pacer::start(plan, wakers)
+            .map_err(|e| warn!(error = %e, "no pacer thread; falling back to millisecond timers"))
+            .ok()
+    } else {
+        None
+    };
 
     let mut pubs = Vec::with_capacity(pub_handles.len());
     for h in pub_handles {
@@ -435,6 +457,8 @@ pub async fn run(cfg: PubSubConfig) -> Result<PubSubReport> {
             ..Default::default()
         }));
     }
+    // Joins the pacer thread; every publisher has finished its schedule.
+    drop(pacer);
 
     // Phase 4: drain until every expected delivery arrived, or give up after `drain`.
     let drain_deadline = Instant::now() + cfg.drain;
@@ -464,6 +488,35 @@ pub async fn run(cfg: PubSubConfig) -> Result<PubSubReport> {
     ))
 }
 
+/// Says which sequence ranges each subscriber missed (at `warn`, only when something was lost),
+/// so a broker bug shows its shape: a burst mid-run, the tail of a stream, one subscriber only.
+fn log_gaps(cfg: &PubSubConfig, pubs: &[PublisherOutcome], subs: &[SubscriberOutcome]) {
+    let Ok(plan) = TopicPlan::new(cfg.scenario, "", cfg.publishers, cfg.subscribers) else {
+        return;
+    };
+    let mut reported = 0;
+    for (s, sub) in subs.iter().enumerate().filter(|(_, s)| s.connected) {
+        for (p, publ) in pubs.iter().enumerate().filter(|(p, _)| plan.reaches(*p, s)) {
+            let gaps = sub
+                .ledger
+                .stream(p as u32)
+                .map(|st| st.gaps(publ.sent))
+                .unwrap_or_else(|| vec![(0, publ.sent)]);
+            if gaps.is_empty() || reported >= 20 {
+                continue;
+            }
+            reported += 1;
+            let missing: u64 = gaps.iter().map(|(a, b)| b - a).sum();
+            let shown: Vec<String> = gaps
+                .iter()
+                .take(5)
+                .map(|(a, b)| format!("{a}..{b}"))
+                .collect();
+            warn!(subscriber = s, publisher = p, sent = publ.sent, missing, gaps = %shown.join(","), "lost messages");
+        }
+    }
+}
+
 fn dur_ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX / 4)
 }
@@ -477,6 +530,9 @@ fn summarise(
     sigfig: u8,
 ) -> PubSubReport {
     let totals = DeliveryTotals::from_ledgers(expected, subs.iter().map(|s| &s.ledger));
+    if totals.lost > 0 {
+        log_gaps(cfg, pubs, subs);
+    }
     let mut latency = LatencyHistogram::new(sigfig).ok();
     let mut latency_from_send = LatencyHistogram::new(sigfig).ok();
     for s in subs {
@@ -557,6 +613,8 @@ struct PublisherTask {
     gate: Arc<Semaphore>,
     ready: mpsc::Sender<(usize, bool)>,
     sched: watch::Receiver<Option<Schedule>>,
+    /// Woken by the pacer thread when this publisher's next message is due (open loop only).
+    pace: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl PublisherTask {
@@ -636,7 +694,11 @@ impl PublisherTask {
             let mut window_full = false;
             loop {
                 let due = if open_loop { due_at(seq) } else { now };
-                if due >= s.end_ns || due > now || batch >= MAX_BATCH || !ids.has_room() {
+                if due >= s.end_ns
+                    || due > now + DUE_SLACK_NS
+                    || batch >= MAX_BATCH
+                    || !ids.has_room()
+                {
                     break;
                 }
                 if !open_loop && self.shared.in_flight() + batch * self.reach >= s.window_deliveries
@@ -701,9 +763,17 @@ impl PublisherTask {
             match wake {
                 Some(w) if w <= now => tokio::task::yield_now().await,
                 Some(w) => {
+                    // The pacer usually wakes us first; the Tokio timer (1 ms grain) is the fallback.
+                    let paced = async {
+                        match &self.pace {
+                            Some(n) => n.notified().await,
+                            None => std::future::pending().await,
+                        }
+                    };
                     tokio::select! {
                         r = conn.read_more() => { r?; self.handle_acks(conn, &mut ids)?; }
                         _ = sleep_until(self.shared.instant_at(w)) => {}
+                        _ = paced => {}
                     }
                 }
                 None => {

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use crate::histogram::LatencySummary;
 use crate::idle::ConnReport;
-use crate::pubsub::PubSubReport;
+use crate::pubsub::{PubSubReport, Scenario};
 
 fn row(out: &mut String, key: &str, value: impl std::fmt::Display) {
     let _ = writeln!(out, "  {key:<28} {value}");
@@ -32,8 +32,12 @@ pub fn pubsub_table(r: &PubSubReport) -> String {
     };
     let _ = writeln!(
         out,
-        "corvid-bench pub-sub: {:?} {}→{} qos{} mqtt{} payload {} B, {rate}, {:.1}s (+{:.1}s warm-up)",
-        r.scenario,
+        "corvid-bench pub-sub: {} {}→{} qos{} mqtt{} payload {} B, {rate}, {:.1}s (+{:.1}s warm-up)",
+        match r.scenario {
+            Scenario::FanIn => "fan-in",
+            Scenario::FanOut => "fan-out",
+            Scenario::P2p => "p2p",
+        },
         r.publishers,
         r.subscribers,
         r.qos,

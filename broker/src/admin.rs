@@ -28,6 +28,8 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/api/v1/clients/{id}/kick", delete(kick).post(kick))
         .route("/api/v1/subscriptions", get(subscriptions))
         .route("/api/v1/routes", get(routes))
+        .route("/api/v1/cluster", get(cluster))
+        .route("/api/v1/evacuate", get(evacuation).post(evacuate))
         .route("/api/v1/trace", get(trace_list).post(trace_start))
         .route("/api/v1/trace/{name}", get(trace_log).delete(trace_stop))
         .with_state(broker)
@@ -46,14 +48,96 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(b): State<Arc<Broker>>) -> Response {
-    if b.accepting.load(Ordering::Relaxed) && !b.shutdown.is_cancelled() {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
-        (
+    if !b.accepting.load(Ordering::Relaxed) || b.shutdown.is_cancelled() {
+        return (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: not accepting connections\n",
         )
-            .into_response()
+            .into_response();
+    }
+    if let Some(c) = b.cluster.get() {
+        if !c.synced() {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: joining the cluster\n",
+            )
+                .into_response();
+        }
+    }
+    (StatusCode::OK, "ready\n").into_response()
+}
+
+async fn cluster(State(b): State<Arc<Broker>>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorized(&b, &headers) {
+        return r;
+    }
+    match b.cluster.get() {
+        Some(c) => Json(json!({ "node": b.node, "synced": c.synced(), "members": c.members() }))
+            .into_response(),
+        None => Json(json!({
+            "node": b.node,
+            "synced": true,
+            "members": [{
+                "name": b.node, "state": "self", "routes": b.router.filters().len(),
+                "addr": null, "linked": true,
+            }],
+        }))
+        .into_response(),
+    }
+}
+
+/// Options of `POST /api/v1/evacuate`.
+#[derive(Debug, Default, Deserialize)]
+struct EvacuateOptions {
+    /// Clients moved per second.
+    rate: Option<u32>,
+    /// Server reference sent with MQTT 5 DISCONNECT 0x9C.
+    server_reference: Option<String>,
+}
+
+fn single_node_evacuation(b: &Broker) -> Value {
+    let state = if b.accepting.load(Ordering::Relaxed) {
+        "idle"
+    } else {
+        "done"
+    };
+    json!({
+        "state": state,
+        "remaining_clients": b.metrics.connections.get(),
+        "remaining_sessions": b.sessions.len(),
+        "handed_off": 0,
+    })
+}
+
+async fn evacuate(
+    State(b): State<Arc<Broker>>,
+    headers: HeaderMap,
+    Query(o): Query<EvacuateOptions>,
+) -> Response {
+    if let Err(r) = authorized(&b, &headers) {
+        return r;
+    }
+    let rate = o.rate.unwrap_or(100);
+    match b.cluster.get() {
+        Some(c) => {
+            c.evacuate(rate, o.server_reference);
+            (StatusCode::ACCEPTED, Json(json!(c.evacuation()))).into_response()
+        }
+        None => {
+            // A single node has nowhere to send clients: it stops accepting and reports.
+            b.accepting.store(false, Ordering::Relaxed);
+            (StatusCode::ACCEPTED, Json(single_node_evacuation(&b))).into_response()
+        }
+    }
+}
+
+async fn evacuation(State(b): State<Arc<Broker>>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorized(&b, &headers) {
+        return r;
+    }
+    match b.cluster.get() {
+        Some(c) => Json(json!(c.evacuation())).into_response(),
+        None => Json(single_node_evacuation(&b)).into_response(),
     }
 }
 

@@ -4,6 +4,7 @@
 //! Connection tasks call into this; the cluster layer will too, which is why these
 //! operations take plain values (messages, client ids) and never a socket.
 
+use std::collections::HashSet;
 use std::num::NonZeroU32;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use crate::hooks::{Event, EventKind, HookError, Hooks};
 use crate::message::{Delivery, Message, Msg};
 use crate::metrics::Metrics;
 use crate::retained::Retained;
-use crate::router::{Router, Target};
+use crate::router::{Router, Select, Target};
 use crate::session::{ConnInfo, Enqueued, Kick, Registry, Session, Subscription};
 use crate::topic;
 use crate::trace::Tracer;
@@ -46,6 +47,8 @@ pub struct Broker {
     pub accepting: AtomicBool,
     /// Start time.
     pub started: Instant,
+    /// The cluster layer, when clustering is on.
+    pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
     /// Client authentication.
     pub auth: Authenticator,
     /// Topic access control.
@@ -111,6 +114,7 @@ impl Broker {
             shutdown: CancellationToken::new(),
             accepting: AtomicBool::new(true),
             started: Instant::now(),
+            cluster: std::sync::OnceLock::new(),
         }))
     }
 
@@ -119,17 +123,44 @@ impl Broker {
     pub fn publish(&self, msg: Msg) -> usize {
         if msg.retain && self.config.mqtt.retain_available {
             self.retained.set(msg.clone());
+            if let Some(c) = self.cluster.get() {
+                c.retained(&msg);
+            }
         }
-        let targets = self.router.route(
-            &msg.topic,
-            &msg.publisher,
-            self.config.mqtt.shared_subscription_strategy,
-        );
+        let strategy = self.config.mqtt.shared_subscription_strategy;
+        let targets = match self.cluster.get() {
+            None => self.router.route(&msg.topic, &msg.publisher, strategy),
+            Some(c) => {
+                // One delivery per shared group cluster-wide: the cluster layer decides which
+                // node serves each group and forwards copies to peers with subscribers.
+                let local_groups = self.router.shared_groups(&msg.topic);
+                let mine = c.forward(&msg, &local_groups);
+                let sel = Select::Some {
+                    plain: true,
+                    groups: &mine,
+                };
+                self.router
+                    .route_selected(&msg.topic, &msg.publisher, strategy, sel)
+            }
+        };
         let n = targets.len();
         for t in targets {
             self.deliver(&msg, t);
         }
         n
+    }
+
+    /// Delivers a message forwarded by a peer to this node's subscribers: ordinary ones if
+    /// `plain`, and the shared groups the peer assigned here.
+    pub fn publish_local(&self, msg: Msg, plain: bool, groups: &HashSet<Arc<str>>) {
+        let strategy = self.config.mqtt.shared_subscription_strategy;
+        let sel = Select::Some { plain, groups };
+        for t in self
+            .router
+            .route_selected(&msg.topic, &msg.publisher, strategy, sel)
+        {
+            self.deliver(&msg, t);
+        }
     }
 
     fn deliver(&self, msg: &Msg, t: Target) {
@@ -152,9 +183,13 @@ impl Broker {
             .then(|| (d.msg.clone(), d.qos));
         let reason =
             match session.enqueue(d, s.max_offline_queue, s.queue_full_policy, s.queue_qos0) {
-                Enqueued::Queued => return,
+                Enqueued::Queued | Enqueued::Duplicate => return,
                 Enqueued::QueuedDroppedOldest => "queue_full",
                 Enqueued::Dropped => "queue_full_or_offline_qos0",
+                Enqueued::Moved(node, d) => match self.cluster.get() {
+                    Some(c) => return c.deliver_to(&node, &session.client_id, &d),
+                    None => "moved_session",
+                },
             };
         self.metrics.dropped(reason);
         if let Some((msg, qos)) = hook {
@@ -184,8 +219,14 @@ impl Broker {
                 .insert(raw.to_string(), Subscription { opts, sub_id })
                 .is_some()
         };
-        self.router
+        let (_, new_route) = self
+            .router
             .subscribe(f.group, f.filter, session, opts, sub_id);
+        if new_route {
+            if let Some(c) = self.cluster.get() {
+                c.route_added(raw);
+            }
+        }
         // Retained messages are not sent for shared subscriptions [MQTT-3.8.4-?, 4.8.2].
         let send_retained = f.group.is_none()
             && match opts.retain_handling {
@@ -211,11 +252,77 @@ impl Broker {
     /// Removes a subscription; returns whether it existed.
     pub fn unsubscribe(&self, session: &Arc<Session>, raw: &str) -> bool {
         let existed = session.state.lock().subscriptions.remove(raw).is_some();
-        if let Ok(f) = topic::parse_filter(raw) {
-            self.router
-                .unsubscribe(f.group, f.filter, &session.client_id);
-        }
+        self.remove_route(session, raw);
         existed
+    }
+
+    fn remove_route(&self, session: &Session, raw: &str) {
+        if let Ok(f) = topic::parse_filter(raw) {
+            let (_, gone) = self
+                .router
+                .unsubscribe(f.group, f.filter, &session.client_id);
+            if gone {
+                if let Some(c) = self.cluster.get() {
+                    c.route_removed(raw);
+                }
+            }
+        }
+    }
+
+    /// Before a client connects here, takes its session over from another node if one holds
+    /// it (or, with clean start, makes that node drop it).
+    pub async fn prepare_session(self: &Arc<Self>, client_id: &str, clean_start: bool) {
+        let Some(c) = self.cluster.get() else { return };
+        if client_id.is_empty() {
+            return;
+        }
+        if let Some(local) = self.sessions.get(client_id) {
+            let st = local.state.lock();
+            if st.moved_to.is_none() && !st.ended {
+                return; // it is here
+            }
+        }
+        if let Some(snap) = c.take_session(client_id, clean_start).await {
+            tracing::info!(client_id, "session taken over from another node");
+            self.install_session(snap);
+        }
+    }
+
+    /// Installs a session that arrived from another node, offline, with its routes.
+    pub fn install_session(self: &Arc<Self>, snap: crate::cluster::proto::SessionSnapshot) {
+        let client_id = ByteString::from(snap.client_id.clone());
+        let subs = snap.subscriptions();
+        let session = Session::new(client_id, snap.expiry);
+        {
+            let mut st = session.state.lock();
+            snap.restore_into(&mut st);
+            st.recent_ids = crate::cluster::recent_window();
+            st.disconnected_at = Some(Instant::now());
+        }
+        if let Some(old) = self.sessions.insert(session.clone()) {
+            if !Arc::ptr_eq(&old, &session) {
+                self.end_session(&old);
+            }
+        }
+        for (raw, sub) in subs {
+            session.state.lock().subscriptions.insert(raw.clone(), sub);
+            if let Ok(f) = topic::parse_filter(&raw) {
+                let (_, new_route) = self
+                    .router
+                    .subscribe(f.group, f.filter, &session, sub.opts, sub.sub_id);
+                if new_route {
+                    if let Some(c) = self.cluster.get() {
+                        c.route_added(&raw);
+                    }
+                }
+            }
+        }
+        // An offline persistent session expires here like any other.
+        let expiry = session.state.lock().expiry;
+        if expiry != u32::MAX {
+            let generation = session.state.lock().generation;
+            self.schedule_expiry(&session, generation, expiry);
+        }
     }
 
     /// Opens (or resumes) the session for a connecting client and marks it online, kicking
@@ -287,6 +394,11 @@ impl Broker {
         if expiry == u32::MAX {
             return;
         }
+        self.schedule_expiry(session, generation, expiry);
+    }
+
+    /// Ends `session` after `expiry` seconds unless it reconnects (its generation changes).
+    fn schedule_expiry(self: &Arc<Self>, session: &Arc<Session>, generation: u64, expiry: u32) {
         let broker = self.clone();
         let session = session.clone();
         tokio::spawn(async move {
@@ -324,10 +436,7 @@ impl Broker {
             (subs, orphans)
         };
         for raw in subs {
-            if let Ok(f) = topic::parse_filter(&raw) {
-                self.router
-                    .unsubscribe(f.group, f.filter, &session.client_id);
-            }
+            self.remove_route(session, &raw);
         }
         for d in orphans {
             self.redispatch_shared(d);

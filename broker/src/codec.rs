@@ -336,6 +336,15 @@ impl Codec {
                 }
             }
         }
+        if matches!(self.inner, MqttCodec::V3(_)) && v3_subscribe_has_reserved_bits(buf) {
+            // [MQTT-3.8.3-4]: the codec masks these bits; 3.1.1 requires closing the connection.
+            return Err(DecodeError {
+                message: "SUBSCRIBE options with reserved bits set".into(),
+                reason: 0x81,
+                unsupported_version: false,
+                client_id_rejected: false,
+            });
+        }
         match self.inner.decode(buf)? {
             None => Ok(None),
             Some((MqttPacket::V3(p), _)) => Ok(Some(self.inbound_v3(p))),
@@ -517,6 +526,41 @@ impl Codec {
             },
         }
     }
+}
+
+/// Whether `buf` starts with a complete 3.1.1 SUBSCRIBE whose requested-QoS bytes have any of
+/// the reserved upper six bits set.
+fn v3_subscribe_has_reserved_bits(buf: &[u8]) -> bool {
+    if buf.first() != Some(&0x82) {
+        return false;
+    }
+    let (mut len, mut mult, mut i) = (0usize, 1usize, 1usize);
+    loop {
+        let Some(&b) = buf.get(i) else { return false };
+        len += usize::from(b & 0x7f) * mult;
+        i += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+        mult *= 128;
+        if i > 4 {
+            return false;
+        }
+    }
+    let Some(body) = buf.get(i..i + len) else {
+        return false;
+    };
+    let mut p = 2; // packet id
+    while p + 2 <= body.len() {
+        let n = usize::from(u16::from_be_bytes([body[p], body[p + 1]]));
+        p += 2 + n;
+        match body.get(p) {
+            Some(opts) if opts & 0b1111_1100 != 0 => return true,
+            Some(_) => p += 1,
+            None => return false,
+        }
+    }
+    false
 }
 
 fn to_v3(pkt: Outbound) -> Option<v3::Packet> {
@@ -759,6 +803,21 @@ mod tests {
         buf.extend_from_slice(&[0x30, 0xff, 0xff, 0x7f]);
         let err = c.decode(&mut buf).expect_err("too big");
         assert_eq!(err.reason, 0x95);
+    }
+
+    #[test]
+    fn v3_subscribe_reserved_bits_are_malformed() {
+        let mut c = Codec::new(1024);
+        let mut buf = connect_bytes(4, 0x02, "abc");
+        assert!(matches!(c.decode(&mut buf), Ok(Some(_))));
+        buf.extend_from_slice(&[0x82, 0x08, 0x00, 0x01, 0x00, 0x03, b'a', b'/', b'b', 0xc1]);
+        assert!(c.decode(&mut buf).is_err());
+        let mut ok =
+            BytesMut::from(&[0x82u8, 0x08, 0x00, 0x01, 0x00, 0x03, b'a', b'/', b'b', 0x01][..]);
+        assert!(matches!(
+            c.decode(&mut ok),
+            Ok(Some(Inbound::Subscribe { .. }))
+        ));
     }
 
     #[test]

@@ -644,8 +644,12 @@ pub enum Discovery {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterConfig {
-    /// Inter-node port.
+    /// Inter-node port (TCP links and UDP gossip).
     pub port: u16,
+    /// Address to bind the cluster port on.
+    pub bind: String,
+    /// IP address peers use to reach this node; default `$POD_IP`, else 127.0.0.1.
+    pub advertise: Option<String>,
     /// Peer discovery method.
     pub discovery: Discovery,
     /// Static peers.
@@ -674,6 +678,8 @@ impl Default for ClusterConfig {
     fn default() -> Self {
         Self {
             port: 4370,
+            bind: "0.0.0.0".into(),
+            advertise: None,
             discovery: Discovery::None,
             peers: Vec::new(),
             dns_name: None,
@@ -692,6 +698,23 @@ pub struct KubernetesDiscovery {
     pub namespace: Option<String>,
     /// Headless Service name.
     pub service: Option<String>,
+    /// API server URL; in a pod, from `KUBERNETES_SERVICE_HOST`/`_PORT`.
+    pub api_url: Option<String>,
+    /// Bearer token file; in a pod, the service-account token.
+    pub token_file: Option<PathBuf>,
+    /// CA bundle for the API server; in a pod, the service-account CA.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl ClusterConfig {
+    /// The IP address advertised to peers.
+    pub fn advertise_ip(&self) -> std::net::IpAddr {
+        self.advertise
+            .clone()
+            .or_else(|| std::env::var("POD_IP").ok())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]))
+    }
 }
 
 /// Graceful shutdown.

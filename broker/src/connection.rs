@@ -153,6 +153,11 @@ pub async fn serve(
             return transport.close().await;
         }
     };
+    // In a cluster the client id is unique cluster-wide: take the session from whichever node
+    // holds it before answering CONNECT.
+    broker
+        .prepare_session(&connect.client_id, connect.clean_start)
+        .await;
     let mut conn = match Conn::accept(
         broker, codec, peer, listener, *connect, extra_acl, &mut wbuf,
     ) {
@@ -898,6 +903,16 @@ impl Conn {
             } else {
                 self.aliases_in.insert(alias.get(), p.topic.clone());
             }
+        }
+        if p.properties
+            .as_ref()
+            .is_some_and(|pr| !pr.subscription_ids.is_empty())
+        {
+            // [MQTT-3.3.4-6]: only the server sends subscription identifiers.
+            return Some(End::Protocol(
+                0x82,
+                "PUBLISH with a subscription identifier".into(),
+            ));
         }
         if topic::validate_name(&p.topic).is_err() {
             return Some(End::Protocol(

@@ -6,6 +6,7 @@ pub mod acl;
 pub mod admin;
 pub mod auth;
 pub mod broker;
+pub mod cluster;
 pub mod codec;
 pub mod config;
 pub mod connection;

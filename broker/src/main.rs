@@ -164,16 +164,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        if config.cluster.discovery != Discovery::None {
-            tracing::warn!(
-                "clustering is not available in this version yet; running as a single node"
-            );
-        }
         let drain = Duration::from_secs(config.shutdown.drain_timeout);
         let running = corvid_broker::server::start(config).await?;
         wait_for_signal().await;
         tracing::info!(deadline_s = drain.as_secs(), "shutting down");
-        running.shutdown(drain).await;
+        running.drain_and_shutdown(drain, 100).await;
         Ok(())
     })
 }

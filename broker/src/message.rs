@@ -14,6 +14,9 @@ use crate::codec::{PublishProperties, QoS};
 /// One published message.
 #[derive(Debug, Clone)]
 pub struct Message {
+    /// Random id, unique in practice across the cluster; lets a session that just moved between
+    /// nodes drop a copy that reached it by two paths.
+    pub id: u64,
     /// Topic name.
     pub topic: ByteString,
     /// Payload.
@@ -52,6 +55,7 @@ impl Message {
             p.subscription_ids.clear();
         }
         Message {
+            id: fastrand::u64(..),
             topic,
             payload,
             qos,

@@ -2,7 +2,9 @@
 //! per message); gauges that mirror state (sessions, routes, queues) are computed at scrape
 //! time from the state itself, so they cannot drift.
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 /// Counters by QoS level, indexed by the QoS value.
 #[derive(Debug, Clone)]
@@ -263,6 +265,32 @@ impl Metrics {
             traces_active: gauge("corvid_traces_active", "Traces running")?,
             registry,
         })
+    }
+
+    /// Registers another gauge (used by optional layers such as the cluster).
+    pub fn gauge(&self, name: &str, help: &str) -> Result<IntGauge, prometheus::Error> {
+        let g = IntGauge::new(name, help)?;
+        self.registry.register(Box::new(g.clone()))?;
+        Ok(g)
+    }
+
+    /// Registers another counter.
+    pub fn counter(&self, name: &str, help: &str) -> Result<IntCounter, prometheus::Error> {
+        let c = IntCounter::new(name, help)?;
+        self.registry.register(Box::new(c.clone()))?;
+        Ok(c)
+    }
+
+    /// Registers another labelled gauge.
+    pub fn gauge_vec(
+        &self,
+        name: &str,
+        help: &str,
+        label: &str,
+    ) -> Result<IntGaugeVec, prometheus::Error> {
+        let g = IntGaugeVec::new(Opts::new(name, help), &[label])?;
+        self.registry.register(Box::new(g.clone()))?;
+        Ok(g)
     }
 
     /// Renders all metrics in the Prometheus text format.

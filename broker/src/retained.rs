@@ -53,6 +53,22 @@ impl Retained {
         out
     }
 
+    /// Every retained message (sent to a node that joins the cluster).
+    pub fn all(&self) -> Vec<Msg> {
+        let root = self.root.read();
+        let mut out = Vec::new();
+        fn walk(n: &Node, out: &mut Vec<Msg>) {
+            if let Some(m) = &n.msg {
+                out.push(m.clone());
+            }
+            for c in n.children.values() {
+                walk(c, out);
+            }
+        }
+        walk(&root, &mut out);
+        out
+    }
+
     /// Number of retained messages.
     pub fn len(&self) -> usize {
         self.count.load(Ordering::Relaxed)

@@ -72,7 +72,8 @@ pub struct Router {
 
 impl Router {
     /// Adds or replaces `session`'s subscription to `filter`, optionally in share `group`.
-    /// Returns true if it is new.
+    /// Returns whether the subscription is new, and whether the route (the filter, or the group
+    /// on the filter) is new on this node — what the cluster layer tells its peers.
     pub fn subscribe(
         &self,
         group: Option<&str>,
@@ -80,7 +81,7 @@ impl Router {
         session: &Arc<Session>,
         opts: SubOptions,
         sub_id: Option<NonZeroU32>,
-    ) -> bool {
+    ) -> (bool, bool) {
         let mut root = self.root.write();
         let mut node = &mut *root;
         for level in filter.split('/') {
@@ -90,6 +91,10 @@ impl Router {
             session: session.clone(),
             opts,
             sub_id,
+        };
+        let route_new = match group {
+            None => node.subscribers.is_empty(),
+            Some(g) => !node.shared.contains_key(g),
         };
         let new = match group {
             None => node
@@ -122,18 +127,19 @@ impl Router {
         if new {
             self.subscriptions.fetch_add(1, Ordering::Relaxed);
         }
-        new
+        (new, route_new)
     }
 
-    /// Removes `client_id`'s subscription to `filter` (in `group`). Returns true if it existed.
-    pub fn unsubscribe(&self, group: Option<&str>, filter: &str, client_id: &str) -> bool {
+    /// Removes `client_id`'s subscription to `filter` (in `group`). Returns whether it existed
+    /// and whether that was the route's last subscriber on this node.
+    pub fn unsubscribe(&self, group: Option<&str>, filter: &str, client_id: &str) -> (bool, bool) {
         let mut root = self.root.write();
         let levels: Vec<&str> = filter.split('/').collect();
-        let removed = remove(&mut root, &levels, group, client_id);
+        let (removed, gone) = remove(&mut root, &levels, group, client_id);
         if removed {
             self.subscriptions.fetch_sub(1, Ordering::Relaxed);
         }
-        removed
+        (removed, removed && gone)
     }
 
     /// Subscriptions in the trie.
@@ -144,13 +150,39 @@ impl Router {
     /// Finds the sessions a message on `topic` goes to: one target per session for ordinary
     /// subscriptions (overlaps merged at the highest QoS), and one member per shared group.
     pub fn route(&self, topic: &str, publisher: &str, strategy: SharedStrategy) -> Vec<Target> {
+        self.route_selected(topic, publisher, strategy, Select::All)
+    }
+
+    /// Like [`Router::route`], limited to what `select` lets through: in a cluster, ordinary
+    /// subscribers may be skipped and only the shared groups assigned to this node served.
+    pub fn route_selected(
+        &self,
+        topic: &str,
+        publisher: &str,
+        strategy: SharedStrategy,
+        select: Select<'_>,
+    ) -> Vec<Target> {
         let root = self.root.read();
         let levels: Vec<&str> = topic.split('/').collect();
         let mut out = Vec::new();
         let dollar = topic.starts_with('$');
-        collect(&root, &levels, 0, dollar, publisher, strategy, &mut out);
+        let ctx = Ctx {
+            publisher,
+            strategy,
+            select,
+        };
+        collect(&root, &levels, 0, dollar, &ctx, &mut out);
         drop(root);
         merge_overlaps(out)
+    }
+
+    /// Keys (`group/filter`) of the shared groups with members here that match `topic`.
+    pub fn shared_groups(&self, topic: &str) -> Vec<Arc<str>> {
+        let root = self.root.read();
+        let levels: Vec<&str> = topic.split('/').collect();
+        let mut out = Vec::new();
+        groups(&root, &levels, 0, topic.starts_with('$'), &mut out);
+        out
     }
 
     /// All distinct filters with subscribers (shared ones as `$share/{group}/{filter}`).
@@ -162,34 +194,58 @@ impl Router {
     }
 }
 
-fn remove(node: &mut Node, levels: &[&str], group: Option<&str>, client_id: &str) -> bool {
+fn remove(node: &mut Node, levels: &[&str], group: Option<&str>, client_id: &str) -> (bool, bool) {
     match levels.split_first() {
         None => match group {
-            None => node.subscribers.remove(client_id).is_some(),
+            None => {
+                let removed = node.subscribers.remove(client_id).is_some();
+                (removed, node.subscribers.is_empty())
+            }
             Some(g) => {
                 let Some(grp) = node.shared.get_mut(g) else {
-                    return false;
+                    return (false, false);
                 };
                 let before = grp.members.len();
                 grp.members.retain(|m| &*m.session.client_id != client_id);
                 let removed = grp.members.len() != before;
-                if grp.members.is_empty() {
+                let gone = grp.members.is_empty();
+                if gone {
                     node.shared.remove(g);
                 }
-                removed
+                (removed, gone)
             }
         },
         Some((first, rest)) => {
             let Some(child) = node.children.get_mut(*first) else {
-                return false;
+                return (false, false);
             };
-            let removed = remove(child, rest, group, client_id);
+            let r = remove(child, rest, group, client_id);
             if child.is_empty() {
                 node.children.remove(*first);
             }
-            removed
+            r
         }
     }
+}
+
+/// Which subscribers a routing pass serves.
+#[derive(Debug, Clone, Copy)]
+pub enum Select<'a> {
+    /// Everything (a single node, or a message published here with no shared groups elsewhere).
+    All,
+    /// Ordinary subscribers if `plain`, and only the listed shared groups.
+    Some {
+        /// Serve ordinary subscriptions.
+        plain: bool,
+        /// Shared group keys to serve.
+        groups: &'a std::collections::HashSet<Arc<str>>,
+    },
+}
+
+struct Ctx<'a> {
+    publisher: &'a str,
+    strategy: SharedStrategy,
+    select: Select<'a>,
 }
 
 fn collect(
@@ -197,39 +253,68 @@ fn collect(
     levels: &[&str],
     depth: usize,
     dollar: bool,
-    publisher: &str,
-    strategy: SharedStrategy,
+    ctx: &Ctx<'_>,
     out: &mut Vec<Target>,
 ) {
     let wildcard_ok = !(dollar && depth == 0);
     if wildcard_ok {
         if let Some(hash) = node.children.get("#") {
-            emit(hash, publisher, strategy, out);
+            emit(hash, ctx, out);
         }
     }
     let Some((level, rest)) = levels.split_first() else {
-        emit(node, publisher, strategy, out);
+        emit(node, ctx, out);
         return;
     };
     if wildcard_ok {
         if let Some(plus) = node.children.get("+") {
-            collect(plus, rest, depth + 1, dollar, publisher, strategy, out);
+            collect(plus, rest, depth + 1, dollar, ctx, out);
         }
     }
     if let Some(child) = node.children.get(*level) {
-        collect(child, rest, depth + 1, dollar, publisher, strategy, out);
+        collect(child, rest, depth + 1, dollar, ctx, out);
     }
 }
 
-fn emit(node: &Node, publisher: &str, strategy: SharedStrategy, out: &mut Vec<Target>) {
-    for s in node.subscribers.values() {
-        if s.opts.no_local && &*s.session.client_id == publisher {
-            continue;
+fn groups(node: &Node, levels: &[&str], depth: usize, dollar: bool, out: &mut Vec<Arc<str>>) {
+    let wildcard_ok = !(dollar && depth == 0);
+    if wildcard_ok {
+        if let Some(hash) = node.children.get("#") {
+            out.extend(hash.shared.values().map(|g| g.key.clone()));
         }
-        out.push(target(s, None));
+    }
+    let Some((level, rest)) = levels.split_first() else {
+        out.extend(node.shared.values().map(|g| g.key.clone()));
+        return;
+    };
+    if wildcard_ok {
+        if let Some(plus) = node.children.get("+") {
+            groups(plus, rest, depth + 1, dollar, out);
+        }
+    }
+    if let Some(child) = node.children.get(*level) {
+        groups(child, rest, depth + 1, dollar, out);
+    }
+}
+
+fn emit(node: &Node, ctx: &Ctx<'_>, out: &mut Vec<Target>) {
+    let (plain, only) = match ctx.select {
+        Select::All => (true, None),
+        Select::Some { plain, groups } => (plain, Some(groups)),
+    };
+    if plain {
+        for s in node.subscribers.values() {
+            if s.opts.no_local && &*s.session.client_id == ctx.publisher {
+                continue;
+            }
+            out.push(target(s, None));
+        }
     }
     for grp in node.shared.values() {
-        if let Some(m) = pick_member(grp, publisher, strategy) {
+        if only.is_some_and(|g| !g.contains(&grp.key)) {
+            continue;
+        }
+        if let Some(m) = pick_member(grp, ctx.publisher, ctx.strategy) {
             out.push(target(m, Some(grp.key.clone())));
         }
     }
@@ -409,6 +494,30 @@ mod tests {
     }
 
     #[test]
+    fn route_changes_are_reported_once_per_filter() {
+        let r = Router::default();
+        let (a, b) = (sess("a"), sess("b"));
+        let q = SubOptions::qos(QoS::AtMostOnce);
+        assert_eq!(r.subscribe(None, "t", &a, q, None), (true, true));
+        assert_eq!(r.subscribe(None, "t", &b, q, None), (true, false));
+        assert_eq!(r.subscribe(None, "t", &b, q, None), (false, false));
+        assert_eq!(r.unsubscribe(None, "t", "a"), (true, false));
+        assert_eq!(r.unsubscribe(None, "t", "b"), (true, true));
+        let mut keys: Vec<String> = Vec::new();
+        r.subscribe(Some("g"), "t/#", &a, q, None);
+        keys.extend(r.shared_groups("t/x").iter().map(|k| k.to_string()));
+        assert_eq!(keys, vec!["g/t/#".to_string()]);
+        let none = std::collections::HashSet::new();
+        let sel = Select::Some {
+            plain: true,
+            groups: &none,
+        };
+        assert!(r
+            .route_selected("t/x", "p", SharedStrategy::RoundRobin, sel)
+            .is_empty());
+    }
+
+    #[test]
     fn unsubscribe_prunes() {
         let r = Router::default();
         let a = sess("a");
@@ -418,9 +527,9 @@ mod tests {
         let mut f = r.filters();
         f.sort();
         assert_eq!(f, vec!["$share/g/a/b".to_string(), "a/b/c".to_string()]);
-        assert!(r.unsubscribe(None, "a/b/c", "a"));
-        assert!(!r.unsubscribe(None, "a/b/c", "a"));
-        assert!(r.unsubscribe(Some("g"), "a/b", "a"));
+        assert_eq!(r.unsubscribe(None, "a/b/c", "a"), (true, true));
+        assert_eq!(r.unsubscribe(None, "a/b/c", "a"), (false, false));
+        assert_eq!(r.unsubscribe(Some("g"), "a/b", "a"), (true, true));
         assert_eq!(r.subscription_count(), 0);
         assert!(r.root.read().is_empty());
     }

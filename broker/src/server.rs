@@ -27,6 +27,12 @@ pub enum StartError {
         /// Cause.
         source: std::io::Error,
     },
+    /// Metrics registration failed (a bug).
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// The cluster layer could not start.
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
     /// The configuration could not be turned into broker state (auth, ACL, webhooks).
     #[error(transparent)]
     Setup(#[from] crate::broker::BrokerError),
@@ -73,6 +79,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             tracing::error!(error = %e, "admin endpoint failed");
         }
     });
+    if broker.config.cluster.discovery != crate::config::Discovery::None {
+        let cluster = crate::cluster::Cluster::start(&broker, admin_addr).await?;
+        let _ = broker.cluster.set(cluster);
+    }
     tracing::info!(node = %broker.node, version = env!("CARGO_PKG_VERSION"), "broker started");
     Ok(Running {
         broker,
@@ -86,6 +96,22 @@ impl Running {
     /// Address of a client listener (`mqtt`, `ws`, `mqtts`, `wss`).
     pub fn addr(&self, name: &str) -> Option<SocketAddr> {
         self.listeners.get(name).copied()
+    }
+
+    /// What SIGTERM does: in a cluster with peers, evacuate (clients sent to other nodes,
+    /// sessions handed off) within `deadline`, leave the cluster, then shut down.
+    pub async fn drain_and_shutdown(self, deadline: Duration, rate: u32) {
+        let until = tokio::time::Instant::now() + deadline;
+        if let Some(c) = self.broker.cluster.get() {
+            if c.evacuate(rate, None) || c.evacuation().state == "running" {
+                while c.evacuation().state == "running" && tokio::time::Instant::now() < until {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            c.leave().await;
+        }
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        self.shutdown(left.max(Duration::from_secs(1))).await;
     }
 
     /// Stops accepting, tells connected clients the server is shutting down (MQTT 5 reason

@@ -109,6 +109,36 @@ pub struct SessionState {
     pub disconnected_at: Option<Instant>,
     /// Messages dropped because the queue was full, or expired.
     pub dropped: u64,
+    /// The session moved to this node; deliveries are forwarded there.
+    pub moved_to: Option<String>,
+    /// Ids of messages recently queued, kept for sessions that arrived from another node, so a
+    /// message that reaches them both directly and through the old node is queued once.
+    pub recent_ids: Option<RecentIds>,
+}
+
+/// A bounded set of recent message ids.
+#[derive(Debug, Default)]
+pub struct RecentIds {
+    order: VecDeque<u64>,
+    set: HashSet<u64>,
+}
+
+impl RecentIds {
+    const CAP: usize = 4096;
+
+    /// Records `id`; false if it was already there.
+    pub fn insert(&mut self, id: u64) -> bool {
+        if !self.set.insert(id) {
+            return false;
+        }
+        self.order.push_back(id);
+        if self.order.len() > Self::CAP {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        true
+    }
 }
 
 impl SessionState {
@@ -137,8 +167,12 @@ impl SessionState {
 }
 
 /// Result of offering a delivery to a session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Enqueued {
+    /// The session lives on another node now: forward the delivery there.
+    Moved(String, Box<Delivery>),
+    /// Already queued through another path (session that moved between nodes).
+    Duplicate,
     /// Queued.
     Queued,
     /// Queued, and the oldest queued message was dropped for it.
@@ -181,8 +215,16 @@ impl Session {
         queue_qos0: bool,
     ) -> Enqueued {
         let mut st = self.state.lock();
+        if let Some(node) = &st.moved_to {
+            return Enqueued::Moved(node.clone(), Box::new(d));
+        }
         if st.ended {
             return Enqueued::Dropped;
+        }
+        if let Some(recent) = st.recent_ids.as_mut() {
+            if !recent.insert(d.msg.id) {
+                return Enqueued::Duplicate;
+            }
         }
         let online = st.connection.is_some();
         if !online && d.qos == QoS::AtMostOnce && !queue_qos0 {
@@ -332,24 +374,34 @@ mod tests {
     #[test]
     fn offline_qos0_not_queued_by_default() {
         let s = Session::new(ByteString::from_static("c"), 60);
-        assert_eq!(
-            s.enqueue(
-                delivery(QoS::AtMostOnce, 0),
-                3,
-                QueueFullPolicy::DropNew,
-                false
-            ),
-            Enqueued::Dropped
+        let r = s.enqueue(
+            delivery(QoS::AtMostOnce, 0),
+            3,
+            QueueFullPolicy::DropNew,
+            false,
         );
-        assert_eq!(
-            s.enqueue(
-                delivery(QoS::AtMostOnce, 0),
-                3,
-                QueueFullPolicy::DropNew,
-                true
-            ),
-            Enqueued::Queued
+        assert!(matches!(r, Enqueued::Dropped));
+        let r = s.enqueue(
+            delivery(QoS::AtMostOnce, 0),
+            3,
+            QueueFullPolicy::DropNew,
+            true,
         );
+        assert!(matches!(r, Enqueued::Queued));
+    }
+
+    #[test]
+    fn moved_session_hands_deliveries_back_and_dedupes() {
+        let s = Session::new(ByteString::from_static("c"), 60);
+        s.state.lock().recent_ids = Some(RecentIds::default());
+        let d = delivery(QoS::AtLeastOnce, 1);
+        let r = s.enqueue(d.clone(), 3, QueueFullPolicy::DropNew, false);
+        assert!(matches!(r, Enqueued::Queued));
+        let r = s.enqueue(d.clone(), 3, QueueFullPolicy::DropNew, false);
+        assert!(matches!(r, Enqueued::Duplicate));
+        s.state.lock().moved_to = Some("n2".into());
+        let r = s.enqueue(d, 3, QueueFullPolicy::DropNew, false);
+        assert!(matches!(r, Enqueued::Moved(n, _) if n == "n2"));
     }
 
     #[test]

@@ -57,6 +57,7 @@ fn default_users_key() -> String {
     .message("auth.http.url must start with http:// or https://"))]
 pub struct HttpAuth {
     /// URL that receives a POST per connect; 200 allows, anything else denies.
+    #[schemars(length(max = 2048))]
     pub url: String,
     /// Request timeout in milliseconds.
     #[serde(default = "default_http_timeout_ms")]
@@ -74,8 +75,9 @@ pub struct AclSpec {
     /// Decision when no rule matches: allow or deny.
     #[serde(default)]
     pub no_match: AclPermission,
-    /// Rules evaluated in order; the first match decides.
+    /// Rules evaluated in order; the first match decides (at most 1000).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1000))]
     pub rules: Vec<AclRule>,
 }
 
@@ -111,7 +113,7 @@ pub struct AclRule {
 /// Selects the clients a rule applies to; exactly one field is set.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("[has(self.user), has(self.clientId), has(self.ipCidr), has(self.all) && self.all].filter(x, x).size() == 1")
+#[x_kube(validation = Rule::new("(has(self.user) ? 1 : 0) + (has(self.clientId) ? 1 : 0) + (has(self.ipCidr) ? 1 : 0) + ((has(self.all) && self.all) ? 1 : 0) == 1")
     .message("acl.rules[].who must set exactly one of user, clientId, ipCidr, all"))]
 pub struct AclWho {
     /// A username.

@@ -22,9 +22,11 @@ pub struct LimitsSpec {
     pub max_conn_rate: i64,
     /// Per-client publish rate as "messages-per-second,burst"; unset means unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
     pub message_rate: Option<String>,
     /// Per-client inbound byte rate as "bytes-per-second,burst"; unset means unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
     pub byte_rate: Option<String>,
     /// Maximum subscriptions per client; 0 means unlimited.
     #[serde(default)]
@@ -143,6 +145,7 @@ pub struct Webhook {
     /// Name used in logs and metrics.
     pub name: String,
     /// URL that receives a POST per event.
+    #[schemars(length(max = 2048))]
     pub url: String,
     /// Events to send (client.connected, client.disconnected, message.publish, ...); empty means all.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -131,8 +131,9 @@ pub struct MqttClusterSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub auto_subscriptions: Vec<AutoSubscription>,
 
-    /// HTTP endpoints notified of client and message events.
+    /// HTTP endpoints notified of client and message events (at most 32).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
     pub webhooks: Vec<Webhook>,
 
     /// Free-form broker configuration, deep-merged over the configuration rendered from this spec.

@@ -10,6 +10,9 @@ pub enum CrdError {
     /// The CRD could not be serialized to YAML.
     #[error("failed to serialize the MqttCluster CRD: {0}")]
     Serialize(#[from] serde_yaml::Error),
+    /// The CRD could not be converted to JSON for post-processing.
+    #[error("failed to convert the MqttCluster CRD: {0}")]
+    Json(#[from] serde_json::Error),
 }
 
 /// Header written on top of the generated YAML so nobody edits it by hand.
@@ -18,6 +21,50 @@ pub const GENERATED_HEADER: &str =
 
 /// The full CRD document, header included, exactly as committed in `manifests/crds/`.
 pub fn crd_yaml() -> Result<String, CrdError> {
-    let body = serde_yaml::to_string(&MqttCluster::crd())?;
+    let mut crd = serde_json::to_value(MqttCluster::crd())?;
+    unwrap_descriptions(&mut crd);
+    let body = serde_yaml::to_string(&crd)?;
     Ok(format!("{GENERATED_HEADER}{body}"))
+}
+
+/// Joins the line breaks of wrapped doc comments so `kubectl explain` reflows the text itself
+/// (blank lines, i.e. paragraph breaks, are kept).
+fn unwrap_descriptions(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, child) in map.iter_mut() {
+                match child {
+                    serde_json::Value::String(text) if key == "description" => {
+                        *text = unwrap_lines(text)
+                    }
+                    _ => unwrap_descriptions(child),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(unwrap_descriptions),
+        _ => {}
+    }
+}
+
+/// `text` with single newlines replaced by spaces.
+pub fn unwrap_lines(text: &str) -> String {
+    text.split("\n\n")
+        .map(|para| {
+            para.split('\n')
+                .map(str::trim)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect::<Vec<_>>()
+        .join("\n\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unwrap_lines;
+
+    #[test]
+    fn wrapped_lines_are_joined_and_paragraphs_kept() {
+        assert_eq!(unwrap_lines("a b\nc d\n\nnext"), "a b c d\n\nnext");
+    }
 }

@@ -3,6 +3,8 @@
 //! The CRD YAML that users install is generated from these types (`corvid-operator crd`), so the
 //! Rust structs are the single source of truth for field names, defaults, descriptions and CEL rules.
 
+#![warn(missing_docs)]
+
 pub mod auth;
 pub mod broker;
 pub mod cluster;

@@ -64,6 +64,7 @@ pub struct PersistenceSpec {
     pub size: String,
     /// StorageClass of the volumes (pvc mode); unset uses the cluster default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
     pub storage_class_name: Option<String>,
 }
 

@@ -308,3 +308,30 @@ fn persistence_mode_is_immutable() {
         "got: {errs}"
     );
 }
+
+#[test]
+fn a_listener_can_be_switched_off_without_restating_its_port() {
+    let spec: MqttClusterSpec = serde_json::from_value(
+        json!({"listeners": {"mqtt": {"enabled": false}, "wss": {"enabled": true}}}),
+    )
+    .expect("partial listeners");
+    assert_eq!(
+        (spec.listeners.mqtt.enabled, spec.listeners.mqtt.port),
+        (false, 1883)
+    );
+    assert_eq!(
+        (spec.listeners.wss.enabled, spec.listeners.wss.port),
+        (true, 8084)
+    );
+    assert_eq!(
+        spec.listeners.ws.port, 8083,
+        "untouched listeners keep their defaults"
+    );
+    let props = &spec_schema()["properties"]["listeners"]["properties"];
+    assert_eq!(
+        props["mqtts"]["properties"]["port"]["default"],
+        json!(8883),
+        "the API server defaults each field"
+    );
+    assert_eq!(props["ws"]["properties"]["enabled"]["default"], json!(true));
+}

@@ -56,6 +56,12 @@ pub struct RunArgs {
     /// Watch only these namespaces (repeatable); all namespaces when omitted.
     #[arg(long = "namespace", short = 'n')]
     pub namespaces: Vec<String>,
+    /// Server-side apply this version's MqttCluster CRD at start-up (field manager
+    /// corvid-operator), so `helm upgrade` also upgrades the CRD. Needs get/patch on the
+    /// customresourcedefinition mqttclusters.corvid.dev; when forbidden the operator logs a
+    /// warning and runs with the CRD it finds.
+    #[arg(long, env = "CORVID_OPERATOR_APPLY_CRD")]
+    pub apply_crd: bool,
     /// Log format: json or text.
     #[arg(long, default_value = "json", env = "CORVID_OPERATOR_LOG_FORMAT")]
     pub log_format: String,

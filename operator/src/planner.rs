@@ -38,6 +38,8 @@ pub struct PodView {
     pub evacuation: Option<Evacuation>,
     /// When the pod was created.
     pub created: Option<Timestamp>,
+    /// Broker version the pod runs (its `app.kubernetes.io/version` label).
+    pub version: Option<String>,
 }
 
 impl PodView {

@@ -25,6 +25,7 @@ fn healthy(ordinal: i32, revision: &str) -> PodView {
         terminating: false,
         evacuation: None,
         created: Some(ago(3600)),
+        version: None,
     }
 }
 

@@ -13,7 +13,6 @@ import shlex
 import shutil
 import socket
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,10 +117,10 @@ def corvid_binary() -> Path:
 
 
 @pytest.fixture(scope="session")
-def broker(request) -> Broker:
+def broker(request, tmp_path_factory) -> Broker:
     kind = request.config.getoption("--broker")
     port, ws_port, admin_port = free_ports(3)
-    workdir = Path(tempfile.mkdtemp(prefix=f"conformance-{kind}-"))
+    workdir = tmp_path_factory.mktemp(f"broker-{kind}")
     log = workdir / "broker.log"
     if kind == "mosquitto":
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -156,6 +155,7 @@ def broker(request) -> Broker:
     # A crash mid-suite otherwise only shows up as a cascade of connection errors.
     if died is not None:
         raise RuntimeError(f"broker died during the run (exit {died}); log: {log}")
+    print(f"\nbroker log: {log}")
 
 
 @pytest.fixture

@@ -243,7 +243,8 @@ class Packet:
                  "PUBLISH": f"topic={self.topic!r} qos={self.qos} retain={self.retain} "
                             f"pid={self.pid} payload={self.payload[:40]!r}",
                  "DISCONNECT": f"rc=0x{self.reason:02x}",
-                 "SUBACK": f"codes={self.codes}"}.get(self.name, f"pid={self.pid} rc=0x{self.reason:02x}")
+                 "SUBACK": f"codes={self.codes}"}.get(
+                     self.name, f"pid={self.pid} rc=0x{self.reason:02x}")
         return f"<{self.name} {extra} props={self.props}>"
 
 

@@ -28,7 +28,8 @@ def test_session_present_flag(version, raw):
     c = raw(version, client_id=cid, clean=False, props=session_props(version))
     assert c.connack.session_present
     c.disconnect()
-    # Clean Session / Clean Start discards it: Session Present 0 [MQTT-3.2.2-1] (5.0: [MQTT-3.2.2-2]).
+    # Clean Session / Clean Start discards it: Session Present 0 [MQTT-3.2.2-1]
+    # (5.0: [MQTT-3.2.2-2]).
     c = raw(version, client_id=cid, clean=True)
     assert not c.connack.session_present
     c.disconnect()
@@ -80,7 +81,8 @@ def test_keepalive_timeout_closes_connection(version, sock):
     start = time.monotonic()
     seen = c.wait_closed(timeout=1.5 * keepalive + KEEPALIVE_SLACK)
     elapsed = time.monotonic() - start
-    assert elapsed >= keepalive * 0.9, f"closed after {elapsed:.2f}s, before Keep Alive ({keepalive}s)"
+    assert elapsed >= keepalive * 0.9, \
+        f"closed after {elapsed:.2f}s, before Keep Alive ({keepalive}s)"
     if version == V5 and seen:
         assert seen[-1].type == DISCONNECT and seen[-1].reason == 0x8D, seen
 
@@ -143,3 +145,26 @@ def test_unsupported_protocol_level(level, sock):
         pytest.skip("broker implements MQTT 3.1 (allowed: it is another specification)")
     assert first.body[1] in (0x01, 0x84), first
     c.wait_closed()
+
+
+def test_unsupported_authentication_method_v5(sock):
+    # [MQTT-4.12.0-1]: a Server that does not support the client's Authentication Method MAY
+    # answer CONNACK 0x8C (Bad authentication method) or 0x87 (Not authorized) and MUST close
+    # the connection - it must not accept the client as if no method had been given.
+    c = sock(V5)
+    c.send(connect_packet(unique(), V5,
+                          props={"authentication_method": "X-CONFORMANCE-NOT-A-METHOD"}))
+    seen = c.wait_closed()
+    for p in seen:
+        assert p.type == CONNACK and p.reason in (0x8C, 0x87, 0x80, 0x86), seen
+
+
+def test_takeover_storm_leaves_one_connection(version, raw, port):
+    # [MQTT-3.1.4-2]/[MQTT-3.1.4-3] applied ten times in a row: only the last connection for a
+    # client id survives, and the broker keeps serving.
+    cid = unique()
+    conns = [raw(version, client_id=cid) for _ in range(10)]
+    for c in conns[:-1]:
+        c.wait_closed()
+    conns[-1].ping()
+    assert_healthy(port)

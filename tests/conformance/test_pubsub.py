@@ -6,8 +6,8 @@ This is the core promise of a broker; each test is run for MQTT 3.1.1 and 5.0.
 
 import pytest
 
-from mqttutil import (PUBCOMP, PUBREC, PUBREL, V311, V5, Closed, ack_packet, publish_packet, sub_options,
-                      unique)
+from mqttutil import (PUBACK, PUBCOMP, PUBREC, PUBREL, V311, V5, Closed, ack_packet,
+                      publish_packet, sub_options, unique)
 
 
 @pytest.mark.parametrize("qos", [0, 1, 2])
@@ -234,3 +234,74 @@ def test_invalid_topic_filter_refused(version, bad_filter, raw, port, topic):
     assert ack.codes[0] >= 0x80, ack
     if version == V5:
         assert ack.codes[0] == 0x8F, ack
+
+
+def test_pubrel_for_unknown_packet_id_answered_with_pubcomp(version, raw):
+    # Section 4.3.3: the receiver MUST respond to a PUBREL with a PUBCOMP carrying the same
+    # Packet Identifier. 5.0 (3.7.2.1): reason 0x92 Packet Identifier not found is the precise
+    # answer; 0x00 is tolerated.
+    c = raw(version)
+    c.send(ack_packet(PUBREL, 4242, version))
+    comp = c.expect(PUBCOMP)
+    assert comp.pid == 4242
+    if version == V5:
+        assert comp.reason in (0x00, 0x92), comp
+    c.ping()
+
+
+def test_qos2_packet_id_reusable_after_pubcomp(version, raw, topic):
+    # [MQTT-2.2.1-3] / 4.3.3: once PUBCOMP is sent the Packet Identifier is free; the next
+    # PUBLISH with it is a new Application Message and is delivered again.
+    sub = raw(version)
+    sub.subscribe(topic, 2)
+    pub = raw(version)
+    for payload in (b"first", b"second"):
+        pub.send(publish_packet(topic, payload, 2, pid=9, version=version))
+        assert pub.expect(PUBREC).pid == 9
+        pub.send(ack_packet(PUBREL, 9, version))
+        assert pub.expect(PUBCOMP).pid == 9
+    assert [sub.message().payload, sub.message().payload] == [b"first", b"second"]
+
+
+def test_qos1_publish_acknowledged(version, raw, topic):
+    # Section 4.3.2: the receiver MUST respond with a PUBACK carrying the PUBLISH's Packet
+    # Identifier - also when nobody subscribed.
+    c = raw(version)
+    c.send(publish_packet(f"{topic}/nobody", b"x", 1, pid=77, version=version))
+    assert c.expect(PUBACK).pid == 77
+
+
+def test_fan_out_to_many_subscribers(version, raw, topic):
+    # [MQTT-4.5.0-1]: the Server MUST add an incoming Application Message to the Session State
+    # of every client with a matching subscription.
+    subs = [raw(version) for _ in range(40)]
+    for s in subs:
+        s.subscribe(topic, 1)
+    raw(version).publish(topic, b"fan", 1)
+    for s in subs:
+        assert s.message().payload == b"fan"
+
+
+@pytest.mark.parametrize("leaf", ["café/☃/日本", "with space", "x" * 60000],
+                         ids=["unicode", "space", "60000-chars"])
+def test_unusual_but_valid_topic_names(version, leaf, raw, topic):
+    # 1.5.3 (5.0 1.5.4) and 4.7.3: any UTF-8 except U+0000, up to 65,535 bytes, is a valid
+    # Topic Name; spaces are allowed.
+    name = f"{topic}/{leaf}"
+    sub = raw(version)
+    sub.subscribe(name, 1)
+    raw(version).publish(name, b"x", 1)
+    assert sub.message().topic == name
+
+
+def test_inflight_packet_ids_are_distinct(version, raw, topic):
+    # [MQTT-2.2.1-3]: each new QoS > 0 PUBLISH gets a currently unused, non-zero Packet
+    # Identifier - so unacknowledged messages never share one.
+    props = {"receive_maximum": 20} if version == V5 else None
+    sub = raw(version, props=props)
+    sub.subscribe(topic, 1)
+    pub = raw(version)
+    for i in range(10):
+        pub.publish(topic, str(i).encode(), 1)
+    pids = [sub.message(ack=False).pid for _ in range(10)]
+    assert 0 not in pids and len(set(pids)) == 10, pids

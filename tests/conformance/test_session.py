@@ -7,7 +7,7 @@ QoS 1/2 messages queued while offline, unacknowledged messages re-sent with DUP,
 
 import time
 
-from mqttutil import PUBREC, PUBREL, V311, V5, ack_packet
+from mqttutil import PUBCOMP, PUBREC, PUBREL, V311, V5, ack_packet, publish_packet
 
 
 def persistent(version, expiry=300):
@@ -148,3 +148,55 @@ def test_persistent_session_v311_survives_takeover(raw, topic):
     raw(V311).publish(topic, b"x", qos=1)
     assert c2.message().payload == b"x"
     raw(V311, client_id=c.client_id, clean=True).disconnect()
+
+
+def test_redelivery_keeps_original_order(version, raw, topic):
+    # [MQTT-4.6.0-1]: unacknowledged PUBLISH packets are re-sent in the order in which the
+    # originals were sent.
+    c = fresh_persistent(raw, version)
+    c.subscribe(topic, 1)
+    pub = raw(version)
+    for i in range(5):
+        pub.publish(topic, str(i).encode(), 1)
+    first = [c.message(ack=False) for _ in range(5)]
+    c.close()
+    c = raw(version, client_id=c.client_id, **persistent(version))
+    again = [c.message() for _ in range(5)]
+    assert [m.payload for m in again] == [m.payload for m in first] == [b"0", b"1", b"2", b"3",
+                                                                         b"4"]
+    assert all(m.dup for m in again), again
+    raw(version, client_id=c.client_id, clean=True).disconnect()
+
+
+def test_inbound_qos2_state_survives_reconnect(version, raw, topic):
+    # 4.3.3 + [MQTT-4.4.0-1]: the Server keeps the QoS 2 state of a publisher's session; after
+    # a reconnect the client's PUBREL completes the flow and the message is delivered once.
+    sub = raw(version)
+    sub.subscribe(topic, 2)
+    pub = fresh_persistent(raw, version)
+    pub.send(publish_packet(topic, b"exactly-once", 2, pid=11, version=version))
+    assert pub.expect(PUBREC).pid == 11
+    pub.close()
+    pub = raw(version, client_id=pub.client_id, **persistent(version))
+    assert pub.connack.session_present
+    # A client that missed the PUBREC may also resend the PUBLISH with DUP first.
+    pub.send(publish_packet(topic, b"exactly-once", 2, pid=11, version=version, dup=True))
+    assert pub.expect(PUBREC).pid == 11
+    pub.send(ack_packet(PUBREL, 11, version))
+    assert pub.expect(PUBCOMP).pid == 11
+    assert sub.message().payload == b"exactly-once"
+    sub.no_message()
+    raw(version, client_id=pub.client_id, clean=True).disconnect()
+
+
+def test_unsubscribe_persists_in_session(version, raw, topic):
+    # [MQTT-3.10.4-2] on a persistent session: the removal is part of the stored state.
+    c = fresh_persistent(raw, version)
+    c.subscribe(topic, 1)
+    c.unsubscribe(topic)
+    c.disconnect()
+    raw(version).publish(topic, b"x", 1)
+    c = raw(version, client_id=c.client_id, **persistent(version))
+    assert c.connack.session_present
+    c.no_message()
+    raw(version, client_id=c.client_id, clean=True).disconnect()

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from mqttutil import (DISCONNECT, PUBACK, SUBACK, V5, publish_packet, sub_options,
-                      subscribe_packet, unique)
+from mqttutil import (DISCONNECT, PUBACK, PUBCOMP, PUBREC, PUBREL, SUBACK, V5, Closed,
+                      ack_packet, publish_packet, sub_options, subscribe_packet, unique)
 
 
 @pytest.mark.xfail_mosquitto("respects Receive Maximum 2 at first, but after one PUBACK sends "
@@ -249,3 +249,262 @@ def test_server_keep_alive_and_limits_are_sane(raw):
     assert props.get("maximum_qos", 2) == 2, props
     assert props.get("receive_maximum", 65535) >= 1, props
     assert props.get("maximum_packet_size", 1 << 28) >= 1024, props
+
+
+def test_client_maximum_packet_size_respected(raw, topic):
+    # [MQTT-3.1.2-24]: the Server MUST NOT send packets larger than the client's Maximum
+    # Packet Size; [MQTT-3.1.2-25]: it discards such a message and carries on as if it had
+    # been sent - the connection stays up and later messages flow.
+    sub = raw(V5, props={"maximum_packet_size": 200})
+    sub.subscribe(topic, 1)
+    pub = raw(V5)
+    pub.publish(topic, b"x" * 500, 1)
+    pub.publish(topic, b"small", 1)
+    m = sub.message()
+    assert m.payload == b"small", m
+    sub.no_message()
+    sub.ping()
+
+
+def test_receive_maximum_counts_qos2_until_pubcomp(raw, topic):
+    # [MQTT-3.3.4-9]: a QoS 2 PUBLISH stays "unacknowledged" until PUBCOMP (a PUBREC below
+    # 0x80 does not free the slot).
+    sub = raw(V5, props={"receive_maximum": 1})
+    sub.subscribe(topic, 2)
+    pub = raw(V5)
+    pub.publish(topic, b"1", 2)
+    pub.publish(topic, b"2", 2)
+    first = sub.message(ack=False)
+    sub.send(ack_packet(PUBREC, first.pid))
+    rel = sub.expect(PUBREL)
+    sub.no_message()  # still in flight: PUBCOMP not sent yet
+    sub.send(ack_packet(PUBCOMP, rel.pid))
+    assert sub.message().payload == b"2"
+
+
+def test_receive_maximum_applies_to_queued_messages_on_reconnect(raw, topic):
+    # [MQTT-3.3.4-9] also bounds the burst of messages queued while the client was offline.
+    sub = raw(V5, props={"session_expiry_interval": 60})
+    sub.subscribe(topic, 1)
+    sub.disconnect()
+    pub = raw(V5)
+    for i in range(6):
+        pub.publish(topic, str(i).encode(), 1)
+    sub = raw(V5, client_id=sub.client_id, clean=False,
+              props={"session_expiry_interval": 0, "receive_maximum": 2})
+    assert sub.connack.session_present
+    inflight = [sub.message(ack=False), sub.message(ack=False)]
+    sub.no_message()
+    for m in inflight:
+        sub.ack(m)
+    rest = [int(sub.message().payload) for _ in range(4)]
+    assert [int(m.payload) for m in inflight] + rest == list(range(6))
+
+
+def test_server_topic_aliases_stay_within_client_maximum(raw, topic):
+    # [MQTT-3.1.2-26]: the Server MUST NOT send a Topic Alias greater than the client's Topic
+    # Alias Maximum. Whatever aliases it chooses to use, every message must resolve to the
+    # right topic (3.3.2.3.4).
+    sub = raw(V5, props={"topic_alias_maximum": 2})
+    sub.subscribe(f"{topic}/#", 1)
+    pub = raw(V5)
+    sent = [f"{topic}/{leaf}" for leaf in ("a", "b", "c", "a", "b", "c", "a")]
+    for i, t in enumerate(sent):
+        pub.publish(t, str(i).encode(), 1)
+    aliases = {}
+    for i, t in enumerate(sent):
+        m = sub.message()
+        alias = m.props.get("topic_alias")
+        if alias is not None:
+            assert 1 <= alias <= 2, m
+            if m.topic:
+                aliases[alias] = m.topic
+            else:
+                assert alias in aliases, f"alias {alias} used before it was set: {m}"
+        resolved = m.topic or aliases[alias]
+        assert (resolved, m.payload) == (t, str(i).encode()), m
+
+
+def test_retained_message_keeps_properties(raw, topic):
+    # A retained message replayed later is still the same Application Message: its User
+    # Properties [MQTT-3.3.2-17], Content Type [MQTT-3.3.2-20], Response Topic
+    # [MQTT-3.3.2-15] and Correlation Data [MQTT-3.3.2-16] go with it.
+    props = {"user_property": [("k", "v")], "content_type": "text/plain",
+             "response_topic": f"{topic}/r", "correlation_data": b"c"}
+    raw(V5).publish(topic, b"r", 1, retain=True, props=props)
+    sub = raw(V5)
+    sub.subscribe(topic, 1)
+    m = sub.message()
+    assert m.retain
+    for k, v in props.items():
+        assert m.props.get(k) == v, (k, m.props)
+
+
+def test_retained_message_expires(raw, topic):
+    # [MQTT-3.3.2-5]: once the Message Expiry Interval has passed the retained copy is not
+    # delivered (3.3.2.3.3: it is no longer retained).
+    raw(V5).publish(topic, b"soon-gone", 1, retain=True, props={"message_expiry_interval": 1})
+    time.sleep(2.2)  # time-based behaviour
+    sub = raw(V5)
+    sub.subscribe(topic, 1)
+    sub.no_message()
+
+
+def test_will_sent_at_session_end_before_will_delay(raw, topic):
+    # 3.1.3.2.2: the Will is published when the Will Delay Interval passes or the Session
+    # ends, whichever happens first: Session Expiry 1 s < Will Delay 30 s.
+    sub = raw(V5)
+    sub.subscribe(topic, 1)
+    c = raw(V5, props={"session_expiry_interval": 1},
+            will={"topic": topic, "payload": b"gone", "qos": 1,
+                  "props": {"will_delay_interval": 30}})
+    c.close()
+    assert sub.message(timeout=6).payload == b"gone"
+
+
+def test_disconnect_cannot_turn_on_session_expiry(raw, topic):
+    # [MQTT-3.14.2-2]: with Session Expiry 0 in CONNECT, a non-zero value in DISCONNECT is a
+    # Protocol Error - the session must not be kept because of it.
+    c = raw(V5)
+    c.subscribe(topic, 1)
+    c.disconnect(props={"session_expiry_interval": 300})
+    again = raw(V5, client_id=c.client_id, clean=False)
+    assert not again.connack.session_present, again.connack
+
+
+@pytest.mark.parametrize("bad", [
+    "$share/g+/t", "$share/g#/t",
+    pytest.param("$share/g", marks=pytest.mark.xfail_mosquitto(
+        "grants $share/<name> without a topic filter [MQTT-4.8.2-2]")),
+    pytest.param("$share//t", marks=pytest.mark.xfail_mosquitto(
+        "grants an empty ShareName [MQTT-4.8.2-1]"))])
+def test_invalid_shared_subscription_refused(bad, raw):
+    # [MQTT-4.8.2-1]: the ShareName is at least one character; [MQTT-4.8.2-2]: it contains
+    # no "/", "+", "#" and is followed by "/" and a Topic Filter. Refused with SUBACK 0x8F
+    # (or 0x80), or the connection is closed as for a Protocol Error.
+    c = raw(V5)
+    try:
+        ack = c.subscribe(bad, 1)
+    except Closed:
+        return
+    assert ack.codes[0] >= 0x80, ack
+
+
+def test_shared_subscription_respects_member_qos(raw, topic):
+    # [MQTT-4.8.2-3]: the Server MUST respect the granted QoS of the member's subscription.
+    member = raw(V5)
+    member.subscribe(f"$share/{unique('g')}/{topic}", 0)
+    raw(V5).publish(topic, b"x", 2)
+    assert member.message().qos == 0
+
+
+@pytest.mark.xfail_mosquitto("answers the extra PUBLISH with PUBREC 0x97 (Quota exceeded) and "
+                             "keeps the connection, instead of DISCONNECT 0x93 (3.3.4, 4.9)")
+def test_client_exceeding_server_receive_maximum(raw, topic):
+    # 3.3.4 and 4.9: a client MUST NOT exceed the Server's Receive Maximum [MQTT-3.3.4-7]; a
+    # Server receiving more unacknowledged QoS 2 PUBLISHes than that "uses DISCONNECT with
+    # Reason Code 0x93 (Receive Maximum exceeded)" (spec text without a statement id).
+    # Here no PUBREL is ever sent, so every flow stays open.
+    c = raw(V5)
+    maximum = c.connack.props.get("receive_maximum", 65535)
+    if maximum > 1000:
+        pytest.skip(f"Server Receive Maximum {maximum} is too large to exhaust quickly")
+    for pid in range(1, maximum + 1):
+        c.send(publish_packet(f"{topic}/flood", b"x", 2, pid=pid))
+        c.expect(PUBREC)
+    c.send(publish_packet(f"{topic}/flood", b"x", 2, pid=maximum + 1))
+    seen = c.wait_closed()
+    disconnects = [p.reason for p in seen if p.type == DISCONNECT]
+    assert disconnects in ([], [0x93]), seen
+    assert not any(p.type == PUBREC and p.pid == maximum + 1 for p in seen), seen
+
+
+def alias_max_or_skip(client):
+    maximum = client.connack.props.get("topic_alias_maximum", 0)
+    if maximum < 1:
+        pytest.skip("broker accepts no topic aliases (Topic Alias Maximum 0)")
+    return maximum
+
+
+def test_topic_alias_can_be_remapped(raw, topic):
+    # 3.3.2.3.4: a PUBLISH with a Topic Name and an existing alias replaces that mapping.
+    sub = raw(V5)
+    sub.subscribe(f"{topic}/#", 1)
+    pub = raw(V5)
+    alias_max_or_skip(pub)
+    for t, payload, alias_topic in ((f"{topic}/a", b"1", f"{topic}/a"),
+                                    ("", b"2", None),
+                                    (f"{topic}/b", b"3", f"{topic}/b"),
+                                    ("", b"4", None)):
+        pub.send(publish_packet(t, payload, 1, pid=int(payload), props={"topic_alias": 1}))
+        pub.expect(PUBACK)
+    got = [(m.topic, m.payload) for m in (sub.message() for _ in range(4))]
+    assert got == [(f"{topic}/a", b"1"), (f"{topic}/a", b"2"), (f"{topic}/b", b"3"),
+                   (f"{topic}/b", b"4")]
+
+
+def test_topic_alias_not_carried_to_new_connection(raw, port, topic):
+    # [MQTT-3.3.2-7]: Topic Alias mappings do not survive the network connection; using an
+    # unmapped alias with an empty Topic Name is a Protocol Error (3.3.2.3.4).
+    first = raw(V5, props={"session_expiry_interval": 30})
+    alias_max_or_skip(first)
+    first.send(publish_packet(topic, b"x", 1, pid=1, props={"topic_alias": 1}))
+    first.expect(PUBACK)
+    first.disconnect()
+    again = raw(V5, client_id=first.client_id, clean=False)
+    again.send(publish_packet("", b"y", 1, pid=2, props={"topic_alias": 1}))
+    seen = again.wait_closed()
+    assert all(p.type == DISCONNECT and p.reason >= 0x80 for p in seen), seen
+    raw(V5, client_id=first.client_id, clean=True).disconnect()
+
+
+def test_session_expiry_taken_from_latest_connect(raw, topic):
+    # 3.1.2.11.2: the Session Expiry Interval of the latest CONNECT applies: a session first
+    # created with 300 s and resumed with 1 s is gone 1 s after that connection ends.
+    c = raw(V5, props={"session_expiry_interval": 300})
+    c.subscribe(topic, 1)
+    c.disconnect()
+    c = raw(V5, client_id=c.client_id, clean=False, props={"session_expiry_interval": 1})
+    assert c.connack.session_present
+    c.disconnect()
+    time.sleep(2.5)  # time-based behaviour
+    c = raw(V5, client_id=c.client_id, clean=False)
+    assert not c.connack.session_present
+
+
+def test_will_delay_cancelled_by_takeover(raw, topic):
+    # [MQTT-3.1.3-9]: a new network connection to the session before the Will Delay Interval
+    # has passed - here by taking the session over while the old connection is still open.
+    sub = raw(V5)
+    sub.subscribe(topic, 1)
+    old = raw(V5, props={"session_expiry_interval": 30},
+              will={"topic": topic, "payload": b"gone", "qos": 1,
+                    "props": {"will_delay_interval": 2}})
+    new = raw(V5, client_id=old.client_id, clean=False, props={"session_expiry_interval": 30})
+    old.wait_closed()
+    sub.no_message(3.0)
+    new.disconnect()
+
+
+def test_unsuback_has_code_per_filter(raw, topic):
+    # [MQTT-3.11.3-1]: one UNSUBACK reason code per Topic Filter, in order; 0x00 for an
+    # existing subscription, 0x00 or 0x11 (No subscription existed) for the other.
+    c = raw(V5)
+    c.subscribe(f"{topic}/a", 1)
+    ack = c.unsubscribe(f"{topic}/a", f"{topic}/never")
+    assert len(ack.codes) == 2 and ack.codes[0] == 0x00 and ack.codes[1] in (0x00, 0x11), ack
+
+
+def test_pubrec_error_code_ends_qos2_flow(raw, topic):
+    # 4.3.3 / [MQTT-3.3.4-9]: a PUBREC with a Reason Code of 0x80 or greater ends the QoS 2
+    # flow - no PUBREL follows - and frees the Receive Maximum slot.
+    sub = raw(V5, props={"receive_maximum": 1})
+    sub.subscribe(topic, 2)
+    pub = raw(V5)
+    pub.publish(topic, b"1", 2)
+    pub.publish(topic, b"2", 2)
+    first = sub.message(ack=False)
+    sub.send(ack_packet(PUBREC, first.pid, V5, reason=0x80))
+    second = sub.message(ack=False)
+    assert second.payload == b"2", second
+    assert not any(p.type == PUBREL and p.pid == first.pid for p in sub.pending), sub.pending

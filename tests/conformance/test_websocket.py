@@ -7,10 +7,12 @@ pub/sub through paho-mqtt's websockets transport, across transports in both dire
 import base64
 import os
 import socket
+import time
 
 import pytest
 
-from mqttutil import HOST, WAIT, PahoClient, connect_packet, unique
+from mqttutil import (HOST, WAIT, PahoClient, connect_packet, publish_packet, subscribe_packet,
+                      unique)
 
 
 def ws_client(broker, version, **kw):
@@ -59,6 +61,56 @@ def test_websocket_handshake_selects_mqtt_subprotocol(broker):
         assert headers.get("sec-websocket-protocol") == "mqtt", head
     finally:
         s.close()
+
+
+def ws_frame(payload: bytes, opcode: int = 0x2, fin: bool = True) -> bytes:
+    """One masked client-to-server frame (RFC 6455 section 5.2)."""
+    head = bytes([(0x80 if fin else 0) | opcode])
+    n = len(payload)
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n < 65536:
+        head += bytes([0x80 | 126]) + n.to_bytes(2, "big")
+    else:
+        head += bytes([0x80 | 127]) + n.to_bytes(8, "big")
+    mask = os.urandom(4)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+class WsReader:
+    """Reassembles the MQTT byte stream from the server's (unmasked) binary frames."""
+
+    def __init__(self, s: socket.socket, rest: bytes):
+        self.s, self.buf, self.stream = s, rest, b""
+
+    def _need(self, n: int) -> None:
+        while len(self.buf) < n:
+            chunk = self.s.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed")
+            self.buf += chunk
+
+    def frame(self):
+        self._need(2)
+        opcode, n = self.buf[0] & 0x0F, self.buf[1] & 0x7F
+        off = 2
+        if n == 126:
+            self._need(4)
+            n, off = int.from_bytes(self.buf[2:4], "big"), 4
+        elif n == 127:
+            self._need(10)
+            n, off = int.from_bytes(self.buf[2:10], "big"), 10
+        self._need(off + n)
+        payload, self.buf = self.buf[off:off + n], self.buf[off + n:]
+        return opcode, payload
+
+    def mqtt_bytes(self, n: int) -> bytes:
+        while len(self.stream) < n:
+            opcode, payload = self.frame()
+            assert opcode in (0x0, 0x2), f"MQTT data in a non-binary frame (opcode {opcode})"
+            self.stream += payload
+        out, self.stream = self.stream[:n], self.stream[n:]
+        return out
 
 
 def test_websocket_mqtt_in_binary_frames(broker):
@@ -110,3 +162,48 @@ def test_websocket_large_message(version, ws, topic):
     body = os.urandom(70_000)
     ws(version).publish(topic, body, 1)
     assert sub.message().payload == body
+
+
+def test_websocket_packets_not_aligned_with_frames(broker, topic):
+    # [MQTT-6.0.0-2]: the receiver MUST NOT assume MQTT packets are aligned on WebSocket
+    # frame boundaries: CONNECT split over two frames, then SUBSCRIBE + PUBLISH in one frame.
+    s, head, rest = handshake(broker.ws_port)
+    try:
+        assert " 101 " in head.split("\r\n")[0], head
+        r = WsReader(s, rest)
+        connect = connect_packet(unique(), 4)
+        s.sendall(ws_frame(connect[:5]) + ws_frame(connect[5:]))
+        assert r.mqtt_bytes(4) == b"\x20\x02\x00\x00"
+        both = (subscribe_packet(1, [(topic, 0)], version=4)
+                + publish_packet(topic, b"aligned?", 0, version=4))
+        s.sendall(ws_frame(both))
+        assert r.mqtt_bytes(5) == b"\x90\x03\x00\x01\x00"  # SUBACK pid 1, QoS 0
+        expected = publish_packet(topic, b"aligned?", 0, version=4)
+        assert r.mqtt_bytes(len(expected)) == expected
+    finally:
+        s.close()
+
+
+@pytest.mark.xfail_mosquitto("accepts MQTT data in WebSocket text frames [MQTT-6.0.0-1]")
+def test_websocket_text_frame_closes_connection(broker):
+    # [MQTT-6.0.0-1]: data received in a text frame -> the receiver MUST close the connection.
+    s, head, rest = handshake(broker.ws_port)
+    try:
+        assert " 101 " in head.split("\r\n")[0], head
+        s.sendall(ws_frame(connect_packet(unique(), 4), opcode=0x1))
+        r = WsReader(s, rest)
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            s.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                opcode, payload = r.frame()
+            except socket.timeout:
+                break
+            except (ConnectionError, OSError):
+                return
+            assert opcode != 0x2 or payload[:1] != b"\x20", "CONNACK sent for a text frame"
+            if opcode == 0x8:  # close frame
+                return
+        raise AssertionError("connection still open after a text frame")
+    finally:
+        s.close()

@@ -15,6 +15,8 @@ pub const NAME_LABEL: &str = "app.kubernetes.io/name";
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 /// Label naming the component.
 pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
+/// Pod label with the broker version the pod runs.
+pub const VERSION_LABEL: &str = "app.kubernetes.io/version";
 /// Pod-template annotation with the hash of the rendered configuration: a change rolls the pods.
 pub const CONFIG_HASH_ANNOTATION: &str = "corvid.dev/config-hash";
 /// Field manager of every server-side apply.

@@ -23,7 +23,7 @@ use super::config::{
     broker_serves, Rendered, AUTH_DIR, CLUSTER_SECRET_DIR, CLUSTER_SECRET_KEY, CONFIG_KEY,
     CONFIG_PATH, DATA_DIR, TLS_DIR,
 };
-use super::names::{owned_meta, Names, CONFIG_HASH_ANNOTATION};
+use super::names::{owned_meta, Names, CONFIG_HASH_ANNOTATION, VERSION_LABEL};
 
 /// Name of the broker container.
 pub const CONTAINER: &str = "broker";
@@ -97,6 +97,8 @@ pub fn pod_template(cluster: &MqttCluster, names: &Names, rendered: &Rendered) -
     let pod = &spec.pod;
     let mut labels = pod.labels.clone();
     labels.extend(names.labels());
+    // Lets status report the version each pod runs; not part of the selector.
+    labels.insert(VERSION_LABEL.to_string(), spec.version.clone());
     let mut annotations = pod.annotations.clone();
     annotations.insert(CONFIG_HASH_ANNOTATION.to_string(), rendered.hash.clone());
     let grace = i64::from(spec.upgrade_strategy.drain_timeout_seconds)

@@ -1,0 +1,258 @@
+//! Authenticated TCP links between nodes. Each node dials every peer it learns from gossip and
+//! sends on that link; it receives on the links peers dial to it. A link starts with a
+//! challenge handshake keyed by the cluster secret; a peer that fails it is refused and counted.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+use super::proto::{self, Frame};
+use super::Cluster;
+
+/// Largest frame accepted on a link.
+const MAX_FRAME: usize = 64 * 1024 * 1024;
+/// Frames buffered for a peer before new ones are dropped (and counted).
+pub const LINK_QUEUE: usize = 100_000;
+/// Seconds a handshake may take.
+const HANDSHAKE: Duration = Duration::from_secs(5);
+
+fn framed(s: TcpStream) -> Framed<TcpStream, LengthDelimitedCodec> {
+    let _ = s.set_nodelay(true);
+    Framed::new(
+        s,
+        LengthDelimitedCodec::builder()
+            .max_frame_length(MAX_FRAME)
+            .new_codec(),
+    )
+}
+
+fn unix_now() -> u64 {
+    crate::session::unix_now()
+}
+
+/// Accepts links from peers until shutdown.
+pub async fn accept_loop(cluster: Arc<Cluster>, listener: TcpListener) {
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = cluster.shutdown.cancelled() => return,
+        };
+        let Ok((stream, addr)) = accepted else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let c = cluster.clone();
+        tokio::spawn(async move {
+            let mut io = framed(stream);
+            let result = tokio::time::timeout(HANDSHAKE, accept_handshake(&c, &mut io))
+                .await
+                .unwrap_or_else(|_| Err("handshake timed out".to_string()));
+            let peer = match result {
+                Ok(peer) => peer,
+                Err(why) => {
+                    c.metrics.refused_peers.inc();
+                    tracing::warn!(%addr, reason = %why, "inter-node link refused");
+                    return;
+                }
+            };
+            tracing::debug!(%addr, peer = %peer, "inter-node link accepted");
+            while let Some(Ok(bytes)) = io.next().await {
+                match proto::decode(&bytes) {
+                    Ok(frame) => c.handle(&peer, frame),
+                    Err(e) => {
+                        tracing::warn!(peer = %peer, error = %e, "undecodable frame; closing link");
+                        break;
+                    }
+                }
+            }
+            c.link_closed(&peer);
+        });
+    }
+}
+
+async fn accept_handshake(
+    c: &Cluster,
+    io: &mut Framed<TcpStream, LengthDelimitedCodec>,
+) -> Result<String, String> {
+    let first = io
+        .next()
+        .await
+        .ok_or("closed before hello")?
+        .map_err(|e| e.to_string())?;
+    let Ok(Frame::Hello {
+        node,
+        nonce,
+        ts,
+        tag,
+    }) = proto::decode(&first)
+    else {
+        return Err("first frame is not a hello".into());
+    };
+    if ts.abs_diff(unix_now()) > 300 {
+        return Err("hello timestamp too far from now".into());
+    }
+    if !c.secret.verify(
+        &[
+            b"hello",
+            node.as_bytes(),
+            &nonce.to_be_bytes(),
+            &ts.to_be_bytes(),
+        ],
+        &tag,
+    ) {
+        return Err("wrong cluster secret".into());
+    }
+    let welcome = Frame::Welcome {
+        node: c.node.clone(),
+        tag: c
+            .secret
+            .tag(&[b"welcome", c.node.as_bytes(), &nonce.to_be_bytes()]),
+    };
+    let bytes = proto::encode(&welcome).map_err(|e| e.to_string())?;
+    io.send(bytes::Bytes::from(bytes))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(node)
+}
+
+/// The sending side of a link to one peer.
+#[derive(Debug)]
+pub struct Link {
+    /// Peer's link address.
+    pub addr: SocketAddr,
+    /// Frames to send.
+    pub tx: mpsc::Sender<Frame>,
+    /// Whether the connection is established now.
+    pub up: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Link {
+    /// Starts dialing `peer` at `addr`, reconnecting with backoff. On every (re)connect the
+    /// link first sends this node's route table and retained messages.
+    pub fn dial(cluster: Arc<Cluster>, peer: String, addr: SocketAddr) -> Link {
+        let (tx, mut rx) = mpsc::channel::<Frame>(LINK_QUEUE);
+        let up = Arc::new(AtomicBool::new(false));
+        let up2 = up.clone();
+        let task = tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            let mut pending: Option<Vec<u8>> = None;
+            loop {
+                match connect(&cluster, &peer, addr).await {
+                    Ok(mut io) => {
+                        backoff = Duration::from_millis(100);
+                        up2.store(true, Ordering::Relaxed);
+                        let mut ok = true;
+                        for f in cluster.sync_frames() {
+                            if let Ok(b) = proto::encode(&f) {
+                                if io.send(bytes::Bytes::from(b)).await.is_err() {
+                                    ok = false;
+                                    break;
+                                }
+                            }
+                        }
+                        if ok {
+                            if let Some(b) = pending.take() {
+                                ok = io.send(bytes::Bytes::from(b)).await.is_ok();
+                            }
+                        }
+                        while ok {
+                            let Some(frame) = rx.recv().await else { return };
+                            let Ok(bytes) = proto::encode(&frame) else {
+                                continue;
+                            };
+                            cluster.metrics.forwarded_bytes.inc_by(bytes.len() as u64);
+                            if io.feed(bytes::Bytes::from(bytes.clone())).await.is_err() {
+                                pending = Some(bytes);
+                                break;
+                            }
+                            // Batch what is already queued, then flush once.
+                            while let Ok(more) = rx.try_recv() {
+                                if let Ok(b) = proto::encode(&more) {
+                                    cluster.metrics.forwarded_bytes.inc_by(b.len() as u64);
+                                    if io.feed(bytes::Bytes::from(b)).await.is_err() {
+                                        ok = false;
+                                        break;
+                                    }
+                                }
+                            }
+                            if ok && SinkExt::<bytes::Bytes>::flush(&mut io).await.is_err() {
+                                ok = false;
+                            }
+                        }
+                        up2.store(false, Ordering::Relaxed);
+                        tracing::info!(peer = %peer, "inter-node link lost; reconnecting");
+                    }
+                    Err(e) => {
+                        tracing::debug!(peer = %peer, %addr, error = %e, "cannot link to peer yet");
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = cluster.shutdown.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        });
+        Link { addr, tx, up, task }
+    }
+}
+
+async fn connect(
+    c: &Cluster,
+    peer: &str,
+    addr: SocketAddr,
+) -> Result<Framed<TcpStream, LengthDelimitedCodec>, String> {
+    let stream = tokio::time::timeout(HANDSHAKE, TcpStream::connect(addr))
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let mut io = framed(stream);
+    let nonce = fastrand::u64(..);
+    let ts = unix_now();
+    let hello = Frame::Hello {
+        node: c.node.clone(),
+        nonce,
+        ts,
+        tag: c.secret.tag(&[
+            b"hello",
+            c.node.as_bytes(),
+            &nonce.to_be_bytes(),
+            &ts.to_be_bytes(),
+        ]),
+    };
+    io.send(bytes::Bytes::from(
+        proto::encode(&hello).map_err(|e| e.to_string())?,
+    ))
+    .await
+    .map_err(|e| e.to_string())?;
+    let answer = tokio::time::timeout(HANDSHAKE, io.next())
+        .await
+        .map_err(|_| "no welcome".to_string())?
+        .ok_or("closed during handshake (wrong cluster secret?)")?
+        .map_err(|e| e.to_string())?;
+    match proto::decode(&answer) {
+        Ok(Frame::Welcome { node, tag })
+            if c.secret
+                .verify(&[b"welcome", node.as_bytes(), &nonce.to_be_bytes()], &tag) =>
+        {
+            if node != peer {
+                return Err(format!("expected node {peer}, {addr} is {node}"));
+            }
+            Ok(io)
+        }
+        _ => Err("bad welcome (wrong cluster secret?)".into()),
+    }
+}

@@ -1,0 +1,889 @@
+//! The cluster layer: the broker pods of one `MqttCluster` act as one broker.
+//!
+//! - membership and failure detection: chitchat gossip ([`gossip`]), seeded by discovery
+//!   ([`discovery`]: static list, DNS of a headless Service, or the Kubernetes API);
+//! - authenticated TCP links between nodes ([`link`]) carry route changes, forwarded messages,
+//!   retained messages and sessions ([`proto`]);
+//! - each node knows the others' route tables ([`routes`]) and forwards a message only to the
+//!   nodes with matching subscribers; a shared group gets one delivery per message cluster-wide;
+//! - a client id is unique cluster-wide: connecting on one node takes the session over from
+//!   another; evacuation hands every session to a peer before the node stops.
+
+pub mod discovery;
+pub mod gossip;
+pub mod link;
+pub mod proto;
+pub mod routes;
+pub mod secret;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use bytestring::ByteString;
+use chitchat::ChitchatHandle;
+use parking_lot::Mutex;
+use prometheus::{IntCounter, IntGauge, IntGaugeVec};
+use serde::Serialize;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::Broker;
+use crate::config::{ClusterConfig, Discovery};
+use crate::message::{Delivery, Msg};
+use crate::session::{Kick, RecentIds, Session};
+use link::Link;
+use proto::{Frame, SessionSnapshot, WireDelivery, WireMsg};
+use routes::RemoteRoutes;
+use secret::Secret;
+
+/// How long a session that moved to another node keeps forwarding what still reaches it here.
+const MOVED_GRACE: Duration = Duration::from_secs(10);
+/// How long a connecting client waits for the other nodes to give up its session.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(3);
+
+/// Why the cluster layer could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The secret is missing or unusable.
+    #[error("cluster secret: {0}")]
+    Secret(String),
+    /// Gossip could not start.
+    #[error("gossip: {0}")]
+    Gossip(String),
+    /// The link port could not be bound.
+    #[error("cluster.port: cannot bind {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Discovery settings are incomplete.
+    #[error("cluster discovery: {0}")]
+    Discovery(String),
+}
+
+/// Cluster metrics.
+#[derive(Debug, Clone)]
+pub struct ClusterMetrics {
+    /// Members by state.
+    pub members: IntGaugeVec,
+    /// Messages forwarded to peers.
+    pub forwarded: IntCounter,
+    /// Bytes sent on links.
+    pub forwarded_bytes: IntCounter,
+    /// Messages received from peers.
+    pub received: IntCounter,
+    /// Frames dropped because a peer's queue was full.
+    pub link_drops: IntCounter,
+    /// Sessions taken over from another node.
+    pub takeovers: IntCounter,
+    /// Sessions handed to another node (evacuation or takeover).
+    pub handed_off: IntCounter,
+    /// Peers refused at the link handshake (wrong cluster secret).
+    pub refused_peers: IntCounter,
+    /// Clients still to move off this node during evacuation.
+    pub evacuation_remaining: IntGauge,
+    /// Sessions a dead member held when it died (lost unless evacuated before).
+    pub sessions_lost: IntCounter,
+}
+
+impl ClusterMetrics {
+    fn new(m: &crate::metrics::Metrics) -> Result<Self, prometheus::Error> {
+        Ok(ClusterMetrics {
+            members: m.gauge_vec(
+                "corvid_cluster_members",
+                "Cluster members by state",
+                "state",
+            )?,
+            forwarded: m.counter(
+                "corvid_cluster_forwarded_messages_total",
+                "Messages forwarded to other nodes",
+            )?,
+            forwarded_bytes: m.counter(
+                "corvid_cluster_forwarded_bytes_total",
+                "Bytes sent on inter-node links",
+            )?,
+            received: m.counter(
+                "corvid_cluster_received_messages_total",
+                "Messages received from other nodes",
+            )?,
+            link_drops: m.counter(
+                "corvid_cluster_link_drops_total",
+                "Frames dropped because a peer's queue was full",
+            )?,
+            takeovers: m.counter(
+                "corvid_cluster_takeovers_total",
+                "Sessions taken over from another node",
+            )?,
+            handed_off: m.counter(
+                "corvid_cluster_sessions_handed_off_total",
+                "Sessions moved to another node",
+            )?,
+            refused_peers: m.counter(
+                "corvid_cluster_refused_peers_total",
+                "Peers refused for a wrong cluster secret",
+            )?,
+            evacuation_remaining: m.gauge(
+                "corvid_cluster_evacuation_remaining",
+                "Clients and sessions still to move off this node",
+            )?,
+            sessions_lost: m.counter(
+                "corvid_cluster_sessions_lost_total",
+                "Sessions held by members that died without evacuating",
+            )?,
+        })
+    }
+}
+
+/// Evacuation progress, as `GET /api/v1/evacuate` reports it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Evacuation {
+    /// `idle`, `running` or `done`.
+    pub state: &'static str,
+    /// Connected clients still on this node.
+    pub remaining_clients: usize,
+    /// Sessions still on this node.
+    pub remaining_sessions: usize,
+    /// Sessions handed to peers so far.
+    pub handed_off: usize,
+}
+
+/// A member as the admin API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Member {
+    /// Node name.
+    pub name: String,
+    /// `self`, `ready`, `joining`, `evacuating`, `dead`.
+    pub state: String,
+    /// Routes it has (its own count for self).
+    pub routes: usize,
+    /// Inter-node link address.
+    pub addr: Option<String>,
+    /// Whether this node's link to it is up.
+    pub linked: bool,
+}
+
+struct PendingTake {
+    waiting: usize,
+    found: Option<SessionSnapshot>,
+    done: Option<oneshot::Sender<Option<SessionSnapshot>>>,
+}
+
+/// The cluster layer of one node.
+pub struct Cluster {
+    /// This node's name.
+    pub node: String,
+    broker: Weak<Broker>,
+    secret: Secret,
+    /// Peers' route tables.
+    pub routes: RemoteRoutes,
+    links: Mutex<HashMap<String, Link>>,
+    synced: Mutex<HashSet<String>>,
+    gossip: tokio::sync::OnceCell<ChitchatHandle>,
+    live: Mutex<HashMap<String, (String, Option<String>)>>,
+    departed: Mutex<HashSet<String>>,
+    pending: Mutex<HashMap<u64, PendingTake>>,
+    next_req: AtomicU64,
+    share_rr: AtomicUsize,
+    evacuation: Mutex<Evacuation>,
+    /// Metrics.
+    pub metrics: ClusterMetrics,
+    /// Cancelled on shutdown.
+    pub shutdown: CancellationToken,
+    started: Instant,
+    discovery: Discovery,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster").field("node", &self.node).finish()
+    }
+}
+
+impl Cluster {
+    /// Starts the cluster layer for `broker`: binds the link port (TCP and UDP), starts gossip
+    /// and discovery, and attaches itself to the broker.
+    pub async fn start(
+        broker: &Arc<Broker>,
+        admin: SocketAddr,
+    ) -> Result<Arc<Cluster>, ClusterError> {
+        let cfg: &ClusterConfig = &broker.config.cluster;
+        let secret = match &cfg.secret_file {
+            Some(p) => Secret::load(p)?,
+            None => {
+                return Err(ClusterError::Secret(
+                    "cluster.secret_file (--cluster-secret-file) is required when clustering"
+                        .into(),
+                ))
+            }
+        };
+        let bind = SocketAddr::new(
+            cfg.bind.parse().map_err(|_| {
+                ClusterError::Discovery(format!("cluster.bind {:?} is not an IP address", cfg.bind))
+            })?,
+            cfg.port,
+        );
+        let listener = tokio::net::TcpListener::bind(bind)
+            .await
+            .map_err(|source| ClusterError::Bind { addr: bind, source })?;
+        let port = listener.local_addr().map(|a| a.port()).unwrap_or(cfg.port);
+        let advertise_ip = cfg.advertise_ip();
+        let advertise = SocketAddr::new(advertise_ip, port);
+        let metrics = ClusterMetrics::new(&broker.metrics)
+            .map_err(|e| ClusterError::Gossip(e.to_string()))?;
+        let cluster = Arc::new(Cluster {
+            node: broker.node.clone(),
+            broker: Arc::downgrade(broker),
+            secret: secret.clone(),
+            routes: RemoteRoutes::default(),
+            links: Mutex::new(HashMap::new()),
+            synced: Mutex::new(HashSet::new()),
+            gossip: tokio::sync::OnceCell::new(),
+            live: Mutex::new(HashMap::new()),
+            departed: Mutex::new(HashSet::new()),
+            pending: Mutex::new(HashMap::new()),
+            next_req: AtomicU64::new(1),
+            share_rr: AtomicUsize::new(0),
+            evacuation: Mutex::new(Evacuation {
+                state: "idle",
+                ..Default::default()
+            }),
+            metrics,
+            shutdown: broker.shutdown.child_token(),
+            started: Instant::now(),
+            discovery: cfg.discovery,
+        });
+        tokio::spawn(link::accept_loop(cluster.clone(), listener));
+        let seeds = discovery::seeds(cfg, port)?;
+        let generation = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let handle = gossip::start(
+            &cluster.node,
+            generation,
+            SocketAddr::new(bind.ip(), port),
+            advertise,
+            seeds,
+            &secret,
+            vec![
+                (gossip::KEY_LINK.into(), advertise.to_string()),
+                (
+                    gossip::KEY_ADMIN.into(),
+                    SocketAddr::new(advertise_ip, admin.port()).to_string(),
+                ),
+                (gossip::KEY_STATE.into(), "ready".into()),
+            ],
+        )
+        .await?;
+        let _ = cluster.gossip.set(handle);
+        if cfg.discovery == Discovery::Kubernetes {
+            tokio::spawn(discovery::kubernetes_loop(
+                cluster.clone(),
+                cfg.clone(),
+                port,
+            ));
+        }
+        tokio::spawn(membership_loop(cluster.clone()));
+        tracing::info!(node = %cluster.node, %advertise, discovery = ?cfg.discovery, "cluster layer started");
+        Ok(cluster)
+    }
+
+    fn broker(&self) -> Option<Arc<Broker>> {
+        self.broker.upgrade()
+    }
+
+    /// Asks gossip to contact an address (discovery found it).
+    pub fn gossip_with(&self, addr: SocketAddr) {
+        if let Some(g) = self.gossip.get() {
+            let _ = g.gossip(addr);
+        }
+    }
+
+    /// Frames a new link sends first: this node's routes and retained messages.
+    pub fn sync_frames(&self) -> Vec<Frame> {
+        let Some(b) = self.broker() else {
+            return Vec::new();
+        };
+        let retained: Vec<WireMsg> = b
+            .retained
+            .all()
+            .iter()
+            .map(|m| WireMsg::from_msg(m))
+            .collect();
+        vec![
+            Frame::Routes(b.router.filters()),
+            Frame::RetainSnapshot(retained),
+        ]
+    }
+
+    /// True once every live peer's routes are known here (the node may take traffic).
+    pub fn synced(&self) -> bool {
+        let live = self.live.lock();
+        let synced = self.synced.lock();
+        let links = self.links.lock();
+        let seen_world = self.started.elapsed() > Duration::from_secs(2) || !live.is_empty();
+        seen_world
+            && live.keys().all(|p| {
+                synced.contains(p) && links.get(p).is_some_and(|l| l.up.load(Ordering::Relaxed))
+            })
+    }
+
+    fn send(&self, peer: &str, frame: Frame) {
+        let links = self.links.lock();
+        if let Some(l) = links.get(peer) {
+            if l.tx.try_send(frame).is_err() {
+                self.metrics.link_drops.inc();
+            }
+        }
+    }
+
+    fn broadcast(&self, make: impl Fn() -> Frame) {
+        let links = self.links.lock();
+        for l in links.values() {
+            if l.tx.try_send(make()).is_err() {
+                self.metrics.link_drops.inc();
+            }
+        }
+    }
+
+    /// A local filter gained its first subscriber.
+    pub fn route_added(&self, raw: &str) {
+        self.broadcast(|| Frame::RouteAdd(raw.to_string()));
+    }
+
+    /// A local filter lost its last subscriber.
+    pub fn route_removed(&self, raw: &str) {
+        self.broadcast(|| Frame::RouteDel(raw.to_string()));
+    }
+
+    /// A retained message was set or cleared locally.
+    pub fn retained(&self, msg: &Msg) {
+        let w = WireMsg::from_msg(msg);
+        self.broadcast(|| Frame::Retain(w.clone()));
+    }
+
+    /// Decides, for a message published here, which node delivers to each shared group and
+    /// which peers get a copy. Returns the groups this node delivers locally.
+    pub fn forward(&self, msg: &Msg, local_groups: &[Arc<str>]) -> HashSet<Arc<str>> {
+        let remote = self.routes.matching(&msg.topic);
+        let mut mine: HashSet<Arc<str>> = HashSet::new();
+        if remote.is_empty() {
+            mine.extend(local_groups.iter().cloned());
+            return mine;
+        }
+        // Candidates per group: this node (None) and the peers with members.
+        let mut candidates: HashMap<String, Vec<Option<usize>>> = HashMap::new();
+        for g in local_groups {
+            candidates.entry(g.to_string()).or_default().push(None);
+        }
+        for (i, (_, m)) in remote.iter().enumerate() {
+            for g in &m.groups {
+                candidates.entry(g.clone()).or_default().push(Some(i));
+            }
+        }
+        let mut assigned: Vec<Vec<String>> = vec![Vec::new(); remote.len()];
+        for (g, c) in candidates {
+            let pick = c[self.share_rr.fetch_add(1, Ordering::Relaxed) % c.len()];
+            match pick {
+                None => {
+                    if let Some(k) = local_groups.iter().find(|k| ***k == *g) {
+                        mine.insert(k.clone());
+                    }
+                }
+                Some(i) => assigned[i].push(g),
+            }
+        }
+        let wire = WireMsg::from_msg(msg);
+        for ((node, m), groups) in remote.into_iter().zip(assigned) {
+            if !m.plain && groups.is_empty() {
+                continue;
+            }
+            self.metrics.forwarded.inc();
+            self.send(
+                &node,
+                Frame::Publish {
+                    msg: wire.clone(),
+                    plain: m.plain,
+                    groups,
+                },
+            );
+        }
+        mine
+    }
+
+    /// Forwards a delivery for a session that moved to `node`.
+    pub fn deliver_to(&self, node: &str, client_id: &str, d: &Delivery) {
+        self.send(
+            node,
+            Frame::DeliverTo {
+                client_id: client_id.to_string(),
+                delivery: WireDelivery::from_delivery(d),
+            },
+        );
+    }
+
+    /// Handles a frame from `peer`.
+    pub fn handle(self: &Arc<Self>, peer: &str, frame: Frame) {
+        let Some(b) = self.broker() else { return };
+        match frame {
+            Frame::Routes(filters) => {
+                self.routes.replace(peer, &filters);
+                self.synced.lock().insert(peer.to_string());
+            }
+            Frame::RouteAdd(f) => self.routes.add(peer, &f),
+            Frame::RouteDel(f) => self.routes.del(peer, &f),
+            Frame::Publish { msg, plain, groups } => {
+                self.metrics.received.inc();
+                let groups: HashSet<Arc<str>> = groups.into_iter().map(Arc::from).collect();
+                b.publish_local(msg.into_msg(), plain, &groups);
+            }
+            Frame::Retain(m) => b.retained.set(m.into_msg()),
+            Frame::RetainSnapshot(all) => {
+                for m in all {
+                    b.retained.set(m.into_msg());
+                }
+            }
+            Frame::TakeSession {
+                req,
+                client_id,
+                clean,
+            } => {
+                let snapshot = self.give_up_session(&b, &client_id, clean, peer);
+                self.send(
+                    peer,
+                    Frame::TakeReply {
+                        req,
+                        snapshot: snapshot.map(Box::new),
+                    },
+                );
+            }
+            Frame::TakeReply { req, snapshot } => {
+                let mut pending = self.pending.lock();
+                if let Some(p) = pending.get_mut(&req) {
+                    p.waiting = p.waiting.saturating_sub(1);
+                    if let Some(s) = snapshot {
+                        p.found = Some(*s);
+                    }
+                    if p.waiting == 0 || p.found.is_some() {
+                        if let Some(mut p) = pending.remove(&req) {
+                            if let Some(tx) = p.done.take() {
+                                let _ = tx.send(p.found.take());
+                            }
+                        }
+                    }
+                }
+            }
+            Frame::Handoff(snap) => {
+                tracing::info!(peer = %peer, client_id = %snap.client_id, "session handed over to this node");
+                b.install_session(*snap);
+            }
+            Frame::DeliverTo {
+                client_id,
+                delivery,
+            } => match b.sessions.get(&client_id) {
+                Some(s) => b.enqueue(&s, delivery.into_delivery()),
+                None => b.metrics.dropped("moved_session_missing"),
+            },
+            Frame::Hello { .. } | Frame::Welcome { .. } => {}
+        }
+    }
+
+    /// The incoming link from `peer` closed.
+    pub fn link_closed(&self, peer: &str) {
+        self.synced.lock().remove(peer);
+    }
+
+    /// Gives up a local session to `to`: the connection (if any) is closed as taken over, the
+    /// session becomes a forwarding stub for a grace period, and its state is returned unless
+    /// `clean`.
+    fn give_up_session(
+        self: &Arc<Self>,
+        b: &Arc<Broker>,
+        client_id: &str,
+        clean: bool,
+        to: &str,
+    ) -> Option<SessionSnapshot> {
+        let session = b.sessions.get(client_id)?;
+        let snapshot = {
+            let mut st = session.state.lock();
+            if st.ended || st.moved_to.is_some() {
+                return None;
+            }
+            if let Some(c) = st.connection.take() {
+                let _ = c.kick.send(Kick::TakenOver);
+            }
+            st.generation += 1;
+            if clean {
+                None
+            } else {
+                let snap = SessionSnapshot::capture(client_id, &st);
+                st.queue.clear();
+                st.inflight.clear();
+                st.moved_to = Some(to.to_string());
+                Some(snap)
+            }
+        };
+        if snapshot.is_none() {
+            // Clean start elsewhere: the old session simply ends.
+            b.end_session(&session);
+            b.sessions.remove_if_same(&session);
+            return None;
+        }
+        self.metrics.handed_off.inc();
+        self.retire_stub(b, session);
+        snapshot
+    }
+
+    fn retire_stub(&self, b: &Arc<Broker>, session: Arc<Session>) {
+        let b = b.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(MOVED_GRACE).await;
+            b.end_session(&session);
+            b.sessions.remove_if_same(&session);
+        });
+    }
+
+    /// Asks the other nodes for `client_id`'s session before it connects here. Returns the
+    /// moved session, if one existed and `clean` is false.
+    pub async fn take_session(&self, client_id: &str, clean: bool) -> Option<SessionSnapshot> {
+        let peers: Vec<String> = {
+            let links = self.links.lock();
+            links
+                .iter()
+                .filter(|(_, l)| l.up.load(Ordering::Relaxed))
+                .map(|(n, _)| n.clone())
+                .collect()
+        };
+        if peers.is_empty() {
+            return None;
+        }
+        let req = self.next_req.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().insert(
+            req,
+            PendingTake {
+                waiting: peers.len(),
+                found: None,
+                done: Some(tx),
+            },
+        );
+        for p in &peers {
+            self.send(
+                p,
+                Frame::TakeSession {
+                    req,
+                    client_id: client_id.to_string(),
+                    clean,
+                },
+            );
+        }
+        let got = tokio::time::timeout(TAKEOVER_WAIT, rx).await;
+        self.pending.lock().remove(&req);
+        match got {
+            Ok(Ok(Some(s))) => {
+                self.metrics.takeovers.inc();
+                Some(s)
+            }
+            _ => None,
+        }
+    }
+
+    /// Members, this node first.
+    pub fn members(&self) -> Vec<Member> {
+        let mut out = Vec::new();
+        let own_routes = self.broker().map(|b| b.router.filters().len()).unwrap_or(0);
+        let evac = self.evacuation.lock().state;
+        out.push(Member {
+            name: self.node.clone(),
+            state: if evac == "idle" {
+                "self".into()
+            } else {
+                "evacuating".into()
+            },
+            routes: own_routes,
+            addr: None,
+            linked: true,
+        });
+        let live = self.live.lock();
+        let links = self.links.lock();
+        let mut names: Vec<&String> = live.keys().collect();
+        names.sort();
+        for n in names {
+            let (state, addr) = &live[n];
+            out.push(Member {
+                name: n.clone(),
+                state: state.clone(),
+                routes: self.routes.count(n),
+                addr: addr.clone(),
+                linked: links.get(n).is_some_and(|l| l.up.load(Ordering::Relaxed)),
+            });
+        }
+        if let Some(g) = self.gossip.get() {
+            if let Ok(c) = g.chitchat().try_lock() {
+                let departed = self.departed.lock();
+                for dead in c.dead_nodes() {
+                    let name = &*dead.node_id;
+                    // A member that left cleanly (scale-down) is not a ghost.
+                    if !live.contains_key(name) && *name != *self.node && !departed.contains(name) {
+                        out.push(Member {
+                            name: dead.node_id.to_string(),
+                            state: "dead".into(),
+                            routes: 0,
+                            addr: None,
+                            linked: false,
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Evacuation progress.
+    pub fn evacuation(&self) -> Evacuation {
+        self.evacuation.lock().clone()
+    }
+
+    /// Starts evacuating this node: stop accepting, turn unready, move clients away at `rate`
+    /// per second (MQTT 5 clients get DISCONNECT 0x9C with `server_reference` when given) and
+    /// hand every persistent session to a peer. Returns false if one is already running.
+    pub fn evacuate(self: &Arc<Self>, rate: u32, server_reference: Option<String>) -> bool {
+        {
+            let mut e = self.evacuation.lock();
+            if e.state == "running" {
+                return false;
+            }
+            e.state = "running";
+        }
+        let me = self.clone();
+        tokio::spawn(async move { me.run_evacuation(rate.max(1), server_reference).await });
+        true
+    }
+
+    async fn run_evacuation(self: Arc<Self>, rate: u32, server_reference: Option<String>) {
+        let Some(b) = self.broker() else { return };
+        b.accepting.store(false, Ordering::Relaxed);
+        if let Some(g) = self.gossip.get() {
+            g.with_chitchat(|c| c.self_node_state().set(gossip::KEY_STATE, "evacuating"))
+                .await;
+        }
+        tracing::info!(rate, "evacuation started");
+        let interval = Duration::from_secs_f64(1.0 / f64::from(rate));
+        let reference = server_reference.map(ByteString::from);
+        let mut handed = 0usize;
+        let mut rr = 0usize;
+        loop {
+            let sessions = b.sessions.all();
+            let remaining: Vec<Arc<Session>> = sessions
+                .into_iter()
+                .filter(|s| {
+                    let st = s.state.lock();
+                    !st.ended && st.moved_to.is_none()
+                })
+                .collect();
+            let clients = remaining
+                .iter()
+                .filter(|s| s.state.lock().connection.is_some())
+                .count();
+            {
+                let mut e = self.evacuation.lock();
+                e.remaining_clients = clients;
+                e.remaining_sessions = remaining.len();
+                e.handed_off = handed;
+            }
+            self.metrics
+                .evacuation_remaining
+                .set(remaining.len() as i64);
+            let peers = self.ready_peers();
+            if remaining.is_empty() || (peers.is_empty() && clients == 0) {
+                break;
+            }
+            let Some(s) = remaining.into_iter().next() else {
+                break;
+            };
+            let conn = s.state.lock().connection.clone();
+            if let Some(c) = conn {
+                let _ = c.kick.send(Kick::UseAnotherServer(reference.clone()));
+                // Wait (bounded) for the connection task to hand the session back.
+                let until = Instant::now() + Duration::from_secs(5);
+                while s
+                    .state
+                    .lock()
+                    .connection
+                    .as_ref()
+                    .is_some_and(|x| x.id == c.id)
+                    && Instant::now() < until
+                {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            let persistent = {
+                let st = s.state.lock();
+                !st.ended && st.expiry > 0 && st.connection.is_none()
+            };
+            if persistent && !peers.is_empty() {
+                let to = &peers[rr % peers.len()];
+                rr += 1;
+                if let Some(snap) = self.give_up_session(&b, &s.client_id, false, to) {
+                    self.send(to, Frame::Handoff(Box::new(snap)));
+                    handed += 1;
+                }
+            }
+            tokio::time::sleep(interval).await;
+        }
+        let mut e = self.evacuation.lock();
+        e.state = "done";
+        e.handed_off = handed;
+        tracing::info!(
+            handed_off = handed,
+            remaining = e.remaining_sessions,
+            "evacuation done"
+        );
+    }
+
+    /// Peers that are linked and ready to take sessions.
+    fn ready_peers(&self) -> Vec<String> {
+        let live = self.live.lock();
+        let links = self.links.lock();
+        let mut v: Vec<String> = live
+            .iter()
+            .filter(|(n, (state, _))| {
+                state == "ready" && links.get(*n).is_some_and(|l| l.up.load(Ordering::Relaxed))
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Leaves the cluster: tells peers this node is gone.
+    pub async fn leave(&self) {
+        if let Some(g) = self.gossip.get() {
+            g.with_chitchat(|c| c.self_node_state().set(gossip::KEY_STATE, "left"))
+                .await;
+            // One more gossip round so peers hear it.
+            tokio::time::sleep(Duration::from_millis(700)).await;
+        }
+        self.shutdown.cancel();
+    }
+
+    /// Whether this node runs with peers (discovery other than none).
+    pub fn is_clustered(&self) -> bool {
+        self.discovery != Discovery::None
+    }
+}
+
+/// Follows gossip's view of live members: links to new ones, forgets departed ones.
+async fn membership_loop(cluster: Arc<Cluster>) {
+    let Some(g) = cluster.gossip.get() else {
+        return;
+    };
+    let mut watcher = g.chitchat().lock().await.live_nodes_watcher();
+    let mut sessions_of: HashMap<String, u64> = HashMap::new();
+    let mut left: HashSet<String> = HashSet::new();
+    let mut own_sessions = u64::MAX;
+    loop {
+        // Publish our session count, so survivors can tell how many sessions a dead node held.
+        if let Some(b) = cluster.broker() {
+            let n = b.sessions.len() as u64;
+            if n != own_sessions {
+                own_sessions = n;
+                g.with_chitchat(|c| c.self_node_state().set(gossip::KEY_SESSIONS, n))
+                    .await;
+            }
+        }
+        let snapshot: Vec<(String, String, Option<String>, Option<u64>)> = watcher
+            .borrow_and_update()
+            .iter()
+            .filter(|(id, _)| *id.node_id != *cluster.node)
+            .map(|(id, st)| {
+                (
+                    id.node_id.to_string(),
+                    st.get(gossip::KEY_STATE).unwrap_or("joining").to_string(),
+                    st.get(gossip::KEY_LINK).map(str::to_string),
+                    st.get(gossip::KEY_SESSIONS).and_then(|v| v.parse().ok()),
+                )
+            })
+            .collect();
+        let mut now: HashMap<String, (String, Option<String>)> = HashMap::new();
+        for (name, state, link, sessions) in snapshot {
+            if let Some(n) = sessions {
+                sessions_of.insert(name.clone(), n);
+            }
+            if state == "left" {
+                left.insert(name);
+                continue;
+            }
+            left.remove(&name);
+            now.insert(name, (state, link));
+        }
+        let gone: Vec<String> = {
+            let mut live = cluster.live.lock();
+            let gone = live
+                .keys()
+                .filter(|k| !now.contains_key(*k))
+                .cloned()
+                .collect();
+            *live = now.clone();
+            gone
+        };
+        for n in &gone {
+            cluster.links.lock().remove(n);
+            cluster.routes.remove_node(n);
+            cluster.synced.lock().remove(n);
+            if left.contains(n) {
+                tracing::info!(peer = %n, "member left the cluster");
+                continue;
+            }
+            // It died without evacuating: its sessions are gone. One survivor (the first by
+            // name) counts them, so the cluster-wide sum is right.
+            let counter = now.keys().chain(std::iter::once(&cluster.node)).min();
+            let lost = sessions_of.get(n).copied().unwrap_or(0);
+            tracing::warn!(peer = %n, sessions_lost = lost, "member failed");
+            if counter == Some(&cluster.node) {
+                cluster.metrics.sessions_lost.inc_by(lost);
+            }
+        }
+        for (name, (_, link)) in &now {
+            let Some(addr) = link.as_deref().and_then(|a| a.parse::<SocketAddr>().ok()) else {
+                continue;
+            };
+            let mut links = cluster.links.lock();
+            let stale = links.get(name).is_some_and(|l| l.addr != addr);
+            if stale {
+                links.remove(name);
+            }
+            if !links.contains_key(name) {
+                tracing::info!(peer = %name, %addr, "member joined; linking");
+                links.insert(
+                    name.clone(),
+                    Link::dial(cluster.clone(), name.clone(), addr),
+                );
+            }
+        }
+        let mut by_state: HashMap<String, i64> = HashMap::new();
+        for (st, _) in now.values() {
+            *by_state.entry(st.clone()).or_default() += 1;
+        }
+        for s in ["ready", "joining", "evacuating"] {
+            let n = by_state.get(s).copied().unwrap_or(0);
+            cluster.metrics.members.with_label_values(&[s]).set(n);
+        }
+        *cluster.departed.lock() = left.clone();
+        tokio::select! {
+            r = watcher.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = cluster.shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Helper for the broker: a fresh dedupe window for a session that arrived from another node.
+pub fn recent_window() -> Option<RecentIds> {
+    Some(RecentIds::default())
+}

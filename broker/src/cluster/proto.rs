@@ -1,0 +1,316 @@
+//! What nodes say to each other over their authenticated TCP links: route changes, forwarded
+//! messages, retained messages, and session hand-offs. Serialized with postcard, framed by a
+//! length prefix.
+
+use std::num::{NonZeroU16, NonZeroU32};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use bytestring::ByteString;
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{PublishProperties, QoS, RetainHandling, SubOptions};
+use crate::message::{Delivery, Message, Msg};
+use crate::session::{Inflight, InflightState, SessionState, Subscription};
+
+/// One frame on an inter-node link.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Frame {
+    /// First frame from the dialing node.
+    Hello {
+        /// Dialer's node name.
+        node: String,
+        /// Random challenge.
+        nonce: u64,
+        /// Unix seconds (replays of old handshakes are refused).
+        ts: u64,
+        /// HMAC over node, nonce and ts.
+        tag: Vec<u8>,
+    },
+    /// Answer of the accepting node.
+    Welcome {
+        /// Acceptor's node name.
+        node: String,
+        /// HMAC over "welcome", node and the dialer's nonce.
+        tag: Vec<u8>,
+    },
+    /// The sender's complete route table (replaces what the receiver had).
+    Routes(Vec<String>),
+    /// A filter gained its first subscriber on the sender.
+    RouteAdd(String),
+    /// A filter lost its last subscriber on the sender.
+    RouteDel(String),
+    /// A message for the receiver's subscribers.
+    Publish {
+        /// The message.
+        msg: WireMsg,
+        /// Deliver to ordinary subscriptions.
+        plain: bool,
+        /// Shared groups (`group/filter`) whose delivery the sender assigned to the receiver.
+        groups: Vec<String>,
+    },
+    /// A retained message set (or cleared, empty payload) anywhere in the cluster.
+    Retain(WireMsg),
+    /// All retained messages the sender holds (sent when a link comes up).
+    RetainSnapshot(Vec<WireMsg>),
+    /// Asks every node for the session of a client id that is connecting to the sender.
+    TakeSession {
+        /// Request id.
+        req: u64,
+        /// Client id.
+        client_id: String,
+        /// Clean start: the old session is discarded, not moved.
+        clean: bool,
+    },
+    /// Answer to [`Frame::TakeSession`].
+    TakeReply {
+        /// Request id.
+        req: u64,
+        /// The session, if the replier had it and it is moving.
+        snapshot: Option<Box<SessionSnapshot>>,
+    },
+    /// An evacuating node hands a session to the receiver.
+    Handoff(Box<SessionSnapshot>),
+    /// A message for a session that moved from the sender to the receiver.
+    DeliverTo {
+        /// Client id.
+        client_id: String,
+        /// The delivery.
+        delivery: WireDelivery,
+    },
+}
+
+/// A message on the wire.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WireMsg {
+    /// Cluster-unique id (duplicate suppression during session moves).
+    pub id: u64,
+    /// Topic.
+    pub topic: ByteString,
+    /// Payload.
+    pub payload: Bytes,
+    /// QoS.
+    pub qos: u8,
+    /// Retain flag.
+    pub retain: bool,
+    /// MQTT 5 properties.
+    pub properties: Option<PublishProperties>,
+    /// Publisher's client id.
+    pub publisher: ByteString,
+    /// Milliseconds until expiry.
+    pub expires_in_ms: Option<u64>,
+}
+
+impl WireMsg {
+    /// Encodes a message.
+    pub fn from_msg(m: &Message) -> Self {
+        let now = Instant::now();
+        WireMsg {
+            id: m.id,
+            topic: m.topic.clone(),
+            payload: m.payload.clone(),
+            qos: m.qos.value(),
+            retain: m.retain,
+            properties: m.properties.clone(),
+            publisher: m.publisher.clone(),
+            expires_in_ms: m
+                .expires_at
+                .map(|t| t.saturating_duration_since(now).as_millis() as u64),
+        }
+    }
+
+    /// Decodes into a shared message.
+    pub fn into_msg(self) -> Msg {
+        Arc::new(Message {
+            id: self.id,
+            topic: self.topic,
+            payload: self.payload,
+            qos: QoS::try_from(self.qos).unwrap_or(QoS::AtMostOnce),
+            retain: self.retain,
+            properties: self.properties,
+            publisher: self.publisher,
+            expires_at: self
+                .expires_in_ms
+                .map(|ms| Instant::now() + Duration::from_millis(ms)),
+        })
+    }
+}
+
+/// A delivery on the wire.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WireDelivery {
+    /// The message.
+    pub msg: WireMsg,
+    /// Granted QoS.
+    pub qos: u8,
+    /// Retain flag to send.
+    pub retain: bool,
+    /// Subscription ids.
+    pub sub_ids: Vec<u32>,
+    /// Shared group key.
+    pub share: Option<String>,
+}
+
+impl WireDelivery {
+    /// Encodes a delivery.
+    pub fn from_delivery(d: &Delivery) -> Self {
+        WireDelivery {
+            msg: WireMsg::from_msg(&d.msg),
+            qos: d.qos.value(),
+            retain: d.retain,
+            sub_ids: d.sub_ids.iter().map(|i| i.get()).collect(),
+            share: d.share.as_deref().map(str::to_string),
+        }
+    }
+
+    /// Decodes a delivery.
+    pub fn into_delivery(self) -> Delivery {
+        Delivery {
+            msg: self.msg.into_msg(),
+            qos: QoS::try_from(self.qos).unwrap_or(QoS::AtMostOnce),
+            retain: self.retain,
+            sub_ids: self
+                .sub_ids
+                .into_iter()
+                .filter_map(NonZeroU32::new)
+                .collect(),
+            share: self.share.map(Arc::from),
+        }
+    }
+}
+
+/// Subscription options on the wire.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct WireSub {
+    qos: u8,
+    no_local: bool,
+    retain_as_published: bool,
+    retain_handling: u8,
+    sub_id: Option<u32>,
+}
+
+/// Everything that moves with a session.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionSnapshot {
+    /// Client id.
+    pub client_id: String,
+    /// Session expiry interval.
+    pub expiry: u32,
+    /// Seconds it has been offline already.
+    pub offline_for: u64,
+    /// Subscriptions by raw filter.
+    pub subscriptions: Vec<(String, WireSub)>,
+    /// Queued messages.
+    pub queue: Vec<WireDelivery>,
+    /// Inflight messages: packet id, delivery, waiting for PUBCOMP.
+    pub inflight: Vec<(u16, WireDelivery, bool)>,
+    /// QoS 2 packet ids received and not yet released.
+    pub incoming_qos2: Vec<u16>,
+    /// Next packet id.
+    pub next_packet_id: u16,
+}
+
+impl SessionSnapshot {
+    /// Captures a session's state.
+    pub fn capture(client_id: &str, st: &SessionState) -> Self {
+        SessionSnapshot {
+            client_id: client_id.to_string(),
+            expiry: st.expiry,
+            offline_for: st
+                .disconnected_at
+                .map(|t| t.elapsed().as_secs())
+                .unwrap_or(0),
+            subscriptions: st
+                .subscriptions
+                .iter()
+                .map(|(f, s)| {
+                    (
+                        f.clone(),
+                        WireSub {
+                            qos: s.opts.qos.value(),
+                            no_local: s.opts.no_local,
+                            retain_as_published: s.opts.retain_as_published,
+                            retain_handling: u8::from(s.opts.retain_handling),
+                            sub_id: s.sub_id.map(|i| i.get()),
+                        },
+                    )
+                })
+                .collect(),
+            queue: st.queue.iter().map(WireDelivery::from_delivery).collect(),
+            inflight: st
+                .inflight
+                .iter()
+                .map(|f| {
+                    (
+                        f.packet_id.get(),
+                        WireDelivery::from_delivery(&f.delivery),
+                        f.state == InflightState::AwaitComp,
+                    )
+                })
+                .collect(),
+            incoming_qos2: st.incoming_qos2.iter().copied().collect(),
+            next_packet_id: st.next_packet_id,
+        }
+    }
+
+    /// Subscriptions as the session stores them.
+    pub fn subscriptions(&self) -> Vec<(String, Subscription)> {
+        self.subscriptions
+            .iter()
+            .map(|(f, w)| {
+                (
+                    f.clone(),
+                    Subscription {
+                        opts: SubOptions {
+                            qos: QoS::try_from(w.qos).unwrap_or(QoS::AtMostOnce),
+                            no_local: w.no_local,
+                            retain_as_published: w.retain_as_published,
+                            retain_handling: RetainHandling::try_from(w.retain_handling)
+                                .unwrap_or(RetainHandling::AtSubscribe),
+                        },
+                        sub_id: w.sub_id.and_then(NonZeroU32::new),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Restores queue, inflight and QoS 2 state into `st` (subscriptions are applied by the
+    /// broker, which also registers their routes).
+    pub fn restore_into(self, st: &mut SessionState) {
+        st.expiry = self.expiry;
+        st.queue = self
+            .queue
+            .into_iter()
+            .map(WireDelivery::into_delivery)
+            .collect();
+        st.inflight = self
+            .inflight
+            .into_iter()
+            .filter_map(|(id, d, comp)| {
+                Some(Inflight {
+                    packet_id: NonZeroU16::new(id)?,
+                    delivery: d.into_delivery(),
+                    state: if comp {
+                        InflightState::AwaitComp
+                    } else {
+                        InflightState::AwaitAck
+                    },
+                })
+            })
+            .collect();
+        st.incoming_qos2 = self.incoming_qos2.into_iter().collect();
+        st.next_packet_id = self.next_packet_id;
+    }
+}
+
+/// Encodes a frame.
+pub fn encode(f: &Frame) -> Result<Vec<u8>, postcard::Error> {
+    postcard::to_stdvec(f)
+}
+
+/// Decodes a frame.
+pub fn decode(b: &[u8]) -> Result<Frame, postcard::Error> {
+    postcard::from_bytes(b)
+}

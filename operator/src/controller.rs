@@ -1,0 +1,581 @@
+//! The reconcile pipeline and its wiring into kube's runtime Controller:
+//! read → validate → plan → build → apply → act → status. Only `observe`, `apply`, `act` and the
+//! status patch talk to the API server; everything in between is pure and unit-tested.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use corvid_crds::{MqttCluster, MqttClusterStatus};
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::Action as Requeue;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{watcher, Controller};
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+
+use crate::apply;
+use crate::build::names::{Names, FIELD_MANAGER, INSTANCE_LABEL, MANAGED_BY_LABEL};
+use crate::build::statefulset::{GRACE_MARGIN_SECONDS, PRE_STOP_SLEEP_SECONDS};
+use crate::build::{self, secret, BuildInputs};
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::observe::{observe, Observation};
+use crate::planner::{self, Action, Observed, Plan, Wait};
+use crate::podtalk::BrokerAdmin;
+use crate::status::{self, StatusInputs};
+use crate::validate::validate;
+
+/// Shared state of all reconciles.
+pub struct Context {
+    /// API client.
+    pub client: Client,
+    /// Broker admin API access.
+    pub admin: Arc<dyn BrokerAdmin>,
+    /// Event publisher.
+    pub recorder: Recorder,
+    /// Reconcile metrics.
+    pub metrics: Metrics,
+    /// Consecutive failures per object, for the backoff.
+    pub failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    async fn event(&self, cluster: &MqttCluster, type_: EventType, reason: &str, note: String) {
+        let event = Event {
+            type_,
+            reason: reason.to_string(),
+            note: Some(note),
+            action: reason.to_string(),
+            secondary: None,
+        };
+        if let Err(e) = self
+            .recorder
+            .publish(&event, &cluster.object_ref(&()))
+            .await
+        {
+            tracing::warn!(error = %e, reason, "publishing event failed");
+        }
+    }
+}
+
+fn key(cluster: &MqttCluster) -> String {
+    format!(
+        "{}/{}",
+        cluster.namespace().unwrap_or_default(),
+        cluster.name_any()
+    )
+}
+
+/// Reconciles one MqttCluster, recording metrics.
+pub async fn reconcile(cluster: Arc<MqttCluster>, ctx: Arc<Context>) -> Result<Requeue> {
+    let timer = ctx
+        .metrics
+        .duration
+        .with_label_values(&[] as &[&str])
+        .start_timer();
+    let result = reconcile_pipeline(&cluster, &ctx).await;
+    timer.observe_duration();
+    match &result {
+        Ok(_) => {
+            ctx.metrics.reconciles.with_label_values(&["success"]).inc();
+            if let Ok(mut failures) = ctx.failures.lock() {
+                failures.remove(&key(&cluster));
+            }
+        }
+        Err(e) => {
+            ctx.metrics.reconciles.with_label_values(&["error"]).inc();
+            ctx.metrics.errors.with_label_values(&[e.reason()]).inc();
+        }
+    }
+    result
+}
+
+/// Invalid objects wait for a change; everything else retries with exponential backoff (5 s → 5 min).
+pub fn error_policy(cluster: Arc<MqttCluster>, error: &Error, ctx: Arc<Context>) -> Requeue {
+    tracing::warn!(cluster = %key(&cluster), reason = error.reason(), error = %error, "reconcile failed");
+    if matches!(error, Error::InvalidSpec(_)) {
+        return Requeue::await_change();
+    }
+    let attempts = match ctx.failures.lock() {
+        Ok(mut failures) => {
+            let n = failures.entry(key(&cluster)).or_insert(0);
+            *n = n.saturating_add(1);
+            *n
+        }
+        Err(_) => 1,
+    };
+    Requeue::requeue(backoff(attempts))
+}
+
+/// Delay before retry number `attempts`.
+pub fn backoff(attempts: u32) -> Duration {
+    Duration::from_secs((5u64 << attempts.saturating_sub(1).min(6)).min(300))
+}
+
+/// How soon to look again after a successful reconcile.
+pub fn requeue_after(action: &Action) -> Duration {
+    match action {
+        Action::Idle => Duration::from_secs(300),
+        Action::Paused => Duration::from_secs(60),
+        Action::Blocked { .. } => Duration::from_secs(30),
+        Action::Evacuate(_) | Action::DeletePod(_) | Action::Wait(_) => Duration::from_secs(5),
+    }
+}
+
+async fn reconcile_pipeline(cluster: &MqttCluster, ctx: &Context) -> Result<Requeue> {
+    let names = Names::of(cluster);
+    if names.namespace.is_empty() {
+        return Err(Error::MissingNamespace);
+    }
+    let observation = observe(&ctx.client, ctx.admin.as_ref(), cluster, &names).await?;
+    let valid = match validate(cluster) {
+        Ok(valid) => valid,
+        Err(invalid) => {
+            ctx.event(
+                cluster,
+                EventType::Warning,
+                "InvalidSpec",
+                invalid.0.clone(),
+            )
+            .await;
+            write_status(
+                ctx,
+                cluster,
+                &names,
+                &observation,
+                None,
+                Some(("InvalidSpec", invalid.0.clone())),
+                None,
+            )
+            .await?;
+            return Err(Error::InvalidSpec(invalid));
+        }
+    };
+
+    // The replica count is decided before the apply (a scale-down holds it until pods drained).
+    let pre = planner::plan(&planner_input(
+        cluster,
+        &observation,
+        observation.statefulset.as_ref(),
+    ));
+    let desired = build::desired(
+        cluster,
+        &valid,
+        &BuildInputs {
+            statefulset_replicas: pre.statefulset_replicas,
+            service_monitor_crd: observation.service_monitor_crd,
+        },
+    );
+    let current = observation
+        .statefulset
+        .as_ref()
+        .and_then(|s| s.spec.as_ref())
+        .and_then(|s| s.replicas);
+    let outcome = apply_and_act(ctx, cluster, &names, &desired, &observation).await;
+    let (plan, endpoint, error) = match outcome {
+        Ok(Acted {
+            plan,
+            endpoint,
+            error,
+        }) => (plan, endpoint, error),
+        // Nothing was done to pods: keep the recorded step as it was.
+        Err(e) => {
+            let kept = cluster.status.as_ref().and_then(|s| s.operation.clone());
+            (
+                Plan {
+                    operation: kept,
+                    ..pre.clone()
+                },
+                None,
+                Some(e),
+            )
+        }
+    };
+    if error.is_none() {
+        scale_event(ctx, cluster, current, pre.statefulset_replicas).await;
+    }
+    let error_note = error.as_ref().map(|e| (e.reason(), e.to_string()));
+    if let Some((reason, message)) = &error_note {
+        ctx.event(cluster, EventType::Warning, reason, message.clone())
+            .await;
+    }
+    write_status(
+        ctx,
+        cluster,
+        &names,
+        &observation,
+        Some(&plan),
+        error_note,
+        endpoint,
+    )
+    .await?;
+    match error {
+        Some(e) => Err(e),
+        None => Ok(Requeue::requeue(requeue_after(&plan.action))),
+    }
+}
+
+/// Result of the apply and act steps once the objects were applied.
+struct Acted {
+    /// The pod-level decision (recorded in status even when acting on it failed).
+    plan: Plan,
+    /// Client endpoint.
+    endpoint: Option<String>,
+    /// Failure of the act step.
+    error: Option<Error>,
+}
+
+async fn apply_and_act(
+    ctx: &Context,
+    cluster: &MqttCluster,
+    names: &Names,
+    desired: &build::Desired,
+    observation: &Observation,
+) -> Result<Acted> {
+    let ns = names.namespace.as_str();
+    let key_material: [u8; 32] = rand::random();
+    if apply::create_secret_once(
+        &ctx.client,
+        ns,
+        &secret::build(cluster, names, &key_material),
+    )
+    .await?
+    {
+        ctx.event(
+            cluster,
+            EventType::Normal,
+            "ClusterSecretCreated",
+            names.cluster_secret(),
+        )
+        .await;
+    }
+    let client_service = apply::apply_all(&ctx.client, names, desired).await?;
+    for gone in apply::prune(&ctx.client, names, desired).await? {
+        ctx.event(
+            cluster,
+            EventType::Normal,
+            "Pruned",
+            format!("deleted {gone}, no longer wanted by the spec"),
+        )
+        .await;
+    }
+    // Plan the pod step against the StatefulSet as stored after this apply; a revision the
+    // StatefulSet controller has not caught up with yet is treated as unknown.
+    let applied = Api::<StatefulSet>::namespaced(ctx.client.clone(), ns)
+        .get_opt(&names.statefulset())
+        .await
+        .map_err(|source| Error::Read {
+            what: "StatefulSet".to_string(),
+            source,
+        })?;
+    let plan = planner::plan(&planner_input(cluster, observation, applied.as_ref()));
+    let error = act(ctx, cluster, names, &plan, observation).await.err();
+    Ok(Acted {
+        plan,
+        endpoint: endpoint(&client_service, names),
+        error,
+    })
+}
+
+/// An Event when this reconcile changed the StatefulSet's size.
+async fn scale_event(ctx: &Context, cluster: &MqttCluster, before: Option<i32>, after: i32) {
+    match before {
+        Some(before) if after < before => {
+            let note = format!("leaving pods drained; scaled from {before} to {after}");
+            ctx.event(cluster, EventType::Normal, "ScaledDown", note)
+                .await;
+        }
+        Some(before) if after > before => {
+            let note = format!("scaled from {before} to {after}; new pods join the cluster");
+            ctx.event(cluster, EventType::Normal, "ScaledUp", note)
+                .await;
+        }
+        _ => {}
+    }
+}
+
+/// The planner's input from the observation and a StatefulSet.
+pub fn planner_input(
+    cluster: &MqttCluster,
+    observation: &Observation,
+    sts: Option<&StatefulSet>,
+) -> Observed {
+    let strategy = &cluster.spec.upgrade_strategy;
+    let settled = sts.is_some_and(|s| {
+        s.status.as_ref().and_then(|st| st.observed_generation) >= s.metadata.generation
+    });
+    Observed {
+        desired_replicas: cluster.spec.replicas,
+        statefulset_replicas: sts.and_then(|s| s.spec.as_ref()).and_then(|s| s.replicas),
+        update_revision: if settled {
+            sts.and_then(|s| s.status.as_ref())
+                .and_then(|s| s.update_revision.clone())
+        } else {
+            None
+        },
+        pods: observation.pods.clone(),
+        operation: cluster.status.as_ref().and_then(|s| s.operation.clone()),
+        paused: strategy.paused,
+        drain_timeout_seconds: i64::from(strategy.drain_timeout_seconds),
+        ready_timeout_seconds: i64::from(strategy.ready_timeout_seconds),
+        grace_period_seconds: i64::from(strategy.drain_timeout_seconds)
+            + PRE_STOP_SLEEP_SECONDS
+            + GRACE_MARGIN_SECONDS,
+        now: jiff::Timestamp::now(),
+    }
+}
+
+/// Client endpoint: the load balancer's address, or the Service's cluster DNS name.
+pub fn endpoint(service: &Service, names: &Names) -> Option<String> {
+    let lb = service
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref());
+    if let Some(ingress) = lb.and_then(|i| i.first()) {
+        return ingress.hostname.clone().or_else(|| ingress.ip.clone());
+    }
+    let is_lb = service.spec.as_ref().and_then(|s| s.type_.as_deref()) == Some("LoadBalancer");
+    (!is_lb).then(|| format!("{}.{}.svc", names.client_service(), names.namespace))
+}
+
+async fn act(
+    ctx: &Context,
+    cluster: &MqttCluster,
+    names: &Names,
+    plan: &Plan,
+    observation: &Observation,
+) -> Result<()> {
+    let ns = names.namespace.as_str();
+    match &plan.action {
+        Action::Evacuate(pod) => {
+            let rate = cluster.spec.upgrade_strategy.evacuation_rate;
+            ctx.admin.evacuate(ns, pod, rate).await?;
+            tracing::info!(cluster = %key(cluster), pod, rate, "evacuation requested");
+            ctx.event(
+                cluster,
+                EventType::Normal,
+                "Evacuating",
+                format!("asked {pod} to move its clients away at {rate}/s"),
+            )
+            .await;
+        }
+        Action::DeletePod(pod) => {
+            let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+            match pods.delete(pod, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(source) => {
+                    return Err(Error::Apply {
+                        what: format!("deleting pod {pod}"),
+                        source,
+                    })
+                }
+            }
+            tracing::info!(cluster = %key(cluster), pod, "pod replaced");
+            ctx.event(
+                cluster,
+                EventType::Normal,
+                "ReplacingPod",
+                format!("deleted {pod} to recreate it at the new revision"),
+            )
+            .await;
+        }
+        Action::Blocked { pod, reason } => {
+            tracing::warn!(cluster = %key(cluster), pod, reason, "rollout blocked");
+            ctx.event(
+                cluster,
+                EventType::Warning,
+                "RolloutBlocked",
+                reason.clone(),
+            )
+            .await;
+        }
+        Action::Wait(Wait::Shrinking) => {
+            let to = plan.statefulset_replicas;
+            ctx.event(
+                cluster,
+                EventType::Normal,
+                "ScaledDown",
+                format!("leaving pods drained; scaling to {to}"),
+            )
+            .await;
+        }
+        Action::Idle => {
+            // Scale-downs must not leave ghosts: members whose pod is gone for good.
+            for ghost in status::stale_members(
+                &observation.members,
+                &observation.pods,
+                &names.statefulset(),
+                cluster.spec.replicas,
+            ) {
+                let note = format!(
+                    "{ghost} is still listed as a cluster member after its pod was removed"
+                );
+                ctx.event(cluster, EventType::Warning, "StaleMember", note)
+                    .await;
+            }
+            let was_progressing = cluster.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == status::PROGRESSING && c.status == "True")
+            });
+            if was_progressing {
+                ctx.event(
+                    cluster,
+                    EventType::Normal,
+                    "RolloutComplete",
+                    format!("all pods run version {}", cluster.spec.version),
+                )
+                .await;
+            }
+        }
+        Action::Wait(_) | Action::Paused => {}
+    }
+    Ok(())
+}
+
+async fn write_status(
+    ctx: &Context,
+    cluster: &MqttCluster,
+    names: &Names,
+    observation: &Observation,
+    plan: Option<&Plan>,
+    error: Option<(&str, String)>,
+    endpoint: Option<String>,
+) -> Result<()> {
+    let update_revision = observation
+        .statefulset
+        .as_ref()
+        .and_then(|s| s.status.as_ref())
+        .and_then(|s| s.update_revision.as_deref());
+    let previous: Option<&MqttClusterStatus> = cluster.status.as_ref();
+    let new = status::compute(&StatusInputs {
+        generation: cluster.metadata.generation,
+        previous,
+        desired_replicas: cluster.spec.replicas,
+        max_unavailable: cluster.spec.pod_disruption_budget.max_unavailable,
+        pods: &observation.pods,
+        update_revision,
+        target_version: &cluster.spec.version,
+        plan,
+        error,
+        members: observation.members.clone(),
+        endpoint: endpoint.or_else(|| previous.and_then(|p| p.endpoint.clone())),
+        selector: names.selector_string(),
+        now: jiff::Timestamp::now(),
+    });
+    let patch =
+        json!({ "apiVersion": "corvid.dev/v1alpha1", "kind": "MqttCluster", "status": new });
+    Api::<MqttCluster>::namespaced(ctx.client.clone(), &names.namespace)
+        .patch_status(
+            &names.cluster,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(Error::Status)?;
+    Ok(())
+}
+
+/// An Api over one namespace, or over all of them.
+fn scoped<K>(client: &Client, namespace: &Option<String>) -> Api<K>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Runs the controller over `namespaces` (all namespaces when empty) until shutdown.
+pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
+    let scopes: Vec<Option<String>> = if namespaces.is_empty() {
+        vec![None]
+    } else {
+        namespaces.into_iter().map(Some).collect()
+    };
+    let controllers = scopes.into_iter().map(|ns| {
+        let client = ctx.client.clone();
+        let (clusters, statefulsets, services, config_maps, pods) = (
+            scoped::<MqttCluster>(&client, &ns),
+            scoped::<StatefulSet>(&client, &ns),
+            scoped::<Service>(&client, &ns),
+            scoped::<ConfigMap>(&client, &ns),
+            scoped::<Pod>(&client, &ns),
+        );
+        let owned =
+            watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={FIELD_MANAGER}"));
+        Controller::new(clusters, watcher::Config::default().any_semantic())
+            .owns(statefulsets, owned.clone())
+            .owns(services, owned.clone())
+            .owns(config_maps, owned.clone())
+            // Pods belong to the StatefulSet, not to the MqttCluster: map them back by label.
+            .watches(pods, owned, |pod: Pod| {
+                let ns = pod.namespace()?;
+                let cluster = pod.labels().get(INSTANCE_LABEL)?.clone();
+                Some(ObjectRef::<MqttCluster>::new(&cluster).within(&ns))
+            })
+            .shutdown_on_signal()
+            .run(reconcile, error_policy, ctx.clone())
+            .for_each(|result| async move {
+                match result {
+                    Ok((obj, _)) => tracing::debug!(cluster = %obj.name, "reconciled"),
+                    Err(e) => tracing::debug!(error = %e, "reconcile attempt failed"),
+                }
+            })
+    });
+    futures::future::join_all(controllers).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert_eq!(backoff(1), Duration::from_secs(5));
+        assert_eq!(backoff(2), Duration::from_secs(10));
+        assert_eq!(backoff(4), Duration::from_secs(40));
+        assert_eq!(backoff(30), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn requeue_is_fast_while_acting_and_slow_when_idle() {
+        assert_eq!(
+            requeue_after(&Action::Evacuate("p".into())),
+            Duration::from_secs(5)
+        );
+        assert_eq!(requeue_after(&Action::Idle), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn endpoint_prefers_the_load_balancer_address() {
+        let names = Names {
+            cluster: "demo".into(),
+            namespace: "mqtt".into(),
+        };
+        let lb: Service = serde_json::from_value(json!({"spec": {"type": "LoadBalancer"},
+            "status": {"loadBalancer": {"ingress": [{"hostname": "abc.elb.amazonaws.com"}]}}}))
+        .expect("svc");
+        assert_eq!(
+            endpoint(&lb, &names).as_deref(),
+            Some("abc.elb.amazonaws.com")
+        );
+        let pending: Service =
+            serde_json::from_value(json!({"spec": {"type": "LoadBalancer"}})).expect("svc");
+        assert_eq!(endpoint(&pending, &names), None);
+        let internal: Service =
+            serde_json::from_value(json!({"spec": {"type": "ClusterIP"}})).expect("svc");
+        assert_eq!(
+            endpoint(&internal, &names).as_deref(),
+            Some("demo.mqtt.svc")
+        );
+    }
+}

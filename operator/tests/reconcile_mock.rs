@@ -1,0 +1,277 @@
+//! The reconcile pipeline against a fake API server: which calls it makes, with which field
+//! manager, and what it writes to status. Real API server tests live in e2e/.
+
+use std::sync::{Arc, Mutex};
+
+use corvid_crds::MqttCluster;
+use corvid_operator::controller::{error_policy, reconcile, Context};
+use corvid_operator::metrics::Metrics;
+use corvid_operator::podtalk::{BrokerAdmin, ClusterView, EvacuationReport, PodTalkError};
+use futures::future::BoxFuture;
+use http::{Request, Response, StatusCode};
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::Client;
+use serde_json::{json, Value};
+
+/// One request the operator made.
+#[derive(Clone, Debug)]
+struct Call {
+    method: String,
+    uri: String,
+    body: Value,
+}
+
+/// Answers like an empty cluster without cert-manager or Prometheus Operator: objects do not
+/// exist yet, lists are empty, writes echo their body.
+fn respond(call: &Call) -> (StatusCode, Value) {
+    let path = call.uri.split('?').next().unwrap_or_default();
+    let missing = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404, "reason": "NotFound", "message": "not found"});
+    match call.method.as_str() {
+        "GET" if path.contains("cert-manager.io") || path.contains("monitoring.coreos.com") => {
+            (StatusCode::NOT_FOUND, missing)
+        }
+        "GET"
+            if path.ends_with("/pods")
+                || path.ends_with("/services")
+                || path.ends_with("/poddisruptionbudgets") =>
+        {
+            (
+                StatusCode::OK,
+                json!({"kind": "List", "apiVersion": "v1", "metadata": {}, "items": []}),
+            )
+        }
+        "GET" => (StatusCode::NOT_FOUND, missing),
+        "POST" => (StatusCode::CREATED, call.body.clone()),
+        // A status patch carries only status; the stored object also has metadata and spec.
+        "PATCH" if path.ends_with("/status") => {
+            let mut stored = call.body.clone();
+            stored["metadata"] = json!({"name": "demo", "namespace": "mqtt"});
+            stored["spec"] = json!({});
+            (StatusCode::OK, stored)
+        }
+        _ => (StatusCode::OK, call.body.clone()),
+    }
+}
+
+fn fake_client() -> (Client, Arc<Mutex<Vec<Call>>>) {
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let log = calls.clone();
+    let service = tower::service_fn(move |req: Request<Body>| {
+        let log = log.clone();
+        async move {
+            let method = req.method().to_string();
+            let uri = req.uri().to_string();
+            let bytes = req.into_body().collect_bytes().await?;
+            let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            let call = Call { method, uri, body };
+            let (status, answer) = respond(&call);
+            log.lock().expect("log").push(call);
+            let response = Response::builder()
+                .status(status)
+                .body(Body::from(serde_json::to_vec(&answer)?))?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(response)
+        }
+    });
+    (Client::new(service, "default"), calls)
+}
+
+/// Broker admin that nobody should call in these scenarios (no pods exist).
+struct NoBrokers;
+
+impl BrokerAdmin for NoBrokers {
+    fn evacuate<'a>(
+        &'a self,
+        _: &'a str,
+        pod: &'a str,
+        _: i32,
+    ) -> BoxFuture<'a, Result<(), PodTalkError>> {
+        panic!("unexpected evacuate of {pod}")
+    }
+    fn evacuation<'a>(
+        &'a self,
+        _: &'a str,
+        pod: &'a str,
+    ) -> BoxFuture<'a, Result<EvacuationReport, PodTalkError>> {
+        panic!("unexpected evacuation query of {pod}")
+    }
+    fn cluster<'a>(
+        &'a self,
+        _: &'a str,
+        pod: &'a str,
+    ) -> BoxFuture<'a, Result<ClusterView, PodTalkError>> {
+        panic!("unexpected cluster query of {pod}")
+    }
+}
+
+fn context(client: Client) -> Arc<Context> {
+    Arc::new(Context {
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "corvid-operator".into(),
+                instance: None,
+            },
+        ),
+        client,
+        admin: Arc::new(NoBrokers),
+        metrics: Metrics::new().expect("metrics"),
+        failures: Mutex::new(Default::default()),
+    })
+}
+
+fn cluster(spec: Value) -> Arc<MqttCluster> {
+    Arc::new(
+        serde_json::from_value(json!({
+            "apiVersion": "corvid.dev/v1alpha1", "kind": "MqttCluster",
+            "metadata": {"name": "demo", "namespace": "mqtt", "uid": "u1", "generation": 2},
+            "spec": spec,
+        }))
+        .expect("cluster"),
+    )
+}
+
+fn status_patch(calls: &[Call]) -> Value {
+    let call = calls
+        .iter()
+        .rev()
+        .find(|c| c.uri.contains("/mqttclusters/demo/status"))
+        .expect("status was written");
+    assert_eq!(call.method, "PATCH");
+    assert!(
+        call.uri.contains("fieldManager=corvid-operator") && call.uri.contains("force=true"),
+        "{}",
+        call.uri
+    );
+    call.body["status"].clone()
+}
+
+fn condition(status: &Value, type_: &str) -> (String, String) {
+    let c = status["conditions"]
+        .as_array()
+        .expect("conditions")
+        .iter()
+        .find(|c| c["type"] == type_)
+        .expect("condition");
+    (
+        c["status"].as_str().unwrap_or_default().to_string(),
+        c["reason"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+#[tokio::test]
+async fn first_reconcile_creates_every_object_with_server_side_apply() {
+    let (client, calls) = fake_client();
+    let ctx = context(client);
+    let action = reconcile(cluster(json!({})), ctx.clone())
+        .await
+        .expect("reconcile succeeds");
+    assert_eq!(
+        action,
+        Action::requeue(std::time::Duration::from_secs(5)),
+        "pods are still to come"
+    );
+    let calls = calls.lock().expect("calls").clone();
+
+    let applied: Vec<&str> = calls
+        .iter()
+        .filter(|c| c.method == "PATCH" && !c.uri.contains("/status"))
+        .map(|c| {
+            assert!(
+                c.uri.contains("fieldManager=corvid-operator") && c.uri.contains("force=true"),
+                "{}",
+                c.uri
+            );
+            c.body["kind"].as_str().unwrap_or_default()
+        })
+        .collect();
+    for kind in [
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+        "ConfigMap",
+        "Service",
+        "StatefulSet",
+        "PodDisruptionBudget",
+    ] {
+        assert!(applied.contains(&kind), "{kind} applied; got {applied:?}");
+    }
+    let secret = calls
+        .iter()
+        .find(|c| c.method == "POST" && c.uri.contains("/secrets"))
+        .expect("cluster secret created");
+    assert_eq!(secret.body["metadata"]["name"], "demo-cluster-secret");
+    assert!(
+        !calls.iter().any(|c| c.method == "DELETE"),
+        "nothing to prune or replace"
+    );
+
+    let status = status_patch(&calls);
+    assert_eq!(status["observedGeneration"], 2);
+    assert_eq!(
+        condition(&status, "ReconcileSuccess"),
+        ("True".into(), "Reconciled".into())
+    );
+    assert_eq!(
+        condition(&status, "Available"),
+        ("False".into(), "NotEnoughReplicas".into())
+    );
+    assert_eq!(condition(&status, "Progressing").0, "True");
+    assert_eq!(status["targetVersion"], corvid_crds::DEFAULT_BROKER_VERSION);
+    assert_eq!(status["endpoint"], "demo.mqtt.svc");
+}
+
+#[tokio::test]
+async fn invalid_spec_is_reported_and_waits_for_a_change() {
+    let (client, calls) = fake_client();
+    let ctx = context(client);
+    let obj = cluster(json!({"replicas": 0}));
+    let err = reconcile(obj.clone(), ctx.clone())
+        .await
+        .expect_err("invalid spec");
+    assert_eq!(err.reason(), "InvalidSpec");
+    assert_eq!(
+        error_policy(obj, &err, ctx.clone()),
+        Action::await_change(),
+        "no hot loop"
+    );
+    let calls = calls.lock().expect("calls").clone();
+    assert!(
+        !calls
+            .iter()
+            .any(|c| c.method == "PATCH" && !c.uri.contains("/status")),
+        "nothing applied"
+    );
+    let status = status_patch(&calls);
+    assert_eq!(
+        condition(&status, "ReconcileSuccess"),
+        ("False".into(), "InvalidSpec".into())
+    );
+    assert_eq!(
+        condition(&status, "Degraded"),
+        ("True".into(), "InvalidSpec".into())
+    );
+    assert!(
+        calls.iter().any(|c| c.method == "POST"
+            && c.uri.contains("events")
+            && c.body["reason"] == "InvalidSpec"),
+        "warning event"
+    );
+    assert!(ctx
+        .metrics
+        .render()
+        .contains("corvid_operator_reconcile_errors_total{reason=\"InvalidSpec\"} 1"));
+}
+
+#[tokio::test]
+async fn other_errors_back_off() {
+    let (client, _) = fake_client();
+    let ctx = context(client);
+    let obj = cluster(json!({}));
+    let err = corvid_operator::error::Error::MissingNamespace;
+    let first = error_policy(obj.clone(), &err, ctx.clone());
+    let second = error_policy(obj, &err, ctx);
+    assert_eq!(first, Action::requeue(std::time::Duration::from_secs(5)));
+    assert_eq!(second, Action::requeue(std::time::Duration::from_secs(10)));
+}
