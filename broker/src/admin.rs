@@ -11,6 +11,7 @@ use axum::routing::{delete, get};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::time::Duration;
 
 use crate::broker::Broker;
 use crate::session::Kick;
@@ -29,6 +30,8 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/api/v1/routes", get(routes))
         .route("/api/v1/cluster", get(cluster))
         .route("/api/v1/evacuate", get(evacuation).post(evacuate))
+        .route("/api/v1/trace", get(trace_list).post(trace_start))
+        .route("/api/v1/trace/{name}", get(trace_log).delete(trace_stop))
         .with_state(broker)
 }
 
@@ -340,4 +343,92 @@ async fn routes(State(b): State<Arc<Broker>>, headers: HeaderMap) -> Response {
         .map(|f| json!({"filter": f, "node": b.node}))
         .collect();
     Json(json!({"count": list.len(), "routes": list})).into_response()
+}
+
+/// `POST /api/v1/trace` body.
+#[derive(Debug, Deserialize)]
+struct TraceRequest {
+    /// `client` or `topic`.
+    #[serde(rename = "type")]
+    kind: String,
+    /// Client id (type `client`).
+    client_id: Option<String>,
+    /// Topic filter (type `topic`).
+    topic: Option<String>,
+    /// Seconds; default 600, capped by `trace.max_duration`.
+    duration: Option<u64>,
+    /// Name; default `client-{id}` / `topic-{filter}`.
+    name: Option<String>,
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(json!({"error": msg.into()}))).into_response()
+}
+
+async fn trace_start(
+    State(b): State<Arc<Broker>>,
+    headers: HeaderMap,
+    Json(req): Json<TraceRequest>,
+) -> Response {
+    if let Err(r) = authorized(&b, &headers) {
+        return r;
+    }
+    use crate::trace::{Target, TraceError};
+    let target = match (req.kind.as_str(), req.client_id, req.topic) {
+        ("client", Some(c), _) if !c.is_empty() => Target::Client(c),
+        ("topic", _, Some(t)) if !t.is_empty() => Target::Topic(t),
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "expected {\"type\": \"client\", \"client_id\": ...} or {\"type\": \"topic\", \"topic\": ...}",
+            )
+        }
+    };
+    let duration = Duration::from_secs(req.duration.unwrap_or(600));
+    match b.tracer.start(req.name, target, duration) {
+        Ok(info) => (StatusCode::CREATED, Json(json!(info))).into_response(),
+        Err(e @ TraceError::Exists(_)) => error(StatusCode::CONFLICT, e.to_string()),
+        Err(e @ TraceError::Invalid(_)) => error(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn trace_list(State(b): State<Arc<Broker>>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorized(&b, &headers) {
+        return r;
+    }
+    let list = b.tracer.list();
+    Json(json!({"count": list.len(), "traces": list})).into_response()
+}
+
+async fn trace_stop(
+    State(b): State<Arc<Broker>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Response {
+    if let Err(r) = authorized(&b, &headers) {
+        return r;
+    }
+    match b.tracer.stop(&name) {
+        Some(info) => Json(json!(info)).into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("no trace {name}")),
+    }
+}
+
+/// The log of a running trace, as plain text.
+async fn trace_log(
+    State(b): State<Arc<Broker>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Response {
+    if let Err(r) = authorized(&b, &headers) {
+        return r;
+    }
+    let Some(t) = b.tracer.list().into_iter().find(|t| t.name == name) else {
+        return error(StatusCode::NOT_FOUND, format!("no trace {name}"));
+    };
+    match tokio::fs::read_to_string(&t.file).await {
+        Ok(text) => ([(header::CONTENT_TYPE, "text/plain")], text).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }

@@ -13,14 +13,18 @@ use std::time::{Duration, Instant};
 use bytestring::ByteString;
 use tokio_util::sync::CancellationToken;
 
+use crate::acl::{Acl, AclError};
+use crate::auth::{AuthError, Authenticator};
 use crate::codec::{QoS, RetainHandling, SubOptions, Will};
 use crate::config::Config;
+use crate::hooks::{Event, EventKind, HookError, Hooks};
 use crate::message::{Delivery, Message, Msg};
 use crate::metrics::Metrics;
 use crate::retained::Retained;
 use crate::router::{Router, Select, Target};
 use crate::session::{ConnInfo, Enqueued, Kick, Registry, Session, Subscription};
 use crate::topic;
+use crate::trace::Tracer;
 
 /// Shared broker state; one per process, behind an `Arc`.
 #[derive(Debug)]
@@ -45,6 +49,31 @@ pub struct Broker {
     pub started: Instant,
     /// The cluster layer, when clustering is on.
     pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
+    /// Client authentication.
+    pub auth: Authenticator,
+    /// Topic access control.
+    pub acl: Acl,
+    /// Event hooks (webhooks).
+    pub hooks: Hooks,
+    /// Client and topic traces.
+    pub tracer: Arc<Tracer>,
+}
+
+/// Why the broker state could not be built from the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// Metrics registration failed (a bug).
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// The `auth` section cannot be used.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    /// An ACL rule cannot be compiled.
+    #[error("acl.rules: {0}")]
+    Acl(#[from] AclError),
+    /// A webhook cannot be set up.
+    #[error(transparent)]
+    Hooks(#[from] HookError),
 }
 
 /// Result of opening a session for a CONNECT.
@@ -60,15 +89,28 @@ pub struct Opened {
 
 impl Broker {
     /// Creates the broker state.
-    pub fn new(config: Config) -> Result<Arc<Self>, prometheus::Error> {
+    pub fn new(config: Config) -> Result<Arc<Self>, BrokerError> {
         let node = config.node_name();
+        let metrics = Metrics::new()?;
+        let auth = Authenticator::new(&config.auth, metrics.auth.clone())?;
+        let acl = Acl::new(&config.acl)?;
+        let hooks = Hooks::new(&config.webhooks, &node, &metrics)?;
+        let tracer = Arc::new(Tracer::new(
+            config.trace.dir.clone(),
+            Duration::from_secs(config.trace.max_duration.max(1)),
+            metrics.clone(),
+        ));
         Ok(Arc::new(Broker {
+            auth,
+            acl,
+            hooks,
+            tracer,
             config: Arc::new(config),
             node,
             router: Router::default(),
             retained: Retained::default(),
             sessions: Registry::default(),
-            metrics: Metrics::new()?,
+            metrics,
             shutdown: CancellationToken::new(),
             accepting: AtomicBool::new(true),
             started: Instant::now(),
@@ -135,14 +177,28 @@ impl Broker {
     /// Queues a delivery on a session with the configured bounds, counting drops.
     pub fn enqueue(&self, session: &Session, d: Delivery) {
         let s = &self.config.sessions;
-        match session.enqueue(d, s.max_offline_queue, s.queue_full_policy, s.queue_qos0) {
-            Enqueued::Queued | Enqueued::Duplicate => {}
-            Enqueued::QueuedDroppedOldest => self.metrics.dropped("queue_full"),
-            Enqueued::Dropped => self.metrics.dropped("queue_full_or_offline_qos0"),
-            Enqueued::Moved(node, d) => match self.cluster.get() {
-                Some(c) => c.deliver_to(&node, &session.client_id, &d),
-                None => self.metrics.dropped("moved_session"),
-            },
+        let hook = self
+            .hooks
+            .wants(EventKind::MessageDropped)
+            .then(|| (d.msg.clone(), d.qos));
+        let reason =
+            match session.enqueue(d, s.max_offline_queue, s.queue_full_policy, s.queue_qos0) {
+                Enqueued::Queued | Enqueued::Duplicate => return,
+                Enqueued::QueuedDroppedOldest => "queue_full",
+                Enqueued::Dropped => "queue_full_or_offline_qos0",
+                Enqueued::Moved(node, d) => match self.cluster.get() {
+                    Some(c) => return c.deliver_to(&node, &session.client_id, &d),
+                    None => "moved_session",
+                },
+            };
+        self.metrics.dropped(reason);
+        if let Some((msg, qos)) = hook {
+            self.hooks.emit(Event::MessageDropped {
+                from_client_id: msg.publisher.to_string(),
+                topic: msg.topic.to_string(),
+                qos: qos.value(),
+                reason,
+            });
         }
     }
 

@@ -905,6 +905,9 @@ impl Config {
                 );
             }
         }
+        if let Err(e) = crate::acl::Acl::new(&self.acl) {
+            return invalid("acl.rules", &e.to_string());
+        }
         for (i, a) in self.auto_subscriptions.iter().enumerate() {
             if a.qos > 2 {
                 return invalid(&format!("auto_subscriptions[{i}].qos"), "must be 0, 1 or 2");
@@ -916,6 +919,23 @@ impl Config {
                     &format!("webhooks[{i}].url"),
                     "must start with http:// or https://",
                 );
+            }
+            if let Some(e) = w
+                .events
+                .iter()
+                .find(|e| crate::hooks::EventKind::from_name(e).is_none())
+            {
+                return invalid(
+                    &format!("webhooks[{i}].events"),
+                    &format!(
+                        "unknown event {e:?} (client.connected, client.disconnected, \
+                         session.subscribed, session.unsubscribed, message.publish, \
+                         message.delivered, message.acked, message.dropped)"
+                    ),
+                );
+            }
+            if w.queue_size == 0 {
+                return invalid(&format!("webhooks[{i}].queue_size"), "must be at least 1");
             }
         }
         if let Some(h) = &self.auth.http {
@@ -1102,6 +1122,23 @@ persistence: { data_dir: /var/lib/corvid }
         )
         .expect_err("who");
         assert!(err.to_string().contains("acl.rules[0].who"), "{err}");
+    }
+
+    #[test]
+    fn bad_acl_and_webhook_events_are_named() {
+        let err = load_str(
+            "acl: { rules: [{ permission: deny, who: { ip_cidr: 10.0.0.0/40 }, topics: [x] }] }\n",
+            vec![],
+        )
+        .expect_err("cidr");
+        assert!(err.to_string().contains("acl.rules"), "{err}");
+        assert!(err.to_string().contains("10.0.0.0/40"), "{err}");
+        let err = load_str(
+            "webhooks: [{ url: \"http://x/\", events: [client.connect] }]\n",
+            vec![],
+        )
+        .expect_err("event");
+        assert!(err.to_string().contains("webhooks[0].events"), "{err}");
     }
 
     #[test]

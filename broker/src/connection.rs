@@ -15,15 +15,21 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use bytestring::ByteString;
 
+use crate::acl::{self, Action, ClientAcl};
+use crate::auth::{AuthDecision, ConnectCtx, Refusal};
 use crate::broker::{max_qos, Broker};
 use crate::codec::{
     self, Codec, ConnAckCode, ConnAckProps, Connect, Inbound, Outbound, Protocol, Publish, QoS,
-    Will,
+    SubOptions, Will,
 };
+use crate::config::{OverRate, Permission};
+use crate::hooks::{Event, EventKind};
+use crate::limits::ConnLimits;
 use crate::listener::transport::Transport;
 use crate::message::Message;
 use crate::session::{unix_now, ConnInfo, Inflight, InflightState, Kick, KickSlot, Session};
 use crate::topic;
+use crate::trace::{self, Dir};
 
 /// Bytes buffered for writing before the queue drain pauses to flush.
 const WRITE_BATCH: usize = 64 * 1024;
@@ -41,6 +47,25 @@ enum End {
     Protocol(u8, String),
     /// Someone else closed it.
     Kicked(Kick),
+    /// Over its message or byte rate with `over_rate: disconnect` (MQTT 5 reason 0x96).
+    RateLimited,
+}
+
+impl End {
+    /// The reason named in `client.disconnected` events and `$SYS`.
+    fn label(&self) -> &'static str {
+        match self {
+            End::ClientDisconnect { .. } => "normal",
+            End::Lost => "connection_lost",
+            End::KeepAlive => "keepalive_timeout",
+            End::Protocol(..) => "protocol_error",
+            End::Kicked(Kick::TakenOver) => "taken_over",
+            End::Kicked(Kick::Administrative) => "kicked",
+            End::Kicked(Kick::ShuttingDown) => "server_shutdown",
+            End::Kicked(Kick::UseAnotherServer(_)) => "use_another_server",
+            End::RateLimited => "rate_limited",
+        }
+    }
 }
 
 /// Serves one client connection from its first byte to its close.
@@ -104,12 +129,37 @@ pub async fn serve(
             return;
         }
     };
+    // Authenticate before anything else touches a session (here or, clustered, on another
+    // node): a refused client gets its CONNACK code and nothing more.
+    let extra_acl = match authenticate(&broker, &connect, peer).await {
+        Ok(rules) => rules,
+        Err((code, why)) => {
+            tracing::debug!(%peer, client_id = %connect.client_id, reason = why, "authentication failed");
+            broker
+                .metrics
+                .connections_refused
+                .with_label_values(&[why])
+                .inc();
+            let _ = codec.encode(
+                Outbound::ConnAck {
+                    session_present: false,
+                    code,
+                    props: Box::default(),
+                },
+                &mut wbuf,
+            );
+            let _ = transport.write_all(&wbuf).await;
+            return transport.close().await;
+        }
+    };
     // In a cluster the client id is unique cluster-wide: take the session from whichever node
     // holds it before answering CONNECT.
     broker
         .prepare_session(&connect.client_id, connect.clean_start)
         .await;
-    let mut conn = match Conn::accept(broker, codec, peer, listener, *connect, &mut wbuf) {
+    let mut conn = match Conn::accept(
+        broker, codec, peer, listener, *connect, extra_acl, &mut wbuf,
+    ) {
         Ok(c) => c,
         Err(()) => {
             let _ = transport.write_all(&wbuf).await;
@@ -118,6 +168,44 @@ pub async fn serve(
     };
     let end = conn.run(&mut transport, rbuf, wbuf).await;
     conn.finish(end, &mut transport).await;
+}
+
+/// Runs the authentication chain for a CONNECT (skipped when it admits everyone). On success
+/// returns the extra ACL rules for this connection; on refusal the CONNACK code and the
+/// `connections_refused` reason.
+async fn authenticate(
+    broker: &Broker,
+    c: &Connect,
+    peer: SocketAddr,
+) -> Result<Vec<acl::Rule>, (ConnAckCode, &'static str)> {
+    if broker.auth.is_open() {
+        return Ok(Vec::new());
+    }
+    let ctx = ConnectCtx {
+        client_id: &c.client_id,
+        username: c.username.as_deref(),
+        password: c.password.as_deref(),
+        peer,
+        protocol: c.protocol.label(),
+    };
+    match broker.auth.authenticate(&ctx).await {
+        AuthDecision::Allow { acl, .. } => Ok(acl),
+        AuthDecision::Deny(r) => Err(match r {
+            Refusal::BadCredentials => (ConnAckCode::BadCredentials, "bad_credentials"),
+            Refusal::NotAuthorized => (ConnAckCode::NotAuthorized, "not_authorized"),
+            Refusal::ClientIdNotAllowed => (ConnAckCode::ClientIdNotValid, "client_id_not_allowed"),
+            Refusal::BackendUnavailable => (ConnAckCode::NotAuthorized, "auth_backend_unavailable"),
+        }),
+    }
+}
+
+/// Writes what is buffered (acknowledgements of packets handled before an error go out
+/// first [MQTT-4.3.2-4, 4.3.3-8]), then hands back why the connection ends.
+async fn flush_then(t: &mut Transport, wbuf: &BytesMut, end: End) -> End {
+    if !wbuf.is_empty() {
+        let _ = t.write_all(wbuf).await;
+    }
+    end
 }
 
 /// Reads until one whole packet is decoded; `Ok(None)` if the peer closed first.
@@ -154,6 +242,12 @@ struct Conn {
     client_alias_max: u16,
     expiry_was_zero: bool,
     peer: SocketAddr,
+    /// What `$SYS` and hooks report about this connection.
+    info: ConnInfo,
+    /// This client's ACL, placeholders resolved at connect.
+    acl: ClientAcl,
+    /// Message and byte rate buckets.
+    limits: ConnLimits,
 }
 
 impl Conn {
@@ -165,6 +259,7 @@ impl Conn {
         peer: SocketAddr,
         listener: &'static str,
         c: Connect,
+        extra_acl: Vec<acl::Rule>,
         wbuf: &mut BytesMut,
     ) -> Result<Conn, ()> {
         let cfg = broker.config.clone();
@@ -237,17 +332,26 @@ impl Conn {
             server_keepalive = Some(keep_alive);
         }
         let kick = Arc::new(KickSlot::default());
+        let username = c.username.as_ref().map(|u| u.to_string());
+        let acl = broker.acl.for_client(
+            &acl::Client {
+                client_id: &client_id,
+                username: username.as_deref(),
+                ip: peer.ip(),
+            },
+            &extra_acl,
+        );
         let info = ConnInfo {
             id: broker.sessions.next_conn_id(),
             peer,
             listener,
             protocol,
             keep_alive,
-            username: c.username.as_ref().map(|u| u.to_string()),
+            username,
             connected_at: unix_now(),
             kick: kick.clone(),
         };
-        let opened = broker.open_session(&client_id, c.clean_start, expiry, info);
+        let opened = broker.open_session(&client_id, c.clean_start, expiry, info.clone());
         if let Some(max) = c.max_packet_size {
             codec.set_max_outbound(max);
         }
@@ -263,18 +367,23 @@ impl Conn {
             server_reference: None,
             reason_string: None,
         };
-        let _ = codec.encode(
-            Outbound::ConnAck {
-                session_present: opened.present,
-                code: ConnAckCode::Success,
-                props: Box::new(props),
-            },
-            wbuf,
-        );
+        let connack = Outbound::ConnAck {
+            session_present: opened.present,
+            code: ConnAckCode::Success,
+            props: Box::new(props),
+        };
+        if broker.tracer.is_traced(&client_id, None) {
+            let (line, _) = trace::summary_in(&Inbound::Connect(Box::new(c.clone())));
+            broker.tracer.record(&client_id, None, Dir::In, &line);
+            let (line, _) = trace::summary_out(&connack);
+            broker.tracer.record(&client_id, None, Dir::Out, &line);
+        }
+        let _ = codec.encode(connack, wbuf);
         broker.metrics.connections.inc();
         broker.metrics.connections_total.inc();
         tracing::debug!(%peer, client_id = %client_id, protocol = protocol.label(), present = opened.present, "client connected");
         let max_inflight = usize::from(c.receive_max.min(cfg.mqtt.receive_maximum).max(1));
+        let limits = ConnLimits::new(cfg.limits.message_rate(), cfg.limits.byte_rate());
         let mut conn = Conn {
             broker,
             codec,
@@ -295,11 +404,83 @@ impl Conn {
             },
             expiry_was_zero: expiry == 0,
             peer,
+            info,
+            acl,
+            limits,
         };
         if opened.present {
             conn.resend_inflight(wbuf);
         }
+        conn.auto_subscribe();
+        if conn.broker.hooks.wants(EventKind::ClientConnected) {
+            conn.broker.hooks.emit(Event::ClientConnected {
+                client_id: conn.client_id.to_string(),
+                username: conn.info.username.clone(),
+                peer: peer.to_string(),
+                protocol: protocol.label(),
+                keepalive: conn.info.keep_alive,
+                clean_start: c.clean_start,
+            });
+        }
+        crate::sys::client_connected(&conn.broker, &conn.client_id, &conn.info, c.clean_start);
         Ok(conn)
+    }
+
+    /// Subscribes the client to the configured `auto_subscriptions` (`%c` / `%u` substituted;
+    /// a `%u` topic is skipped for a client without a user name). They bypass the ACL: the
+    /// operator configured them.
+    fn auto_subscribe(&mut self) {
+        let broker = self.broker.clone();
+        for a in &broker.config.auto_subscriptions {
+            if a.topic.contains("%u") && self.info.username.is_none() {
+                continue;
+            }
+            let filter = a
+                .topic
+                .replace("%u", self.info.username.as_deref().unwrap_or(""))
+                .replace("%c", &self.client_id);
+            let qos = QoS::try_from(a.qos).unwrap_or(QoS::AtMostOnce);
+            match broker.subscribe(&self.session, &filter, SubOptions::qos(qos), None) {
+                Ok(granted) => {
+                    broker.metrics.auto_subscriptions.inc();
+                    self.subscribed_event(&filter, granted.value());
+                }
+                Err(e) => {
+                    tracing::warn!(client_id = %self.client_id, filter = %filter, error = %e, "auto-subscription refused");
+                }
+            }
+        }
+    }
+
+    fn subscribed_event(&self, filter: &str, qos: u8) {
+        if self.broker.hooks.wants(EventKind::SessionSubscribed) {
+            self.broker.hooks.emit(Event::SessionSubscribed {
+                client_id: self.client_id.to_string(),
+                username: self.info.username.clone(),
+                topic: filter.to_string(),
+                qos,
+            });
+        }
+    }
+
+    /// Encodes a packet for the client, tracing it first when a trace follows this client
+    /// (or the PUBLISH's `topic`, which may differ from the packet's when an alias is used).
+    fn send(
+        &mut self,
+        p: Outbound,
+        wbuf: &mut BytesMut,
+        topic: Option<&str>,
+    ) -> Result<(), codec::EncodeError> {
+        if self.broker.tracer.active() {
+            let (line, t) = trace::summary_out(&p);
+            let topic = topic.or(t.as_deref());
+            if self.broker.tracer.is_traced(&self.client_id, topic) {
+                self.broker
+                    .tracer
+                    .record(&self.client_id, topic, Dir::Out, &line);
+            }
+        }
+        self.codec.encode(p, wbuf)
     }
 
     /// Resends unacknowledged messages of a resumed session [MQTT-4.4.0-1].
@@ -328,10 +509,10 @@ impl Conn {
             match f.state {
                 InflightState::AwaitAck => {
                     let p = self.publish_packet(&f.delivery, Some(f.packet_id), true, now);
-                    let _ = self.codec.encode(p, wbuf);
+                    let _ = self.send(p, wbuf, Some(&f.delivery.msg.topic));
                 }
                 InflightState::AwaitComp => {
-                    let _ = self.codec.encode(Outbound::PubRel(f.packet_id, 0), wbuf);
+                    let _ = self.send(Outbound::PubRel(f.packet_id, 0), wbuf, None);
                 }
             }
         }
@@ -345,6 +526,8 @@ impl Conn {
         let far = Duration::from_secs(86400 * 365);
         let sleep = tokio::time::sleep(if ka.is_zero() { far } else { ka });
         tokio::pin!(sleep);
+        // While over its rate the client is not read from until this instant.
+        let mut paused: Option<tokio::time::Instant> = None;
         loop {
             let more = match self.drain(&mut wbuf) {
                 Ok(more) => more,
@@ -365,7 +548,7 @@ impl Conn {
             if more {
                 session.notify.notify_one();
             }
-            if rbuf.is_empty() && rbuf.capacity() > 0 && !more {
+            if rbuf.is_empty() && rbuf.capacity() > 0 && !more && paused.is_none() {
                 // Idle connections hold no read buffer.
                 rbuf = BytesMut::new();
             }
@@ -373,7 +556,7 @@ impl Conn {
                 biased;
                 k = kick.recv() => return End::Kicked(k),
                 _ = shutdown.cancelled() => return End::Kicked(Kick::ShuttingDown),
-                r = t.read(&mut rbuf) => {
+                r = t.read(&mut rbuf), if paused.is_none() => {
                     match r {
                         Ok(0) | Err(_) => return End::Lost,
                         Ok(n) => {
@@ -381,26 +564,80 @@ impl Conn {
                             if !ka.is_zero() {
                                 sleep.as_mut().reset(tokio::time::Instant::now() + ka);
                             }
-                            loop {
-                                let end = match self.codec.decode(&mut rbuf) {
-                                    Ok(Some(p)) => self.handle(p, &mut wbuf),
-                                    Ok(None) => break,
-                                    Err(e) => Some(End::Protocol(e.reason, e.message)),
-                                };
-                                if let Some(end) = end {
-                                    // Acknowledgements of packets handled before the error
-                                    // go out first [MQTT-4.3.2-4, 4.3.3-8].
-                                    if !wbuf.is_empty() {
-                                        let _ = t.write_all(&wbuf).await;
-                                    }
-                                    return end;
+                            let mut wait = None;
+                            if let Some(b) = self.limits.bytes.as_mut() {
+                                wait = b.take(n as u64, Instant::now());
+                                if wait.is_some() {
+                                    self.broker.metrics.throttled_bytes.inc();
                                 }
+                            }
+                            if wait.is_some()
+                                && self.broker.config.limits.over_rate == OverRate::Disconnect
+                            {
+                                return End::RateLimited;
+                            }
+                            match self.process(&mut rbuf, &mut wbuf) {
+                                Ok(w) => wait = wait.max(w),
+                                Err(end) => return flush_then(t, &wbuf, end).await,
+                            }
+                            paused = wait.map(|w| tokio::time::Instant::now() + w);
+                            if let (Some(until), false) = (paused, ka.is_zero()) {
+                                // Not reading is the broker's doing: keep alive waits too.
+                                sleep.as_mut().reset(until + ka);
                             }
                         }
                     }
                 }
+                _ = tokio::time::sleep_until(paused.unwrap_or_else(tokio::time::Instant::now)), if paused.is_some() => {
+                    // Back under the rate: finish what is buffered, then read again.
+                    if !ka.is_zero() {
+                        sleep.as_mut().reset(tokio::time::Instant::now() + ka);
+                    }
+                    match self.process(&mut rbuf, &mut wbuf) {
+                        Ok(w) => {
+                            paused = w.map(|w| tokio::time::Instant::now() + w);
+                            if let (Some(until), false) = (paused, ka.is_zero()) {
+                                sleep.as_mut().reset(until + ka);
+                            }
+                        }
+                        Err(end) => return flush_then(t, &wbuf, end).await,
+                    }
+                }
                 _ = session.notify.notified() => {}
                 _ = &mut sleep => return End::KeepAlive,
+            }
+        }
+    }
+
+    /// Decodes and handles the packets in `rbuf`. Stops early when the client goes over its
+    /// message rate, returning how long to stop reading (the rest stays buffered).
+    fn process(
+        &mut self,
+        rbuf: &mut BytesMut,
+        wbuf: &mut BytesMut,
+    ) -> Result<Option<Duration>, End> {
+        loop {
+            match self.codec.decode(rbuf) {
+                Ok(Some(p)) => {
+                    let mut wait = None;
+                    if let (Inbound::Publish(_), Some(b)) = (&p, self.limits.messages.as_mut()) {
+                        wait = b.take(1, Instant::now());
+                        if wait.is_some() {
+                            if self.broker.config.limits.over_rate == OverRate::Disconnect {
+                                return Err(End::RateLimited);
+                            }
+                            self.broker.metrics.throttled_messages.inc();
+                        }
+                    }
+                    if let Some(end) = self.handle(p, wbuf) {
+                        return Err(end);
+                    }
+                    if wait.is_some() {
+                        return Ok(wait);
+                    }
+                }
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(End::Protocol(e.reason, e.message)),
             }
         }
     }
@@ -442,7 +679,7 @@ impl Conn {
             };
             let aliases_before = self.aliases_out.len();
             let p = self.publish_packet(&d, packet_id, false, now);
-            if self.codec.encode(p, wbuf).is_err() {
+            if self.send(p, wbuf, Some(&d.msg.topic)).is_err() {
                 // Larger than the client's maximum packet size [MQTT-3.1.2-25]: drop it, and
                 // forget an alias it would have introduced (the client never learned it).
                 if self.aliases_out.len() > aliases_before {
@@ -452,6 +689,15 @@ impl Conn {
                 continue;
             }
             metrics.messages_sent.at(d.qos.value()).inc();
+            if broker.hooks.wants(EventKind::MessageDelivered) {
+                broker.hooks.emit(Event::MessageDelivered {
+                    client_id: self.client_id.to_string(),
+                    from_client_id: d.msg.publisher.to_string(),
+                    topic: d.msg.topic.to_string(),
+                    qos: d.qos.value(),
+                    payload: d.msg.payload.clone(),
+                });
+            }
             if let Some(packet_id) = packet_id {
                 st.inflight.push_back(Inflight {
                     packet_id,
@@ -506,16 +752,30 @@ impl Conn {
 
     /// Acts on one packet; `Some(end)` closes the connection.
     fn handle(&mut self, p: Inbound, wbuf: &mut BytesMut) -> Option<End> {
+        if self.broker.tracer.active() {
+            let (line, topic) = trace::summary_in(&p);
+            if self
+                .broker
+                .tracer
+                .is_traced(&self.client_id, topic.as_deref())
+            {
+                self.broker
+                    .tracer
+                    .record(&self.client_id, topic.as_deref(), Dir::In, &line);
+            }
+        }
         match p {
             Inbound::Publish(p) => return self.on_publish(*p, wbuf),
             Inbound::PubAck(id) => {
                 let mut st = self.session.state.lock();
-                if let Some(pos) = st
+                let acked = st
                     .inflight
                     .iter()
                     .position(|f| f.packet_id == id && f.state == InflightState::AwaitAck)
-                {
-                    st.inflight.remove(pos);
+                    .and_then(|pos| st.inflight.remove(pos));
+                drop(st);
+                if let Some(f) = acked {
+                    self.acked_event(&f);
                 }
             }
             Inbound::PubRec(id, rc) => {
@@ -530,28 +790,32 @@ impl Conn {
                             f.state = InflightState::AwaitComp;
                         }
                         drop(st);
-                        let _ = self.codec.encode(Outbound::PubRel(id, 0), wbuf);
+                        let _ = self.send(Outbound::PubRel(id, 0), wbuf, None);
                     }
                     None => {
                         drop(st);
-                        let _ = self.codec.encode(Outbound::PubRel(id, 0x92), wbuf);
+                        let _ = self.send(Outbound::PubRel(id, 0x92), wbuf, None);
                     }
                 }
             }
             Inbound::PubRel(id) => {
                 let known = self.session.state.lock().incoming_qos2.remove(&id.get());
-                let _ = self
-                    .codec
-                    .encode(Outbound::PubComp(id, if known { 0 } else { 0x92 }), wbuf);
+                let _ = self.send(
+                    Outbound::PubComp(id, if known { 0 } else { 0x92 }),
+                    wbuf,
+                    None,
+                );
             }
             Inbound::PubComp(id) => {
                 let mut st = self.session.state.lock();
-                if let Some(pos) = st
+                let acked = st
                     .inflight
                     .iter()
                     .position(|f| f.packet_id == id && f.state == InflightState::AwaitComp)
-                {
-                    st.inflight.remove(pos);
+                    .and_then(|pos| st.inflight.remove(pos));
+                drop(st);
+                if let Some(f) = acked {
+                    self.acked_event(&f);
                 }
             }
             Inbound::Subscribe {
@@ -576,33 +840,51 @@ impl Conn {
                         && count >= max_subs
                         && !self.session.state.lock().subscriptions.contains_key(&*raw)
                     {
+                        self.broker.metrics.subscriptions_refused.inc();
                         codes.push(if self.protocol.is_v5() { 0x97 } else { 0x80 });
                         continue;
                     }
+                    // The ACL sees the filter without any `$share/{group}/` prefix.
+                    let plain = topic::parse_filter(&raw).map_or(&*raw, |f| f.filter);
+                    if self.acl.check(Action::Subscribe, plain) == Permission::Deny {
+                        self.broker.metrics.acl.subscribe_deny.inc();
+                        tracing::debug!(client_id = %self.client_id, filter = %raw, "subscription denied by ACL");
+                        codes.push(if self.protocol.is_v5() { 0x87 } else { 0x80 });
+                        continue;
+                    }
+                    self.broker.metrics.acl.subscribe_allow.inc();
                     match self.broker.subscribe(&self.session, &raw, opts, sub_id) {
-                        Ok(q) => codes.push(q.value()),
+                        Ok(q) => {
+                            codes.push(q.value());
+                            self.subscribed_event(&raw, q.value());
+                        }
                         Err(_) => codes.push(if self.protocol.is_v5() { 0x8F } else { 0x80 }),
                     }
                 }
-                let _ = self.codec.encode(Outbound::SubAck(packet_id, codes), wbuf);
+                let _ = self.send(Outbound::SubAck(packet_id, codes), wbuf, None);
             }
             Inbound::Unsubscribe { packet_id, filters } => {
                 let codes = filters
                     .iter()
                     .map(|f| {
                         if self.broker.unsubscribe(&self.session, f) {
+                            if self.broker.hooks.wants(EventKind::SessionUnsubscribed) {
+                                self.broker.hooks.emit(Event::SessionUnsubscribed {
+                                    client_id: self.client_id.to_string(),
+                                    username: self.info.username.clone(),
+                                    topic: f.to_string(),
+                                });
+                            }
                             0x00
                         } else {
                             0x11
                         }
                     })
                     .collect();
-                let _ = self
-                    .codec
-                    .encode(Outbound::UnsubAck(packet_id, codes), wbuf);
+                let _ = self.send(Outbound::UnsubAck(packet_id, codes), wbuf, None);
             }
             Inbound::PingReq => {
-                let _ = self.codec.encode(Outbound::PingResp, wbuf);
+                let _ = self.send(Outbound::PingResp, wbuf, None);
             }
             Inbound::Disconnect {
                 reason,
@@ -686,6 +968,10 @@ impl Conn {
             return Some(End::Protocol(0x9A, "retain not supported".into()));
         }
         let packet_id = p.packet_id;
+        if self.acl.check(Action::Publish, &p.topic) == Permission::Deny {
+            return self.publish_denied(p, wbuf);
+        }
+        self.broker.metrics.acl.publish_allow.inc();
         if p.qos == QoS::ExactlyOnce {
             let Some(id) = packet_id else {
                 return Some(End::Protocol(0x82, "QoS 2 without packet id".into()));
@@ -694,7 +980,7 @@ impl Conn {
             if st.incoming_qos2.contains(&id.get()) {
                 // A resend of a message already routed: acknowledge again, don't deliver twice.
                 drop(st);
-                let _ = self.codec.encode(Outbound::PubRec(id, 0), wbuf);
+                let _ = self.send(Outbound::PubRec(id, 0), wbuf, None);
                 return None;
             }
             if st.incoming_qos2.len() >= usize::from(cfg.mqtt.receive_maximum) {
@@ -703,6 +989,16 @@ impl Conn {
             st.incoming_qos2.insert(id.get());
         }
         let qos = p.qos;
+        if self.broker.hooks.wants(EventKind::MessagePublish) {
+            self.broker.hooks.emit(Event::MessagePublish {
+                client_id: self.client_id.to_string(),
+                username: self.info.username.clone(),
+                topic: p.topic.to_string(),
+                qos: qos.value(),
+                retain: p.retain,
+                payload: p.payload.clone(),
+            });
+        }
         let msg = Arc::new(Message::new(
             p.topic,
             p.payload,
@@ -711,18 +1007,79 @@ impl Conn {
             p.properties,
             self.client_id.clone(),
         ));
-        let routed = self.broker.publish(msg);
+        let routed = if self.broker.hooks.wants(EventKind::MessageDropped) {
+            let (topic, publisher) = (msg.topic.clone(), msg.publisher.clone());
+            let n = self.broker.publish(msg);
+            if n == 0 {
+                self.broker.hooks.emit(Event::MessageDropped {
+                    from_client_id: publisher.to_string(),
+                    topic: topic.to_string(),
+                    qos: qos.value(),
+                    reason: "no_subscribers",
+                });
+            }
+            n
+        } else {
+            self.broker.publish(msg)
+        };
         let reason = if routed == 0 { 0x10 } else { 0x00 };
         match (qos, packet_id) {
             (QoS::AtLeastOnce, Some(id)) => {
-                let _ = self.codec.encode(Outbound::PubAck(id, reason), wbuf);
+                let _ = self.send(Outbound::PubAck(id, reason), wbuf, None);
             }
             (QoS::ExactlyOnce, Some(id)) => {
-                let _ = self.codec.encode(Outbound::PubRec(id, reason), wbuf);
+                let _ = self.send(Outbound::PubRec(id, reason), wbuf, None);
             }
             _ => {}
         }
         None
+    }
+
+    /// A PUBLISH the ACL refuses: MQTT 5 acknowledges it with 0x87 (Not authorized);
+    /// 3.1.1 has no way to say no, so it is acknowledged as usual and dropped.
+    fn publish_denied(&mut self, p: Publish, wbuf: &mut BytesMut) -> Option<End> {
+        self.broker.metrics.acl.publish_deny.inc();
+        self.broker.metrics.dropped("acl_denied");
+        tracing::debug!(client_id = %self.client_id, topic = %p.topic, "publish denied by ACL");
+        if self.broker.hooks.wants(EventKind::MessageDropped) {
+            self.broker.hooks.emit(Event::MessageDropped {
+                from_client_id: self.client_id.to_string(),
+                topic: p.topic.to_string(),
+                qos: p.qos.value(),
+                reason: "acl_denied",
+            });
+        }
+        let v5 = self.protocol.is_v5();
+        let rc = if v5 { 0x87 } else { 0x00 };
+        match (p.qos, p.packet_id) {
+            (QoS::AtLeastOnce, Some(id)) => {
+                let _ = self.send(Outbound::PubAck(id, rc), wbuf, None);
+            }
+            (QoS::ExactlyOnce, Some(id)) => {
+                if !v5 {
+                    // The 3.1.1 flow goes on to PUBREL/PUBCOMP.
+                    self.session.state.lock().incoming_qos2.insert(id.get());
+                }
+                let _ = self.send(Outbound::PubRec(id, rc), wbuf, None);
+            }
+            (QoS::ExactlyOnce, None) => {
+                return Some(End::Protocol(0x82, "QoS 2 without packet id".into()));
+            }
+            _ => {}
+        }
+        None
+    }
+
+    fn acked_event(&self, f: &Inflight) {
+        if self.broker.hooks.wants(EventKind::MessageAcked) {
+            self.broker.hooks.emit(Event::MessageAcked {
+                client_id: self.client_id.to_string(),
+                from_client_id: f.delivery.msg.publisher.to_string(),
+                topic: f.delivery.msg.topic.to_string(),
+                qos: f.delivery.qos.value(),
+                packet_id: f.packet_id.get(),
+            });
+        }
     }
 
     /// Closes the connection: DISCONNECT with a reason for MQTT 5 where one applies, the will
@@ -745,7 +1102,17 @@ impl Conn {
             End::Kicked(Kick::Administrative) => (Some(0x98), None, true),
             End::Kicked(Kick::ShuttingDown) => (Some(0x8B), None, true),
             End::Kicked(Kick::UseAnotherServer(r)) => (Some(0x9C), r.clone(), true),
+            End::RateLimited => {
+                self.broker.metrics.rate_disconnects.inc();
+                (Some(0x96), None, true)
+            }
         };
+        if self.broker.tracer.is_traced(&self.client_id, None) {
+            let line = format!("CLOSE reason={}", end.label());
+            self.broker
+                .tracer
+                .record(&self.client_id, None, Dir::Out, &line);
+        }
         if let (Some(code), true) = (reason, self.protocol.is_v5()) {
             let mut buf = BytesMut::new();
             if self
@@ -766,7 +1133,15 @@ impl Conn {
             .await
             .ok();
         self.broker.metrics.connections.dec();
-        if let (true, Some(will)) = (publish_will, self.will.take()) {
+        let will = self.will.take().filter(|w| {
+            let ok = self.acl.check(Action::Publish, &w.topic) == Permission::Allow;
+            if !ok {
+                self.broker.metrics.acl.publish_deny.inc();
+                self.broker.metrics.dropped("acl_denied");
+            }
+            ok
+        });
+        if let (true, Some(will)) = (publish_will, will) {
             self.broker.schedule_will(
                 will,
                 self.client_id.clone(),
@@ -775,6 +1150,15 @@ impl Conn {
             );
         }
         self.broker.close_session(&self.session, self.generation);
+        if self.broker.hooks.wants(EventKind::ClientDisconnected) {
+            self.broker.hooks.emit(Event::ClientDisconnected {
+                client_id: self.client_id.to_string(),
+                username: self.info.username.clone(),
+                peer: self.peer.to_string(),
+                reason: end.label(),
+            });
+        }
+        crate::sys::client_disconnected(&self.broker, &self.client_id, &self.info, end.label());
         tracing::debug!(peer = %self.peer, client_id = %self.client_id, end = ?end, "client disconnected");
     }
 }

@@ -2,12 +2,16 @@
 //! with the wire codec behind [`codec`]. The binary `corvid-broker` wires it up; tests and the
 //! cluster layer use the library directly.
 
+pub mod acl;
 pub mod admin;
+pub mod auth;
 pub mod broker;
 pub mod cluster;
 pub mod codec;
 pub mod config;
 pub mod connection;
+pub mod hooks;
+pub mod limits;
 pub mod listener;
 pub mod message;
 pub mod metrics;
@@ -15,7 +19,9 @@ pub mod retained;
 pub mod router;
 pub mod server;
 pub mod session;
+pub mod sys;
 pub mod topic;
+pub mod trace;
 
 pub use broker::Broker;
 pub use config::Config;

@@ -1,4 +1,7 @@
-//! `corvid-broker`: the command line — serve, check or print the configuration.
+//! `corvid-broker`: the command line — serve, check or print the configuration, drive a
+//! running broker through its admin API (`ctl`), hash passwords for the users file (`passwd`).
+
+mod ctl;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -23,6 +26,13 @@ enum Command {
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
+    },
+    /// Inspect and operate a running broker through its admin API.
+    Ctl(ctl::CtlArgs),
+    /// Read a password from stdin and print a `USERNAME:$argon2id$...` line for the users file.
+    Passwd {
+        /// The user name.
+        username: String,
     },
 }
 
@@ -93,7 +103,27 @@ fn main() -> anyhow::Result<()> {
             }
         },
         Command::Serve(args) => serve(args),
+        Command::Ctl(args) => ctl::run(args),
+        Command::Passwd { username } => passwd(&username),
     }
+}
+
+fn passwd(username: &str) -> anyhow::Result<()> {
+    if username.is_empty() || username.contains(':') {
+        anyhow::bail!("the user name must be non-empty and contain no ':'");
+    }
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("cannot read the password from stdin")?;
+    let password = line.trim_end_matches(['\n', '\r']);
+    if password.is_empty() {
+        anyhow::bail!("empty password on stdin");
+    }
+    let hash = corvid_broker::auth::users::hash_password(password.as_bytes())
+        .map_err(|e| anyhow::anyhow!("cannot hash the password: {e}"))?;
+    println!("{username}:{hash}");
+    Ok(())
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {

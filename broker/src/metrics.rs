@@ -67,6 +67,63 @@ pub struct Metrics {
     pub wills_published: IntCounter,
     /// TLS certificate reloads.
     pub tls_reloads: IntCounter,
+    /// Authentication outcomes.
+    pub auth: AuthCounters,
+    /// ACL decisions.
+    pub acl: AclCounters,
+    /// Connections slowed down by `limits.message_rate` (each pause counts once).
+    pub throttled_messages: IntCounter,
+    /// Connections slowed down by `limits.byte_rate` (each pause counts once).
+    pub throttled_bytes: IntCounter,
+    /// Connections closed for exceeding their rate (`over_rate: disconnect`).
+    pub rate_disconnects: IntCounter,
+    /// Subscriptions refused by `limits.max_subscriptions`.
+    pub subscriptions_refused: IntCounter,
+    /// Auto-subscriptions made on connect.
+    pub auto_subscriptions: IntCounter,
+    /// Webhook events posted, by webhook name.
+    pub webhook_delivered: IntCounterVec,
+    /// Webhook events that failed after all retries, by webhook name.
+    pub webhook_failed: IntCounterVec,
+    /// Webhook events dropped because the webhook's queue was full, by webhook name.
+    pub webhook_dropped: IntCounterVec,
+    /// Traces started.
+    pub traces_started: IntCounter,
+    /// Traces running now.
+    pub traces_active: IntGauge,
+}
+
+/// Authentication outcomes, resolved once (`corvid_auth_total{result,reason}`).
+#[derive(Debug, Clone)]
+pub struct AuthCounters {
+    /// Accepted by the users file.
+    pub success_users_file: IntCounter,
+    /// Accepted by the HTTP backend.
+    pub success_http: IntCounter,
+    /// Accepted as anonymous (no source decided).
+    pub success_anonymous: IntCounter,
+    /// Wrong user name or password.
+    pub bad_credentials: IntCounter,
+    /// Refused: anonymous not allowed, or the backend said no.
+    pub not_authorized: IntCounter,
+    /// Client id not on the allow list.
+    pub client_id_not_allowed: IntCounter,
+    /// The HTTP backend could not be asked (timeout, error); fail-closed refusals and
+    /// fail-open admissions both count here.
+    pub backend_error: IntCounter,
+}
+
+/// ACL decisions, resolved once (`corvid_acl_total{action,permission}`).
+#[derive(Debug, Clone)]
+pub struct AclCounters {
+    /// PUBLISH allowed.
+    pub publish_allow: IntCounter,
+    /// PUBLISH denied.
+    pub publish_deny: IntCounter,
+    /// SUBSCRIBE allowed.
+    pub subscribe_allow: IntCounter,
+    /// SUBSCRIBE denied.
+    pub subscribe_deny: IntCounter,
 }
 
 impl Metrics {
@@ -98,6 +155,21 @@ impl Metrics {
             "corvid_messages_sent_total",
             "PUBLISH packets sent to clients",
             "qos",
+        )?;
+        let auth = IntCounterVec::new(
+            Opts::new("corvid_auth_total", "Authentication outcomes"),
+            &["result", "reason"],
+        )?;
+        registry.register(Box::new(auth.clone()))?;
+        let acl = IntCounterVec::new(
+            Opts::new("corvid_acl_total", "ACL decisions"),
+            &["action", "permission"],
+        )?;
+        registry.register(Box::new(acl.clone()))?;
+        let throttled = vec(
+            "corvid_throttled_total",
+            "Times a connection was paused for exceeding its rate",
+            "limit",
         )?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
@@ -144,6 +216,53 @@ impl Metrics {
             sessions_expired: counter("corvid_sessions_expired_total", "Sessions expired")?,
             wills_published: counter("corvid_wills_published_total", "Will messages published")?,
             tls_reloads: counter("corvid_tls_reloads_total", "TLS certificate reloads")?,
+            auth: AuthCounters {
+                success_users_file: auth.with_label_values(&["success", "users_file"]),
+                success_http: auth.with_label_values(&["success", "http"]),
+                success_anonymous: auth.with_label_values(&["success", "anonymous"]),
+                bad_credentials: auth.with_label_values(&["failure", "bad_credentials"]),
+                not_authorized: auth.with_label_values(&["failure", "not_authorized"]),
+                client_id_not_allowed: auth
+                    .with_label_values(&["failure", "client_id_not_allowed"]),
+                backend_error: auth.with_label_values(&["failure", "backend_error"]),
+            },
+            acl: AclCounters {
+                publish_allow: acl.with_label_values(&["publish", "allow"]),
+                publish_deny: acl.with_label_values(&["publish", "deny"]),
+                subscribe_allow: acl.with_label_values(&["subscribe", "allow"]),
+                subscribe_deny: acl.with_label_values(&["subscribe", "deny"]),
+            },
+            throttled_messages: throttled.with_label_values(&["message_rate"]),
+            throttled_bytes: throttled.with_label_values(&["byte_rate"]),
+            rate_disconnects: counter(
+                "corvid_rate_limit_disconnects_total",
+                "Connections closed for exceeding their message or byte rate",
+            )?,
+            subscriptions_refused: counter(
+                "corvid_subscriptions_refused_total",
+                "Subscriptions refused by limits.max_subscriptions",
+            )?,
+            auto_subscriptions: counter(
+                "corvid_auto_subscriptions_total",
+                "Subscriptions made by the server on connect",
+            )?,
+            webhook_delivered: vec(
+                "corvid_webhook_delivered_total",
+                "Webhook events posted successfully",
+                "webhook",
+            )?,
+            webhook_failed: vec(
+                "corvid_webhook_failed_total",
+                "Webhook events given up after all retries",
+                "webhook",
+            )?,
+            webhook_dropped: vec(
+                "corvid_webhook_dropped_total",
+                "Webhook events dropped because the webhook's queue was full",
+                "webhook",
+            )?,
+            traces_started: counter("corvid_traces_started_total", "Traces started")?,
+            traces_active: gauge("corvid_traces_active", "Traces running")?,
             registry,
         })
     }

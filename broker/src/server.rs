@@ -33,6 +33,9 @@ pub enum StartError {
     /// The cluster layer could not start.
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
+    /// The configuration could not be turned into broker state (auth, ACL, webhooks).
+    #[error(transparent)]
+    Setup(#[from] crate::broker::BrokerError),
 }
 
 /// A started broker.
@@ -50,6 +53,8 @@ pub struct Running {
 /// Binds everything and starts serving.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let broker = Broker::new(config)?;
+    broker.hooks.start(&broker.shutdown);
+    crate::sys::start(broker.clone());
     let mut tasks = JoinSet::new();
     let mut addrs = HashMap::new();
     let count = Arc::new(ConnCount::default());

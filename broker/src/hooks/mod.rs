@@ -1,0 +1,451 @@
+//! Event hooks: what happens to clients, sessions and messages, delivered as JSON to the
+//! configured webhooks without ever slowing the message flow.
+//!
+//! [`Hooks::emit`] never blocks and never waits: each webhook has its own bounded queue and
+//! worker task; when a queue is full the event is dropped for that webhook, counted and
+//! logged. Callers ask [`Hooks::wants`] (one bit test) before building an event, so a broker
+//! without webhooks pays nothing per message.
+
+mod webhook;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use prometheus::IntCounter;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::WebhookConfig;
+use crate::metrics::Metrics;
+use crate::topic;
+
+/// Kinds of events, by the names used in configuration and payloads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// A client connected.
+    ClientConnected = 0,
+    /// A client disconnected.
+    ClientDisconnected = 1,
+    /// A subscription was added.
+    SessionSubscribed = 2,
+    /// A subscription was removed.
+    SessionUnsubscribed = 3,
+    /// A client published a message.
+    MessagePublish = 4,
+    /// A message was sent to a subscriber.
+    MessageDelivered = 5,
+    /// A subscriber acknowledged a QoS 1/2 message.
+    MessageAcked = 6,
+    /// A message was dropped (no subscribers, ACL, full queue...).
+    MessageDropped = 7,
+}
+
+impl EventKind {
+    /// Every kind.
+    pub const ALL: [EventKind; 8] = [
+        EventKind::ClientConnected,
+        EventKind::ClientDisconnected,
+        EventKind::SessionSubscribed,
+        EventKind::SessionUnsubscribed,
+        EventKind::MessagePublish,
+        EventKind::MessageDelivered,
+        EventKind::MessageAcked,
+        EventKind::MessageDropped,
+    ];
+
+    /// The configuration / payload name.
+    pub fn name(self) -> &'static str {
+        match self {
+            EventKind::ClientConnected => "client.connected",
+            EventKind::ClientDisconnected => "client.disconnected",
+            EventKind::SessionSubscribed => "session.subscribed",
+            EventKind::SessionUnsubscribed => "session.unsubscribed",
+            EventKind::MessagePublish => "message.publish",
+            EventKind::MessageDelivered => "message.delivered",
+            EventKind::MessageAcked => "message.acked",
+            EventKind::MessageDropped => "message.dropped",
+        }
+    }
+
+    /// Parses a configured name.
+    pub fn from_name(s: &str) -> Option<EventKind> {
+        Self::ALL.into_iter().find(|k| k.name() == s)
+    }
+
+    fn bit(self) -> u16 {
+        1 << (self as u16)
+    }
+}
+
+/// One event.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// `client.connected`.
+    ClientConnected {
+        /// Client id.
+        client_id: String,
+        /// User name.
+        username: Option<String>,
+        /// Address.
+        peer: String,
+        /// `3.1.1` / `5.0`.
+        protocol: &'static str,
+        /// Keep alive, seconds.
+        keepalive: u16,
+        /// Clean start / clean session.
+        clean_start: bool,
+    },
+    /// `client.disconnected`.
+    ClientDisconnected {
+        /// Client id.
+        client_id: String,
+        /// User name.
+        username: Option<String>,
+        /// Address.
+        peer: String,
+        /// Why.
+        reason: &'static str,
+    },
+    /// `session.subscribed`.
+    SessionSubscribed {
+        /// Client id.
+        client_id: String,
+        /// User name.
+        username: Option<String>,
+        /// Filter as subscribed.
+        topic: String,
+        /// Granted QoS.
+        qos: u8,
+    },
+    /// `session.unsubscribed`.
+    SessionUnsubscribed {
+        /// Client id.
+        client_id: String,
+        /// User name.
+        username: Option<String>,
+        /// Filter.
+        topic: String,
+    },
+    /// `message.publish`.
+    MessagePublish {
+        /// Publisher.
+        client_id: String,
+        /// Publisher's user name.
+        username: Option<String>,
+        /// Topic.
+        topic: String,
+        /// QoS.
+        qos: u8,
+        /// Retain flag.
+        retain: bool,
+        /// Payload.
+        payload: Bytes,
+    },
+    /// `message.delivered`.
+    MessageDelivered {
+        /// Receiving client.
+        client_id: String,
+        /// Publisher.
+        from_client_id: String,
+        /// Topic.
+        topic: String,
+        /// QoS it was sent with.
+        qos: u8,
+        /// Payload.
+        payload: Bytes,
+    },
+    /// `message.acked`.
+    MessageAcked {
+        /// Receiving client.
+        client_id: String,
+        /// Publisher.
+        from_client_id: String,
+        /// Topic.
+        topic: String,
+        /// QoS.
+        qos: u8,
+        /// Packet id acknowledged.
+        packet_id: u16,
+    },
+    /// `message.dropped`.
+    MessageDropped {
+        /// Publisher.
+        from_client_id: String,
+        /// Topic.
+        topic: String,
+        /// QoS.
+        qos: u8,
+        /// Why: `no_subscribers`, `acl_denied`, `queue_full`.
+        reason: &'static str,
+    },
+}
+
+impl Event {
+    /// The event's kind.
+    pub fn kind(&self) -> EventKind {
+        match self {
+            Event::ClientConnected { .. } => EventKind::ClientConnected,
+            Event::ClientDisconnected { .. } => EventKind::ClientDisconnected,
+            Event::SessionSubscribed { .. } => EventKind::SessionSubscribed,
+            Event::SessionUnsubscribed { .. } => EventKind::SessionUnsubscribed,
+            Event::MessagePublish { .. } => EventKind::MessagePublish,
+            Event::MessageDelivered { .. } => EventKind::MessageDelivered,
+            Event::MessageAcked { .. } => EventKind::MessageAcked,
+            Event::MessageDropped { .. } => EventKind::MessageDropped,
+        }
+    }
+
+    /// The topic of a message or subscription event.
+    pub fn topic(&self) -> Option<&str> {
+        match self {
+            Event::SessionSubscribed { topic, .. }
+            | Event::SessionUnsubscribed { topic, .. }
+            | Event::MessagePublish { topic, .. }
+            | Event::MessageDelivered { topic, .. }
+            | Event::MessageAcked { topic, .. }
+            | Event::MessageDropped { topic, .. } => Some(topic),
+            _ => None,
+        }
+    }
+
+    /// The JSON body posted to webhooks: `event`, `node`, `timestamp` (ms since the epoch)
+    /// and the event's own fields.
+    pub fn to_json(&self, node: &str, timestamp_ms: u64) -> Value {
+        let mut v = match self {
+            Event::ClientConnected {
+                client_id,
+                username,
+                peer,
+                protocol,
+                keepalive,
+                clean_start,
+            } => json!({
+                "client_id": client_id, "username": username, "peer": peer,
+                "protocol": protocol, "keepalive": keepalive, "clean_start": clean_start,
+            }),
+            Event::ClientDisconnected {
+                client_id,
+                username,
+                peer,
+                reason,
+            } => json!({
+                "client_id": client_id, "username": username, "peer": peer, "reason": reason,
+            }),
+            Event::SessionSubscribed {
+                client_id,
+                username,
+                topic,
+                qos,
+            } => json!({"client_id": client_id, "username": username, "topic": topic, "qos": qos}),
+            Event::SessionUnsubscribed {
+                client_id,
+                username,
+                topic,
+            } => json!({"client_id": client_id, "username": username, "topic": topic}),
+            Event::MessagePublish {
+                client_id,
+                username,
+                topic,
+                qos,
+                retain,
+                payload,
+            } => {
+                let mut v = json!({
+                    "client_id": client_id, "username": username, "topic": topic,
+                    "qos": qos, "retain": retain,
+                });
+                put_payload(&mut v, payload);
+                v
+            }
+            Event::MessageDelivered {
+                client_id,
+                from_client_id,
+                topic,
+                qos,
+                payload,
+            } => {
+                let mut v = json!({
+                    "client_id": client_id, "from_client_id": from_client_id,
+                    "topic": topic, "qos": qos,
+                });
+                put_payload(&mut v, payload);
+                v
+            }
+            Event::MessageAcked {
+                client_id,
+                from_client_id,
+                topic,
+                qos,
+                packet_id,
+            } => json!({
+                "client_id": client_id, "from_client_id": from_client_id,
+                "topic": topic, "qos": qos, "packet_id": packet_id,
+            }),
+            Event::MessageDropped {
+                from_client_id,
+                topic,
+                qos,
+                reason,
+            } => json!({
+                "from_client_id": from_client_id, "topic": topic, "qos": qos, "reason": reason,
+            }),
+        };
+        v["event"] = json!(self.kind().name());
+        v["node"] = json!(node);
+        v["timestamp"] = json!(timestamp_ms);
+        v
+    }
+}
+
+/// Payloads go as UTF-8 text when they are, else base64 with `payload_encoding: base64`.
+fn put_payload(v: &mut Value, payload: &Bytes) {
+    match std::str::from_utf8(payload) {
+        Ok(s) => {
+            v["payload"] = json!(s);
+            v["payload_encoding"] = json!("plain");
+        }
+        Err(_) => {
+            use base64::Engine;
+            v["payload"] = json!(base64::engine::general_purpose::STANDARD.encode(payload));
+            v["payload_encoding"] = json!("base64");
+        }
+    }
+}
+
+/// Why hooks could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    /// Unknown event name in `webhooks[i].events`.
+    #[error("webhooks[{index}].events: unknown event {name:?}")]
+    UnknownEvent {
+        /// Webhook position.
+        index: usize,
+        /// The name.
+        name: String,
+    },
+    /// The HTTP client could not be built.
+    #[error("webhooks[{index}]: {reason}")]
+    Client {
+        /// Webhook position.
+        index: usize,
+        /// Why.
+        reason: String,
+    },
+}
+
+struct Sink {
+    name: String,
+    mask: u16,
+    topic: Option<String>,
+    tx: mpsc::Sender<Arc<Event>>,
+    dropped: IntCounter,
+    dropped_n: AtomicU64,
+}
+
+impl std::fmt::Debug for Sink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sink").field("name", &self.name).finish()
+    }
+}
+
+/// The configured webhooks.
+#[derive(Debug)]
+pub struct Hooks {
+    mask: u16,
+    sinks: Vec<Sink>,
+    pending: Mutex<Vec<webhook::Worker>>,
+}
+
+impl Hooks {
+    /// Sets up one queue per webhook; workers start with [`Hooks::start`].
+    pub fn new(cfg: &[WebhookConfig], node: &str, metrics: &Metrics) -> Result<Self, HookError> {
+        let mut sinks = Vec::new();
+        let mut workers = Vec::new();
+        let mut all = 0u16;
+        for (index, w) in cfg.iter().enumerate() {
+            let mut mask = 0u16;
+            for e in &w.events {
+                let k = EventKind::from_name(e).ok_or_else(|| HookError::UnknownEvent {
+                    index,
+                    name: e.clone(),
+                })?;
+                mask |= k.bit();
+            }
+            if w.events.is_empty() {
+                mask = u16::MAX;
+            }
+            let name = if w.name.is_empty() {
+                format!("webhook-{index}")
+            } else {
+                w.name.clone()
+            };
+            let (tx, rx) = mpsc::channel(w.queue_size.max(1));
+            workers.push(
+                webhook::Worker::new(w, name.clone(), node.to_string(), rx, metrics)
+                    .map_err(|reason| HookError::Client { index, reason })?,
+            );
+            sinks.push(Sink {
+                dropped: metrics.webhook_dropped.with_label_values(&[&name]),
+                name,
+                mask,
+                topic: w.topic.clone(),
+                tx,
+                dropped_n: AtomicU64::new(0),
+            });
+            all |= mask;
+        }
+        Ok(Hooks {
+            mask: all,
+            sinks,
+            pending: Mutex::new(workers),
+        })
+    }
+
+    /// Starts the worker tasks (needs a tokio runtime); they stop at `shutdown`.
+    pub fn start(&self, shutdown: &CancellationToken) {
+        for w in self.pending.lock().drain(..) {
+            tokio::spawn(w.run(shutdown.clone()));
+        }
+    }
+
+    /// Whether any webhook wants events of `kind`: check before building one.
+    #[inline]
+    pub fn wants(&self, kind: EventKind) -> bool {
+        self.mask & kind.bit() != 0
+    }
+
+    /// Queues `ev` for every webhook that wants it. Never blocks: a full queue drops the
+    /// event for that webhook, counted in `corvid_webhook_dropped_total` and logged.
+    pub fn emit(&self, ev: Event) {
+        let bit = ev.kind().bit();
+        let ev = Arc::new(ev);
+        for s in &self.sinks {
+            if s.mask & bit == 0 {
+                continue;
+            }
+            if let (Some(f), Some(t)) = (&s.topic, ev.topic()) {
+                if !topic::matches(f, t) {
+                    continue;
+                }
+            }
+            if s.tx.try_send(ev.clone()).is_err() {
+                s.dropped.inc();
+                let n = s.dropped_n.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    tracing::warn!(webhook = %s.name, dropped = n, event = ev.kind().name(), "webhook queue full; dropping events");
+                }
+            }
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}

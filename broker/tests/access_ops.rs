@@ -1,0 +1,536 @@
+//! Operations over real sockets: webhook payloads at a local HTTP sink (and a dead sink not
+//! slowing publishers, measured), `$SYS` content, trace files, the admin API and the
+//! `corvid-broker ctl` / `passwd` command lines.
+
+mod access_support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use access_support::*;
+use corvid_broker::config::WebhookConfig;
+use serde_json::Value;
+
+fn ok_sink() -> Responder {
+    Arc::new(|_: &Value| (200, String::new(), None))
+}
+
+async fn wait_event(sink: &HttpServer, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+    eventually(what, || async { sink.find(&f) }).await
+}
+
+#[tokio::test]
+async fn webhook_payloads_for_every_event() {
+    let all = HttpServer::start(ok_sink()).await;
+    let filtered = HttpServer::start(ok_sink()).await;
+    let mut c = config();
+    c.webhooks = vec![
+        WebhookConfig {
+            name: "all".into(),
+            url: all.url(),
+            ..Default::default()
+        },
+        WebhookConfig {
+            name: "only-pub".into(),
+            url: filtered.url(),
+            events: vec!["message.publish".into()],
+            topic: Some("only/#".into()),
+            ..Default::default()
+        },
+    ];
+    let r = start(c).await;
+    let a = mqtt(&r);
+    let mut sub = v5::connect(a, "hook-sub", Some(("ann", "x")))
+        .await
+        .expect("sub");
+    sub.subscribe("t/#", v5::QoS::AtLeastOnce).await;
+    let publisher = v3::connect(a, "hook-pub", None).await.expect("pub");
+    publisher
+        .client
+        .publish("t/1", v3::QoS::AtLeastOnce, false, "hello")
+        .await
+        .expect("publish");
+    sub.publish_in().await;
+    publisher
+        .client
+        .publish("only/x", v3::QoS::AtMostOnce, false, vec![0xff, 0x00])
+        .await
+        .expect("publish");
+    sub.client.unsubscribe("t/#").await.expect("unsubscribe");
+    sub.next("UNSUBACK", |p| {
+        matches!(p, v5::Packet::UnsubAck(_)).then_some(())
+    })
+    .await;
+    sub.client.disconnect().await.expect("disconnect");
+
+    let e = wait_event(&all, "client.connected", |v| {
+        v["event"] == "client.connected" && v["client_id"] == "hook-sub"
+    })
+    .await;
+    assert_eq!(e["username"], "ann");
+    assert_eq!(e["protocol"], "5.0");
+    assert_eq!(e["keepalive"], 30);
+    assert_eq!(e["node"], "n1");
+    assert!(e["peer"]
+        .as_str()
+        .is_some_and(|p| p.starts_with("127.0.0.1:")));
+    assert!(e["timestamp"]
+        .as_u64()
+        .is_some_and(|t| t > 1_600_000_000_000));
+    let e = wait_event(&all, "session.subscribed", |v| {
+        v["event"] == "session.subscribed"
+    })
+    .await;
+    assert_eq!(
+        (
+            e["client_id"].as_str(),
+            e["topic"].as_str(),
+            e["qos"].as_u64()
+        ),
+        (Some("hook-sub"), Some("t/#"), Some(1))
+    );
+    let e = wait_event(&all, "message.publish", |v| {
+        v["event"] == "message.publish" && v["topic"] == "t/1"
+    })
+    .await;
+    assert_eq!(e["client_id"], "hook-pub");
+    assert_eq!(e["payload"], "hello");
+    assert_eq!(e["payload_encoding"], "plain");
+    assert_eq!(e["qos"], 1);
+    let e = wait_event(&all, "message.delivered", |v| {
+        v["event"] == "message.delivered"
+    })
+    .await;
+    assert_eq!(
+        (e["client_id"].as_str(), e["from_client_id"].as_str()),
+        (Some("hook-sub"), Some("hook-pub"))
+    );
+    let e = wait_event(&all, "message.acked", |v| v["event"] == "message.acked").await;
+    assert_eq!(
+        (e["client_id"].as_str(), e["topic"].as_str()),
+        (Some("hook-sub"), Some("t/1"))
+    );
+    let e = wait_event(&all, "message.dropped", |v| v["event"] == "message.dropped").await;
+    assert_eq!(
+        (e["topic"].as_str(), e["reason"].as_str()),
+        (Some("only/x"), Some("no_subscribers"))
+    );
+    let e = wait_event(&all, "session.unsubscribed", |v| {
+        v["event"] == "session.unsubscribed"
+    })
+    .await;
+    assert_eq!(e["topic"], "t/#");
+    let e = wait_event(&all, "client.disconnected", |v| {
+        v["event"] == "client.disconnected" && v["client_id"] == "hook-sub"
+    })
+    .await;
+    assert_eq!(e["reason"], "normal");
+
+    // The filtered webhook got only message.publish on only/#, binary payload as base64.
+    let e = wait_event(&filtered, "filtered publish", |v| v["topic"] == "only/x").await;
+    assert_eq!(e["payload"], "/wA=");
+    assert_eq!(e["payload_encoding"], "base64");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(filtered.count(), 1, "{:?}", filtered.bodies.lock());
+    assert!(metric(&r, "corvid_webhook_delivered_total", &[r#"webhook="all""#]).await >= 9.0);
+}
+
+/// Publishes `n` QoS 1 messages and waits until the subscriber has them all.
+async fn publish_round(r: &corvid_broker::server::Running, n: usize) -> Duration {
+    let a = mqtt(r);
+    let mut sub = v3::connect(a, "m-sub", None).await.expect("sub");
+    sub.subscribe("m/#", v3::QoS::AtLeastOnce).await;
+    let publisher = v3::connect(a, "m-pub", None).await.expect("pub");
+    let t0 = Instant::now();
+    let p = publisher.client.clone();
+    tokio::spawn(async move {
+        for i in 0..n {
+            if p.publish("m/t", v3::QoS::AtLeastOnce, false, format!("{i}"))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    for _ in 0..n {
+        sub.publish_in().await;
+    }
+    t0.elapsed()
+}
+
+#[tokio::test]
+async fn dead_webhook_does_not_slow_publishers() {
+    const N: usize = 1000;
+    let baseline = publish_round(&start(config()).await, N).await;
+
+    // A sink that accepts connections and never answers in time.
+    let dead = HttpServer::start(Arc::new(|_: &Value| {
+        (200, String::new(), Some(Duration::from_secs(60)))
+    }))
+    .await;
+    let mut c = config();
+    c.webhooks = vec![WebhookConfig {
+        name: "dead".into(),
+        url: dead.url(),
+        timeout_ms: 10_000,
+        queue_size: 10,
+        max_retries: 2,
+        ..Default::default()
+    }];
+    let r = start(c).await;
+    let with_dead = publish_round(&r, N).await;
+    eprintln!("baseline {baseline:?}, with a dead webhook {with_dead:?}");
+    assert!(
+        with_dead < baseline * 3 + Duration::from_secs(1),
+        "baseline {baseline:?}, with a dead webhook {with_dead:?}"
+    );
+    // Nearly everything (publish, delivered, acked per message) was dropped for that
+    // webhook, and counted.
+    let dropped = metric(&r, "corvid_webhook_dropped_total", &[r#"webhook="dead""#]).await;
+    assert!(dropped >= (3 * N - 20) as f64, "dropped {dropped}");
+}
+
+#[tokio::test]
+async fn sys_topics() {
+    let mut c = config();
+    c.sys.enabled = true;
+    c.sys.interval = 1;
+    let r = start(c).await;
+    let a = mqtt(&r);
+    let mut dash = v5::connect(a, "dash", None).await.expect("dash");
+    dash.subscribe("$SYS/#", v5::QoS::AtMostOnce).await;
+    let mut seen = std::collections::HashMap::new();
+    let want = [
+        "$SYS/brokers",
+        "$SYS/brokers/n1/version",
+        "$SYS/brokers/n1/uptime",
+        "$SYS/brokers/n1/stats/connections/count",
+        "$SYS/brokers/n1/stats/sessions/count",
+        "$SYS/brokers/n1/stats/subscriptions/count",
+        "$SYS/brokers/n1/stats/topics/count",
+        "$SYS/brokers/n1/metrics/messages/received",
+        "$SYS/brokers/n1/metrics/messages/sent",
+        "$SYS/brokers/n1/metrics/messages/dropped",
+    ];
+    while !want.iter().all(|w| seen.contains_key(*w)) {
+        let (t, p) = dash.publish_in().await;
+        seen.insert(t, String::from_utf8_lossy(&p).into_owned());
+    }
+    assert_eq!(seen["$SYS/brokers"], "n1");
+    assert_eq!(seen["$SYS/brokers/n1/version"], env!("CARGO_PKG_VERSION"));
+    assert!(seen["$SYS/brokers/n1/uptime"].parse::<u64>().is_ok());
+    // The periodic counts catch up with the dashboard's own connection and subscription.
+    let until = Instant::now() + WAIT;
+    while !(seen["$SYS/brokers/n1/stats/connections/count"] == "1"
+        && seen["$SYS/brokers/n1/stats/subscriptions/count"] == "1")
+    {
+        assert!(Instant::now() < until, "counts in $SYS: {seen:?}");
+        let (t, p) = dash.publish_in().await;
+        seen.insert(t, String::from_utf8_lossy(&p).into_owned());
+    }
+
+    let watched = v3::connect(a, "watched", Some(("wu", "x")))
+        .await
+        .expect("watched");
+    let (t, p) = dash
+        .next("connected", |p| match p {
+            v5::Packet::Publish(p) if p.topic.ends_with(b"/connected") => {
+                Some((String::from_utf8_lossy(&p.topic).into_owned(), p.payload))
+            }
+            _ => None,
+        })
+        .await;
+    assert_eq!(t, "$SYS/brokers/n1/clients/watched/connected");
+    let v: Value = serde_json::from_slice(&p).expect("json");
+    assert_eq!(v["client_id"], "watched");
+    assert_eq!(v["username"], "wu");
+    assert_eq!(v["protocol"], "3.1.1");
+    assert_eq!(v["keepalive"], 30);
+    assert!(v["address"]
+        .as_str()
+        .is_some_and(|a| a.starts_with("127.0.0.1:")));
+    assert!(v["connected_at"].as_u64().is_some());
+    watched.client.disconnect().await.expect("disconnect");
+    let p = dash
+        .next("disconnected", |p| match p {
+            v5::Packet::Publish(p) if p.topic.ends_with(b"watched/disconnected") => Some(p.payload),
+            _ => None,
+        })
+        .await;
+    let v: Value = serde_json::from_slice(&p).expect("json");
+    assert_eq!(v["reason"], "normal");
+    assert!(v["disconnected_at"].as_u64().is_some());
+}
+
+async fn api(
+    r: &corvid_broker::server::Running,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req = reqwest::Client::new().request(method, format!("http://{}{path}", r.admin));
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.expect("admin request");
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap_or_default();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+#[tokio::test]
+async fn trace_client_and_topic_into_files() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut c = config();
+    c.trace.dir = dir.path().to_path_buf();
+    let r = start(c).await;
+    let a = mqtt(&r);
+    use reqwest::Method;
+    let (s, v) = api(
+        &r,
+        Method::POST,
+        "/api/v1/trace",
+        Some(serde_json::json!({"type": "client", "client_id": "tc", "duration": 60})),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["name"], "client-tc");
+    let (s, _) = api(
+        &r,
+        Method::POST,
+        "/api/v1/trace",
+        Some(serde_json::json!({"type": "topic", "topic": "tt/#", "duration": 60})),
+    )
+    .await;
+    assert_eq!(s, 201);
+    let (s, _) = api(
+        &r,
+        Method::POST,
+        "/api/v1/trace",
+        Some(serde_json::json!({"type": "client", "client_id": "tc"})),
+    )
+    .await;
+    assert_eq!(s, 409, "same name twice");
+
+    let mut tc = v5::connect(a, "tc", None).await.expect("tc");
+    tc.subscribe("tt/#", v5::QoS::AtLeastOnce).await;
+    let other = v3::connect(a, "other", None).await.expect("other");
+    other
+        .client
+        .publish("tt/a", v3::QoS::AtLeastOnce, false, "traced")
+        .await
+        .expect("publish");
+    other
+        .client
+        .publish("zz", v3::QoS::AtMostOnce, false, "not traced")
+        .await
+        .expect("publish");
+    tc.publish_in().await;
+    tc.client.disconnect().await.expect("disconnect");
+    eventually("trace lines", || async {
+        let (_, v) = api(&r, Method::GET, "/api/v1/trace", None).await;
+        let lines = v["traces"]
+            .as_array()?
+            .iter()
+            .find(|t| t["name"] == "client-tc")?["lines"]
+            .as_u64()?;
+        (lines >= 8).then_some(())
+    })
+    .await;
+    let (s, v) = api(&r, Method::DELETE, "/api/v1/trace/client-tc", None).await;
+    assert_eq!(s, 200, "{v}");
+    let text = std::fs::read_to_string(dir.path().join("client-tc.log")).expect("trace file");
+    let lines: Vec<&str> = text.lines().collect();
+    for l in &lines {
+        let ts = l.split(' ').next().unwrap_or("");
+        assert!(
+            chrono::DateTime::parse_from_rfc3339(ts).is_ok(),
+            "timestamp in {l:?}"
+        );
+        assert!(l.contains(" tc "), "{l}");
+    }
+    let find = |what: &str| lines.iter().any(|l| l.contains(what));
+    assert!(find("IN  tc CONNECT protocol=5.0"), "{text}");
+    assert!(find("OUT tc CONNACK code=Success"), "{text}");
+    assert!(find("IN  tc SUBSCRIBE"), "{text}");
+    assert!(find("OUT tc SUBACK"), "{text}");
+    assert!(find("OUT tc PUBLISH topic=tt/a qos=1"), "{text}");
+    assert!(find("IN  tc PUBACK"), "{text}");
+    assert!(find("IN  tc DISCONNECT"), "{text}");
+    assert!(!find("zz"), "{text}");
+
+    // The topic trace saw the message from `other` in and towards `tc` out, nothing else.
+    let text = std::fs::read_to_string(dir.path().join("topic-tt__.log")).expect("topic trace");
+    assert!(text.contains("IN  other PUBLISH topic=tt/a"), "{text}");
+    assert!(text.contains("OUT tc PUBLISH topic=tt/a"), "{text}");
+    assert!(!text.contains("zz"), "{text}");
+
+    // Traces stop by themselves.
+    let (s, _) = api(
+        &r,
+        Method::POST,
+        "/api/v1/trace",
+        Some(serde_json::json!({"type": "client", "client_id": "short", "duration": 1})),
+    )
+    .await;
+    assert_eq!(s, 201);
+    eventually("trace expiry", || async {
+        let (_, v) = api(&r, Method::GET, "/api/v1/trace", None).await;
+        (!v["traces"]
+            .as_array()?
+            .iter()
+            .any(|t| t["name"] == "client-short"))
+        .then_some(())
+    })
+    .await;
+    assert_eq!(metric(&r, "corvid_traces_started_total", &[]).await, 3.0);
+}
+
+fn ctl(
+    r: &corvid_broker::server::Running,
+    token: &std::path::Path,
+    args: &[&str],
+) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_corvid-broker"))
+        .arg("ctl")
+        .arg("--admin")
+        .arg(format!("http://{}", r.admin))
+        .arg("--token-file")
+        .arg(token)
+        .args(args)
+        .output()
+        .expect("run ctl");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_and_ctl() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret\n").expect("token");
+    let mut c = config();
+    c.admin.token_file = Some(token.clone());
+    c.trace.dir = dir.path().join("traces");
+    let r = start(c).await;
+    let a = mqtt(&r);
+    let mut c1 = v5::connect(a, "ctl-one", Some(("ann", "x")))
+        .await
+        .expect("c1");
+    c1.subscribe("ctl/#", v5::QoS::AtLeastOnce).await;
+    let _c2 = v3::connect(a, "ctl-two", None).await.expect("c2");
+
+    // Without the token: refused.
+    let (s, _) = api(&r, reqwest::Method::GET, "/api/v1/clients", None).await;
+    assert_eq!(s, 401);
+    let bad = dir.path().join("bad");
+    std::fs::write(&bad, "wrong").expect("bad token");
+    let (ok, _, err) = ctl(&r, &bad, &["status"]);
+    assert!(!ok);
+    assert!(err.contains("401"), "{err}");
+
+    let run = |args: &[&str]| {
+        let (ok, out, err) = ctl(&r, &token, args);
+        assert!(ok, "ctl {args:?} failed: {err}");
+        out
+    };
+    let out = tokio::task::block_in_place(|| run(&["status"]));
+    assert!(out.contains("node n1"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("connections") && l.ends_with(" 2")),
+        "{out}"
+    );
+    let out = tokio::task::block_in_place(|| run(&["clients"]));
+    assert!(out.starts_with("CLIENT_ID"), "{out}");
+    assert!(out.contains("ctl-one") && out.contains("ctl-two"), "{out}");
+    let out = tokio::task::block_in_place(|| run(&["clients", "--username", "ann"]));
+    assert!(out.contains("ctl-one") && !out.contains("ctl-two"), "{out}");
+    let out = tokio::task::block_in_place(|| run(&["--json", "clients", "--like", "two"]));
+    let v: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v["count"], 1);
+    assert_eq!(v["clients"][0]["client_id"], "ctl-two");
+    let out = tokio::task::block_in_place(|| run(&["client", "ctl-one"]));
+    assert!(out.contains("ctl/# (qos 1)"), "{out}");
+    assert!(out.contains("5.0"), "{out}");
+    let out = tokio::task::block_in_place(|| run(&["subscriptions"]));
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("ctl-one") && l.contains("ctl/#")),
+        "{out}"
+    );
+    let out = tokio::task::block_in_place(|| run(&["routes"]));
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("ctl/#") && l.contains("n1")),
+        "{out}"
+    );
+
+    let out = tokio::task::block_in_place(|| {
+        run(&["trace", "start", "client", "ctl-one", "--duration", "30"])
+    });
+    assert!(out.contains("trace client-ctl-one started"), "{out}");
+    let out = tokio::task::block_in_place(|| run(&["trace", "list"]));
+    assert!(
+        out.contains("client-ctl-one") && out.contains("client"),
+        "{out}"
+    );
+    c1.client
+        .publish("ctl/x", v5::QoS::AtMostOnce, false, "p")
+        .await
+        .expect("publish");
+    c1.publish_in().await;
+    let out = tokio::task::block_in_place(|| run(&["trace", "show", "client-ctl-one"]));
+    assert!(out.contains("PUBLISH topic=ctl/x"), "{out}");
+    let out = tokio::task::block_in_place(|| run(&["--json", "trace", "stop", "client-ctl-one"]));
+    let v: Value = serde_json::from_str(&out).expect("json");
+    assert!(v["lines"].as_u64().is_some_and(|n| n >= 2), "{v}");
+    let out = tokio::task::block_in_place(|| run(&["trace", "list"]));
+    assert!(out.contains("(none)"), "{out}");
+
+    let out = tokio::task::block_in_place(|| run(&["kick", "ctl-one"]));
+    assert_eq!(out.trim(), "kicked ctl-one");
+    let reason = c1
+        .next("DISCONNECT", |p| match p {
+            v5::Packet::Disconnect(d) => Some(d.reason_code),
+            _ => None,
+        })
+        .await;
+    assert_eq!(
+        reason,
+        rumqttc::v5::mqttbytes::v5::DisconnectReasonCode::AdministrativeAction
+    );
+    let (ok, _, err) = tokio::task::block_in_place(|| ctl(&r, &token, &["kick", "nobody"]));
+    assert!(!ok && err.contains("404"), "{err}");
+}
+
+#[test]
+fn passwd_prints_a_users_file_line() {
+    use std::io::Write;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_corvid-broker"))
+        .args(["passwd", "ann"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run passwd");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"pa:ss word\n")
+        .expect("write");
+    let out = child.wait_with_output().expect("passwd output");
+    assert!(out.status.success());
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let (user, hash) = line.split_once(':').expect("user:hash");
+    assert_eq!(user, "ann");
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+    assert!(corvid_broker::auth::users::verify_hash(hash, b"pa:ss word"));
+}
