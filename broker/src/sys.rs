@@ -63,7 +63,18 @@ pub fn publish_stats(b: &Broker) {
         .flat_map(|f| f.get_metric())
         .map(|mm| mm.get_counter().get_value() as u64)
         .sum();
-    publish(b, "$SYS/brokers".into(), b.node.clone(), false);
+    // Like EMQX: the comma-separated names of the running nodes (this one first).
+    let nodes = match b.cluster.get() {
+        Some(c) => c
+            .members()
+            .into_iter()
+            .filter(|m| m.state != "dead")
+            .map(|m| m.name)
+            .collect::<Vec<_>>()
+            .join(","),
+        None => b.node.clone(),
+    };
+    publish(b, "$SYS/brokers".into(), nodes, false);
     let items: Vec<(&str, String)> = vec![
         ("version", env!("CARGO_PKG_VERSION").to_string()),
         ("uptime", b.started.elapsed().as_secs().to_string()),
