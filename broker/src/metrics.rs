@@ -274,6 +274,20 @@ impl Metrics {
         Ok(g)
     }
 
+    /// Registers a latency histogram (100 µs to 10 s buckets).
+    pub fn histogram(
+        &self,
+        name: &str,
+        help: &str,
+    ) -> Result<prometheus::Histogram, prometheus::Error> {
+        let buckets = prometheus::exponential_buckets(0.0001, 4.0, 9)?;
+        let h = prometheus::Histogram::with_opts(
+            prometheus::HistogramOpts::new(name, help).buckets(buckets),
+        )?;
+        self.registry.register(Box::new(h.clone()))?;
+        Ok(h)
+    }
+
     /// Registers another counter.
     pub fn counter(&self, name: &str, help: &str) -> Result<IntCounter, prometheus::Error> {
         let c = IntCounter::new(name, help)?;

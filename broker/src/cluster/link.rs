@@ -128,7 +128,7 @@ pub struct Link {
     /// Peer's link address.
     pub addr: SocketAddr,
     /// Frames to send.
-    pub tx: mpsc::Sender<Frame>,
+    pub tx: mpsc::Sender<(std::time::Instant, Frame)>,
     /// Whether the connection is established now.
     pub up: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
@@ -144,7 +144,7 @@ impl Link {
     /// Starts dialing `peer` at `addr`, reconnecting with backoff. On every (re)connect the
     /// link first sends this node's route table and retained messages.
     pub fn dial(cluster: Arc<Cluster>, peer: String, addr: SocketAddr) -> Link {
-        let (tx, mut rx) = mpsc::channel::<Frame>(LINK_QUEUE);
+        let (tx, mut rx) = mpsc::channel::<(std::time::Instant, Frame)>(LINK_QUEUE);
         let up = Arc::new(AtomicBool::new(false));
         let up2 = up.clone();
         let task = tokio::spawn(async move {
@@ -170,7 +170,13 @@ impl Link {
                             }
                         }
                         while ok {
-                            let Some(frame) = rx.recv().await else { return };
+                            let Some((queued, frame)) = rx.recv().await else {
+                                return;
+                            };
+                            cluster
+                                .metrics
+                                .forward_latency
+                                .observe(queued.elapsed().as_secs_f64());
                             let Ok(bytes) = proto::encode(&frame) else {
                                 continue;
                             };
@@ -180,7 +186,11 @@ impl Link {
                                 break;
                             }
                             // Batch what is already queued, then flush once.
-                            while let Ok(more) = rx.try_recv() {
+                            while let Ok((queued, more)) = rx.try_recv() {
+                                cluster
+                                    .metrics
+                                    .forward_latency
+                                    .observe(queued.elapsed().as_secs_f64());
                                 if let Ok(b) = proto::encode(&more) {
                                     cluster.metrics.forwarded_bytes.inc_by(b.len() as u64);
                                     if io.feed(bytes::Bytes::from(b)).await.is_err() {

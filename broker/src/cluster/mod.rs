@@ -77,6 +77,8 @@ pub struct ClusterMetrics {
     pub forwarded_bytes: IntCounter,
     /// Messages received from peers.
     pub received: IntCounter,
+    /// Seconds a frame waited between being queued for a peer and being written to its link.
+    pub forward_latency: prometheus::Histogram,
     /// Frames dropped because a peer's queue was full.
     pub link_drops: IntCounter,
     /// Sessions taken over from another node.
@@ -106,6 +108,10 @@ impl ClusterMetrics {
             forwarded_bytes: m.counter(
                 "corvid_cluster_forwarded_bytes_total",
                 "Bytes sent on inter-node links",
+            )?,
+            forward_latency: m.histogram(
+                "corvid_cluster_forward_latency_seconds",
+                "Time from queueing a frame for a peer to writing it on the link",
             )?,
             received: m.counter(
                 "corvid_cluster_received_messages_total",
@@ -338,7 +344,7 @@ impl Cluster {
     fn send(&self, peer: &str, frame: Frame) {
         let links = self.links.lock();
         if let Some(l) = links.get(peer) {
-            if l.tx.try_send(frame).is_err() {
+            if l.tx.try_send((Instant::now(), frame)).is_err() {
                 self.metrics.link_drops.inc();
             }
         }
@@ -347,7 +353,7 @@ impl Cluster {
     fn broadcast(&self, make: impl Fn() -> Frame) {
         let links = self.links.lock();
         for l in links.values() {
-            if l.tx.try_send(make()).is_err() {
+            if l.tx.try_send((Instant::now(), make())).is_err() {
                 self.metrics.link_drops.inc();
             }
         }
