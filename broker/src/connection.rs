@@ -1129,9 +1129,6 @@ impl Conn {
                 let _ = tokio::time::timeout(Duration::from_secs(2), t.write_all(&buf)).await;
             }
         }
-        tokio::time::timeout(Duration::from_secs(2), t.close())
-            .await
-            .ok();
         self.broker.metrics.connections.dec();
         let will = self.will.take().filter(|w| {
             let ok = self.acl.check(Action::Publish, &w.topic) == Permission::Allow;
@@ -1160,5 +1157,12 @@ impl Conn {
         }
         crate::sys::client_disconnected(&self.broker, &self.client_id, &self.info, end.label());
         tracing::debug!(peer = %self.peer, client_id = %self.client_id, end = ?end, "client disconnected");
+        // Last, after the session is handed back: half-close and discard what the client is
+        // still sending, so the kernel sends FIN rather than RST and the client reads the
+        // DISCONNECT above.
+        let linger = u64::from(self.broker.config.mqtt.max_packet_size).saturating_mul(2);
+        tokio::time::timeout(Duration::from_secs(2), t.linger_close(linger))
+            .await
+            .ok();
     }
 }

@@ -94,6 +94,25 @@ impl Transport {
         }
     }
 
+    /// Closes our side, then reads and discards up to `max` bytes until the peer closes, so
+    /// unread input does not turn the close into a reset that loses our last packet. The
+    /// caller bounds the time.
+    pub async fn linger_close(&mut self, max: u64) {
+        if let Transport::Tcp(s) = self {
+            let _ = s.shutdown().await;
+            let mut scratch = vec![0u8; 16 * 1024];
+            let mut seen = 0u64;
+            while seen < max {
+                match s.read(&mut scratch).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => seen += n as u64,
+                }
+            }
+            return;
+        }
+        self.close().await;
+    }
+
     /// Closes the stream politely (TLS close_notify, WebSocket close frame).
     pub async fn close(&mut self) {
         match self {
