@@ -1,0 +1,184 @@
+//! Strict spec checks that once failed (found by the integration tests and fixed), kept as
+//! regression tests: each states what the MQTT specification requires.
+
+mod common;
+
+use common::{pkt, Bystander, Raw, V};
+
+/// Packets handled before a protocol error must still be answered: the broker took ownership
+/// of the QoS 1 and QoS 2 messages (it routed them), so it must send their PUBACK and PUBREC
+/// [MQTT-4.3.2-4, MQTT-4.3.3-8] before DISCONNECT 0x90.
+#[tokio::test]
+async fn acks_before_a_protocol_error_are_sent() {
+    let b = common::start().await;
+    let addr = common::mqtt(&b);
+    let mut sub = Bystander::connect(addr, "ackloss-by").await;
+    let mut c = Raw::connect(addr, V::V5, "ackloss").await;
+    let mut batch = pkt::publish(V::V5, b"ackloss/a", 1, 1, b"one");
+    batch.extend(pkt::publish(V::V5, b"ackloss/b", 2, 2, b"two"));
+    batch.extend(pkt::publish(V::V5, b"ackloss/+", 0, 0, b"bad"));
+    c.send(&batch).await;
+    let seen = c.closed().await;
+    // PUBACK/PUBREC carry their reason code after the packet id.
+    let kinds: Vec<(u8, u8)> = seen
+        .iter()
+        .map(|p| match p.kind() {
+            pkt::PUBACK | pkt::PUBREC => (p.kind(), p.body.get(2).copied().unwrap_or(0)),
+            _ => (p.kind(), p.reason()),
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            (pkt::PUBACK, 0x10),
+            (pkt::PUBREC, 0x10),
+            (pkt::DISCONNECT, 0x90)
+        ],
+        "{seen:?}"
+    );
+    common::assert_serving(addr, &mut sub).await;
+    common::stop(b).await;
+}
+
+/// U+0000 in a UTF-8 string is a malformed packet [MQTT-1.5.4-2]: DISCONNECT 0x81.
+#[tokio::test]
+async fn nul_in_topic_is_malformed() {
+    let b = common::start().await;
+    let mut c = Raw::connect(common::mqtt(&b), V::V5, "nul").await;
+    c.send(&pkt::publish(V::V5, b"a/\x00b", 0, 0, b"x")).await;
+    c.expect_disconnect(0x81).await;
+    common::stop(b).await;
+}
+
+/// Invalid fixed-header flags make a malformed packet [MQTT-2.1.3-1]: DISCONNECT 0x81.
+#[tokio::test]
+async fn wrong_fixed_header_flags_are_malformed() {
+    let b = common::start().await;
+    let mut c = Raw::connect(common::mqtt(&b), V::V5, "flags").await;
+    c.send(&pkt::frame(0x60, &[0x00, 0x01])).await;
+    c.expect_disconnect(0x81).await;
+    common::stop(b).await;
+}
+
+/// A message too large for the client is dropped [MQTT-3.1.2-25] — but the topic alias the
+/// broker assigned while encoding it stays recorded, so the next message on that topic is sent
+/// as an empty topic with an alias the client never saw: a protocol error on the client side
+/// (section 3.3.2.3.4: an alias must first be sent together with its topic).
+#[tokio::test]
+async fn alias_of_a_dropped_message_is_not_reused() {
+    let b = common::start().await;
+    let addr = common::mqtt(&b);
+    let mut sub = Raw::tcp(addr, V::V5).await;
+    // Topic Alias Maximum (0x22) = 2, Maximum Packet Size (0x27) = 100.
+    let props = [0x22, 0, 2, 0x27, 0, 0, 0, 100];
+    sub.send(&pkt::connect_with(V::V5, b"alias-drop", &props))
+        .await;
+    assert_eq!(sub.expect(pkt::CONNACK).await.reason(), 0);
+    assert_eq!(sub.subscribe(1, "ad/#", 0).await, 0);
+    let mut publ = Raw::connect(addr, V::V5, "alias-drop-pub").await;
+    publ.send(&pkt::publish(V::V5, b"ad/t", 0, 0, &[b'x'; 200]))
+        .await;
+    publ.send(&pkt::publish(V::V5, b"ad/t", 0, 0, b"small"))
+        .await;
+    let (topic, _, payload) = sub.expect(pkt::PUBLISH).await.publish(V::V5);
+    assert_eq!(payload, b"small");
+    assert_eq!(
+        topic, "ad/t",
+        "the first PUBLISH the client sees must carry the topic"
+    );
+    common::stop(b).await;
+}
+
+/// Resending unacknowledged messages on reconnect uses send quota like any other QoS 1
+/// PUBLISH: with the new connection's Receive Maximum of 1, only one may be outstanding
+/// [MQTT-3.3.4-9, MQTT-4.9.0-2].
+#[tokio::test]
+async fn resend_on_reconnect_honours_receive_maximum() {
+    let b = common::start().await;
+    let addr = common::mqtt(&b);
+    // Session Expiry Interval (0x11) 60 s, Receive Maximum (0x21) as given.
+    let connect = |clean: bool, receive_max: u8| {
+        let props = [0x11, 0, 0, 0, 60, 0x21, 0, receive_max];
+        let mut p = pkt::connect_with(V::V5, b"rm-resume", &props);
+        if !clean {
+            p[9] &= !0x02;
+        }
+        p
+    };
+    let mut sub = Raw::tcp(addr, V::V5).await;
+    sub.send(&connect(true, 3)).await;
+    assert_eq!(sub.expect(pkt::CONNACK).await.reason(), 0);
+    assert_eq!(sub.subscribe(1, "rm-resume/t", 1).await, 1);
+    let mut publ = Raw::connect(addr, V::V5, "rm-resume-pub").await;
+    for id in 1..=3u16 {
+        publ.send(&pkt::publish(V::V5, b"rm-resume/t", 1, id, b"x"))
+            .await;
+        publ.expect(pkt::PUBACK).await;
+    }
+    for _ in 0..3 {
+        sub.expect(pkt::PUBLISH).await;
+    }
+    drop(sub);
+    let session = b.broker.sessions.get("rm-resume").expect("session");
+    common::wait_until("the broker to see the connection gone", || {
+        session.state.lock().connection.is_none()
+    })
+    .await;
+
+    let mut sub = Raw::tcp(addr, V::V5).await;
+    sub.send(&connect(false, 1)).await;
+    assert_eq!(sub.expect(pkt::CONNACK).await.body[..2], [1, 0]);
+    // PINGRESP comes after everything the broker sends on resuming.
+    sub.send(&pkt::pingreq()).await;
+    let mut resent = 0;
+    while sub.recv().await.expect("connected").kind() != pkt::PINGRESP {
+        resent += 1;
+    }
+    assert_eq!(resent, 1, "resent beyond the Receive Maximum of 1");
+    common::stop(b).await;
+}
+
+/// U+0000 in a SUBSCRIBE filter: 3.1.1 MUST close the connection [MQTT-1.5.3-2]; MQTT 5
+/// treats it as malformed, DISCONNECT 0x81 [MQTT-1.5.4-2]. The broker answers with a SUBACK
+/// failure (0x80 / 0x8F) and keeps the connection.
+#[tokio::test]
+async fn nul_in_subscribe_filter_closes() {
+    let b = common::start().await;
+    let addr = common::mqtt(&b);
+    for v in V::BOTH {
+        let mut c = Raw::connect(addr, v, "nul-filter").await;
+        c.send(&pkt::subscribe(v, 1, "a/\u{0}", 0)).await;
+        let answer = c.recv().await.map(|p| (p.kind(), p.reason()));
+        let want = (v == V::V5).then_some((pkt::DISCONNECT, 0x81));
+        assert_eq!(
+            answer, want,
+            "{v:?}: expected close (with DISCONNECT 0x81 for MQTT 5)"
+        );
+    }
+    common::stop(b).await;
+}
+
+/// SHOULD-level: a will the server cannot honour is refused with the specific reason —
+/// 0x9B (QoS not supported) for a will QoS above Maximum QoS (section 3.2.2.3.4), 0x9A (Retain
+/// not supported) for a retained will without retain support (section 3.2.2.3.5).
+#[tokio::test]
+async fn unsupported_will_gets_specific_connack_codes() {
+    let mut cfg = common::config();
+    cfg.mqtt.max_qos = 1;
+    cfg.mqtt.retain_available = false;
+    let b = common::start_with(cfg).await;
+    for (flags, want) in [(0x16u8, 0x9Bu8), (0x26, 0x9A)] {
+        let mut body = Vec::new();
+        pkt::field(b"MQTT", &mut body);
+        body.extend_from_slice(&[5, flags, 0, 60, 0]);
+        pkt::field(b"will-cid", &mut body);
+        body.push(0); // will properties
+        pkt::field(b"will/t", &mut body);
+        pkt::field(b"bye", &mut body);
+        let mut c = Raw::tcp(common::mqtt(&b), V::V5).await;
+        c.send(&pkt::frame(0x10, &body)).await;
+        let ack = c.expect(pkt::CONNACK).await;
+        assert_eq!(ack.reason(), want, "flags {flags:02X}");
+    }
+    common::stop(b).await;
+}
