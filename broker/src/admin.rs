@@ -16,12 +16,10 @@ use std::time::Duration;
 use crate::broker::Broker;
 use crate::session::Kick;
 
-/// Builds the admin router.
+/// Builds the admin router: probes and metrics are open; `/api/*` needs the token when one
+/// is configured.
 pub fn router(broker: Arc<Broker>) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+    let api = Router::new()
         .route("/api/v1/stats", get(stats))
         .route("/api/v1/clients", get(clients))
         .route("/api/v1/clients/{id}", get(client).delete(kick))
@@ -32,7 +30,28 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/api/v1/evacuate", get(evacuation).post(evacuate))
         .route("/api/v1/trace", get(trace_list).post(trace_start))
         .route("/api/v1/trace/{name}", get(trace_log).delete(trace_stop))
+        .route_layer(axum::middleware::from_fn_with_state(
+            broker.clone(),
+            require_token,
+        ));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .merge(api)
         .with_state(broker)
+}
+
+/// Refuses `/api/*` requests without the configured bearer token.
+async fn require_token(
+    State(b): State<Arc<Broker>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match authorized(&b, req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(r) => r,
+    }
 }
 
 /// Serves the admin API on `listener` until shutdown.
@@ -67,10 +86,7 @@ async fn readyz(State(b): State<Arc<Broker>>) -> Response {
     (StatusCode::OK, "ready\n").into_response()
 }
 
-async fn cluster(State(b): State<Arc<Broker>>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorized(&b, &headers) {
-        return r;
-    }
+async fn cluster(State(b): State<Arc<Broker>>) -> Response {
     match b.cluster.get() {
         Some(c) => Json(json!({ "node": b.node, "synced": c.synced(), "members": c.members() }))
             .into_response(),
@@ -109,14 +125,7 @@ fn single_node_evacuation(b: &Broker) -> Value {
     })
 }
 
-async fn evacuate(
-    State(b): State<Arc<Broker>>,
-    headers: HeaderMap,
-    Query(o): Query<EvacuateOptions>,
-) -> Response {
-    if let Err(r) = authorized(&b, &headers) {
-        return r;
-    }
+async fn evacuate(State(b): State<Arc<Broker>>, Query(o): Query<EvacuateOptions>) -> Response {
     let rate = o.rate.unwrap_or(100);
     match b.cluster.get() {
         Some(c) => {
@@ -131,10 +140,7 @@ async fn evacuate(
     }
 }
 
-async fn evacuation(State(b): State<Arc<Broker>>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorized(&b, &headers) {
-        return r;
-    }
+async fn evacuation(State(b): State<Arc<Broker>>) -> Response {
     match b.cluster.get() {
         Some(c) => Json(json!(c.evacuation())).into_response(),
         None => Json(single_node_evacuation(&b)).into_response(),
@@ -173,10 +179,7 @@ fn authorized(b: &Broker, headers: &HeaderMap) -> Result<(), Response> {
     }
 }
 
-async fn stats(State(b): State<Arc<Broker>>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorized(&b, &headers) {
-        return r;
-    }
+async fn stats(State(b): State<Arc<Broker>>) -> Response {
     b.refresh_gauges();
     let m = &b.metrics;
     Json(json!({
@@ -223,14 +226,7 @@ fn client_json(s: &crate::session::Session) -> Value {
     })
 }
 
-async fn clients(
-    State(b): State<Arc<Broker>>,
-    headers: HeaderMap,
-    Query(f): Query<ClientFilter>,
-) -> Response {
-    if let Err(r) = authorized(&b, &headers) {
-        return r;
-    }
+async fn clients(State(b): State<Arc<Broker>>, Query(f): Query<ClientFilter>) -> Response {
     let mut all = b.sessions.all();
     all.sort_by(|a, b| a.client_id.cmp(&b.client_id));
     let list: Vec<Value> = all
@@ -253,14 +249,7 @@ async fn clients(
     Json(json!({ "count": list.len(), "clients": list })).into_response()
 }
 
-async fn client(
-    State(b): State<Arc<Broker>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    if let Err(r) = authorized(&b, &headers) {
-        return r;
-    }
+async fn client(State(b): State<Arc<Broker>>, Path(id): Path<String>) -> Response {
     match b.sessions.get(&id) {
         Some(s) => {
             let mut v = client_json(&s);
@@ -282,14 +271,7 @@ async fn client(
     }
 }
 
-async fn kick(
-    State(b): State<Arc<Broker>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    if let Err(r) = authorized(&b, &headers) {
-        return r;
-    }
+async fn kick(State(b): State<Arc<Broker>>, Path(id): Path<String>) -> Response {
     let Some(s) = b.sessions.get(&id) else {
         return (
             StatusCode::NOT_FOUND,
@@ -311,10 +293,7 @@ async fn kick(
     }
 }
 
-async fn subscriptions(State(b): State<Arc<Broker>>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorized(&b, &headers) {
-        return r;
-    }
+async fn subscriptions(State(b): State<Arc<Broker>>) -> Response {
     let mut out = Vec::new();
     for s in b.sessions.all() {
         let st = s.state.lock();
@@ -332,10 +311,7 @@ async fn subscriptions(State(b): State<Arc<Broker>>, headers: HeaderMap) -> Resp
     Json(json!({"count": out.len(), "subscriptions": out})).into_response()
 }
 
-async fn routes(State(b): State<Arc<Broker>>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorized(&b, &headers) {
-        return r;
-    }
+async fn routes(State(b): State<Arc<Broker>>) -> Response {
     let mut filters = b.router.filters();
     filters.sort();
     let list: Vec<Value> = filters
@@ -365,14 +341,7 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(json!({"error": msg.into()}))).into_response()
 }
 
-async fn trace_start(
-    State(b): State<Arc<Broker>>,
-    headers: HeaderMap,
-    Json(req): Json<TraceRequest>,
-) -> Response {
-    if let Err(r) = authorized(&b, &headers) {
-        return r;
-    }
+async fn trace_start(State(b): State<Arc<Broker>>, Json(req): Json<TraceRequest>) -> Response {
     use crate::trace::{Target, TraceError};
     let target = match (req.kind.as_str(), req.client_id, req.topic) {
         ("client", Some(c), _) if !c.is_empty() => Target::Client(c),
@@ -393,22 +362,12 @@ async fn trace_start(
     }
 }
 
-async fn trace_list(State(b): State<Arc<Broker>>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorized(&b, &headers) {
-        return r;
-    }
+async fn trace_list(State(b): State<Arc<Broker>>) -> Response {
     let list = b.tracer.list();
     Json(json!({"count": list.len(), "traces": list})).into_response()
 }
 
-async fn trace_stop(
-    State(b): State<Arc<Broker>>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
-) -> Response {
-    if let Err(r) = authorized(&b, &headers) {
-        return r;
-    }
+async fn trace_stop(State(b): State<Arc<Broker>>, Path(name): Path<String>) -> Response {
     match b.tracer.stop(&name) {
         Some(info) => Json(json!(info)).into_response(),
         None => error(StatusCode::NOT_FOUND, format!("no trace {name}")),
@@ -416,14 +375,7 @@ async fn trace_stop(
 }
 
 /// The log of a running trace, as plain text.
-async fn trace_log(
-    State(b): State<Arc<Broker>>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
-) -> Response {
-    if let Err(r) = authorized(&b, &headers) {
-        return r;
-    }
+async fn trace_log(State(b): State<Arc<Broker>>, Path(name): Path<String>) -> Response {
     let Some(t) = b.tracer.list().into_iter().find(|t| t.name == name) else {
         return error(StatusCode::NOT_FOUND, format!("no trace {name}"));
     };
