@@ -290,6 +290,17 @@ pub enum Outbound {
     },
 }
 
+impl Outbound {
+    /// The CONNACK that refuses a connection with `code` (no session, no properties).
+    pub fn refused(code: ConnAckCode) -> Self {
+        Outbound::ConnAck {
+            session_present: false,
+            code,
+            props: Box::default(),
+        }
+    }
+}
+
 /// Errors encoding a packet for one client.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot encode packet: {0}")]

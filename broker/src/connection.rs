@@ -108,14 +108,7 @@ pub async fn serve(
                 None
             };
             if let Some(code) = code {
-                let _ = codec.encode(
-                    Outbound::ConnAck {
-                        session_present: false,
-                        code,
-                        props: Box::default(),
-                    },
-                    &mut wbuf,
-                );
+                let _ = codec.encode(Outbound::refused(code), &mut wbuf);
                 let _ = transport.write_all(&wbuf).await;
             }
             return transport.close().await;
@@ -140,14 +133,7 @@ pub async fn serve(
                 .connections_refused
                 .with_label_values(&[why])
                 .inc();
-            let _ = codec.encode(
-                Outbound::ConnAck {
-                    session_present: false,
-                    code,
-                    props: Box::default(),
-                },
-                &mut wbuf,
-            );
+            let _ = codec.encode(Outbound::refused(code), &mut wbuf);
             let _ = transport.write_all(&wbuf).await;
             return transport.close().await;
         }
@@ -271,14 +257,7 @@ impl Conn {
                 .connections_refused
                 .with_label_values(&[why])
                 .inc();
-            let _ = codec.encode(
-                Outbound::ConnAck {
-                    session_present: false,
-                    code,
-                    props: Box::default(),
-                },
-                wbuf,
-            );
+            let _ = codec.encode(Outbound::refused(code), wbuf);
             Err(())
         };
         if !broker.accepting.load(Ordering::Relaxed) || broker.shutdown.is_cancelled() {
