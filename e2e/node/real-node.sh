@@ -266,6 +266,10 @@ stop_real_node() {
     ip netns pids "$m" 2>/dev/null | grep -q . || ip netns delete "$m" 2>/dev/null || true
   done
   [[ -x $(bin_path kube-proxy) ]] && "$(bin_path kube-proxy)" --cleanup >/dev/null 2>&1 || true
+  local table
+  for table in nat filter mangle; do # the kubelet's canary chains
+    iptables -t "$table" -X KUBE-KUBELET-CANARY 2>/dev/null || true
+  done
   ip link show "$NODE_BRIDGE" >/dev/null 2>&1 && ip link delete "$NODE_BRIDGE" 2>/dev/null || true
   # Pod state belongs to the etcd keyspace that `up` wipes; the image store is kept.
   rm -rf "$NODE_DIR/kubelet" "$NODE_DIR/cni/ipam"
