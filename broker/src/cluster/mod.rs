@@ -863,7 +863,11 @@ impl Cluster {
 
     /// Rebalancing state (`GET /api/v1/rebalance`).
     pub fn rebalance_status(&self) -> rebalance::Status {
-        self.rebalancer.status()
+        let own = self
+            .broker()
+            .map(|b| b.metrics.connections.get().max(0) as u64)
+            .unwrap_or(0);
+        self.rebalancer.status(own, &self.rebalance_targets())
     }
 
     /// Peers that are linked and ready to take sessions.

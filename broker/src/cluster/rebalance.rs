@@ -102,13 +102,15 @@ pub struct Status {
     pub enabled: bool,
     /// Connections per second moved at most.
     pub rate: u32,
-    /// `idle` (never checked), `balanced`, `running` (shedding) or `waiting` (no target).
+    /// `idle` (never checked), `balanced`, `running` (shedding), `settling` (waiting for the
+    /// targets' new counts before the next check), `done` (a requested round finished while the
+    /// periodic check is off) or `waiting` (connections but no target).
     pub state: &'static str,
-    /// This node's live connections at the last check.
+    /// This node's live connections now.
     pub connections: u64,
     /// The mean over this node and its possible targets at the last check.
     pub mean: f64,
-    /// Connections per possible target at the last check.
+    /// Connections each possible target (ready, linked, not evacuating) gossips now.
     pub targets: HashMap<String, u64>,
     /// Connections the last check decided to shed.
     pub planned: usize,
@@ -130,9 +132,7 @@ pub struct Rebalancer {
 #[derive(Debug, Default)]
 struct Inner {
     state: &'static str,
-    connections: u64,
     mean: f64,
-    targets: HashMap<String, u64>,
     planned: usize,
     moved_total: u64,
     last_check: Option<Instant>,
@@ -161,16 +161,19 @@ impl Rebalancer {
         self.trigger.notify_one();
     }
 
-    /// The current state.
-    pub fn status(&self) -> Status {
+    /// The current state, with this node's live count and its possible targets' counts.
+    pub fn status(&self, connections: u64, targets: &[Load]) -> Status {
         let i = self.state.lock();
         Status {
             enabled: self.enabled,
             rate: self.rate,
             state: i.state,
-            connections: i.connections,
+            connections,
             mean: i.mean,
-            targets: i.targets.clone(),
+            targets: targets
+                .iter()
+                .map(|t| (t.node.clone(), t.connections))
+                .collect(),
             planned: i.planned,
             moved_total: i.moved_total,
             last_check_seconds_ago: i.last_check.map(|t| t.elapsed().as_secs()),
@@ -216,12 +219,7 @@ async fn round(cluster: &Arc<Cluster>, rate: u32) -> usize {
     {
         let mut i = r.state.lock();
         i.last_check = Some(Instant::now());
-        i.connections = own;
         i.mean = shed.mean;
-        i.targets = peers
-            .iter()
-            .map(|p| (p.node.clone(), p.connections))
-            .collect();
         i.planned = shed.targets.len();
         i.state = if shed.targets.is_empty() {
             if peers.is_empty() && own > 0 {
@@ -270,6 +268,7 @@ async fn round(cluster: &Arc<Cluster>, rate: u32) -> usize {
         tokio::time::sleep(interval).await;
     }
     cluster.metrics.rebalance_rounds.inc();
+    r.state.lock().state = if r.enabled { "settling" } else { "done" };
     tracing::info!(moved, to = ?per_target, "rebalancing round done");
     moved
 }
