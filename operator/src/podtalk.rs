@@ -178,8 +178,9 @@ impl BrokerAdmin for ApiServerProxy {
         rate: i32,
     ) -> BoxFuture<'a, Result<(), PodTalkError>> {
         Box::pin(async move {
-            let body = serde_json::json!({ "rate": rate }).to_string().into_bytes();
-            let req = Self::request(http::Method::POST, namespace, pod, "/api/v1/evacuate", body)?;
+            // The broker reads its options from the query string; a JSON body is ignored.
+            let path = format!("/api/v1/evacuate?rate={}", rate.max(1));
+            let req = Self::request(http::Method::POST, namespace, pod, &path, Vec::new())?;
             self.client
                 .request_text(req)
                 .await
