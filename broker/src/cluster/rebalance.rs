@@ -104,7 +104,7 @@ pub struct Status {
     pub rate: u32,
     /// `idle` (never checked), `balanced`, `running` (shedding), `settling` (waiting for the
     /// targets' new counts before the next check), `done` (a requested round finished while the
-    /// periodic check is off) or `waiting` (connections but no target).
+    /// periodic check is off) or `waiting` (no target, or every client here moved recently).
     pub state: &'static str,
     /// This node's live connections now.
     pub connections: u64,
@@ -237,6 +237,15 @@ async fn round(cluster: &Arc<Cluster>, rate: u32) -> usize {
     if shed.targets.is_empty() {
         return 0;
     }
+    let mut candidates = candidates(cluster, &b.sessions.all())
+        .into_iter()
+        .peekable();
+    if candidates.peek().is_none() {
+        // Everything here was moved a moment ago (and came back): wait rather than churn.
+        r.state.lock().state = "waiting";
+        tracing::debug!(connections = own, "rebalancing: no client may move yet");
+        return 0;
+    }
     tracing::info!(
         connections = own,
         mean = format!("{:.1}", shed.mean),
@@ -245,14 +254,20 @@ async fn round(cluster: &Arc<Cluster>, rate: u32) -> usize {
         "rebalancing: shedding connections towards less-loaded members"
     );
     let interval = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
-    let mut candidates = candidates(cluster, &b.sessions.all()).into_iter();
     let mut moved = 0usize;
     let mut per_target: HashMap<String, usize> = HashMap::new();
     for to in &shed.targets {
         if cluster.evacuation.lock().state != "idle" || cluster.shutdown.is_cancelled() {
             break;
         }
-        let Some(s) = candidates.next() else { break };
+        // A candidate may have gone offline since the round started: moving its session
+        // would not move a connection.
+        let Some(s) = candidates
+            .by_ref()
+            .find(|s| s.state.lock().connection.is_some())
+        else {
+            break;
+        };
         let reference = cluster.mqtt_addr_of(to).map(ByteString::from);
         tracing::debug!(client_id = %s.client_id, to = %to, "rebalancing: moving client");
         cluster.move_client(&b, &s, reference, Some(to)).await;
