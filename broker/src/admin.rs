@@ -28,6 +28,7 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/api/v1/routes", get(routes))
         .route("/api/v1/cluster", get(cluster))
         .route("/api/v1/evacuate", get(evacuation).post(evacuate))
+        .route("/api/v1/rebalance", get(rebalance).post(rebalance_now))
         .route("/api/v1/trace", get(trace_list).post(trace_start))
         .route("/api/v1/trace/{name}", get(trace_log).delete(trace_stop))
         .route_layer(axum::middleware::from_fn_with_state(
@@ -144,6 +145,45 @@ async fn evacuation(State(b): State<Arc<Broker>>) -> Response {
     match b.cluster.get() {
         Some(c) => Json(json!(c.evacuation())).into_response(),
         None => Json(single_node_evacuation(&b)).into_response(),
+    }
+}
+
+/// Options of `POST /api/v1/rebalance`.
+#[derive(Debug, Default, Deserialize)]
+struct RebalanceOptions {
+    /// Clients moved per second (default `cluster.rebalance.rate`).
+    rate: Option<u32>,
+}
+
+/// One balance check now; the operator calls it on the old pods after a scale-up.
+async fn rebalance_now(
+    State(b): State<Arc<Broker>>,
+    Query(o): Query<RebalanceOptions>,
+) -> Response {
+    match b.cluster.get() {
+        Some(c) => {
+            c.rebalance_now(o.rate);
+            tracing::info!(rate = ?o.rate, "rebalance check requested through the admin API");
+            (StatusCode::ACCEPTED, Json(json!(c.rebalance_status()))).into_response()
+        }
+        None => (
+            StatusCode::CONFLICT,
+            Json(json!({"error": "not clustered: nothing to rebalance"})),
+        )
+            .into_response(),
+    }
+}
+
+async fn rebalance(State(b): State<Arc<Broker>>) -> Response {
+    match b.cluster.get() {
+        Some(c) => Json(json!(c.rebalance_status())).into_response(),
+        None => Json(json!({
+            "enabled": b.config.cluster.rebalance.enabled,
+            "rate": b.config.cluster.rebalance.rate,
+            "state": "idle",
+            "connections": b.metrics.connections.get(),
+        }))
+        .into_response(),
     }
 }
 

@@ -664,14 +664,25 @@ pub struct ClusterConfig {
     pub rebalance: RebalanceConfig,
 }
 
-/// Connection rebalancing after scale-up.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+/// Connection rebalancing after scale-up: a node holding clearly more than its share of the
+/// cluster's connections sheds the surplus towards less-loaded members (see `cluster::rebalance`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RebalanceConfig {
-    /// Whether to rebalance.
+    /// Whether this node checks the balance every few seconds and sheds its surplus.
     pub enabled: bool,
-    /// Connections per second moved.
+    /// Connections per second moved at most (0 counts as 1).
     pub rate: u32,
+}
+
+impl Default for RebalanceConfig {
+    fn default() -> Self {
+        // The same rate as the operator's `spec.rebalance.rate` default.
+        Self {
+            enabled: false,
+            rate: 100,
+        }
+    }
 }
 
 impl Default for ClusterConfig {

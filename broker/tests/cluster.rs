@@ -5,7 +5,8 @@
 //! What is proven: cross-node delivery at every QoS, retained messages across nodes, one
 //! delivery per shared group cluster-wide, session takeover that loses no queued message,
 //! survival of a `kill -9` (and the documented loss of the dead node's sessions), partition and
-//! healing, DNS discovery, and refusal of a peer with the wrong secret.
+//! healing, DNS discovery, refusal of a peer with the wrong secret, evacuation and connection
+//! rebalancing after a scale-up without losing an acknowledged message.
 //!
 //! The tests that need root (dnsmasq behind a private `/etc/resolv.conf`, network namespaces)
 //! skip themselves with a message when they cannot run; `CORVID_REQUIRE_DNSMASQ=1` turns a
@@ -568,6 +569,7 @@ async fn dns_discovery_through_dnsmasq() {
             discover: Discover::Dns(name.into()),
             secret: SECRET.into(),
             wrapper: wrapper.clone(),
+            cluster_extra: String::new(),
         });
     }
     c.wait_formed(&[0, 1, 2]).await;
@@ -690,6 +692,7 @@ fn partition_and_heal_in_network_namespaces() {
                 "exec".into(),
                 format!("{tag}n{i}"),
             ],
+            cluster_extra: String::new(),
         });
     }
     // The test's own sockets must live in the hub namespace: run it on a thread that moved there.
@@ -1046,4 +1049,449 @@ async fn evacuation_under_a_steady_qos1_stream_loses_nothing() {
         acked.len()
     );
     assert_eq!(done["remaining_sessions"], 0, "{done}");
+}
+
+/// What one client saw while rebalancing moved it (or left it where it was).
+#[derive(Debug, Default)]
+struct MoveLog {
+    seqs: HashMap<u64, usize>,
+    disconnect: Option<(u8, Option<String>)>,
+    closed: bool,
+    reconnected_to: Option<SocketAddr>,
+    session_present: Option<bool>,
+    errors: Vec<String>,
+}
+
+/// Runs a persistent subscriber: reads until the broker closes the connection, then reconnects
+/// where the Server Reference points (or to `fallback`, for MQTT 3.1.1 and when rumqttc hides
+/// the reference) with its session kept, and reads on; everything goes into `log`.
+fn follow_moves(
+    first: Client,
+    opts: Opts,
+    fallback: SocketAddr,
+    log: Arc<Mutex<MoveLog>>,
+) -> tokio::task::JoinHandle<Option<Client>> {
+    tokio::spawn(async move {
+        let mut client = Some(first);
+        let until = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < until {
+            let Some(cl) = client.as_mut() else { break };
+            match tokio::time::timeout(Duration::from_secs(1), cl.rx.recv()).await {
+                Err(_) => continue,
+                Ok(Some(Ev::Msg { payload, .. })) => {
+                    if let Some(s) = seq_of(&payload) {
+                        *log.lock().unwrap().seqs.entry(s).or_default() += 1;
+                    }
+                }
+                Ok(Some(Ev::Disconnect(r, reference))) => {
+                    let mut l = log.lock().unwrap();
+                    // The error path repeats the reason without the reference: keep the first.
+                    if l.disconnect.as_ref().is_none_or(|d| d.1.is_none()) {
+                        l.disconnect = Some((r, reference));
+                    }
+                }
+                Ok(Some(Ev::Closed(_))) | Ok(None) => {
+                    let to = {
+                        let mut l = log.lock().unwrap();
+                        if l.closed {
+                            l.errors.push("closed a second time".into());
+                        }
+                        l.closed = true;
+                        l.disconnect
+                            .as_ref()
+                            .and_then(|d| d.1.as_deref())
+                            .and_then(|r| r.parse::<SocketAddr>().ok())
+                            .unwrap_or(fallback)
+                    };
+                    client = None;
+                    for _ in 0..50 {
+                        match Client::try_connect(to, &opts).await {
+                            Ok(cl) => {
+                                let mut l = log.lock().unwrap();
+                                l.reconnected_to = Some(to);
+                                l.session_present = Some(cl.session_present);
+                                client = Some(cl);
+                                break;
+                            }
+                            Err(e) => {
+                                log.lock().unwrap().errors.push(format!("reconnect: {e}"));
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                            }
+                        }
+                    }
+                }
+                Ok(Some(_)) => {}
+            }
+        }
+        client
+    })
+}
+
+/// A QoS 1 publisher streaming sequence numbers to `topic` every `every` until `stop`, then
+/// waiting (bounded) for the outstanding acknowledgements. Returns how many it published and
+/// which were acknowledged.
+fn qos1_stream(
+    mut publisher: Client,
+    topic: &'static str,
+    every: Duration,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<(u64, HashSet<u64>)> {
+    tokio::spawn(async move {
+        let mut seq = 0u64;
+        let mut order: std::collections::VecDeque<u64> = Default::default();
+        let mut by_id: HashMap<u16, u64> = HashMap::new();
+        let mut acked: HashSet<u64> = HashSet::new();
+        let mut tick = tokio::time::interval(every);
+        let mut drain_until: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                _ = tick.tick(), if drain_until.is_none() => {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        drain_until = Some(Instant::now() + DEADLINE);
+                        continue;
+                    }
+                    order.push_back(seq);
+                    publisher.publish(topic, 1, false, seq_payload(seq)).await;
+                    seq += 1;
+                }
+                ev = publisher.rx.recv() => match ev {
+                    Some(Ev::Sent(id)) => {
+                        if let Some(s) = order.pop_front() {
+                            by_id.insert(id, s);
+                        }
+                    }
+                    Some(Ev::Acked(id)) => {
+                        if let Some(s) = by_id.remove(&id) {
+                            acked.insert(s);
+                        }
+                    }
+                    Some(Ev::Closed(e)) => panic!("the publisher lost its connection: {e}"),
+                    None => break,
+                    _ => {}
+                },
+                _ = tokio::time::sleep(Duration::from_millis(50)), if drain_until.is_some() => {}
+            }
+            if let Some(t) = drain_until {
+                if by_id.is_empty() && order.is_empty() || Instant::now() > t {
+                    break;
+                }
+            }
+        }
+        (seq, acked)
+    })
+}
+
+/// Live connections a node reports in `/api/v1/stats`.
+async fn connections(n: &Node) -> Result<i64, String> {
+    let v = n.json("/api/v1/stats").await?;
+    v["connections"]
+        .as_i64()
+        .ok_or_else(|| format!("no connections in {v}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalance_after_scale_up_moves_half_and_loses_nothing() {
+    // 40 persistent subscribers (30 MQTT 5, 10 MQTT 3.1.1) on n1 under a steady QoS 1 stream;
+    // n2 joins; n1 sheds down to the mean, newest connections first, and every message
+    // acknowledged to the publisher reaches every subscriber, moved or not.
+    const CLIENTS: usize = 40;
+    const TOPIC: &str = "rb/stream";
+    let mut specs = Cluster::static_loopback_specs(2);
+    for s in &mut specs {
+        s.cluster_extra = "  rebalance: { enabled: true, rate: 10 }\n".into();
+    }
+    let spec_b = specs.pop().expect("n2 spec");
+    let spec_a = specs.pop().expect("n1 spec");
+    let (a_addr, b_addr) = (
+        SocketAddr::new(spec_a.ip, spec_a.mqtt),
+        SocketAddr::new(spec_b.ip, spec_b.mqtt),
+    );
+    let mut c = Cluster::empty();
+    c.add(spec_a);
+    c.wait_formed(&[0]).await;
+
+    // The publisher connects first: the oldest connection, so n1 keeps it.
+    let publisher = Client::connect(a_addr, &Opts::clean(V::V3, "rb-pub")).await;
+    let mut logs = Vec::new();
+    let mut tasks = Vec::new();
+    for k in 0..CLIENTS {
+        let v = if k % 4 == 3 { V::V3 } else { V::V5 };
+        let opts = Opts::persistent(v, &format!("rb-sub-{k}"));
+        let first = Client::connect(a_addr, &opts).await;
+        first.subscribe(TOPIC, 1).await;
+        let log = Arc::new(Mutex::new(MoveLog::default()));
+        logs.push((opts.clone(), log.clone()));
+        tasks.push(follow_moves(first, opts, b_addr, log));
+    }
+    let n1 = &c.nodes[0];
+    eventually("n1 to hold every subscription", DEADLINE, || async {
+        let v = n1.json("/api/v1/stats").await?;
+        let subs = v["subscriptions"].as_u64().unwrap_or(0);
+        (subs >= CLIENTS as u64).then_some(()).ok_or(v.to_string())
+    })
+    .await;
+    // Two bare MQTT 5 connections, the newest on n1, show the DISCONNECT's Server Reference.
+    let watchers = [
+        raw_v5_until_disconnect(a_addr, "rb-watch-1").await,
+        raw_v5_until_disconnect(a_addr, "rb-watch-2").await,
+    ];
+    let total = CLIENTS as i64 + 3;
+    eventually("n1 to count every connection", DEADLINE, || async {
+        let n = connections(n1).await?;
+        (n == total).then_some(()).ok_or(format!("{n} of {total}"))
+    })
+    .await;
+    let status = n1.json("/api/v1/rebalance").await.expect("GET rebalance");
+    assert_eq!(status["enabled"], true, "{status}");
+    assert_eq!(
+        status["moved_total"], 0,
+        "alone, n1 moves nothing: {status}"
+    );
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stream = qos1_stream(publisher, TOPIC, Duration::from_millis(20), stop.clone());
+    eventually("subscribers receiving the stream", DEADLINE, || async {
+        let n = logs
+            .iter()
+            .filter(|(_, l)| !l.lock().unwrap().seqs.is_empty())
+            .count();
+        (n == CLIENTS)
+            .then_some(())
+            .ok_or(format!("{n} of {CLIENTS}"))
+    })
+    .await;
+
+    // Scale up: n2 joins, and n1 is asked for a check at once (as the operator does).
+    c.add(spec_b);
+    c.wait_formed(&[0, 1]).await;
+    let (code, body) = c.nodes[0].post("/api/v1/rebalance").await.expect("POST");
+    assert_eq!(code, 202, "POST /api/v1/rebalance: {body}");
+    let (n1, n2) = (&c.nodes[0], &c.nodes[1]);
+
+    // Balanced: every client n1 let go is back (on n2), and each node holds 40-60 % of the 40.
+    let split = eventually(
+        "connections balanced between n1 and n2",
+        Duration::from_secs(60),
+        || async {
+            let closed = logs
+                .iter()
+                .filter(|(_, l)| l.lock().unwrap().closed)
+                .count();
+            let back = logs
+                .iter()
+                .filter(|(_, l)| l.lock().unwrap().reconnected_to.is_some())
+                .count();
+            let (a, b) = (connections(n1).await? - 1, connections(n2).await?);
+            let ok = closed > 0
+                && back == closed
+                && a + b == CLIENTS as i64
+                && (16..=24).contains(&a)
+                && (16..=24).contains(&b);
+            let st = n1.json("/api/v1/rebalance").await?;
+            (ok && st["state"] == "balanced")
+                .then_some((a, b, st.clone()))
+                .ok_or(format!(
+                    "n1 {a} subscribers, n2 {b}, {closed} moved, {back} back; n1 {st}"
+                ))
+        },
+    )
+    .await;
+    eprintln!(
+        "rebalanced: n1 {} subscribers, n2 {}; {}",
+        split.0, split.1, split.2
+    );
+
+    // Stream a little longer, then stop and check that nothing acknowledged was lost.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (sent, acked) = within("publisher to finish", Duration::from_secs(30), stream)
+        .await
+        .expect("publisher task");
+    assert!(
+        acked.len() > 50,
+        "only {} of {sent} acknowledged",
+        acked.len()
+    );
+    let until = Instant::now() + DEADLINE;
+    loop {
+        let mut lost = Vec::new();
+        for (o, l) in &logs {
+            let l = l.lock().unwrap();
+            let mut missing: Vec<u64> = acked
+                .iter()
+                .filter(|s| !l.seqs.contains_key(s))
+                .copied()
+                .collect();
+            missing.sort_unstable();
+            if !missing.is_empty() {
+                lost.push(format!(
+                    "{} (moved to {:?}): {} missing, first {:?}",
+                    o.id,
+                    l.reconnected_to,
+                    missing.len(),
+                    &missing[..missing.len().min(10)]
+                ));
+            }
+        }
+        if lost.is_empty() {
+            break;
+        }
+        if Instant::now() > until {
+            c.dump_counters().await;
+            panic!(
+                "acknowledged messages lost while rebalancing ({} acknowledged): {}",
+                acked.len(),
+                lost.join("; ")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for t in tasks {
+        t.abort();
+    }
+
+    // Every moved client: MQTT 5 told 0x9C, all reconnected to n2 and found their session.
+    let mut moved = (0, 0);
+    let mut dups = 0usize;
+    for (o, l) in &logs {
+        let l = l.lock().unwrap();
+        dups += l.seqs.values().filter(|n| **n > 1).count();
+        assert!(
+            l.errors.is_empty() || l.reconnected_to.is_some(),
+            "{}: {l:?}",
+            o.id
+        );
+        if !l.closed {
+            continue;
+        }
+        match o.v {
+            V::V5 => {
+                moved.0 += 1;
+                assert_eq!(
+                    l.disconnect.as_ref().map(|d| d.0),
+                    Some(0x9C),
+                    "{}: DISCONNECT use another server: {l:?}",
+                    o.id
+                );
+            }
+            V::V3 => moved.1 += 1,
+        }
+        assert_eq!(l.reconnected_to, Some(b_addr), "{}: {l:?}", o.id);
+        assert_eq!(
+            l.session_present,
+            Some(true),
+            "{}: session followed: {l:?}",
+            o.id
+        );
+    }
+    for w in watchers {
+        let seen = within("a watcher's DISCONNECT", DEADLINE, w)
+            .await
+            .expect("watcher task");
+        assert_eq!(
+            seen,
+            Some((0x9C, Some(b_addr.to_string()))),
+            "the newest connections go first, told to use n2"
+        );
+    }
+    let moved_metric = n1
+        .metric("corvid_rebalance_moved_total")
+        .await
+        .expect("n1 metrics");
+    assert!(
+        (19.0..=23.0).contains(&moved_metric),
+        "n1 moved {moved_metric} connections (21 expected: 43 → 22)"
+    );
+    assert_eq!(
+        n2.metric("corvid_rebalance_moved_total")
+            .await
+            .expect("n2 metrics"),
+        0.0,
+        "the new member sends nothing back (no ping-pong)"
+    );
+    assert_eq!(
+        n2.metric("corvid_cluster_sessions_lost_total")
+            .await
+            .expect("n2"),
+        0.0
+    );
+    eprintln!(
+        "rebalance: {} MQTT 5 and {} MQTT 3.1.1 subscribers moved to n2, {moved_metric} connections shed by n1; published {sent}, acknowledged {}, lost 0, {dups} duplicate deliveries (QoS 1 allows them)",
+        moved.0,
+        moved.1,
+        acked.len()
+    );
+    assert!(
+        moved.0 > 0 && moved.1 > 0,
+        "both protocol versions were moved: {moved:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalance_on_request_works_with_the_periodic_check_disabled() {
+    // `POST /api/v1/rebalance` is a one-off check: it moves clients even when
+    // `cluster.rebalance.enabled` is false, and only then.
+    const CLIENTS: usize = 12;
+    let mut specs = Cluster::static_loopback_specs(2);
+    for s in &mut specs {
+        s.cluster_extra = "  rebalance: { enabled: false, rate: 50 }\n".into();
+    }
+    let spec_b = specs.pop().expect("n2 spec");
+    let spec_a = specs.pop().expect("n1 spec");
+    let (a_addr, b_addr) = (
+        SocketAddr::new(spec_a.ip, spec_a.mqtt),
+        SocketAddr::new(spec_b.ip, spec_b.mqtt),
+    );
+    let mut c = Cluster::empty();
+    c.add(spec_a);
+    c.add(spec_b);
+    c.wait_formed(&[0, 1]).await;
+    let mut logs = Vec::new();
+    let mut tasks = Vec::new();
+    for k in 0..CLIENTS {
+        let opts = Opts::persistent(V::V5, &format!("rb-req-{k}"));
+        let first = Client::connect(a_addr, &opts).await;
+        let log = Arc::new(Mutex::new(MoveLog::default()));
+        logs.push(log.clone());
+        tasks.push(follow_moves(first, opts, b_addr, log));
+    }
+    let (n1, n2) = (&c.nodes[0], &c.nodes[1]);
+    // n1 must know n2's count before the check, or n2 is no target yet.
+    eventually("n1 to see n2 as a target", DEADLINE, || async {
+        let st = n1.json("/api/v1/rebalance").await?;
+        (st["connections"] == CLIENTS && st["targets"]["n2"] == 0)
+            .then_some(())
+            .ok_or(st.to_string())
+    })
+    .await;
+    let before = n1.json("/api/v1/rebalance").await.expect("GET");
+    assert_eq!(before["enabled"], false, "{before}");
+    assert_eq!(
+        before["state"], "idle",
+        "never checked on its own: {before}"
+    );
+    let (code, body) = n1.post("/api/v1/rebalance?rate=50").await.expect("POST");
+    assert_eq!(code, 202, "{body}");
+    let done = eventually(
+        "the requested rebalance",
+        Duration::from_secs(30),
+        || async {
+            let (a, b) = (connections(n1).await?, connections(n2).await?);
+            let st = n1.json("/api/v1/rebalance").await?;
+            (a == 6 && b == 6 && st["moved_total"] == 6 && st["state"] == "done")
+                .then_some(st.clone())
+                .ok_or(format!("n1 {a}, n2 {b}; {st}"))
+        },
+    )
+    .await;
+    eprintln!("requested rebalance: {done}");
+    for l in &logs {
+        let l = l.lock().unwrap();
+        if l.closed {
+            assert_eq!(l.session_present, Some(true), "{l:?}");
+        }
+    }
+    for t in tasks {
+        t.abort();
+    }
 }

@@ -75,6 +75,17 @@ fn default_rebalance_rate() -> i32 {
     100
 }
 
+/// A scale-up whose old pods have not been asked to rebalance yet: kept in status so that the
+/// request survives the reconciles (and an operator restart) until the new pods joined.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingRebalance {
+    /// Replicas before the scale-up: the pods below this ordinal hold the connections.
+    pub from_replicas: i32,
+    /// RFC 3339 time the scale-up started.
+    pub since: String,
+}
+
 /// The PodDisruptionBudget of the broker pods.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]

@@ -41,6 +41,10 @@ pub struct MqttClusterStatus {
     /// The rollout or scale-down step in progress, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub operation: Option<OperationStatus>,
+    /// A scale-up waiting for its new pods before the old ones are asked to rebalance
+    /// (only with `spec.rebalance.enabled`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_rebalance: Option<crate::ops::PendingRebalance>,
 }
 
 /// One member of the broker cluster.

@@ -128,7 +128,9 @@ pub fn requeue_after(action: &Action) -> Duration {
         Action::Idle => Duration::from_secs(300),
         Action::Paused => Duration::from_secs(60),
         Action::Blocked { .. } => Duration::from_secs(30),
-        Action::Evacuate(_) | Action::DeletePod(_) | Action::Wait(_) => Duration::from_secs(5),
+        Action::Evacuate(_) | Action::DeletePod(_) | Action::Wait(_) | Action::Rebalance(_) => {
+            Duration::from_secs(5)
+        }
     }
 }
 
@@ -188,12 +190,21 @@ async fn reconcile_pipeline(cluster: &MqttCluster, ctx: &Context) -> Result<Requ
             endpoint,
             error,
         }) => (plan, endpoint, error),
-        // Nothing was done to pods: keep the recorded step as it was.
+        // Nothing was done to pods: keep the recorded step as it was, and a rebalance that was
+        // due but not requested.
         Err(e) => {
             let kept = cluster.status.as_ref().and_then(|s| s.operation.clone());
+            let rebalance = match &pre.action {
+                Action::Rebalance(_) => cluster
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.pending_rebalance.clone()),
+                _ => pre.rebalance.clone(),
+            };
             (
                 Plan {
                     operation: kept,
+                    rebalance,
                     ..pre.clone()
                 },
                 None,
@@ -317,6 +328,17 @@ pub fn planner_input(
     Observed {
         desired_replicas: cluster.spec.replicas,
         statefulset_replicas: sts.and_then(|s| s.spec.as_ref()).and_then(|s| s.replicas),
+        // The StatefulSet as read before this reconcile's apply, for both plans.
+        replicas_before: observation
+            .statefulset
+            .as_ref()
+            .and_then(|s| s.spec.as_ref())
+            .and_then(|s| s.replicas),
+        rebalance_enabled: cluster.spec.rebalance.enabled,
+        pending_rebalance: cluster
+            .status
+            .as_ref()
+            .and_then(|s| s.pending_rebalance.clone()),
         update_revision: if settled {
             sts.and_then(|s| s.status.as_ref())
                 .and_then(|s| s.update_revision.clone())
@@ -411,38 +433,71 @@ async fn act(
             )
             .await;
         }
-        Action::Idle => {
-            // Scale-downs must not leave ghosts: members whose pod is gone for good.
-            for ghost in status::stale_members(
-                &observation.members,
-                &observation.pods,
-                &names.statefulset(),
-                cluster.spec.replicas,
-            ) {
-                let note = format!(
-                    "{ghost} is still listed as a cluster member after its pod was removed"
-                );
-                ctx.event(cluster, EventType::Warning, "StaleMember", note)
-                    .await;
+        Action::Idle => converged(ctx, cluster, names, observation).await,
+        Action::Rebalance(pods) => {
+            // The cluster converged this very reconcile: the same checks as when idle.
+            converged(ctx, cluster, names, observation).await;
+            let rate = cluster.spec.rebalance.rate;
+            // Best effort: each broker also checks its balance on its own every few seconds
+            // (`cluster.rebalance.enabled`), so a pod that misses the request still sheds.
+            let mut asked = Vec::new();
+            let mut failed = Vec::new();
+            for pod in pods {
+                match ctx.admin.rebalance(ns, pod, rate).await {
+                    Ok(()) => asked.push(pod.as_str()),
+                    Err(e) => {
+                        tracing::warn!(cluster = %key(cluster), pod, error = %e, "rebalance request failed");
+                        failed.push(pod.as_str());
+                    }
+                }
             }
-            let was_progressing = cluster.status.as_ref().is_some_and(|s| {
-                s.conditions
-                    .iter()
-                    .any(|c| c.type_ == status::PROGRESSING && c.status == "True")
-            });
-            if was_progressing {
-                ctx.event(
-                    cluster,
-                    EventType::Normal,
-                    "RolloutComplete",
-                    format!("all pods run version {}", cluster.spec.version),
-                )
+            tracing::info!(cluster = %key(cluster), ?asked, ?failed, rate, "rebalance requested after scale-up");
+            let mut note =
+                format!(
+                "scale-up complete; asked {} to shed connections to the new pods at up to {rate}/s",
+                if asked.is_empty() { "no pod".to_string() } else { asked.join(", ") }
+            );
+            if !failed.is_empty() {
+                note.push_str(&format!(
+                    " ({} unreachable; they rebalance on their own)",
+                    failed.join(", ")
+                ));
+            }
+            ctx.event(cluster, EventType::Normal, "Rebalancing", note)
                 .await;
-            }
         }
         Action::Wait(_) | Action::Paused => {}
     }
     Ok(())
+}
+
+/// What to check and announce once every pod runs the desired revision at the desired size.
+async fn converged(ctx: &Context, cluster: &MqttCluster, names: &Names, observation: &Observation) {
+    // Scale-downs must not leave ghosts: members whose pod is gone for good.
+    for ghost in status::stale_members(
+        &observation.members,
+        &observation.pods,
+        &names.statefulset(),
+        cluster.spec.replicas,
+    ) {
+        let note = format!("{ghost} is still listed as a cluster member after its pod was removed");
+        ctx.event(cluster, EventType::Warning, "StaleMember", note)
+            .await;
+    }
+    let was_progressing = cluster.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == status::PROGRESSING && c.status == "True")
+    });
+    if was_progressing {
+        ctx.event(
+            cluster,
+            EventType::Normal,
+            "RolloutComplete",
+            format!("all pods run version {}", cluster.spec.version),
+        )
+        .await;
+    }
 }
 
 async fn write_status(

@@ -4,8 +4,12 @@
 //! that never becomes Ready blocks the rollout (Degraded) instead of taking more pods down, and a
 //! spec change always un-blocks it because broken pods on an old revision are replaced first.
 //! The step in progress lives in status, so an operator restart resumes where it stopped.
+//!
+//! With `spec.rebalance.enabled`, a scale-up is remembered (status `pendingRebalance`) until
+//! every pod is Ready, joined and up to date; then the pods that existed before it are asked to
+//! shed connections towards the new ones, once.
 
-use corvid_crds::{OperationPhase, OperationStatus};
+use corvid_crds::{OperationPhase, OperationStatus, PendingRebalance};
 use jiff::Timestamp;
 
 /// Evacuation progress as the broker reports it (`GET /api/v1/evacuate`).
@@ -56,6 +60,13 @@ pub struct Observed {
     pub desired_replicas: i32,
     /// The StatefulSet's current spec.replicas (None before it exists).
     pub statefulset_replicas: Option<i32>,
+    /// The StatefulSet's spec.replicas when this reconcile started, before its apply: a value
+    /// below `desired_replicas` means a scale-up starts now (None before it exists).
+    pub replicas_before: Option<i32>,
+    /// spec.rebalance.enabled.
+    pub rebalance_enabled: bool,
+    /// The scale-up recorded in status whose old pods were not asked to rebalance yet.
+    pub pending_rebalance: Option<PendingRebalance>,
     /// The StatefulSet's status.updateRevision: the revision every pod should run.
     pub update_revision: Option<String>,
     /// The broker pods.
@@ -111,6 +122,9 @@ pub enum Action {
     },
     /// upgradeStrategy.paused holds an outstanding rollout.
     Paused,
+    /// A scale-up completed: ask these pods (the ones that existed before it) to shed
+    /// connections towards the new members (`POST /api/v1/rebalance`).
+    Rebalance(Vec<String>),
 }
 
 /// The planner's decision.
@@ -122,21 +136,71 @@ pub struct Plan {
     pub action: Action,
     /// The step to record in status (None clears it).
     pub operation: Option<OperationStatus>,
+    /// The scale-up to remember in status until its rebalance is requested (None clears it).
+    pub rebalance: Option<PendingRebalance>,
 }
 
 /// Decides the next step.
 pub fn plan(o: &Observed) -> Plan {
     let current = o.statefulset_replicas.unwrap_or(o.desired_replicas);
+    let pending = pending_rebalance(o);
     if o.desired_replicas < current {
-        return scale_down(o, current);
+        return Plan {
+            rebalance: pending,
+            ..scale_down(o, current)
+        };
     }
     // Scale-up (or creation) happens at once: new pods start at the update revision and join.
     let (action, operation) = rollout(o);
+    let (action, rebalance) = match pending {
+        Some(p) if action == Action::Idle && all_serving(o) => (rebalance_action(o, &p), None),
+        p => (action, p),
+    };
     Plan {
         statefulset_replicas: o.desired_replicas,
         action,
         operation,
+        rebalance,
     }
+}
+
+/// The scale-up to remember: the one recorded earlier while it still is one (the earliest
+/// start wins, so every pod that held connections is asked), or one starting now.
+fn pending_rebalance(o: &Observed) -> Option<PendingRebalance> {
+    if !o.rebalance_enabled {
+        return None;
+    }
+    match &o.pending_rebalance {
+        Some(p) if p.from_replicas < o.desired_replicas => Some(p.clone()),
+        _ => o
+            .replicas_before
+            .filter(|from| *from < o.desired_replicas)
+            .map(|from| PendingRebalance {
+                from_replicas: from,
+                since: o.now.to_string(),
+            }),
+    }
+}
+
+/// Every desired pod exists, is Ready and joined: the new members can take connections.
+fn all_serving(o: &Observed) -> bool {
+    let present = (0..o.desired_replicas).all(|i| o.pods.iter().any(|p| p.ordinal == i));
+    present && o.pods.iter().all(PodView::healthy)
+}
+
+/// Asks the pods that existed before the scale-up (lowest ordinal first) to rebalance; with
+/// none of them left, there is nothing to ask and the plan is simply idle.
+fn rebalance_action(o: &Observed, p: &PendingRebalance) -> Action {
+    let mut old: Vec<&PodView> = o
+        .pods
+        .iter()
+        .filter(|pod| pod.ordinal < p.from_replicas)
+        .collect();
+    old.sort_by_key(|pod| pod.ordinal);
+    if old.is_empty() {
+        return Action::Idle;
+    }
+    Action::Rebalance(old.into_iter().map(|pod| pod.name.clone()).collect())
 }
 
 fn elapsed(o: &Observed, since: &str) -> i64 {
@@ -166,6 +230,7 @@ fn scale_down(o: &Observed, current: i32) -> Plan {
         statefulset_replicas: current,
         action,
         operation,
+        rebalance: None,
     };
     let mut leaving: Vec<&PodView> = o
         .pods
@@ -208,6 +273,7 @@ fn scale_down(o: &Observed, current: i32) -> Plan {
         statefulset_replicas: o.desired_replicas,
         action: Action::Wait(Wait::Shrinking),
         operation: None,
+        rebalance: None,
     }
 }
 

@@ -1,6 +1,6 @@
 //! Table tests of the planner: observed pods → next action.
 
-use corvid_crds::{OperationPhase, OperationStatus};
+use corvid_crds::{OperationPhase, OperationStatus, PendingRebalance};
 use jiff::{SignedDuration, Timestamp};
 
 use super::*;
@@ -33,6 +33,9 @@ fn observed(pods: Vec<PodView>, target: &str) -> Observed {
     Observed {
         desired_replicas: 3,
         statefulset_replicas: Some(3),
+        replicas_before: Some(3),
+        rebalance_enabled: false,
+        pending_rebalance: None,
         update_revision: Some(target.to_string()),
         pods,
         operation: None,
@@ -72,7 +75,8 @@ fn converged_cluster_is_idle() {
         Plan {
             statefulset_replicas: 3,
             action: Action::Idle,
-            operation: None
+            operation: None,
+            rebalance: None,
         }
     );
 }
@@ -308,7 +312,8 @@ fn paused_holds_the_rollout() {
         Plan {
             statefulset_replicas: 3,
             action: Action::Paused,
-            operation: None
+            operation: None,
+            rebalance: None,
         }
     );
     o.operation = step(Evacuating, "demo-2", "r2", 5);
@@ -383,7 +388,8 @@ fn scale_down_evacuates_leaving_pods_highest_first_then_shrinks() {
         Plan {
             statefulset_replicas: 3,
             action: Action::Wait(Wait::Shrinking),
-            operation: None
+            operation: None,
+            rebalance: None,
         }
     );
 }
@@ -412,4 +418,168 @@ fn scale_up_is_immediate() {
         Action::Wait(Wait::ClusterNotReady),
         "new pods are awaited"
     );
+}
+
+fn pending(from: i32) -> Option<PendingRebalance> {
+    Some(PendingRebalance {
+        from_replicas: from,
+        since: ago(30).to_string(),
+    })
+}
+
+/// A scale-up from 3 to 5 with rebalancing on, as the reconcile after the spec change sees it.
+fn scale_up(pods: Vec<PodView>) -> Observed {
+    let mut o = observed(pods, "r1");
+    o.desired_replicas = 5;
+    o.statefulset_replicas = Some(5);
+    o.replicas_before = Some(5);
+    o.rebalance_enabled = true;
+    o
+}
+
+fn five_pods(ready: usize) -> Vec<PodView> {
+    (0..5)
+        .map(|i| {
+            let mut p = healthy(i, "r1");
+            if i as usize >= ready {
+                p.ready = false;
+                p.joined = Some(false);
+                p.created = Some(ago(5));
+            }
+            p
+        })
+        .collect()
+}
+
+/// (case, observed, expected action, expected pending rebalance in status)
+#[test]
+fn rebalance_after_scale_up_table() {
+    let asked = Action::Rebalance(vec!["demo-0".into(), "demo-1".into(), "demo-2".into()]);
+    let started = |mut o: Observed| {
+        o.replicas_before = Some(3);
+        o
+    };
+    let with = |mut o: Observed, p: Option<PendingRebalance>| {
+        o.pending_rebalance = p;
+        o
+    };
+    let disabled = |mut o: Observed| {
+        o.rebalance_enabled = false;
+        o
+    };
+    let cases: Vec<(&str, Observed, Action, Option<PendingRebalance>)> = vec![
+        (
+            "the scale-up starts: remembered from the old size, new pods not there yet",
+            started(scale_up(three("r1"))),
+            Action::Wait(Wait::ClusterNotReady),
+            Some(PendingRebalance {
+                from_replicas: 3,
+                since: NOW.parse::<Timestamp>().expect("now").to_string(),
+            }),
+        ),
+        (
+            "new pods starting: keep waiting, keep the record",
+            with(scale_up(five_pods(3)), pending(3)),
+            Action::Wait(Wait::ClusterNotReady),
+            pending(3),
+        ),
+        (
+            "one new pod Ready but not joined: still waiting",
+            with(
+                scale_up({
+                    let mut p = five_pods(5);
+                    p[4].joined = Some(false);
+                    p
+                }),
+                pending(3),
+            ),
+            Action::Wait(Wait::ClusterNotReady),
+            pending(3),
+        ),
+        (
+            "all Ready and joined: the old pods are asked, once",
+            with(scale_up(five_pods(5)), pending(3)),
+            asked.clone(),
+            None,
+        ),
+        (
+            "the next reconcile after the request is idle",
+            scale_up(five_pods(5)),
+            Action::Idle,
+            None,
+        ),
+        (
+            "a second scale-up before the first finished keeps the earliest size",
+            started(with(scale_up(five_pods(3)), pending(3))),
+            Action::Wait(Wait::ClusterNotReady),
+            pending(3),
+        ),
+        (
+            "rebalancing off: a scale-up is not remembered",
+            disabled(started(scale_up(three("r1")))),
+            Action::Wait(Wait::ClusterNotReady),
+            None,
+        ),
+        (
+            "rebalancing switched off meanwhile: the record is dropped, nobody asked",
+            disabled(with(scale_up(five_pods(5)), pending(3))),
+            Action::Idle,
+            None,
+        ),
+        (
+            "scaled back to the old size before the new pods came: nothing to rebalance",
+            {
+                let mut o = with(scale_up(three("r1")), pending(3));
+                o.desired_replicas = 3;
+                o.statefulset_replicas = Some(3);
+                o
+            },
+            Action::Idle,
+            None,
+        ),
+        (
+            "creation is no scale-up",
+            {
+                let mut o = scale_up(five_pods(5));
+                o.replicas_before = None;
+                o
+            },
+            Action::Idle,
+            None,
+        ),
+    ];
+    for (case, o, action, rebalance) in cases {
+        let p = plan(&o);
+        assert_eq!(p.action, action, "{case}");
+        assert_eq!(p.rebalance, rebalance, "{case}");
+    }
+}
+
+#[test]
+fn rebalance_waits_for_a_rollout_to_finish() {
+    // New pods came up at r2 while the old ones still run r1: the rollout goes first, the
+    // record stays until every pod is updated.
+    let mut o = with_revision(scale_up(five_pods(5)), "r2");
+    o.pending_rebalance = pending(3);
+    let p = plan(&o);
+    assert!(matches!(p.action, Action::Evacuate(_)), "{:?}", p.action);
+    assert_eq!(p.rebalance, pending(3));
+}
+
+#[test]
+fn paused_with_unready_pods_does_not_rebalance() {
+    let mut o = scale_up(five_pods(4));
+    o.paused = true;
+    o.pending_rebalance = pending(3);
+    let p = plan(&o);
+    assert_eq!(p.action, Action::Idle);
+    assert_eq!(p.rebalance, pending(3), "kept until the new pod joins");
+}
+
+fn with_revision(mut o: Observed, target: &str) -> Observed {
+    o.update_revision = Some(target.to_string());
+    for p in o.pods.iter_mut().filter(|p| p.ordinal >= 3) {
+        p.revision = Some(target.to_string());
+    }
+    o
 }

@@ -1,4 +1,5 @@
-//! Talking to broker pods through their admin API (evacuate, evacuation progress, cluster view).
+//! Talking to broker pods through their admin API (evacuate, evacuation progress, cluster view,
+//! rebalance).
 //! Behind a small trait so the reconcile logic can be exercised without real pods; the real
 //! implementation goes through the API server's pod proxy, which works both in-cluster and from a
 //! laptop with a kubeconfig.
@@ -105,6 +106,14 @@ pub trait BrokerAdmin: Send + Sync {
         namespace: &'a str,
         pod: &'a str,
     ) -> BoxFuture<'a, Result<ClusterView, PodTalkError>>;
+    /// `POST /api/v1/rebalance?rate=N` on `pod`: one balance check now, shedding at most
+    /// `rate` connections per second towards less-loaded members.
+    fn rebalance<'a>(
+        &'a self,
+        namespace: &'a str,
+        pod: &'a str,
+        rate: i32,
+    ) -> BoxFuture<'a, Result<(), PodTalkError>>;
 }
 
 /// Admin calls through the API server's pod proxy
@@ -141,6 +150,27 @@ impl ApiServerProxy {
 }
 
 impl BrokerAdmin for ApiServerProxy {
+    fn rebalance<'a>(
+        &'a self,
+        namespace: &'a str,
+        pod: &'a str,
+        rate: i32,
+    ) -> BoxFuture<'a, Result<(), PodTalkError>> {
+        Box::pin(async move {
+            // The broker reads the rate from the query string (an empty body is fine).
+            let path = format!("/api/v1/rebalance?rate={}", rate.max(1));
+            let req = Self::request(http::Method::POST, namespace, pod, &path, Vec::new())?;
+            self.client
+                .request_text(req)
+                .await
+                .map_err(|source| PodTalkError::Call {
+                    pod: pod.to_string(),
+                    source,
+                })?;
+            Ok(())
+        })
+    }
+
     fn evacuate<'a>(
         &'a self,
         namespace: &'a str,
@@ -148,8 +178,9 @@ impl BrokerAdmin for ApiServerProxy {
         rate: i32,
     ) -> BoxFuture<'a, Result<(), PodTalkError>> {
         Box::pin(async move {
-            let body = serde_json::json!({ "rate": rate }).to_string().into_bytes();
-            let req = Self::request(http::Method::POST, namespace, pod, "/api/v1/evacuate", body)?;
+            // The broker reads its options from the query string; a JSON body is ignored.
+            let path = format!("/api/v1/evacuate?rate={}", rate.max(1));
+            let req = Self::request(http::Method::POST, namespace, pod, &path, Vec::new())?;
             self.client
                 .request_text(req)
                 .await
@@ -240,5 +271,17 @@ mod tests {
             "/api/v1/namespaces/mqtt/pods/demo-2:18083/proxy/api/v1/evacuate"
         );
         assert_eq!(req.method(), http::Method::POST);
+        let req = ApiServerProxy::request(
+            http::Method::POST,
+            "mqtt",
+            "demo-0",
+            "/api/v1/rebalance?rate=100",
+            Vec::new(),
+        )
+        .expect("request");
+        assert_eq!(
+            req.uri().path_and_query().map(|p| p.as_str()),
+            Some("/api/v1/namespaces/mqtt/pods/demo-0:18083/proxy/api/v1/rebalance?rate=100")
+        );
     }
 }

@@ -112,6 +112,10 @@ pub fn compute(i: &StatusInputs) -> MqttClusterStatus {
             Some(plan) => plan.operation.clone(),
             None => i.previous.and_then(|p| p.operation.clone()),
         },
+        pending_rebalance: match i.plan {
+            Some(plan) => plan.rebalance.clone(),
+            None => i.previous.and_then(|p| p.pending_rebalance.clone()),
+        },
     }
 }
 
@@ -138,6 +142,14 @@ fn progressing(plan: Option<&Plan>) -> (bool, &'static str, String) {
             false,
             "RolloutBlocked",
             format!("waiting for a spec change or for {pod} to recover"),
+        ),
+        Action::Rebalance(pods) => (
+            false,
+            "Rebalancing",
+            format!(
+                "scale-up complete; {} asked to shed connections to the new pods",
+                pods.join(", ")
+            ),
         ),
         Action::Evacuate(pod) => (true, "Evacuating", format!("evacuating {pod}")),
         Action::DeletePod(pod) => (true, "ReplacingPod", format!("replacing {pod}")),

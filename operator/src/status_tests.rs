@@ -58,6 +58,7 @@ fn plan(action: Action) -> Plan {
         statefulset_replicas: 3,
         action,
         operation: None,
+        rebalance: None,
     }
 }
 
@@ -176,4 +177,30 @@ fn members_left_behind_by_a_scale_down_are_found() {
     // A pod that is merely being replaced is not a ghost.
     let all = [pod(0, "r2", true), pod(1, "r2", true), pod(2, "r2", false)];
     assert!(stale_members(&members, &all, "demo", 3).is_empty());
+}
+
+#[test]
+fn pending_rebalance_follows_the_plan_and_survives_an_invalid_spec() {
+    let pods = [pod(0, "r2", true), pod(1, "r2", true), pod(2, "r2", true)];
+    let record = corvid_crds::PendingRebalance {
+        from_replicas: 2,
+        since: "2026-01-01T00:00:00Z".into(),
+    };
+    let mut p = plan(Action::Wait(Wait::ClusterNotReady));
+    p.rebalance = Some(record.clone());
+    let s = compute(&inputs(&pods, Some(&p), None));
+    assert_eq!(s.pending_rebalance, Some(record.clone()));
+    // No plan (invalid spec): the record is kept as it was.
+    let kept = compute(&inputs(&pods, None, Some(&s)));
+    assert_eq!(kept.pending_rebalance, Some(record));
+    // The rebalance was requested: the record is cleared, and nothing is progressing.
+    let done = plan(Action::Rebalance(vec!["demo-0".into(), "demo-1".into()]));
+    let s = compute(&inputs(&pods, Some(&done), Some(&s)));
+    assert_eq!(s.pending_rebalance, None);
+    let c = get(&s, PROGRESSING);
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", "Rebalancing")
+    );
+    assert!(c.message.contains("demo-0, demo-1"), "{}", c.message);
 }

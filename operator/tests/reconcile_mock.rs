@@ -103,6 +103,14 @@ impl BrokerAdmin for NoBrokers {
     ) -> BoxFuture<'a, Result<ClusterView, PodTalkError>> {
         panic!("unexpected cluster query of {pod}")
     }
+    fn rebalance<'a>(
+        &'a self,
+        _: &'a str,
+        pod: &'a str,
+        _: i32,
+    ) -> BoxFuture<'a, Result<(), PodTalkError>> {
+        panic!("unexpected rebalance request to {pod}")
+    }
 }
 
 fn context(client: Client) -> Arc<Context> {

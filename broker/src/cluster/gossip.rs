@@ -1,6 +1,6 @@
 //! Membership and failure detection: chitchat (scuttlebutt gossip with phi-accrual failure
 //! detection) over UDP on the cluster port. Each node gossips a few keys about itself: its link
-//! address, admin address and state.
+//! address, admin address, MQTT address, state, and its session and connection counts.
 //!
 //! Gossip only admits nodes whose chitchat cluster id matches, and that id is derived from the
 //! cluster secret, so pods of another cluster never merge with this one. Gossip carries no
@@ -25,6 +25,10 @@ pub const KEY_LINK: &str = "link";
 pub const KEY_ADMIN: &str = "admin";
 /// Gossip key: number of sessions the node holds.
 pub const KEY_SESSIONS: &str = "sessions";
+/// Gossip key: number of live client connections (rebalancing compares them).
+pub const KEY_CONNECTIONS: &str = "connections";
+/// Gossip key: the node's MQTT address, sent as Server Reference when rebalancing.
+pub const KEY_MQTT: &str = "mqtt";
 /// Gossip key: `joining`, `ready`, `evacuating` or `left`.
 pub const KEY_STATE: &str = "state";
 

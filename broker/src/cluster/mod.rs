@@ -7,12 +7,15 @@
 //! - each node knows the others' route tables ([`routes`]) and forwards a message only to the
 //!   nodes with matching subscribers; a shared group gets one delivery per message cluster-wide;
 //! - a client id is unique cluster-wide: connecting on one node takes the session over from
-//!   another; evacuation hands every session to a peer before the node stops.
+//!   another; evacuation hands every session to a peer before the node stops;
+//! - after a scale-up, nodes holding more than their share of connections shed the surplus
+//!   towards the new members ([`rebalance`]).
 
 pub mod discovery;
 pub mod gossip;
 pub mod link;
 pub mod proto;
+pub mod rebalance;
 pub mod routes;
 pub mod secret;
 
@@ -91,6 +94,10 @@ pub struct ClusterMetrics {
     pub evacuation_remaining: IntGauge,
     /// Sessions a dead member held when it died (lost unless evacuated before).
     pub sessions_lost: IntCounter,
+    /// Connections moved away by rebalancing.
+    pub rebalance_moved: IntCounter,
+    /// Rebalancing rounds that moved connections.
+    pub rebalance_rounds: IntCounter,
 }
 
 impl ClusterMetrics {
@@ -141,6 +148,14 @@ impl ClusterMetrics {
                 "corvid_cluster_sessions_lost_total",
                 "Sessions held by members that died without evacuating",
             )?,
+            rebalance_moved: m.counter(
+                "corvid_rebalance_moved_total",
+                "Connections moved to less-loaded members by rebalancing",
+            )?,
+            rebalance_rounds: m.counter(
+                "corvid_rebalance_rounds_total",
+                "Rebalancing rounds that shed connections",
+            )?,
         })
     }
 }
@@ -173,6 +188,13 @@ pub struct Member {
     pub linked: bool,
 }
 
+/// What a peer gossips about its load.
+#[derive(Debug, Clone, Default)]
+struct PeerLoad {
+    connections: Option<u64>,
+    mqtt: Option<String>,
+}
+
 struct PendingTake {
     waiting: usize,
     found: bool,
@@ -197,6 +219,10 @@ pub struct Cluster {
     next_req: AtomicU64,
     share_rr: AtomicUsize,
     evacuation: Mutex<Evacuation>,
+    /// Peers' last gossiped live connection count and MQTT address, for rebalancing.
+    loads: Mutex<HashMap<String, PeerLoad>>,
+    /// Connection rebalancing after scale-up.
+    pub rebalancer: rebalance::Rebalancer,
     /// Metrics.
     pub metrics: ClusterMetrics,
     /// Cancelled on shutdown.
@@ -260,6 +286,8 @@ impl Cluster {
                 state: "idle",
                 ..Default::default()
             }),
+            loads: Mutex::new(HashMap::new()),
+            rebalancer: rebalance::Rebalancer::new(cfg.rebalance.enabled, cfg.rebalance.rate),
             metrics,
             shutdown: broker.shutdown.child_token(),
             started: Instant::now(),
@@ -271,6 +299,22 @@ impl Cluster {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
+        let mut initial = vec![
+            (gossip::KEY_LINK.into(), advertise.to_string()),
+            (
+                gossip::KEY_ADMIN.into(),
+                SocketAddr::new(advertise_ip, admin.port()).to_string(),
+            ),
+            (gossip::KEY_STATE.into(), "ready".into()),
+        ];
+        // Where clients reach this node directly: the Server Reference rebalancing sends.
+        let mqtt = &broker.config.listeners.mqtt;
+        if mqtt.enabled && mqtt.bind.port() != 0 {
+            initial.push((
+                gossip::KEY_MQTT.into(),
+                SocketAddr::new(advertise_ip, mqtt.bind.port()).to_string(),
+            ));
+        }
         let handle = gossip::start(
             &cluster.node,
             generation,
@@ -278,14 +322,7 @@ impl Cluster {
             advertise,
             seeds,
             &secret,
-            vec![
-                (gossip::KEY_LINK.into(), advertise.to_string()),
-                (
-                    gossip::KEY_ADMIN.into(),
-                    SocketAddr::new(advertise_ip, admin.port()).to_string(),
-                ),
-                (gossip::KEY_STATE.into(), "ready".into()),
-            ],
+            initial,
         )
         .await?;
         let _ = cluster.gossip.set(handle);
@@ -297,6 +334,7 @@ impl Cluster {
             ));
         }
         tokio::spawn(membership_loop(cluster.clone()));
+        tokio::spawn(rebalance::run(cluster.clone()));
         tracing::info!(node = %cluster.node, %advertise, discovery = ?cfg.discovery, "cluster layer started");
         Ok(cluster)
     }
@@ -738,33 +776,10 @@ impl Cluster {
             let Some(s) = remaining.into_iter().next() else {
                 break;
             };
-            let conn = s.state.lock().connection.clone();
-            if let Some(c) = conn {
-                c.kick.send(Kick::UseAnotherServer(reference.clone()));
-                // Wait (bounded) for the connection task to hand the session back.
-                let until = Instant::now() + Duration::from_secs(5);
-                while s
-                    .state
-                    .lock()
-                    .connection
-                    .as_ref()
-                    .is_some_and(|x| x.id == c.id)
-                    && Instant::now() < until
-                {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            }
-            let persistent = {
-                let st = s.state.lock();
-                !st.ended && st.expiry > 0 && st.connection.is_none()
-            };
-            if persistent && !peers.is_empty() {
-                let to = &peers[rr % peers.len()];
+            let to = (!peers.is_empty()).then(|| peers[rr % peers.len()].as_str());
+            if self.move_client(&b, &s, reference.clone(), to).await {
                 rr += 1;
-                if let Some(snap) = self.give_up_session(&b, &s.client_id, false, to) {
-                    self.send(to, Frame::Handoff(Box::new(snap)));
-                    handed += 1;
-                }
+                handed += 1;
             }
             tokio::time::sleep(interval).await;
         }
@@ -776,6 +791,83 @@ impl Cluster {
             remaining = e.remaining_sessions,
             "evacuation done"
         );
+    }
+
+    /// Moves one client off this node: its connection (if any) is told to use another server
+    /// (MQTT 5: DISCONNECT 0x9C with `reference`; 3.1.1: closed), and once the connection task
+    /// has handed the session back, a persistent session is handed to `to` so the client finds
+    /// it there with its queued messages. Returns whether the session was handed off (a client
+    /// that reconnected elsewhere first has taken it over already).
+    async fn move_client(
+        self: &Arc<Self>,
+        b: &Arc<Broker>,
+        s: &Arc<Session>,
+        reference: Option<ByteString>,
+        to: Option<&str>,
+    ) -> bool {
+        let conn = s.state.lock().connection.clone();
+        if let Some(c) = conn {
+            c.kick.send(Kick::UseAnotherServer(reference));
+            // Wait (bounded) for the connection task to hand the session back.
+            let until = Instant::now() + Duration::from_secs(5);
+            while s
+                .state
+                .lock()
+                .connection
+                .as_ref()
+                .is_some_and(|x| x.id == c.id)
+                && Instant::now() < until
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        let persistent = {
+            let st = s.state.lock();
+            !st.ended && st.expiry > 0 && st.connection.is_none()
+        };
+        let Some(to) = to.filter(|_| persistent) else {
+            return false;
+        };
+        match self.give_up_session(b, &s.client_id, false, to) {
+            Some(snap) => {
+                self.send(to, Frame::Handoff(Box::new(snap)));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Members that may receive rebalanced connections, with their gossiped counts: ready
+    /// (joined, not evacuating), linked, and reporting a count.
+    fn rebalance_targets(&self) -> Vec<rebalance::Load> {
+        let ready = self.ready_peers();
+        let loads = self.loads.lock();
+        ready
+            .into_iter()
+            .filter_map(|node| {
+                let connections = loads.get(&node)?.connections?;
+                Some(rebalance::Load { node, connections })
+            })
+            .collect()
+    }
+
+    /// The MQTT address `node` gossips, for the Server Reference of a moved client.
+    fn mqtt_addr_of(&self, node: &str) -> Option<String> {
+        self.loads.lock().get(node)?.mqtt.clone()
+    }
+
+    /// Asks for a rebalance check now (`POST /api/v1/rebalance`).
+    pub fn rebalance_now(&self, rate: Option<u32>) {
+        self.rebalancer.trigger(rate);
+    }
+
+    /// Rebalancing state (`GET /api/v1/rebalance`).
+    pub fn rebalance_status(&self) -> rebalance::Status {
+        let own = self
+            .broker()
+            .map(|b| b.metrics.connections.get().max(0) as u64)
+            .unwrap_or(0);
+        self.rebalancer.status(own, &self.rebalance_targets())
     }
 
     /// Peers that are linked and ready to take sessions.
@@ -819,6 +911,7 @@ async fn membership_loop(cluster: Arc<Cluster>) {
     let mut sessions_of: HashMap<String, u64> = HashMap::new();
     let mut left: HashSet<String> = HashSet::new();
     let mut own_sessions = u64::MAX;
+    let mut own_connections = u64::MAX;
     loop {
         // Publish our session count, so survivors can tell how many sessions a dead node held.
         if let Some(b) = cluster.broker() {
@@ -828,12 +921,27 @@ async fn membership_loop(cluster: Arc<Cluster>) {
                 g.with_chitchat(|c| c.self_node_state().set(gossip::KEY_SESSIONS, n))
                     .await;
             }
+            // And our live connections, which rebalancing compares.
+            let n = b.metrics.connections.get().max(0) as u64;
+            if n != own_connections {
+                own_connections = n;
+                g.with_chitchat(|c| c.self_node_state().set(gossip::KEY_CONNECTIONS, n))
+                    .await;
+            }
         }
+        let mut loads: HashMap<String, PeerLoad> = HashMap::new();
         let snapshot: Vec<(String, String, Option<String>, Option<u64>)> = watcher
             .borrow_and_update()
             .iter()
             .filter(|(id, _)| *id.node_id != *cluster.node)
             .map(|(id, st)| {
+                loads.insert(
+                    id.node_id.to_string(),
+                    PeerLoad {
+                        connections: st.get(gossip::KEY_CONNECTIONS).and_then(|v| v.parse().ok()),
+                        mqtt: st.get(gossip::KEY_MQTT).map(str::to_string),
+                    },
+                );
                 (
                     id.node_id.to_string(),
                     st.get(gossip::KEY_STATE).unwrap_or("joining").to_string(),
@@ -842,6 +950,7 @@ async fn membership_loop(cluster: Arc<Cluster>) {
                 )
             })
             .collect();
+        *cluster.loads.lock() = loads;
         let mut now: HashMap<String, (String, Option<String>)> = HashMap::new();
         for (name, state, link, sessions) in snapshot {
             if let Some(n) = sessions {

@@ -115,6 +115,8 @@ pub struct NodeSpec {
     pub secret: String,
     /// Command run in front of the broker (`ip netns exec NS`, `unshare …`).
     pub wrapper: Vec<String>,
+    /// More YAML lines of the `cluster:` section, each indented two spaces (`rebalance: …`).
+    pub cluster_extra: String,
 }
 
 /// One running broker process.
@@ -164,7 +166,7 @@ impl Node {
              admin: {{ bind: \"{bind}:{admin}\" }}\n\
              sys: {{ enabled: false }}\n\
              shutdown: {{ drain_timeout: 5 }}\n\
-             cluster:\n  port: {cport}\n  bind: \"{bind}\"\n  advertise: \"{ip}\"\n  discovery: {discovery}\n{peers}  secret_file: \"{secret}\"\n",
+             cluster:\n  port: {cport}\n  bind: \"{bind}\"\n  advertise: \"{ip}\"\n  discovery: {discovery}\n{peers}  secret_file: \"{secret}\"\n{extra}",
             name = s.name,
             bind = s.bind,
             ip = s.ip,
@@ -172,6 +174,7 @@ impl Node {
             admin = s.admin,
             cport = s.cluster,
             secret = secret.display(),
+            extra = s.cluster_extra,
         );
         let cfg = self.dir.join(format!("{}.yaml", s.name));
         fs::write(&cfg, yaml).expect("write config");
@@ -418,6 +421,15 @@ impl Cluster {
     /// `n` nodes on 127.0.0.1 with static discovery of each other.
     pub fn static_loopback(n: usize) -> Cluster {
         let mut c = Cluster::empty();
+        for spec in Cluster::static_loopback_specs(n) {
+            c.add(spec);
+        }
+        c
+    }
+
+    /// The specs of `n` nodes on 127.0.0.1 that list each other as static peers, not started
+    /// (a test adjusts them and starts some later, as a scale-up does).
+    pub fn static_loopback_specs(n: usize) -> Vec<NodeSpec> {
         let lo = [Ipv4Addr::LOCALHOST];
         let ports: Vec<(u16, u16, u16)> = (0..n)
             .map(|_| (free_port(&lo), free_port(&lo), free_port(&lo)))
@@ -426,8 +438,10 @@ impl Cluster {
             .iter()
             .map(|(_, _, cl)| format!("127.0.0.1:{cl}"))
             .collect();
-        for (i, (mqtt, admin, cluster)) in ports.into_iter().enumerate() {
-            c.add(NodeSpec {
+        ports
+            .into_iter()
+            .enumerate()
+            .map(|(i, (mqtt, admin, cluster))| NodeSpec {
                 name: format!("n{}", i + 1),
                 ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
                 bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -437,9 +451,9 @@ impl Cluster {
                 discover: Discover::Static(peers.clone()),
                 secret: SECRET.into(),
                 wrapper: Vec::new(),
-            });
-        }
-        c
+                cluster_extra: String::new(),
+            })
+            .collect()
     }
 
     /// Starts one more node.
