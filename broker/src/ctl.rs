@@ -58,6 +58,29 @@ enum CtlCommand {
         #[command(subcommand)]
         command: TraceCommand,
     },
+    /// Cluster members as this node sees them.
+    Cluster,
+    /// Move every client and session off this node before it stops (with --status: progress).
+    Evacuate {
+        /// Only show the evacuation's progress.
+        #[arg(long)]
+        status: bool,
+        /// Clients moved per second.
+        #[arg(long)]
+        rate: Option<u32>,
+        /// Server reference sent to MQTT 5 clients with DISCONNECT 0x9C.
+        #[arg(long)]
+        server_reference: Option<String>,
+    },
+    /// Shed connections to less-loaded members now (with --status: the rebalancer's state).
+    Rebalance {
+        /// Only show the rebalancer's state.
+        #[arg(long)]
+        status: bool,
+        /// Clients moved per second.
+        #[arg(long)]
+        rate: Option<u32>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -280,6 +303,61 @@ async fn exec(api: &Api, as_json: bool, cmd: CtlCommand) -> anyhow::Result<()> {
                 .json(Method::DELETE, &["clients", &id], &[], None)
                 .await?;
             (v, format!("kicked {id}\n"))
+        }
+        CtlCommand::Cluster => {
+            let v = api.json(Method::GET, &["cluster"], &[], None).await?;
+            let rows = list(&v["members"])
+                .iter()
+                .map(|m| {
+                    vec![
+                        s(&m["name"]),
+                        s(&m["state"]),
+                        s(&m["addr"]),
+                        s(&m["linked"]),
+                        s(&m["routes"]),
+                    ]
+                })
+                .collect();
+            let t = format!(
+                "node {} (synced: {})\n{}",
+                s(&v["node"]),
+                s(&v["synced"]),
+                table(&["MEMBER", "STATE", "ADDR", "LINKED", "ROUTES"], rows)
+            );
+            (v, t)
+        }
+        CtlCommand::Evacuate {
+            status,
+            rate,
+            server_reference,
+        } => {
+            let mut query = Vec::new();
+            if let Some(r) = rate {
+                query.push(("rate", r.to_string()));
+            }
+            if let Some(r) = server_reference {
+                query.push(("server_reference", r));
+            }
+            let method = if status { Method::GET } else { Method::POST };
+            let v = api.json(method, &["evacuate"], &query, None).await?;
+            let t = format!(
+                "evacuation {}: {} clients and {} sessions left, {} handed off\n",
+                s(&v["state"]),
+                s(&v["remaining_clients"]),
+                s(&v["remaining_sessions"]),
+                s(&v["handed_off"])
+            );
+            (v, t)
+        }
+        CtlCommand::Rebalance { status, rate } => {
+            let query: Vec<(&str, String)> =
+                rate.map(|r| ("rate", r.to_string())).into_iter().collect();
+            let method = if status { Method::GET } else { Method::POST };
+            let v = api.json(method, &["rebalance"], &query, None).await?;
+            (
+                v.clone(),
+                format!("{}\n", serde_json::to_string_pretty(&v)?),
+            )
         }
         CtlCommand::Subscriptions => {
             let v = api.json(Method::GET, &["subscriptions"], &[], None).await?;

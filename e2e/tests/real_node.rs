@@ -85,6 +85,32 @@ async fn three_real_broker_pods_form_a_cluster_and_route_messages_between_pods()
         String::from_utf8_lossy(&logs.stderr)
     );
 
+    // `kubectl exec` streams through the kubelet; the image has no shell, the broker binary is
+    // its own admin client.
+    let exec = kubectl(
+        &[
+            "-n",
+            &ns.name,
+            "exec",
+            pod0,
+            "--",
+            "corvid-broker",
+            "ctl",
+            "--json",
+            "cluster",
+        ],
+        None,
+    )
+    .unwrap();
+    let out = String::from_utf8_lossy(&exec.stdout);
+    assert!(
+        exec.status.success(),
+        "kubectl exec {pod0} -- corvid-broker ctl cluster: {out}{}",
+        String::from_utf8_lossy(&exec.stderr)
+    );
+    let view: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(view["members"].as_array().map(Vec::len), Some(3), "{view}");
+
     ns.delete().await.unwrap();
 }
 
