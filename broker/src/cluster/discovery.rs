@@ -1,4 +1,6 @@
-//! Finding peers: a static list, DNS of a headless Service (re-resolved by gossip every round),
+//! Finding peers: a static list, DNS of a headless Service (re-resolved every 2 s, because
+//! gossip alone re-resolves its seeds only once a minute and a pod that starts before its peers'
+//! records exist would stay alone that long),
 //! or the EndpointSlices of the headless Service read from the Kubernetes API with the pod's
 //! service-account token. Not-ready endpoints count too, so a starting pod can sync before it
 //! is marked Ready.
@@ -104,6 +106,36 @@ pub async fn kubernetes_loop(cluster: Arc<Cluster>, cfg: ClusterConfig, port: u1
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(3)) => {}
+            _ = cluster.shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Resolves the headless Service's name every 2 s and introduces every address to gossip.
+pub async fn dns_loop(cluster: Arc<Cluster>, name: String, port: u16) {
+    let target = if name.contains(':') {
+        name
+    } else {
+        format!("{name}:{port}")
+    };
+    let mut logged_error = false;
+    loop {
+        match tokio::net::lookup_host(target.as_str()).await {
+            Ok(addrs) => {
+                logged_error = false;
+                for addr in addrs {
+                    cluster.gossip_with(addr);
+                }
+            }
+            // Expected while the Service has no endpoints yet; said once, not every round.
+            Err(e) if !logged_error => {
+                tracing::info!(error = %e, name = %target, "dns discovery: no records yet; retrying");
+                logged_error = true;
+            }
+            Err(_) => {}
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
             _ = cluster.shutdown.cancelled() => return,
         }
     }

@@ -333,6 +333,9 @@ impl Cluster {
                 port,
             ));
         }
+        if let (Discovery::Dns, Some(name)) = (cfg.discovery, cfg.dns_name.clone()) {
+            tokio::spawn(discovery::dns_loop(cluster.clone(), name, port));
+        }
         tokio::spawn(membership_loop(cluster.clone()));
         tokio::spawn(rebalance::run(cluster.clone()));
         tracing::info!(node = %cluster.node, %advertise, discovery = ?cfg.discovery, "cluster layer started");
