@@ -24,9 +24,11 @@ use super::{backoff_delay, pause, Bridge, LinkState, Outgoing};
 use crate::broker::Broker;
 use crate::config::{KafkaBridgeConfig, KafkaKey};
 
-/// How long one Kafka operation (connect, metadata, produce) may retry internally before the
-/// bridge reports it and backs off itself.
+/// How long one Kafka operation (metadata, produce) may retry internally before the bridge
+/// reports it and backs off itself.
 const OP_DEADLINE: Duration = Duration::from_secs(10);
+/// How long connecting may take before the bridge reports Kafka unreachable.
+const CONNECT_DEADLINE: Duration = Duration::from_secs(3);
 
 /// Runs one Kafka bridge until the broker shuts down.
 pub async fn run(broker: Arc<Broker>, bridge: Arc<Bridge>, cfg: KafkaBridgeConfig) {
@@ -59,7 +61,7 @@ async fn session(
         deadline: Some(OP_DEADLINE),
     };
     let built = tokio::time::timeout(
-        OP_DEADLINE,
+        CONNECT_DEADLINE,
         ClientBuilder::new(cfg.bootstrap.clone())
             .client_id(format!("corvid-{}", cfg.name))
             .backoff_config(backoff)

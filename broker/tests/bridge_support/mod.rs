@@ -158,3 +158,66 @@ pub fn sample(text: &str, name: &str, bridge: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(&prefix))
         .and_then(|v| v.trim().parse().ok())
 }
+
+/// A server started through `scripts/services` (Kafka, RabbitMQ), stopped on drop.
+pub struct Service {
+    kind: &'static str,
+    /// Its client port on 127.0.0.1.
+    pub port: u16,
+    running: bool,
+}
+
+fn services_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/services")
+}
+
+impl Service {
+    /// Runs `scripts/services start <kind> --port <port>`; `None` (after [`unavailable`]) when
+    /// the server cannot start here.
+    pub async fn start(kind: &'static str, port: u16) -> Option<Service> {
+        let script = services_script();
+        let out = tokio::process::Command::new(&script)
+            .args(["start", kind, "--port", &port.to_string()])
+            .stdin(Stdio::null())
+            .output()
+            .await;
+        match out {
+            Ok(o) if o.status.success() => Some(Service {
+                kind,
+                port,
+                running: true,
+            }),
+            Ok(o) => {
+                unavailable(&format!(
+                    "{kind} could not start: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ));
+                None
+            }
+            Err(e) => {
+                unavailable(&format!("cannot run {}: {e}", script.display()));
+                None
+            }
+        }
+    }
+
+    /// Stops it now (the remote going away).
+    pub fn stop(&mut self) {
+        if !self.running {
+            return;
+        }
+        let _ = Command::new(services_script())
+            .args(["stop", self.kind, "--port", &self.port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        self.running = false;
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
