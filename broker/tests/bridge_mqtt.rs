@@ -13,7 +13,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use bridge_support::{bridge, free_port, sample, super_wait, wait_state, Mosquitto};
+use bridge_support::{bridge, free_port, sample, super_wait, wait_state, Mosquitto, Service};
 use common::{assert_serving, http_get, v3, within, Bystander};
 use corvid_broker::bridge::LinkState;
 use corvid_broker::config::{
@@ -441,4 +441,68 @@ fn device_tls(pki: &HubPki) -> tokio_rustls::rustls::ClientConfig {
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)
         .expect("client auth")
+}
+
+#[tokio::test]
+async fn bridge_to_rabbitmq_mqtt_plugin() {
+    let port = free_port();
+    let Some(_rabbit) = Service::start("rabbitmq", port).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).expect("password file");
+        p
+    };
+    // `scripts/services` configures user corvid / corvid-secret and no anonymous access.
+    let mut rabbit = bridge_to("rabbit", "127.0.0.1", port);
+    rabbit.remote.username = Some("corvid".into());
+    rabbit.remote.password_file = Some(secret("good", "corvid-secret"));
+    rabbit.ingress = vec![MqttIngressRule {
+        remote_filter: "cmd/#".into(),
+        local_prefix: "rabbit/".into(),
+        qos: 1,
+    }];
+    let mut bad = bridge_to("rabbit-bad", "127.0.0.1", port);
+    bad.remote.username = Some("corvid".into());
+    bad.remote.password_file = Some(secret("bad", "nope"));
+    let running = start_with_bridges(vec![rabbit, bad]).await;
+    wait_state(&running, "rabbit", LinkState::Up).await;
+    wait_state(&running, "rabbit-bad", LinkState::Refused).await;
+
+    let mut opts = v3::options(
+        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        "observer",
+    );
+    opts.set_credentials("corvid", "corvid-secret");
+    let (mut observer, _) = v3::connect(opts).await;
+    observer.subscribe("corvid/#", QoS::AtLeastOnce).await;
+    let mut local = v3::client(common::mqtt(&running), "local").await;
+    local.subscribe("rabbit/#", QoS::AtLeastOnce).await;
+    for i in 0..10 {
+        local
+            .publish("sensors/r", QoS::AtLeastOnce, false, &format!("r{i}"))
+            .await;
+    }
+    let got = observer.publishes(10).await;
+    let payloads: Vec<&str> = got.iter().map(|(_, p, _)| p.as_str()).collect();
+    let want: Vec<String> = (0..10).map(|i| format!("r{i}")).collect();
+    assert_eq!(payloads, want);
+    assert!(got.iter().all(|(t, _, _)| t == "corvid/sensors/r"));
+    observer
+        .publish("cmd/fan", QoS::AtLeastOnce, false, "on")
+        .await;
+    let (topic, payload, _) = local.publishes(1).await.remove(0);
+    assert_eq!((topic.as_str(), payload.as_str()), ("rabbit/cmd/fan", "on"));
+    let r = bridge(&running, "rabbit");
+    super_wait("10 sent", WAIT, || r.metrics.sent.get() == 10).await;
+    let st = bridge(&running, "rabbit-bad").status();
+    assert!(
+        st.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("refused the connection")),
+        "{st:?}"
+    );
+    common::stop(running).await;
 }
