@@ -1536,6 +1536,96 @@ persistence: { data_dir: /var/lib/corvid }
     }
 
     #[test]
+    fn bridges_load_with_defaults() {
+        let c = load_str(
+            r##"
+bridges:
+  mqtt:
+    - name: hub
+      remote: { host: hub.example, port: 8883, tls: { ca_file: /ca.pem, cert_file: /c.pem, key_file: /k.pem } }
+      egress: [{ local_filter: "sensors/#", remote_prefix: "site/" }]
+  kafka:
+    - { name: events, bootstrap: ["k:9092"], topic: mqtt-events, filters: ["#"], key: topic }
+"##,
+            vec![],
+        )
+        .expect("loads");
+        let m = &c.bridges.mqtt[0];
+        assert_eq!(m.egress[0].qos, 1);
+        assert!(m.remote.clean_start);
+        assert_eq!(m.buffer.max_messages, 10_000);
+        let k = &c.bridges.kafka[0];
+        assert_eq!(k.key, KafkaKey::Topic);
+        assert_eq!(k.acks, KafkaAcks::All);
+        assert_eq!(k.batch.max_messages, 500);
+    }
+
+    #[test]
+    fn bad_bridge_fields_are_named() {
+        let err = load_str(
+            "bridges:\n  mqtt:\n    - { name: a, remote: { hots: x }, egress: [] }\n",
+            vec![],
+        )
+        .expect_err("typo");
+        assert!(err.to_string().contains("bridges.mqtt[0].remote"), "{err}");
+        assert!(err.to_string().contains("hots"), "{err}");
+        let cases = [
+            (
+                "{ name: a, remote: { host: h }, egress: [{ local_filter: \"a/#\", qos: 3 }] }",
+                "bridges.mqtt[0].egress[0].qos",
+            ),
+            (
+                "{ name: a, remote: { host: h }, egress: [{ local_filter: \"a/#/b\" }] }",
+                "bridges.mqtt[0].egress[0].local_filter",
+            ),
+            ("{ name: a, remote: { host: h } }", "bridges.mqtt[0].egress"),
+            ("{ name: \"a b\", remote: { host: h } }", "bridges.mqtt[0].name"),
+            (
+                "{ name: a, remote: { host: h, tls: { cert_file: /c } }, ingress: [{ remote_filter: x }] }",
+                "bridges.mqtt[0].remote.tls",
+            ),
+        ];
+        for (bridge, field) in cases {
+            let err = load_str(&format!("bridges:\n  mqtt:\n    - {bridge}\n"), vec![])
+                .expect_err(bridge);
+            assert!(err.to_string().contains(field), "{bridge}: {err}");
+        }
+        let kafka = [
+            (
+                "{ name: k, bootstrap: [k], topic: t, filters: [\"#\"] }",
+                "bootstrap[0]",
+            ),
+            (
+                "{ name: k, bootstrap: [\"k:1\"], topic: \"a b\", filters: [\"#\"] }",
+                "topic",
+            ),
+            (
+                "{ name: k, bootstrap: [\"k:1\"], topic: t, filters: [] }",
+                "filters",
+            ),
+            (
+                "{ name: k, bootstrap: [\"k:1\"], topic: t, filters: [\"#\"], acks: leader }",
+                "acks",
+            ),
+        ];
+        for (bridge, field) in kafka {
+            let err = load_str(&format!("bridges:\n  kafka:\n    - {bridge}\n"), vec![])
+                .expect_err(bridge);
+            assert!(
+                err.to_string()
+                    .contains(&format!("bridges.kafka[0].{field}")),
+                "{bridge}: {err}"
+            );
+        }
+        let err = load_str(
+            "bridges:\n  mqtt:\n    - { name: x, remote: { host: h }, egress: [{ local_filter: a }] }\n  kafka:\n    - { name: x, bootstrap: [\"k:1\"], topic: t, filters: [a] }\n",
+            vec![],
+        )
+        .expect_err("duplicate name");
+        assert!(err.to_string().contains("bridges.kafka[0].name"), "{err}");
+    }
+
+    #[test]
     fn example_is_valid_and_complete() {
         let v: serde_yaml::Value = serde_yaml::from_str(EXAMPLE).expect("example parses");
         let c: Config = serde_yaml::from_value(v).expect("example matches schema");
