@@ -773,7 +773,7 @@ pub struct MqttRemoteConfig {
     pub tls: Option<BridgeTlsConfig>,
     /// User name sent in CONNECT.
     pub username: Option<String>,
-    /// File holding the password (a mounted Secret), read at start.
+    /// File holding the password (a mounted Secret), re-read before every reconnect.
     pub password_file: Option<PathBuf>,
     /// Client id at the remote; default `corvid-<bridge>-<node>`.
     pub client_id: Option<String>,

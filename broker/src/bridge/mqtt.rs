@@ -301,6 +301,12 @@ async fn drive(
                     return;
                 }
                 attempt = attempt.saturating_add(1);
+                // Read the password and certificates again: a rotated Secret (or a renewed
+                // client certificate) takes effect on the next connect, without a restart.
+                match options(cfg, &broker.node) {
+                    Ok(o) => eventloop.mqtt_options = o,
+                    Err(e) => bridge.set_state(LinkState::Error, Some(e.to_string())),
+                }
             }
         }
     }
