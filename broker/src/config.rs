@@ -1006,10 +1006,13 @@ impl BridgesConfig {
                 qos_ok(&format!("{at}.egress[{j}].qos"), r.qos)?;
             }
             for (j, r) in b.ingress.iter().enumerate() {
-                filter_ok(
-                    &format!("{at}.ingress[{j}].remote_filter"),
-                    &r.remote_filter,
-                )?;
+                // A shared subscription at the remote is how a cluster takes each remote
+                // message once instead of once per pod.
+                let field = format!("{at}.ingress[{j}].remote_filter");
+                match crate::topic::parse_filter(&r.remote_filter) {
+                    Ok(f) if f.group.is_some() => filter_ok(&field, f.filter)?,
+                    _ => filter_ok(&field, &r.remote_filter)?,
+                }
                 prefix_ok(&format!("{at}.ingress[{j}].local_prefix"), &r.local_prefix)?;
                 qos_ok(&format!("{at}.ingress[{j}].qos"), r.qos)?;
             }

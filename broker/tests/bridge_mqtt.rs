@@ -506,3 +506,78 @@ async fn bridge_to_rabbitmq_mqtt_plugin() {
     );
     common::stop(running).await;
 }
+
+#[tokio::test]
+async fn shared_ingress_takes_each_remote_message_once_per_cluster() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(remote) = Mosquitto::start(dir.path(), free_port(), "allow_anonymous true").await
+    else {
+        return;
+    };
+    // Two bridges with one shared subscription stand for two pods of a cluster.
+    let pod = |name: &str| {
+        let mut b = bridge_to(name, "127.0.0.1", remote.port);
+        b.egress.clear();
+        b.ingress = vec![MqttIngressRule {
+            remote_filter: "$share/corvid/cmd/#".into(),
+            local_prefix: "in/".into(),
+            qos: 1,
+        }];
+        b
+    };
+    let running = start_with_bridges(vec![pod("pod-0"), pod("pod-1")]).await;
+    wait_state(&running, "pod-0", LinkState::Up).await;
+    wait_state(&running, "pod-1", LinkState::Up).await;
+    let (a, b) = (bridge(&running, "pod-0"), bridge(&running, "pod-1"));
+    let mut local = v3::client(common::mqtt(&running), "local").await;
+    local.subscribe("in/#", QoS::AtLeastOnce).await;
+    let mut sender = v3::client(remote.addr(), "sender").await;
+    // The bridges subscribe just after their CONNACK: probe until both take messages
+    // (mosquitto spreads a shared subscription's messages over its members).
+    let until = tokio::time::Instant::now() + WAIT;
+    while a.metrics.received.get() == 0 || b.metrics.received.get() == 0 {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "both shared members active"
+        );
+        sender
+            .publish("cmd/probe", QoS::AtLeastOnce, false, "p")
+            .await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for i in 0..10 {
+        sender
+            .publish(&format!("cmd/{i}"), QoS::AtLeastOnce, false, "x")
+            .await;
+    }
+    sender
+        .publish("cmd/end", QoS::AtLeastOnce, false, "end")
+        .await;
+    // Everything but the probes, until the end marker and all ten have arrived.
+    let mut seen: std::collections::BTreeMap<String, usize> = Default::default();
+    while seen.len() < 11 {
+        let (topic, _, _) = local.publishes(1).await.remove(0);
+        if topic != "in/cmd/probe" {
+            *seen.entry(topic).or_default() += 1;
+        }
+    }
+    // One more round trip: a late duplicate would arrive before this.
+    sender
+        .publish("cmd/last", QoS::AtLeastOnce, false, "l")
+        .await;
+    loop {
+        let (topic, _, _) = local.publishes(1).await.remove(0);
+        if topic == "in/cmd/last" {
+            break;
+        }
+        if topic != "in/cmd/probe" {
+            *seen.entry(topic).or_default() += 1;
+        }
+    }
+    assert!(
+        seen.values().all(|n| *n == 1),
+        "each remote message once: {seen:?}"
+    );
+    assert!(seen.contains_key("in/cmd/end") && seen.contains_key("in/cmd/9"));
+    common::stop(running).await;
+}

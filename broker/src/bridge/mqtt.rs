@@ -337,11 +337,13 @@ fn subscribe(client: &AsyncClient, cfg: &MqttBridgeConfig) {
 /// Publishes a remote message here under the first matching ingress rule's prefix.
 fn ingress(broker: &Broker, bridge: &Bridge, cfg: &MqttBridgeConfig, p: rumqttc::Publish) {
     let remote_topic = p.topic.as_str();
-    let Some(rule) = cfg
-        .ingress
-        .iter()
-        .find(|r| crate::topic::matches(&r.remote_filter, remote_topic))
-    else {
+    let Some(rule) = cfg.ingress.iter().find(|r| {
+        // `$share/<group>/<filter>` at the remote matches like `<filter>`.
+        let filter = crate::topic::parse_filter(&r.remote_filter)
+            .map(|f| f.filter)
+            .unwrap_or(&r.remote_filter);
+        crate::topic::matches(filter, remote_topic)
+    }) else {
         return;
     };
     let topic = format!("{}{remote_topic}", rule.local_prefix);
