@@ -388,7 +388,14 @@ async fn tls_with_client_certificate_like_an_iot_hub() {
         refused.metrics.failed.get() >= 1 && refused.status().last_error.is_some()
     })
     .await;
-    assert_ne!(refused.state(), LinkState::Up);
+    wait_state(&running, "nocert", LinkState::Refused).await;
+    let st = refused.status();
+    assert!(
+        st.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("requires a client certificate")),
+        "{st:?}"
+    );
 
     // The test's own device client, also with the client certificate, watches the hub.
     let mut opts = rumqttc::MqttOptions::new("watcher", "localhost", remote.port);

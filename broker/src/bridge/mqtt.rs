@@ -292,8 +292,10 @@ async fn drive(
             Err(e) => {
                 bridge.metrics.failed.inc();
                 let state = match &e {
-                    ConnectionError::ConnectionRefused(_) => LinkState::Refused,
-                    ConnectionError::Tls(_) => LinkState::Refused,
+                    ConnectionError::ConnectionRefused(_) | ConnectionError::Tls(_) => {
+                        LinkState::Refused
+                    }
+                    e if tls_alert(e).is_some() => LinkState::Refused,
                     _ => LinkState::Down,
                 };
                 bridge.set_state(state, Some(describe(&e)));
@@ -368,8 +370,29 @@ fn ingress(broker: &Broker, bridge: &Bridge, cfg: &MqttBridgeConfig, p: rumqttc:
     broker.publish(Arc::new(msg));
 }
 
+/// The TLS alert the remote sent, if that is why the connection ended. With TLS 1.3 a server
+/// that rejects the client certificate says so only after the handshake, so the alert
+/// surfaces as a read error rather than as a handshake failure.
+fn tls_alert(e: &ConnectionError) -> Option<String> {
+    let text = e.to_string();
+    let (_, alert) = text.split_once("received fatal alert: ")?;
+    Some(alert.to_string())
+}
+
 /// One line a person can act on.
 fn describe(e: &ConnectionError) -> String {
+    if let Some(alert) = tls_alert(e) {
+        let hint = match alert.as_str() {
+            "CertificateRequired" => {
+                " (the remote requires a client certificate: set tls.cert_file and tls.key_file)"
+            }
+            "BadCertificate" | "UnknownCA" | "CertificateUnknown" => {
+                " (the remote does not accept this client certificate)"
+            }
+            _ => "",
+        };
+        return format!("the remote rejected the TLS session: {alert}{hint}");
+    }
     match e {
         ConnectionError::ConnectionRefused(code) => {
             let why = match code {
