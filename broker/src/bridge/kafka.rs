@@ -71,7 +71,12 @@ async fn session(
     let client = match built {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return (LinkState::Down, format!("cannot reach Kafka: {e}")),
-        Err(_) => return (LinkState::Down, "connecting to Kafka timed out".into()),
+        Err(_) => {
+            return (
+                LinkState::Down,
+                format!("cannot reach Kafka: no answer within {CONNECT_DEADLINE:?}"),
+            )
+        }
     };
     let topics = match tokio::time::timeout(OP_DEADLINE, client.list_topics()).await {
         Ok(Ok(t)) => t,
