@@ -149,7 +149,11 @@ async fn session(
                 continue;
             }
             let records: Vec<Record> = items.iter().map(|o| record(cfg.key, o)).collect();
-            let pc = &partitions[p];
+            // `partition_for` is below `partitions.len()`, and Kafka numbers partitions 0..n.
+            let Some(pc) = partitions.get(p) else {
+                unsent.extend(items);
+                continue;
+            };
             let res =
                 tokio::time::timeout(OP_DEADLINE, pc.produce(records, Compression::NoCompression))
                     .await;
@@ -165,9 +169,11 @@ async fn session(
                 }
             }
         }
-        if let Some(why) = failure {
+        if !unsent.is_empty() {
             unsent.sort_by_key(|o| o.at);
             bridge.buffer.requeue(unsent);
+        }
+        if let Some(why) = failure {
             return (LinkState::Down, why);
         }
     }
