@@ -27,6 +27,7 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/api/v1/subscriptions", get(subscriptions))
         .route("/api/v1/routes", get(routes))
         .route("/api/v1/cluster", get(cluster))
+        .route("/api/v1/bridges", get(bridges))
         .route("/api/v1/evacuate", get(evacuation).post(evacuate))
         .route("/api/v1/rebalance", get(rebalance).post(rebalance_now))
         .route("/api/v1/trace", get(trace_list).post(trace_start))
@@ -85,6 +86,11 @@ async fn readyz(State(b): State<Arc<Broker>>) -> Response {
         }
     }
     (StatusCode::OK, "ready\n").into_response()
+}
+
+/// Every bridge's state, last error and counters.
+async fn bridges(State(b): State<Arc<Broker>>) -> Json<Value> {
+    Json(json!({ "bridges": b.bridges.status() }))
 }
 
 async fn cluster(State(b): State<Arc<Broker>>) -> Response {

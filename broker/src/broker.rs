@@ -57,6 +57,8 @@ pub struct Broker {
     pub hooks: Hooks,
     /// Client and topic traces.
     pub tracer: Arc<Tracer>,
+    /// Bridges to other brokers and Kafka: the publish path's tap into their buffers.
+    pub bridges: crate::bridge::Bridges,
 }
 
 /// Why the broker state could not be built from the configuration.
@@ -95,6 +97,7 @@ impl Broker {
         let auth = Authenticator::new(&config.auth, metrics.auth.clone())?;
         let acl = Acl::new(&config.acl)?;
         let hooks = Hooks::new(&config.webhooks, &node, &metrics)?;
+        let bridges = crate::bridge::Bridges::new(&config.bridges, &metrics)?;
         let tracer = Arc::new(Tracer::new(
             config.trace.dir.clone(),
             Duration::from_secs(config.trace.max_duration.max(1)),
@@ -105,6 +108,7 @@ impl Broker {
             acl,
             hooks,
             tracer,
+            bridges,
             config: Arc::new(config),
             node,
             router: Router::default(),
@@ -147,7 +151,8 @@ impl Broker {
         for t in targets {
             self.deliver(&msg, t);
         }
-        n
+        // Bridges see each message once, on the node where it entered the cluster.
+        n + self.bridges.tap(&msg)
     }
 
     /// Delivers a message forwarded by a peer to this node's subscribers: ordinary ones if

@@ -77,6 +77,8 @@ pub struct Config {
     pub persistence: PersistenceConfig,
     /// Graceful shutdown.
     pub shutdown: ShutdownConfig,
+    /// Bridges to other MQTT brokers and to Kafka.
+    pub bridges: BridgesConfig,
 }
 
 /// Authentication sources, tried in order: client-id allow list, users file, HTTP backend,
@@ -742,6 +744,394 @@ impl Default for ShutdownConfig {
     }
 }
 
+/// Bridges: message copies sent to (and received from) other systems; see `docs/bridges.md`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BridgesConfig {
+    /// Bridges to remote MQTT brokers (mosquitto, RabbitMQ, cloud IoT hubs).
+    pub mqtt: Vec<MqttBridgeConfig>,
+    /// Bridges that produce local messages to Kafka topics.
+    pub kafka: Vec<KafkaBridgeConfig>,
+}
+
+/// One MQTT bridge: a client connection to a remote broker carrying egress and ingress rules.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttBridgeConfig {
+    /// Name in logs, metrics (`bridge` label) and `/api/v1/bridges`.
+    pub name: String,
+    /// The remote broker.
+    pub remote: MqttRemoteConfig,
+    /// Local messages copied to the remote.
+    pub egress: Vec<MqttEgressRule>,
+    /// Remote messages published here.
+    pub ingress: Vec<MqttIngressRule>,
+    /// Messages held while the remote is down or slow.
+    pub buffer: BridgeBufferConfig,
+    /// Reconnect delays.
+    pub backoff: BridgeBackoffConfig,
+}
+
+/// The remote end of an MQTT bridge (MQTT 3.1.1 client).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttRemoteConfig {
+    /// Host name or address.
+    pub host: String,
+    /// Port (1883 plain, usually 8883 with TLS).
+    pub port: u16,
+    /// TLS to the remote; unset means plain TCP.
+    pub tls: Option<BridgeTlsConfig>,
+    /// User name sent in CONNECT.
+    pub username: Option<String>,
+    /// File holding the password (a mounted Secret), re-read before every reconnect.
+    pub password_file: Option<PathBuf>,
+    /// Client id at the remote; default `corvid-<bridge>-<node>`.
+    pub client_id: Option<String>,
+    /// Clean session at the remote.
+    pub clean_start: bool,
+    /// Keep alive, seconds.
+    pub keepalive: u16,
+}
+
+impl Default for MqttRemoteConfig {
+    fn default() -> Self {
+        Self {
+            host: String::new(),
+            port: 1883,
+            tls: None,
+            username: None,
+            password_file: None,
+            client_id: None,
+            clean_start: true,
+            keepalive: 30,
+        }
+    }
+}
+
+/// TLS to a bridge remote: a CA to trust and, for IoT hubs, a client certificate.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BridgeTlsConfig {
+    /// CA bundle (PEM) to verify the remote; unset trusts the public web PKI roots.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate chain (PEM), for remotes that require one.
+    pub cert_file: Option<PathBuf>,
+    /// Client private key (PEM).
+    pub key_file: Option<PathBuf>,
+}
+
+/// Local messages matching `local_filter` go to the remote as `remote_prefix` + topic.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttEgressRule {
+    /// Local topic filter.
+    pub local_filter: String,
+    /// Prepended to the topic at the remote (may be empty).
+    pub remote_prefix: String,
+    /// QoS at the remote (0 or 1; 2 is sent as 1).
+    pub qos: u8,
+    /// Retain flag at the remote; unset keeps the message's own.
+    pub retain: Option<bool>,
+}
+
+impl Default for MqttEgressRule {
+    fn default() -> Self {
+        Self {
+            local_filter: String::new(),
+            remote_prefix: String::new(),
+            qos: 1,
+            retain: None,
+        }
+    }
+}
+
+/// Remote messages matching `remote_filter` are published here as `local_prefix` + topic.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttIngressRule {
+    /// Filter subscribed at the remote.
+    pub remote_filter: String,
+    /// Prepended to the topic here (may be empty).
+    pub local_prefix: String,
+    /// QoS of the remote subscription.
+    pub qos: u8,
+}
+
+impl Default for MqttIngressRule {
+    fn default() -> Self {
+        Self {
+            remote_filter: String::new(),
+            local_prefix: String::new(),
+            qos: 1,
+        }
+    }
+}
+
+/// Bound on the messages a bridge holds while its remote cannot take them.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BridgeBufferConfig {
+    /// Messages held; beyond it the oldest is dropped and counted.
+    pub max_messages: usize,
+}
+
+impl Default for BridgeBufferConfig {
+    fn default() -> Self {
+        Self {
+            max_messages: 10_000,
+        }
+    }
+}
+
+/// Exponential reconnect backoff with jitter.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BridgeBackoffConfig {
+    /// First delay, milliseconds.
+    pub initial_ms: u64,
+    /// Longest delay, milliseconds.
+    pub max_ms: u64,
+}
+
+impl Default for BridgeBackoffConfig {
+    fn default() -> Self {
+        Self {
+            initial_ms: 500,
+            max_ms: 30_000,
+        }
+    }
+}
+
+/// One Kafka bridge: local messages matching `filters` produced to one Kafka topic.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaBridgeConfig {
+    /// Name in logs, metrics and `/api/v1/bridges`.
+    pub name: String,
+    /// Bootstrap brokers, `host:port`.
+    pub bootstrap: Vec<String>,
+    /// Kafka topic (must exist; it is not created).
+    pub topic: String,
+    /// Local topic filters whose messages are produced.
+    pub filters: Vec<String>,
+    /// Record key: the publisher's client id or the MQTT topic.
+    pub key: KafkaKey,
+    /// Acknowledgement level required for a produce to count as sent.
+    pub acks: KafkaAcks,
+    /// Batching.
+    pub batch: KafkaBatchConfig,
+    /// Messages held while Kafka is down or slow.
+    pub buffer: BridgeBufferConfig,
+    /// Reconnect delays.
+    pub backoff: BridgeBackoffConfig,
+}
+
+impl Default for KafkaBridgeConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            bootstrap: Vec::new(),
+            topic: String::new(),
+            filters: Vec::new(),
+            key: KafkaKey::ClientId,
+            acks: KafkaAcks::All,
+            batch: KafkaBatchConfig::default(),
+            buffer: BridgeBufferConfig::default(),
+            backoff: BridgeBackoffConfig::default(),
+        }
+    }
+}
+
+/// What a Kafka record's key is.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum KafkaKey {
+    /// The publisher's MQTT client id (records of one device stay in order on one partition).
+    ClientId,
+    /// The MQTT topic.
+    Topic,
+}
+
+/// Kafka produce acknowledgement level.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum KafkaAcks {
+    /// All in-sync replicas (`acks=all`, the only level the client library sends).
+    All,
+    /// The partition leader only (`acks=1`); not supported yet, refused by `config check`.
+    Leader,
+    /// No acknowledgement (`acks=0`); not supported yet, refused by `config check`.
+    None,
+}
+
+/// When a Kafka batch is sent: at `max_messages`, or `linger_ms` after its first message.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaBatchConfig {
+    /// Records per produce request.
+    pub max_messages: usize,
+    /// Milliseconds to wait for a batch to fill.
+    pub linger_ms: u64,
+}
+
+impl Default for KafkaBatchConfig {
+    fn default() -> Self {
+        Self {
+            max_messages: 500,
+            linger_ms: 10,
+        }
+    }
+}
+
+impl BridgesConfig {
+    /// Checks names, remotes, filters and limits; errors name the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut names: Vec<&str> = Vec::new();
+        for (i, b) in self.mqtt.iter().enumerate() {
+            let at = format!("bridges.mqtt[{i}]");
+            bridge_name(&at, &b.name, &mut names)?;
+            if b.remote.host.trim().is_empty() {
+                return invalid_at(format!("{at}.remote.host"), "required");
+            }
+            if b.remote.port == 0 {
+                return invalid_at(format!("{at}.remote.port"), "must not be 0");
+            }
+            if let Some(t) = &b.remote.tls {
+                if t.cert_file.is_some() != t.key_file.is_some() {
+                    return invalid_at(
+                        format!("{at}.remote.tls"),
+                        "set both cert_file and key_file, or neither",
+                    );
+                }
+            }
+            if b.egress.is_empty() && b.ingress.is_empty() {
+                return invalid_at(
+                    format!("{at}.egress"),
+                    "a bridge needs at least one egress or ingress rule",
+                );
+            }
+            for (j, r) in b.egress.iter().enumerate() {
+                filter_ok(&format!("{at}.egress[{j}].local_filter"), &r.local_filter)?;
+                prefix_ok(&format!("{at}.egress[{j}].remote_prefix"), &r.remote_prefix)?;
+                qos_ok(&format!("{at}.egress[{j}].qos"), r.qos)?;
+            }
+            for (j, r) in b.ingress.iter().enumerate() {
+                // A shared subscription at the remote is how a cluster takes each remote
+                // message once instead of once per pod.
+                let field = format!("{at}.ingress[{j}].remote_filter");
+                match crate::topic::parse_filter(&r.remote_filter) {
+                    Ok(f) if f.group.is_some() => filter_ok(&field, f.filter)?,
+                    _ => filter_ok(&field, &r.remote_filter)?,
+                }
+                prefix_ok(&format!("{at}.ingress[{j}].local_prefix"), &r.local_prefix)?;
+                qos_ok(&format!("{at}.ingress[{j}].qos"), r.qos)?;
+            }
+            buffer_ok(&at, &b.buffer, &b.backoff)?;
+        }
+        for (i, k) in self.kafka.iter().enumerate() {
+            let at = format!("bridges.kafka[{i}]");
+            bridge_name(&at, &k.name, &mut names)?;
+            if k.bootstrap.is_empty() {
+                return invalid_at(format!("{at}.bootstrap"), "list at least one host:port");
+            }
+            for (j, b) in k.bootstrap.iter().enumerate() {
+                let port_ok = b
+                    .rsplit_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+                if !port_ok {
+                    return invalid_at(format!("{at}.bootstrap[{j}]"), "must be host:port");
+                }
+            }
+            let topic_ok = !k.topic.is_empty()
+                && k.topic.len() <= 249
+                && k.topic
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+            if !topic_ok {
+                return invalid_at(
+                    format!("{at}.topic"),
+                    "a Kafka topic name: 1-249 of [a-zA-Z0-9._-]",
+                );
+            }
+            if k.filters.is_empty() {
+                return invalid_at(format!("{at}.filters"), "list at least one topic filter");
+            }
+            for (j, f) in k.filters.iter().enumerate() {
+                filter_ok(&format!("{at}.filters[{j}]"), f)?;
+            }
+            if k.acks != KafkaAcks::All {
+                return invalid_at(
+                    format!("{at}.acks"),
+                    "only `all` is supported (the Kafka client always waits for all in-sync replicas)",
+                );
+            }
+            if k.batch.max_messages == 0 {
+                return invalid_at(format!("{at}.batch.max_messages"), "must be at least 1");
+            }
+            buffer_ok(&at, &k.buffer, &k.backoff)?;
+        }
+        Ok(())
+    }
+}
+
+fn invalid_at<T>(field: String, reason: &str) -> Result<T, ConfigError> {
+    Err(ConfigError::Invalid {
+        field,
+        reason: reason.into(),
+    })
+}
+
+fn bridge_name<'a>(at: &str, name: &'a str, seen: &mut Vec<&'a str>) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !ok {
+        return invalid_at(format!("{at}.name"), "1-63 of [a-zA-Z0-9_-]");
+    }
+    if seen.contains(&name) {
+        return invalid_at(format!("{at}.name"), "another bridge has this name");
+    }
+    seen.push(name);
+    Ok(())
+}
+
+fn filter_ok(field: &str, f: &str) -> Result<(), ConfigError> {
+    if f.starts_with("$share/") {
+        return invalid_at(field.into(), "shared subscriptions cannot be bridged");
+    }
+    crate::topic::validate_filter(f).or_else(|e| invalid_at(field.into(), &e.to_string()))
+}
+
+fn prefix_ok(field: &str, p: &str) -> Result<(), ConfigError> {
+    if p.contains(['+', '#', '\0']) {
+        return invalid_at(field.into(), "must not contain +, # or NUL");
+    }
+    Ok(())
+}
+
+fn qos_ok(field: &str, q: u8) -> Result<(), ConfigError> {
+    if q > 2 {
+        return invalid_at(field.into(), "must be 0, 1 or 2");
+    }
+    Ok(())
+}
+
+fn buffer_ok(at: &str, b: &BridgeBufferConfig, o: &BridgeBackoffConfig) -> Result<(), ConfigError> {
+    if b.max_messages == 0 {
+        return invalid_at(format!("{at}.buffer.max_messages"), "must be at least 1");
+    }
+    if o.initial_ms == 0 || o.max_ms < o.initial_ms {
+        return invalid_at(
+            format!("{at}.backoff"),
+            "initial_ms must be positive and at most max_ms",
+        );
+    }
+    Ok(())
+}
+
 /// Command-line values that override the file.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
@@ -957,6 +1347,7 @@ impl Config {
         if self.cluster.discovery == Discovery::Dns && self.cluster.dns_name.is_none() {
             return invalid("cluster.dns_name", "required when cluster.discovery is dns");
         }
+        self.bridges.validate()?;
         Ok(())
     }
 
@@ -1156,6 +1547,96 @@ persistence: { data_dir: /var/lib/corvid }
     fn duplicate_ports_rejected() {
         let err = load_str("listeners:\n  ws:\n    bind: 0.0.0.0:1883\n", vec![]).expect_err("dup");
         assert!(err.to_string().contains("listeners.ws.bind"), "{err}");
+    }
+
+    #[test]
+    fn bridges_load_with_defaults() {
+        let c = load_str(
+            r##"
+bridges:
+  mqtt:
+    - name: hub
+      remote: { host: hub.example, port: 8883, tls: { ca_file: /ca.pem, cert_file: /c.pem, key_file: /k.pem } }
+      egress: [{ local_filter: "sensors/#", remote_prefix: "site/" }]
+  kafka:
+    - { name: events, bootstrap: ["k:9092"], topic: mqtt-events, filters: ["#"], key: topic }
+"##,
+            vec![],
+        )
+        .expect("loads");
+        let m = &c.bridges.mqtt[0];
+        assert_eq!(m.egress[0].qos, 1);
+        assert!(m.remote.clean_start);
+        assert_eq!(m.buffer.max_messages, 10_000);
+        let k = &c.bridges.kafka[0];
+        assert_eq!(k.key, KafkaKey::Topic);
+        assert_eq!(k.acks, KafkaAcks::All);
+        assert_eq!(k.batch.max_messages, 500);
+    }
+
+    #[test]
+    fn bad_bridge_fields_are_named() {
+        let err = load_str(
+            "bridges:\n  mqtt:\n    - { name: a, remote: { hots: x }, egress: [] }\n",
+            vec![],
+        )
+        .expect_err("typo");
+        assert!(err.to_string().contains("bridges.mqtt[0].remote"), "{err}");
+        assert!(err.to_string().contains("hots"), "{err}");
+        let cases = [
+            (
+                "{ name: a, remote: { host: h }, egress: [{ local_filter: \"a/#\", qos: 3 }] }",
+                "bridges.mqtt[0].egress[0].qos",
+            ),
+            (
+                "{ name: a, remote: { host: h }, egress: [{ local_filter: \"a/#/b\" }] }",
+                "bridges.mqtt[0].egress[0].local_filter",
+            ),
+            ("{ name: a, remote: { host: h } }", "bridges.mqtt[0].egress"),
+            ("{ name: \"a b\", remote: { host: h } }", "bridges.mqtt[0].name"),
+            (
+                "{ name: a, remote: { host: h, tls: { cert_file: /c } }, ingress: [{ remote_filter: x }] }",
+                "bridges.mqtt[0].remote.tls",
+            ),
+        ];
+        for (bridge, field) in cases {
+            let err = load_str(&format!("bridges:\n  mqtt:\n    - {bridge}\n"), vec![])
+                .expect_err(bridge);
+            assert!(err.to_string().contains(field), "{bridge}: {err}");
+        }
+        let kafka = [
+            (
+                "{ name: k, bootstrap: [k], topic: t, filters: [\"#\"] }",
+                "bootstrap[0]",
+            ),
+            (
+                "{ name: k, bootstrap: [\"k:1\"], topic: \"a b\", filters: [\"#\"] }",
+                "topic",
+            ),
+            (
+                "{ name: k, bootstrap: [\"k:1\"], topic: t, filters: [] }",
+                "filters",
+            ),
+            (
+                "{ name: k, bootstrap: [\"k:1\"], topic: t, filters: [\"#\"], acks: leader }",
+                "acks",
+            ),
+        ];
+        for (bridge, field) in kafka {
+            let err = load_str(&format!("bridges:\n  kafka:\n    - {bridge}\n"), vec![])
+                .expect_err(bridge);
+            assert!(
+                err.to_string()
+                    .contains(&format!("bridges.kafka[0].{field}")),
+                "{bridge}: {err}"
+            );
+        }
+        let err = load_str(
+            "bridges:\n  mqtt:\n    - { name: x, remote: { host: h }, egress: [{ local_filter: a }] }\n  kafka:\n    - { name: x, bootstrap: [\"k:1\"], topic: t, filters: [a] }\n",
+            vec![],
+        )
+        .expect_err("duplicate name");
+        assert!(err.to_string().contains("bridges.kafka[0].name"), "{err}");
     }
 
     #[test]

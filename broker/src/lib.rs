@@ -5,6 +5,7 @@
 pub mod acl;
 pub mod admin;
 pub mod auth;
+pub mod bridge;
 pub mod broker;
 pub mod cluster;
 pub mod codec;

@@ -192,7 +192,16 @@ async fn wait_for_signal() {
 
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log.level))
+        .or_else(|_| {
+            // The Kafka client logs every retry; the Kafka bridge logs its state changes once.
+            let level = &config.log.level;
+            let quiet = if level.contains("rskafka") {
+                level.clone()
+            } else {
+                format!("{level},rskafka=error")
+            };
+            tracing_subscriber::EnvFilter::try_new(quiet)
+        })
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

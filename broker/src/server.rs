@@ -55,6 +55,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let broker = Broker::new(config)?;
     broker.hooks.start(&broker.shutdown);
     crate::sys::start(broker.clone());
+    crate::bridge::start(&broker);
     let mut tasks = JoinSet::new();
     let mut addrs = HashMap::new();
     let count = Arc::new(ConnCount::default());

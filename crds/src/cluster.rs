@@ -9,9 +9,9 @@ use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    AclSpec, AuthSpec, AutoSubscription, LimitsSpec, Listeners, MonitoringSpec, PersistenceSpec,
-    PodDisruptionBudgetSpec, PodTemplateOptions, RebalanceSpec, ServiceOptions, SessionsSpec,
-    SharedSubscriptionStrategy, TlsSpec, UpgradeStrategy, Webhook,
+    AclSpec, AuthSpec, AutoSubscription, BridgesSpec, LimitsSpec, Listeners, MonitoringSpec,
+    PersistenceSpec, PodDisruptionBudgetSpec, PodTemplateOptions, RebalanceSpec, ServiceOptions,
+    SessionsSpec, SharedSubscriptionStrategy, TlsSpec, UpgradeStrategy, Webhook,
 };
 
 /// Desired state of a clustered Corvid MQTT broker.
@@ -135,6 +135,10 @@ pub struct MqttClusterSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     pub webhooks: Vec<Webhook>,
+
+    /// Bridges to other MQTT brokers (IoT hubs, RabbitMQ) and to Kafka; credentials from Secrets.
+    #[serde(default, skip_serializing_if = "BridgesSpec::is_empty")]
+    pub bridges: BridgesSpec,
 
     /// Free-form broker configuration, deep-merged over the configuration rendered from this spec.
     #[serde(default, skip_serializing_if = "Option::is_none")]

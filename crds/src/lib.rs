@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod bridges;
 pub mod broker;
 pub mod cluster;
 pub mod crdgen;
@@ -17,6 +18,7 @@ pub mod status;
 pub mod tls;
 
 pub use auth::*;
+pub use bridges::*;
 pub use broker::*;
 pub use cluster::*;
 pub use crdgen::{crd_yaml, CrdError};

@@ -64,6 +64,18 @@ pub fn validate(cluster: &MqttCluster) -> Result<Validated, InvalidSpec> {
     {
         return invalid("listeners: at least one listener must be enabled");
     }
+    let bridge_names: Vec<&str> = (spec.bridges.mqtt.iter().map(|b| b.name.as_str()))
+        .chain(spec.bridges.kafka.iter().map(|b| b.name.as_str()))
+        .collect();
+    if let Some(dup) = (1..bridge_names.len()).find_map(|i| {
+        bridge_names[..i]
+            .contains(&bridge_names[i])
+            .then_some(bridge_names[i])
+    }) {
+        return Err(InvalidSpec(format!(
+            "bridges: the name {dup:?} is used twice (names are unique across mqtt and kafka)"
+        )));
+    }
     let config_overrides = match &spec.config {
         None => None,
         Some(v @ Value::Object(_)) => Some(v.clone()),

@@ -22,6 +22,8 @@ pub const CLUSTER_SECRET_DIR: &str = "/etc/corvid/cluster";
 pub const CLUSTER_SECRET_KEY: &str = "secret";
 /// Where the users Secret is mounted.
 pub const AUTH_DIR: &str = "/etc/corvid/auth";
+/// Where bridge Secrets (passwords, CA and client certificates) are projected, one folder per bridge.
+pub const BRIDGES_DIR: &str = "/etc/corvid/bridges";
 /// Where the persistent volume is mounted (pvc mode).
 pub const DATA_DIR: &str = "/var/lib/corvid";
 
@@ -164,7 +166,69 @@ pub fn base(cluster: &MqttCluster, names: &Names) -> Value {
     if spec.persistence.mode == PersistenceMode::Pvc {
         config["persistence"] = json!({ "data_dir": DATA_DIR });
     }
+    if !spec.bridges.is_empty() {
+        config["bridges"] = bridges(cluster);
+    }
     config
+}
+
+/// The `bridges` section; Secret-backed values become files under [`BRIDGES_DIR`]/<bridge>/.
+fn bridges(cluster: &MqttCluster) -> Value {
+    let b = &cluster.spec.bridges;
+    let file = |bridge: &str, name: &str| format!("{BRIDGES_DIR}/{bridge}/{name}");
+    let mqtt: Vec<Value> = b
+        .mqtt
+        .iter()
+        .map(|m| {
+            let r = &m.remote;
+            let mut remote = json!({
+                "host": r.host,
+                "port": r.port,
+                "username": r.username,
+                "password_file": r.password_secret.as_ref().map(|_| file(&m.name, "password")),
+                "client_id": r.client_id,
+            });
+            if let Some(t) = &r.tls {
+                let client = t.client_cert_secret.is_some();
+                remote["tls"] = json!({
+                    "ca_file": t.ca_secret.as_ref().map(|_| file(&m.name, "ca.crt")),
+                    "cert_file": client.then(|| file(&m.name, "tls.crt")),
+                    "key_file": client.then(|| file(&m.name, "tls.key")),
+                });
+            }
+            json!({
+                "name": m.name,
+                "remote": remote,
+                "egress": m.egress.iter().map(|e| json!({
+                    "local_filter": e.local_filter, "remote_prefix": e.remote_prefix,
+                    "qos": e.qos, "retain": e.retain,
+                })).collect::<Vec<_>>(),
+                "ingress": m.ingress.iter().map(|i| json!({
+                    "remote_filter": i.remote_filter, "local_prefix": i.local_prefix, "qos": i.qos,
+                })).collect::<Vec<_>>(),
+                "buffer": { "max_messages": m.buffer_max_messages },
+            })
+        })
+        .collect();
+    let kafka: Vec<Value> = b
+        .kafka
+        .iter()
+        .map(|k| {
+            json!({
+                "name": k.name,
+                "bootstrap": k.bootstrap,
+                "topic": k.topic,
+                "filters": k.filters,
+                "key": k.key.as_config(),
+                "acks": "all",
+                "batch": { "max_messages": k.batch_max_messages, "linger_ms": k.linger_ms },
+                "buffer": { "max_messages": k.buffer_max_messages },
+            })
+        })
+        .collect();
+    let mut section = json!({ "mqtt": mqtt, "kafka": kafka });
+    strip_nulls(&mut section);
+    section
 }
 
 fn acl(cluster: &MqttCluster) -> Value {

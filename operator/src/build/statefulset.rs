@@ -20,8 +20,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::config::{
-    broker_serves, Rendered, AUTH_DIR, CLUSTER_SECRET_DIR, CLUSTER_SECRET_KEY, CONFIG_KEY,
-    CONFIG_PATH, DATA_DIR, TLS_DIR,
+    broker_serves, Rendered, AUTH_DIR, BRIDGES_DIR, CLUSTER_SECRET_DIR, CLUSTER_SECRET_KEY,
+    CONFIG_KEY, CONFIG_PATH, DATA_DIR, TLS_DIR,
 };
 use super::names::{owned_meta, Names, CONFIG_HASH_ANNOTATION, VERSION_LABEL};
 
@@ -305,6 +305,9 @@ fn mounts(cluster: &MqttCluster) -> Vec<VolumeMount> {
     if spec.auth.users_secret.is_some() {
         m.push(mount("users", AUTH_DIR));
     }
+    if !bridge_projections(cluster).is_empty() {
+        m.push(mount("bridges", BRIDGES_DIR));
+    }
     if spec.persistence.mode == PersistenceMode::Pvc {
         m.push(VolumeMount {
             read_only: Some(false),
@@ -371,6 +374,19 @@ fn volumes(cluster: &MqttCluster, names: &Names) -> Vec<Volume> {
             ..Volume::default()
         });
     }
+    let bridge_sources = bridge_projections(cluster);
+    if !bridge_sources.is_empty() {
+        // Projected, so a renewed client certificate or rotated password reaches the files
+        // without a pod restart (bridges read them again when they reconnect after a failure).
+        v.push(Volume {
+            name: "bridges".to_string(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(bridge_sources),
+                ..ProjectedVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    }
     if let Some(users) = &spec.auth.users_secret {
         v.push(Volume {
             name: "users".to_string(),
@@ -387,4 +403,48 @@ fn volumes(cluster: &MqttCluster, names: &Names) -> Vec<Volume> {
         });
     }
     v
+}
+
+/// The Secret keys bridges read, projected as `<bridge>/password`, `<bridge>/ca.crt`,
+/// `<bridge>/tls.crt` and `<bridge>/tls.key` under the bridges folder.
+fn bridge_projections(cluster: &MqttCluster) -> Vec<VolumeProjection> {
+    let item = |secret: &str, pairs: &[(&str, String)]| VolumeProjection {
+        secret: Some(SecretProjection {
+            name: secret.to_string(),
+            items: Some(
+                pairs
+                    .iter()
+                    .map(|(key, path)| KeyToPath {
+                        key: key.to_string(),
+                        path: path.clone(),
+                        ..KeyToPath::default()
+                    })
+                    .collect(),
+            ),
+            ..SecretProjection::default()
+        }),
+        ..VolumeProjection::default()
+    };
+    let mut out = Vec::new();
+    for b in &cluster.spec.bridges.mqtt {
+        let r = &b.remote;
+        if let Some(p) = &r.password_secret {
+            out.push(item(&p.name, &[(&p.key, format!("{}/password", b.name))]));
+        }
+        if let Some(t) = &r.tls {
+            if let Some(ca) = &t.ca_secret {
+                out.push(item(&ca.name, &[(&ca.key, format!("{}/ca.crt", b.name))]));
+            }
+            if let Some(c) = &t.client_cert_secret {
+                out.push(item(
+                    c,
+                    &[
+                        ("tls.crt", format!("{}/tls.crt", b.name)),
+                        ("tls.key", format!("{}/tls.key", b.name)),
+                    ],
+                ));
+            }
+        }
+    }
+    out
 }

@@ -149,3 +149,64 @@ fn config_map_carries_the_rendered_file() {
     assert!(data["corvid.yaml"].contains("discovery: kubernetes"));
     assert_eq!(d.config_map.metadata.name.as_deref(), Some("demo-config"));
 }
+
+#[test]
+fn bridges_render_with_secret_backed_files() {
+    let (v, _) = rendered(json!({
+        "bridges": {
+            "mqtt": [{
+                "name": "hub",
+                "remote": {
+                    "host": "hub.example", "port": 8883, "username": "site-1",
+                    "passwordSecret": {"name": "hub-creds", "key": "password"},
+                    "tls": {"caSecret": {"name": "hub-ca", "key": "ca.pem"}, "clientCertSecret": "hub-device"},
+                },
+                "egress": [{"localFilter": "sensors/#", "remotePrefix": "site-1/"}],
+                "ingress": [{"remoteFilter": "cmd/#", "localPrefix": "hub/", "qos": 0}],
+            }],
+            "kafka": [{"name": "events", "bootstrap": ["k:9092"], "topic": "mqtt-events", "filters": ["#"], "key": "topic"}],
+        },
+    }));
+    let hub = &v["bridges"]["mqtt"][0];
+    assert_eq!(
+        hub["remote"],
+        json!({
+            "host": "hub.example", "port": 8883, "username": "site-1",
+            "password_file": "/etc/corvid/bridges/hub/password",
+            "tls": {
+                "ca_file": "/etc/corvid/bridges/hub/ca.crt",
+                "cert_file": "/etc/corvid/bridges/hub/tls.crt",
+                "key_file": "/etc/corvid/bridges/hub/tls.key",
+            },
+        })
+    );
+    assert_eq!(
+        hub["egress"],
+        json!([{"local_filter": "sensors/#", "remote_prefix": "site-1/", "qos": 1}])
+    );
+    assert_eq!(
+        hub["ingress"],
+        json!([{"remote_filter": "cmd/#", "local_prefix": "hub/", "qos": 0}])
+    );
+    assert_eq!(hub["buffer"], json!({"max_messages": 10000}));
+    assert_eq!(
+        v["bridges"]["kafka"][0],
+        json!({
+            "name": "events", "bootstrap": ["k:9092"], "topic": "mqtt-events", "filters": ["#"],
+            "key": "topic", "acks": "all", "batch": {"max_messages": 500, "linger_ms": 10},
+            "buffer": {"max_messages": 10000},
+        })
+    );
+    let (plain, _) = rendered(json!({}));
+    assert!(plain.get("bridges").is_none(), "no section without bridges");
+}
+
+#[test]
+fn bridge_names_are_unique() {
+    let c = cluster(json!({"bridges": {
+        "mqtt": [{"name": "x", "remote": {"host": "h"}, "egress": [{"localFilter": "a"}]}],
+        "kafka": [{"name": "x", "bootstrap": ["k:1"], "topic": "t", "filters": ["a"]}],
+    }}));
+    let err = validate(&c).expect_err("duplicate");
+    assert!(err.to_string().contains("\"x\" is used twice"), "{err}");
+}

@@ -317,3 +317,57 @@ fn pod_knobs_are_copied() {
     );
     assert_eq!(meta.annotations.expect("annotations")["a"], "1");
 }
+
+#[test]
+fn bridge_secrets_are_projected_per_bridge() {
+    let (_, d) = build(json!({"bridges": {"mqtt": [{
+        "name": "hub",
+        "remote": {
+            "host": "h", "username": "u",
+            "passwordSecret": {"name": "creds", "key": "pw"},
+            "tls": {"clientCertSecret": "device"},
+        },
+        "egress": [{"localFilter": "a/#"}],
+    }]}}));
+    let volumes = pod(&d.statefulset).volumes.clone().expect("volumes");
+    let v = volumes
+        .iter()
+        .find(|v| v.name == "bridges")
+        .expect("bridges volume");
+    let sources = v
+        .projected
+        .as_ref()
+        .and_then(|p| p.sources.clone())
+        .expect("projected");
+    let items: Vec<(String, String, String)> = sources
+        .iter()
+        .filter_map(|s| s.secret.as_ref())
+        .flat_map(|s| {
+            s.items
+                .iter()
+                .flatten()
+                .map(|i| (s.name.clone(), i.key.clone(), i.path.clone()))
+        })
+        .collect();
+    let own = |a: &str, b: &str, c: &str| (a.to_string(), b.to_string(), c.to_string());
+    assert_eq!(
+        items,
+        vec![
+            own("creds", "pw", "hub/password"),
+            own("device", "tls.crt", "hub/tls.crt"),
+            own("device", "tls.key", "hub/tls.key"),
+        ]
+    );
+    let mounts = broker(&d.statefulset)
+        .volume_mounts
+        .clone()
+        .expect("mounts");
+    let m = mounts.iter().find(|m| m.name == "bridges").expect("mount");
+    assert_eq!(m.mount_path, "/etc/corvid/bridges");
+    let (_, plain) = build(json!({}));
+    assert!(pod(&plain.statefulset)
+        .volumes
+        .iter()
+        .flatten()
+        .all(|v| v.name != "bridges"));
+}
