@@ -307,6 +307,34 @@ impl Metrics {
         Ok(g)
     }
 
+    /// Registers another labelled counter.
+    pub fn counter_vec(
+        &self,
+        name: &str,
+        help: &str,
+        label: &str,
+    ) -> Result<IntCounterVec, prometheus::Error> {
+        let c = IntCounterVec::new(Opts::new(name, help), &[label])?;
+        self.registry.register(Box::new(c.clone()))?;
+        Ok(c)
+    }
+
+    /// Registers a labelled latency histogram (1 ms to about 4.5 min buckets).
+    pub fn histogram_vec(
+        &self,
+        name: &str,
+        help: &str,
+        label: &str,
+    ) -> Result<prometheus::HistogramVec, prometheus::Error> {
+        let buckets = prometheus::exponential_buckets(0.001, 4.0, 10)?;
+        let h = prometheus::HistogramVec::new(
+            prometheus::HistogramOpts::new(name, help).buckets(buckets),
+            &[label],
+        )?;
+        self.registry.register(Box::new(h.clone()))?;
+        Ok(h)
+    }
+
     /// Renders all metrics in the Prometheus text format.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
