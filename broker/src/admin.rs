@@ -28,6 +28,7 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/api/v1/routes", get(routes))
         .route("/api/v1/cluster", get(cluster))
         .route("/api/v1/evacuate", get(evacuation).post(evacuate))
+        .route("/api/v1/eventstore", get(eventstore))
         .route("/api/v1/trace", get(trace_list).post(trace_start))
         .route("/api/v1/trace/{name}", get(trace_log).delete(trace_stop))
         .route_layer(axum::middleware::from_fn_with_state(
@@ -145,6 +146,13 @@ async fn evacuation(State(b): State<Arc<Broker>>) -> Response {
         Some(c) => Json(json!(c.evacuation())).into_response(),
         None => Json(single_node_evacuation(&b)).into_response(),
     }
+}
+
+/// The event store's sinks: state, last error, counters.
+async fn eventstore(State(b): State<Arc<Broker>>) -> Response {
+    let sinks = b.event_store.report();
+    Json(json!({ "node": b.node, "enabled": b.event_store.enabled(), "sinks": sinks }))
+        .into_response()
 }
 
 async fn metrics(State(b): State<Arc<Broker>>) -> Response {

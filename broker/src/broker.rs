@@ -55,6 +55,8 @@ pub struct Broker {
     pub acl: Acl,
     /// Event hooks (webhooks).
     pub hooks: Hooks,
+    /// Client events persisted to PostgreSQL / Redis (sinks attached to `hooks`).
+    pub event_store: crate::eventstore::EventStore,
     /// Client and topic traces.
     pub tracer: Arc<Tracer>,
 }
@@ -74,6 +76,9 @@ pub enum BrokerError {
     /// A webhook cannot be set up.
     #[error(transparent)]
     Hooks(#[from] HookError),
+    /// The event store cannot be set up.
+    #[error(transparent)]
+    EventStore(#[from] crate::eventstore::EventStoreError),
 }
 
 /// Result of opening a session for a CONNECT.
@@ -94,7 +99,14 @@ impl Broker {
         let metrics = Metrics::new()?;
         let auth = Authenticator::new(&config.auth, metrics.auth.clone())?;
         let acl = Acl::new(&config.acl)?;
-        let hooks = Hooks::new(&config.webhooks, &node, &metrics)?;
+        let mut hooks = Hooks::new(&config.webhooks, &node, &metrics)?;
+        let event_store = crate::eventstore::EventStore::new(
+            &config.event_store,
+            &node,
+            crate::hooks::now_us(),
+            &metrics,
+            &mut hooks,
+        )?;
         let tracer = Arc::new(Tracer::new(
             config.trace.dir.clone(),
             Duration::from_secs(config.trace.max_duration.max(1)),
@@ -104,6 +116,7 @@ impl Broker {
             auth,
             acl,
             hooks,
+            event_store,
             tracer,
             config: Arc::new(config),
             node,
@@ -524,6 +537,7 @@ impl Broker {
         m.subscriptions.set(gauge(self.router.subscription_count()));
         m.routes.set(gauge(self.router.filters().len()));
         m.retained.set(gauge(self.retained.len()));
+        self.event_store.refresh_gauges();
     }
 }
 

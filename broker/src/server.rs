@@ -54,6 +54,7 @@ pub struct Running {
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let broker = Broker::new(config)?;
     broker.hooks.start(&broker.shutdown);
+    broker.event_store.start();
     crate::sys::start(broker.clone());
     let mut tasks = JoinSet::new();
     let mut addrs = HashMap::new();
@@ -132,6 +133,10 @@ impl Running {
                 "drain deadline reached with clients still connected"
             );
         }
+        // Clients' disconnect events are queued by now: give the event store a moment to
+        // write them.
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        b.event_store.finish(left.max(Duration::from_secs(2))).await;
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
         tracing::info!("broker stopped");
