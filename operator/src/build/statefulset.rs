@@ -21,7 +21,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::config::{
     broker_serves, Rendered, AUTH_DIR, CLUSTER_SECRET_DIR, CLUSTER_SECRET_KEY, CONFIG_KEY,
-    CONFIG_PATH, DATA_DIR, TLS_DIR,
+    CONFIG_PATH, DATA_DIR, EVENTSTORE_DIR, TLS_DIR,
 };
 use super::names::{owned_meta, Names, CONFIG_HASH_ANNOTATION, VERSION_LABEL};
 
@@ -305,6 +305,9 @@ fn mounts(cluster: &MqttCluster) -> Vec<VolumeMount> {
     if spec.auth.users_secret.is_some() {
         m.push(mount("users", AUTH_DIR));
     }
+    if !eventstore_secrets(cluster).is_empty() {
+        m.push(mount("eventstore", EVENTSTORE_DIR));
+    }
     if spec.persistence.mode == PersistenceMode::Pvc {
         m.push(VolumeMount {
             read_only: Some(false),
@@ -312,6 +315,26 @@ fn mounts(cluster: &MqttCluster) -> Vec<VolumeMount> {
         });
     }
     m
+}
+
+/// The event-store password Secrets, with the file name each is projected to.
+fn eventstore_secrets(
+    cluster: &MqttCluster,
+) -> Vec<(&'static str, &corvid_crds::PasswordSecretRef)> {
+    let Some(es) = &cluster.spec.event_store else {
+        return Vec::new();
+    };
+    let pg = es
+        .postgres
+        .as_ref()
+        .and_then(|p| p.password_secret.as_ref())
+        .map(|s| ("postgres-password", s));
+    let redis = es
+        .redis
+        .as_ref()
+        .and_then(|r| r.password_secret.as_ref())
+        .map(|s| ("redis-password", s));
+    pg.into_iter().chain(redis).collect()
 }
 
 /// Name of the Secret the broker's TLS files come from.
@@ -366,6 +389,34 @@ fn volumes(cluster: &MqttCluster, names: &Names) -> Vec<Volume> {
                     }),
                     ..VolumeProjection::default()
                 }]),
+                ..ProjectedVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    }
+    let es = eventstore_secrets(cluster);
+    if !es.is_empty() {
+        // Projected (not subPath): a rotated password reaches the pod without a restart, and
+        // the broker reads the file again on its next reconnect.
+        v.push(Volume {
+            name: "eventstore".to_string(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(
+                    es.into_iter()
+                        .map(|(path, secret)| VolumeProjection {
+                            secret: Some(SecretProjection {
+                                name: secret.name.clone(),
+                                items: Some(vec![KeyToPath {
+                                    key: secret.key.clone(),
+                                    path: path.to_string(),
+                                    ..KeyToPath::default()
+                                }]),
+                                ..SecretProjection::default()
+                            }),
+                            ..VolumeProjection::default()
+                        })
+                        .collect(),
+                ),
                 ..ProjectedVolumeSource::default()
             }),
             ..Volume::default()
