@@ -796,6 +796,8 @@ pub struct StoreRetryConfig {
     pub max_attempts: u32,
     /// Connect (and, for Redis, response) timeout in milliseconds.
     pub timeout_ms: u64,
+    /// How often an idle sink checks that its store still answers, in milliseconds.
+    pub health_check_ms: u64,
 }
 
 impl Default for StoreRetryConfig {
@@ -804,6 +806,7 @@ impl Default for StoreRetryConfig {
             max_backoff_ms: 5000,
             max_attempts: 5,
             timeout_ms: 5000,
+            health_check_ms: 10_000,
         }
     }
 }
@@ -940,6 +943,12 @@ impl EventStoreConfig {
             }
             if retry.timeout_ms == 0 {
                 return Err(invalid(f("retry.timeout_ms"), "must be at least 1".into()));
+            }
+            if retry.health_check_ms < 100 {
+                return Err(invalid(
+                    f("retry.health_check_ms"),
+                    "must be at least 100".into(),
+                ));
             }
             if retry.max_attempts == 0 {
                 return Err(invalid(

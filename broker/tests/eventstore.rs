@@ -144,6 +144,7 @@ fn quick_retry() -> StoreRetryConfig {
         max_backoff_ms: 300,
         max_attempts: 3,
         timeout_ms: 3000,
+        health_check_ms: 300,
     }
 }
 
@@ -519,6 +520,13 @@ async fn postgres_killed_mid_stream_drops_counted_and_mqtt_keeps_serving() {
     .await;
 
     s.down(true).await;
+    // Idle, the sink notices by its health check.
+    let st = wait_state(&r, "postgres", "down").await;
+    assert!(!st["last_error"].is_null(), "{st}");
+    assert_eq!(
+        metric(&r, "corvid_eventstore_up", &[r#"sink="postgres""#]).await,
+        0.0
+    );
     // 40 events against a buffer of 5 (plus a batch of 5 in hand): most are dropped.
     for i in 0..20 {
         let c = v3::connect(a, &format!("burst-{i}"), None)
@@ -526,8 +534,6 @@ async fn postgres_killed_mid_stream_drops_counted_and_mqtt_keeps_serving() {
             .expect("burst");
         disconnect(c).await;
     }
-    let st = wait_state(&r, "postgres", "down").await;
-    assert!(!st["last_error"].is_null(), "{st}");
     let dropped = eventually("drops counted", || async {
         let d = metric(
             &r,
@@ -797,9 +803,13 @@ async fn redis_faults_wrong_password_and_restart() {
 
     // Killed mid-stream, then back: buffered events arrive.
     s.down(true).await;
+    wait_state(&r, "redis", "down").await;
     let a = mqtt(&r);
     let c1 = v3::connect(a, "during-outage", None).await.expect("c1");
-    wait_state(&r, "redis", "down").await;
+    eventually("the connect buffered", || async {
+        (status(&r, "redis").await["buffered"] == 1).then_some(())
+    })
+    .await;
     assert_mqtt_served(&r, "bystander-redis-down").await;
     s.up().await.expect("redis restarts");
     wait_state(&r, "redis", "up").await;
@@ -814,4 +824,103 @@ async fn redis_faults_wrong_password_and_restart() {
     let _ = zrange(&mut db, "t6:online").await;
     drop(c1);
     r.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn late_disconnect_from_another_node_keeps_the_client_online() {
+    // Two nodes writing to the same stores: the client moves from n1 to n2, and n1 reports the
+    // end of the old connection only afterwards (as after a takeover across the cluster).
+    let Some(pg_s) = Service::start("postgres").await else {
+        return;
+    };
+    let Some(redis_s) = Service::start("redis").await else {
+        return;
+    };
+    let node = |name: &str| {
+        let mut c = config();
+        c.node.name = Some(name.into());
+        c.event_store.postgres = Some(pg_config(&pg_s, "t7_"));
+        c.event_store.redis = Some(redis_config(&redis_s, "t7:"));
+        c
+    };
+    let n1 = start(node("n1")).await;
+    let n2 = start(node("n2")).await;
+    for r in [&n1, &n2] {
+        wait_state(r, "postgres", "up").await;
+        wait_state(r, "redis", "up").await;
+    }
+    let db = pg(&pg_s).await;
+    let mut rdb = redis_conn(&redis_s).await;
+
+    let old = v3::connect(mqtt(&n1), "roamer", None).await.expect("on n1");
+    eventually("connect on n1 written", || async {
+        (events_of(&db, "t7_", "roamer").await.len() == 1).then_some(())
+    })
+    .await;
+    let new = v3::connect(mqtt(&n2), "roamer", None).await.expect("on n2");
+    eventually("connect on n2 written", || async {
+        (events_of(&db, "t7_", "roamer").await.len() == 2).then_some(())
+    })
+    .await;
+    disconnect(old).await;
+    eventually("late disconnect from n1 written", || async {
+        (events_of(&db, "t7_", "roamer").await.len() == 3).then_some(())
+    })
+    .await;
+    let r = db
+        .query_one(
+            "SELECT online, node FROM t7_clients WHERE client_id = 'roamer'",
+            &[],
+        )
+        .await
+        .expect("row");
+    assert_eq!(
+        (r.get::<_, bool>(0), r.get::<_, String>(1)),
+        (true, "n2".into())
+    );
+    let h: std::collections::HashMap<String, String> =
+        eventually("redis saw n1's disconnect", || {
+            let mut conn = rdb.clone();
+            async move {
+                let e = stream(&mut conn, "t7:events").await;
+                if e.len() < 3 {
+                    return None;
+                }
+                redis::cmd("HGETALL")
+                    .arg("t7:client:roamer")
+                    .query_async(&mut conn)
+                    .await
+                    .ok()
+            }
+        })
+        .await;
+    assert_eq!(h.get("online").map(String::as_str), Some("1"));
+    assert_eq!(h.get("node").map(String::as_str), Some("n2"));
+    assert_eq!(
+        zrange(&mut rdb, "t7:online")
+            .await
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect::<Vec<_>>(),
+        vec!["roamer".to_string()]
+    );
+
+    // Its current connection ending does mark it offline.
+    disconnect(new).await;
+    eventually("offline after the current connection ends", || async {
+        online_now(&db, "t7_").await.is_empty().then_some(())
+    })
+    .await;
+    eventually("redis online set empty", || {
+        let mut conn = rdb.clone();
+        async move {
+            zrange(&mut conn, "t7:online")
+                .await
+                .is_empty()
+                .then_some(())
+        }
+    })
+    .await;
+    n1.shutdown(Duration::from_secs(5)).await;
+    n2.shutdown(Duration::from_secs(5)).await;
 }

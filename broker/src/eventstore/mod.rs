@@ -84,6 +84,8 @@ pub(crate) trait Backend: Send {
     async fn connect(&mut self) -> Result<(), Fault>;
     /// Writes one batch atomically.
     async fn write(&mut self, batch: &[Stamped]) -> Result<(), Fault>;
+    /// A cheap round trip on the open connection (idle health check).
+    async fn ping(&mut self) -> Result<(), Fault>;
     /// Drops the connection (after a fault).
     fn close(&mut self);
 }
@@ -509,7 +511,16 @@ impl<B: Backend> Worker<B> {
                 return self.flush_on_stop(batch, connected, max_rows).await;
             }
             if !connected {
-                match self.backend.connect().await {
+                let timeout = Duration::from_millis(self.retry.timeout_ms.max(1));
+                let attempt = tokio::time::timeout(timeout * 2, self.backend.connect())
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(Fault::new(
+                            FaultKind::Unreachable,
+                            format!("connect timed out after {} ms", (timeout * 2).as_millis()),
+                        ))
+                    });
+                match attempt {
                     Ok(()) => {
                         connected = true;
                         backoff = MIN_BACKOFF;
@@ -531,6 +542,20 @@ impl<B: Backend> Worker<B> {
                         None => return,
                     },
                     _ = stop.cancelled() => continue,
+                    // An idle sink checks its store now and then, so the status and
+                    // `corvid_eventstore_up` show an outage before the next event does.
+                    _ = tokio::time::sleep(Duration::from_millis(self.retry.health_check_ms.max(100))) => {
+                        let timeout = Duration::from_millis(self.retry.timeout_ms.max(1));
+                        let ping = tokio::time::timeout(timeout, self.backend.ping())
+                            .await
+                            .unwrap_or_else(|_| Err(Fault::new(FaultKind::Unreachable, "health check timed out")));
+                        if let Err(f) = ping {
+                            connected = false;
+                            self.backend.close();
+                            self.sink.fault(&f, "health check");
+                        }
+                        continue;
+                    }
                 }
                 let until = tokio::time::Instant::now() + linger;
                 while batch.len() < max_rows {

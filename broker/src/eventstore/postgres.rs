@@ -451,6 +451,17 @@ impl Backend for Postgres {
         Ok(())
     }
 
+    async fn ping(&mut self) -> Result<(), Fault> {
+        match &self.conn {
+            Some(c) => c
+                .client
+                .batch_execute("SELECT 1")
+                .await
+                .map_err(|e| classify(&e)),
+            None => Err(Fault::new(FaultKind::Unreachable, "not connected")),
+        }
+    }
+
     fn close(&mut self) {
         self.conn = None;
     }

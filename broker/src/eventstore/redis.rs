@@ -291,6 +291,17 @@ impl Backend for Redis {
         Ok(())
     }
 
+    async fn ping(&mut self) -> Result<(), Fault> {
+        match self.conn.as_mut() {
+            Some((conn, _)) => redis::cmd("PING")
+                .query_async::<String>(conn)
+                .await
+                .map(|_| ())
+                .map_err(|e| classify(&e)),
+            None => Err(Fault::new(FaultKind::Unreachable, "not connected")),
+        }
+    }
+
     fn close(&mut self) {
         self.conn = None;
     }
