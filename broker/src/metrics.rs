@@ -307,7 +307,7 @@ impl Metrics {
         Ok(g)
     }
 
-    /// Registers another labelled counter.
+    /// Registers another labelled counter (used by optional layers such as bridges).
     pub fn counter_vec(
         &self,
         name: &str,
@@ -319,14 +319,14 @@ impl Metrics {
         Ok(c)
     }
 
-    /// Registers a labelled latency histogram (1 ms to about 4.5 min buckets).
+    /// Registers a labelled latency histogram (100 µs to 10 s buckets).
     pub fn histogram_vec(
         &self,
         name: &str,
         help: &str,
         label: &str,
     ) -> Result<prometheus::HistogramVec, prometheus::Error> {
-        let buckets = prometheus::exponential_buckets(0.001, 4.0, 10)?;
+        let buckets = prometheus::exponential_buckets(0.0001, 4.0, 9)?;
         let h = prometheus::HistogramVec::new(
             prometheus::HistogramOpts::new(name, help).buckets(buckets),
             &[label],

@@ -54,7 +54,6 @@ pub struct Running {
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let broker = Broker::new(config)?;
     broker.hooks.start(&broker.shutdown);
-    broker.event_store.start();
     crate::sys::start(broker.clone());
     let mut tasks = JoinSet::new();
     let mut addrs = HashMap::new();
@@ -84,6 +83,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         let cluster = crate::cluster::Cluster::start(&broker, admin_addr).await?;
         let _ = broker.cluster.set(cluster);
     }
+    // Events emitted before this wait in the sinks' buffers.
+    broker.event_store.start();
     tracing::info!(node = %broker.node, version = env!("CARGO_PKG_VERSION"), "broker started");
     Ok(Running {
         broker,
