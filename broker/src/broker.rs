@@ -99,7 +99,13 @@ impl Broker {
         let metrics = Metrics::new()?;
         let auth = Authenticator::new(&config.auth, metrics.auth.clone())?;
         let acl = Acl::new(&config.acl)?;
-        let mut hooks = Hooks::new(&config.webhooks, &node, &metrics)?;
+        let hooks = Hooks::new(&config.webhooks, &node, &metrics)?;
+        let tracer = Arc::new(Tracer::new(
+            config.trace.dir.clone(),
+            Duration::from_secs(config.trace.max_duration.max(1)),
+            metrics.clone(),
+        ));
+        let mut hooks = hooks;
         let event_store = crate::eventstore::EventStore::new(
             &config.event_store,
             &node,
@@ -107,16 +113,10 @@ impl Broker {
             &metrics,
             &mut hooks,
         )?;
-        let tracer = Arc::new(Tracer::new(
-            config.trace.dir.clone(),
-            Duration::from_secs(config.trace.max_duration.max(1)),
-            metrics.clone(),
-        ));
         Ok(Arc::new(Broker {
             auth,
             acl,
             hooks,
-            event_store,
             tracer,
             config: Arc::new(config),
             node,
@@ -128,6 +128,7 @@ impl Broker {
             accepting: AtomicBool::new(true),
             started: Instant::now(),
             cluster: std::sync::OnceLock::new(),
+            event_store,
         }))
     }
 

@@ -136,10 +136,6 @@ pub struct MqttClusterSpec {
     #[schemars(length(max = 32))]
     pub webhooks: Vec<Webhook>,
 
-    /// Client connect/disconnect events (and chosen messages) written to PostgreSQL and/or Redis.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub event_store: Option<crate::EventStoreSpec>,
-
     /// Free-form broker configuration, deep-merged over the configuration rendered from this spec.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "crate::cluster::free_form")]
@@ -168,6 +164,10 @@ pub struct MqttClusterSpec {
     /// Prometheus Operator integration.
     #[serde(default)]
     pub monitoring: MonitoringSpec,
+
+    /// Client connect/disconnect events (and chosen messages) written to PostgreSQL and/or Redis.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_store: Option<crate::EventStoreSpec>,
 }
 
 /// When the kubelet pulls the broker image.

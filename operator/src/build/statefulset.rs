@@ -21,7 +21,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::config::{
     broker_serves, Rendered, AUTH_DIR, CLUSTER_SECRET_DIR, CLUSTER_SECRET_KEY, CONFIG_KEY,
-    CONFIG_PATH, DATA_DIR, EVENTSTORE_DIR, TLS_DIR,
+    CONFIG_PATH, DATA_DIR, TLS_DIR,
 };
 use super::names::{owned_meta, Names, CONFIG_HASH_ANNOTATION, VERSION_LABEL};
 
@@ -302,11 +302,11 @@ fn mounts(cluster: &MqttCluster) -> Vec<VolumeMount> {
     if spec.tls.mode == TlsMode::Broker {
         m.push(mount("tls", TLS_DIR));
     }
+    if !eventstore_secrets(cluster).is_empty() {
+        m.push(mount("eventstore", super::config::EVENTSTORE_DIR));
+    }
     if spec.auth.users_secret.is_some() {
         m.push(mount("users", AUTH_DIR));
-    }
-    if !eventstore_secrets(cluster).is_empty() {
-        m.push(mount("eventstore", EVENTSTORE_DIR));
     }
     if spec.persistence.mode == PersistenceMode::Pvc {
         m.push(VolumeMount {
