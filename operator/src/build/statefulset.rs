@@ -377,23 +377,6 @@ fn volumes(cluster: &MqttCluster, names: &Names) -> Vec<Volume> {
             ..Volume::default()
         },
     ];
-    if spec.tls.mode == TlsMode::Broker {
-        // Projected (not subPath) so the kubelet swaps renewed files in place; the broker re-reads them.
-        v.push(Volume {
-            name: "tls".to_string(),
-            projected: Some(ProjectedVolumeSource {
-                sources: Some(vec![VolumeProjection {
-                    secret: Some(SecretProjection {
-                        name: tls_secret_name(cluster, names),
-                        ..SecretProjection::default()
-                    }),
-                    ..VolumeProjection::default()
-                }]),
-                ..ProjectedVolumeSource::default()
-            }),
-            ..Volume::default()
-        });
-    }
     let es = eventstore_secrets(cluster);
     if !es.is_empty() {
         // Projected (not subPath): a rotated password reaches the pod without a restart, and
@@ -417,6 +400,23 @@ fn volumes(cluster: &MqttCluster, names: &Names) -> Vec<Volume> {
                         })
                         .collect(),
                 ),
+                ..ProjectedVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    }
+    if spec.tls.mode == TlsMode::Broker {
+        // Projected (not subPath) so the kubelet swaps renewed files in place; the broker re-reads them.
+        v.push(Volume {
+            name: "tls".to_string(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(vec![VolumeProjection {
+                    secret: Some(SecretProjection {
+                        name: tls_secret_name(cluster, names),
+                        ..SecretProjection::default()
+                    }),
+                    ..VolumeProjection::default()
+                }]),
                 ..ProjectedVolumeSource::default()
             }),
             ..Volume::default()
