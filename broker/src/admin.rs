@@ -21,6 +21,7 @@ use crate::session::Kick;
 pub fn router(broker: Arc<Broker>) -> Router {
     let api = Router::new()
         .route("/api/v1/stats", get(stats))
+        .route("/api/v1/eventstore", get(eventstore))
         .route("/api/v1/clients", get(clients))
         .route("/api/v1/clients/{id}", get(client).delete(kick))
         .route("/api/v1/clients/{id}/kick", delete(kick).post(kick))
@@ -243,6 +244,13 @@ async fn stats(State(b): State<Arc<Broker>>) -> Response {
         "messages_sent": (0..3).map(|q| m.messages_sent.at(q).get()).sum::<u64>(),
     }))
     .into_response()
+}
+
+/// The event store's sinks: state, last error, counters.
+async fn eventstore(State(b): State<Arc<Broker>>) -> Response {
+    let sinks = b.event_store.report();
+    Json(json!({ "node": b.node, "enabled": b.event_store.enabled(), "sinks": sinks }))
+        .into_response()
 }
 
 /// Filters for the client list.

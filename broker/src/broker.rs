@@ -55,6 +55,8 @@ pub struct Broker {
     pub acl: Acl,
     /// Event hooks (webhooks).
     pub hooks: Hooks,
+    /// Client events persisted to PostgreSQL / Redis (sinks attached to `hooks`).
+    pub event_store: crate::eventstore::EventStore,
     /// Client and topic traces.
     pub tracer: Arc<Tracer>,
     /// Bridges to other brokers and Kafka: the publish path's tap into their buffers.
@@ -76,6 +78,9 @@ pub enum BrokerError {
     /// A webhook cannot be set up.
     #[error(transparent)]
     Hooks(#[from] HookError),
+    /// The event store cannot be set up.
+    #[error(transparent)]
+    EventStore(#[from] crate::eventstore::EventStoreError),
 }
 
 /// Result of opening a session for a CONNECT.
@@ -103,6 +108,14 @@ impl Broker {
             Duration::from_secs(config.trace.max_duration.max(1)),
             metrics.clone(),
         ));
+        let mut hooks = hooks;
+        let event_store = crate::eventstore::EventStore::new(
+            &config.event_store,
+            &node,
+            crate::hooks::now_us(),
+            &metrics,
+            &mut hooks,
+        )?;
         Ok(Arc::new(Broker {
             auth,
             acl,
@@ -119,6 +132,7 @@ impl Broker {
             accepting: AtomicBool::new(true),
             started: Instant::now(),
             cluster: std::sync::OnceLock::new(),
+            event_store,
         }))
     }
 
@@ -529,6 +543,7 @@ impl Broker {
         m.subscriptions.set(gauge(self.router.subscription_count()));
         m.routes.set(gauge(self.router.filters().len()));
         m.retained.set(gauge(self.retained.len()));
+        self.event_store.refresh_gauges();
     }
 }
 

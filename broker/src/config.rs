@@ -67,6 +67,8 @@ pub struct Config {
     pub auto_subscriptions: Vec<AutoSubscription>,
     /// Event hooks delivered to HTTP endpoints.
     pub webhooks: Vec<WebhookConfig>,
+    /// Client events written to PostgreSQL and Redis.
+    pub event_store: EventStoreConfig,
     /// `$SYS` topics.
     pub sys: SysConfig,
     /// Client and topic tracing.
@@ -264,6 +266,313 @@ impl Default for WebhookConfig {
             queue_size: 10_000,
             max_retries: 3,
         }
+    }
+}
+
+/// Where client events are persisted: each configured store is an independent sink with its
+/// own bounded buffer, so a slow or absent database never slows MQTT clients.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventStoreConfig {
+    /// PostgreSQL sink; unset = off.
+    pub postgres: Option<PostgresStoreConfig>,
+    /// Redis sink; unset = off.
+    pub redis: Option<RedisStoreConfig>,
+}
+
+/// Event kinds a store records by default.
+fn default_store_events() -> Vec<String> {
+    vec!["client.connected".into(), "client.disconnected".into()]
+}
+
+/// Batching: a batch is written when it has `max_rows` events or its first event is
+/// `linger_ms` old, whichever comes first.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreBatchConfig {
+    /// Most events in one write (one transaction / one pipeline).
+    pub max_rows: usize,
+    /// Longest wait for more events before writing, in milliseconds.
+    pub linger_ms: u64,
+}
+
+impl Default for StoreBatchConfig {
+    fn default() -> Self {
+        Self {
+            max_rows: 500,
+            linger_ms: 100,
+        }
+    }
+}
+
+/// The bounded buffer in front of a store.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreBufferConfig {
+    /// Events held while the store is slow or down; newer events are dropped and counted.
+    pub max_events: usize,
+}
+
+impl Default for StoreBufferConfig {
+    fn default() -> Self {
+        Self {
+            max_events: 100_000,
+        }
+    }
+}
+
+/// Reconnects and retries.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreRetryConfig {
+    /// Longest pause between two attempts, in milliseconds (backoff doubles from 100 ms).
+    pub max_backoff_ms: u64,
+    /// Attempts for a batch the store rejects while reachable (a SQL error); then the batch
+    /// is given up and counted as failed. Unreachable stores are retried without limit.
+    pub max_attempts: u32,
+    /// Connect (and, for Redis, response) timeout in milliseconds.
+    pub timeout_ms: u64,
+    /// How often an idle sink checks that its store still answers, in milliseconds.
+    pub health_check_ms: u64,
+}
+
+impl Default for StoreRetryConfig {
+    fn default() -> Self {
+        Self {
+            max_backoff_ms: 5000,
+            max_attempts: 5,
+            timeout_ms: 5000,
+            health_check_ms: 10_000,
+        }
+    }
+}
+
+/// PostgreSQL sink: an append-only events table and a current-state table per client.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PostgresStoreConfig {
+    /// `postgres://user@host:port/dbname?...`; when set, overrides host/port/dbname/user.
+    pub url: Option<String>,
+    /// Server host name or address.
+    pub host: String,
+    /// Server port.
+    pub port: u16,
+    /// Database name.
+    pub dbname: String,
+    /// User name.
+    pub user: String,
+    /// File holding the password (a mounted Secret); re-read on every reconnect.
+    pub password_file: Option<PathBuf>,
+    /// Prefix of the table names (`{prefix}client_events`, `{prefix}clients`, `{prefix}messages`).
+    pub table_prefix: String,
+    /// Client events recorded: `client.connected`, `client.disconnected`.
+    pub events: Vec<String>,
+    /// Messages published on topics matching these filters go to `{prefix}messages`.
+    pub message_filters: Vec<String>,
+    /// Batching.
+    pub batch: StoreBatchConfig,
+    /// Buffer in front of the database.
+    pub buffer: StoreBufferConfig,
+    /// Reconnects and retries.
+    pub retry: StoreRetryConfig,
+}
+
+impl Default for PostgresStoreConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            host: "localhost".into(),
+            port: 5432,
+            dbname: "corvid".into(),
+            user: "corvid".into(),
+            password_file: None,
+            table_prefix: "corvid_".into(),
+            events: default_store_events(),
+            message_filters: Vec::new(),
+            batch: StoreBatchConfig::default(),
+            buffer: StoreBufferConfig::default(),
+            retry: StoreRetryConfig::default(),
+        }
+    }
+}
+
+/// Redis sink: a hash per client, a sorted set of online clients and a capped event stream.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisStoreConfig {
+    /// `redis://host:port/db` (a password in the URL works, `password_file` is preferred).
+    pub url: String,
+    /// ACL user name (Redis 6+); unset = the default user.
+    pub username: Option<String>,
+    /// File holding the password (a mounted Secret); re-read on every reconnect.
+    pub password_file: Option<PathBuf>,
+    /// Prefix of every key (`{prefix}client:<id>`, `{prefix}online`, `{prefix}events`).
+    pub key_prefix: String,
+    /// Approximate cap of the event stream (`XADD ... MAXLEN ~ N`).
+    pub stream_maxlen: u64,
+    /// Client events recorded: `client.connected`, `client.disconnected`.
+    pub events: Vec<String>,
+    /// Messages published on topics matching these filters are added to the event stream.
+    pub message_filters: Vec<String>,
+    /// Batching.
+    pub batch: StoreBatchConfig,
+    /// Buffer in front of Redis.
+    pub buffer: StoreBufferConfig,
+    /// Reconnects and retries.
+    pub retry: StoreRetryConfig,
+}
+
+impl Default for RedisStoreConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://localhost:6379/0".into(),
+            username: None,
+            password_file: None,
+            key_prefix: "corvid:".into(),
+            stream_maxlen: 100_000,
+            events: default_store_events(),
+            message_filters: Vec::new(),
+            batch: StoreBatchConfig::default(),
+            buffer: StoreBufferConfig::default(),
+            retry: StoreRetryConfig::default(),
+        }
+    }
+}
+
+impl EventStoreConfig {
+    /// Checks both sinks; errors name the field (`event_store.postgres.table_prefix`).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field: String, reason: String| ConfigError::Invalid { field, reason };
+        let common = |sink: &str,
+                      events: &[String],
+                      filters: &[String],
+                      batch: &StoreBatchConfig,
+                      buffer: &StoreBufferConfig,
+                      retry: &StoreRetryConfig|
+         -> Result<(), ConfigError> {
+            let f = |name: &str| format!("event_store.{sink}.{name}");
+            if let Some(e) = events
+                .iter()
+                .find(|e| !matches!(e.as_str(), "client.connected" | "client.disconnected"))
+            {
+                return Err(invalid(
+                    f("events"),
+                    format!(
+                        "unknown event {e:?} (client.connected, client.disconnected; \
+                         messages are chosen with message_filters)"
+                    ),
+                ));
+            }
+            for (i, t) in filters.iter().enumerate() {
+                if let Err(e) = crate::topic::validate_filter(t) {
+                    return Err(invalid(
+                        format!("event_store.{sink}.message_filters[{i}]"),
+                        format!("{t:?}: {e}"),
+                    ));
+                }
+            }
+            if batch.max_rows == 0 {
+                return Err(invalid(f("batch.max_rows"), "must be at least 1".into()));
+            }
+            if buffer.max_events == 0 {
+                return Err(invalid(f("buffer.max_events"), "must be at least 1".into()));
+            }
+            if retry.timeout_ms == 0 {
+                return Err(invalid(f("retry.timeout_ms"), "must be at least 1".into()));
+            }
+            if retry.health_check_ms < 100 {
+                return Err(invalid(
+                    f("retry.health_check_ms"),
+                    "must be at least 100".into(),
+                ));
+            }
+            if retry.max_attempts == 0 {
+                return Err(invalid(
+                    f("retry.max_attempts"),
+                    "must be at least 1".into(),
+                ));
+            }
+            Ok(())
+        };
+        if let Some(p) = &self.postgres {
+            common(
+                "postgres",
+                &p.events,
+                &p.message_filters,
+                &p.batch,
+                &p.buffer,
+                &p.retry,
+            )?;
+            if let Some(url) = &p.url {
+                if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                    return Err(invalid(
+                        "event_store.postgres.url".into(),
+                        "must start with postgres:// or postgresql://".into(),
+                    ));
+                }
+                if let Err(e) = url.parse::<tokio_postgres::Config>() {
+                    return Err(invalid("event_store.postgres.url".into(), e.to_string()));
+                }
+            } else if p.host.is_empty() {
+                return Err(invalid(
+                    "event_store.postgres.host".into(),
+                    "set host (or url)".into(),
+                ));
+            }
+            let prefix_ok = !p.table_prefix.is_empty()
+                && p.table_prefix.len() <= 40
+                && p.table_prefix
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                && !p.table_prefix.starts_with(|c: char| c.is_ascii_digit());
+            if !prefix_ok {
+                return Err(invalid(
+                    "event_store.postgres.table_prefix".into(),
+                    format!(
+                        "{:?}: use 1-40 of a-z, 0-9 and _, not starting with a digit",
+                        p.table_prefix
+                    ),
+                ));
+            }
+        }
+        if let Some(r) = &self.redis {
+            common(
+                "redis",
+                &r.events,
+                &r.message_filters,
+                &r.batch,
+                &r.buffer,
+                &r.retry,
+            )?;
+            if r.url.starts_with("rediss://") {
+                return Err(invalid(
+                    "event_store.redis.url".into(),
+                    "rediss:// (TLS) is not supported yet; use redis://".into(),
+                ));
+            }
+            if !r.url.starts_with("redis://") {
+                return Err(invalid(
+                    "event_store.redis.url".into(),
+                    "must start with redis://".into(),
+                ));
+            }
+            if let Err(e) = redis::IntoConnectionInfo::into_connection_info(r.url.as_str()) {
+                return Err(invalid("event_store.redis.url".into(), e.to_string()));
+            }
+            if r.key_prefix.chars().any(|c| c.is_whitespace()) {
+                return Err(invalid(
+                    "event_store.redis.key_prefix".into(),
+                    "must not contain spaces".into(),
+                ));
+            }
+            if r.stream_maxlen == 0 {
+                return Err(invalid(
+                    "event_store.redis.stream_maxlen".into(),
+                    "must be at least 1".into(),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -1339,6 +1648,7 @@ impl Config {
                 return invalid(&format!("webhooks[{i}].queue_size"), "must be at least 1");
             }
         }
+        self.event_store.validate()?;
         if let Some(h) = &self.auth.http {
             if !(h.url.starts_with("http://") || h.url.starts_with("https://")) {
                 return invalid("auth.http.url", "must start with http:// or https://");
@@ -1541,6 +1851,61 @@ persistence: { data_dir: /var/lib/corvid }
         )
         .expect_err("event");
         assert!(err.to_string().contains("webhooks[0].events"), "{err}");
+    }
+
+    #[test]
+    fn event_store_loads_with_defaults_and_env() {
+        let c = load_str(
+            "event_store:\n  postgres:\n    url: postgres://corvid@db:5432/corvid\n    password_file: /etc/corvid/eventstore/postgres-password\n  redis: {}\n",
+            vec![("CORVID_EVENT_STORE__POSTGRES__TABLE_PREFIX", "iot_")],
+        )
+        .expect("event store loads");
+        let p = c.event_store.postgres.expect("postgres on");
+        assert_eq!(p.table_prefix, "iot_");
+        assert_eq!(p.events, vec!["client.connected", "client.disconnected"]);
+        assert_eq!(p.batch.max_rows, 500);
+        let r = c.event_store.redis.expect("redis on");
+        assert_eq!(r.key_prefix, "corvid:");
+        assert_eq!(r.url, "redis://localhost:6379/0");
+        assert_eq!(Config::default().event_store, EventStoreConfig::default());
+    }
+
+    #[test]
+    fn bad_event_store_fields_are_named() {
+        for (yaml, field) in [
+            (
+                "event_store: { postgres: { table_prefix: \"x; DROP\" } }",
+                "event_store.postgres.table_prefix",
+            ),
+            (
+                "event_store: { postgres: { events: [message.publish] } }",
+                "event_store.postgres.events",
+            ),
+            (
+                "event_store: { postgres: { url: \"mysql://x\" } }",
+                "event_store.postgres.url",
+            ),
+            (
+                "event_store: { postgres: { batch: { max_rows: 0 } } }",
+                "event_store.postgres.batch.max_rows",
+            ),
+            (
+                "event_store: { redis: { message_filters: [\"a/#/b\"] } }",
+                "event_store.redis.message_filters[0]",
+            ),
+            (
+                "event_store: { redis: { url: \"rediss://x\" } }",
+                "event_store.redis.url",
+            ),
+            (
+                "event_store: { redis: { buffer: { max_events: 0 } } }",
+                "event_store.redis.buffer.max_events",
+            ),
+            ("event_store: { redis: { passwd: x } }", "event_store.redis"),
+        ] {
+            let err = load_str(yaml, vec![]).expect_err(yaml);
+            assert!(err.to_string().contains(field), "{yaml}: {err}");
+        }
     }
 
     #[test]

@@ -230,6 +230,8 @@ struct Conn {
     peer: SocketAddr,
     /// What `$SYS` and hooks report about this connection.
     info: ConnInfo,
+    /// Accept time in µs since the epoch: identifies this connection in stored events.
+    connected_at_us: u64,
     /// This client's ACL, placeholders resolved at connect.
     acl: ClientAcl,
     /// Message and byte rate buckets.
@@ -384,6 +386,7 @@ impl Conn {
             expiry_was_zero: expiry == 0,
             peer,
             info,
+            connected_at_us: crate::hooks::now_us(),
             acl,
             limits,
         };
@@ -399,6 +402,7 @@ impl Conn {
                 protocol: protocol.label(),
                 keepalive: conn.info.keep_alive,
                 clean_start: c.clean_start,
+                connected_at_us: conn.connected_at_us,
             });
         }
         crate::sys::client_connected(&conn.broker, &conn.client_id, &conn.info, c.clean_start);
@@ -1132,6 +1136,7 @@ impl Conn {
                 username: self.info.username.clone(),
                 peer: self.peer.to_string(),
                 reason: end.label(),
+                connected_at_us: self.connected_at_us,
             });
         }
         crate::sys::client_disconnected(&self.broker, &self.client_id, &self.info, end.label());

@@ -84,6 +84,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         let cluster = crate::cluster::Cluster::start(&broker, admin_addr).await?;
         let _ = broker.cluster.set(cluster);
     }
+    // Events emitted before this wait in the sinks' buffers.
+    broker.event_store.start();
     tracing::info!(node = %broker.node, version = env!("CARGO_PKG_VERSION"), "broker started");
     Ok(Running {
         broker,
@@ -133,6 +135,10 @@ impl Running {
                 "drain deadline reached with clients still connected"
             );
         }
+        // Clients' disconnect events are queued by now: give the event store a moment to
+        // write them.
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        b.event_store.finish(left.max(Duration::from_secs(2))).await;
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
         tracing::info!("broker stopped");

@@ -168,6 +168,10 @@ pub struct MqttClusterSpec {
     /// Prometheus Operator integration.
     #[serde(default)]
     pub monitoring: MonitoringSpec,
+
+    /// Client connect/disconnect events (and chosen messages) written to PostgreSQL and/or Redis.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_store: Option<crate::EventStoreSpec>,
 }
 
 /// When the kubelet pulls the broker image.

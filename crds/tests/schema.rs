@@ -283,6 +283,50 @@ fn cel_rejects_invalid_objects_with_field_messages() {
 }
 
 #[test]
+fn cel_checks_the_event_store() {
+    let ok = object(|s| {
+        s["eventStore"] = json!({
+            "postgres": {"url": "postgres://corvid@db:5432/corvid", "passwordSecret": {"name": "pg", "key": "password"},
+                         "tablePrefix": "iot_", "events": ["client.connected"], "messageFilters": ["alerts/#"]},
+            "redis": {"url": "redis://cache:6379/0", "keyPrefix": "corvid:"},
+        });
+    });
+    assert_eq!(errors(&ok), Vec::<String>::new());
+    for (message, store) in [
+        (
+            "eventStore.postgres.url must not hold a password: use passwordSecret",
+            json!({"postgres": {"url": "postgres://corvid:secret@db/corvid"}}),
+        ),
+        (
+            "eventStore.postgres.url must start with postgres:// or postgresql://",
+            json!({"postgres": {"url": "mysql://db/corvid"}}),
+        ),
+        (
+            "eventStore.postgres.tablePrefix: 1-40 of a-z, 0-9 and _, not starting with a digit",
+            json!({"postgres": {"url": "postgres://db/c", "tablePrefix": "x; drop"}}),
+        ),
+        (
+            "eventStore.postgres.events: client.connected, client.disconnected",
+            json!({"postgres": {"url": "postgres://db/c", "events": ["message.publish"]}}),
+        ),
+        (
+            "eventStore.redis.url must start with redis:// (TLS is not supported yet)",
+            json!({"redis": {"url": "rediss://cache:6379"}}),
+        ),
+        (
+            "eventStore.redis.url must not hold a password: use passwordSecret",
+            json!({"redis": {"url": "redis://:pw@cache:6379"}}),
+        ),
+    ] {
+        let errs = errors(&object(|s| s["eventStore"] = store)).join("\n");
+        assert!(
+            errs.contains(message),
+            "expected rejection with {message:?}, got: {errs:?}"
+        );
+    }
+}
+
+#[test]
 fn cel_accepts_valid_tls_setups() {
     let broker = object(|s| {
         s["listeners"]["mqtts"]["enabled"] = json!(true);

@@ -5,6 +5,10 @@
 //! worker task; when a queue is full the event is dropped for that webhook, counted and
 //! logged. Callers ask [`Hooks::wants`] (one bit test) before building an event, so a broker
 //! without webhooks pays nothing per message.
+//!
+//! The event store (`crate::eventstore`) attaches its sinks here too ([`Hooks::attach`]): same
+//! non-blocking emit, but each event is stamped with the time it happened, since a database
+//! row needs that time and not the time it was written.
 
 mod webhook;
 
@@ -97,6 +101,9 @@ pub enum Event {
         keepalive: u16,
         /// Clean start / clean session.
         clean_start: bool,
+        /// When this connection was accepted, µs since the epoch: with the node, what tells
+        /// one connection of a client id from the next.
+        connected_at_us: u64,
     },
     /// `client.disconnected`.
     ClientDisconnected {
@@ -108,6 +115,9 @@ pub enum Event {
         peer: String,
         /// Why.
         reason: &'static str,
+        /// When the connection that ended was accepted, µs since the epoch (matches its
+        /// `ClientConnected`), so a late disconnect never overrides a newer connection.
+        connected_at_us: u64,
     },
     /// `session.subscribed`.
     SessionSubscribed {
@@ -222,6 +232,7 @@ impl Event {
                 protocol,
                 keepalive,
                 clean_start,
+                ..
             } => json!({
                 "client_id": client_id, "username": username, "peer": peer,
                 "protocol": protocol, "keepalive": keepalive, "clean_start": clean_start,
@@ -231,6 +242,7 @@ impl Event {
                 username,
                 peer,
                 reason,
+                ..
             } => json!({
                 "client_id": client_id, "username": username, "peer": peer, "reason": reason,
             }),
@@ -336,11 +348,40 @@ pub enum HookError {
     },
 }
 
+/// An event with the time it happened, as queued for the event store.
+#[derive(Debug, Clone)]
+pub struct Stamped {
+    /// When it was emitted, µs since the Unix epoch.
+    pub at_us: u64,
+    /// The event.
+    pub event: Arc<Event>,
+}
+
+/// An event-store sink to attach: which events it takes and the queue they go to.
+#[derive(Debug)]
+pub struct StoreSink {
+    /// Name in logs (`postgres`, `redis`).
+    pub name: String,
+    /// Event kinds it takes.
+    pub kinds: Vec<EventKind>,
+    /// Message events are taken only on topics matching one of these filters.
+    pub topics: Vec<String>,
+    /// Its bounded queue.
+    pub tx: mpsc::Sender<Stamped>,
+    /// Counts events dropped because the queue was full.
+    pub dropped: IntCounter,
+}
+
+enum Queue {
+    Webhook(mpsc::Sender<Arc<Event>>),
+    Store(mpsc::Sender<Stamped>),
+}
+
 struct Sink {
     name: String,
     mask: u16,
-    topic: Option<String>,
-    tx: mpsc::Sender<Arc<Event>>,
+    topics: Vec<String>,
+    queue: Queue,
     dropped: IntCounter,
     dropped_n: AtomicU64,
 }
@@ -391,8 +432,8 @@ impl Hooks {
                 dropped: metrics.webhook_dropped.with_label_values(&[&name]),
                 name,
                 mask,
-                topic: w.topic.clone(),
-                tx,
+                topics: w.topic.iter().cloned().collect(),
+                queue: Queue::Webhook(tx),
                 dropped_n: AtomicU64::new(0),
             });
             all |= mask;
@@ -402,6 +443,20 @@ impl Hooks {
             sinks,
             pending: Mutex::new(workers),
         })
+    }
+
+    /// Adds an event-store sink; call before the broker is shared.
+    pub fn attach(&mut self, s: StoreSink) {
+        let mask = s.kinds.iter().fold(0u16, |m, k| m | k.bit());
+        self.mask |= mask;
+        self.sinks.push(Sink {
+            name: s.name,
+            mask,
+            topics: s.topics,
+            queue: Queue::Store(s.tx),
+            dropped: s.dropped,
+            dropped_n: AtomicU64::new(0),
+        });
     }
 
     /// Starts the worker tasks (needs a tokio runtime); they stop at `shutdown`.
@@ -417,29 +472,57 @@ impl Hooks {
         self.mask & kind.bit() != 0
     }
 
-    /// Queues `ev` for every webhook that wants it. Never blocks: a full queue drops the
-    /// event for that webhook, counted in `corvid_webhook_dropped_total` and logged.
+    /// Queues `ev` for every webhook and event-store sink that wants it. Never blocks: a
+    /// full queue drops the event for that sink, counted (`corvid_webhook_dropped_total`,
+    /// `corvid_eventstore_dropped_total`) and logged.
     pub fn emit(&self, ev: Event) {
         let bit = ev.kind().bit();
         let ev = Arc::new(ev);
+        let mut at_us = None;
         for s in &self.sinks {
             if s.mask & bit == 0 {
                 continue;
             }
-            if let (Some(f), Some(t)) = (&s.topic, ev.topic()) {
-                if !topic::matches(f, t) {
+            if let Some(t) = ev.topic() {
+                if !s.topics.is_empty() && !s.topics.iter().any(|f| topic::matches(f, t)) {
                     continue;
                 }
             }
-            if s.tx.try_send(ev.clone()).is_err() {
+            let sent = match &s.queue {
+                Queue::Webhook(tx) => tx.try_send(ev.clone()).is_ok(),
+                Queue::Store(tx) => {
+                    let at_us = *at_us.get_or_insert_with(now_us);
+                    tx.try_send(Stamped {
+                        at_us,
+                        event: ev.clone(),
+                    })
+                    .is_ok()
+                }
+            };
+            if !sent {
                 s.dropped.inc();
                 let n = s.dropped_n.fetch_add(1, Ordering::Relaxed) + 1;
                 if n.is_power_of_two() {
-                    tracing::warn!(webhook = %s.name, dropped = n, event = ev.kind().name(), "webhook queue full; dropping events");
+                    match s.queue {
+                        Queue::Webhook(_) => {
+                            tracing::warn!(webhook = %s.name, dropped = n, event = ev.kind().name(), "webhook queue full; dropping events")
+                        }
+                        Queue::Store(_) => {
+                            tracing::warn!(sink = %s.name, dropped = n, event = ev.kind().name(), "event store buffer full; dropping events (is the store down?)")
+                        }
+                    }
                 }
             }
         }
     }
+}
+
+/// Microseconds since the Unix epoch.
+pub fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 /// Milliseconds since the Unix epoch.

@@ -26,6 +26,8 @@ pub const AUTH_DIR: &str = "/etc/corvid/auth";
 pub const BRIDGES_DIR: &str = "/etc/corvid/bridges";
 /// Where the persistent volume is mounted (pvc mode).
 pub const DATA_DIR: &str = "/var/lib/corvid";
+/// Where the event-store password Secrets are projected (`postgres-password`, `redis-password`).
+pub const EVENTSTORE_DIR: &str = "/etc/corvid/eventstore";
 
 /// The configuration file and its hash.
 #[derive(Clone, Debug, PartialEq)]
@@ -160,6 +162,9 @@ pub fn base(cluster: &MqttCluster, names: &Names) -> Value {
     }
     strip_nulls(&mut config);
     // Keys below are outside the baseline file shape, so they are written only when switched on.
+    if let Some(es) = &spec.event_store {
+        config["event_store"] = event_store(es);
+    }
     if spec.rebalance.enabled {
         config["cluster"]["rebalance"] = json!({ "enabled": true, "rate": spec.rebalance.rate });
     }
@@ -294,4 +299,50 @@ pub fn render(cluster: &MqttCluster, names: &Names, valid: &Validated) -> Render
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The broker's `event_store` section; passwords are files from the projected Secrets.
+fn event_store(es: &corvid_crds::EventStoreSpec) -> Value {
+    let tuning = |t: &corvid_crds::EventStoreTuning| {
+        json!({
+            "batch": { "max_rows": t.batch_max_rows, "linger_ms": t.batch_linger_ms },
+            "buffer": { "max_events": t.buffer_max_events },
+        })
+    };
+    let mut out = json!({});
+    if let Some(p) = &es.postgres {
+        let mut v = json!({
+            "url": p.url,
+            "table_prefix": p.table_prefix,
+            "message_filters": p.message_filters,
+        });
+        if !p.events.is_empty() {
+            v["events"] = json!(p.events);
+        }
+        if p.password_secret.is_some() {
+            v["password_file"] = json!(format!("{EVENTSTORE_DIR}/postgres-password"));
+        }
+        deep_merge(&mut v, &tuning(&p.tuning));
+        out["postgres"] = v;
+    }
+    if let Some(r) = &es.redis {
+        let mut v = json!({
+            "url": r.url,
+            "key_prefix": r.key_prefix,
+            "stream_maxlen": r.stream_max_len,
+            "message_filters": r.message_filters,
+        });
+        if let Some(u) = &r.username {
+            v["username"] = json!(u);
+        }
+        if !r.events.is_empty() {
+            v["events"] = json!(r.events);
+        }
+        if r.password_secret.is_some() {
+            v["password_file"] = json!(format!("{EVENTSTORE_DIR}/redis-password"));
+        }
+        deep_merge(&mut v, &tuning(&r.tuning));
+        out["redis"] = v;
+    }
+    out
 }

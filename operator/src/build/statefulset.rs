@@ -302,6 +302,9 @@ fn mounts(cluster: &MqttCluster) -> Vec<VolumeMount> {
     if spec.tls.mode == TlsMode::Broker {
         m.push(mount("tls", TLS_DIR));
     }
+    if !eventstore_secrets(cluster).is_empty() {
+        m.push(mount("eventstore", super::config::EVENTSTORE_DIR));
+    }
     if spec.auth.users_secret.is_some() {
         m.push(mount("users", AUTH_DIR));
     }
@@ -315,6 +318,26 @@ fn mounts(cluster: &MqttCluster) -> Vec<VolumeMount> {
         });
     }
     m
+}
+
+/// The event-store password Secrets, with the file name each is projected to.
+fn eventstore_secrets(
+    cluster: &MqttCluster,
+) -> Vec<(&'static str, &corvid_crds::PasswordSecretRef)> {
+    let Some(es) = &cluster.spec.event_store else {
+        return Vec::new();
+    };
+    let pg = es
+        .postgres
+        .as_ref()
+        .and_then(|p| p.password_secret.as_ref())
+        .map(|s| ("postgres-password", s));
+    let redis = es
+        .redis
+        .as_ref()
+        .and_then(|r| r.password_secret.as_ref())
+        .map(|s| ("redis-password", s));
+    pg.into_iter().chain(redis).collect()
 }
 
 /// Name of the Secret the broker's TLS files come from.
@@ -357,6 +380,34 @@ fn volumes(cluster: &MqttCluster, names: &Names) -> Vec<Volume> {
             ..Volume::default()
         },
     ];
+    let es = eventstore_secrets(cluster);
+    if !es.is_empty() {
+        // Projected (not subPath): a rotated password reaches the pod without a restart, and
+        // the broker reads the file again on its next reconnect.
+        v.push(Volume {
+            name: "eventstore".to_string(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(
+                    es.into_iter()
+                        .map(|(path, secret)| VolumeProjection {
+                            secret: Some(SecretProjection {
+                                name: secret.name.clone(),
+                                items: Some(vec![KeyToPath {
+                                    key: secret.key.clone(),
+                                    path: path.to_string(),
+                                    ..KeyToPath::default()
+                                }]),
+                                ..SecretProjection::default()
+                            }),
+                            ..VolumeProjection::default()
+                        })
+                        .collect(),
+                ),
+                ..ProjectedVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    }
     if spec.tls.mode == TlsMode::Broker {
         // Projected (not subPath) so the kubelet swaps renewed files in place; the broker re-reads them.
         v.push(Volume {

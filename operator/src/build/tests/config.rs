@@ -80,6 +80,41 @@ fn spec_sections_map_to_broker_keys() {
 }
 
 #[test]
+fn event_store_renders_the_broker_section() {
+    let (v, _) = rendered(json!({"eventStore": {
+        "postgres": {"url": "postgres://corvid@db:5432/corvid", "passwordSecret": {"name": "pg"},
+                     "messageFilters": ["alerts/#"], "tuning": {"batchMaxRows": 100}},
+        "redis": {"url": "redis://cache:6379/0", "username": "corvid", "events": ["client.connected"]},
+    }}));
+    assert_eq!(
+        v["event_store"]["postgres"],
+        json!({
+            "url": "postgres://corvid@db:5432/corvid",
+            "password_file": "/etc/corvid/eventstore/postgres-password",
+            "table_prefix": "corvid_",
+            "message_filters": ["alerts/#"],
+            "batch": {"max_rows": 100, "linger_ms": 100},
+            "buffer": {"max_events": 100000},
+        })
+    );
+    assert_eq!(
+        v["event_store"]["redis"],
+        json!({
+            "url": "redis://cache:6379/0",
+            "username": "corvid",
+            "events": ["client.connected"],
+            "key_prefix": "corvid:",
+            "stream_maxlen": 100000,
+            "message_filters": [],
+            "batch": {"max_rows": 500, "linger_ms": 100},
+            "buffer": {"max_events": 100000},
+        })
+    );
+    let (plain, _) = rendered(json!({}));
+    assert!(plain.get("event_store").is_none());
+}
+
+#[test]
 fn free_form_config_is_deep_merged_on_top() {
     let (v, _) = rendered(
         json!({"config": {"log": {"level": "debug"}, "mqtt": {"max_qos": 1}, "extra": {"x": 1}}}),

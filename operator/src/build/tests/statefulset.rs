@@ -234,6 +234,62 @@ fn broker_tls_comes_from_a_projected_volume() {
 }
 
 #[test]
+fn event_store_passwords_come_from_a_projected_volume() {
+    let (_, d) = build(json!({"eventStore": {
+        "postgres": {"url": "postgres://corvid@db:5432/corvid", "passwordSecret": {"name": "pg"}},
+        "redis": {"url": "redis://cache:6379/0", "passwordSecret": {"name": "rd", "key": "redis-password"}},
+    }}));
+    let volumes = pod(&d.statefulset).volumes.clone().expect("volumes");
+    let es = volumes
+        .iter()
+        .find(|v| v.name == "eventstore")
+        .expect("eventstore volume");
+    let sources = es
+        .projected
+        .as_ref()
+        .and_then(|p| p.sources.as_ref())
+        .expect("projected sources");
+    let items: Vec<(String, String, String)> = sources
+        .iter()
+        .filter_map(|s| s.secret.as_ref())
+        .flat_map(|s| {
+            s.items
+                .iter()
+                .flatten()
+                .map(move |i| (s.name.clone(), i.key.clone(), i.path.clone()))
+        })
+        .collect();
+    assert_eq!(
+        items,
+        vec![
+            ("pg".into(), "password".into(), "postgres-password".into()),
+            (
+                "rd".into(),
+                "redis-password".into(),
+                "redis-password".into()
+            ),
+        ]
+    );
+    let mounts = broker(&d.statefulset)
+        .volume_mounts
+        .clone()
+        .expect("mounts");
+    let m = mounts
+        .iter()
+        .find(|m| m.name == "eventstore")
+        .expect("eventstore mount");
+    assert_eq!(m.mount_path, "/etc/corvid/eventstore");
+    assert!(m.sub_path.is_none(), "rotated passwords must reach the pod");
+    // No Secret, no volume.
+    let (_, plain) = build(json!({"eventStore": {"redis": {"url": "redis://cache:6379/0"}}}));
+    assert!(pod(&plain.statefulset)
+        .volumes
+        .iter()
+        .flatten()
+        .all(|v| v.name != "eventstore"));
+}
+
+#[test]
 fn persistence_adds_a_claim_template() {
     let (_, d) =
         build(json!({"persistence": {"mode": "pvc", "size": "5Gi", "storageClassName": "fast"}}));
