@@ -26,6 +26,10 @@ use crate::session::{ConnInfo, Enqueued, Kick, Registry, Session, Subscription};
 use crate::topic;
 use crate::trace::Tracer;
 
+/// How long a client connecting to a node that has just started waits for it to sync with its
+/// peers (a few hundred milliseconds in practice) before it is served anyway.
+const SYNC_WAIT: Duration = Duration::from_secs(5);
+
 /// Shared broker state; one per process, behind an `Arc`.
 #[derive(Debug)]
 pub struct Broker {
@@ -288,10 +292,17 @@ impl Broker {
         }
     }
 
-    /// Before a client connects here, takes its session over from another node if one holds
+    /// Before a client connects here (after waiting, bounded, until this node has synced with
+    /// its peers), takes its session over from another node if one holds
     /// it (or, with clean start, makes that node drop it).
     pub async fn prepare_session(self: &Arc<Self>, client_id: &str, clean_start: bool) {
         let Some(c) = self.cluster.get() else { return };
+        if !c.wait_synced(SYNC_WAIT).await {
+            tracing::warn!(
+                client_id,
+                "not synced with the cluster after {SYNC_WAIT:?}; accepting the client anyway"
+            );
+        }
         if client_id.is_empty() {
             return;
         }

@@ -305,7 +305,9 @@ impl Cluster {
                 gossip::KEY_ADMIN.into(),
                 SocketAddr::new(advertise_ip, admin.port()).to_string(),
             ),
-            (gossip::KEY_STATE.into(), "ready".into()),
+            // "ready" only once synced (membership_loop): peers must not hand sessions or
+            // redirect clients to a node that has not linked to them and has no routes yet.
+            (gossip::KEY_STATE.into(), "joining".into()),
         ];
         // Where clients reach this node directly: the Server Reference rebalancing sends.
         let mqtt = &broker.config.listeners.mqtt;
@@ -368,6 +370,22 @@ impl Cluster {
             Frame::Routes(b.router.filters()),
             Frame::RetainSnapshot(retained),
         ]
+    }
+
+    /// Waits (at most `limit`) until this node has linked to and synced with every live peer,
+    /// so a client that connects right after a restart is not answered from an empty view of
+    /// the cluster (no session found elsewhere, no routes to publish to).
+    pub async fn wait_synced(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            if self.synced() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// True once every live peer's routes are known here (the node may take traffic).
@@ -915,7 +933,14 @@ async fn membership_loop(cluster: Arc<Cluster>) {
     let mut left: HashSet<String> = HashSet::new();
     let mut own_sessions = u64::MAX;
     let mut own_connections = u64::MAX;
+    let mut announced_ready = false;
     loop {
+        if !announced_ready && cluster.synced() && cluster.evacuation.lock().state == "idle" {
+            announced_ready = true;
+            g.with_chitchat(|c| c.self_node_state().set(gossip::KEY_STATE, "ready"))
+                .await;
+            tracing::info!(node = %cluster.node, "synced with every peer; ready");
+        }
         // Publish our session count, so survivors can tell how many sessions a dead node held.
         if let Some(b) = cluster.broker() {
             let n = b.sessions.len() as u64;
