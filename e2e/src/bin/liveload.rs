@@ -171,6 +171,18 @@ impl Stamp {
     }
 }
 
+/// UTC time of day for log lines (HH:MM:SS.mmm), to line them up with the brokers' logs.
+fn clock() -> String {
+    let ms = now_us() / 1000;
+    let (s, ms) = (ms / 1000, ms % 1000);
+    format!(
+        "{:02}:{:02}:{:02}.{ms:03}",
+        (s / 3600) % 24,
+        (s / 60) % 60,
+        s % 60
+    )
+}
+
 fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -210,6 +222,9 @@ struct Shared {
     unique_deliveries: AtomicU64,
     /// Milliseconds since `started` of the last measured delivery.
     last_delivery_ms: AtomicU64,
+    /// Held (read) by a publisher while it checks the phase and counts a new message in flight;
+    /// the coordinator takes it (write) after setting Stop, so the drain sees every message.
+    publish_gate: std::sync::RwLock<()>,
 }
 
 impl Shared {
@@ -444,7 +459,11 @@ impl Link {
 
     fn note_end(&mut self, ended: &Ended, verbose: bool) {
         if verbose {
-            eprintln!("liveload: {} connection ended: {ended:?}", self.client_id);
+            eprintln!(
+                "{} liveload: {} connection ended: {ended:?}",
+                clock(),
+                self.client_id
+            );
         }
         let key = match ended {
             Ended::Disconnect(code, reference) => {
@@ -500,13 +519,14 @@ impl Link {
                         if !accepted.session_present {
                             self.sessions_lost += 1;
                             eprintln!(
-                                "liveload: {} reconnected to {addr} after {gap:.3}s WITHOUT its \
-                                 session (CONNACK session present = 0)",
+                                "{} liveload: {} reconnected to {addr} after {gap:.3}s WITHOUT its \
+                                 session (CONNACK session present = 0)", clock(),
                                 self.client_id
                             );
                         } else if shared.args.verbose {
                             eprintln!(
-                                "liveload: {} reconnected to {addr} after {gap:.3}s",
+                                "{} liveload: {} reconnected to {addr} after {gap:.3}s",
+                                clock(),
                                 self.client_id
                             );
                         }
@@ -521,7 +541,8 @@ impl Link {
                 Err(e) => {
                     if attempt == 1 || attempt.is_multiple_of(20) {
                         eprintln!(
-                            "liveload: {} attempt {attempt} to {addr}: {e:#}",
+                            "{} liveload: {} attempt {attempt} to {addr}: {e:#}",
+                            clock(),
                             self.client_id
                         );
                     }
@@ -672,7 +693,11 @@ impl Publisher {
                 break 'session;
             }
             if let Ended::Broken(why) = &ended {
-                eprintln!("liveload: {} connection lost: {why}", self.link.client_id);
+                eprintln!(
+                    "{} liveload: {} connection lost: {why}",
+                    clock(),
+                    self.link.client_id
+                );
             }
         }
         // Whatever is still in flight will never be acknowledged in this run.
@@ -723,6 +748,13 @@ impl Publisher {
                 }
                 _ = phase.changed() => continue,
                 _ = ticker.tick(), if now == Phase::Measure && self.inflight.len() < window => {
+                    // Under the publish gate: once the coordinator has set Stop and taken the
+                    // gate, no message can start that its drain check would not see.
+                    let shared = self.shared.clone();
+                    let gate = shared.publish_gate.read().unwrap_or_else(|e| e.into_inner());
+                    if *phase.borrow() != Phase::Measure {
+                        continue;
+                    }
                     let seq = self.next_seq;
                     self.next_seq += 1;
                     self.outcome.push(None);
@@ -731,6 +763,7 @@ impl Publisher {
                     self.by_packet_id.insert(id.get(), seq);
                     self.inflight.insert(seq, InflightMsg { packet_id: id, payload: payload.clone() });
                     self.shared.inflight.fetch_add(1, Ordering::SeqCst);
+                    drop(gate);
                     let pkt = self.publish_packet(payload, QoS::AtLeastOnce, Some(id), false);
                     if let Err(e) = conn.send(pkt) {
                         return Ended::Broken(format!("{e:#}"));
@@ -830,7 +863,11 @@ impl Subscriber {
                 break;
             }
             if let Ended::Broken(why) = &ended {
-                eprintln!("liveload: {} connection lost: {why}", self.link.client_id);
+                eprintln!(
+                    "{} liveload: {} connection lost: {why}",
+                    clock(),
+                    self.link.client_id
+                );
             }
         }
         SubLedger {
@@ -1073,6 +1110,7 @@ async fn main() -> anyhow::Result<()> {
         expected_acked_deliveries: AtomicU64::new(0),
         unique_deliveries: AtomicU64::new(0),
         last_delivery_ms: AtomicU64::new(0),
+        publish_gate: std::sync::RwLock::new(()),
         args: args.clone(),
     });
     let (phase_tx, phase_rx) = watch::channel(Phase::Warmup);
@@ -1154,18 +1192,28 @@ async fn main() -> anyhow::Result<()> {
     if result.is_ok() {
         phase_tx.send_replace(Phase::Measure);
         eprintln!(
-            "liveload: measuring: {} publishers, {} subscribers in {groups} groups, {} msg/s",
-            args.publishers, args.subscribers, args.rate
+            "{} liveload: measuring: {} publishers, {} subscribers in {groups} groups, {} msg/s",
+            clock(),
+            args.publishers,
+            args.subscribers,
+            args.rate
         );
         if let Some(path) = &args.ready_file {
             std::fs::write(path, format!("{}\n", std::process::id()))
                 .with_context(|| path.display().to_string())?;
         }
         stop_reason = stop_requested(&args).await;
-        eprintln!("liveload: stopping ({stop_reason}); draining");
+        eprintln!("{} liveload: stopping ({stop_reason}); draining", clock());
     }
     let measured_s = measure_started.elapsed().as_secs_f64();
     phase_tx.send_replace(Phase::Stop);
+    // Wait out any publisher that saw Measure just before: after this, `inflight` counts all.
+    drop(
+        shared
+            .publish_gate
+            .write()
+            .unwrap_or_else(|e| e.into_inner()),
+    );
     // Drain: wait for PUBACKs and deliveries, bounded.
     let drain_started = Instant::now();
     let drain_limit = Duration::from_secs_f64(args.drain_timeout);
@@ -1191,7 +1239,8 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     eprintln!(
-        "liveload: drain ended ({drained}) after {:.1}s",
+        "{} liveload: drain ended ({drained}) after {:.1}s",
+        clock(),
         drain_started.elapsed().as_secs_f64()
     );
     phase_tx.send_replace(Phase::Finish);
@@ -1227,7 +1276,7 @@ async fn main() -> anyhow::Result<()> {
         None => println!("{text}"),
     }
     eprintln!(
-        "liveload: {}: published {} acked {} received_unique {} lost {} duplicates {} max_reconnect_gap_s {}",
+        "{} liveload: {}: published {} acked {} received_unique {} lost {} duplicates {} max_reconnect_gap_s {}", clock(),
         args.name,
         report["published"],
         report["acked"],
