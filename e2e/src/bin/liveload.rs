@@ -228,6 +228,23 @@ struct Shared {
 }
 
 impl Shared {
+    fn new(args: Args) -> Shared {
+        Shared {
+            groups: args.groups.clamp(1, args.subscribers.max(1)),
+            started: Instant::now(),
+            subscribed: AtomicUsize::new(0),
+            connected: AtomicUsize::new(0),
+            probe_seen: (0..args.subscribers * args.publishers)
+                .map(|_| AtomicBool::new(false))
+                .collect(),
+            inflight: AtomicI64::new(0),
+            expected_acked_deliveries: AtomicU64::new(0),
+            unique_deliveries: AtomicU64::new(0),
+            last_delivery_ms: AtomicU64::new(0),
+            publish_gate: std::sync::RwLock::new(()),
+            args,
+        }
+    }
     fn group_of_publisher(&self, p: usize) -> usize {
         p % self.groups
     }
@@ -1097,22 +1114,8 @@ async fn main() -> anyhow::Result<()> {
     if args.rate.is_nan() || args.rate <= 0.0 {
         bail!("--rate must be positive");
     }
-    let groups = args.groups.clamp(1, args.subscribers);
-    let shared = Arc::new(Shared {
-        groups,
-        started: Instant::now(),
-        subscribed: AtomicUsize::new(0),
-        connected: AtomicUsize::new(0),
-        probe_seen: (0..args.subscribers * args.publishers)
-            .map(|_| AtomicBool::new(false))
-            .collect(),
-        inflight: AtomicI64::new(0),
-        expected_acked_deliveries: AtomicU64::new(0),
-        unique_deliveries: AtomicU64::new(0),
-        last_delivery_ms: AtomicU64::new(0),
-        publish_gate: std::sync::RwLock::new(()),
-        args: args.clone(),
-    });
+    let shared = Arc::new(Shared::new(args.clone()));
+    let groups = shared.groups;
     let (phase_tx, phase_rx) = watch::channel(Phase::Warmup);
     let clients = args.publishers + args.subscribers;
 
@@ -1387,4 +1390,123 @@ fn account(shared: &Shared, pubs: &[PubLedger], subs: &[SubLedger]) -> serde_jso
         "disconnects": disconnects,
         "lost_examples": lost_examples,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared(publishers: usize, subscribers: usize, groups: usize) -> Shared {
+        Shared::new(Args::parse_from([
+            "corvid-liveload",
+            "--endpoints",
+            "127.0.0.1:1883",
+            "--publishers",
+            &publishers.to_string(),
+            "--subscribers",
+            &subscribers.to_string(),
+            "--groups",
+            &groups.to_string(),
+        ]))
+    }
+
+    fn client(sessions_lost: u64, gaps: &[f64]) -> ClientSummary {
+        ClientSummary {
+            gaps: gaps.to_vec(),
+            sessions_lost,
+            disconnects: BTreeMap::new(),
+        }
+    }
+
+    fn sub(index: usize, got: &[(u32, u64, u32)], sessions_lost: u64) -> SubLedger {
+        SubLedger {
+            index,
+            received: got.iter().map(|&(p, s, n)| ((p, s), n)).collect(),
+            client: client(sessions_lost, &[]),
+        }
+    }
+
+    #[test]
+    fn stamps_round_trip_and_foreign_payloads_are_ignored() {
+        let stamp = Stamp {
+            kind: KIND_MEASURED,
+            publisher: 7,
+            seq: 123_456,
+            sent_us: 99,
+        };
+        assert_eq!(Stamp::decode(&stamp.encode()), Some(stamp));
+        assert_eq!(Stamp::decode(b"hello"), None);
+        assert_eq!(Stamp::decode(&[0u8; PAYLOAD_LEN]), None);
+    }
+
+    #[test]
+    fn topics_put_each_publisher_in_exactly_one_group() {
+        let sh = shared(4, 6, 2);
+        // Publisher 1 is in group 1, whose subscribers are 1, 3 and 5.
+        assert_eq!(sh.topic(1), "live/liveload/1/1");
+        assert_eq!(sh.filter(3), "live/liveload/1/#");
+        assert_eq!(sh.subscribers_in_group(1), 3);
+        // More groups than subscribers: capped, so no group is without subscribers.
+        assert_eq!(shared(4, 2, 10).groups, 2);
+    }
+
+    /// Two publishers in two groups, two subscribers per group. Publisher 0 (group 0, subscribers
+    /// 0 and 2) sent 4 messages: 0 and 1 reached both, 2 reached only subscriber 2 (whose session
+    /// survived), 3 was never acknowledged. Publisher 1 (group 1, subscribers 1 and 3) sent 3:
+    /// all acknowledged, 1 missed subscriber 3, which came back without its session, and 2 was
+    /// refused (PUBACK 0x87). Subscriber 1 got message 0 three times.
+    #[test]
+    fn accounting_counts_per_message_and_classifies_losses() {
+        let sh = shared(2, 4, 2);
+        let pubs = vec![
+            PubLedger {
+                index: 0,
+                published: 4,
+                outcome: vec![Some(0), Some(0), Some(0), None],
+                client: client(0, &[0.5]),
+            },
+            PubLedger {
+                index: 1,
+                published: 3,
+                outcome: vec![Some(0), Some(0x10), Some(0x87)],
+                client: client(0, &[]),
+            },
+        ];
+        let subs = vec![
+            sub(0, &[(0, 0, 1), (0, 1, 1)], 0),
+            sub(1, &[(1, 0, 3), (1, 1, 1)], 0),
+            sub(2, &[(0, 0, 1), (0, 1, 2), (0, 2, 1)], 0),
+            sub(3, &[(1, 0, 1)], 1),
+        ];
+        let r = account(&sh, &pubs, &subs);
+        assert_eq!(r["published"], 7);
+        assert_eq!(
+            r["acked"], 5,
+            "0x10 (no matching subscribers) is a success code"
+        );
+        assert_eq!(r["refused"], 1);
+        assert_eq!(r["unacked"], 1);
+        assert_eq!(
+            r["received_unique"], 3,
+            "p0/0, p0/1 and p1/0 reached everyone"
+        );
+        assert_eq!(r["lost"], 2, "p0/2 and p1/1");
+        assert_eq!(r["lost_deliveries"], 2);
+        assert_eq!(
+            r["lost_deliveries_to_live_sessions"], 1,
+            "p0/2 at subscriber 0"
+        );
+        assert_eq!(
+            r["lost_deliveries_to_lost_sessions"], 1,
+            "p1/1 at subscriber 3"
+        );
+        assert_eq!(r["expected_deliveries"], 10);
+        assert_eq!(
+            r["duplicates"], 3,
+            "two extra copies at subscriber 1, one at 2"
+        );
+        assert_eq!(r["reconnects"], 1);
+        assert_eq!(r["max_reconnect_gap_s"], 0.5);
+        assert_eq!(r["sessions_lost_subscribers"], 1);
+    }
 }
