@@ -326,6 +326,18 @@ impl TestProcess {
         })
     }
 
+    /// Sends SIGTERM, as Kubernetes does when it deletes a pod (a broker evacuates on it).
+    pub fn signal_term(&self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+    }
+
+    /// The exit status once the process has exited (reaping it), else `None`.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// The last `lines` lines of the log, headed by the process name, for failure messages.
     pub fn log_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
