@@ -149,6 +149,29 @@ impl ApiServerProxy {
     }
 }
 
+impl ApiServerProxy {
+    /// `POST /api/v1/<action>?rate=N` on one pod. The broker reads its options from the query
+    /// string (a JSON body is ignored), so the body is empty.
+    async fn post_rate(
+        &self,
+        namespace: &str,
+        pod: &str,
+        action: &str,
+        rate: i32,
+    ) -> Result<(), PodTalkError> {
+        let path = format!("/api/v1/{action}?rate={}", rate.max(1));
+        let req = Self::request(http::Method::POST, namespace, pod, &path, Vec::new())?;
+        self.client
+            .request_text(req)
+            .await
+            .map_err(|source| PodTalkError::Call {
+                pod: pod.to_string(),
+                source,
+            })?;
+        Ok(())
+    }
+}
+
 impl BrokerAdmin for ApiServerProxy {
     fn rebalance<'a>(
         &'a self,
@@ -156,19 +179,7 @@ impl BrokerAdmin for ApiServerProxy {
         pod: &'a str,
         rate: i32,
     ) -> BoxFuture<'a, Result<(), PodTalkError>> {
-        Box::pin(async move {
-            // The broker reads the rate from the query string (an empty body is fine).
-            let path = format!("/api/v1/rebalance?rate={}", rate.max(1));
-            let req = Self::request(http::Method::POST, namespace, pod, &path, Vec::new())?;
-            self.client
-                .request_text(req)
-                .await
-                .map_err(|source| PodTalkError::Call {
-                    pod: pod.to_string(),
-                    source,
-                })?;
-            Ok(())
-        })
+        Box::pin(self.post_rate(namespace, pod, "rebalance", rate))
     }
 
     fn evacuate<'a>(
@@ -177,19 +188,7 @@ impl BrokerAdmin for ApiServerProxy {
         pod: &'a str,
         rate: i32,
     ) -> BoxFuture<'a, Result<(), PodTalkError>> {
-        Box::pin(async move {
-            // The broker reads its options from the query string; a JSON body is ignored.
-            let path = format!("/api/v1/evacuate?rate={}", rate.max(1));
-            let req = Self::request(http::Method::POST, namespace, pod, &path, Vec::new())?;
-            self.client
-                .request_text(req)
-                .await
-                .map_err(|source| PodTalkError::Call {
-                    pod: pod.to_string(),
-                    source,
-                })?;
-            Ok(())
-        })
+        Box::pin(self.post_rate(namespace, pod, "evacuate", rate))
     }
 
     fn evacuation<'a>(
