@@ -256,6 +256,21 @@ impl ClientAcl {
     }
 }
 
+impl ClientAcl {
+    /// Whether a rule explicitly lets this client read the topic name `topic`: the first
+    /// rule that matches it for SUBSCRIBE allows. `no_match` (and the rule-less default)
+    /// never grants this — it is the gate for `$SYS` topics that name other clients.
+    pub fn explicitly_allows_read(&self, topic: &str) -> bool {
+        match self {
+            ClientAcl::AllowAll => false,
+            ClientAcl::Rules { rules, .. } => rules
+                .iter()
+                .find(|r| r.applies(Action::Subscribe, topic))
+                .is_some_and(|r| r.permission == Permission::Allow),
+        }
+    }
+}
+
 /// Whether the rule filter `rule` covers every topic the subscription filter `sub` can match.
 pub fn covers(rule: &str, sub: &str) -> bool {
     // A leading wildcard never reaches `$` topics [MQTT-4.7.2-1], so it cannot cover them.
@@ -276,12 +291,24 @@ pub fn covers(rule: &str, sub: &str) -> bool {
     }
 }
 
-/// Substitutes `%u` and `%c`; `None` when `%u` is used and the client has no user name.
-fn substitute(filter: &str, c: &Client<'_>) -> Option<String> {
+/// Whether an identity (client id, user name) may stand in for a placeholder: it must be
+/// one plain topic level, so it can never widen a rule — no `+`, `#`, `/` or U+0000.
+pub fn placeholder_safe(identity: &str) -> bool {
+    !identity.contains(['+', '#', '/', '\0'])
+}
+
+/// Substitutes `%u` and `%c` in an ACL filter or auto-subscription. `None` — the filter does
+/// not apply to this client — when `%u` is used and the client has no user name, or when the
+/// identity substituted is not [`placeholder_safe`] (a client id `#` must not turn
+/// `devices/%c/#` into `devices/#/#`, nor `+` into everyone's `devices/+/#`).
+pub fn substitute(filter: &str, c: &Client<'_>) -> Option<String> {
     if !filter.contains('%') {
         return Some(filter.to_string());
     }
-    if filter.contains("%u") && c.username.is_none() {
+    if filter.contains("%u") && !c.username.is_some_and(placeholder_safe) {
+        return None;
+    }
+    if filter.contains("%c") && !placeholder_safe(c.client_id) {
         return None;
     }
     Some(
@@ -300,7 +327,7 @@ pub fn parse_cidr(s: &str) -> Option<IpNet> {
 }
 
 /// IPv4-mapped IPv6 addresses compare as IPv4.
-fn canonical(ip: IpAddr) -> IpAddr {
+pub fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,
@@ -457,6 +484,79 @@ mod tests {
         assert_eq!(anon.check(S, "users//inbox"), Deny);
         assert_eq!(anon.check(S, "users/%u/inbox"), Deny);
         assert_eq!(anon.check(P, "devices/d1/x"), Allow);
+    }
+
+    #[test]
+    fn identities_with_wildcards_or_separators_never_widen_a_rule() {
+        let a = acl(
+            Deny,
+            vec![rule(
+                Allow,
+                ALL,
+                AclAction::All,
+                &["devices/%c/#", "users/%u/inbox", "public/#"],
+            )],
+        );
+        for (id, user) in [
+            ("+", Some("ann")),
+            ("#", Some("ann")),
+            ("a/b", Some("ann")),
+            ("x\0y", Some("ann")),
+        ] {
+            let c = a.for_client(&client(id, user, "127.0.0.1"), &[]);
+            assert_eq!(c.check(S, "devices/+/#"), Deny, "{id:?}");
+            assert_eq!(c.check(S, "devices/#"), Deny, "{id:?}");
+            assert_eq!(c.check(P, "devices/a/b/x"), Deny, "{id:?}");
+            assert_eq!(c.check(P, &format!("devices/{id}/x")), Deny, "{id:?}");
+            // The rule's other topics still apply; so does a safe user name.
+            assert_eq!(c.check(P, "public/x"), Allow, "{id:?}");
+            assert_eq!(c.check(S, "users/ann/inbox"), Allow, "{id:?}");
+        }
+        for user in ["+", "#", "a/b", "\0"] {
+            let c = a.for_client(&client("d1", Some(user), "127.0.0.1"), &[]);
+            assert_eq!(c.check(S, "users/+/inbox"), Deny, "{user:?}");
+            assert_eq!(c.check(S, &format!("users/{user}/inbox")), Deny, "{user:?}");
+            assert_eq!(c.check(P, "devices/d1/x"), Allow, "{user:?}");
+        }
+        // A rule whose only topic substitutes an unsafe identity does not apply at all.
+        let only = acl(
+            Allow,
+            vec![rule(Deny, ALL, AclAction::All, &["devices/%c/#"])],
+        );
+        let c = only.for_client(&client("#", None, "127.0.0.1"), &[]);
+        assert_eq!(c, ClientAcl::AllowAll);
+    }
+
+    #[test]
+    fn only_an_explicit_rule_grants_reading_a_topic() {
+        let topic = "$SYS/brokers/n1/clients/c1/connected";
+        let none = Acl::new(&AclConfig::default()).expect("compiles");
+        assert!(!none
+            .for_client(&client("c", None, "127.0.0.1"), &[])
+            .explicitly_allows_read(topic));
+        let a = acl(
+            Allow,
+            vec![
+                rule(
+                    Deny,
+                    ALL,
+                    AclAction::Subscribe,
+                    &["$SYS/brokers/+/clients/#"],
+                ),
+                rule(Allow, user("dash"), AclAction::Subscribe, &["$SYS/#"]),
+            ],
+        );
+        let dash = a.for_client(&client("d", Some("dash"), "127.0.0.1"), &[]);
+        assert!(!dash.explicitly_allows_read(topic)); // the deny rule comes first
+        assert!(dash.explicitly_allows_read("$SYS/brokers/n1/uptime"));
+        let b = acl(
+            Deny,
+            vec![rule(Allow, user("dash"), AclAction::Subscribe, &["$SYS/#"])],
+        );
+        let dash = b.for_client(&client("d", Some("dash"), "127.0.0.1"), &[]);
+        assert!(dash.explicitly_allows_read(topic));
+        let other = b.for_client(&client("o", Some("other"), "127.0.0.1"), &[]);
+        assert!(!other.explicitly_allows_read(topic));
     }
 
     #[test]

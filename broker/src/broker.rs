@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::acl::{Acl, AclError};
 use crate::auth::{AuthError, Authenticator};
 use crate::codec::{QoS, RetainHandling, SubOptions, Will};
-use crate::config::Config;
+use crate::config::{Config, Takeover};
 use crate::hooks::{Event, EventKind, HookError, Hooks};
 use crate::message::{Delivery, Message, Msg};
 use crate::metrics::Metrics;
@@ -85,6 +85,17 @@ pub enum BrokerError {
     /// The event store cannot be set up.
     #[error(transparent)]
     EventStore(#[from] crate::eventstore::EventStoreError),
+}
+
+/// A CONNECT refused because another identity owns the session of its client id
+/// (`sessions.takeover: owner_only`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the session of this client id belongs to another identity")]
+pub struct NotOwner;
+
+/// Whether `owner` may take over a session owned by `current` under `policy`.
+pub fn may_take_over(policy: Takeover, current: Option<&str>, owner: Option<&str>) -> bool {
+    policy == Takeover::Any || current == owner
 }
 
 /// Result of opening a session for a CONNECT.
@@ -187,6 +198,19 @@ impl Broker {
     }
 
     fn deliver(&self, msg: &Msg, t: Target) {
+        if crate::sys::names_clients(&msg.topic) {
+            let allowed = t
+                .session
+                .state
+                .lock()
+                .connection
+                .as_ref()
+                .is_some_and(|c| c.acl.explicitly_allows_read(&msg.topic));
+            if !allowed {
+                self.metrics.dropped("sys_acl_denied");
+                return;
+            }
+        }
         let d = Delivery {
             msg: msg.clone(),
             qos: msg.qos.min(t.qos),
@@ -234,7 +258,7 @@ impl Broker {
         mut opts: SubOptions,
         sub_id: Option<NonZeroU32>,
     ) -> Result<QoS, topic::TopicError> {
-        let f = topic::parse_filter(raw)?;
+        let f = self.config.mqtt.topic_limits().filter(raw)?;
         opts.qos = opts.qos.min(max_qos(&self.config));
         let existed = {
             let mut st = session.state.lock();
@@ -294,9 +318,17 @@ impl Broker {
 
     /// Before a client connects here (after waiting, bounded, until this node has synced with
     /// its peers), takes its session over from another node if one holds
-    /// it (or, with clean start, makes that node drop it).
-    pub async fn prepare_session(self: &Arc<Self>, client_id: &str, clean_start: bool) {
-        let Some(c) = self.cluster.get() else { return };
+    /// it (or, with clean start, makes that node drop it). `owner` is the connecting identity;
+    /// `Err` when the node holding the session refuses it to that identity.
+    pub async fn prepare_session(
+        self: &Arc<Self>,
+        client_id: &str,
+        clean_start: bool,
+        owner: Option<&str>,
+    ) -> Result<(), NotOwner> {
+        let Some(c) = self.cluster.get() else {
+            return Ok(());
+        };
         if !c.wait_synced(SYNC_WAIT).await {
             tracing::warn!(
                 client_id,
@@ -304,16 +336,21 @@ impl Broker {
             );
         }
         if client_id.is_empty() {
-            return;
+            return Ok(());
         }
         if let Some(local) = self.sessions.get(client_id) {
             let st = local.state.lock();
             if st.moved_to.is_none() && !st.ended {
-                return; // it is here
+                return Ok(()); // it is here: `open_session` checks the owner
             }
         }
-        if c.take_session(client_id, clean_start).await {
-            tracing::info!(client_id, "session taken over from another node");
+        match c.take_session(client_id, clean_start, owner).await {
+            crate::cluster::Taken::Moved => {
+                tracing::info!(client_id, "session taken over from another node");
+                Ok(())
+            }
+            crate::cluster::Taken::NotFound => Ok(()),
+            crate::cluster::Taken::NotOwner => Err(NotOwner),
         }
     }
 
@@ -324,6 +361,7 @@ impl Broker {
         let session = Session::new(client_id, snap.expiry);
         {
             let mut st = session.state.lock();
+            st.owner = snap.owner.clone();
             snap.restore_into(&mut st);
             st.recent_ids = crate::cluster::recent_window();
             st.disconnected_at = Some(Instant::now());
@@ -361,17 +399,28 @@ impl Broker {
     }
 
     /// Opens (or resumes) the session for a connecting client and marks it online, kicking
-    /// any connection that holds it now.
+    /// any connection that holds it now. The session's owner is the connection's user name;
+    /// under `sessions.takeover: owner_only` a live session owned by another identity is
+    /// refused with [`NotOwner`] before anything about it changes.
     pub fn open_session(
         &self,
         client_id: &ByteString,
         clean_start: bool,
         expiry: u32,
         conn: ConnInfo,
-    ) -> Opened {
+    ) -> Result<Opened, NotOwner> {
         let existing = self.sessions.get(client_id);
         if let Some(old) = &existing {
             let mut st = old.state.lock();
+            if !st.ended
+                && !may_take_over(
+                    self.config.sessions.takeover,
+                    st.owner.as_deref(),
+                    conn.username.as_deref(),
+                )
+            {
+                return Err(NotOwner);
+            }
             if let Some(c) = st.connection.take() {
                 // The old connection sees the bumped generation and lets go.
                 c.kick.send(Kick::TakenOver);
@@ -398,15 +447,16 @@ impl Broker {
             let mut st = session.state.lock();
             st.generation += 1;
             st.expiry = expiry;
+            st.owner = conn.username.clone();
             st.connection = Some(conn);
             st.disconnected_at = None;
             st.generation
         };
-        Opened {
+        Ok(Opened {
             session,
             present,
             generation,
-        }
+        })
     }
 
     /// Called when a connection that owned `session` at `generation` ends. Ends the session

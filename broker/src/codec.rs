@@ -226,6 +226,8 @@ pub enum ConnAckCode {
     RetainNotSupported,
     /// Malformed or protocol error (0x81/0x82) — 3.1.1 has no code, the connection just closes.
     ProtocolError,
+    /// Will topic over the topic bounds (5.0: 0x90) — 3.1.1 has no code, the connection closes.
+    TopicNameInvalid,
 }
 
 /// CONNACK fields beyond the code (MQTT 5 properties).
@@ -599,7 +601,7 @@ fn to_v3(pkt: Outbound) -> Option<v3::Packet> {
                 | ConnAckCode::ServerBusy
                 | ConnAckCode::ConnectionRateExceeded
                 | ConnAckCode::UseAnotherServer => R::ServiceUnavailable,
-                ConnAckCode::ProtocolError => return None,
+                ConnAckCode::ProtocolError | ConnAckCode::TopicNameInvalid => return None,
             };
             P::ConnectAck(v3::ConnectAck {
                 return_code,
@@ -652,6 +654,7 @@ fn to_v5(pkt: Outbound) -> v5::Packet {
                 ConnAckCode::QosNotSupported => v5::ConnectAckReason::QosNotSupported,
                 ConnAckCode::RetainNotSupported => v5::ConnectAckReason::RetainNotSupported,
                 ConnAckCode::ProtocolError => v5::ConnectAckReason::ProtocolError,
+                ConnAckCode::TopicNameInvalid => v5::ConnectAckReason::TopicNameInvalid,
             };
             let p = *props;
             P::ConnectAck(Box::new(v5::ConnectAck {

@@ -725,6 +725,10 @@ pub struct ListenerConfig {
     pub path: String,
     /// Expect a PROXY protocol v1/v2 header first (load balancer in front).
     pub proxy_protocol: bool,
+    /// Source ranges (CIDRs, or bare addresses) whose PROXY headers are believed; a
+    /// connection from anywhere else is closed. Empty: any sender (then any client that can
+    /// reach the port can claim any source address).
+    pub proxy_trusted: Vec<String>,
 }
 
 impl ListenerConfig {
@@ -736,7 +740,19 @@ impl ListenerConfig {
                 .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),
             path: "/mqtt".into(),
             proxy_protocol: false,
+            proxy_trusted: Vec::new(),
         }
+    }
+
+    /// Whether a PROXY header from `ip` (the TCP peer, i.e. the load balancer) is believed.
+    pub fn proxy_trusts(&self, ip: std::net::IpAddr) -> bool {
+        let ip = crate::acl::canonical(ip);
+        self.proxy_trusted.is_empty()
+            || self
+                .proxy_trusted
+                .iter()
+                .filter_map(|c| crate::acl::parse_cidr(c))
+                .any(|net| net.contains(&ip))
     }
 }
 
@@ -824,6 +840,10 @@ pub struct MqttConfig {
     pub max_qos: u8,
     /// Longest client id accepted.
     pub max_client_id_len: usize,
+    /// Most `/`-separated levels in a topic name or filter (like EMQX's default).
+    pub max_topic_levels: usize,
+    /// Longest topic name or filter, in bytes.
+    pub max_topic_length: usize,
     /// Seconds a new connection may take to send CONNECT.
     pub connect_timeout: u64,
     /// Shared-subscription member selection.
@@ -840,8 +860,22 @@ impl Default for MqttConfig {
             retain_available: true,
             max_qos: 2,
             max_client_id_len: 65535,
+            max_topic_levels: 128,
+            // 128 levels of 32 bytes; real device topics are far shorter (AWS IoT allows 256
+            // bytes), and each topic is copied into routes, retained entries and peer frames.
+            max_topic_length: 4096,
             connect_timeout: 10,
             shared_subscription_strategy: SharedStrategy::RoundRobin,
+        }
+    }
+}
+
+impl MqttConfig {
+    /// The topic size bounds every entry point checks.
+    pub fn topic_limits(&self) -> crate::topic::TopicLimits {
+        crate::topic::TopicLimits {
+            max_levels: self.max_topic_levels,
+            max_len: self.max_topic_length,
         }
     }
 }
@@ -869,6 +903,20 @@ pub struct SessionConfig {
     pub max_session_expiry: u32,
     /// Whether QoS 0 messages are queued for offline sessions.
     pub queue_qos0: bool,
+    /// Who may take over (resume, or replace with clean start) a session that exists.
+    pub takeover: Takeover,
+}
+
+/// Who may take over an existing session by connecting with its client id.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Takeover {
+    /// Only the identity (user name, or anonymous) that owns the session; anyone else is
+    /// refused with CONNACK 0x87 / 0x05 and the owner's connection is left alone.
+    #[default]
+    OwnerOnly,
+    /// Any client that passes authentication (MQTT's plain rule; trust every client).
+    Any,
 }
 
 impl Default for SessionConfig {
@@ -878,6 +926,7 @@ impl Default for SessionConfig {
             queue_full_policy: QueueFullPolicy::DropOldest,
             max_session_expiry: 7200,
             queue_qos0: false,
+            takeover: Takeover::OwnerOnly,
         }
     }
 }
@@ -1552,12 +1601,26 @@ impl Config {
         if self.mqtt.max_packet_size < 64 {
             return invalid("mqtt.max_packet_size", "must be at least 64 bytes");
         }
+        if self.mqtt.max_topic_levels == 0 {
+            return invalid("mqtt.max_topic_levels", "must be at least 1");
+        }
+        if !(1..=65535).contains(&self.mqtt.max_topic_length) {
+            return invalid("mqtt.max_topic_length", "must be 1 to 65535 bytes");
+        }
         if self.sessions.max_offline_queue == 0 {
             return invalid("sessions.max_offline_queue", "must be at least 1");
         }
         for (name, l) in self.listener_list() {
             if (name == "ws" || name == "wss") && !l.path.starts_with('/') {
                 return invalid(&format!("listeners.{name}.path"), "must start with '/'");
+            }
+            for (i, c) in l.proxy_trusted.iter().enumerate() {
+                if crate::acl::parse_cidr(c).is_none() {
+                    return invalid(
+                        &format!("listeners.{name}.proxy_trusted[{i}]"),
+                        &format!("{c:?} is not a CIDR range or address"),
+                    );
+                }
             }
         }
         let mut seen: Vec<(&str, SocketAddr)> = Vec::new();
@@ -1658,6 +1721,36 @@ impl Config {
             return invalid("cluster.dns_name", "required when cluster.discovery is dns");
         }
         self.bridges.validate()?;
+        // Bridge rules and auto-subscriptions are held to the topic bounds clients are.
+        let limits = self.mqtt.topic_limits();
+        let mut bounded: Vec<(String, &str)> = Vec::new();
+        for (i, b) in self.bridges.mqtt.iter().enumerate() {
+            for (j, r) in b.egress.iter().enumerate() {
+                bounded.push((
+                    format!("bridges.mqtt[{i}].egress[{j}].local_filter"),
+                    &r.local_filter,
+                ));
+            }
+            for (j, r) in b.ingress.iter().enumerate() {
+                bounded.push((
+                    format!("bridges.mqtt[{i}].ingress[{j}].remote_filter"),
+                    &r.remote_filter,
+                ));
+            }
+        }
+        for (i, k) in self.bridges.kafka.iter().enumerate() {
+            for (j, f) in k.filters.iter().enumerate() {
+                bounded.push((format!("bridges.kafka[{i}].filters[{j}]"), f));
+            }
+        }
+        for (i, a) in self.auto_subscriptions.iter().enumerate() {
+            bounded.push((format!("auto_subscriptions[{i}].topic"), &a.topic));
+        }
+        for (field, f) in bounded {
+            if let Err(e) = limits.filter(f) {
+                return invalid(&field, &format!("{f:?}: {e}"));
+            }
+        }
         Ok(())
     }
 

@@ -140,9 +140,22 @@ pub async fn serve(
     };
     // In a cluster the client id is unique cluster-wide: take the session from whichever node
     // holds it before answering CONNECT.
-    broker
-        .prepare_session(&connect.client_id, connect.clean_start)
-        .await;
+    let owner = connect.username.as_deref();
+    if broker
+        .prepare_session(&connect.client_id, connect.clean_start, owner)
+        .await
+        .is_err()
+    {
+        tracing::debug!(%peer, client_id = %connect.client_id, "session owned by another identity; refused");
+        broker
+            .metrics
+            .connections_refused
+            .with_label_values(&["session_owner"])
+            .inc();
+        let _ = codec.encode(Outbound::refused(ConnAckCode::NotAuthorized), &mut wbuf);
+        let _ = transport.write_all(&wbuf).await;
+        return transport.close().await;
+    }
     let mut conn = match Conn::accept(
         broker, codec, peer, listener, *connect, extra_acl, &mut wbuf,
     ) {
@@ -232,8 +245,9 @@ struct Conn {
     info: ConnInfo,
     /// Accept time in µs since the epoch: identifies this connection in stored events.
     connected_at_us: u64,
-    /// This client's ACL, placeholders resolved at connect.
-    acl: ClientAcl,
+    /// This client's ACL, placeholders resolved at connect (shared with the session's
+    /// [`ConnInfo`], where deliveries of `$SYS` client events check it).
+    acl: Arc<ClientAcl>,
     /// Message and byte rate buckets.
     limits: ConnLimits,
 }
@@ -283,6 +297,18 @@ impl Conn {
             if topic::validate_name(&w.topic).is_err() {
                 return refuse(&mut codec, ConnAckCode::ProtocolError, "will_topic");
             }
+            if cfg.mqtt.topic_limits().check(&w.topic).is_err() {
+                broker
+                    .metrics
+                    .topic_refused
+                    .with_label_values(&["will"])
+                    .inc();
+                return refuse(
+                    &mut codec,
+                    ConnAckCode::TopicNameInvalid,
+                    "will_topic_bounds",
+                );
+            }
             if w.qos > max_qos(&cfg) {
                 return refuse(&mut codec, ConnAckCode::QosNotSupported, "will_qos");
             }
@@ -314,14 +340,14 @@ impl Conn {
         }
         let kick = Arc::new(KickSlot::default());
         let username = c.username.as_ref().map(|u| u.to_string());
-        let acl = broker.acl.for_client(
+        let acl = Arc::new(broker.acl.for_client(
             &acl::Client {
                 client_id: &client_id,
                 username: username.as_deref(),
                 ip: peer.ip(),
             },
             &extra_acl,
-        );
+        ));
         let info = ConnInfo {
             id: broker.sessions.next_conn_id(),
             peer,
@@ -331,8 +357,12 @@ impl Conn {
             username,
             connected_at: unix_now(),
             kick: kick.clone(),
+            acl: acl.clone(),
         };
-        let opened = broker.open_session(&client_id, c.clean_start, expiry, info.clone());
+        let Ok(opened) = broker.open_session(&client_id, c.clean_start, expiry, info.clone())
+        else {
+            return refuse(&mut codec, ConnAckCode::NotAuthorized, "session_owner");
+        };
         if let Some(max) = c.max_packet_size {
             codec.set_max_outbound(max);
         }
@@ -391,6 +421,7 @@ impl Conn {
             limits,
         };
         if opened.present {
+            conn.reauthorize_subscriptions();
             conn.resend_inflight(wbuf);
         }
         conn.auto_subscribe();
@@ -409,20 +440,23 @@ impl Conn {
         Ok(conn)
     }
 
-    /// Subscribes the client to the configured `auto_subscriptions` (`%c` / `%u` substituted;
-    /// a `%u` topic is skipped for a client without a user name). They bypass the ACL: the
-    /// operator configured them.
+    /// Subscribes the client to the configured `auto_subscriptions` (`%c` / `%u` substituted
+    /// as in ACL rules: a `%u` topic is skipped for a client without a user name, and any topic
+    /// is skipped when the identity it substitutes holds `+`, `#`, `/` or U+0000). They bypass
+    /// the ACL: the operator configured them.
     fn auto_subscribe(&mut self) {
         let broker = self.broker.clone();
-        for a in &broker.config.auto_subscriptions {
-            if a.topic.contains("%u") && self.info.username.is_none() {
+        for (filter, qos) in self.auto_filters() {
+            if let Err(e) = broker.config.mqtt.topic_limits().filter(&filter) {
+                broker
+                    .metrics
+                    .topic_refused
+                    .with_label_values(&["auto_subscription"])
+                    .inc();
+                tracing::warn!(client_id = %self.client_id, error = %e, "auto-subscription over the topic bounds; skipped");
                 continue;
             }
-            let filter = a
-                .topic
-                .replace("%u", self.info.username.as_deref().unwrap_or(""))
-                .replace("%c", &self.client_id);
-            let qos = QoS::try_from(a.qos).unwrap_or(QoS::AtMostOnce);
+            let qos = QoS::try_from(qos).unwrap_or(QoS::AtMostOnce);
             match broker.subscribe(&self.session, &filter, SubOptions::qos(qos), None) {
                 Ok(granted) => {
                     broker.metrics.auto_subscriptions.inc();
@@ -432,6 +466,55 @@ impl Conn {
                     tracing::warn!(client_id = %self.client_id, filter = %filter, error = %e, "auto-subscription refused");
                 }
             }
+        }
+    }
+
+    /// This client's auto-subscriptions, placeholders substituted, with their QoS.
+    fn auto_filters(&self) -> Vec<(String, u8)> {
+        let who = acl::Client {
+            client_id: &self.client_id,
+            username: self.info.username.as_deref(),
+            ip: self.peer.ip(),
+        };
+        self.broker
+            .config
+            .auto_subscriptions
+            .iter()
+            .filter_map(|a| {
+                let f = acl::substitute(&a.topic, &who);
+                if f.is_none() && a.topic.contains('%') {
+                    tracing::debug!(client_id = %self.client_id, topic = %a.topic, "auto-subscription skipped: no safe identity to substitute");
+                }
+                Some((f?, a.qos))
+            })
+            .collect()
+    }
+
+    /// Checks a resumed session's subscriptions against this connection's ACL (which may have
+    /// changed since they were made, here or on the node the session came from) and removes
+    /// the ones it now denies.
+    fn reauthorize_subscriptions(&mut self) {
+        let filters: Vec<String> = self
+            .session
+            .state
+            .lock()
+            .subscriptions
+            .keys()
+            .cloned()
+            .collect();
+        // Auto-subscriptions bypass the ACL; they are made again right after this.
+        let auto: Vec<String> = self.auto_filters().into_iter().map(|(f, _)| f).collect();
+        for raw in filters {
+            if auto.contains(&raw) {
+                continue;
+            }
+            let plain = topic::parse_filter(&raw).map_or(&*raw, |f| f.filter);
+            if self.acl.check(Action::Subscribe, plain) == Permission::Allow {
+                continue;
+            }
+            self.broker.unsubscribe(&self.session, &raw);
+            self.broker.metrics.subscriptions_revoked.inc();
+            tracing::info!(client_id = %self.client_id, filter = %raw, "subscription of the resumed session removed: the ACL denies it now");
         }
     }
 
@@ -818,6 +901,19 @@ impl Conn {
                             "no-local on a shared subscription".into(),
                         ));
                     }
+                    if self.broker.config.mqtt.topic_limits().filter(&raw).is_err() {
+                        // Malformed filters get the same code from `Broker::subscribe`; only
+                        // the size bounds are counted here, before the ACL walks the filter.
+                        if topic::parse_filter(&raw).is_ok() {
+                            self.broker
+                                .metrics
+                                .topic_refused
+                                .with_label_values(&["subscribe"])
+                                .inc();
+                        }
+                        codes.push(if self.protocol.is_v5() { 0x8F } else { 0x80 });
+                        continue;
+                    }
                     let count = self.session.state.lock().subscriptions.len();
                     if max_subs > 0
                         && count >= max_subs
@@ -850,6 +946,14 @@ impl Conn {
                 let codes = filters
                     .iter()
                     .map(|f| {
+                        if self.broker.config.mqtt.topic_limits().filter(f).is_err() {
+                            self.broker
+                                .metrics
+                                .topic_refused
+                                .with_label_values(&["unsubscribe"])
+                                .inc();
+                            return 0x8F;
+                        }
                         if self.broker.unsubscribe(&self.session, f) {
                             if self.broker.hooks.wants(EventKind::SessionUnsubscribed) {
                                 self.broker.hooks.emit(Event::SessionUnsubscribed {
@@ -944,6 +1048,14 @@ impl Conn {
                 format!("invalid topic name {:?}", &*p.topic),
             ));
         }
+        if let Err(e) = cfg.mqtt.topic_limits().check(&p.topic) {
+            self.broker
+                .metrics
+                .topic_refused
+                .with_label_values(&["publish"])
+                .inc();
+            return Some(End::Protocol(0x90, format!("topic name {e}")));
+        }
         if p.qos > max_qos(cfg) {
             return Some(End::Protocol(0x9B, "QoS not supported".into()));
         }
@@ -951,8 +1063,13 @@ impl Conn {
             return Some(End::Protocol(0x9A, "retain not supported".into()));
         }
         let packet_id = p.packet_id;
+        if crate::sys::is_sys(&p.topic) {
+            // Only the broker publishes into `$SYS`; refused like an ACL denial, as mosquitto.
+            return self.publish_denied(p, wbuf, "sys_topic");
+        }
         if self.acl.check(Action::Publish, &p.topic) == Permission::Deny {
-            return self.publish_denied(p, wbuf);
+            self.broker.metrics.acl.publish_deny.inc();
+            return self.publish_denied(p, wbuf, "acl_denied");
         }
         self.broker.metrics.acl.publish_allow.inc();
         if p.qos == QoS::ExactlyOnce {
@@ -1018,18 +1135,23 @@ impl Conn {
         None
     }
 
-    /// A PUBLISH the ACL refuses: MQTT 5 acknowledges it with 0x87 (Not authorized);
-    /// 3.1.1 has no way to say no, so it is acknowledged as usual and dropped.
-    fn publish_denied(&mut self, p: Publish, wbuf: &mut BytesMut) -> Option<End> {
-        self.broker.metrics.acl.publish_deny.inc();
-        self.broker.metrics.dropped("acl_denied");
-        tracing::debug!(client_id = %self.client_id, topic = %p.topic, "publish denied by ACL");
+    /// A PUBLISH the ACL refuses (or one into `$SYS`): MQTT 5 acknowledges it with 0x87 (Not
+    /// authorized); 3.1.1 has no way to say no, so it is acknowledged as usual and dropped.
+    /// `reason` labels the drop.
+    fn publish_denied(
+        &mut self,
+        p: Publish,
+        wbuf: &mut BytesMut,
+        reason: &'static str,
+    ) -> Option<End> {
+        self.broker.metrics.dropped(reason);
+        tracing::debug!(client_id = %self.client_id, topic = %p.topic, reason, "publish refused");
         if self.broker.hooks.wants(EventKind::MessageDropped) {
             self.broker.hooks.emit(Event::MessageDropped {
                 from_client_id: self.client_id.to_string(),
                 topic: p.topic.to_string(),
                 qos: p.qos.value(),
-                reason: "acl_denied",
+                reason,
             });
         }
         let v5 = self.protocol.is_v5();
@@ -1114,7 +1236,8 @@ impl Conn {
         }
         self.broker.metrics.connections.dec();
         let will = self.will.take().filter(|w| {
-            let ok = self.acl.check(Action::Publish, &w.topic) == Permission::Allow;
+            let ok = !crate::sys::is_sys(&w.topic)
+                && self.acl.check(Action::Publish, &w.topic) == Permission::Allow;
             if !ok {
                 self.broker.metrics.acl.publish_deny.inc();
                 self.broker.metrics.dropped("acl_denied");

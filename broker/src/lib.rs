@@ -24,6 +24,7 @@ pub mod session;
 pub mod sys;
 pub mod topic;
 pub mod trace;
+pub mod trie;
 
 pub use broker::Broker;
 pub use config::Config;

@@ -91,6 +91,13 @@ pub struct Metrics {
     pub traces_started: IntCounter,
     /// Traces running now.
     pub traces_active: IntGauge,
+    /// Topic names and filters refused for `mqtt.max_topic_levels` / `max_topic_length`, by
+    /// where they came from (`publish`, `subscribe`, `unsubscribe`, `will`, `auto_subscription`).
+    pub topic_refused: IntCounterVec,
+    /// Subscriptions of a resumed session dropped because the ACL now denies them.
+    pub subscriptions_revoked: IntCounter,
+    /// Connections closed for a PROXY header from outside `listeners.<name>.proxy_trusted`.
+    pub proxy_untrusted: IntCounter,
 }
 
 /// Authentication outcomes, resolved once (`corvid_auth_total{result,reason}`).
@@ -263,6 +270,19 @@ impl Metrics {
             )?,
             traces_started: counter("corvid_traces_started_total", "Traces started")?,
             traces_active: gauge("corvid_traces_active", "Traces running")?,
+            topic_refused: vec(
+                "corvid_topic_refused_total",
+                "Topic names and filters over mqtt.max_topic_levels or max_topic_length",
+                "kind",
+            )?,
+            subscriptions_revoked: counter(
+                "corvid_subscriptions_revoked_total",
+                "Subscriptions of a resumed session dropped because the ACL now denies them",
+            )?,
+            proxy_untrusted: counter(
+                "corvid_proxy_untrusted_total",
+                "Connections closed for a PROXY header from outside proxy_trusted",
+            )?,
             registry,
         })
     }

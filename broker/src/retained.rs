@@ -8,11 +8,30 @@ use std::time::Instant;
 use parking_lot::RwLock;
 
 use crate::message::Msg;
+use crate::trie::{self, TrieNode};
 
 #[derive(Debug, Default)]
 struct Node {
     children: HashMap<Box<str>, Node>,
     msg: Option<Msg>,
+}
+
+impl TrieNode for Node {
+    fn children(&self) -> &HashMap<Box<str>, Self> {
+        &self.children
+    }
+    fn children_mut(&mut self) -> &mut HashMap<Box<str>, Self> {
+        &mut self.children
+    }
+    fn is_vacant(&self) -> bool {
+        self.msg.is_none()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        trie::drop_children(self);
+    }
 }
 
 /// The retained-message store.
@@ -26,18 +45,18 @@ impl Retained {
     /// Stores `msg` as the retained message of its topic; an empty payload clears it
     /// [MQTT-3.3.1-6, 3.3.1-7].
     pub fn set(&self, msg: Msg) {
-        let levels: Vec<&str> = msg.topic.split('/').collect();
+        let topic = msg.topic.clone();
+        let levels: Vec<&str> = topic.split('/').collect();
         let mut root = self.root.write();
         if msg.payload.is_empty() {
-            if clear(&mut root, &levels) {
+            let cleared = trie::descend_mut(&mut *root, &levels).and_then(|n| n.msg.take());
+            if cleared.is_some() {
                 self.count.fetch_sub(1, Ordering::Relaxed);
+                trie::prune(&mut *root, &levels);
             }
             return;
         }
-        let mut node = &mut *root;
-        for l in levels {
-            node = node.children.entry(l.into()).or_default();
-        }
+        let node = trie::descend_or_insert(&mut *root, levels.iter().copied());
         if node.msg.replace(msg).is_none() {
             self.count.fetch_add(1, Ordering::Relaxed);
         }
@@ -49,7 +68,7 @@ impl Retained {
         let root = self.root.read();
         let mut out = Vec::new();
         let now = Instant::now();
-        collect(&root, &levels, true, now, &mut out);
+        collect(&root, &levels, now, &mut out);
         out
     }
 
@@ -57,15 +76,13 @@ impl Retained {
     pub fn all(&self) -> Vec<Msg> {
         let root = self.root.read();
         let mut out = Vec::new();
-        fn walk(n: &Node, out: &mut Vec<Msg>) {
+        let mut stack: Vec<&Node> = vec![&root];
+        while let Some(n) = stack.pop() {
             if let Some(m) = &n.msg {
                 out.push(m.clone());
             }
-            for c in n.children.values() {
-                walk(c, out);
-            }
+            stack.extend(n.children.values());
         }
-        walk(&root, &mut out);
         out
     }
 
@@ -80,70 +97,60 @@ impl Retained {
     }
 }
 
-fn clear(node: &mut Node, levels: &[&str]) -> bool {
-    match levels.split_first() {
-        None => node.msg.take().is_some(),
-        Some((first, rest)) => {
-            let Some(child) = node.children.get_mut(*first) else {
-                return false;
-            };
-            let removed = clear(child, rest);
-            if child.msg.is_none() && child.children.is_empty() {
-                node.children.remove(*first);
-            }
-            removed
+fn push_live(node: &Node, now: Instant, out: &mut Vec<Msg>) {
+    if let Some(m) = &node.msg {
+        if !m.expired(now) {
+            out.push(m.clone());
         }
     }
 }
 
-fn collect(node: &Node, filter: &[&str], root: bool, now: Instant, out: &mut Vec<Msg>) {
-    let Some((level, rest)) = filter.split_first() else {
-        if let Some(m) = &node.msg {
-            if !m.expired(now) {
-                out.push(m.clone());
-            }
-        }
-        return;
-    };
-    match *level {
-        "#" => {
-            // `#` also matches the parent level itself [MQTT-4.7.1-2].
-            if !root {
-                if let Some(m) = &node.msg {
-                    if !m.expired(now) {
-                        out.push(m.clone());
-                    }
-                }
-            }
-            all(node, root, now, out);
-        }
-        "+" => {
-            for (name, child) in &node.children {
-                if root && name.starts_with('$') {
-                    continue;
-                }
-                collect(child, rest, false, now, out);
-            }
-        }
-        lit => {
-            if let Some(child) = node.children.get(lit) {
-                collect(child, rest, false, now, out);
-            }
-        }
-    }
-}
-
-fn all(node: &Node, root: bool, now: Instant, out: &mut Vec<Msg>) {
-    for (name, child) in &node.children {
-        if root && name.starts_with('$') {
+/// The retained messages matching the filter `levels`, with an explicit stack: `(node, how
+/// many filter levels it has consumed)`. Wildcards at the first level skip `$` topics.
+fn collect(root: &Node, filter: &[&str], now: Instant, out: &mut Vec<Msg>) {
+    let mut stack: Vec<(&Node, usize)> = vec![(root, 0)];
+    while let Some((node, depth)) = stack.pop() {
+        let at_root = depth == 0;
+        let Some(level) = filter.get(depth) else {
+            push_live(node, now, out);
             continue;
-        }
-        if let Some(m) = &child.msg {
-            if !m.expired(now) {
-                out.push(m.clone());
+        };
+        match *level {
+            "#" => {
+                // `#` also matches the parent level itself [MQTT-4.7.1-2].
+                if !at_root {
+                    push_live(node, now, out);
+                }
+                all_below(node, at_root, now, out);
+            }
+            "+" => {
+                for (name, child) in &node.children {
+                    if at_root && name.starts_with('$') {
+                        continue;
+                    }
+                    stack.push((child, depth + 1));
+                }
+            }
+            lit => {
+                if let Some(child) = node.children.get(lit) {
+                    stack.push((child, depth + 1));
+                }
             }
         }
-        all(child, false, now, out);
+    }
+}
+
+/// Every live message strictly below `node` (skipping `$` children of the root).
+fn all_below(node: &Node, at_root: bool, now: Instant, out: &mut Vec<Msg>) {
+    let mut stack: Vec<&Node> = node
+        .children
+        .iter()
+        .filter(|(name, _)| !(at_root && name.starts_with('$')))
+        .map(|(_, c)| c)
+        .collect();
+    while let Some(n) = stack.pop() {
+        push_live(n, now, out);
+        stack.extend(n.children.values());
     }
 }
 

@@ -17,6 +17,7 @@ use parking_lot::RwLock;
 use crate::codec::{QoS, SubOptions};
 use crate::config::SharedStrategy;
 use crate::session::Session;
+use crate::trie::{self, TrieNode};
 
 /// One subscriber of a filter.
 #[derive(Debug, Clone)]
@@ -43,8 +44,27 @@ struct Node {
 }
 
 impl Node {
+    #[cfg(test)]
     fn is_empty(&self) -> bool {
         self.children.is_empty() && self.subscribers.is_empty() && self.shared.is_empty()
+    }
+}
+
+impl TrieNode for Node {
+    fn children(&self) -> &HashMap<Box<str>, Self> {
+        &self.children
+    }
+    fn children_mut(&mut self) -> &mut HashMap<Box<str>, Self> {
+        &mut self.children
+    }
+    fn is_vacant(&self) -> bool {
+        self.subscribers.is_empty() && self.shared.is_empty()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        trie::drop_children(self);
     }
 }
 
@@ -83,10 +103,7 @@ impl Router {
         sub_id: Option<NonZeroU32>,
     ) -> (bool, bool) {
         let mut root = self.root.write();
-        let mut node = &mut *root;
-        for level in filter.split('/') {
-            node = node.children.entry(level.into()).or_default();
-        }
+        let node = trie::descend_or_insert(&mut *root, filter.split('/'));
         let sub = Subscriber {
             session: session.clone(),
             opts,
@@ -135,7 +152,11 @@ impl Router {
     pub fn unsubscribe(&self, group: Option<&str>, filter: &str, client_id: &str) -> (bool, bool) {
         let mut root = self.root.write();
         let levels: Vec<&str> = filter.split('/').collect();
-        let (removed, gone) = remove(&mut root, &levels, group, client_id);
+        let (removed, gone) = match trie::descend_mut(&mut *root, &levels) {
+            Some(node) => remove(node, group, client_id),
+            None => (false, false),
+        };
+        trie::prune(&mut *root, &levels);
         if removed {
             self.subscriptions.fetch_sub(1, Ordering::Relaxed);
         }
@@ -171,7 +192,7 @@ impl Router {
             strategy,
             select,
         };
-        collect(&root, &levels, 0, dollar, &ctx, &mut out);
+        walk_matching(&root, &levels, dollar, |n| emit(n, &ctx, &mut out));
         drop(root);
         merge_overlaps(out)
     }
@@ -181,7 +202,9 @@ impl Router {
         let root = self.root.read();
         let levels: Vec<&str> = topic.split('/').collect();
         let mut out = Vec::new();
-        groups(&root, &levels, 0, topic.starts_with('$'), &mut out);
+        walk_matching(&root, &levels, topic.starts_with('$'), |n| {
+            out.extend(n.shared.values().map(|g| g.key.clone()))
+        });
         out
     }
 
@@ -189,41 +212,30 @@ impl Router {
     pub fn filters(&self) -> Vec<String> {
         let root = self.root.read();
         let mut out = Vec::new();
-        walk_filters(&root, &mut Vec::new(), &mut out);
+        walk_filters(&root, &mut out);
         out
     }
 }
 
-fn remove(node: &mut Node, levels: &[&str], group: Option<&str>, client_id: &str) -> (bool, bool) {
-    match levels.split_first() {
-        None => match group {
-            None => {
-                let removed = node.subscribers.remove(client_id).is_some();
-                (removed, node.subscribers.is_empty())
-            }
-            Some(g) => {
-                let Some(grp) = node.shared.get_mut(g) else {
-                    return (false, false);
-                };
-                let before = grp.members.len();
-                grp.members.retain(|m| &*m.session.client_id != client_id);
-                let removed = grp.members.len() != before;
-                let gone = grp.members.is_empty();
-                if gone {
-                    node.shared.remove(g);
-                }
-                (removed, gone)
-            }
-        },
-        Some((first, rest)) => {
-            let Some(child) = node.children.get_mut(*first) else {
+/// Removes `client_id` from the subscribers (or `group`'s members) stored at `node`.
+fn remove(node: &mut Node, group: Option<&str>, client_id: &str) -> (bool, bool) {
+    match group {
+        None => {
+            let removed = node.subscribers.remove(client_id).is_some();
+            (removed, node.subscribers.is_empty())
+        }
+        Some(g) => {
+            let Some(grp) = node.shared.get_mut(g) else {
                 return (false, false);
             };
-            let r = remove(child, rest, group, client_id);
-            if child.is_empty() {
-                node.children.remove(*first);
+            let before = grp.members.len();
+            grp.members.retain(|m| &*m.session.client_id != client_id);
+            let removed = grp.members.len() != before;
+            let gone = grp.members.is_empty();
+            if gone {
+                node.shared.remove(g);
             }
-            r
+            (removed, gone)
         }
     }
 }
@@ -248,52 +260,35 @@ struct Ctx<'a> {
     select: Select<'a>,
 }
 
-fn collect(
-    node: &Node,
+/// Calls `visit` on every node whose filter matches the topic `levels`: the `#` child of each
+/// node on the way (which also matches its parent level), and the node where the topic ends.
+/// A loop over an explicit stack; a leading wildcard never matches a `$` topic [MQTT-4.7.2-1].
+fn walk_matching<'a>(
+    root: &'a Node,
     levels: &[&str],
-    depth: usize,
     dollar: bool,
-    ctx: &Ctx<'_>,
-    out: &mut Vec<Target>,
+    mut visit: impl FnMut(&'a Node),
 ) {
-    let wildcard_ok = !(dollar && depth == 0);
-    if wildcard_ok {
-        if let Some(hash) = node.children.get("#") {
-            emit(hash, ctx, out);
+    let mut stack: Vec<(&'a Node, usize)> = vec![(root, 0)];
+    while let Some((node, depth)) = stack.pop() {
+        let wildcard_ok = !(dollar && depth == 0);
+        if wildcard_ok {
+            if let Some(hash) = node.children.get("#") {
+                visit(hash);
+            }
         }
-    }
-    let Some((level, rest)) = levels.split_first() else {
-        emit(node, ctx, out);
-        return;
-    };
-    if wildcard_ok {
-        if let Some(plus) = node.children.get("+") {
-            collect(plus, rest, depth + 1, dollar, ctx, out);
+        let Some(level) = levels.get(depth) else {
+            visit(node);
+            continue;
+        };
+        if wildcard_ok {
+            if let Some(plus) = node.children.get("+") {
+                stack.push((plus, depth + 1));
+            }
         }
-    }
-    if let Some(child) = node.children.get(*level) {
-        collect(child, rest, depth + 1, dollar, ctx, out);
-    }
-}
-
-fn groups(node: &Node, levels: &[&str], depth: usize, dollar: bool, out: &mut Vec<Arc<str>>) {
-    let wildcard_ok = !(dollar && depth == 0);
-    if wildcard_ok {
-        if let Some(hash) = node.children.get("#") {
-            out.extend(hash.shared.values().map(|g| g.key.clone()));
+        if let Some(child) = node.children.get(*level) {
+            stack.push((child, depth + 1));
         }
-    }
-    let Some((level, rest)) = levels.split_first() else {
-        out.extend(node.shared.values().map(|g| g.key.clone()));
-        return;
-    };
-    if wildcard_ok {
-        if let Some(plus) = node.children.get("+") {
-            groups(plus, rest, depth + 1, dollar, out);
-        }
-    }
-    if let Some(child) = node.children.get(*level) {
-        groups(child, rest, depth + 1, dollar, out);
     }
 }
 
@@ -392,20 +387,28 @@ fn merge_overlaps(mut out: Vec<Target>) -> Vec<Target> {
     merged
 }
 
-fn walk_filters<'a>(node: &'a Node, path: &mut Vec<&'a str>, out: &mut Vec<String>) {
-    if !path.is_empty() {
-        let filter = path.join("/");
-        for g in node.shared.keys() {
-            out.push(format!("$share/{g}/{filter}"));
-        }
-        if !node.subscribers.is_empty() {
-            out.push(filter);
-        }
-    }
-    for (level, child) in &node.children {
+/// Depth-first over the trie with an explicit stack of child iterators and one shared path,
+/// so neither the call stack nor the memory for paths grows with the depth squared.
+fn walk_filters(root: &Node, out: &mut Vec<String>) {
+    let mut path: Vec<&str> = Vec::new();
+    let mut stack = vec![root.children.iter()];
+    while let Some(top) = stack.last_mut() {
+        let Some((level, child)) = top.next() else {
+            stack.pop();
+            path.pop();
+            continue;
+        };
         path.push(level);
-        walk_filters(child, path, out);
-        path.pop();
+        if !child.shared.is_empty() || !child.subscribers.is_empty() {
+            let filter = path.join("/");
+            for g in child.shared.keys() {
+                out.push(format!("$share/{g}/{filter}"));
+            }
+            if !child.subscribers.is_empty() {
+                out.push(filter);
+            }
+        }
+        stack.push(child.children.iter());
     }
 }
 

@@ -53,6 +53,9 @@ pub struct ConnInfo {
     #[serde(skip)]
     /// Asks the connection task to close.
     pub kick: Arc<KickSlot>,
+    #[serde(skip)]
+    /// This connection's ACL: deliveries of `$SYS` topics that name other clients check it.
+    pub acl: Arc<crate::acl::ClientAcl>,
 }
 
 /// A one-shot mailbox to ask a connection task to close: a few dozen bytes per connection,
@@ -144,6 +147,9 @@ pub struct SessionState {
     /// Ids of messages recently queued, kept for sessions that arrived from another node, so a
     /// message that reaches them both directly and through the old node is queued once.
     pub recent_ids: Option<RecentIds>,
+    /// The identity that owns the session: the user name it was opened with (`None` for an
+    /// anonymous client). `sessions.takeover: owner_only` lets only this identity resume it.
+    pub owner: Option<String>,
 }
 
 /// A bounded set of recent message ids.

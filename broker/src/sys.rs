@@ -5,7 +5,11 @@
 //! changes its counts, and a new subscriber sees the next round within `sys.interval`.
 //!
 //! Who may subscribe is the ACL's business: `acl.rules` can allow `$SYS/#` to a dashboard user
-//! and a `deny` policy keeps everyone else out.
+//! and a `deny` policy keeps everyone else out. The topics that name other clients
+//! (`…/clients/{id}/connected|disconnected`: client ids, user names, addresses) go further: they
+//! are delivered only to subscribers whose ACL has a rule that explicitly allows reading that
+//! topic — `no_match: allow` and the rule-less default never do — whatever filter they used.
+//! Clients cannot publish into `$SYS` at all (see [`is_sys`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +22,21 @@ use crate::broker::Broker;
 use crate::codec::QoS;
 use crate::message::Message;
 use crate::session::ConnInfo;
+
+/// Whether a topic is in `$SYS`, which only the broker publishes to (as mosquitto: a
+/// client's PUBLISH there is refused like an ACL denial).
+pub fn is_sys(topic: &str) -> bool {
+    topic == "$SYS" || topic.starts_with("$SYS/")
+}
+
+/// Whether a `$SYS` topic carries another client's identity or address
+/// (`$SYS/brokers/{node}/clients/…`).
+pub fn names_clients(topic: &str) -> bool {
+    topic
+        .strip_prefix("$SYS/brokers/")
+        .and_then(|rest| rest.split_once('/'))
+        .is_some_and(|(_, rest)| rest.starts_with("clients/"))
+}
 
 /// Publishes one `$SYS` message.
 fn publish(broker: &Broker, topic: String, payload: String, retain: bool) {

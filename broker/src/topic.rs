@@ -19,6 +19,65 @@ pub enum TopicError {
     /// `$share/{group}/{filter}` with an empty or wildcard group, or no filter [MQTT-4.8.2-1/2].
     #[error("malformed shared subscription")]
     BadShare,
+    /// More levels than `mqtt.max_topic_levels`.
+    #[error("more than {0} topic levels")]
+    TooManyLevels(usize),
+    /// Longer than `mqtt.max_topic_length` bytes.
+    #[error("longer than {0} bytes")]
+    TooLong(usize),
+}
+
+/// The size bounds on topic names and filters (`mqtt.max_topic_levels`,
+/// `mqtt.max_topic_length`): what keeps a hostile topic from costing memory or time
+/// proportional to its depth in every trie it reaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TopicLimits {
+    /// Most `/`-separated levels.
+    pub max_levels: usize,
+    /// Most bytes.
+    pub max_len: usize,
+}
+
+impl TopicLimits {
+    /// No bound beyond what MQTT's 16-bit string length allows (internal, trusted topics).
+    pub const PROTOCOL: TopicLimits = TopicLimits {
+        max_levels: 65536,
+        max_len: 65535,
+    };
+
+    /// Checks the size of a topic name or of a filter (without its `$share/{group}/` prefix).
+    pub fn check(&self, topic: &str) -> Result<(), TopicError> {
+        if topic.len() > self.max_len {
+            return Err(TopicError::TooLong(self.max_len));
+        }
+        // Levels = separators + 1; count without allocating, stop as soon as it is over.
+        let mut levels = 1usize;
+        for b in topic.bytes() {
+            if b == b'/' {
+                levels += 1;
+                if levels > self.max_levels {
+                    return Err(TopicError::TooManyLevels(self.max_levels));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// [`validate_name`] plus the size bounds.
+    pub fn name(&self, topic: &str) -> Result<(), TopicError> {
+        self.check(topic)?;
+        validate_name(topic)
+    }
+
+    /// [`parse_filter`] plus the size bounds (on the whole string and on the filter proper).
+    pub fn filter<'a>(&self, raw: &'a str) -> Result<Filter<'a>, TopicError> {
+        if raw.len() > self.max_len {
+            return Err(TopicError::TooLong(self.max_len));
+        }
+        let f = parse_filter(raw)?;
+        self.check(f.filter)?;
+        Ok(f)
+    }
 }
 
 /// Checks a PUBLISH topic name.
@@ -154,6 +213,32 @@ mod tests {
             Ok(Filter {
                 group: None,
                 filter: "a/b"
+            })
+        );
+    }
+
+    #[test]
+    fn limits() {
+        let l = TopicLimits {
+            max_levels: 3,
+            max_len: 16,
+        };
+        assert!(l.name("a/b/c").is_ok());
+        assert_eq!(l.name("a/b/c/d"), Err(TopicError::TooManyLevels(3)));
+        assert_eq!(l.name("//"), Ok(()));
+        assert_eq!(l.name("///"), Err(TopicError::TooManyLevels(3)));
+        assert_eq!(l.name("abcdefghijklmnopq"), Err(TopicError::TooLong(16)));
+        assert!(l.filter("$share/g/a/+/#").is_ok());
+        assert_eq!(
+            l.filter("$share/g/a/b/c/d"),
+            Err(TopicError::TooManyLevels(3))
+        );
+        assert_eq!(l.filter("$share/g/abcdefghi"), Err(TopicError::TooLong(16)));
+        assert_eq!(
+            l.filter("a/+/#"),
+            Ok(Filter {
+                group: None,
+                filter: "a/+/#"
             })
         );
     }

@@ -179,6 +179,7 @@ async fn backend(hits: Arc<AtomicUsize>) -> HttpServer {
             Some("slow") => (200, r#"{"result":"allow"}"#.into(), Some(Duration::from_secs(3))),
             Some("ignore") => (200, r#"{"result":"ignore"}"#.into(), None),
             Some("empty") => (200, String::new(), None),
+            Some("no-result") => (200, r#"{"acl":[]}"#.into(), None),
             _ => (403, String::new(), None),
         }
     }))
@@ -216,7 +217,15 @@ async fn http_backend_allow_deny_timeout_cache_and_acl() {
         "{req}"
     );
     assert!(v3::connect(a, "g3", Some(("good", "secret"))).await.is_ok());
-    assert!(v3::connect(a, "e3", Some(("empty", "x"))).await.is_ok());
+    // A 2xx without an explicit `result` (empty body, or JSON without it) fails closed.
+    assert_eq!(
+        v3::connect(a, "e3", Some(("empty", "x"))).await.err(),
+        Some(v3::ConnectReturnCode::NotAuthorized)
+    );
+    assert_eq!(
+        v5::connect(a, "e5", Some(("no-result", "x"))).await.err(),
+        Some(v5::ConnectReturnCode::NotAuthorized)
+    );
 
     // The backend's ACL rule applies to this client.
     good.client
@@ -263,7 +272,7 @@ async fn http_backend_allow_deny_timeout_cache_and_acl() {
     assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
     assert_eq!(
         metric(&r, "corvid_auth_total", &[r#"reason="backend_error""#]).await,
-        2.0
+        4.0 // two answers without `result`, two timeouts
     );
 
     // Cached: the same credentials again do not reach the backend.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use access_support::*;
-use corvid_broker::config::WebhookConfig;
+use corvid_broker::config::{AclAction, AclRule, AclWho, AclWhoOne, Permission, WebhookConfig};
 use serde_json::Value;
 
 fn ok_sink() -> Responder {
@@ -196,10 +196,24 @@ async fn sys_topics() {
     let mut c = config();
     c.sys.enabled = true;
     c.sys.interval = 1;
+    // Client events name other clients: only an explicit rule lets a subscriber read them.
+    c.acl.rules = vec![AclRule {
+        permission: Permission::Allow,
+        who: AclWho::One(AclWhoOne {
+            client_id: Some("dash".into()),
+            ..Default::default()
+        }),
+        action: AclAction::Subscribe,
+        topics: vec!["$SYS/#".into()],
+    }];
     let r = start(c).await;
     let a = mqtt(&r);
     let mut dash = v5::connect(a, "dash", None).await.expect("dash");
     dash.subscribe("$SYS/#", v5::QoS::AtMostOnce).await;
+    // Allowed `$SYS/#` by `no_match: allow`, but not by a rule of its own.
+    let mut nosy = v5::connect(a, "nosy", None).await.expect("nosy");
+    nosy.subscribe("$SYS/#", v5::QoS::AtMostOnce).await;
+    nosy.subscribe("marker", v5::QoS::AtMostOnce).await;
     let mut seen = std::collections::HashMap::new();
     let want = [
         "$SYS/brokers",
@@ -222,8 +236,8 @@ async fn sys_topics() {
     assert!(seen["$SYS/brokers/n1/uptime"].parse::<u64>().is_ok());
     // The periodic counts catch up with the dashboard's own connection and subscription.
     let until = Instant::now() + WAIT;
-    while !(seen["$SYS/brokers/n1/stats/connections/count"] == "1"
-        && seen["$SYS/brokers/n1/stats/subscriptions/count"] == "1")
+    while !(seen["$SYS/brokers/n1/stats/connections/count"] == "2"
+        && seen["$SYS/brokers/n1/stats/subscriptions/count"] == "3")
     {
         assert!(Instant::now() < until, "counts in $SYS: {seen:?}");
         let (t, p) = dash.publish_in().await;
@@ -261,6 +275,65 @@ async fn sys_topics() {
     let v: Value = serde_json::from_slice(&p).expect("json");
     assert_eq!(v["reason"], "normal");
     assert!(v["disconnected_at"].as_u64().is_some());
+
+    // The other subscriber got the statistics but none of the client events: everything
+    // queued for it up to a marker published after the events, in order.
+    dash.client
+        .publish("marker", v5::QoS::AtMostOnce, false, "m")
+        .await
+        .expect("marker");
+    let mut nosy_seen = Vec::new();
+    loop {
+        let (t, _) = nosy.publish_in().await;
+        if t == "marker" {
+            break;
+        }
+        nosy_seen.push(t);
+    }
+    assert!(
+        nosy_seen.iter().any(|t| t.ends_with("/uptime")),
+        "{nosy_seen:?}"
+    );
+    assert!(
+        nosy_seen.iter().all(|t| !t.contains("/clients/")),
+        "{nosy_seen:?}"
+    );
+    assert!(
+        metric(
+            &r,
+            "corvid_messages_dropped_total",
+            &[r#"reason="sys_acl_denied""#]
+        )
+        .await
+            >= 2.0
+    );
+
+    // Nobody publishes into `$SYS`: MQTT 5 gets 0x87, the dashboard sees nothing.
+    dash.client
+        .publish(
+            "$SYS/brokers/n1/version",
+            v5::QoS::AtLeastOnce,
+            false,
+            "forged",
+        )
+        .await
+        .expect("publish");
+    let reason = dash
+        .next("PUBACK", |p| match p {
+            v5::Packet::PubAck(a) => Some(a.reason),
+            _ => None,
+        })
+        .await;
+    assert_eq!(reason, v5::PubAckReason::NotAuthorized);
+    assert!(
+        metric(
+            &r,
+            "corvid_messages_dropped_total",
+            &[r#"reason="sys_topic""#]
+        )
+        .await
+            >= 1.0
+    );
 }
 
 async fn api(

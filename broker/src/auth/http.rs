@@ -3,9 +3,10 @@
 //! Fail-closed by default; decisions are cached briefly per (client id, user, password hash)
 //! so a reconnect storm does not become a storm on the backend.
 //!
-//! Answer: HTTP 200 with `{"result": "allow"|"deny"|"ignore", "acl": [rules]}` (an empty
-//! body means allow); 401/403 mean deny; anything else (other statuses, timeouts, connection
-//! errors, a body that does not parse) is a backend error.
+//! Answer: HTTP 2xx with `{"result": "allow"|"deny"|"ignore", "acl": [rules]}`; 401/403 mean
+//! deny; anything else (other statuses, timeouts, connection errors, a body that does not
+//! parse, a 2xx without `result` — an empty body included) is a backend error, which refuses
+//! the client unless `fail_open`: only an explicit `allow` admits anyone.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -36,14 +37,9 @@ pub enum BackendError {
 
 #[derive(Debug, Deserialize)]
 struct Answer {
-    #[serde(default = "allow")]
-    result: String,
+    result: Option<String>,
     #[serde(default)]
     acl: Vec<AclRule>,
-}
-
-fn allow() -> String {
-    "allow".into()
 }
 
 type Key = (String, Option<String>, [u8; 32]);
@@ -142,11 +138,18 @@ impl HttpBackend {
             .await
             .map_err(|e| BackendError::Request(e.to_string()))?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Ok(Verdict::Allow(Vec::new()));
+            return Err(BackendError::Body(format!(
+                "HTTP {status} with an empty body"
+            )));
         }
         let a: Answer =
             serde_json::from_slice(&bytes).map_err(|e| BackendError::Body(e.to_string()))?;
-        match a.result.as_str() {
+        let Some(result) = a.result else {
+            return Err(BackendError::Body(format!(
+                "HTTP {status} without `result`"
+            )));
+        };
+        match result.as_str() {
             "allow" => {
                 let rules = a
                     .acl

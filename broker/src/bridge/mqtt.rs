@@ -349,7 +349,7 @@ fn ingress(broker: &Broker, bridge: &Bridge, cfg: &MqttBridgeConfig, p: rumqttc:
         return;
     };
     let topic = format!("{}{remote_topic}", rule.local_prefix);
-    if crate::topic::validate_name(&topic).is_err() {
+    if broker.config.mqtt.topic_limits().name(&topic).is_err() {
         tracing::debug!(bridge = %bridge.name, topic, "ingress topic not valid here; dropped");
         return;
     }

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use bytestring::ByteString;
 use chitchat::ChitchatHandle;
 use parking_lot::Mutex;
-use prometheus::{IntCounter, IntGauge, IntGaugeVec};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
 use serde::Serialize;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -90,6 +90,9 @@ pub struct ClusterMetrics {
     pub handed_off: IntCounter,
     /// Peers refused at the link handshake (wrong cluster secret).
     pub refused_peers: IntCounter,
+    /// Routes, messages, retained messages and session subscriptions from peers dropped as
+    /// malformed or over the topic bounds, by kind.
+    pub invalid: IntCounterVec,
     /// Clients still to move off this node during evacuation.
     pub evacuation_remaining: IntGauge,
     /// Sessions a dead member held when it died (lost unless evacuated before).
@@ -156,6 +159,11 @@ impl ClusterMetrics {
                 "corvid_rebalance_rounds_total",
                 "Rebalancing rounds that shed connections",
             )?,
+            invalid: m.counter_vec(
+                "corvid_cluster_invalid_total",
+                "Items from peers dropped as malformed or over the topic bounds",
+                "kind",
+            )?,
         })
     }
 }
@@ -197,8 +205,19 @@ struct PeerLoad {
 
 struct PendingTake {
     waiting: usize,
-    found: bool,
-    done: Option<oneshot::Sender<bool>>,
+    found: Taken,
+    done: Option<oneshot::Sender<Taken>>,
+}
+
+/// What asking the other nodes for a session came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    /// No node had it (or all had let it go).
+    NotFound,
+    /// It moved here and is installed.
+    Moved,
+    /// The node holding it refused: another identity owns it (`sessions.takeover`).
+    NotOwner,
 }
 
 /// The cluster layer of one node.
@@ -272,7 +291,7 @@ impl Cluster {
             node: broker.node.clone(),
             broker: Arc::downgrade(broker),
             secret: secret.clone(),
-            routes: RemoteRoutes::default(),
+            routes: RemoteRoutes::new(broker.config.mqtt.topic_limits()),
             links: Mutex::new(HashMap::new()),
             synced: Mutex::new(HashMap::new()),
             early: Mutex::new(HashMap::new()),
@@ -497,21 +516,51 @@ impl Cluster {
     /// Handles a frame from `peer`, received on incoming link `link`.
     pub fn handle(self: &Arc<Self>, peer: &str, link: u64, frame: Frame) {
         let Some(b) = self.broker() else { return };
+        let limits = b.config.mqtt.topic_limits();
+        // A peer is held to the same topic bounds as a client: what it replicates is dropped
+        // and counted when malformed or oversize, never stored.
+        let invalid = |kind: &str, n: usize| {
+            if n > 0 {
+                tracing::warn!(peer = %peer, kind, count = n, "invalid items from peer dropped");
+                self.metrics
+                    .invalid
+                    .with_label_values(&[kind])
+                    .inc_by(n as u64);
+            }
+        };
         match frame {
             Frame::Routes(filters) => {
-                self.routes.replace(peer, &filters);
+                invalid("route", self.routes.replace(peer, &filters));
                 self.synced.lock().insert(peer.to_string(), link);
             }
-            Frame::RouteAdd(f) => self.routes.add(peer, &f),
+            Frame::RouteAdd(f) => {
+                if !self.routes.add(peer, &f) {
+                    invalid("route", 1);
+                }
+            }
             Frame::RouteDel(f) => self.routes.del(peer, &f),
             Frame::Publish { msg, plain, groups } => {
                 self.metrics.received.inc();
+                if limits.name(&msg.topic).is_err() && !msg.topic.starts_with("$SYS/") {
+                    return invalid("publish", 1);
+                }
                 let groups: HashSet<Arc<str>> = groups.into_iter().map(Arc::from).collect();
                 b.publish_local(msg.into_msg(), plain, &groups);
             }
-            Frame::Retain(m) => b.retained.set(m.into_msg()),
+            Frame::Retain(m) => {
+                if limits.name(&m.topic).is_err() {
+                    return invalid("retained", 1);
+                }
+                b.retained.set(m.into_msg())
+            }
             Frame::RetainSnapshot(all) => {
-                for m in all {
+                let before = all.len();
+                let valid: Vec<WireMsg> = all
+                    .into_iter()
+                    .filter(|m| limits.name(&m.topic).is_ok())
+                    .collect();
+                invalid("retained", before - valid.len());
+                for m in valid {
                     b.retained.set(m.into_msg());
                 }
             }
@@ -519,27 +568,48 @@ impl Cluster {
                 req,
                 client_id,
                 clean,
+                owner,
             } => {
-                let snapshot = self.give_up_session(&b, &client_id, clean, peer);
+                let (snapshot, refused) = match self.give_up_session(
+                    &b,
+                    &client_id,
+                    clean,
+                    peer,
+                    Some(owner.as_deref()),
+                ) {
+                    Ok(s) => (s, false),
+                    Err(crate::broker::NotOwner) => {
+                        tracing::info!(peer = %peer, client_id = %client_id, "session takeover refused: another identity owns it");
+                        (None, true)
+                    }
+                };
                 self.send(
                     peer,
                     Frame::TakeReply {
                         req,
                         snapshot: snapshot.map(Box::new),
+                        refused,
                     },
                 );
             }
-            Frame::TakeReply { req, snapshot } => {
+            Frame::TakeReply {
+                req,
+                snapshot,
+                refused,
+            } => {
                 // Install right here, in link order: deliveries the old node forwards after
                 // its reply must find the session.
                 let mut pending = self.pending.lock();
                 if let Some(p) = pending.get_mut(&req) {
                     p.waiting = p.waiting.saturating_sub(1);
-                    if let Some(s) = snapshot {
+                    if let Some(mut s) = snapshot {
+                        invalid("subscription", s.drop_invalid_subscriptions(&limits));
                         b.install_session(*s);
-                        p.found = true;
+                        p.found = Taken::Moved;
+                    } else if refused {
+                        p.found = Taken::NotOwner;
                     }
-                    if p.waiting == 0 || p.found {
+                    if p.waiting == 0 || p.found != Taken::NotFound {
                         if let Some(mut p) = pending.remove(&req) {
                             if let Some(tx) = p.done.take() {
                                 let _ = tx.send(p.found);
@@ -553,8 +623,9 @@ impl Cluster {
                     b.metrics.dropped("late_takeover");
                 }
             }
-            Frame::Handoff(snap) => {
+            Frame::Handoff(mut snap) => {
                 tracing::info!(peer = %peer, client_id = %snap.client_id, "session handed over to this node");
+                invalid("subscription", snap.drop_invalid_subscriptions(&limits));
                 b.install_session(*snap);
             }
             Frame::DeliverTo {
@@ -593,19 +664,28 @@ impl Cluster {
 
     /// Gives up a local session to `to`: the connection (if any) is closed as taken over, the
     /// session becomes a forwarding stub for a grace period, and its state is returned unless
-    /// `clean`.
+    /// `clean`. Refused, with nothing changed, when a client's identity `owner` (`Some`; `None`
+    /// for this node's own evacuation, which moves the session as it is) may not take it over.
     fn give_up_session(
         self: &Arc<Self>,
         b: &Arc<Broker>,
         client_id: &str,
         clean: bool,
         to: &str,
-    ) -> Option<SessionSnapshot> {
-        let session = b.sessions.get(client_id)?;
+        owner: Option<Option<&str>>,
+    ) -> Result<Option<SessionSnapshot>, crate::broker::NotOwner> {
+        let Some(session) = b.sessions.get(client_id) else {
+            return Ok(None);
+        };
         let snapshot = {
             let mut st = session.state.lock();
             if st.ended || st.moved_to.is_some() {
-                return None;
+                return Ok(None);
+            }
+            if owner.is_some_and(|o| {
+                !crate::broker::may_take_over(b.config.sessions.takeover, st.owner.as_deref(), o)
+            }) {
+                return Err(crate::broker::NotOwner);
             }
             if let Some(c) = st.connection.take() {
                 c.kick.send(Kick::TakenOver);
@@ -625,11 +705,11 @@ impl Cluster {
             // Clean start elsewhere: the old session simply ends.
             b.end_session(&session);
             b.sessions.remove_if_same(&session);
-            return None;
+            return Ok(None);
         }
         self.metrics.handed_off.inc();
         self.retire_stub(b, session);
-        snapshot
+        Ok(snapshot)
     }
 
     fn retire_stub(&self, b: &Arc<Broker>, session: Arc<Session>) {
@@ -641,9 +721,9 @@ impl Cluster {
         });
     }
 
-    /// Asks the other nodes for `client_id`'s session before it connects here. Returns whether
-    /// a session moved here (it is installed by the time this returns).
-    pub async fn take_session(&self, client_id: &str, clean: bool) -> bool {
+    /// Asks the other nodes for `client_id`'s session before it connects here, on behalf of
+    /// the identity `owner`. A moved session is installed by the time this returns.
+    pub async fn take_session(&self, client_id: &str, clean: bool, owner: Option<&str>) -> Taken {
         let peers: Vec<String> = {
             let links = self.links.lock();
             links
@@ -653,7 +733,7 @@ impl Cluster {
                 .collect()
         };
         if peers.is_empty() {
-            return false;
+            return Taken::NotFound;
         }
         let req = self.next_req.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -661,7 +741,7 @@ impl Cluster {
             req,
             PendingTake {
                 waiting: peers.len(),
-                found: false,
+                found: Taken::NotFound,
                 done: Some(tx),
             },
         );
@@ -672,16 +752,20 @@ impl Cluster {
                     req,
                     client_id: client_id.to_string(),
                     clean,
+                    owner: owner.map(str::to_string),
                 },
             );
         }
         let got = tokio::time::timeout(TAKEOVER_WAIT, rx).await;
         self.pending.lock().remove(&req);
-        let moved = matches!(got, Ok(Ok(true)));
-        if moved {
+        let taken = match got {
+            Ok(Ok(t)) => t,
+            _ => Taken::NotFound,
+        };
+        if taken == Taken::Moved {
             self.metrics.takeovers.inc();
         }
-        moved
+        taken
     }
 
     /// Members, this node first.
@@ -849,12 +933,12 @@ impl Cluster {
         let Some(to) = to.filter(|_| persistent) else {
             return false;
         };
-        match self.give_up_session(b, &s.client_id, false, to) {
-            Some(snap) => {
+        match self.give_up_session(b, &s.client_id, false, to, None) {
+            Ok(Some(snap)) => {
                 self.send(to, Frame::Handoff(Box::new(snap)));
                 true
             }
-            None => false,
+            Ok(None) | Err(_) => false,
         }
     }
 

@@ -62,6 +62,10 @@ pub enum Frame {
         client_id: String,
         /// Clean start: the old session is discarded, not moved.
         clean: bool,
+        /// The connecting identity (user name; `None` anonymous): under
+        /// `sessions.takeover: owner_only` the holder refuses any other than the owner.
+        /// Last, so an older peer decoding this frame ignores it.
+        owner: Option<String>,
     },
     /// Answer to [`Frame::TakeSession`].
     TakeReply {
@@ -69,6 +73,8 @@ pub enum Frame {
         req: u64,
         /// The session, if the replier had it and it is moving.
         snapshot: Option<Box<SessionSnapshot>>,
+        /// The replier holds the session and refused it to the requesting identity.
+        refused: bool,
     },
     /// An evacuating node hands a session to the receiver.
     Handoff(Box<SessionSnapshot>),
@@ -209,6 +215,8 @@ pub struct SessionSnapshot {
     pub incoming_qos2: Vec<u16>,
     /// Next packet id.
     pub next_packet_id: u16,
+    /// The identity that owns the session (user name; `None` anonymous).
+    pub owner: Option<String>,
 }
 
 impl SessionSnapshot {
@@ -251,7 +259,15 @@ impl SessionSnapshot {
                 .collect(),
             incoming_qos2: st.incoming_qos2.iter().copied().collect(),
             next_packet_id: st.next_packet_id,
+            owner: st.owner.clone(),
         }
+    }
+
+    /// Drops subscriptions whose filters are malformed or over `limits`; returns how many.
+    pub fn drop_invalid_subscriptions(&mut self, limits: &crate::topic::TopicLimits) -> usize {
+        let before = self.subscriptions.len();
+        self.subscriptions.retain(|(f, _)| limits.filter(f).is_ok());
+        before - self.subscriptions.len()
     }
 
     /// Subscriptions as the session stores them.

@@ -5,7 +5,8 @@ use std::collections::HashMap;
 
 use parking_lot::RwLock;
 
-use crate::topic;
+use crate::topic::TopicLimits;
+use crate::trie::{self, TrieNode};
 
 #[derive(Debug, Default)]
 struct Node {
@@ -14,15 +15,32 @@ struct Node {
     groups: Vec<String>,
 }
 
+impl TrieNode for Node {
+    fn children(&self) -> &HashMap<Box<str>, Self> {
+        &self.children
+    }
+    fn children_mut(&mut self) -> &mut HashMap<Box<str>, Self> {
+        &mut self.children
+    }
+    fn is_vacant(&self) -> bool {
+        !self.plain && self.groups.is_empty()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        trie::drop_children(self);
+    }
+}
+
 impl Node {
-    fn insert(&mut self, raw: &str) {
-        let Ok(f) = topic::parse_filter(raw) else {
-            return;
+    /// Adds a peer's filter; `false` (and nothing stored) when it is malformed or over
+    /// `limits` — a peer is held to the same bounds as a client.
+    fn insert(&mut self, raw: &str, limits: &TopicLimits) -> bool {
+        let Ok(f) = limits.filter(raw) else {
+            return false;
         };
-        let mut n = self;
-        for l in f.filter.split('/') {
-            n = n.children.entry(l.into()).or_default();
-        }
+        let n = trie::descend_or_insert(self, f.filter.split('/'));
         match f.group {
             None => n.plain = true,
             Some(g) => {
@@ -32,36 +50,22 @@ impl Node {
                 }
             }
         }
+        true
     }
 
     fn remove(&mut self, raw: &str) {
-        let Ok(f) = topic::parse_filter(raw) else {
+        let Ok(f) = crate::topic::parse_filter(raw) else {
             return;
         };
         let levels: Vec<&str> = f.filter.split('/').collect();
         let key = f.group.map(|g| format!("{g}/{}", f.filter));
-        remove(self, &levels, key.as_deref());
-    }
-
-    fn is_empty(&self) -> bool {
-        !self.plain && self.groups.is_empty() && self.children.is_empty()
-    }
-}
-
-fn remove(n: &mut Node, levels: &[&str], key: Option<&str>) {
-    match levels.split_first() {
-        None => match key {
-            None => n.plain = false,
-            Some(k) => n.groups.retain(|g| g != k),
-        },
-        Some((first, rest)) => {
-            if let Some(child) = n.children.get_mut(*first) {
-                remove(child, rest, key);
-                if child.is_empty() {
-                    n.children.remove(*first);
-                }
+        if let Some(n) = trie::descend_mut(self, &levels) {
+            match key {
+                None => n.plain = false,
+                Some(k) => n.groups.retain(|g| *g != k),
             }
         }
+        trie::prune(self, &levels);
     }
 }
 
@@ -74,53 +78,79 @@ pub struct RemoteMatch {
     pub groups: Vec<String>,
 }
 
-fn collect(n: &Node, levels: &[&str], depth: usize, dollar: bool, out: &mut RemoteMatch) {
-    let wild = !(dollar && depth == 0);
-    if wild {
-        if let Some(h) = n.children.get("#") {
-            out.plain |= h.plain;
-            out.groups.extend(h.groups.iter().cloned());
+/// What `root`'s filters want of a message on the topic `levels`; a loop over an explicit
+/// stack, like the local router's walk.
+fn collect(root: &Node, levels: &[&str], dollar: bool, out: &mut RemoteMatch) {
+    let mut stack: Vec<(&Node, usize)> = vec![(root, 0)];
+    while let Some((n, depth)) = stack.pop() {
+        let wild = !(dollar && depth == 0);
+        if wild {
+            if let Some(h) = n.children.get("#") {
+                out.plain |= h.plain;
+                out.groups.extend(h.groups.iter().cloned());
+            }
         }
-    }
-    let Some((l, rest)) = levels.split_first() else {
-        out.plain |= n.plain;
-        out.groups.extend(n.groups.iter().cloned());
-        return;
-    };
-    if wild {
-        if let Some(p) = n.children.get("+") {
-            collect(p, rest, depth + 1, dollar, out);
+        let Some(l) = levels.get(depth) else {
+            out.plain |= n.plain;
+            out.groups.extend(n.groups.iter().cloned());
+            continue;
+        };
+        if wild {
+            if let Some(p) = n.children.get("+") {
+                stack.push((p, depth + 1));
+            }
         }
-    }
-    if let Some(c) = n.children.get(*l) {
-        collect(c, rest, depth + 1, dollar, out);
+        if let Some(c) = n.children.get(*l) {
+            stack.push((c, depth + 1));
+        }
     }
 }
 
 /// Route tables of all peers, by node name.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RemoteRoutes {
     nodes: RwLock<HashMap<String, (Node, usize)>>,
+    limits: TopicLimits,
+}
+
+impl Default for RemoteRoutes {
+    fn default() -> Self {
+        RemoteRoutes::new(TopicLimits::PROTOCOL)
+    }
 }
 
 impl RemoteRoutes {
-    /// Replaces a peer's table.
-    pub fn replace(&self, node: &str, filters: &[String]) {
-        let mut t = Node::default();
-        for f in filters {
-            t.insert(f);
+    /// Empty tables that accept peers' filters within `limits`.
+    pub fn new(limits: TopicLimits) -> Self {
+        RemoteRoutes {
+            nodes: RwLock::default(),
+            limits,
         }
-        self.nodes
-            .write()
-            .insert(node.to_string(), (t, filters.len()));
     }
 
-    /// Adds one filter of a peer.
-    pub fn add(&self, node: &str, filter: &str) {
+    /// Replaces a peer's table. Returns how many filters were refused as invalid.
+    pub fn replace(&self, node: &str, filters: &[String]) -> usize {
+        let mut t = Node::default();
+        let mut refused = 0;
+        for f in filters {
+            if !t.insert(f, &self.limits) {
+                refused += 1;
+            }
+        }
+        let kept = filters.len() - refused;
+        self.nodes.write().insert(node.to_string(), (t, kept));
+        refused
+    }
+
+    /// Adds one filter of a peer; `false` when it is refused as invalid.
+    pub fn add(&self, node: &str, filter: &str) -> bool {
         let mut w = self.nodes.write();
         let e = w.entry(node.to_string()).or_default();
-        e.0.insert(filter);
+        if !e.0.insert(filter, &self.limits) {
+            return false;
+        }
         e.1 += 1;
+        true
     }
 
     /// Removes one filter of a peer.
@@ -149,7 +179,7 @@ impl RemoteRoutes {
         let mut out = Vec::new();
         for (name, (t, _)) in r.iter() {
             let mut m = RemoteMatch::default();
-            collect(t, &levels, 0, dollar, &mut m);
+            collect(t, &levels, dollar, &mut m);
             if m.plain || !m.groups.is_empty() {
                 out.push((name.clone(), m));
             }
@@ -180,6 +210,22 @@ mod tests {
         assert!(!m[0].1.plain);
         r.remove_node("b");
         assert!(r.matching("a/1").is_empty());
+    }
+
+    #[test]
+    fn invalid_or_oversize_filters_from_peers_are_refused() {
+        let r = RemoteRoutes::new(TopicLimits {
+            max_levels: 4,
+            max_len: 64,
+        });
+        assert_eq!(
+            r.replace("b", &["a/b".into(), "a/#/b".into(), "1/2/3/4/5".into()]),
+            2
+        );
+        assert_eq!(r.count("b"), 1);
+        assert!(!r.add("b", &"x/".repeat(100)));
+        assert!(r.add("b", "x/+"));
+        assert_eq!(r.count("b"), 2);
     }
 
     #[test]

@@ -127,6 +127,12 @@ impl Listener {
             let broker = broker.clone();
             tokio::spawn(async move {
                 let _slot = slot;
+                if me.config.proxy_protocol && !me.config.proxy_trusts(peer.ip()) {
+                    // Only the load balancer may say where a client comes from.
+                    tracing::debug!(listener = me.name, %peer, "PROXY header from an untrusted source; closed");
+                    broker.metrics.proxy_untrusted.inc();
+                    return;
+                }
                 let _ = stream.set_nodelay(true);
                 let timeout = Duration::from_secs(broker.config.tls.handshake_timeout.max(1));
                 let setup = tokio::time::timeout(timeout, me.handshake(stream, peer)).await;
