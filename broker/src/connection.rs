@@ -1236,8 +1236,11 @@ impl Conn {
         }
         self.broker.metrics.connections.dec();
         let will = self.will.take().filter(|w| {
-            let ok = !crate::sys::is_sys(&w.topic)
-                && self.acl.check(Action::Publish, &w.topic) == Permission::Allow;
+            if crate::sys::is_sys(&w.topic) {
+                self.broker.metrics.dropped("sys_topic");
+                return false;
+            }
+            let ok = self.acl.check(Action::Publish, &w.topic) == Permission::Allow;
             if !ok {
                 self.broker.metrics.acl.publish_deny.inc();
                 self.broker.metrics.dropped("acl_denied");

@@ -285,6 +285,77 @@ async fn takeover_on_another_node_keeps_every_queued_message() {
     assert!(takeovers >= 2.0, "n2 counted {takeovers} takeovers");
 }
 
+/// `sessions.takeover: owner_only` holds across nodes: another identity connecting to another
+/// node with the client id is refused there, and the owner's session (queue included) and
+/// live connection stay where they are; the owner itself still moves freely.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_identity_cannot_take_a_session_from_another_node() {
+    let mut c = Cluster::static_loopback(2);
+    c.wait_formed(&[0, 1]).await;
+    for v in [V::V3, V::V5] {
+        let id = format!("own-{v:?}");
+        let topic = format!("own/{v:?}");
+        let alice = Opts::persistent(v, &id).with_user("alice");
+        let s = Client::connect(c.nodes[0].mqtt_addr(), &alice).await;
+        s.subscribe(&topic, 1).await;
+        c.wait_routes(1, 0, 1).await;
+        s.disconnect().await;
+        drop(s);
+        let n1 = &c.nodes[0];
+        let queued = |min: u64| {
+            let id = id.clone();
+            async move {
+                let j = n1.json(&format!("/api/v1/clients/{id}")).await?;
+                let q = j["queued"].as_u64().unwrap_or(0) + j["inflight"].as_u64().unwrap_or(0);
+                (j["connected"] == false && q >= min)
+                    .then_some(())
+                    .ok_or(j.to_string())
+            }
+        };
+        eventually(&format!("{id} offline on n1"), DEADLINE, || queued(0)).await;
+        let mut p = Client::connect(c.nodes[1].mqtt_addr(), &Opts::clean(V::V3, "own-pub")).await;
+        publish_seq(&mut p, &topic, 1, 1).await;
+        eventually(
+            &format!("a message queued for {id} on n1"),
+            DEADLINE,
+            || queued(1),
+        )
+        .await;
+
+        // Bob, and an anonymous clean start, on n2: refused by n1, nothing moves.
+        let bob = Opts::persistent(v, &id).with_user("bob");
+        for o in [bob.clone(), Opts::clean(v, &id)] {
+            let e = Client::try_connect(c.nodes[1].mqtt_addr(), &o)
+                .await
+                .err()
+                .expect("refused");
+            assert!(e.contains("NotAuthorized"), "{id} as {:?}: {e}", o.user);
+        }
+        eventually(&format!("{id} still queued on n1"), DEADLINE, || queued(1)).await;
+
+        // Alice online on n1 is not kicked by Bob on n2.
+        let mut a = Client::connect(c.nodes[0].mqtt_addr(), &alice).await;
+        assert!(a.session_present);
+        let m = a.next_msg(DEADLINE).await.expect("queued message");
+        assert_eq!(seq_of(&m.1), Some(0));
+        assert!(Client::try_connect(c.nodes[1].mqtt_addr(), &bob)
+            .await
+            .is_err());
+        p.publish(&topic, 1, false, seq_payload(1)).await;
+        let m = a.next_msg(DEADLINE).await.expect("alice still connected");
+        assert_eq!(seq_of(&m.1), Some(1));
+        a.disconnect().await;
+        drop((a, p));
+
+        // The owner herself takes the session over to n2.
+        eventually(&format!("{id} offline again"), DEADLINE, || queued(0)).await;
+        let back = Client::connect(c.nodes[1].mqtt_addr(), &alice).await;
+        assert!(back.session_present, "{id}: alice moves her own session");
+        back.disconnect().await;
+    }
+    assert!(c.nodes[0].log_contains("session takeover refused"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_one_node_survivors_serve_and_its_sessions_are_lost() {
     let mut c = Cluster::static_loopback(3);

@@ -505,3 +505,115 @@ async fn resumed_subscriptions_are_reauthorized() {
     );
     common::stop(r).await;
 }
+
+/// A TCP connection to `addr` from the loopback source address `src` (any of 127.0.0.0/8).
+async fn tcp_from(src: &str, addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let s = tokio::net::TcpSocket::new_v4().expect("socket");
+    s.bind(format!("{src}:0").parse().expect("source"))
+        .expect("bind source");
+    common::within("TCP connect", s.connect(addr))
+        .await
+        .expect("connect")
+}
+
+/// PROXY headers are believed only from `proxy_trusted`: a client that reaches the port
+/// directly cannot claim another source address; it is closed and counted, and the clients
+/// behind the trusted load balancer keep their round trips.
+#[tokio::test]
+async fn proxy_headers_only_from_trusted_sources() {
+    let mut cfg = common::config();
+    cfg.listeners.mqtt.proxy_protocol = true;
+    cfg.listeners.mqtt.proxy_trusted = vec!["127.0.0.1".into()];
+    let r = common::start_with(cfg).await;
+    let addr = common::mqtt(&r);
+    let header = b"PROXY TCP4 203.0.113.7 10.0.0.1 51234 1883\r\n";
+
+    let mut lb = Raw::over(Box::new(tcp_from("127.0.0.1", addr).await), V::V5);
+    lb.send(header).await;
+    lb.handshake("behind-lb").await;
+    assert_eq!(lb.subscribe(1, "pp/t", 1).await, 1);
+
+    for (n, with_header) in [(1.0, true), (2.0, false)] {
+        let mut forger = Raw::over(Box::new(tcp_from("127.0.0.2", addr).await), V::V5);
+        if with_header {
+            forger.send(header).await;
+        }
+        forger.send(&pkt::connect(V::V5, "forger")).await;
+        assert!(forger.closed().await.is_empty(), "untrusted source served");
+        assert_eq!(metric(&r, "corvid_proxy_untrusted_total", &[]).await, n);
+    }
+    assert!(r.broker.sessions.get("forger").is_none());
+
+    lb.send(&pkt::publish(V::V5, b"pp/t", 1, 2, b"still here"))
+        .await;
+    let (mut acked, mut got) = (false, false);
+    while !(acked && got) {
+        let p = lb.recv().await.expect("trusted client served");
+        match p.kind() {
+            pkt::PUBACK => acked = true,
+            pkt::PUBLISH => {
+                let (_, id, body) = p.publish(V::V5);
+                assert_eq!(body, b"still here");
+                lb.send(&pkt::puback(id.expect("QoS 1"))).await;
+                got = true;
+            }
+            other => panic!("unexpected packet {other}"),
+        }
+    }
+    common::stop(r).await;
+}
+
+/// Publishing into `$SYS` is refused like an ACL denial (as mosquitto): MQTT 5 gets 0x87,
+/// 3.1.1 its usual acknowledgement; nothing reaches `$SYS` subscribers, and a will on a `$SYS`
+/// topic is never published.
+#[tokio::test]
+async fn clients_cannot_publish_into_sys() {
+    let mut cfg = common::config();
+    cfg.sys.enabled = false;
+    let r = common::start_with(cfg).await;
+    let addr = common::mqtt(&r);
+    let mut bystander = Bystander::connect(addr, "sys-by").await;
+    let mut watcher = Raw::connect(addr, V::V5, "sys-watch").await;
+    assert_eq!(watcher.subscribe(1, "$SYS/#", 0).await, 0);
+    for v in V::BOTH {
+        let mut c = Raw::connect(addr, v, &format!("sys-forger-{v:?}")).await;
+        c.send(&pkt::publish(
+            v,
+            b"$SYS/brokers/n1/version",
+            1,
+            1,
+            b"forged",
+        ))
+        .await;
+        let ack = c.expect(pkt::PUBACK).await;
+        if v == V::V5 {
+            assert_eq!(ack.body.get(2), Some(&0x87), "{ack:?}");
+        }
+        // A will into $SYS: dropped when the connection is lost.
+        let mut w = Raw::tcp(addr, v).await;
+        w.send(&connect_with_will(v, &format!("sys-will-{v:?}"), b"$SYS/x"))
+            .await;
+        w.expect(pkt::CONNACK).await;
+        drop(w);
+        common::assert_serving(addr, &mut bystander).await;
+    }
+    // Two publishes and two wills refused; then nothing is queued for the watcher: the answer
+    // to its PINGREQ is the next packet it gets.
+    let mut refused = 0.0;
+    for _ in 0..100 {
+        refused = metric(
+            &r,
+            "corvid_messages_dropped_total",
+            &[r#"reason="sys_topic""#],
+        )
+        .await;
+        if refused >= 4.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(refused, 4.0);
+    watcher.send(&pkt::pingreq()).await;
+    assert_eq!(watcher.expect(pkt::PINGRESP).await.kind(), pkt::PINGRESP);
+    common::stop(r).await;
+}

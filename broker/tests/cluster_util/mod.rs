@@ -617,6 +617,8 @@ pub struct Opts {
     pub clean: bool,
     /// MQTT 5 session expiry interval.
     pub expiry: Option<u32>,
+    /// User name sent in CONNECT (empty password), if any.
+    pub user: Option<String>,
 }
 
 impl Opts {
@@ -627,6 +629,7 @@ impl Opts {
             id: id.into(),
             clean: true,
             expiry: None,
+            user: None,
         }
     }
 
@@ -637,7 +640,14 @@ impl Opts {
             id: id.into(),
             clean: false,
             expiry: Some(3600),
+            user: None,
         }
+    }
+
+    /// The same options with a user name.
+    pub fn with_user(mut self, user: &str) -> Opts {
+        self.user = Some(user.into());
+        self
     }
 }
 
@@ -700,6 +710,9 @@ impl Client {
                 m.set_keep_alive(Duration::from_secs(10))
                     .set_clean_session(o.clean)
                     .set_inflight(100);
+                if let Some(u) = &o.user {
+                    m.set_credentials(u, "");
+                }
                 let (c, mut el) = rumqttc::AsyncClient::new(m, 10_000);
                 let task = tokio::spawn(async move {
                     let mut ack_tx = Some(ack_tx);
@@ -751,6 +764,9 @@ impl Client {
                 m.set_keep_alive(Duration::from_secs(10))
                     .set_clean_start(o.clean)
                     .set_session_expiry_interval(o.expiry);
+                if let Some(u) = &o.user {
+                    m.set_credentials(u, "");
+                }
                 let (c, mut el) = rumqttc::v5::AsyncClient::new(m, 10_000);
                 let task = tokio::spawn(async move {
                     let mut ack_tx = Some(ack_tx);
