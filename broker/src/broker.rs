@@ -197,19 +197,27 @@ impl Broker {
         }
     }
 
+    /// Whether `session` may be given `msg`: a `$SYS` topic that names other clients only
+    /// goes to a connected client whose ACL explicitly allows reading it (counted when not).
+    fn may_receive(&self, session: &Session, msg: &Msg) -> bool {
+        if !crate::sys::names_clients(&msg.topic) {
+            return true;
+        }
+        let allowed = session
+            .state
+            .lock()
+            .connection
+            .as_ref()
+            .is_some_and(|c| c.acl.explicitly_allows_read(&msg.topic));
+        if !allowed {
+            self.metrics.dropped("sys_acl_denied");
+        }
+        allowed
+    }
+
     fn deliver(&self, msg: &Msg, t: Target) {
-        if crate::sys::names_clients(&msg.topic) {
-            let allowed = t
-                .session
-                .state
-                .lock()
-                .connection
-                .as_ref()
-                .is_some_and(|c| c.acl.explicitly_allows_read(&msg.topic));
-            if !allowed {
-                self.metrics.dropped("sys_acl_denied");
-                return;
-            }
+        if !self.may_receive(&t.session, msg) {
+            return;
         }
         let d = Delivery {
             msg: msg.clone(),
@@ -541,6 +549,9 @@ impl Broker {
             .find(|t| t.share.as_deref() == Some(&*share))
         {
             Some(t) => {
+                if !self.may_receive(&t.session, &d.msg) {
+                    return;
+                }
                 let d = Delivery {
                     qos: d.msg.qos.min(t.qos),
                     share: t.share,

@@ -156,7 +156,7 @@ async fn topics_deeper_than_any_stack_do_not_crash_the_broker() {
         "RSS {} MiB before, grew by {grown_mib} MiB",
         rss_before / 1024
     );
-    assert!(grown_mib < 256, "RSS grew by {grown_mib} MiB");
+    assert!(grown_mib < 128, "RSS grew by {grown_mib} MiB");
     common::stop(r).await;
 }
 
