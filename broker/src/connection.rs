@@ -947,11 +947,13 @@ impl Conn {
                     .iter()
                     .map(|f| {
                         if self.broker.config.mqtt.topic_limits().filter(f).is_err() {
-                            self.broker
-                                .metrics
-                                .topic_refused
-                                .with_label_values(&["unsubscribe"])
-                                .inc();
+                            if topic::parse_filter(f).is_ok() {
+                                self.broker
+                                    .metrics
+                                    .topic_refused
+                                    .with_label_values(&["unsubscribe"])
+                                    .inc();
+                            }
                             return 0x8F;
                         }
                         if self.broker.unsubscribe(&self.session, f) {
