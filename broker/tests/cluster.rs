@@ -6,7 +6,8 @@
 //! delivery per shared group cluster-wide, session takeover that loses no queued message,
 //! survival of a `kill -9` (and the documented loss of the dead node's sessions), partition and
 //! healing, DNS discovery, refusal of a peer with the wrong secret, evacuation and connection
-//! rebalancing after a scale-up without losing an acknowledged message.
+//! rebalancing after a scale-up without losing an acknowledged message, sessions that another
+//! identity cannot take over from another node, and peers held to the topic bounds.
 //!
 //! The tests that need root (dnsmasq behind a private `/etc/resolv.conf`, network namespaces)
 //! skip themselves with a message when they cannot run; `CORVID_REQUIRE_DNSMASQ=1` turns a
@@ -354,6 +355,45 @@ async fn another_identity_cannot_take_a_session_from_another_node() {
         back.disconnect().await;
     }
     assert!(c.nodes[0].log_contains("session takeover refused"));
+}
+
+/// Peers are held to the same topic bounds as clients: a node configured with higher bounds
+/// replicates a 300-level route and retained message; the node at the defaults (128 levels)
+/// drops and counts both, and keeps serving cross-node traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_routes_and_retained_from_a_peer_are_dropped_and_counted() {
+    let mut specs = Cluster::static_loopback_specs(2);
+    // `cluster_extra` ends the file: a top-level line after it sets n1's own bounds.
+    specs[0].cluster_extra = "mqtt: { max_topic_levels: 1000 }\n".into();
+    let mut c = Cluster::empty();
+    for s in specs {
+        c.add(s);
+    }
+    c.wait_formed(&[0, 1]).await;
+    let deep = vec!["d"; 300].join("/");
+    let n1 = c.nodes[0].mqtt_addr();
+    let sub = Client::connect(n1, &Opts::clean(V::V5, "deep-sub")).await;
+    sub.subscribe(&format!("{deep}/#"), 0).await;
+    let p = Client::connect(n1, &Opts::clean(V::V5, "deep-pub")).await;
+    p.publish(&deep, 1, true, b"deep".to_vec()).await;
+    let n2 = &c.nodes[1];
+    eventually(
+        "n2 drops the deep route and retained message",
+        DEADLINE,
+        || async {
+            let n = n2.metric("corvid_cluster_invalid_total").await?;
+            (n >= 2.0).then_some(()).ok_or(format!("{n} counted"))
+        },
+    )
+    .await;
+    // n2 still serves, across nodes too.
+    let mut ok = Client::connect(n2.mqtt_addr(), &Opts::clean(V::V5, "ok-sub")).await;
+    ok.subscribe("ok/t", 1).await;
+    c.wait_routes(0, 1, 1).await;
+    p.publish("ok/t", 1, false, seq_payload(7)).await;
+    let m = ok.next_msg(DEADLINE).await.expect("cross-node message");
+    assert_eq!(seq_of(&m.1), Some(7));
+    assert!(c.nodes[1].log_contains("invalid items from peer dropped"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
