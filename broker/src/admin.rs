@@ -135,6 +135,19 @@ fn single_node_evacuation(b: &Broker) -> Value {
 
 async fn evacuate(State(b): State<Arc<Broker>>, Query(o): Query<EvacuateOptions>) -> Response {
     let rate = o.rate.unwrap_or(100);
+    if let Some(r) = &o.server_reference {
+        let member = b.cluster.get().is_some_and(|c| c.is_member_mqtt_addr(r));
+        if !member && !b.config.admin.server_references.iter().any(|a| a == r) {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": format!(
+                    "server_reference {r:?} is neither a cluster member's MQTT address nor in \
+                     admin.server_references"
+                )})),
+            )
+                .into_response();
+        }
+    }
     match b.cluster.get() {
         Some(c) => {
             c.evacuate(rate, o.server_reference);
@@ -203,21 +216,59 @@ async fn metrics(State(b): State<Arc<Broker>>) -> Response {
         .into_response()
 }
 
-#[allow(clippy::result_large_err)] // an axum Response is the natural error of a handler guard
-fn authorized(b: &Broker, headers: &HeaderMap) -> Result<(), Response> {
-    let Some(file) = &b.config.admin.token_file else {
-        return Ok(());
-    };
-    let expected = std::fs::read_to_string(file).unwrap_or_default();
-    let expected = expected.trim();
-    let given = headers
+/// Header carrying the admin token where `Authorization` cannot: the Kubernetes API server's
+/// pod proxy strips `Authorization` before it forwards a request to the pod.
+pub const TOKEN_HEADER: &str = "x-corvid-admin-token";
+
+/// Reads the admin token from `file`: its trimmed content, which must not be empty.
+pub fn read_token(file: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(format!("{} is empty", file.display()));
+    }
+    Ok(token.to_string())
+}
+
+/// Compares two tokens in time independent of where they differ (and of their lengths: both
+/// are hashed first).
+fn tokens_match(given: &str, expected: &str) -> bool {
+    use sha2::Digest;
+    use subtle::ConstantTimeEq;
+    let a = sha2::Sha256::digest(given.as_bytes());
+    let b = sha2::Sha256::digest(expected.as_bytes());
+    bool::from(a.as_slice().ct_eq(b.as_slice()))
+}
+
+/// The token a request presents: `Authorization: Bearer T` or the [`TOKEN_HEADER`].
+fn presented_token(headers: &HeaderMap) -> Option<&str> {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if !expected.is_empty() && given == expected {
+        .or_else(|| headers.get(TOKEN_HEADER).and_then(|v| v.to_str().ok()))
+        .map(str::trim)
+}
+
+#[allow(clippy::result_large_err)] // an axum Response is the natural error of a handler guard
+fn authorized(b: &Broker, headers: &HeaderMap) -> Result<(), Response> {
+    let Some(file) = &b.config.admin.token_file else {
+        // Without a token the endpoint only listens on loopback (`AdminConfig::listen_addr`).
+        return Ok(());
+    };
+    let ok = match (read_token(file), presented_token(headers)) {
+        (Ok(expected), Some(given)) => tokens_match(given, &expected),
+        (Err(e), _) => {
+            tracing::warn!(error = %e, "admin token unreadable: refusing /api requests");
+            false
+        }
+        (Ok(_), None) => false,
+    };
+    if ok {
         Ok(())
     } else {
+        b.metrics.admin_unauthorized.inc();
         Err((
             StatusCode::UNAUTHORIZED,
             Json(json!({"error": "missing or wrong bearer token"})),

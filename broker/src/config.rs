@@ -791,10 +791,15 @@ impl Default for TlsConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
-    /// Address and port to bind.
+    /// Address and port to bind. Without `token_file` the API only ever listens on loopback:
+    /// an unspecified address (`0.0.0.0`, `::`) becomes loopback and any other non-loopback
+    /// address is refused.
     pub bind: SocketAddr,
-    /// File holding a bearer token required by `/api/*` when set.
+    /// File holding the bearer token `/api/*` requires; re-read on each request.
     pub token_file: Option<PathBuf>,
+    /// Server References an evacuation may send clients to besides the cluster's own members'
+    /// MQTT addresses (e.g. the load balancer's public name).
+    pub server_references: Vec<String>,
 }
 
 impl Default for AdminConfig {
@@ -802,6 +807,24 @@ impl Default for AdminConfig {
         Self {
             bind: SocketAddr::from(([0, 0, 0, 0], 18083)),
             token_file: None,
+            server_references: Vec::new(),
+        }
+    }
+}
+
+impl AdminConfig {
+    /// The address the admin endpoint really binds: `bind`, or its loopback twin when no
+    /// token protects the API and `bind` is the unspecified address.
+    pub fn listen_addr(&self) -> SocketAddr {
+        let ip = self.bind.ip();
+        if self.token_file.is_none() && ip.is_unspecified() {
+            let lo: std::net::IpAddr = match ip {
+                std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            };
+            SocketAddr::new(lo, self.bind.port())
+        } else {
+            self.bind
         }
     }
 }
@@ -1648,6 +1671,17 @@ impl Config {
                 &format!(
                     "port {} is already used by listeners.{other}",
                     self.admin.bind.port()
+                ),
+            );
+        }
+        let admin_ip = self.admin.bind.ip();
+        if self.admin.token_file.is_none() && !admin_ip.is_loopback() && !admin_ip.is_unspecified()
+        {
+            return invalid(
+                "admin.bind",
+                &format!(
+                    "{admin_ip} is reachable from other hosts but admin.token_file is not set; \
+                     set a token or bind loopback"
                 ),
             );
         }

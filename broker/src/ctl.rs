@@ -13,7 +13,8 @@ pub struct CtlArgs {
     /// Admin API base URL.
     #[arg(long, env = "CORVID_ADMIN", default_value = "http://127.0.0.1:18083")]
     admin: String,
-    /// File holding the admin bearer token (`admin.token_file` of the broker).
+    /// File holding the admin bearer token (`admin.token_file` of the broker); without it,
+    /// `$CORVID_ADMIN_TOKEN`, then the pod's mounted token.
     #[arg(long, env = "CORVID_ADMIN_TOKEN_FILE")]
     token_file: Option<PathBuf>,
     /// Print the API's JSON instead of tables.
@@ -178,17 +179,36 @@ impl Api {
     }
 }
 
+/// Where the operator mounts a cluster's admin token in every broker pod, so that
+/// `kubectl exec … corvid-broker ctl` works without flags.
+pub const POD_TOKEN_FILE: &str = "/etc/corvid/admin/token";
+
+/// The admin token: `--token-file` (or `$CORVID_ADMIN_TOKEN_FILE`), else `$CORVID_ADMIN_TOKEN`,
+/// else the pod's mounted token when it exists, else none.
+fn admin_token(file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    if let Some(f) = file {
+        return corvid_broker::admin::read_token(f)
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("--token-file: {e}"));
+    }
+    if let Ok(t) = std::env::var("CORVID_ADMIN_TOKEN") {
+        let t = t.trim();
+        if !t.is_empty() {
+            return Ok(Some(t.to_string()));
+        }
+    }
+    let pod = std::path::Path::new(POD_TOKEN_FILE);
+    if pod.exists() {
+        return corvid_broker::admin::read_token(pod)
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("{e}"));
+    }
+    Ok(None)
+}
+
 /// Runs one `ctl` command.
 pub fn run(args: CtlArgs) -> anyhow::Result<()> {
-    let token = match &args.token_file {
-        Some(f) => Some(
-            std::fs::read_to_string(f)
-                .with_context(|| format!("cannot read --token-file {}", f.display()))?
-                .trim()
-                .to_string(),
-        ),
-        None => None,
-    };
+    let token = admin_token(args.token_file.as_deref())?;
     let base =
         reqwest::Url::parse(&args.admin).with_context(|| format!("--admin {}", args.admin))?;
     let client = reqwest::Client::builder()

@@ -67,6 +67,8 @@ pub struct Metrics {
     pub wills_published: IntCounter,
     /// TLS certificate reloads.
     pub tls_reloads: IntCounter,
+    /// Admin API requests refused for a missing or wrong token.
+    pub admin_unauthorized: IntCounter,
     /// Authentication outcomes.
     pub auth: AuthCounters,
     /// ACL decisions.
@@ -223,6 +225,10 @@ impl Metrics {
             sessions_expired: counter("corvid_sessions_expired_total", "Sessions expired")?,
             wills_published: counter("corvid_wills_published_total", "Will messages published")?,
             tls_reloads: counter("corvid_tls_reloads_total", "TLS certificate reloads")?,
+            admin_unauthorized: counter(
+                "corvid_admin_unauthorized_total",
+                "Admin API requests refused for a missing or wrong token",
+            )?,
             auth: AuthCounters {
                 success_users_file: auth.with_label_values(&["success", "users_file"]),
                 success_http: auth.with_label_values(&["success", "http"]),

@@ -27,6 +27,9 @@ pub enum StartError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The admin token file is missing or empty: an API that cannot check its token is refused.
+    #[error("admin.token_file: {0}")]
+    AdminToken(String),
     /// Metrics registration failed (a bug).
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -65,7 +68,16 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         }
         tasks.spawn(l.run(broker.clone(), count.clone()));
     }
-    let admin_addr = broker.config.admin.bind;
+    if let Some(file) = &broker.config.admin.token_file {
+        crate::admin::read_token(file).map_err(StartError::AdminToken)?;
+    }
+    let admin_addr = broker.config.admin.listen_addr();
+    if admin_addr != broker.config.admin.bind {
+        tracing::warn!(
+            addr = %admin_addr,
+            "no admin.token_file: the admin API listens on loopback only"
+        );
+    }
     let admin = tokio::net::TcpListener::bind(admin_addr)
         .await
         .map_err(|source| StartError::Admin {

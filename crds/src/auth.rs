@@ -4,12 +4,14 @@ use kube::KubeSchema;
 use serde::{Deserialize, Serialize};
 
 /// Who may connect.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct AuthSpec {
-    /// Allow clients that send no username.
-    #[serde(default = "yes")]
-    pub allow_anonymous: bool,
+    /// Allow clients that send no username. Unset: allowed only when neither `usersSecret` nor
+    /// `http` is configured. A LoadBalancer or NodePort Service without `usersSecret` or `http`
+    /// needs it set to `true` on purpose.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_anonymous: Option<bool>,
     /// Users file from a Secret (one user:password-hash per line), mounted read-only into the pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub users_secret: Option<SecretKeyRef>,
@@ -21,19 +23,13 @@ pub struct AuthSpec {
     pub http: Option<HttpAuth>,
 }
 
-impl Default for AuthSpec {
-    fn default() -> Self {
-        AuthSpec {
-            allow_anonymous: true,
-            users_secret: None,
-            client_ids: Vec::new(),
-            http: None,
-        }
+impl AuthSpec {
+    /// Whether clients without a username are let in: `allowAnonymous` when set, otherwise only
+    /// when no authentication source (users Secret, HTTP backend) is configured.
+    pub fn anonymous_allowed(&self) -> bool {
+        self.allow_anonymous
+            .unwrap_or(self.users_secret.is_none() && self.http.is_none())
     }
-}
-
-fn yes() -> bool {
-    true
 }
 
 /// A key inside a Secret in the cluster's namespace.

@@ -67,7 +67,9 @@ use crate::{
     validation = Rule::new("self.tls.mode == 'none' || self.listeners.mqtts.enabled || self.listeners.wss.enabled")
         .message("tls.mode broker or loadBalancer needs listeners.mqtts or listeners.wss enabled"),
     validation = Rule::new("self.tls.mode != 'loadBalancer' || self.service.type == 'LoadBalancer'")
-        .message("tls.mode loadBalancer needs service.type LoadBalancer")
+        .message("tls.mode loadBalancer needs service.type LoadBalancer"),
+    validation = Rule::new("!(self.service.type in ['LoadBalancer', 'NodePort']) || has(self.auth.usersSecret) || has(self.auth.http) || (has(self.auth.allowAnonymous) && self.auth.allowAnonymous)")
+        .message("service.type LoadBalancer or NodePort exposes the brokers beyond the cluster: configure auth.usersSecret or auth.http, or set auth.allowAnonymous: true on purpose")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct MqttClusterSpec {

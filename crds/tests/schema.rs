@@ -267,6 +267,17 @@ fn cel_rejects_invalid_objects_with_field_messages() {
             }),
         ),
         (
+            "configure auth.usersSecret or auth.http, or set auth.allowAnonymous: true on purpose",
+            Box::new(|s| s["service"]["type"] = json!("LoadBalancer")),
+        ),
+        (
+            "service.type LoadBalancer or NodePort exposes the brokers beyond the cluster",
+            Box::new(|s| {
+                s["service"]["type"] = json!("NodePort");
+                s["auth"] = json!({"allowAnonymous": false});
+            }),
+        ),
+        (
             "acl.rules[].who must set exactly one of user, clientId, ipCidr, all",
             Box::new(|s| {
                 s["acl"]["rules"] = json!([{"permission": "deny", "who": {"user": "a", "clientId": "b"}, "action": "all", "topics": ["#"]}]);
@@ -335,10 +346,41 @@ fn cel_accepts_valid_tls_setups() {
     assert_eq!(errors(&broker), Vec::<String>::new());
     let aws = object(|s| {
         s["service"]["type"] = json!("LoadBalancer");
+        s["auth"] = json!({"allowAnonymous": true});
         s["listeners"]["mqtts"]["enabled"] = json!(true);
         s["tls"] = json!({"mode": "loadBalancer", "loadBalancer": {"provider": "aws", "certificate": "arn:aws:acm:x", "annotations": {}, "proxyProtocol": true}});
     });
     assert_eq!(errors(&aws), Vec::<String>::new());
+}
+
+#[test]
+fn cel_accepts_exposed_clusters_with_authentication_or_explicit_anonymous_access() {
+    for auth in [
+        json!({"allowAnonymous": true}),
+        json!({"usersSecret": {"name": "u", "key": "users"}}),
+        json!({"http": {"url": "http://auth", "timeoutMs": 5000}}),
+    ] {
+        for kind in ["LoadBalancer", "NodePort"] {
+            let obj = object(|s| {
+                s["service"]["type"] = json!(kind);
+                s["auth"] = auth.clone();
+            });
+            assert_eq!(errors(&obj), Vec::<String>::new(), "{kind} with {auth}");
+        }
+    }
+}
+
+#[test]
+fn anonymous_access_defaults_to_off_once_a_source_is_configured() {
+    let mut auth = corvid_crds::AuthSpec::default();
+    assert!(auth.anonymous_allowed(), "no source: anonymous as before");
+    auth.users_secret = Some(corvid_crds::SecretKeyRef {
+        name: "u".into(),
+        key: "users".into(),
+    });
+    assert!(!auth.anonymous_allowed(), "users configured: anonymous off");
+    auth.allow_anonymous = Some(true);
+    assert!(auth.anonymous_allowed(), "explicitly on");
 }
 
 #[test]

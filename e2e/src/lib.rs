@@ -179,10 +179,22 @@ impl TestNamespace {
 /// GETs `path` from a plain-HTTP endpoint (the broker's admin API) and returns the status code
 /// and body; a few lines of HTTP/1.0 keep the crate free of an HTTP client dependency.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    http_get_with_token(addr, path, None).await
+}
+
+/// [`http_get`] presenting the broker's admin `token` (`Authorization: Bearer`).
+pub async fn http_get_with_token(
+    addr: std::net::SocketAddr,
+    path: &str,
+    token: Option<&str>,
+) -> anyhow::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     let io = async {
         let mut stream = tokio::net::TcpStream::connect(addr).await?;
-        let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: */*\r\n\r\n");
+        let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: */*\r\n{auth}\r\n");
         stream.write_all(request.as_bytes()).await?;
         let mut response = Vec::new();
         stream.read_to_end(&mut response).await?;

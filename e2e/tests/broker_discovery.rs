@@ -14,7 +14,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use corvid_e2e::{
-    cluster, http_get, kubectl, wait_for, workspace_binary, TestNamespace, TestProcess,
+    cluster, http_get, http_get_with_token, kubectl, wait_for, workspace_binary, TestNamespace,
+    TestProcess,
 };
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
@@ -26,6 +27,8 @@ use serde_json::{json, Value};
 const REPLICAS: usize = 3;
 const CLUSTER_PORT: u16 = 4370;
 const ADMIN_PORT: u16 = 18083;
+/// The admin token the brokers are given (their admin API listens on the pod IPs).
+const ADMIN_TOKEN: &str = "corvid-e2e-admin-token";
 const SERVICE: &str = "corvid-headless";
 const JOIN_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -67,6 +70,8 @@ async fn brokers_find_each_other_through_endpoint_slices() {
         "corvid-e2e-cluster-secret-0123456789\n",
     )
     .unwrap();
+    // The admin API listens on the pod IPs, so it needs a token (an open one is refused).
+    std::fs::write(work.join("admin-token"), format!("{ADMIN_TOKEN}\n")).unwrap();
     let mut brokers = Brokers::default();
     for (name, ip) in &pods {
         brokers.add_loopback_ip(*ip);
@@ -85,7 +90,8 @@ async fn brokers_find_each_other_through_endpoint_slices() {
             || {
                 let names = names.clone();
                 async move {
-                    let (code, body) = http_get(admin, "/api/v1/cluster").await?;
+                    let (code, body) =
+                        http_get_with_token(admin, "/api/v1/cluster", Some(ADMIN_TOKEN)).await?;
                     let view: Value = serde_json::from_str(&body)?;
                     let joined: BTreeSet<String> = view["members"]
                         .as_array()
@@ -164,7 +170,10 @@ fn broker_config(name: &str, ip: IpAddr, ns: &str, api: &str, ca: &Path, work: &
             "mqtt": { "enabled": true, "bind": format!("{ip}:1883") },
             "ws": { "enabled": false },
         },
-        "admin": { "bind": format!("{ip}:{ADMIN_PORT}") },
+        "admin": {
+            "bind": format!("{ip}:{ADMIN_PORT}"),
+            "token_file": work.join("admin-token"),
+        },
         "cluster": {
             "port": CLUSTER_PORT,
             "bind": ip.to_string(),

@@ -82,6 +82,39 @@ async fn empty_spec_is_accepted_and_defaulted_by_the_api_server() {
 }
 
 #[tokio::test]
+async fn an_exposed_cluster_is_accepted_with_authentication_or_explicit_anonymous_access() {
+    let Some(client) =
+        cluster("an_exposed_cluster_is_accepted_with_authentication_or_explicit_anonymous_access")
+            .await
+    else {
+        return;
+    };
+    apply_crds(&client).await;
+    let ns = TestNamespace::create(&client, "crd-exposed").await.unwrap();
+    let api = Api::<DynamicObject>::namespaced_with(client, &ns.name, &mqtt_cluster_resource());
+    for (name, spec) in [
+        (
+            "anonymous-on-purpose",
+            json!({ "service": { "type": "LoadBalancer" }, "auth": { "allowAnonymous": true } }),
+        ),
+        (
+            "users",
+            json!({ "service": { "type": "NodePort" }, "auth": { "usersSecret": { "name": "u" } } }),
+        ),
+        (
+            "http-backend",
+            json!({ "service": { "type": "LoadBalancer" }, "auth": { "http": { "url": "http://auth" } } }),
+        ),
+        ("internal", json!({ "service": { "type": "ClusterIP" } })),
+    ] {
+        api.create(&PostParams::default(), &mqtt_cluster(name, spec))
+            .await
+            .unwrap_or_else(|e| panic!("{name} must be accepted: {e}"));
+    }
+    ns.delete().await.unwrap();
+}
+
+#[tokio::test]
 async fn invalid_specs_are_rejected_naming_the_field() {
     let Some(client) = cluster("invalid_specs_are_rejected_naming_the_field").await else {
         return;
@@ -133,6 +166,18 @@ async fn invalid_specs_are_rejected_naming_the_field() {
             }),
             "spec.tls",
             "tls.mode: broker needs tls.secretName or tls.issuerRef",
+        ),
+        (
+            "internet-facing Service without authentication",
+            json!({ "service": { "type": "LoadBalancer" } }),
+            "spec",
+            "configure auth.usersSecret or auth.http, or set auth.allowAnonymous: true on purpose",
+        ),
+        (
+            "NodePort Service with anonymous access explicitly off but no source",
+            json!({ "service": { "type": "NodePort" }, "auth": { "allowAnonymous": false } }),
+            "spec",
+            "service.type LoadBalancer or NodePort exposes the brokers",
         ),
         (
             "unknown TLS mode",

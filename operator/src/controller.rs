@@ -270,6 +270,22 @@ async fn apply_and_act(
         )
         .await;
     }
+    let token_material: [u8; 32] = rand::random();
+    if apply::create_secret_once(
+        &ctx.client,
+        ns,
+        &secret::admin_token(cluster, names, &token_material),
+    )
+    .await?
+    {
+        ctx.event(
+            cluster,
+            EventType::Normal,
+            "AdminTokenCreated",
+            names.admin_token_secret(),
+        )
+        .await;
+    }
     let client_service = apply::apply_all(&ctx.client, names, desired).await?;
     for gone in apply::prune(&ctx.client, names, desired).await? {
         ctx.event(

@@ -118,10 +118,15 @@ pub trait BrokerAdmin: Send + Sync {
 
 /// Admin calls through the API server's pod proxy
 /// (`/api/v1/namespaces/NS/pods/POD:18083/proxy/...`; needs `pods/proxy` get and create).
+/// Each call carries the cluster's admin token in [`ADMIN_TOKEN_HEADER`]: the API server strips
+/// `Authorization` before proxying.
 #[derive(Clone)]
 pub struct ApiServerProxy {
     client: kube::Client,
 }
+
+/// The header the broker accepts its admin token in when `Authorization` cannot carry it.
+pub const ADMIN_TOKEN_HEADER: &str = "x-corvid-admin-token";
 
 impl ApiServerProxy {
     /// Uses `client` for every call.
@@ -129,23 +134,45 @@ impl ApiServerProxy {
         ApiServerProxy { client }
     }
 
+    /// The admin token of the cluster `pod` belongs to, read from its generated Secret (read on
+    /// each call, so a rotated token applies at once); `None` while the Secret does not exist.
+    async fn token(&self, namespace: &str, pod: &str) -> Option<String> {
+        use k8s_openapi::api::core::v1::Secret;
+        let names = crate::build::Names::of_pod(namespace, pod)?;
+        let api: kube::Api<Secret> = kube::Api::namespaced(self.client.clone(), namespace);
+        let secret = match api.get_opt(&names.admin_token_secret()).await {
+            Ok(s) => s?,
+            Err(e) => {
+                tracing::warn!(%pod, error = %e, "cannot read the admin token Secret");
+                return None;
+            }
+        };
+        let bytes = secret
+            .data?
+            .remove(crate::build::config::ADMIN_TOKEN_KEY)?
+            .0;
+        String::from_utf8(bytes).ok().map(|t| t.trim().to_string())
+    }
+
     fn request(
         method: http::Method,
         namespace: &str,
         pod: &str,
         path: &str,
-        body: Vec<u8>,
+        token: Option<&str>,
     ) -> Result<http::Request<Vec<u8>>, PodTalkError> {
         let uri = format!("/api/v1/namespaces/{namespace}/pods/{pod}:{ADMIN_PORT}/proxy{path}");
-        http::Request::builder()
+        let mut req = http::Request::builder()
             .method(method)
             .uri(uri)
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(body)
-            .map_err(|e| PodTalkError::Request {
-                pod: pod.to_string(),
-                message: e.to_string(),
-            })
+            .header(http::header::CONTENT_TYPE, "application/json");
+        if let Some(t) = token {
+            req = req.header(ADMIN_TOKEN_HEADER, t);
+        }
+        req.body(Vec::new()).map_err(|e| PodTalkError::Request {
+            pod: pod.to_string(),
+            message: e.to_string(),
+        })
     }
 }
 
@@ -160,7 +187,8 @@ impl ApiServerProxy {
         rate: i32,
     ) -> Result<(), PodTalkError> {
         let path = format!("/api/v1/{action}?rate={}", rate.max(1));
-        let req = Self::request(http::Method::POST, namespace, pod, &path, Vec::new())?;
+        let token = self.token(namespace, pod).await;
+        let req = Self::request(http::Method::POST, namespace, pod, &path, token.as_deref())?;
         self.client
             .request_text(req)
             .await
@@ -197,12 +225,13 @@ impl BrokerAdmin for ApiServerProxy {
         pod: &'a str,
     ) -> BoxFuture<'a, Result<EvacuationReport, PodTalkError>> {
         Box::pin(async move {
+            let token = self.token(namespace, pod).await;
             let req = Self::request(
                 http::Method::GET,
                 namespace,
                 pod,
                 "/api/v1/evacuate",
-                Vec::new(),
+                token.as_deref(),
             )?;
             self.client
                 .request(req)
@@ -220,12 +249,13 @@ impl BrokerAdmin for ApiServerProxy {
         pod: &'a str,
     ) -> BoxFuture<'a, Result<ClusterView, PodTalkError>> {
         Box::pin(async move {
+            let token = self.token(namespace, pod).await;
             let req = Self::request(
                 http::Method::GET,
                 namespace,
                 pod,
                 "/api/v1/cluster",
-                Vec::new(),
+                token.as_deref(),
             )?;
             self.client
                 .request(req)
@@ -262,9 +292,14 @@ mod tests {
             "mqtt",
             "demo-2",
             "/api/v1/evacuate",
-            Vec::new(),
+            Some("t0ken"),
         )
         .expect("request");
+        assert_eq!(
+            req.headers().get(ADMIN_TOKEN_HEADER).map(|v| v.as_bytes()),
+            Some(&b"t0ken"[..]),
+            "the token travels in the header the pod proxy forwards"
+        );
         assert_eq!(
             req.uri().path(),
             "/api/v1/namespaces/mqtt/pods/demo-2:18083/proxy/api/v1/evacuate"
@@ -275,7 +310,7 @@ mod tests {
             "mqtt",
             "demo-0",
             "/api/v1/rebalance?rate=100",
-            Vec::new(),
+            None,
         )
         .expect("request");
         assert_eq!(

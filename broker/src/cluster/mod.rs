@@ -956,6 +956,14 @@ impl Cluster {
             .collect()
     }
 
+    /// Whether `addr` is the MQTT address a live member gossips (an allowed Server Reference).
+    pub fn is_member_mqtt_addr(&self, addr: &str) -> bool {
+        self.loads
+            .lock()
+            .values()
+            .any(|l| l.mqtt.as_deref() == Some(addr))
+    }
+
     /// The MQTT address `node` gossips, for the Server Reference of a moved client.
     fn mqtt_addr_of(&self, node: &str) -> Option<String> {
         self.loads.lock().get(node)?.mqtt.clone()

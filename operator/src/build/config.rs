@@ -20,6 +20,10 @@ pub const TLS_DIR: &str = "/etc/corvid/tls";
 pub const CLUSTER_SECRET_DIR: &str = "/etc/corvid/cluster";
 /// Key of the cluster Secret (and file name under CLUSTER_SECRET_DIR).
 pub const CLUSTER_SECRET_KEY: &str = "secret";
+/// Where the admin token Secret is mounted (`corvid-broker ctl` looks there by default).
+pub const ADMIN_TOKEN_DIR: &str = "/etc/corvid/admin";
+/// Key of the admin token Secret (and file name under ADMIN_TOKEN_DIR).
+pub const ADMIN_TOKEN_KEY: &str = "token";
 /// Where the users Secret is mounted.
 pub const AUTH_DIR: &str = "/etc/corvid/auth";
 /// Where bridge Secrets (passwords, CA and client certificates) are projected, one folder per bridge.
@@ -98,7 +102,10 @@ pub fn base(cluster: &MqttCluster, names: &Names) -> Value {
             "key_file": format!("{TLS_DIR}/tls.key"),
             "ca_file": null,
         },
-        "admin": { "bind": format!("0.0.0.0:{ADMIN_PORT}"), "token_file": null },
+        "admin": {
+            "bind": format!("0.0.0.0:{ADMIN_PORT}"),
+            "token_file": format!("{ADMIN_TOKEN_DIR}/{ADMIN_TOKEN_KEY}"),
+        },
         "mqtt": {
             "max_packet_size": spec.limits.max_packet_size,
             "receive_maximum": 32,
@@ -121,7 +128,7 @@ pub fn base(cluster: &MqttCluster, names: &Names) -> Value {
             "max_subscriptions": spec.limits.max_subscriptions,
         },
         "auth": {
-            "allow_anonymous": auth.allow_anonymous,
+            "allow_anonymous": auth.anonymous_allowed(),
             "users_file": auth.users_secret.as_ref().map(|_| format!("{AUTH_DIR}/users")),
             "client_ids": auth.client_ids,
             "http": auth.http.as_ref().map(|h| json!({ "url": h.url, "timeout_ms": h.timeout_ms })),

@@ -59,6 +59,21 @@ impl Names {
     pub fn cluster_secret(&self) -> String {
         format!("{}-cluster-secret", self.cluster)
     }
+    /// Secret holding the token of the brokers' admin API (mounted in every pod, sent by the
+    /// operator on each admin call).
+    pub fn admin_token_secret(&self) -> String {
+        format!("{}-admin-token", self.cluster)
+    }
+    /// The Names of the cluster a broker pod belongs to, from the pod's name
+    /// (`<statefulset>-<ordinal>`, the StatefulSet named after the cluster).
+    pub fn of_pod(namespace: &str, pod: &str) -> Option<Self> {
+        let (cluster, ordinal) = pod.rsplit_once('-')?;
+        (!cluster.is_empty() && !ordinal.is_empty() && ordinal.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| Names {
+                cluster: cluster.to_string(),
+                namespace: namespace.to_string(),
+            })
+    }
     /// ServiceAccount, Role and RoleBinding of the broker pods.
     pub fn service_account(&self) -> String {
         format!("{}-broker", self.cluster)

@@ -20,8 +20,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::config::{
-    broker_serves, Rendered, AUTH_DIR, BRIDGES_DIR, CLUSTER_SECRET_DIR, CLUSTER_SECRET_KEY,
-    CONFIG_KEY, CONFIG_PATH, DATA_DIR, TLS_DIR,
+    broker_serves, Rendered, ADMIN_TOKEN_DIR, ADMIN_TOKEN_KEY, AUTH_DIR, BRIDGES_DIR,
+    CLUSTER_SECRET_DIR, CLUSTER_SECRET_KEY, CONFIG_KEY, CONFIG_PATH, DATA_DIR, TLS_DIR,
 };
 use super::names::{owned_meta, Names, CONFIG_HASH_ANNOTATION, VERSION_LABEL};
 
@@ -294,6 +294,7 @@ fn mounts(cluster: &MqttCluster) -> Vec<VolumeMount> {
             ..mount("config", CONFIG_PATH)
         },
         mount("cluster-secret", CLUSTER_SECRET_DIR),
+        mount("admin-token", ADMIN_TOKEN_DIR),
         VolumeMount {
             read_only: Some(false),
             ..mount("tmp", "/tmp")
@@ -368,6 +369,19 @@ fn volumes(cluster: &MqttCluster, names: &Names) -> Vec<Volume> {
                 items: Some(vec![KeyToPath {
                     key: CLUSTER_SECRET_KEY.to_string(),
                     path: CLUSTER_SECRET_KEY.to_string(),
+                    ..KeyToPath::default()
+                }]),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: "admin-token".to_string(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(names.admin_token_secret()),
+                items: Some(vec![KeyToPath {
+                    key: ADMIN_TOKEN_KEY.to_string(),
+                    path: ADMIN_TOKEN_KEY.to_string(),
                     ..KeyToPath::default()
                 }]),
                 ..SecretVolumeSource::default()

@@ -427,3 +427,48 @@ fn bridge_secrets_are_projected_per_bridge() {
         .flatten()
         .all(|v| v.name != "bridges"));
 }
+
+#[test]
+fn the_admin_token_secret_is_mounted_where_the_config_and_ctl_look() {
+    use crate::build::config::{ADMIN_TOKEN_DIR, ADMIN_TOKEN_KEY};
+    let (c, d) = build(json!({}));
+    let names = crate::build::Names::of(&c);
+    let volume = pod(&d.statefulset)
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "admin-token")
+        .expect("admin-token volume");
+    let secret = volume.secret.as_ref().expect("from a Secret");
+    assert_eq!(
+        secret.secret_name.as_deref(),
+        Some(names.admin_token_secret().as_str())
+    );
+    let mount = broker(&d.statefulset)
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == "admin-token")
+        .expect("admin-token mount");
+    assert_eq!(mount.mount_path, ADMIN_TOKEN_DIR);
+    assert_eq!(mount.read_only, Some(true));
+    let config: serde_json::Value =
+        serde_yaml::from_str(&d.config_map.data.as_ref().expect("data")["corvid.yaml"])
+            .expect("config yaml");
+    assert_eq!(
+        config["admin"]["token_file"],
+        json!(format!("{ADMIN_TOKEN_DIR}/{ADMIN_TOKEN_KEY}"))
+    );
+}
+
+#[test]
+fn a_pod_name_leads_back_to_its_cluster() {
+    let n = crate::build::Names::of_pod("mqtt", "demo-2").expect("pod of demo");
+    assert_eq!((n.cluster.as_str(), n.namespace.as_str()), ("demo", "mqtt"));
+    assert_eq!(n.admin_token_secret(), "demo-admin-token");
+    let n = crate::build::Names::of_pod("mqtt", "my-iot-10").expect("dashes in the name");
+    assert_eq!(n.cluster, "my-iot");
+    assert!(crate::build::Names::of_pod("mqtt", "demo").is_none());
+    assert!(crate::build::Names::of_pod("mqtt", "demo-x").is_none());
+    assert!(crate::build::Names::of_pod("mqtt", "-1").is_none());
+}
