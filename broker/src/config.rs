@@ -1546,6 +1546,17 @@ impl Config {
             ),
             None => ("defaults".to_string(), String::new()),
         };
+        Self::from_text(&origin, &text, env, overrides)
+    }
+
+    /// Like [`Config::load`] for a file's text already in memory; `origin` names it in errors.
+    pub fn from_text(
+        origin: &str,
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &Overrides,
+    ) -> Result<Self, ConfigError> {
+        let origin = origin.to_string();
         // Defaults first, the file merged on top: a partial section (one listener's `bind`)
         // keeps the defaults of that section's other fields.
         let mut value =

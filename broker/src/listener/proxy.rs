@@ -25,18 +25,7 @@ pub async fn read_header(stream: &mut TcpStream) -> io::Result<Option<SocketAddr
                 "closed before PROXY header",
             ));
         }
-        let (len, addr) = {
-            let parsed = HeaderResult::parse(&peek[..n]);
-            if parsed.is_incomplete() {
-                if n >= MAX_HEADER {
-                    return Err(invalid("PROXY header too long"));
-                }
-                None
-            } else {
-                Some(header_info(parsed)?)
-            }
-        }
-        .map_or((0, None), |(l, a)| (l, Some(a)));
+        let (len, addr) = parse_header(&peek[..n])?.map_or((0, None), |(l, a)| (l, Some(a)));
         if len == 0 {
             // Partial header: peek returns at once while bytes are buffered, so wait a little
             // for the rest (the caller bounds the whole read with a timeout).
@@ -47,6 +36,19 @@ pub async fn read_header(stream: &mut TcpStream) -> io::Result<Option<SocketAddr
         stream.read_exact(&mut consume).await?;
         return Ok(addr.flatten());
     }
+}
+
+/// Parses a PROXY header at the start of `buf`: `Ok(None)` while it is incomplete, else its
+/// length and the source address it names. Pure, so it can be fuzzed without a socket.
+pub fn parse_header(buf: &[u8]) -> io::Result<Option<(usize, Option<SocketAddr>)>> {
+    let parsed = HeaderResult::parse(buf);
+    if parsed.is_incomplete() {
+        if buf.len() >= MAX_HEADER {
+            return Err(invalid("PROXY header too long"));
+        }
+        return Ok(None);
+    }
+    header_info(parsed).map(Some)
 }
 
 fn header_info(parsed: HeaderResult<'_>) -> io::Result<(usize, Option<SocketAddr>)> {
