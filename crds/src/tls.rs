@@ -99,6 +99,12 @@ pub struct LoadBalancerTls {
     /// broker sees real client addresses. Both sides are switched together.
     #[serde(default)]
     pub proxy_protocol: bool,
+    /// Source ranges (CIDRs) the PROXY header is believed from: the load balancer's addresses,
+    /// e.g. the VPC's CIDR for an AWS NLB. Empty: any sender, so any pod that reaches the broker
+    /// directly could forge the client address ACL `ipCidr` rules and the HTTP backend see.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub proxy_trusted_ranges: Vec<String>,
 }
 
 /// Cloud load-balancer preset.

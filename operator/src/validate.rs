@@ -54,9 +54,36 @@ pub fn validate(cluster: &MqttCluster) -> Result<Validated, InvalidSpec> {
             Some(lb) if lb.provider == LoadBalancerProvider::Aws && lb.certificate.is_none() => {
                 return invalid("tls.loadBalancer.certificate is required for provider aws");
             }
+            Some(lb) if lb.proxy_trusted_ranges.iter().any(|r| !is_cidr(r)) => {
+                let bad = lb
+                    .proxy_trusted_ranges
+                    .iter()
+                    .find(|r| !is_cidr(r))
+                    .cloned()
+                    .unwrap_or_default();
+                return Err(InvalidSpec(format!(
+                    "tls.loadBalancer.proxyTrustedRanges: {bad:?} is not an address or CIDR \
+                     (e.g. 10.0.0.0/16)"
+                )));
+            }
             Some(_) => {}
         },
         _ => {}
+    }
+    let exposed = matches!(
+        spec.service.type_,
+        corvid_crds::ServiceType::LoadBalancer | corvid_crds::ServiceType::NodePort
+    );
+    let auth = &spec.auth;
+    if exposed
+        && auth.users_secret.is_none()
+        && auth.http.is_none()
+        && auth.allow_anonymous != Some(true)
+    {
+        return invalid(
+            "service.type LoadBalancer or NodePort exposes the brokers beyond the cluster: \
+             configure auth.usersSecret or auth.http, or set auth.allowAnonymous: true on purpose",
+        );
     }
     if !ListenerKind::ALL
         .iter()
@@ -84,6 +111,19 @@ pub fn validate(cluster: &MqttCluster) -> Result<Validated, InvalidSpec> {
     Ok(Validated { config_overrides })
 }
 
+/// Whether `s` is an IP address or an address with a prefix length (`10.0.0.0/16`, `::1/128`).
+fn is_cidr(s: &str) -> bool {
+    let (ip, prefix) = s.split_once('/').unwrap_or((s, ""));
+    match ip.parse::<std::net::IpAddr>() {
+        Ok(_) if prefix.is_empty() => true,
+        Ok(addr) => {
+            let max = if addr.is_ipv4() { 32 } else { 128 };
+            prefix.parse::<u8>().is_ok_and(|p| p <= max)
+        }
+        Err(_) => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -101,6 +141,50 @@ mod tests {
     #[test]
     fn default_spec_is_valid() {
         assert!(validate(&cluster(json!({}))).is_ok());
+    }
+
+    #[test]
+    fn exposed_clusters_need_authentication_or_explicit_anonymous_access() {
+        let message = error(json!({"service": {"type": "LoadBalancer"}}));
+        assert!(message.contains("auth.allowAnonymous: true"), "{message}");
+        assert!(
+            error(json!({"service": {"type": "NodePort"}, "auth": {"allowAnonymous": false}}))
+                .contains("auth.usersSecret")
+        );
+        for auth in [
+            json!({"allowAnonymous": true}),
+            json!({"usersSecret": {"name": "u"}}),
+            json!({"http": {"url": "http://auth"}}),
+        ] {
+            assert_eq!(
+                error(json!({"service": {"type": "LoadBalancer"}, "auth": auth})),
+                ""
+            );
+        }
+    }
+
+    #[test]
+    fn proxy_trusted_ranges_must_be_addresses_or_cidrs() {
+        let spec = |ranges: serde_json::Value| {
+            json!({
+                "service": {"type": "LoadBalancer"}, "auth": {"allowAnonymous": true},
+                "listeners": {"mqtts": {"enabled": true, "port": 8883}},
+                "tls": {"mode": "loadBalancer", "loadBalancer": {"provider": "raw",
+                        "annotations": {"a": "b"}, "proxyProtocol": true,
+                        "proxyTrustedRanges": ranges}},
+            })
+        };
+        assert_eq!(
+            error(spec(json!(["10.0.0.0/16", "192.0.2.7", "2001:db8::/32"]))),
+            ""
+        );
+        for bad in ["10.0.0.0/33", "vpc", "10.0.0/8", "::/129"] {
+            let message = error(spec(json!([bad])));
+            assert!(
+                message.starts_with("tls.loadBalancer.proxyTrustedRanges") && message.contains(bad),
+                "{bad}: {message}"
+            );
+        }
     }
 
     #[test]

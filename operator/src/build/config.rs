@@ -72,15 +72,28 @@ pub fn proxy_protocol(cluster: &MqttCluster) -> bool {
             .is_some_and(|lb| lb.proxy_protocol)
 }
 
+/// The source ranges listeners believe PROXY headers from (`listeners.*.proxy_trusted`).
+pub fn proxy_trusted(cluster: &MqttCluster) -> Vec<String> {
+    let lb = cluster.spec.tls.load_balancer.as_ref();
+    lb.map(|lb| lb.proxy_trusted_ranges.clone())
+        .unwrap_or_default()
+}
+
 /// The configuration rendered from the spec, before `spec.config` is merged.
 pub fn base(cluster: &MqttCluster, names: &Names) -> Value {
     let spec = &cluster.spec;
     let proxy = proxy_protocol(cluster);
+    let trusted = if proxy {
+        proxy_trusted(cluster)
+    } else {
+        Vec::new()
+    };
     let listener = |kind: ListenerKind| {
         let mut l = json!({
             "enabled": broker_serves(cluster, kind),
             "bind": format!("0.0.0.0:{}", spec.listeners.get(kind).port),
             "proxy_protocol": proxy,
+            "proxy_trusted": trusted,
         });
         if kind.is_websocket() {
             l["path"] = json!("/mqtt");

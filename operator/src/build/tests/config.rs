@@ -20,7 +20,7 @@ fn default_spec_renders_the_contract_shape() {
     let (v, _) = rendered(json!({}));
     assert_eq!(
         v["listeners"]["mqtt"],
-        json!({"enabled": true, "bind": "0.0.0.0:1883", "proxy_protocol": false})
+        json!({"enabled": true, "bind": "0.0.0.0:1883", "proxy_protocol": false, "proxy_trusted": []})
     );
     assert_eq!(v["listeners"]["ws"]["path"], json!("/mqtt"));
     assert_eq!(v["listeners"]["mqtts"]["enabled"], json!(false));
@@ -149,12 +149,19 @@ fn tls_modes_decide_what_the_broker_listens_on() {
     // exposed) and expects PROXY headers when asked.
     let (lb, _) = rendered(json!({
         "service": {"type": "LoadBalancer"},
+        "auth": {"allowAnonymous": true},
         "listeners": {"mqtt": {"enabled": false, "port": 1883}, "mqtts": {"enabled": true, "port": 8883}},
-        "tls": {"mode": "loadBalancer", "loadBalancer": {"provider": "aws", "certificate": "arn:x", "proxyProtocol": true}},
+        "tls": {"mode": "loadBalancer", "loadBalancer": {"provider": "aws", "certificate": "arn:x", "proxyProtocol": true,
+                "proxyTrustedRanges": ["10.0.0.0/16"]}},
     }));
     assert_eq!(lb["listeners"]["mqtts"]["enabled"], json!(false));
     assert_eq!(lb["listeners"]["mqtt"]["enabled"], json!(true));
     assert_eq!(lb["listeners"]["mqtt"]["proxy_protocol"], json!(true));
+    assert_eq!(
+        lb["listeners"]["mqtt"]["proxy_trusted"],
+        json!(["10.0.0.0/16"]),
+        "PROXY headers are believed only from the load balancer's ranges"
+    );
 }
 
 #[test]

@@ -63,7 +63,7 @@ fn client_service_exposes_enabled_listeners_only_and_owns_few_fields() {
 
 #[test]
 fn client_service_options_are_copied() {
-    let (_, d) = build(json!({"service": {
+    let (_, d) = build(json!({"auth": {"allowAnonymous": true}, "service": {
         "type": "LoadBalancer", "annotations": {"a": "1"}, "labels": {"team": "iot"},
         "loadBalancerClass": "service.k8s.aws/nlb", "loadBalancerSourceRanges": ["10.0.0.0/8"],
         "externalTrafficPolicy": "Local",
@@ -91,6 +91,7 @@ fn client_service_options_are_copied() {
 fn lb(provider: &str, proxy: bool) -> serde_json::Value {
     json!({
         "service": {"type": "LoadBalancer"},
+        "auth": {"allowAnonymous": true},
         "listeners": {"mqtts": {"enabled": true, "port": 8883}, "wss": {"enabled": true, "port": 8084}},
         "tls": {"mode": "loadBalancer", "loadBalancer": {"provider": provider, "certificate": "arn:aws:acm:cert", "proxyProtocol": proxy, "annotations": {"extra": "x"}}},
     })
