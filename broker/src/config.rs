@@ -582,7 +582,7 @@ impl EventStoreConfig {
 pub struct SysConfig {
     /// Publish `$SYS` topics.
     pub enabled: bool,
-    /// Seconds between periodic `$SYS` publications.
+    /// Seconds between periodic `$SYS` publications (retained; the first goes out at start).
     pub interval: u64,
 }
 
@@ -590,7 +590,7 @@ impl Default for SysConfig {
     fn default() -> Self {
         Self {
             enabled: true,
-            interval: 30,
+            interval: 10,
         }
     }
 }
