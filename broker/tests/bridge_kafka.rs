@@ -255,6 +255,7 @@ async fn kafka_dying_while_idle_shows_down_within_seconds_and_recovers() {
     })
     .await;
     let took = stopped.elapsed();
+    eprintln!("Kafka stopped while idle: bridge down after {took:?}");
     assert!(
         took < Duration::from_secs(8),
         "down after {took:?} (HEALTH_EVERY {:?})",
