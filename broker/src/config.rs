@@ -352,6 +352,7 @@ impl Default for StoreRetryConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct PostgresStoreConfig {
     /// `postgres://user@host:port/dbname?...`; when set, overrides host/port/dbname/user.
+    /// A password in it is refused: use `password_file`.
     pub url: Option<String>,
     /// Server host name or address.
     pub host: String,
@@ -400,7 +401,7 @@ impl Default for PostgresStoreConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisStoreConfig {
-    /// `redis://host:port/db` (a password in the URL works, `password_file` is preferred).
+    /// `redis://host:port/db`; a password in it is refused: use `password_file`.
     pub url: String,
     /// ACL user name (Redis 6+); unset = the default user.
     pub username: Option<String>,
@@ -510,8 +511,19 @@ impl EventStoreConfig {
                         "must start with postgres:// or postgresql://".into(),
                     ));
                 }
-                if let Err(e) = url.parse::<tokio_postgres::Config>() {
-                    return Err(invalid("event_store.postgres.url".into(), e.to_string()));
+                match url.parse::<tokio_postgres::Config>() {
+                    Err(e) => {
+                        return Err(invalid("event_store.postgres.url".into(), e.to_string()))
+                    }
+                    // A password in the URL ends up in ConfigMaps, logs and `ps`; the CRD's
+                    // CEL refuses it too.
+                    Ok(c) if c.get_password().is_some() => {
+                        return Err(invalid(
+                            "event_store.postgres.url".into(),
+                            "must not hold a password: put it in password_file".into(),
+                        ))
+                    }
+                    Ok(_) => {}
                 }
             } else if p.host.is_empty() {
                 return Err(invalid(
@@ -556,8 +568,16 @@ impl EventStoreConfig {
                     "must start with redis://".into(),
                 ));
             }
-            if let Err(e) = redis::IntoConnectionInfo::into_connection_info(r.url.as_str()) {
-                return Err(invalid("event_store.redis.url".into(), e.to_string()));
+            match redis::IntoConnectionInfo::into_connection_info(r.url.as_str()) {
+                Err(e) => return Err(invalid("event_store.redis.url".into(), e.to_string())),
+                // As for PostgreSQL (and the CRD's CEL): no secrets in the URL.
+                Ok(c) if c.redis_settings().password().is_some() => {
+                    return Err(invalid(
+                        "event_store.redis.url".into(),
+                        "must not hold a password: put it in password_file".into(),
+                    ))
+                }
+                Ok(_) => {}
             }
             if r.key_prefix.chars().any(|c| c.is_whitespace()) {
                 return Err(invalid(
@@ -582,7 +602,7 @@ impl EventStoreConfig {
 pub struct SysConfig {
     /// Publish `$SYS` topics.
     pub enabled: bool,
-    /// Seconds between periodic `$SYS` publications.
+    /// Seconds between periodic `$SYS` publications (retained; the first goes out at start).
     pub interval: u64,
 }
 
@@ -590,7 +610,7 @@ impl Default for SysConfig {
     fn default() -> Self {
         Self {
             enabled: true,
-            interval: 30,
+            interval: 10,
         }
     }
 }
@@ -1989,6 +2009,39 @@ persistence: { data_dir: /var/lib/corvid }
         )
         .expect_err("event");
         assert!(err.to_string().contains("webhooks[0].events"), "{err}");
+    }
+
+    #[test]
+    fn event_store_passwords_in_urls_are_refused() {
+        for (yaml, field) in [
+            (
+                "event_store: { postgres: { url: \"postgres://corvid:hunter2@db:5432/corvid\" } }\n",
+                "event_store.postgres.url",
+            ),
+            (
+                "event_store: { postgres: { url: \"postgresql://corvid@db/corvid?password=hunter2\" } }\n",
+                "event_store.postgres.url",
+            ),
+            (
+                "event_store: { redis: { url: \"redis://:hunter2@cache:6379/0\" } }\n",
+                "event_store.redis.url",
+            ),
+            (
+                "event_store: { redis: { url: \"redis://app:hunter2@cache:6379/0\" } }\n",
+                "event_store.redis.url",
+            ),
+        ] {
+            let err = load_str(yaml, vec![]).expect_err(yaml);
+            let text = err.to_string();
+            assert!(text.contains(field) && text.contains("password_file"), "{yaml}: {text}");
+            assert!(!text.contains("hunter2"), "the error repeats the secret: {text}");
+        }
+        // A user name alone is fine.
+        load_str(
+            "event_store: { postgres: { url: \"postgres://corvid@db/corvid\" }, redis: { url: \"redis://app@cache:6379/0\" } }\n",
+            vec![],
+        )
+        .expect("no password, accepted");
     }
 
     #[test]

@@ -1,8 +1,11 @@
 //! `$SYS` topics: the broker's own state published as MQTT messages, for dashboards that
 //! speak only MQTT. A periodic task publishes the node list, version, uptime, counts and
 //! message counters; connection tasks publish `clients/{id}/connected` and `/disconnected` as
-//! they happen. Nothing is retained (as in EMQX): `$SYS` never fills the retained store or
-//! changes its counts, and a new subscriber sees the next round within `sys.interval`.
+//! they happen. As in mosquitto, the periodic topics are retained and the first round goes out
+//! as the broker starts: a dashboard (or `mosquitto_sub -t '$SYS/#'`) subscribing at any time
+//! sees the current figures at once, then a fresh round every `sys.interval`. They are a
+//! handful of small messages per node, overwritten in place, so the retained store cannot grow
+//! from them. The client events are not retained: they are moments, not state.
 //!
 //! Who may subscribe is the ACL's business: `acl.rules` can allow `$SYS/#` to a dashboard user
 //! and a `deny` policy keeps everyone else out. The topics that name other clients
@@ -51,7 +54,8 @@ fn publish(broker: &Broker, topic: String, payload: String, retain: bool) {
     broker.publish(msg);
 }
 
-/// Starts the periodic publisher when `sys.enabled`; it stops at shutdown.
+/// Starts the periodic publisher when `sys.enabled`: one round at once (the interval's first
+/// tick is immediate), then one every `sys.interval`; it stops at shutdown.
 pub fn start(broker: Arc<Broker>) {
     if !broker.config.sys.enabled {
         return;
@@ -68,7 +72,7 @@ pub fn start(broker: Arc<Broker>) {
     });
 }
 
-/// Publishes the periodic topics once.
+/// Publishes the periodic topics once, retained (see the module comment).
 pub fn publish_stats(b: &Broker) {
     b.refresh_gauges();
     let m = &b.metrics;
@@ -93,7 +97,7 @@ pub fn publish_stats(b: &Broker) {
             .join(","),
         None => b.node.clone(),
     };
-    publish(b, "$SYS/brokers".into(), nodes, false);
+    publish(b, "$SYS/brokers".into(), nodes, true);
     let items: Vec<(&str, String)> = vec![
         ("version", env!("CARGO_PKG_VERSION").to_string()),
         ("uptime", b.started.elapsed().as_secs().to_string()),
@@ -116,7 +120,7 @@ pub fn publish_stats(b: &Broker) {
         ("metrics/bytes/sent", m.bytes_sent.get().to_string()),
     ];
     for (k, v) in items {
-        publish(b, format!("{base}/{k}"), v, false);
+        publish(b, format!("{base}/{k}"), v, true);
     }
 }
 

@@ -336,6 +336,70 @@ async fn sys_topics() {
     );
 }
 
+/// `$SYS` as mosquitto users expect: the first round goes out as the broker starts and is
+/// retained, so a subscriber arriving later (with no round due for an hour) gets the figures
+/// at once; the client events are moments and are not retained.
+#[tokio::test]
+async fn sys_topics_retained_from_start() {
+    assert_eq!(corvid_broker::config::SysConfig::default().interval, 10);
+    let mut c = config();
+    c.sys.enabled = true;
+    c.sys.interval = 3600;
+    c.acl.rules = vec![AclRule {
+        permission: Permission::Allow,
+        who: AclWho::One(AclWhoOne {
+            client_id: Some("dash".into()),
+            ..Default::default()
+        }),
+        action: AclAction::Subscribe,
+        topics: vec!["$SYS/#".into()],
+    }];
+    let r = start(c).await;
+    let a = mqtt(&r);
+    // A client comes and goes before the dashboard looks: its events are not kept for it.
+    let early = v3::connect(a, "early", None).await.expect("early");
+    early.client.disconnect().await.expect("disconnect");
+    let started = Instant::now();
+    let mut dash = v5::connect(a, "dash", None).await.expect("dash");
+    dash.subscribe("$SYS/#", v5::QoS::AtMostOnce).await;
+    let want = [
+        "$SYS/brokers",
+        "$SYS/brokers/n1/version",
+        "$SYS/brokers/n1/uptime",
+        "$SYS/brokers/n1/datetime",
+        "$SYS/brokers/n1/stats/connections/count",
+        "$SYS/brokers/n1/stats/retained/count",
+        "$SYS/brokers/n1/metrics/messages/received",
+    ];
+    let mut seen = std::collections::HashMap::new();
+    let deadline = Duration::from_secs(3);
+    while !want.iter().all(|w| seen.contains_key(*w)) {
+        let left = deadline.saturating_sub(started.elapsed());
+        let p = tokio::time::timeout(
+            left,
+            dash.next("retained $SYS", |p| match p {
+                v5::Packet::Publish(p) => Some(p),
+                _ => None,
+            }),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("$SYS after {:?}, seen {:?}", started.elapsed(), seen.keys()));
+        let topic = String::from_utf8_lossy(&p.topic).into_owned();
+        assert!(p.retain, "{topic} delivered without the retain flag");
+        assert!(
+            !topic.contains("/clients/"),
+            "client event retained: {topic}"
+        );
+        seen.insert(topic, String::from_utf8_lossy(&p.payload).into_owned());
+    }
+    assert_eq!(seen["$SYS/brokers"], "n1");
+    assert_eq!(seen["$SYS/brokers/n1/version"], env!("CARGO_PKG_VERSION"));
+    // Nothing else is held for the subscriber: no retained client event trails the round.
+    if let Some(t) = dash.quiet_for(Duration::from_millis(500)).await {
+        assert!(!t.contains("/clients/"), "client event retained: {t}");
+    }
+}
+
 async fn api(
     r: &corvid_broker::server::Running,
     method: reqwest::Method,

@@ -219,3 +219,76 @@ async fn kafka_down_at_start_then_up_missing_topic_and_going_away() {
     assert_serving(common::mqtt(&running), &mut bystander).await;
     common::stop(running).await;
 }
+
+/// A Kafka that dies while nothing is published shows as down within seconds (the idle
+/// health check), with an error that says the port refused; messages published meanwhile
+/// count in `buffered` until a restarted Kafka (same data) takes them; the error stays with
+/// its time, older than the recovery.
+#[tokio::test]
+async fn kafka_dying_while_idle_shows_down_within_seconds_and_recovers() {
+    let port = free_port();
+    let Some(mut kafka) = Service::start("kafka", port).await else {
+        return;
+    };
+    let client = kafka_client(port).await;
+    client
+        .controller_client()
+        .expect("controller")
+        .create_topic(TOPIC, 1, 1, 10_000)
+        .await
+        .expect("create topic");
+    let mut cfg = common::config();
+    cfg.bridges.kafka = vec![kafka_bridge("idle", port, TOPIC)];
+    let running = common::start_with(cfg).await;
+    wait_state(&running, "idle", LinkState::Up).await;
+    let idle = bridge(&running, "idle");
+    let mut dev = v3::client(common::mqtt(&running), "dev-1").await;
+    dev.publish("sensors/dev-1/t", QoS::AtLeastOnce, false, "first")
+        .await;
+    super_wait("1 sent", WAIT, || idle.metrics.sent.get() == 1).await;
+
+    // Kafka dies; nobody publishes. Down within a few seconds, not at the next publish.
+    kafka.stop();
+    let stopped = tokio::time::Instant::now();
+    super_wait("down while idle", Duration::from_secs(10), || {
+        idle.state() == LinkState::Down
+    })
+    .await;
+    let took = stopped.elapsed();
+    eprintln!("Kafka stopped while idle: bridge down after {took:?}");
+    assert!(
+        took < Duration::from_secs(8),
+        "down after {took:?} (HEALTH_EVERY {:?})",
+        corvid_broker::bridge::kafka::HEALTH_EVERY
+    );
+    let st = idle.status();
+    let err = st.last_error.clone().unwrap_or_default();
+    assert!(err.contains("refused"), "says the port refused: {err}");
+    assert!(st.last_error_at.is_some(), "{st:?}");
+    let text = http_get(running.admin, "/metrics").await.1;
+    assert_eq!(sample(&text, "corvid_bridge_up", "idle"), Some(0.0));
+
+    // Published while down: every one counts as buffered, in the status and the gauge.
+    for i in 0..5 {
+        dev.publish("sensors/dev-1/t", QoS::AtLeastOnce, false, &format!("{i}"))
+            .await;
+    }
+    super_wait("5 buffered", WAIT, || idle.status().buffered == 5).await;
+    let text = http_get(running.admin, "/metrics").await.1;
+    assert_eq!(sample(&text, "corvid_bridge_buffered", "idle"), Some(5.0));
+
+    // Kafka comes back with its data (the topic survives the restart): the 5 go out.
+    let Some(_kafka) = Service::start("kafka", port).await else {
+        common::stop(running).await;
+        return;
+    };
+    wait_state(&running, "idle", LinkState::Up).await;
+    super_wait("6 sent", WAIT, || idle.metrics.sent.get() == 6).await;
+    let st = idle.status();
+    assert_eq!(st.buffered, 0, "{st:?}");
+    assert!(
+        st.last_error_at.is_some_and(|at| at <= st.since),
+        "the error is older than the recovery: {st:?}"
+    );
+    common::stop(running).await;
+}

@@ -231,8 +231,14 @@ async fn remote_killed_mid_stream_counts_drops_and_recovers() {
     let text = metrics(&running).await;
     let dropped = sample(&text, "corvid_bridge_dropped_total", "k").expect("dropped metric");
     assert!(dropped >= 1.0, "{text}");
-    assert_eq!(sample(&text, "corvid_bridge_buffered", "k"), Some(10.0));
+    // The gauge counts the buffer and what the worker holds (handed to the client, waiting
+    // for the connection), as the status does.
     let st = k.status();
+    assert!(st.buffered >= 10, "{st:?}");
+    assert_eq!(
+        sample(&text, "corvid_bridge_buffered", "k"),
+        Some(st.buffered as f64)
+    );
     assert_eq!(st.state, LinkState::Down);
     assert!(st.last_error.is_some(), "{st:?}");
     let mut bystander = Bystander::connect(common::mqtt(&running), "bystander").await;
@@ -243,6 +249,48 @@ async fn remote_killed_mid_stream_counts_drops_and_recovers() {
     wait_state(&running, "k", LinkState::Up).await;
     super_wait("buffer drained", WAIT, || k.buffer.is_empty()).await;
     assert!(k.status().connects >= 2);
+    common::stop(running).await;
+}
+
+/// What the worker holds (handed to the MQTT client, written and unacknowledged) counts in
+/// `buffered`: during an outage every waiting QoS 1 message shows, not only those still in the
+/// bridge buffer; after the recovery the error stays, time-stamped before it.
+#[tokio::test]
+async fn everything_waiting_counts_as_buffered_during_an_outage() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(mut remote) = Mosquitto::start(dir.path(), free_port(), "allow_anonymous true").await
+    else {
+        return;
+    };
+    let running = start_with_bridges(vec![bridge_to("held", "127.0.0.1", remote.port)]).await;
+    wait_state(&running, "held", LinkState::Up).await;
+    let held = bridge(&running, "held");
+    remote.kill();
+    wait_state(&running, "held", LinkState::Down).await;
+    let mut local = v3::client(common::mqtt(&running), "local").await;
+    for i in 0..5 {
+        local
+            .publish("sensors/a", QoS::AtLeastOnce, false, &format!("{i}"))
+            .await;
+    }
+    super_wait("5 buffered", WAIT, || held.status().buffered == 5).await;
+    assert_eq!(
+        sample(&metrics(&running).await, "corvid_bridge_buffered", "held"),
+        Some(5.0)
+    );
+    remote.restart().await;
+    wait_state(&running, "held", LinkState::Up).await;
+    super_wait("5 sent", WAIT, || held.metrics.sent.get() == 5).await;
+    super_wait("nothing waiting", WAIT, || held.status().buffered == 0).await;
+    let st = held.status();
+    assert!(
+        st.last_error.is_some() && st.last_error_at.is_some_and(|at| at <= st.since),
+        "{st:?}"
+    );
+    assert_eq!(
+        sample(&metrics(&running).await, "corvid_bridge_buffered", "held"),
+        Some(0.0)
+    );
     common::stop(running).await;
 }
 

@@ -442,7 +442,8 @@ async fn postgres_down_at_start_buffers_then_writes() {
     let r = start(c).await;
     let st = wait_state(&r, "postgres", "down").await;
     let err = st["last_error"].as_str().unwrap_or_default().to_string();
-    assert!(err.contains("connect") || err.contains("refused"), "{st}");
+    // Says what happened, not only "error connecting to server".
+    assert!(err.contains("Connection refused"), "{st}");
     assert_eq!(
         metric(&r, "corvid_eventstore_up", &[r#"sink="postgres""#]).await,
         0.0
@@ -756,6 +757,16 @@ async fn redis_records_online_set_hashes_and_stream() {
         .expect("hash");
     assert_eq!(hb.get("online").map(String::as_str), Some("1"));
     assert_eq!(hb.get("username").map(String::as_str), Some("bob"));
+    // One protocol label everywhere: the level (4 for 3.1.1), in the hash and the stream alike.
+    assert_eq!(hb.get("protocol").map(String::as_str), Some("4"));
+    let connect_b = entries
+        .iter()
+        .find(|e| {
+            e.get("client_id").map(String::as_str) == Some("dev-b")
+                && e.get("event").map(String::as_str) == Some("client.connected")
+        })
+        .expect("dev-b's connect in the stream");
+    assert_eq!(connect_b.get("protocol").map(String::as_str), Some("4"));
     let st = status(&r, "redis").await;
     assert_eq!(st["state"], "up");
     assert!(st["written"].as_u64().unwrap_or(0) >= 7, "{st}");

@@ -5,10 +5,11 @@
 //! Invariants: [`Buffer::push`] takes a short lock and never awaits, so a remote that is down
 //! or slow can only cost memory up to `capacity` entries, never latency on the publish path.
 //! Every entry that enters is, in the end, either taken by the consumer or counted in
-//! [`Buffer::dropped`]. The optional Prometheus gauge/counter mirror `len` and `dropped`.
+//! [`Buffer::dropped`]. The optional Prometheus gauge/counter mirror [`Buffer::pending`] (what
+//! waits here plus what the consumer holds, see [`Buffer::set_held`]) and `dropped`.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -27,7 +28,7 @@ pub enum Pushed {
 /// Metrics a buffer keeps up to date, so callers never poll it.
 #[derive(Debug, Clone)]
 pub struct BufferMetrics {
-    /// Entries waiting now.
+    /// Entries waiting now, including those the consumer holds.
     pub buffered: IntGauge,
     /// Entries dropped because the buffer was full.
     pub dropped: IntCounter,
@@ -40,6 +41,9 @@ pub struct Buffer<T> {
     capacity: usize,
     ready: Notify,
     dropped: AtomicU64,
+    /// Entries the consumer took and has not settled yet (a batch being produced, messages
+    /// written to the remote and not yet acknowledged), as it last reported.
+    held: AtomicUsize,
     metrics: Option<BufferMetrics>,
 }
 
@@ -51,6 +55,7 @@ impl<T> Buffer<T> {
             capacity: capacity.max(1),
             ready: Notify::new(),
             dropped: AtomicU64::new(0),
+            held: AtomicUsize::new(0),
             metrics,
         }
     }
@@ -138,7 +143,25 @@ impl<T> Buffer<T> {
         self.take(max)
     }
 
-    /// Entries waiting now.
+    /// Records how many taken entries the consumer still holds (not yet delivered, dropped or
+    /// requeued), so [`Buffer::pending`] and the gauge count everything not yet settled.
+    pub fn set_held(&self, n: usize) {
+        self.held.store(n, Ordering::Relaxed);
+        self.set_gauge(self.len());
+    }
+
+    /// Entries held by the consumer (see [`Buffer::set_held`]).
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// Everything not yet settled: waiting here plus held by the consumer. This is what
+    /// `buffered` in the status and `corvid_bridge_buffered` report.
+    pub fn pending(&self) -> usize {
+        self.len() + self.held()
+    }
+
+    /// Entries waiting here now (not counting those the consumer holds).
     pub fn len(&self) -> usize {
         self.queue.lock().len()
     }
@@ -171,7 +194,8 @@ impl<T> Buffer<T> {
 
     fn set_gauge(&self, len: usize) {
         if let Some(m) = &self.metrics {
-            m.buffered.set(i64::try_from(len).unwrap_or(i64::MAX));
+            let all = len.saturating_add(self.held.load(Ordering::Relaxed));
+            m.buffered.set(i64::try_from(all).unwrap_or(i64::MAX));
         }
     }
 }
@@ -179,6 +203,29 @@ impl<T> Buffer<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pending_counts_what_the_consumer_holds() {
+        let gauge = IntGauge::new("t_buffered", "t").expect("gauge");
+        let b = Buffer::new(
+            10,
+            Some(BufferMetrics {
+                buffered: gauge.clone(),
+                dropped: IntCounter::new("t_dropped", "t").expect("counter"),
+            }),
+        );
+        for i in 0..5 {
+            b.push(i);
+        }
+        let batch = b.take(3);
+        b.set_held(batch.len());
+        assert_eq!((b.len(), b.held(), b.pending()), (2, 3, 5));
+        assert_eq!(gauge.get(), 5);
+        b.requeue(batch);
+        b.set_held(0);
+        assert_eq!((b.len(), b.pending()), (5, 5));
+        assert_eq!(gauge.get(), 5);
+    }
 
     #[test]
     fn drops_oldest_when_full_and_counts() {

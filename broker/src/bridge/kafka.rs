@@ -9,7 +9,11 @@
 //!
 //! Faults: Kafka unreachable, the topic missing, a produce request failing — each sets the
 //! status, counts `failed`, requeues the batch in the bounded buffer (overflow dropped and
-//! counted), and retries with backoff; local clients never notice.
+//! counted), and retries with backoff; local clients never notice. While no message flows, a
+//! metadata request every [`HEALTH_EVERY`] checks that Kafka still answers and the topic still
+//! exists, so a dead Kafka shows as `down` within seconds, not at the next publish. When Kafka
+//! does not answer, a plain TCP connect to the bootstrap addresses tells "refused" from "no
+//! answer" for the error text.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -29,6 +33,12 @@ use crate::config::{KafkaBridgeConfig, KafkaKey};
 const OP_DEADLINE: Duration = Duration::from_secs(10);
 /// How long connecting may take before the bridge reports Kafka unreachable.
 const CONNECT_DEADLINE: Duration = Duration::from_secs(3);
+/// How long the bridge may sit idle (no batch) before it checks that Kafka still answers.
+pub const HEALTH_EVERY: Duration = Duration::from_secs(2);
+/// How long that check may take before Kafka counts as down.
+const HEALTH_DEADLINE: Duration = Duration::from_secs(3);
+/// How long the diagnostic TCP connect to a bootstrap address may take.
+const PROBE_DEADLINE: Duration = Duration::from_secs(2);
 
 /// Runs one Kafka bridge until the broker shuts down.
 pub async fn run(broker: Arc<Broker>, bridge: Arc<Bridge>, cfg: KafkaBridgeConfig) {
@@ -70,11 +80,19 @@ async fn session(
     .await;
     let client = match built {
         Ok(Ok(c)) => c,
-        Ok(Err(e)) => return (LinkState::Down, format!("cannot reach Kafka: {e}")),
+        Ok(Err(e)) => {
+            return (
+                LinkState::Down,
+                format!(
+                    "cannot reach Kafka: {}",
+                    probe(&cfg.bootstrap, Some(&e)).await
+                ),
+            )
+        }
         Err(_) => {
             return (
                 LinkState::Down,
-                format!("cannot reach Kafka: no answer within {CONNECT_DEADLINE:?}"),
+                format!("cannot reach Kafka: {}", probe(&cfg.bootstrap, None).await),
             )
         }
     };
@@ -130,10 +148,19 @@ async fn session(
     *attempt = 0;
     let linger = Duration::from_millis(cfg.batch.linger_ms);
     loop {
-        let batch = bridge
-            .buffer
-            .next_batch(cfg.batch.max_messages, linger)
-            .await;
+        // Idle for HEALTH_EVERY: check Kafka instead (taking a batch is cancel-safe: entries
+        // are taken only as `next_batch` completes).
+        let batch = tokio::select! {
+            b = bridge.buffer.next_batch(cfg.batch.max_messages, linger) => b,
+            _ = tokio::time::sleep(HEALTH_EVERY) => {
+                if let Some(fault) = health(&client, cfg).await {
+                    return fault;
+                }
+                continue;
+            }
+        };
+        // Taken, not yet settled: still counted in `buffered`.
+        bridge.buffer.set_held(batch.len());
         // Group by partition, keeping each partition's records in buffer order.
         let mut groups: BTreeMap<usize, Vec<Outgoing>> = BTreeMap::new();
         for o in batch {
@@ -173,10 +200,72 @@ async fn session(
             unsent.sort_by_key(|o| o.at);
             bridge.buffer.requeue(unsent);
         }
+        bridge.buffer.set_held(0);
         if let Some(why) = failure {
             return (LinkState::Down, why);
         }
     }
+}
+
+/// The idle check: a metadata request within [`HEALTH_DEADLINE`]; `Some((state, why))` when
+/// Kafka does not answer or the topic is gone.
+async fn health(
+    client: &rskafka::client::Client,
+    cfg: &KafkaBridgeConfig,
+) -> Option<(LinkState, String)> {
+    match tokio::time::timeout(HEALTH_DEADLINE, client.list_topics()).await {
+        Ok(Ok(topics)) if topics.iter().any(|t| t.name == cfg.topic) => None,
+        Ok(Ok(_)) => Some((
+            LinkState::Error,
+            format!(
+                "Kafka topic {:?} does not exist (create it; the bridge does not)",
+                cfg.topic
+            ),
+        )),
+        Ok(Err(e)) => Some((
+            LinkState::Down,
+            format!(
+                "Kafka stopped answering: {}",
+                probe(&cfg.bootstrap, Some(&e)).await
+            ),
+        )),
+        Err(_) => Some((
+            LinkState::Down,
+            format!(
+                "Kafka stopped answering: {}",
+                probe(&cfg.bootstrap, None).await
+            ),
+        )),
+    }
+}
+
+/// Says what happened when Kafka did not answer, from a plain TCP connect to each bootstrap
+/// address: refused, no answer (timed out), not resolvable — or, when the port accepts
+/// connections, the Kafka client's own error (`err`) or "no Kafka answer in time".
+async fn probe(bootstrap: &[String], err: Option<&rskafka::client::error::Error>) -> String {
+    let mut why = Vec::new();
+    for addr in bootstrap {
+        let attempt = tokio::time::timeout(
+            PROBE_DEADLINE,
+            tokio::net::TcpStream::connect(addr.as_str()),
+        )
+        .await;
+        let text = match attempt {
+            Ok(Ok(_)) => match err {
+                Some(e) => format!("{addr} accepts connections but the Kafka request failed: {e}"),
+                None => format!(
+                    "{addr} accepts connections but Kafka gave no answer within {HEALTH_DEADLINE:?}"
+                ),
+            },
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                format!("{addr} refused the connection (nothing listening)")
+            }
+            Ok(Err(e)) => format!("{addr}: {e}"),
+            Err(_) => format!("{addr} did not answer within {PROBE_DEADLINE:?} (timed out)"),
+        };
+        why.push(text);
+    }
+    why.join("; ")
 }
 
 fn key_of(key: KafkaKey, o: &Outgoing) -> Vec<u8> {

@@ -103,6 +103,7 @@ pub struct Bridge {
 struct Status {
     state: LinkState,
     last_error: Option<String>,
+    last_error_at: Option<SystemTime>,
     since: SystemTime,
     connects: u64,
 }
@@ -118,8 +119,11 @@ pub struct BridgeStatus {
     pub remote: String,
     /// Connection state.
     pub state: LinkState,
-    /// The last error, kept after recovery until the next one.
+    /// The last error, kept after recovery until the next one (see `last_error_at`).
     pub last_error: Option<String>,
+    /// Unix seconds when `last_error` happened: older than `since` with `state: up` means the
+    /// bridge has recovered from it.
+    pub last_error_at: Option<u64>,
     /// Unix seconds when `state` last changed.
     pub since: u64,
     /// Successful connections so far.
@@ -132,7 +136,8 @@ pub struct BridgeStatus {
     pub dropped: u64,
     /// Remote messages published here.
     pub received: u64,
-    /// Messages in the buffer now.
+    /// Messages not yet delivered: in the buffer plus those the worker holds (a batch being
+    /// produced, messages written and not yet acknowledged).
     pub buffered: usize,
     /// Buffer capacity.
     pub capacity: usize,
@@ -175,16 +180,23 @@ impl Bridge {
             status: Mutex::new(Status {
                 state: LinkState::Connecting,
                 last_error: None,
+                last_error_at: None,
                 since: SystemTime::now(),
                 connects: 0,
             }),
         }
     }
 
-    /// Records a state change; logs it once (not on every retry) and sets `corvid_bridge_up`.
+    /// Records a state change; logs it once per change of state (not on every retry, nor when
+    /// only the error text of the same fault changes) and sets `corvid_bridge_up`.
     pub fn set_state(&self, state: LinkState, error: Option<String>) {
         let mut st = self.status.lock();
-        let changed = st.state != state || (error.is_some() && st.last_error != error);
+        // While up, a new error (an ingress subscription refused) is news of its own.
+        let changed = st.state != state
+            || (state == LinkState::Up && error.is_some() && st.last_error != error);
+        if !changed && error.is_some() && st.last_error != error {
+            tracing::debug!(bridge = %self.name, state = ?state, error = ?error, "bridge still not connected");
+        }
         if state == LinkState::Up {
             st.connects += 1;
         }
@@ -204,6 +216,7 @@ impl Bridge {
         st.state = state;
         if error.is_some() {
             st.last_error = error;
+            st.last_error_at = Some(SystemTime::now());
         }
         self.metrics.up.set(i64::from(state == LinkState::Up));
     }
@@ -222,17 +235,14 @@ impl Bridge {
             remote: self.remote.clone(),
             state: st.state,
             last_error: st.last_error,
-            since: st
-                .since
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            last_error_at: st.last_error_at.map(unix_secs),
+            since: unix_secs(st.since),
             connects: st.connects,
             sent: self.metrics.sent.get(),
             failed: self.metrics.failed.get(),
             dropped: self.buffer.dropped(),
             received: self.metrics.received.get(),
-            buffered: self.buffer.len(),
+            buffered: self.buffer.pending(),
             capacity: self.buffer.capacity(),
         }
     }
@@ -242,6 +252,13 @@ impl Bridge {
         self.metrics.sent.inc();
         self.metrics.latency.observe(o.at.elapsed().as_secs_f64());
     }
+}
+
+/// Seconds since the Unix epoch (0 for a clock before it).
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 struct MetricVecs {

@@ -16,6 +16,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::BufReader;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -81,16 +82,33 @@ pub async fn run(broker: Arc<Broker>, bridge: Arc<Bridge>, cfg: MqttBridgeConfig
         }
     };
     let (client, eventloop) = AsyncClient::new(opts, CHANNEL);
-    let handed = Arc::new(Mutex::new(VecDeque::new()));
+    let held = Arc::new(Held::default());
     let pump = tokio::spawn(pump(
         broker.clone(),
         bridge.clone(),
         cfg.clone(),
         client.clone(),
-        handed.clone(),
+        held.clone(),
     ));
-    drive(&broker, &bridge, &cfg, client, eventloop, handed).await;
+    drive(&broker, &bridge, &cfg, client, eventloop, held).await;
     pump.abort();
+}
+
+/// What the worker holds outside the bridge buffer: messages handed to the client and not yet
+/// written (`handed`, in order) and, by count, those written and not yet acknowledged. Both
+/// count in the bridge's `buffered`, so an outage shows every message still waiting.
+#[derive(Debug, Default)]
+struct Held {
+    handed: Mutex<VecDeque<Outgoing>>,
+    inflight: AtomicUsize,
+}
+
+impl Held {
+    /// Tells the buffer how many messages the worker holds now.
+    fn report(&self, bridge: &Bridge) {
+        let n = self.handed.lock().len() + self.inflight.load(Ordering::Relaxed);
+        bridge.buffer.set_held(n);
+    }
 }
 
 /// Reads the password and TLS files and builds the client options.
@@ -187,7 +205,7 @@ async fn pump(
     bridge: Arc<Bridge>,
     cfg: MqttBridgeConfig,
     client: AsyncClient,
-    handed: Arc<Mutex<VecDeque<Outgoing>>>,
+    held: Arc<Held>,
 ) {
     loop {
         let batch = tokio::select! {
@@ -202,14 +220,16 @@ async fn pump(
             let qos = rumqttc_qos(rule.qos);
             let retain = rule.retain.unwrap_or(o.msg.retain);
             let payload = o.msg.payload.clone();
-            handed.lock().push_back(o.clone());
+            held.handed.lock().push_back(o.clone());
+            held.report(&bridge);
             let sent = tokio::select! {
                 r = client.publish_bytes(topic, qos, retain, payload) => r.is_ok(),
                 _ = broker.shutdown.cancelled() => false,
             };
             if !sent {
-                handed.lock().pop_back();
+                held.handed.lock().pop_back();
                 bridge.buffer.requeue(vec![o]);
+                held.report(&bridge);
                 return;
             }
         }
@@ -232,12 +252,15 @@ async fn drive(
     cfg: &MqttBridgeConfig,
     client: AsyncClient,
     mut eventloop: EventLoop,
-    handed: Arc<Mutex<VecDeque<Outgoing>>>,
+    held: Arc<Held>,
 ) {
     let mut attempt = 0u32;
     // Written to the remote, waiting for PUBACK/PUBCOMP, by packet id.
     let mut inflight: HashMap<u16, Outgoing> = HashMap::new();
     loop {
+        // The last event may have moved messages between the buffer, `handed` and `inflight`.
+        held.inflight.store(inflight.len(), Ordering::Relaxed);
+        held.report(bridge);
         let ev = tokio::select! {
             ev = eventloop.poll() => ev,
             _ = broker.shutdown.cancelled() => {
@@ -277,13 +300,13 @@ async fn drive(
             Ok(Event::Outgoing(Out::Publish(pkid))) => {
                 if pkid == 0 {
                     // QoS 0: written is as good as it gets.
-                    if let Some(o) = handed.lock().pop_front() {
+                    if let Some(o) = held.handed.lock().pop_front() {
                         bridge.sent(&o);
                     }
                 } else if let std::collections::hash_map::Entry::Vacant(slot) = inflight.entry(pkid)
                 {
                     // A first transmission (a retransmission keeps its packet id).
-                    if let Some(o) = handed.lock().pop_front() {
+                    if let Some(o) = held.handed.lock().pop_front() {
                         slot.insert(o);
                     }
                 }

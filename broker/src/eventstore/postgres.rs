@@ -251,9 +251,23 @@ fn classify(e: &tokio_postgres::Error) -> Fault {
         kind
     };
     // The driver's Display leaves out the server's message; the DbError has it.
+    // Nor does it say why a connect failed ("error connecting to server"): the source chain
+    // does ("Connection refused (os error 111)", a timeout, a TLS or DNS failure).
     let message = match e.as_db_error() {
         Some(db) => format!("{}: {} ({})", db.severity(), db.message(), db.code().code()),
-        None => e.to_string(),
+        None => {
+            let mut m = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(s) = source {
+                let text = s.to_string();
+                if !m.ends_with(&text) {
+                    m.push_str(": ");
+                    m.push_str(&text);
+                }
+                source = s.source();
+            }
+            m
+        }
     };
     Fault::new(kind, message)
 }

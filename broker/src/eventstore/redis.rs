@@ -207,6 +207,14 @@ impl Backend for Redis {
             match (client, &*s.event) {
                 (Some((client_id, username, peer, conn_us, connected, detail)), _) => {
                     let user = username.as_deref().unwrap_or("");
+                    // One protocol label everywhere (the stream, the hash, PostgreSQL): the
+                    // protocol level, 3/4/5, as on the wire.
+                    let (mode, proto, reason) = if connected {
+                        let p = protocol_level(detail).map(|p| p.to_string());
+                        ("c", p.unwrap_or_default(), "")
+                    } else {
+                        ("d", String::new(), detail)
+                    };
                     xadd.arg("event")
                         .arg(s.event.kind().name())
                         .arg("ts")
@@ -223,14 +231,8 @@ impl Backend for Redis {
                         .arg(ms(conn_us))
                         // `protocol` on connect, `reason` on disconnect.
                         .arg(if connected { "protocol" } else { "reason" })
-                        .arg(detail)
+                        .arg(if connected { proto.as_str() } else { reason })
                         .ignore();
-                    let (mode, proto, reason) = if connected {
-                        let p = protocol_level(detail).map(|p| p.to_string());
-                        ("c", p.unwrap_or_default(), "")
-                    } else {
-                        ("d", String::new(), detail)
-                    };
                     pipe.cmd("EVALSHA")
                         .arg(sha.as_str())
                         .arg(2)

@@ -159,7 +159,7 @@ pub fn sample(text: &str, name: &str, bridge: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// A server started through `scripts/services` (Kafka, RabbitMQ), stopped on drop.
+/// A server started through `scripts/services` (Kafka, RabbitMQ), stopped and wiped on drop.
 pub struct Service {
     kind: &'static str,
     /// Its client port on 127.0.0.1.
@@ -201,13 +201,23 @@ impl Service {
         }
     }
 
-    /// Stops it now (the remote going away).
+    /// Stops it now (the remote going away); its data stays for a [`Service::start`] on the
+    /// same port (a restart).
     pub fn stop(&mut self) {
-        if !self.running {
+        self.run_stop(false);
+    }
+
+    fn run_stop(&mut self, wipe: bool) {
+        if !self.running && !wipe {
             return;
         }
+        let port = self.port.to_string();
+        let mut args = vec!["stop", self.kind, "--port", &port];
+        if wipe {
+            args.push("--wipe");
+        }
         let _ = Command::new(services_script())
-            .args(["stop", self.kind, "--port", &self.port.to_string()])
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -217,7 +227,8 @@ impl Service {
 }
 
 impl Drop for Service {
+    /// Stops it and deletes its data: tests leave nothing behind in the cache.
     fn drop(&mut self) {
-        self.stop();
+        self.run_stop(true);
     }
 }
