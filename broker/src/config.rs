@@ -1586,7 +1586,7 @@ impl Config {
             })?;
         if !text.trim().is_empty() {
             let file: serde_yaml::Value =
-                serde_yaml::from_str(&text).map_err(|e| ConfigError::Parse {
+                serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
                     origin: origin.clone(),
                     message: e.to_string(),
                 })?;
