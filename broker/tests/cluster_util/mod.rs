@@ -146,6 +146,10 @@ impl Node {
         let s = &self.spec;
         let secret = self.dir.join(format!("{}.secret", s.name));
         fs::write(&secret, &s.secret).expect("write secret");
+        // Like every production node: the admin API needs a token (the netns nodes bind it on a
+        // non-loopback address, which is refused without one).
+        let token = self.dir.join(format!("{}.admin-token", s.name));
+        fs::write(&token, ADMIN_TOKEN).expect("write admin token");
         let (discovery, peers) = match &s.discover {
             Discover::Static(p) => (
                 "static",
@@ -163,7 +167,7 @@ impl Node {
             "node: {{ name: \"{name}\" }}\n\
              log: {{ level: \"info,chitchat=warn\" }}\n\
              listeners:\n  mqtt: {{ bind: \"{bind}:{mqtt}\" }}\n  ws: {{ enabled: false }}\n\
-             admin: {{ bind: \"{bind}:{admin}\" }}\n\
+             admin: {{ bind: \"{bind}:{admin}\", token_file: \"{token}\" }}\n\
              sys: {{ enabled: false }}\n\
              shutdown: {{ drain_timeout: 5 }}\n\
              cluster:\n  port: {cport}\n  bind: \"{bind}\"\n  advertise: \"{ip}\"\n  discovery: {discovery}\n{peers}  secret_file: \"{secret}\"\n{extra}",
@@ -174,6 +178,7 @@ impl Node {
             admin = s.admin,
             cport = s.cluster,
             secret = secret.display(),
+            token = token.display(),
             extra = s.cluster_extra,
         );
         let cfg = self.dir.join(format!("{}.yaml", s.name));
@@ -338,14 +343,19 @@ pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
     found
 }
 
-/// A minimal HTTP/1.1 request with `Connection: close`, bounded by a 5 s deadline.
+/// The admin token every test node is given and every admin call presents.
+pub const ADMIN_TOKEN: &str = "corvid-test-admin-token";
+
+/// A minimal HTTP/1.1 request with `Connection: close` and the test nodes' admin token,
+/// bounded by a 5 s deadline.
 pub async fn http(addr: SocketAddr, method: &str, path: &str) -> Result<(u16, String), String> {
     let work = async {
         let mut s = tokio::net::TcpStream::connect(addr)
             .await
             .map_err(|e| format!("connect {addr}: {e}"))?;
         let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\
+             Connection: close\r\nContent-Length: 0\r\n\r\n"
         );
         s.write_all(req.as_bytes())
             .await
