@@ -22,7 +22,7 @@ use crate::message::{Delivery, Message, Msg};
 use crate::metrics::Metrics;
 use crate::retained::Retained;
 use crate::router::{Router, Select, Target};
-use crate::session::{ConnInfo, Enqueued, Kick, Registry, Session, Subscription};
+use crate::session::{ConnInfo, Enqueued, Kick, QueueBounds, Registry, Session, Subscription};
 use crate::topic;
 use crate::trace::Tracer;
 
@@ -65,6 +65,8 @@ pub struct Broker {
     pub tracer: Arc<Tracer>,
     /// Bridges to other brokers and Kafka: the publish path's tap into their buffers.
     pub bridges: crate::bridge::Bridges,
+    /// Session queue bounds and flow-control marks, resolved from `sessions.*` once.
+    pub queue_bounds: QueueBounds,
 }
 
 /// Why the broker state could not be built from the configuration.
@@ -126,6 +128,7 @@ impl Broker {
             hooks,
             tracer,
             bridges,
+            queue_bounds: QueueBounds::new(&config.sessions),
             config: Arc::new(config),
             node,
             router: Router::default(),
@@ -143,6 +146,13 @@ impl Broker {
     /// Publishes a message: updates the retained store if asked, then delivers it to every
     /// matching session. Returns how many sessions it was routed to.
     pub fn publish(&self, msg: Msg) -> usize {
+        self.publish_flow(msg, &mut Vec::new())
+    }
+
+    /// [`Broker::publish`] for a client connection: also collects into `congested` the sessions
+    /// above their high-water mark, which the publisher's connection then waits for (flow
+    /// control instead of loss).
+    pub fn publish_flow(&self, msg: Msg, congested: &mut Vec<Arc<Session>>) -> usize {
         if msg.retain && self.config.mqtt.retain_available {
             self.retained.set(msg.clone());
             if let Some(c) = self.cluster.get() {
@@ -167,14 +177,16 @@ impl Broker {
         };
         let n = targets.len();
         for t in targets {
-            self.deliver(&msg, t);
+            self.deliver(&msg, t, congested);
         }
         // Bridges see each message once, on the node where it entered the cluster.
         n + self.bridges.tap(&msg)
     }
 
     /// Delivers a message forwarded by a peer to this node's subscribers: ordinary ones if
-    /// `plain`, and the shared groups the peer assigned here.
+    /// `plain`, and the shared groups the peer assigned here. The link is not held back for
+    /// congested sessions (that would stall every other frame from the peer): such a session
+    /// takes forwarded messages up to its queue limit.
     pub fn publish_local(&self, msg: Msg, plain: bool, groups: &HashSet<Arc<str>>) {
         let strategy = self.config.mqtt.shared_subscription_strategy;
         let sel = Select::Some { plain, groups };
@@ -182,11 +194,11 @@ impl Broker {
             .router
             .route_selected(&msg.topic, &msg.publisher, strategy, sel)
         {
-            self.deliver(&msg, t);
+            self.deliver(&msg, t, &mut Vec::new());
         }
     }
 
-    fn deliver(&self, msg: &Msg, t: Target) {
+    fn deliver(&self, msg: &Msg, t: Target, congested: &mut Vec<Arc<Session>>) {
         let d = Delivery {
             msg: msg.clone(),
             qos: msg.qos.min(t.qos),
@@ -194,26 +206,31 @@ impl Broker {
             sub_ids: t.sub_ids,
             share: t.share,
         };
-        self.enqueue(&t.session, d);
+        if self.enqueue(&t.session, d) && !congested.iter().any(|s| Arc::ptr_eq(s, &t.session)) {
+            congested.push(t.session);
+        }
     }
 
-    /// Queues a delivery on a session with the configured bounds, counting drops.
-    pub fn enqueue(&self, session: &Session, d: Delivery) {
-        let s = &self.config.sessions;
+    /// Queues a delivery on a session with the configured bounds, counting drops. Returns
+    /// true if the session is congested (above its high-water mark and still draining).
+    pub fn enqueue(&self, session: &Session, d: Delivery) -> bool {
         let hook = self
             .hooks
             .wants(EventKind::MessageDropped)
             .then(|| (d.msg.clone(), d.qos));
-        let reason =
-            match session.enqueue(d, s.max_offline_queue, s.queue_full_policy, s.queue_qos0) {
-                Enqueued::Queued | Enqueued::Duplicate => return,
-                Enqueued::QueuedDroppedOldest => "queue_full",
-                Enqueued::Dropped => "queue_full_or_offline_qos0",
-                Enqueued::Moved(node, d) => match self.cluster.get() {
-                    Some(c) => return c.deliver_to(&node, &session.client_id, &d),
-                    None => "moved_session",
-                },
-            };
+        let reason = match session.enqueue(d, &self.queue_bounds) {
+            Enqueued::Queued | Enqueued::Duplicate => return false,
+            Enqueued::Congested => return true,
+            Enqueued::QueuedDroppedOldest => "queue_full",
+            Enqueued::Dropped => "queue_full_or_offline_qos0",
+            Enqueued::Moved(node, d) => match self.cluster.get() {
+                Some(c) => {
+                    c.deliver_to(&node, &session.client_id, &d);
+                    return false;
+                }
+                None => "moved_session",
+            },
+        };
         self.metrics.dropped(reason);
         if let Some((msg, qos)) = hook {
             self.hooks.emit(Event::MessageDropped {
@@ -223,6 +240,7 @@ impl Broker {
                 reason,
             });
         }
+        false
     }
 
     /// Adds a subscription for `session` and queues the retained messages it should get.
@@ -421,6 +439,7 @@ impl Broker {
             st.disconnected_at = Some(Instant::now());
             st.expiry
         };
+        session.release_publishers();
         if expiry == 0 {
             self.end_session(session);
             self.sessions.remove_if_same(session);
@@ -467,9 +486,11 @@ impl Broker {
                 .map(|f| f.delivery)
                 .filter(|d| d.share.is_some())
                 .collect();
-            orphans.extend(st.queue.drain(..).filter(|d| d.share.is_some()));
+            let queue = std::mem::take(&mut st.queue);
+            orphans.extend(queue.into_iter().filter(|d| d.share.is_some()));
             (subs, orphans)
         };
+        session.release_publishers();
         for raw in subs {
             self.remove_route(session, &raw);
         }
@@ -536,6 +557,11 @@ impl Broker {
                 broker.publish(msg);
             }
         });
+    }
+
+    /// How long a write to a client may take (`mqtt.write_timeout`, at least a second).
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_secs(self.config.mqtt.write_timeout.max(1))
     }
 
     /// Refreshes the gauges that mirror state; called before rendering metrics.

@@ -816,7 +816,8 @@ pub struct MqttConfig {
     pub receive_maximum: u16,
     /// Largest keep-alive the broker accepts; larger requests are lowered (MQTT 5 server keep alive).
     pub max_keepalive: u16,
-    /// Topic aliases a client may use towards the broker.
+    /// Topic aliases a client may use towards the broker, and most the broker uses towards a
+    /// client (each keeps a copy of its topic for the connection's lifetime).
     pub topic_alias_maximum: u16,
     /// Whether retained messages are supported.
     pub retain_available: bool,
@@ -826,6 +827,9 @@ pub struct MqttConfig {
     pub max_client_id_len: usize,
     /// Seconds a new connection may take to send CONNECT.
     pub connect_timeout: u64,
+    /// Seconds a write to a client may take; a client that stops reading is disconnected
+    /// after it (its session kept per its expiry). At least 1.
+    pub write_timeout: u64,
     /// Shared-subscription member selection.
     pub shared_subscription_strategy: SharedStrategy,
 }
@@ -841,6 +845,7 @@ impl Default for MqttConfig {
             max_qos: 2,
             max_client_id_len: 65535,
             connect_timeout: 10,
+            write_timeout: 30,
             shared_subscription_strategy: SharedStrategy::RoundRobin,
         }
     }
@@ -863,21 +868,34 @@ pub enum QueueFullPolicy {
 pub struct SessionConfig {
     /// Messages queued per session (offline, or waiting for the inflight window).
     pub max_offline_queue: usize,
+    /// Topic and payload bytes queued per session; over it the queue sheds per
+    /// `queue_full_policy`, and above half of it the session is congested.
+    pub max_queue_bytes: usize,
     /// Policy when the queue is full.
     pub queue_full_policy: QueueFullPolicy,
     /// Cap on a client's session expiry interval, in seconds.
     pub max_session_expiry: u32,
     /// Whether QoS 0 messages are queued for offline sessions.
     pub queue_qos0: bool,
+    /// Queued messages above which an online session is congested: publishers routing into it
+    /// stop being read until it drains to half this mark (flow control instead of loss).
+    /// Capped by `max_offline_queue`; 0 turns flow control off.
+    pub queue_high_water: usize,
+    /// Seconds an online session may stay congested before it counts as not draining: from
+    /// then on publishers no longer wait for it and only it sheds at `max_offline_queue`.
+    pub congestion_timeout: u64,
 }
 
 impl Default for SessionConfig {
     fn default() -> Self {
         Self {
             max_offline_queue: 1000,
+            max_queue_bytes: 16 * 1024 * 1024,
             queue_full_policy: QueueFullPolicy::DropOldest,
             max_session_expiry: 7200,
             queue_qos0: false,
+            queue_high_water: 500,
+            congestion_timeout: 5,
         }
     }
 }
@@ -1554,6 +1572,12 @@ impl Config {
         }
         if self.sessions.max_offline_queue == 0 {
             return invalid("sessions.max_offline_queue", "must be at least 1");
+        }
+        if self.sessions.max_queue_bytes < 1024 {
+            return invalid("sessions.max_queue_bytes", "must be at least 1024");
+        }
+        if self.mqtt.write_timeout == 0 {
+            return invalid("mqtt.write_timeout", "must be at least 1 second");
         }
         for (name, l) in self.listener_list() {
             if (name == "ws" || name == "wss") && !l.path.starts_with('/') {

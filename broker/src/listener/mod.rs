@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::broker::Broker;
 use crate::config::ListenerConfig;
@@ -62,6 +63,9 @@ pub struct Listener {
     pub config: ListenerConfig,
     /// TLS acceptor for TLS kinds.
     pub tls: Option<ReloadingAcceptor>,
+    /// Largest WebSocket message and frame buffered (`mqtt.max_packet_size`): a client cannot
+    /// make the broker hold more than one packet's worth of a frame it never finishes.
+    pub max_ws_message: usize,
 }
 
 impl Listener {
@@ -179,9 +183,13 @@ impl Listener {
                 let path = self.config.path.clone();
                 #[allow(clippy::result_large_err)] // tungstenite's callback signature
                 let check = move |req: &Request, resp| ws_accept(&path, req, resp);
-                let ws = tokio_tungstenite::accept_hdr_async(io, check)
-                    .await
-                    .map_err(std::io::Error::other)?;
+                let ws_config = WebSocketConfig::default()
+                    .max_message_size(Some(self.max_ws_message))
+                    .max_frame_size(Some(self.max_ws_message));
+                let ws =
+                    tokio_tungstenite::accept_hdr_async_with_config(io, check, Some(ws_config))
+                        .await
+                        .map_err(std::io::Error::other)?;
                 Transport::Ws(Box::new(ws))
             }
         };
@@ -283,6 +291,7 @@ pub async fn bind_all(broker: &Arc<Broker>) -> Result<Vec<Listener>, BindError> 
             socket,
             config: l.clone(),
             tls: acceptor,
+            max_ws_message: usize::try_from(cfg.mqtt.max_packet_size).unwrap_or(usize::MAX),
         });
     }
     Ok(out)
