@@ -154,9 +154,13 @@ impl Broker {
     /// control instead of loss).
     pub fn publish_flow(&self, msg: Msg, congested: &mut Vec<Arc<Session>>) -> usize {
         if msg.retain && self.config.mqtt.retain_available {
-            self.retained.set(msg.clone());
-            if let Some(c) = self.cluster.get() {
-                c.retained(&msg);
+            if self.retained_over_limit(&msg) {
+                self.metrics.dropped("retained_limit");
+            } else {
+                self.retained.set(msg.clone());
+                if let Some(c) = self.cluster.get() {
+                    c.retained(&msg);
+                }
             }
         }
         let strategy = self.config.mqtt.shared_subscription_strategy;
@@ -181,6 +185,16 @@ impl Broker {
         }
         // Bridges see each message once, on the node where it entered the cluster.
         n + self.bridges.tap(&msg)
+    }
+
+    /// Whether retaining `msg` would add a topic beyond `limits.max_retained` (replacing or
+    /// clearing an existing one always works).
+    fn retained_over_limit(&self, msg: &Message) -> bool {
+        let max = self.config.limits.max_retained;
+        max > 0
+            && !msg.payload.is_empty()
+            && self.retained.len() >= max
+            && self.retained.matching(&msg.topic).is_empty()
     }
 
     /// Delivers a message forwarded by a peer to this node's subscribers: ordinary ones if

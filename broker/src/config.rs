@@ -910,6 +910,14 @@ pub struct LimitsConfig {
     pub max_conn_rate: u32,
     /// Max subscriptions per client (0 = unlimited).
     pub max_subscriptions: usize,
+    /// Simultaneous connections from one source address (after PROXY protocol); 0 = unlimited.
+    pub max_connections_per_ip: usize,
+    /// Sessions on this node, online and offline; a CONNECT that would create one more is
+    /// refused. 0 = unlimited.
+    pub max_sessions: usize,
+    /// Retained messages on this node; a retained PUBLISH to a new topic beyond it is
+    /// delivered but not retained. 0 = unlimited.
+    pub max_retained: usize,
     /// Per-connection PUBLISH rate, `rate,burst` messages per second.
     pub message_rate: Option<String>,
     /// Per-connection inbound byte rate, `rate,burst` bytes per second.
@@ -934,7 +942,10 @@ impl Default for LimitsConfig {
         Self {
             max_connections: 100_000,
             max_conn_rate: 0,
-            max_subscriptions: 0,
+            max_subscriptions: 1000,
+            max_connections_per_ip: 1000,
+            max_sessions: 200_000,
+            max_retained: 100_000,
             message_rate: None,
             byte_rate: None,
             over_rate: OverRate::Throttle,

@@ -348,6 +348,14 @@ impl Conn {
                 return refuse(&mut codec, ConnAckCode::RetainNotSupported, "will_retain");
             }
         }
+        let max_sessions = cfg.limits.max_sessions;
+        if max_sessions > 0
+            && broker.sessions.len() >= max_sessions
+            && (c.client_id.is_empty() || broker.sessions.get(&c.client_id).is_none())
+        {
+            // MQTT 5: 0x89 Server busy; 3.1.1: 0x03 Server unavailable.
+            return refuse(&mut codec, ConnAckCode::ServerBusy, "max_sessions");
+        }
         let assigned = c.client_id.is_empty();
         let client_id = if assigned {
             ByteString::from(format!("corvid-{:016x}", fastrand::u64(..)))

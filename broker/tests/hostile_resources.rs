@@ -152,3 +152,188 @@ async fn kick_and_shutdown_do_not_wait_for_a_blocked_writer() {
     );
     drop((stuck, stuck2));
 }
+
+/// Opens a WebSocket on `addr` (hand-made upgrade) and starts a binary frame announcing
+/// `len` bytes that it never finishes; returns the stream.
+async fn unfinished_ws_frame(addr: std::net::SocketAddr, len: u64) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("ws connect");
+    let req = "GET /mqtt HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+               Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+               Sec-WebSocket-Protocol: mqtt\r\n\r\n";
+    s.write_all(req.as_bytes()).await.expect("upgrade request");
+    let mut head = Vec::new();
+    within("WebSocket upgrade answer", async {
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(
+                s.read(&mut b).await.expect("read"),
+                1,
+                "closed during upgrade"
+            );
+            head.push(b[0]);
+        }
+    })
+    .await;
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    // FIN + binary, masked, 64-bit length, mask key 0.
+    let mut frame = vec![0x82, 0xFF];
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(&[0, 0, 0, 0]);
+    s.write_all(&frame).await.expect("frame header");
+    s
+}
+
+/// Streams up to `total` bytes into `s` (stopping when the peer closes); returns how many
+/// bytes were accepted.
+async fn stream_into(s: &mut tokio::net::TcpStream, total: usize) -> usize {
+    use tokio::io::AsyncWriteExt;
+    let chunk = vec![0u8; 256 * 1024];
+    let mut sent = 0;
+    while sent < total {
+        match tokio::time::timeout(Duration::from_secs(2), s.write_all(&chunk)).await {
+            Ok(Ok(())) => sent += chunk.len(),
+            _ => break,
+        }
+    }
+    sent
+}
+
+/// Eight WebSocket connections each streaming an unfinished 12 MiB frame: the broker refuses
+/// frames larger than `mqtt.max_packet_size` instead of buffering them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_websocket_frames_are_bounded_by_the_packet_size() {
+    let r = start().await;
+    let ws = r.addr("ws").expect("ws listener");
+    let mut by = Bystander::connect(mqtt(&r), "bystander").await;
+    let rss0 = rss();
+    let mut conns = Vec::new();
+    for _ in 0..8 {
+        conns.push(unfinished_ws_frame(ws, 12 << 20).await);
+    }
+    let mut accepted = 0;
+    for c in &mut conns {
+        accepted += stream_into(c, 12 << 20).await;
+        by.assert_served().await;
+    }
+    let grown = rss().saturating_sub(rss0);
+    eprintln!(
+        "8 unfinished 12 MiB WebSocket frames: {} MiB written, RSS grew {} MiB",
+        accepted >> 20,
+        grown >> 20
+    );
+    assert!(grown < 24 << 20, "RSS grew by {} MiB", grown >> 20);
+    assert_serving(mqtt(&r), &mut by).await;
+    drop(conns);
+    stop(r).await;
+}
+
+/// `limits.max_connections_per_ip`: one address cannot hold more connections than that; a
+/// freed slot can be used again; the bystander keeps its round trips.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_per_address_are_capped() {
+    let mut cfg = config();
+    cfg.limits.max_connections_per_ip = 4;
+    let r = start_with(cfg).await;
+    let a = mqtt(&r);
+    let mut by = Bystander::connect(a, "bystander").await;
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        clients.push(Raw::connect(a, V::V5, &format!("c{i}")).await);
+    }
+    let mut over = Raw::tcp(a, V::V5).await;
+    over.send(&pkt::connect(V::V5, "over")).await;
+    assert!(
+        over.closed().await.is_empty(),
+        "the fifth connection was served"
+    );
+    let refused = r
+        .broker
+        .metrics
+        .connections_refused
+        .with_label_values(&["max_connections_per_ip"])
+        .get();
+    assert_eq!(refused, 1);
+    by.assert_served().await;
+    drop(clients.pop());
+    let b = r.broker.clone();
+    wait_until("the freed slot is usable", || {
+        b.sessions.get("c2").is_none()
+    })
+    .await;
+    let _again = Raw::connect(a, V::V5, "again").await;
+    by.assert_served().await;
+    stop(r).await;
+}
+
+/// `limits.max_sessions`: a CONNECT that would create one session too many is refused (MQTT
+/// 5: 0x89), an existing session can still reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_capped() {
+    let mut cfg = config();
+    cfg.limits.max_sessions = 3;
+    let r = start_with(cfg).await;
+    let a = mqtt(&r);
+    let mut by = Bystander::connect(a, "bystander").await;
+    let s1 = Raw::connect(a, V::V5, "s1").await;
+    let _s2 = Raw::connect(a, V::V5, "s2").await;
+    let mut over = Raw::tcp(a, V::V5).await;
+    over.send(&pkt::connect(V::V5, "s3")).await;
+    assert_eq!(over.expect(pkt::CONNACK).await.reason(), 0x89);
+    let refused = r
+        .broker
+        .metrics
+        .connections_refused
+        .with_label_values(&["max_sessions"])
+        .get();
+    assert_eq!(refused, 1);
+    // s1 takes its own session over: no new session, so not refused.
+    let _s1_again = Raw::connect(a, V::V5, "s1").await;
+    drop(s1);
+    by.assert_served().await;
+    assert!(r.broker.sessions.len() <= 3);
+    stop(r).await;
+}
+
+/// `limits.max_retained`: retained messages to new topics beyond the limit are delivered
+/// but not retained (counted); replacing an existing one works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_are_capped() {
+    let mut cfg = config();
+    cfg.limits.max_retained = 3;
+    let r = start_with(cfg).await;
+    let a = mqtt(&r);
+    let mut by = Bystander::connect(a, "bystander").await;
+    let mut p = Raw::connect(a, V::V311, "retainer").await;
+    let retained = |topic: &str, body: &[u8]| {
+        let mut b = Vec::new();
+        pkt::field(topic.as_bytes(), &mut b);
+        b.extend_from_slice(body);
+        pkt::frame(0x31, &b)
+    };
+    for i in 0..6 {
+        p.send(&retained(&format!("keep/{i}"), b"v1")).await;
+    }
+    p.send(&retained("keep/0", b"v2")).await;
+    // A round trip orders the publishes before the checks.
+    by.assert_served().await;
+    let b = r.broker.clone();
+    wait_until("retained publishes handled", || {
+        b.metrics
+            .messages_dropped
+            .with_label_values(&["retained_limit"])
+            .get()
+            == 3
+    })
+    .await;
+    assert_eq!(r.broker.retained.len(), 3);
+    let kept = r.broker.retained.matching("keep/0");
+    assert_eq!(&kept[0].payload[..], b"v2");
+    stop(r).await;
+}
