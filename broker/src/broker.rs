@@ -67,6 +67,8 @@ pub struct Broker {
     pub bridges: crate::bridge::Bridges,
     /// Session queue bounds and flow-control marks, resolved from `sessions.*` once.
     pub queue_bounds: QueueBounds,
+    /// Failed authentications per source address (`limits.max_auth_failures_per_minute`).
+    pub auth_failures: crate::limits::AuthFailures,
 }
 
 /// Why the broker state could not be built from the configuration.
@@ -105,7 +107,8 @@ impl Broker {
     pub fn new(config: Config) -> Result<Arc<Self>, BrokerError> {
         let node = config.node_name();
         let metrics = Metrics::new()?;
-        let auth = Authenticator::new(&config.auth, metrics.auth.clone())?;
+        let auth = Authenticator::new(&config.auth, metrics.auth.clone())?
+            .with_max_concurrent_hashes(config.limits.max_concurrent_hashes);
         let acl = Acl::new(&config.acl)?;
         let hooks = Hooks::new(&config.webhooks, &node, &metrics)?;
         let bridges = crate::bridge::Bridges::new(&config.bridges, &metrics)?;
@@ -129,6 +132,9 @@ impl Broker {
             tracer,
             bridges,
             queue_bounds: QueueBounds::new(&config.sessions),
+            auth_failures: crate::limits::AuthFailures::new(
+                config.limits.max_auth_failures_per_minute,
+            ),
             config: Arc::new(config),
             node,
             router: Router::default(),
@@ -560,7 +566,8 @@ impl Broker {
             return;
         }
         let broker = self.clone();
-        tokio::spawn(async move {
+        let waiting = session.clone();
+        let task = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
             let still_gone = {
                 let st = session.state.lock();
@@ -571,6 +578,16 @@ impl Broker {
                 broker.publish(msg);
             }
         });
+        // One pending will per session: a client that connects and drops again and again
+        // within its will delay replaces its will instead of piling up sleeping copies.
+        let previous = waiting
+            .state
+            .lock()
+            .pending_will
+            .replace(task.abort_handle());
+        if let Some(old) = previous {
+            old.abort();
+        }
     }
 
     /// How long a write to a client may take (`mqtt.write_timeout`, at least a second).

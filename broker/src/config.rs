@@ -918,6 +918,11 @@ pub struct LimitsConfig {
     /// Retained messages on this node; a retained PUBLISH to a new topic beyond it is
     /// delivered but not retained. 0 = unlimited.
     pub max_retained: usize,
+    /// Password hashes (users file) verified at once; more CONNECTs wait their turn. At least 1.
+    pub max_concurrent_hashes: usize,
+    /// Failed authentications per source address per minute; beyond it that address's
+    /// CONNECTs are refused without checking the password until the minute is over. 0 = unlimited.
+    pub max_auth_failures_per_minute: u32,
     /// Per-connection PUBLISH rate, `rate,burst` messages per second.
     pub message_rate: Option<String>,
     /// Per-connection inbound byte rate, `rate,burst` bytes per second.
@@ -946,6 +951,8 @@ impl Default for LimitsConfig {
             max_connections_per_ip: 1000,
             max_sessions: 200_000,
             max_retained: 100_000,
+            max_concurrent_hashes: 4,
+            max_auth_failures_per_minute: 30,
             message_rate: None,
             byte_rate: None,
             over_rate: OverRate::Throttle,
@@ -1586,6 +1593,9 @@ impl Config {
         }
         if self.sessions.max_queue_bytes < 1024 {
             return invalid("sessions.max_queue_bytes", "must be at least 1024");
+        }
+        if self.limits.max_concurrent_hashes == 0 {
+            return invalid("limits.max_concurrent_hashes", "must be at least 1");
         }
         if self.mqtt.write_timeout == 0 {
             return invalid("mqtt.write_timeout", "must be at least 1 second");

@@ -174,6 +174,9 @@ async fn authenticate(
     if broker.auth.is_open() {
         return Ok(Vec::new());
     }
+    if broker.auth_failures.blocked(peer.ip(), Instant::now()) {
+        return Err((ConnAckCode::BadCredentials, "auth_rate_limited"));
+    }
     let ctx = ConnectCtx {
         client_id: &c.client_id,
         username: c.username.as_deref(),
@@ -183,11 +186,20 @@ async fn authenticate(
     };
     match broker.auth.authenticate(&ctx).await {
         AuthDecision::Allow { acl, .. } => Ok(acl),
-        AuthDecision::Deny(r) => Err(match r {
-            Refusal::BadCredentials => (ConnAckCode::BadCredentials, "bad_credentials"),
-            Refusal::NotAuthorized => (ConnAckCode::NotAuthorized, "not_authorized"),
-            Refusal::ClientIdNotAllowed => (ConnAckCode::ClientIdNotValid, "client_id_not_allowed"),
-            Refusal::BackendUnavailable => (ConnAckCode::NotAuthorized, "auth_backend_unavailable"),
+        AuthDecision::Deny(r) => Err({
+            if matches!(r, Refusal::BadCredentials | Refusal::NotAuthorized) {
+                broker.auth_failures.failed(peer.ip(), Instant::now());
+            }
+            match r {
+                Refusal::BadCredentials => (ConnAckCode::BadCredentials, "bad_credentials"),
+                Refusal::NotAuthorized => (ConnAckCode::NotAuthorized, "not_authorized"),
+                Refusal::ClientIdNotAllowed => {
+                    (ConnAckCode::ClientIdNotValid, "client_id_not_allowed")
+                }
+                Refusal::BackendUnavailable => {
+                    (ConnAckCode::NotAuthorized, "auth_backend_unavailable")
+                }
+            }
         }),
     }
 }

@@ -150,6 +150,8 @@ pub struct SessionState {
     /// Congested for longer than the drain timeout: publishers no longer wait for it and it
     /// sheds at its queue limit (logged once per episode).
     pub not_draining: bool,
+    /// The delayed will waiting to be published for this session, if any: at most one.
+    pub pending_will: Option<tokio::task::AbortHandle>,
 }
 
 /// A session's queue of deliveries, its byte count kept in step so the byte bound costs

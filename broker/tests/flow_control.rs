@@ -89,6 +89,10 @@ fn queue_full_drops(r: &Running) -> u64 {
         .sum()
 }
 
+/// Held by each test for its whole run: RSS is measured for the process, so the tests of this
+/// file must not run side by side.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// This process's resident set size in bytes (the broker runs in-process).
 fn rss() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -132,6 +136,7 @@ async fn wait_count(what: &str, counter: &AtomicUsize, want: usize) {
 /// subscribers reading as fast as loopback allows. Default settings; nothing may be dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn burst_is_delivered_without_loss_at_default_settings() {
+    let _serial = SERIAL.lock().await;
     let r = start().await;
     let a = mqtt(&r);
     let mut by = Bystander::connect(a, "bystander").await;
@@ -170,6 +175,7 @@ async fn burst_is_delivered_without_loss_at_default_settings() {
 /// same topic (fan-out): every delivery arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fan_in_and_fan_out_lose_nothing() {
+    let _serial = SERIAL.lock().await;
     let r = start().await;
     let a = mqtt(&r);
     let mut by = Bystander::connect(a, "bystander").await;
@@ -200,6 +206,7 @@ async fn fan_in_and_fan_out_lose_nothing() {
 /// while its socket is read (PUBACKs from it free its inflight window).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publisher_subscribed_to_itself_does_not_deadlock() {
+    let _serial = SERIAL.lock().await;
     let r = start().await;
     let a = mqtt(&r);
     let mut by = Bystander::connect(a, "bystander").await;
@@ -215,6 +222,7 @@ async fn publisher_subscribed_to_itself_does_not_deadlock() {
 /// Shared subscriptions: a group of two members gets every message exactly once in total.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_group_loses_nothing() {
+    let _serial = SERIAL.lock().await;
     let r = start().await;
     let a = mqtt(&r);
     let mut by = Bystander::connect(a, "bystander").await;
@@ -245,6 +253,7 @@ async fn shared_group_loses_nothing() {
 /// bystander keeps its round trips. Memory stays bounded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stuck_subscriber_sheds_alone_after_the_congestion_timeout() {
+    let _serial = SERIAL.lock().await;
     let mut cfg = config();
     cfg.sessions.congestion_timeout = 1;
     let r = start_with(cfg).await;

@@ -11,6 +11,10 @@ use common::*;
 use corvid_broker::server::Running;
 use corvid_broker::session::Kick;
 
+/// Held by each test for its whole run: RSS is measured for the process, so the tests of this
+/// file must not run side by side.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// This process's resident set size in bytes (the broker runs in-process).
 fn rss() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -80,6 +84,7 @@ fn offline(r: &Running, id: &str) -> bool {
 /// (per its expiry); the bystander keeps its round trips; memory stays bounded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_let_go_after_the_write_timeout() {
+    let _serial = SERIAL.lock().await;
     let mut cfg = config();
     cfg.mqtt.write_timeout = 2;
     cfg.sessions.congestion_timeout = 1;
@@ -115,6 +120,7 @@ async fn a_client_that_stops_reading_is_let_go_after_the_write_timeout() {
 /// whose writes are blocked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kick_and_shutdown_do_not_wait_for_a_blocked_writer() {
+    let _serial = SERIAL.lock().await;
     let r = start().await;
     let a = mqtt(&r);
     let mut by = Bystander::connect(a, "bystander").await;
@@ -209,6 +215,7 @@ async fn stream_into(s: &mut tokio::net::TcpStream, total: usize) -> usize {
 /// frames larger than `mqtt.max_packet_size` instead of buffering them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unfinished_websocket_frames_are_bounded_by_the_packet_size() {
+    let _serial = SERIAL.lock().await;
     let r = start().await;
     let ws = r.addr("ws").expect("ws listener");
     let mut by = Bystander::connect(mqtt(&r), "bystander").await;
@@ -238,6 +245,7 @@ async fn unfinished_websocket_frames_are_bounded_by_the_packet_size() {
 /// freed slot can be used again; the bystander keeps its round trips.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_per_address_are_capped() {
+    let _serial = SERIAL.lock().await;
     let mut cfg = config();
     cfg.limits.max_connections_per_ip = 4;
     let r = start_with(cfg).await;
@@ -276,6 +284,7 @@ async fn connections_per_address_are_capped() {
 /// 5: 0x89), an existing session can still reconnect.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_are_capped() {
+    let _serial = SERIAL.lock().await;
     let mut cfg = config();
     cfg.limits.max_sessions = 3;
     let r = start_with(cfg).await;
@@ -305,6 +314,7 @@ async fn sessions_are_capped() {
 /// but not retained (counted); replacing an existing one works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retained_messages_are_capped() {
+    let _serial = SERIAL.lock().await;
     let mut cfg = config();
     cfg.limits.max_retained = 3;
     let r = start_with(cfg).await;
@@ -335,5 +345,55 @@ async fn retained_messages_are_capped() {
     assert_eq!(r.broker.retained.len(), 3);
     let kept = r.broker.retained.matching("keep/0");
     assert_eq!(&kept[0].payload[..], b"v2");
+    stop(r).await;
+}
+
+/// A 3.1.1 CONNECT with a user name and password, sent over a connection from `src`.
+async fn connect_as(addr: std::net::SocketAddr, src: &str, id: &str, user: &str, pw: &str) -> u8 {
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.bind(format!("{src}:0").parse().expect("src"))
+        .expect("bind source address");
+    let stream = sock.connect(addr).await.expect("connect");
+    let mut raw = Raw::over(Box::new(stream), V::V311);
+    let mut b = Vec::new();
+    pkt::field(b"MQTT", &mut b);
+    b.extend_from_slice(&[4, 0xC2, 0, 60]);
+    pkt::field(id.as_bytes(), &mut b);
+    pkt::field(user.as_bytes(), &mut b);
+    pkt::field(pw.as_bytes(), &mut b);
+    raw.send(&pkt::frame(0x10, &b)).await;
+    raw.expect(pkt::CONNACK).await.reason()
+}
+
+/// `limits.max_auth_failures_per_minute`: after that many wrong passwords from one address,
+/// even the right one is refused from it (without hashing); other addresses are unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_guessing_is_cut_off_per_address() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("users");
+    let hash = corvid_broker::auth::users::hash_password(b"right").expect("hash");
+    std::fs::write(&path, format!("ann:{hash}\n")).expect("users file");
+    let mut cfg = config();
+    cfg.auth.allow_anonymous = false;
+    cfg.auth.users_file = Some(path);
+    cfg.limits.max_auth_failures_per_minute = 5;
+    let r = start_with(cfg).await;
+    let a = mqtt(&r);
+    assert_eq!(connect_as(a, "127.0.0.2", "ok", "ann", "right").await, 0);
+    for i in 0..5 {
+        let rc = connect_as(a, "127.0.0.3", &format!("guess{i}"), "ann", "wrong").await;
+        assert_eq!(rc, 4, "guess {i}");
+    }
+    assert_eq!(connect_as(a, "127.0.0.3", "late", "ann", "right").await, 4);
+    let limited = r
+        .broker
+        .metrics
+        .connections_refused
+        .with_label_values(&["auth_rate_limited"])
+        .get();
+    assert_eq!(limited, 1);
+    // Another address still gets in.
+    assert_eq!(connect_as(a, "127.0.0.2", "ok2", "ann", "right").await, 0);
     stop(r).await;
 }
