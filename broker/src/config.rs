@@ -827,6 +827,9 @@ pub struct MqttConfig {
     pub max_client_id_len: usize,
     /// Seconds a new connection may take to send CONNECT.
     pub connect_timeout: u64,
+    /// Largest CONNECT accepted (and so the most buffered for a connection before it is
+    /// authenticated), in bytes; capped by `max_packet_size`.
+    pub max_connect_size: u32,
     /// Seconds a write to a client may take; a client that stops reading is disconnected
     /// after it (its session kept per its expiry). At least 1.
     pub write_timeout: u64,
@@ -845,6 +848,7 @@ impl Default for MqttConfig {
             max_qos: 2,
             max_client_id_len: 65535,
             connect_timeout: 10,
+            max_connect_size: 64 * 1024,
             write_timeout: 30,
             shared_subscription_strategy: SharedStrategy::RoundRobin,
         }
@@ -1596,6 +1600,9 @@ impl Config {
         }
         if self.limits.max_concurrent_hashes == 0 {
             return invalid("limits.max_concurrent_hashes", "must be at least 1");
+        }
+        if self.mqtt.max_connect_size < 64 {
+            return invalid("mqtt.max_connect_size", "must be at least 64 bytes");
         }
         if self.mqtt.write_timeout == 0 {
             return invalid("mqtt.write_timeout", "must be at least 1 second");

@@ -85,14 +85,19 @@ pub async fn serve(
     peer: SocketAddr,
     listener: &'static str,
 ) {
-    let mut codec = Codec::new(broker.config.mqtt.max_packet_size);
+    // Until CONNECT is handled, only a CONNECT-sized packet is buffered for an anonymous peer.
+    let max_packet = broker.config.mqtt.max_packet_size;
+    let mut codec = Codec::new(broker.config.mqtt.max_connect_size.min(max_packet));
     let mut rbuf = BytesMut::new();
     let mut wbuf = BytesMut::new();
     let timeout = Duration::from_secs(broker.config.mqtt.connect_timeout.max(1));
     let first =
         tokio::time::timeout(timeout, read_packet(&mut transport, &mut codec, &mut rbuf)).await;
     let connect = match first {
-        Ok(Ok(Some(Inbound::Connect(c)))) => c,
+        Ok(Ok(Some(Inbound::Connect(c)))) => {
+            codec.set_max_inbound(max_packet);
+            c
+        }
         Ok(Ok(Some(other))) => {
             tracing::debug!(%peer, packet = ?other, "first packet is not CONNECT");
             broker

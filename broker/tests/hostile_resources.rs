@@ -28,6 +28,17 @@ fn rss() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// The largest growth of RSS over `rss0` seen during `window` (sampled every 50 ms).
+async fn peak_rss_growth(rss0: u64, window: Duration) -> u64 {
+    let t0 = Instant::now();
+    let mut peak = 0;
+    while t0.elapsed() < window {
+        peak = peak.max(rss().saturating_sub(rss0));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    peak
+}
+
 /// An MQTT 5 client with a 300 s session that subscribes to `filter` at QoS 0 and then never
 /// reads its socket again.
 async fn never_reading_subscriber(addr: std::net::SocketAddr, id: &str, filter: &str) -> Raw {
@@ -395,5 +406,54 @@ async fn password_guessing_is_cut_off_per_address() {
     assert_eq!(limited, 1);
     // Another address still gets in.
     assert_eq!(connect_as(a, "127.0.0.2", "ok2", "ann", "right").await, 0);
+    stop(r).await;
+}
+
+/// Before CONNECT, an anonymous peer cannot make the broker buffer more than
+/// `mqtt.max_connect_size`: 32 connections each announcing and streaming a 1 MiB CONNECT are
+/// closed at the header; a normal client still connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_huge_connects_are_bounded_before_authentication() {
+    let _serial = SERIAL.lock().await;
+    use tokio::io::AsyncWriteExt;
+    let r = start().await;
+    let a = mqtt(&r);
+    let mut by = Bystander::connect(a, "bystander").await;
+    let rss0 = rss();
+    let mut conns = Vec::new();
+    for _ in 0..32 {
+        let mut s = tokio::net::TcpStream::connect(a).await.expect("connect");
+        let mut head = vec![0x10];
+        pkt::varint((1 << 20) - 16, &mut head);
+        // A valid start (protocol name, level, flags, keep alive) so only the size can stop it.
+        head.extend_from_slice(b"\x00\x04MQTT\x04\x02\x00\x3c");
+        s.write_all(&head).await.expect("header");
+        conns.push(s);
+    }
+    let mut accepted = 0;
+    for s in &mut conns {
+        accepted += stream_into(s, 1 << 20).await;
+    }
+    by.assert_served().await;
+    // The broker may still be reading what the kernel buffered: watch the peak for a while.
+    let grown = peak_rss_growth(rss0, Duration::from_millis(1500)).await;
+    eprintln!(
+        "32 unfinished 1 MiB CONNECTs: {} KiB written, RSS grew {} MiB",
+        accepted >> 10,
+        grown >> 20
+    );
+    assert!(grown < 16 << 20, "RSS grew by {} MiB", grown >> 20);
+    // Refused at the header, long before the connect timeout (10 s) would end them.
+    for s in &mut conns {
+        use tokio::io::AsyncReadExt;
+        let mut b = [0u8; 64];
+        let r = tokio::time::timeout(Duration::from_secs(3), s.read(&mut b)).await;
+        assert!(
+            matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+            "an oversized CONNECT was not refused at its header: {r:?}"
+        );
+    }
+    assert_serving(a, &mut by).await;
+    drop(conns);
     stop(r).await;
 }
