@@ -611,13 +611,13 @@ impl Conn {
             self.release_acks(&bounds, &mut wbuf);
             if !wbuf.is_empty() {
                 let n = wbuf.len();
-                // A client that stops reading must not hold up a kick, shutdown or keep
-                // alive, and is let go after the write deadline.
+                // A client that stops reading must not hold up a kick or shutdown, and is let
+                // go after the write deadline (which also bounds how long keep alive, checked
+                // between writes, can be kept waiting).
                 tokio::select! {
                     biased;
                     k = kick.recv() => return self.torn(End::Kicked(k)),
                     _ = shutdown.cancelled() => return self.torn(End::Kicked(Kick::ShuttingDown)),
-                    _ = &mut sleep => return self.torn(End::KeepAlive),
                     r = tokio::time::timeout(write_timeout, t.write_all(&wbuf)) => match r {
                         Ok(Ok(())) => {}
                         Ok(Err(_)) => return End::Lost,
