@@ -193,14 +193,24 @@ impl Broker {
         n + self.bridges.tap(&msg)
     }
 
-    /// Whether retaining `msg` would add a topic beyond `limits.max_retained` (replacing or
-    /// clearing an existing one always works).
+    /// Whether retaining `msg` would go beyond `limits.max_retained` (a new topic) or
+    /// `limits.max_retained_bytes`; clearing, and replacing with no more bytes, always work.
     fn retained_over_limit(&self, msg: &Message) -> bool {
-        let max = self.config.limits.max_retained;
-        max > 0
-            && !msg.payload.is_empty()
-            && self.retained.len() >= max
-            && self.retained.matching(&msg.topic).is_empty()
+        if msg.payload.is_empty() {
+            return false;
+        }
+        let l = &self.config.limits;
+        let size = msg.topic.len() + msg.payload.len();
+        let count_full = l.max_retained > 0 && self.retained.len() >= l.max_retained;
+        let bytes_full =
+            l.max_retained_bytes > 0 && self.retained.bytes() + size > l.max_retained_bytes;
+        if !count_full && !bytes_full {
+            return false;
+        }
+        let old = self.retained.stored_size(&msg.topic);
+        (count_full && old == 0)
+            || (bytes_full
+                && (self.retained.bytes() + size).saturating_sub(old) > l.max_retained_bytes)
     }
 
     /// Delivers a message forwarded by a peer to this node's subscribers: ordinary ones if

@@ -922,6 +922,9 @@ pub struct LimitsConfig {
     /// Retained messages on this node; a retained PUBLISH to a new topic beyond it is
     /// delivered but not retained. 0 = unlimited.
     pub max_retained: usize,
+    /// Topic and payload bytes of retained messages on this node; a retained PUBLISH that
+    /// would go beyond it is delivered but not retained. 0 = unlimited.
+    pub max_retained_bytes: usize,
     /// Password hashes (users file) verified at once; more CONNECTs wait their turn. At least 1.
     pub max_concurrent_hashes: usize,
     /// Failed authentications per source address per minute; beyond it that address's
@@ -955,6 +958,7 @@ impl Default for LimitsConfig {
             max_connections_per_ip: 1000,
             max_sessions: 200_000,
             max_retained: 100_000,
+            max_retained_bytes: 256 * 1024 * 1024,
             max_concurrent_hashes: 4,
             max_auth_failures_per_minute: 30,
             message_rate: None,

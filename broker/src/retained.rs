@@ -9,6 +9,20 @@ use parking_lot::RwLock;
 
 use crate::message::Msg;
 
+/// What a retained message counts against `limits.max_retained_bytes`.
+fn size(m: &Msg) -> usize {
+    m.topic.len() + m.payload.len()
+}
+
+/// The message stored at exactly `levels`, found without recursion.
+fn exact<'a>(root: &'a Node, levels: &[&str]) -> Option<&'a Msg> {
+    let mut node = root;
+    for l in levels {
+        node = node.children.get(*l)?;
+    }
+    node.msg.as_ref()
+}
+
 #[derive(Debug, Default)]
 struct Node {
     children: HashMap<Box<str>, Node>,
@@ -20,6 +34,8 @@ struct Node {
 pub struct Retained {
     root: RwLock<Node>,
     count: AtomicUsize,
+    /// Topic and payload bytes of the stored messages (for `limits.max_retained_bytes`).
+    bytes: AtomicUsize,
 }
 
 impl Retained {
@@ -29,8 +45,10 @@ impl Retained {
         let levels: Vec<&str> = msg.topic.split('/').collect();
         let mut root = self.root.write();
         if msg.payload.is_empty() {
+            let old = exact(&root, &levels).map_or(0, size);
             if clear(&mut root, &levels) {
                 self.count.fetch_sub(1, Ordering::Relaxed);
+                self.bytes.fetch_sub(old, Ordering::Relaxed);
             }
             return;
         }
@@ -38,9 +56,26 @@ impl Retained {
         for l in levels {
             node = node.children.entry(l.into()).or_default();
         }
-        if node.msg.replace(msg).is_none() {
-            self.count.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(size(&msg), Ordering::Relaxed);
+        match node.msg.replace(msg) {
+            None => {
+                self.count.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(old) => {
+                self.bytes.fetch_sub(size(&old), Ordering::Relaxed);
+            }
         }
+    }
+
+    /// Topic and payload bytes a message for `topic` stores now (expired or not).
+    pub fn stored_size(&self, topic: &str) -> usize {
+        let levels: Vec<&str> = topic.split('/').collect();
+        exact(&self.root.read(), &levels).map_or(0, size)
+    }
+
+    /// Topic and payload bytes of all retained messages.
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
     }
 
     /// Retained messages whose topics match `filter`, skipping expired ones.

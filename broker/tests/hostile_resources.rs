@@ -457,3 +457,38 @@ async fn unfinished_huge_connects_are_bounded_before_authentication() {
     drop(conns);
     stop(r).await;
 }
+
+/// `limits.max_retained_bytes`: a retained message that would go beyond it is not kept; a
+/// smaller replacement is, and the byte count follows replacements.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_bytes_are_capped() {
+    let _serial = SERIAL.lock().await;
+    let mut cfg = config();
+    cfg.limits.max_retained_bytes = 100;
+    let r = start_with(cfg).await;
+    let a = mqtt(&r);
+    let mut by = Bystander::connect(a, "bystander").await;
+    let mut p = Raw::connect(a, V::V311, "retainer").await;
+    let retained = |topic: &str, n: usize| {
+        let mut b = Vec::new();
+        pkt::field(topic.as_bytes(), &mut b);
+        b.extend_from_slice(&vec![b'r'; n]);
+        pkt::frame(0x31, &b)
+    };
+    p.send(&retained("b/1", 60)).await; // 63 bytes: kept
+    p.send(&retained("b/2", 60)).await; // 126 in all: refused
+    p.send(&retained("b/1", 30)).await; // replaced: 33
+    p.send(&retained("b/2", 30)).await; // 66 in all: kept
+    by.assert_served().await;
+    let b = r.broker.clone();
+    wait_until("retained publishes handled", || b.retained.len() == 2).await;
+    assert_eq!(r.broker.retained.bytes(), 66);
+    let refused = r
+        .broker
+        .metrics
+        .messages_dropped
+        .with_label_values(&["retained_limit"])
+        .get();
+    assert_eq!(refused, 1);
+    stop(r).await;
+}
