@@ -92,6 +92,9 @@ class Node:
             "CORVID_ADMIN__BIND": f"127.0.0.1:{admin}",
             "CORVID_LOG__LEVEL": "warn",
             "CORVID_SESSIONS__MAX_OFFLINE_QUEUE": "10000000",
+            # Every benchmark client comes from 127.0.0.1 (10k idle connections, fan-out to 1000):
+            # the per-address cap, meant for the internet, would refuse them.
+            "CORVID_LIMITS__MAX_CONNECTIONS_PER_IP": "0",
             "CORVID_SYS__ENABLED": "false",
             "CORVID_CLUSTER__BIND": "127.0.0.1",
             "CORVID_CLUSTER__ADVERTISE": "127.0.0.1",

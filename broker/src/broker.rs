@@ -22,7 +22,7 @@ use crate::message::{Delivery, Message, Msg};
 use crate::metrics::Metrics;
 use crate::retained::Retained;
 use crate::router::{Router, Select, Target};
-use crate::session::{ConnInfo, Enqueued, Kick, Registry, Session, Subscription};
+use crate::session::{ConnInfo, Enqueued, Kick, QueueBounds, Registry, Session, Subscription};
 use crate::topic;
 use crate::trace::Tracer;
 
@@ -65,6 +65,10 @@ pub struct Broker {
     pub tracer: Arc<Tracer>,
     /// Bridges to other brokers and Kafka: the publish path's tap into their buffers.
     pub bridges: crate::bridge::Bridges,
+    /// Session queue bounds and flow-control marks, resolved from `sessions.*` once.
+    pub queue_bounds: QueueBounds,
+    /// Failed authentications per source address (`limits.max_auth_failures_per_minute`).
+    pub auth_failures: crate::limits::AuthFailures,
 }
 
 /// Why the broker state could not be built from the configuration.
@@ -114,7 +118,8 @@ impl Broker {
     pub fn new(config: Config) -> Result<Arc<Self>, BrokerError> {
         let node = config.node_name();
         let metrics = Metrics::new()?;
-        let auth = Authenticator::new(&config.auth, metrics.auth.clone())?;
+        let auth = Authenticator::new(&config.auth, metrics.auth.clone())?
+            .with_max_concurrent_hashes(config.limits.max_concurrent_hashes);
         let acl = Acl::new(&config.acl)?;
         let hooks = Hooks::new(&config.webhooks, &node, &metrics)?;
         let bridges = crate::bridge::Bridges::new(&config.bridges, &metrics)?;
@@ -137,6 +142,10 @@ impl Broker {
             hooks,
             tracer,
             bridges,
+            queue_bounds: QueueBounds::new(&config.sessions),
+            auth_failures: crate::limits::AuthFailures::new(
+                config.limits.max_auth_failures_per_minute,
+            ),
             config: Arc::new(config),
             node,
             router: Router::default(),
@@ -154,10 +163,21 @@ impl Broker {
     /// Publishes a message: updates the retained store if asked, then delivers it to every
     /// matching session. Returns how many sessions it was routed to.
     pub fn publish(&self, msg: Msg) -> usize {
+        self.publish_flow(msg, &mut Vec::new())
+    }
+
+    /// [`Broker::publish`] for a client connection: also collects into `congested` the sessions
+    /// above their high-water mark, which the publisher's connection then waits for (flow
+    /// control instead of loss).
+    pub fn publish_flow(&self, msg: Msg, congested: &mut Vec<Arc<Session>>) -> usize {
         if msg.retain && self.config.mqtt.retain_available {
-            self.retained.set(msg.clone());
-            if let Some(c) = self.cluster.get() {
-                c.retained(&msg);
+            if self.retained_over_limit(&msg) {
+                self.metrics.dropped("retained_limit");
+            } else {
+                self.retained.set(msg.clone());
+                if let Some(c) = self.cluster.get() {
+                    c.retained(&msg);
+                }
             }
         }
         let strategy = self.config.mqtt.shared_subscription_strategy;
@@ -178,14 +198,36 @@ impl Broker {
         };
         let n = targets.len();
         for t in targets {
-            self.deliver(&msg, t);
+            self.deliver(&msg, t, congested);
         }
         // Bridges see each message once, on the node where it entered the cluster.
         n + self.bridges.tap(&msg)
     }
 
+    /// Whether retaining `msg` would go beyond `limits.max_retained` (a new topic) or
+    /// `limits.max_retained_bytes`; clearing, and replacing with no more bytes, always work.
+    fn retained_over_limit(&self, msg: &Message) -> bool {
+        if msg.payload.is_empty() {
+            return false;
+        }
+        let l = &self.config.limits;
+        let size = msg.topic.len() + msg.payload.len();
+        let count_full = l.max_retained > 0 && self.retained.len() >= l.max_retained;
+        let bytes_full =
+            l.max_retained_bytes > 0 && self.retained.bytes() + size > l.max_retained_bytes;
+        if !count_full && !bytes_full {
+            return false;
+        }
+        let old = self.retained.stored_size(&msg.topic);
+        (count_full && old == 0)
+            || (bytes_full
+                && (self.retained.bytes() + size).saturating_sub(old) > l.max_retained_bytes)
+    }
+
     /// Delivers a message forwarded by a peer to this node's subscribers: ordinary ones if
-    /// `plain`, and the shared groups the peer assigned here.
+    /// `plain`, and the shared groups the peer assigned here. The link is not held back for
+    /// congested sessions (that would stall every other frame from the peer): such a session
+    /// takes forwarded messages up to its queue limit.
     pub fn publish_local(&self, msg: Msg, plain: bool, groups: &HashSet<Arc<str>>) {
         let strategy = self.config.mqtt.shared_subscription_strategy;
         let sel = Select::Some { plain, groups };
@@ -193,7 +235,7 @@ impl Broker {
             .router
             .route_selected(&msg.topic, &msg.publisher, strategy, sel)
         {
-            self.deliver(&msg, t);
+            self.deliver(&msg, t, &mut Vec::new());
         }
     }
 
@@ -215,7 +257,7 @@ impl Broker {
         allowed
     }
 
-    fn deliver(&self, msg: &Msg, t: Target) {
+    fn deliver(&self, msg: &Msg, t: Target, congested: &mut Vec<Arc<Session>>) {
         if !self.may_receive(&t.session, msg) {
             return;
         }
@@ -226,26 +268,31 @@ impl Broker {
             sub_ids: t.sub_ids,
             share: t.share,
         };
-        self.enqueue(&t.session, d);
+        if self.enqueue(&t.session, d) && !congested.iter().any(|s| Arc::ptr_eq(s, &t.session)) {
+            congested.push(t.session);
+        }
     }
 
-    /// Queues a delivery on a session with the configured bounds, counting drops.
-    pub fn enqueue(&self, session: &Session, d: Delivery) {
-        let s = &self.config.sessions;
+    /// Queues a delivery on a session with the configured bounds, counting drops. Returns
+    /// true if the session is congested (above its high-water mark and still draining).
+    pub fn enqueue(&self, session: &Session, d: Delivery) -> bool {
         let hook = self
             .hooks
             .wants(EventKind::MessageDropped)
             .then(|| (d.msg.clone(), d.qos));
-        let reason =
-            match session.enqueue(d, s.max_offline_queue, s.queue_full_policy, s.queue_qos0) {
-                Enqueued::Queued | Enqueued::Duplicate => return,
-                Enqueued::QueuedDroppedOldest => "queue_full",
-                Enqueued::Dropped => "queue_full_or_offline_qos0",
-                Enqueued::Moved(node, d) => match self.cluster.get() {
-                    Some(c) => return c.deliver_to(&node, &session.client_id, &d),
-                    None => "moved_session",
-                },
-            };
+        let reason = match session.enqueue(d, &self.queue_bounds) {
+            Enqueued::Queued | Enqueued::Duplicate => return false,
+            Enqueued::Congested => return true,
+            Enqueued::QueuedDroppedOldest => "queue_full",
+            Enqueued::Dropped => "queue_full_or_offline_qos0",
+            Enqueued::Moved(node, d) => match self.cluster.get() {
+                Some(c) => {
+                    c.deliver_to(&node, &session.client_id, &d);
+                    return false;
+                }
+                None => "moved_session",
+            },
+        };
         self.metrics.dropped(reason);
         if let Some((msg, qos)) = hook {
             self.hooks.emit(Event::MessageDropped {
@@ -255,6 +302,7 @@ impl Broker {
                 reason,
             });
         }
+        false
     }
 
     /// Adds a subscription for `session` and queues the retained messages it should get.
@@ -479,6 +527,7 @@ impl Broker {
             st.disconnected_at = Some(Instant::now());
             st.expiry
         };
+        session.release_publishers();
         if expiry == 0 {
             self.end_session(session);
             self.sessions.remove_if_same(session);
@@ -525,9 +574,11 @@ impl Broker {
                 .map(|f| f.delivery)
                 .filter(|d| d.share.is_some())
                 .collect();
-            orphans.extend(st.queue.drain(..).filter(|d| d.share.is_some()));
+            let queue = std::mem::take(&mut st.queue);
+            orphans.extend(queue.into_iter().filter(|d| d.share.is_some()));
             (subs, orphans)
         };
+        session.release_publishers();
         for raw in subs {
             self.remove_route(session, &raw);
         }
@@ -586,7 +637,8 @@ impl Broker {
             return;
         }
         let broker = self.clone();
-        tokio::spawn(async move {
+        let waiting = session.clone();
+        let task = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
             let still_gone = {
                 let st = session.state.lock();
@@ -597,6 +649,21 @@ impl Broker {
                 broker.publish(msg);
             }
         });
+        // One pending will per session: a client that connects and drops again and again
+        // within its will delay replaces its will instead of piling up sleeping copies.
+        let previous = waiting
+            .state
+            .lock()
+            .pending_will
+            .replace(task.abort_handle());
+        if let Some(old) = previous {
+            old.abort();
+        }
+    }
+
+    /// How long a write to a client may take (`mqtt.write_timeout`, at least a second).
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_secs(self.config.mqtt.write_timeout.max(1))
     }
 
     /// Refreshes the gauges that mirror state; called before rendering metrics.

@@ -332,6 +332,17 @@ impl Codec {
         self.protocol
     }
 
+    /// Changes the largest inbound packet accepted (a small bound until CONNECT is handled,
+    /// `max_packet_size` after).
+    pub fn set_max_inbound(&mut self, size: u32) {
+        self.max_in = size;
+        match &mut self.inner {
+            MqttCodec::V3(c) => c.set_max_size(size),
+            MqttCodec::V5(c) => c.set_max_inbound_size(size),
+            _ => {}
+        }
+    }
+
     /// Caps outbound packets at the client's maximum packet size (MQTT 5).
     pub fn set_max_outbound(&mut self, size: u32) {
         if let MqttCodec::V5(c) = &mut self.inner {

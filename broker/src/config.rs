@@ -875,7 +875,8 @@ pub struct MqttConfig {
     pub receive_maximum: u16,
     /// Largest keep-alive the broker accepts; larger requests are lowered (MQTT 5 server keep alive).
     pub max_keepalive: u16,
-    /// Topic aliases a client may use towards the broker.
+    /// Topic aliases a client may use towards the broker, and most the broker uses towards a
+    /// client (each keeps a copy of its topic for the connection's lifetime).
     pub topic_alias_maximum: u16,
     /// Whether retained messages are supported.
     pub retain_available: bool,
@@ -889,6 +890,12 @@ pub struct MqttConfig {
     pub max_topic_length: usize,
     /// Seconds a new connection may take to send CONNECT.
     pub connect_timeout: u64,
+    /// Largest CONNECT accepted (and so the most buffered for a connection before it is
+    /// authenticated), in bytes; capped by `max_packet_size`.
+    pub max_connect_size: u32,
+    /// Seconds a write to a client may take; a client that stops reading is disconnected
+    /// after it (its session kept per its expiry). At least 1.
+    pub write_timeout: u64,
     /// Shared-subscription member selection.
     pub shared_subscription_strategy: SharedStrategy,
 }
@@ -908,6 +915,8 @@ impl Default for MqttConfig {
             // bytes), and each topic is copied into routes, retained entries and peer frames.
             max_topic_length: 4096,
             connect_timeout: 10,
+            max_connect_size: 64 * 1024,
+            write_timeout: 30,
             shared_subscription_strategy: SharedStrategy::RoundRobin,
         }
     }
@@ -940,12 +949,22 @@ pub enum QueueFullPolicy {
 pub struct SessionConfig {
     /// Messages queued per session (offline, or waiting for the inflight window).
     pub max_offline_queue: usize,
+    /// Topic and payload bytes queued per session; over it the queue sheds per
+    /// `queue_full_policy`, and above half of it the session is congested.
+    pub max_queue_bytes: usize,
     /// Policy when the queue is full.
     pub queue_full_policy: QueueFullPolicy,
     /// Cap on a client's session expiry interval, in seconds.
     pub max_session_expiry: u32,
     /// Whether QoS 0 messages are queued for offline sessions.
     pub queue_qos0: bool,
+    /// Queued messages above which an online session is congested: publishers routing into it
+    /// stop being read until it drains to half this mark (flow control instead of loss).
+    /// Capped by `max_offline_queue`; 0 turns flow control off.
+    pub queue_high_water: usize,
+    /// Seconds an online session may stay congested before it counts as not draining: from
+    /// then on publishers no longer wait for it and only it sheds at `max_offline_queue`.
+    pub congestion_timeout: u64,
     /// Who may take over (resume, or replace with clean start) a session that exists.
     pub takeover: Takeover,
 }
@@ -966,10 +985,13 @@ impl Default for SessionConfig {
     fn default() -> Self {
         Self {
             max_offline_queue: 1000,
+            max_queue_bytes: 16 * 1024 * 1024,
             queue_full_policy: QueueFullPolicy::DropOldest,
             max_session_expiry: 7200,
             queue_qos0: false,
             takeover: Takeover::OwnerOnly,
+            queue_high_water: 500,
+            congestion_timeout: 5,
         }
     }
 }
@@ -984,6 +1006,22 @@ pub struct LimitsConfig {
     pub max_conn_rate: u32,
     /// Max subscriptions per client (0 = unlimited).
     pub max_subscriptions: usize,
+    /// Simultaneous connections from one source address (after PROXY protocol); 0 = unlimited.
+    pub max_connections_per_ip: usize,
+    /// Sessions on this node, online and offline; a CONNECT that would create one more is
+    /// refused. 0 = unlimited.
+    pub max_sessions: usize,
+    /// Retained messages on this node; a retained PUBLISH to a new topic beyond it is
+    /// delivered but not retained. 0 = unlimited.
+    pub max_retained: usize,
+    /// Topic and payload bytes of retained messages on this node; a retained PUBLISH that
+    /// would go beyond it is delivered but not retained. 0 = unlimited.
+    pub max_retained_bytes: usize,
+    /// Password hashes (users file) verified at once; more CONNECTs wait their turn. At least 1.
+    pub max_concurrent_hashes: usize,
+    /// Failed authentications per source address per minute; beyond it that address's
+    /// CONNECTs are refused without checking the password until the minute is over. 0 = unlimited.
+    pub max_auth_failures_per_minute: u32,
     /// Per-connection PUBLISH rate, `rate,burst` messages per second.
     pub message_rate: Option<String>,
     /// Per-connection inbound byte rate, `rate,burst` bytes per second.
@@ -1008,7 +1046,13 @@ impl Default for LimitsConfig {
         Self {
             max_connections: 100_000,
             max_conn_rate: 0,
-            max_subscriptions: 0,
+            max_subscriptions: 1000,
+            max_connections_per_ip: 1000,
+            max_sessions: 200_000,
+            max_retained: 100_000,
+            max_retained_bytes: 256 * 1024 * 1024,
+            max_concurrent_hashes: 4,
+            max_auth_failures_per_minute: 30,
             message_rate: None,
             byte_rate: None,
             over_rate: OverRate::Throttle,
@@ -1663,6 +1707,18 @@ impl Config {
         }
         if self.sessions.max_offline_queue == 0 {
             return invalid("sessions.max_offline_queue", "must be at least 1");
+        }
+        if self.sessions.max_queue_bytes < 1024 {
+            return invalid("sessions.max_queue_bytes", "must be at least 1024");
+        }
+        if self.limits.max_concurrent_hashes == 0 {
+            return invalid("limits.max_concurrent_hashes", "must be at least 1");
+        }
+        if self.mqtt.max_connect_size < 64 {
+            return invalid("mqtt.max_connect_size", "must be at least 64 bytes");
+        }
+        if self.mqtt.write_timeout == 0 {
+            return invalid("mqtt.write_timeout", "must be at least 1 second");
         }
         for (name, l) in self.listener_list() {
             if (name == "ws" || name == "wss") && !l.path.starts_with('/') {

@@ -27,12 +27,18 @@ use crate::hooks::{Event, EventKind};
 use crate::limits::ConnLimits;
 use crate::listener::transport::Transport;
 use crate::message::Message;
-use crate::session::{unix_now, ConnInfo, Inflight, InflightState, Kick, KickSlot, Session};
+use crate::session::{
+    unix_now, ConnInfo, Inflight, InflightState, Kick, KickSlot, QueueBounds, Session,
+};
 use crate::topic;
 use crate::trace::{self, Dir};
 
 /// Bytes buffered for writing before the queue drain pauses to flush.
 const WRITE_BATCH: usize = 64 * 1024;
+
+/// How long the last words to a closing client (refusing CONNACK, acks before a protocol
+/// error, DISCONNECT) may take: a client that does not read them is not waited for.
+const FLUSH_BEFORE_CLOSE: Duration = Duration::from_secs(2);
 
 /// Why a connection ended.
 #[derive(Debug)]
@@ -49,6 +55,9 @@ enum End {
     Kicked(Kick),
     /// Over its message or byte rate with `over_rate: disconnect` (MQTT 5 reason 0x96).
     RateLimited,
+    /// The client did not take our bytes within `mqtt.write_timeout`; a packet may be half
+    /// written, so nothing more is sent.
+    WriteTimeout,
 }
 
 impl End {
@@ -64,6 +73,7 @@ impl End {
             End::Kicked(Kick::ShuttingDown) => "server_shutdown",
             End::Kicked(Kick::UseAnotherServer(_)) => "use_another_server",
             End::RateLimited => "rate_limited",
+            End::WriteTimeout => "write_timeout",
         }
     }
 }
@@ -75,14 +85,19 @@ pub async fn serve(
     peer: SocketAddr,
     listener: &'static str,
 ) {
-    let mut codec = Codec::new(broker.config.mqtt.max_packet_size);
+    // Until CONNECT is handled, only a CONNECT-sized packet is buffered for an anonymous peer.
+    let max_packet = broker.config.mqtt.max_packet_size;
+    let mut codec = Codec::new(broker.config.mqtt.max_connect_size.min(max_packet));
     let mut rbuf = BytesMut::new();
     let mut wbuf = BytesMut::new();
     let timeout = Duration::from_secs(broker.config.mqtt.connect_timeout.max(1));
     let first =
         tokio::time::timeout(timeout, read_packet(&mut transport, &mut codec, &mut rbuf)).await;
     let connect = match first {
-        Ok(Ok(Some(Inbound::Connect(c)))) => c,
+        Ok(Ok(Some(Inbound::Connect(c)))) => {
+            codec.set_max_inbound(max_packet);
+            c
+        }
         Ok(Ok(Some(other))) => {
             tracing::debug!(%peer, packet = ?other, "first packet is not CONNECT");
             broker
@@ -90,7 +105,7 @@ pub async fn serve(
                 .protocol_errors
                 .with_label_values(&["first_packet_not_connect"])
                 .inc();
-            return transport.close().await;
+            return close_with(&mut transport, &[]).await;
         }
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
@@ -109,9 +124,8 @@ pub async fn serve(
             };
             if let Some(code) = code {
                 let _ = codec.encode(Outbound::refused(code), &mut wbuf);
-                let _ = transport.write_all(&wbuf).await;
             }
-            return transport.close().await;
+            return close_with(&mut transport, &wbuf).await;
         }
         Err(_) => {
             broker
@@ -134,8 +148,7 @@ pub async fn serve(
                 .with_label_values(&[why])
                 .inc();
             let _ = codec.encode(Outbound::refused(code), &mut wbuf);
-            let _ = transport.write_all(&wbuf).await;
-            return transport.close().await;
+            return close_with(&mut transport, &wbuf).await;
         }
     };
     // In a cluster the client id is unique cluster-wide: take the session from whichever node
@@ -161,8 +174,7 @@ pub async fn serve(
     ) {
         Ok(c) => c,
         Err(()) => {
-            let _ = transport.write_all(&wbuf).await;
-            return transport.close().await;
+            return close_with(&mut transport, &wbuf).await;
         }
     };
     let end = conn.run(&mut transport, rbuf, wbuf).await;
@@ -180,6 +192,9 @@ async fn authenticate(
     if broker.auth.is_open() {
         return Ok(Vec::new());
     }
+    if broker.auth_failures.blocked(peer.ip(), Instant::now()) {
+        return Err((ConnAckCode::BadCredentials, "auth_rate_limited"));
+    }
     let ctx = ConnectCtx {
         client_id: &c.client_id,
         username: c.username.as_deref(),
@@ -189,22 +204,75 @@ async fn authenticate(
     };
     match broker.auth.authenticate(&ctx).await {
         AuthDecision::Allow { acl, .. } => Ok(acl),
-        AuthDecision::Deny(r) => Err(match r {
-            Refusal::BadCredentials => (ConnAckCode::BadCredentials, "bad_credentials"),
-            Refusal::NotAuthorized => (ConnAckCode::NotAuthorized, "not_authorized"),
-            Refusal::ClientIdNotAllowed => (ConnAckCode::ClientIdNotValid, "client_id_not_allowed"),
-            Refusal::BackendUnavailable => (ConnAckCode::NotAuthorized, "auth_backend_unavailable"),
+        AuthDecision::Deny(r) => Err({
+            if matches!(r, Refusal::BadCredentials | Refusal::NotAuthorized) {
+                broker.auth_failures.failed(peer.ip(), Instant::now());
+            }
+            match r {
+                Refusal::BadCredentials => (ConnAckCode::BadCredentials, "bad_credentials"),
+                Refusal::NotAuthorized => (ConnAckCode::NotAuthorized, "not_authorized"),
+                Refusal::ClientIdNotAllowed => {
+                    (ConnAckCode::ClientIdNotValid, "client_id_not_allowed")
+                }
+                Refusal::BackendUnavailable => {
+                    (ConnAckCode::NotAuthorized, "auth_backend_unavailable")
+                }
+            }
         }),
     }
+}
+
+/// Writes `last` (a refusing CONNACK) and closes, within [`FLUSH_BEFORE_CLOSE`] in all: a
+/// client that does not read is not waited for.
+async fn close_with(t: &mut Transport, last: &[u8]) {
+    let _ = tokio::time::timeout(FLUSH_BEFORE_CLOSE, async {
+        if !last.is_empty() {
+            let _ = t.write_all(last).await;
+        }
+        t.close().await;
+    })
+    .await;
 }
 
 /// Writes what is buffered (acknowledgements of packets handled before an error go out
 /// first [MQTT-4.3.2-4, 4.3.3-8]), then hands back why the connection ends.
 async fn flush_then(t: &mut Transport, wbuf: &BytesMut, end: End) -> End {
     if !wbuf.is_empty() {
-        let _ = t.write_all(wbuf).await;
+        let _ = tokio::time::timeout(FLUSH_BEFORE_CLOSE, t.write_all(wbuf)).await;
     }
     end
+}
+
+/// Waits until none of `held` holds its publisher back any more: each drained to its
+/// low-water mark, went offline, or stayed congested past the drain timeout. Cancel-safe.
+async fn wait_drained(held: &mut Vec<Arc<Session>>, bounds: &QueueBounds) {
+    /// A wake-up that is lost (another session drained, a session went offline) costs at
+    /// most this much.
+    const RECHECK: Duration = Duration::from_millis(50);
+    loop {
+        let mut until: Option<Instant> = None;
+        held.retain(|s| match s.holds_back(bounds) {
+            Some(t) => {
+                until = Some(until.map_or(t, |u| u.min(t)));
+                true
+            }
+            None => false,
+        });
+        let (Some(first), Some(until)) = (held.first().cloned(), until) else {
+            return;
+        };
+        let notified = first.drained.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if first.holds_back(bounds).is_none() {
+            continue;
+        }
+        let wake = until.min(Instant::now() + RECHECK);
+        tokio::select! {
+            _ = notified => {}
+            _ = tokio::time::sleep_until(wake.into()) => {}
+        }
+    }
 }
 
 /// Reads until one whole packet is decoded; `Ok(None)` if the peer closed first.
@@ -250,6 +318,13 @@ struct Conn {
     acl: Arc<ClientAcl>,
     /// Message and byte rate buckets.
     limits: ConnLimits,
+    /// Sessions this client's last PUBLISH was routed into while they were above their
+    /// high-water mark: its socket is not read until they drain (bounded in time).
+    congested: Vec<Arc<Session>>,
+    /// A write was abandoned midway: nothing more may be written.
+    write_torn: bool,
+    /// PUBACK / PUBREC held back while this client's own session is congested.
+    held_acks: Vec<codec::Outbound>,
 }
 
 impl Conn {
@@ -315,6 +390,14 @@ impl Conn {
             if w.retain && !cfg.mqtt.retain_available {
                 return refuse(&mut codec, ConnAckCode::RetainNotSupported, "will_retain");
             }
+        }
+        let max_sessions = cfg.limits.max_sessions;
+        if max_sessions > 0
+            && broker.sessions.len() >= max_sessions
+            && (c.client_id.is_empty() || broker.sessions.get(&c.client_id).is_none())
+        {
+            // MQTT 5: 0x89 Server busy; 3.1.1: 0x03 Server unavailable.
+            return refuse(&mut codec, ConnAckCode::ServerBusy, "max_sessions");
         }
         let assigned = c.client_id.is_empty();
         let client_id = if assigned {
@@ -408,8 +491,9 @@ impl Conn {
             max_inflight,
             aliases_in: HashMap::new(),
             aliases_out: HashMap::new(),
+            // The broker's own table is bounded too: each alias keeps a copy of its topic.
             client_alias_max: if protocol.is_v5() {
-                c.topic_alias_max
+                c.topic_alias_max.min(cfg.mqtt.topic_alias_maximum)
             } else {
                 0
             },
@@ -419,6 +503,9 @@ impl Conn {
             connected_at_us: crate::hooks::now_us(),
             acl,
             limits,
+            congested: Vec::new(),
+            write_torn: false,
+            held_acks: Vec::new(),
         };
         if opened.present {
             conn.reauthorize_subscriptions();
@@ -594,15 +681,31 @@ impl Conn {
         tokio::pin!(sleep);
         // While over its rate the client is not read from until this instant.
         let mut paused: Option<tokio::time::Instant> = None;
+        // While not empty the client is not read from: sessions its PUBLISHes went into that
+        // are above their high-water mark (each holds it back at most the drain timeout).
+        let mut held: Vec<Arc<Session>> = Vec::new();
+        let bounds = self.broker.queue_bounds;
+        let write_timeout = self.broker.write_timeout();
         loop {
             let more = match self.drain(&mut wbuf) {
                 Ok(more) => more,
                 Err(end) => return end,
             };
+            self.release_acks(&bounds, &mut wbuf);
             if !wbuf.is_empty() {
                 let n = wbuf.len();
-                if t.write_all(&wbuf).await.is_err() {
-                    return End::Lost;
+                // A client that stops reading must not hold up a kick or shutdown, and is let
+                // go after the write deadline (which also bounds how long keep alive, checked
+                // between writes, can be kept waiting).
+                tokio::select! {
+                    biased;
+                    k = kick.recv() => return self.torn(End::Kicked(k)),
+                    _ = shutdown.cancelled() => return self.torn(End::Kicked(Kick::ShuttingDown)),
+                    r = tokio::time::timeout(write_timeout, t.write_all(&wbuf)) => match r {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => return End::Lost,
+                        Err(_) => return self.torn(End::WriteTimeout),
+                    },
                 }
                 self.broker.metrics.bytes_sent.inc_by(n as u64);
                 wbuf.clear();
@@ -614,6 +717,11 @@ impl Conn {
             if more {
                 session.notify.notify_one();
             }
+            if self.hold_for_congestion(&mut held) && !ka.is_zero() {
+                // Not reading is the broker's doing: keep alive waits too.
+                let until = tokio::time::Instant::now() + bounds.congestion_timeout;
+                sleep.as_mut().reset(until + ka);
+            }
             if rbuf.is_empty() && rbuf.capacity() > 0 && !more && paused.is_none() {
                 // Idle connections hold no read buffer.
                 rbuf = BytesMut::new();
@@ -622,7 +730,7 @@ impl Conn {
                 biased;
                 k = kick.recv() => return End::Kicked(k),
                 _ = shutdown.cancelled() => return End::Kicked(Kick::ShuttingDown),
-                r = t.read(&mut rbuf), if paused.is_none() => {
+                r = t.read(&mut rbuf), if paused.is_none() && held.is_empty() => {
                     match r {
                         Ok(0) | Err(_) => return End::Lost,
                         Ok(n) => {
@@ -669,14 +777,53 @@ impl Conn {
                         Err(end) => return flush_then(t, &wbuf, end).await,
                     }
                 }
+                _ = wait_drained(&mut held, &bounds), if !held.is_empty() => {
+                    // The sessions drained (or stopped counting as draining): finish what is
+                    // buffered, then read again — unless a rate pause is still running.
+                    if !ka.is_zero() {
+                        sleep.as_mut().reset(tokio::time::Instant::now() + ka);
+                    }
+                    if paused.is_none() {
+                        match self.process(&mut rbuf, &mut wbuf) {
+                            Ok(w) => paused = w.map(|w| tokio::time::Instant::now() + w),
+                            Err(end) => return flush_then(t, &wbuf, end).await,
+                        }
+                    }
+                }
                 _ = session.notify.notified() => {}
                 _ = &mut sleep => return End::KeepAlive,
             }
         }
     }
 
+    /// Notes that a write was abandoned midway (the stream may end inside a packet), so
+    /// closing sends no DISCONNECT; hands `end` back.
+    fn torn(&mut self, end: End) -> End {
+        self.write_torn = true;
+        end
+    }
+
+    /// Moves the sessions the last PUBLISHes found congested into `held`; true when the
+    /// connection starts waiting (counted as a pause).
+    fn hold_for_congestion(&mut self, held: &mut Vec<Arc<Session>>) -> bool {
+        if self.congested.is_empty() {
+            return false;
+        }
+        let starts = held.is_empty();
+        for s in self.congested.drain(..) {
+            if !held.iter().any(|h| Arc::ptr_eq(h, &s)) {
+                held.push(s);
+            }
+        }
+        if starts {
+            self.broker.metrics.throttled_congestion.inc();
+        }
+        starts
+    }
+
     /// Decodes and handles the packets in `rbuf`. Stops early when the client goes over its
-    /// message rate, returning how long to stop reading (the rest stays buffered).
+    /// message rate, returning how long to stop reading (the rest stays buffered), or when a
+    /// PUBLISH went into a congested session (`self.congested` is then not empty).
     fn process(
         &mut self,
         rbuf: &mut BytesMut,
@@ -698,7 +845,7 @@ impl Conn {
                     if let Some(end) = self.handle(p, wbuf) {
                         return Err(end);
                     }
-                    if wait.is_some() {
+                    if wait.is_some() || !self.congested.is_empty() {
                         return Ok(wait);
                     }
                 }
@@ -719,19 +866,24 @@ impl Conn {
         }
         let broker = self.broker.clone();
         let metrics = &broker.metrics;
-        while let Some(front) = st.queue.front() {
+        let more = loop {
+            let Some(front) = st.queue.front() else {
+                break false;
+            };
             if front.msg.expired(now) {
                 st.queue.pop_front();
                 metrics.dropped("expired");
                 continue;
             }
             if front.qos != QoS::AtMostOnce && st.inflight.len() >= self.max_inflight {
-                return Ok(false);
+                break false;
             }
             if wbuf.len() >= WRITE_BATCH {
-                return Ok(true);
+                break true;
             }
-            let Some(d) = st.queue.pop_front() else { break };
+            let Some(d) = st.queue.pop_front() else {
+                break false;
+            };
             let packet_id = if d.qos == QoS::AtMostOnce {
                 None
             } else {
@@ -739,7 +891,7 @@ impl Conn {
                     Some(id) => Some(id),
                     None => {
                         st.queue.push_front(d);
-                        return Ok(false);
+                        break false;
                     }
                 }
             };
@@ -771,8 +923,12 @@ impl Conn {
                     state: InflightState::AwaitAck,
                 });
             }
+        };
+        if st.relieve(&broker.queue_bounds, &self.client_id) {
+            drop(st);
+            session.drained.notify_waiters();
         }
-        Ok(false)
+        Ok(more)
     }
 
     fn publish_packet(
@@ -789,17 +945,22 @@ impl Conn {
         };
         let mut topic = d.msg.topic.clone();
         if self.client_alias_max > 0 && !dup {
-            let next = self.aliases_out.len() as u16 + 1;
-            let alias = match self.aliases_out.get(&topic) {
-                Some(&a) => {
+            // Computed wide: `len() as u16 + 1` would wrap at 65,535 aliases.
+            let next = u16::try_from(self.aliases_out.len() + 1)
+                .ok()
+                .filter(|&n| n <= self.client_alias_max);
+            let alias = match (self.aliases_out.get(&topic), next) {
+                (Some(&a), _) => {
                     topic = ByteString::new();
                     Some(a)
                 }
-                None if next <= self.client_alias_max => {
-                    self.aliases_out.insert(topic.clone(), next);
+                (None, Some(next)) => {
+                    // A copy: the topic may be a slice of a large packet's buffer, which the
+                    // alias table would otherwise keep alive for the connection's lifetime.
+                    self.aliases_out.insert(ByteString::from(&*topic), next);
                     Some(next)
                 }
-                None => None,
+                (None, None) => None,
             };
             if let Some(a) = alias {
                 props.get_or_insert_with(Default::default).topic_alias = NonZeroU16::new(a);
@@ -1027,7 +1188,9 @@ impl Conn {
                     None => return Some(End::Protocol(0x82, "unknown topic alias".into())),
                 }
             } else {
-                self.aliases_in.insert(alias.get(), p.topic.clone());
+                // A copy, so the alias table does not keep this packet's buffer alive.
+                self.aliases_in
+                    .insert(alias.get(), ByteString::from(&*p.topic));
             }
         }
         if p.properties
@@ -1082,7 +1245,7 @@ impl Conn {
             if st.incoming_qos2.contains(&id.get()) {
                 // A resend of a message already routed: acknowledge again, don't deliver twice.
                 drop(st);
-                let _ = self.send(Outbound::PubRec(id, 0), wbuf, None);
+                self.ack(Outbound::PubRec(id, 0), false, wbuf);
                 return None;
             }
             if st.incoming_qos2.len() >= usize::from(cfg.mqtt.receive_maximum) {
@@ -1111,7 +1274,7 @@ impl Conn {
         ));
         let routed = if self.broker.hooks.wants(EventKind::MessageDropped) {
             let (topic, publisher) = (msg.topic.clone(), msg.publisher.clone());
-            let n = self.broker.publish(msg);
+            let n = self.broker.publish_flow(msg, &mut self.congested);
             if n == 0 {
                 self.broker.hooks.emit(Event::MessageDropped {
                     from_client_id: publisher.to_string(),
@@ -1122,19 +1285,46 @@ impl Conn {
             }
             n
         } else {
-            self.broker.publish(msg)
+            self.broker.publish_flow(msg, &mut self.congested)
         };
+        // Never stop reading for our own session: only reading this socket (its PUBACKs)
+        // drains it. Its acknowledgements are held back instead, so the client's own inflight
+        // limit slows it down while its acks for our deliveries keep coming.
+        let own = &self.session;
+        let self_fed = self.congested.iter().any(|s| Arc::ptr_eq(s, own));
+        self.congested.retain(|s| !Arc::ptr_eq(s, own));
         let reason = if routed == 0 { 0x10 } else { 0x00 };
         match (qos, packet_id) {
             (QoS::AtLeastOnce, Some(id)) => {
-                let _ = self.send(Outbound::PubAck(id, reason), wbuf, None);
+                self.ack(Outbound::PubAck(id, reason), self_fed, wbuf);
             }
             (QoS::ExactlyOnce, Some(id)) => {
-                let _ = self.send(Outbound::PubRec(id, reason), wbuf, None);
+                self.ack(Outbound::PubRec(id, reason), self_fed, wbuf);
             }
             _ => {}
         }
         None
+    }
+
+    /// Acknowledges a PUBLISH, or holds the acknowledgement back while this client's own
+    /// session is congested (and behind any held one: acks go out in PUBLISH order).
+    fn ack(&mut self, p: Outbound, hold: bool, wbuf: &mut BytesMut) {
+        if hold || !self.held_acks.is_empty() {
+            self.held_acks.push(p);
+        } else {
+            let _ = self.send(p, wbuf, None);
+        }
+    }
+
+    /// Sends the held acknowledgements once this client's own session no longer holds
+    /// publishers back.
+    fn release_acks(&mut self, bounds: &QueueBounds, wbuf: &mut BytesMut) {
+        if self.held_acks.is_empty() || self.session.holds_back(bounds).is_some() {
+            return;
+        }
+        for p in std::mem::take(&mut self.held_acks) {
+            let _ = self.send(p, wbuf, None);
+        }
     }
 
     /// A PUBLISH the ACL refuses (or one into `$SYS`): MQTT 5 acknowledges it with 0x87 (Not
@@ -1160,14 +1350,14 @@ impl Conn {
         let rc = if v5 { 0x87 } else { 0x00 };
         match (p.qos, p.packet_id) {
             (QoS::AtLeastOnce, Some(id)) => {
-                let _ = self.send(Outbound::PubAck(id, rc), wbuf, None);
+                self.ack(Outbound::PubAck(id, rc), false, wbuf);
             }
             (QoS::ExactlyOnce, Some(id)) => {
                 if !v5 {
                     // The 3.1.1 flow goes on to PUBREL/PUBCOMP.
                     self.session.state.lock().incoming_qos2.insert(id.get());
                 }
-                let _ = self.send(Outbound::PubRec(id, rc), wbuf, None);
+                self.ack(Outbound::PubRec(id, rc), false, wbuf);
             }
             (QoS::ExactlyOnce, None) => {
                 return Some(End::Protocol(0x82, "QoS 2 without packet id".into()));
@@ -1213,6 +1403,11 @@ impl Conn {
                 self.broker.metrics.rate_disconnects.inc();
                 (Some(0x96), None, true)
             }
+            End::WriteTimeout => {
+                self.broker.metrics.write_timeouts.inc();
+                tracing::info!(peer = %self.peer, client_id = %self.client_id, "client stopped reading; disconnected after the write timeout");
+                (None, None, true)
+            }
         };
         if self.broker.tracer.is_traced(&self.client_id, None) {
             let line = format!("CLOSE reason={}", end.label());
@@ -1220,7 +1415,7 @@ impl Conn {
                 .tracer
                 .record(&self.client_id, None, Dir::Out, &line);
         }
-        if let (Some(code), true) = (reason, self.protocol.is_v5()) {
+        if let (Some(code), true, false) = (reason, self.protocol.is_v5(), self.write_torn) {
             let mut buf = BytesMut::new();
             if self
                 .codec
@@ -1233,7 +1428,7 @@ impl Conn {
                 )
                 .is_ok()
             {
-                let _ = tokio::time::timeout(Duration::from_secs(2), t.write_all(&buf)).await;
+                let _ = tokio::time::timeout(FLUSH_BEFORE_CLOSE, t.write_all(&buf)).await;
             }
         }
         self.broker.metrics.connections.dec();

@@ -6,7 +6,11 @@
 //! the connection with MQTT 5 reason 0x96 (`disconnect`). Deliveries to the client go on
 //! while its reading is paused.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use crate::config::Rate;
 
@@ -76,8 +80,77 @@ impl ConnLimits {
     }
 }
 
+/// Failed authentications per source address in the current minute
+/// (`limits.max_auth_failures_per_minute`), so password guessing from one address is cut off
+/// before it reaches the (slow, bounded) password hashing.
+#[derive(Debug)]
+pub struct AuthFailures {
+    max: u32,
+    seen: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+}
+
+impl AuthFailures {
+    /// Addresses tracked at most; older windows are pruned beyond it.
+    const CAP: usize = 100_000;
+    const WINDOW: Duration = Duration::from_secs(60);
+
+    /// A limiter allowing `max` failures per address per minute (0 = unlimited).
+    pub fn new(max: u32) -> Self {
+        AuthFailures {
+            max,
+            seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether `ip` has used up its failures for this minute.
+    pub fn blocked(&self, ip: IpAddr, now: Instant) -> bool {
+        if self.max == 0 {
+            return false;
+        }
+        self.seen
+            .lock()
+            .get(&ip)
+            .is_some_and(|(start, n)| now.duration_since(*start) < Self::WINDOW && *n >= self.max)
+    }
+
+    /// Records a failed authentication from `ip`.
+    pub fn failed(&self, ip: IpAddr, now: Instant) {
+        if self.max == 0 {
+            return;
+        }
+        let mut seen = self.seen.lock();
+        if seen.len() >= Self::CAP {
+            seen.retain(|_, (start, _)| now.duration_since(*start) < Self::WINDOW);
+            if seen.len() >= Self::CAP {
+                seen.clear();
+            }
+        }
+        let e = seen.entry(ip).or_insert((now, 0));
+        if now.duration_since(e.0) >= Self::WINDOW {
+            *e = (now, 0);
+        }
+        e.1 = e.1.saturating_add(1);
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn auth_failures_block_for_the_rest_of_the_minute() {
+        let ip: std::net::IpAddr = "10.0.0.1".parse().expect("ip");
+        let other: std::net::IpAddr = "10.0.0.2".parse().expect("ip");
+        let t0 = Instant::now();
+        let f = AuthFailures::new(3);
+        for _ in 0..3 {
+            assert!(!f.blocked(ip, t0));
+            f.failed(ip, t0);
+        }
+        assert!(f.blocked(ip, t0));
+        assert!(!f.blocked(other, t0));
+        assert!(!f.blocked(ip, t0 + Duration::from_secs(61)));
+        assert!(!AuthFailures::new(0).blocked(ip, t0));
+    }
+
     use super::*;
 
     #[test]

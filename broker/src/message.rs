@@ -105,3 +105,10 @@ pub struct Delivery {
     /// can go to another member if this session ends before acknowledging it.
     pub share: Option<Arc<str>>,
 }
+
+impl Delivery {
+    /// What this delivery counts against a session's queue byte bound: topic and payload.
+    pub fn size(&self) -> usize {
+        self.msg.topic.len() + self.msg.payload.len()
+    }
+}

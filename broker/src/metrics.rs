@@ -77,8 +77,13 @@ pub struct Metrics {
     pub throttled_messages: IntCounter,
     /// Connections slowed down by `limits.byte_rate` (each pause counts once).
     pub throttled_bytes: IntCounter,
+    /// Publishers held back by a session above its `sessions.queue_high_water` (each pause
+    /// counts once).
+    pub throttled_congestion: IntCounter,
     /// Connections closed for exceeding their rate (`over_rate: disconnect`).
     pub rate_disconnects: IntCounter,
+    /// Connections closed because the client did not read within `mqtt.write_timeout`.
+    pub write_timeouts: IntCounter,
     /// Subscriptions refused by `limits.max_subscriptions`.
     pub subscriptions_refused: IntCounter,
     /// Auto-subscriptions made on connect.
@@ -177,7 +182,7 @@ impl Metrics {
         registry.register(Box::new(acl.clone()))?;
         let throttled = vec(
             "corvid_throttled_total",
-            "Times a connection was paused for exceeding its rate",
+            "Times a connection was paused: over its rate, or publishing into a congested session",
             "limit",
         )?;
         #[cfg(target_os = "linux")]
@@ -247,9 +252,14 @@ impl Metrics {
             },
             throttled_messages: throttled.with_label_values(&["message_rate"]),
             throttled_bytes: throttled.with_label_values(&["byte_rate"]),
+            throttled_congestion: throttled.with_label_values(&["queue_high_water"]),
             rate_disconnects: counter(
                 "corvid_rate_limit_disconnects_total",
                 "Connections closed for exceeding their message or byte rate",
+            )?,
+            write_timeouts: counter(
+                "corvid_write_timeouts_total",
+                "Connections closed because the client did not read within mqtt.write_timeout",
             )?,
             subscriptions_refused: counter(
                 "corvid_subscriptions_refused_total",

@@ -10,6 +10,20 @@ use parking_lot::RwLock;
 use crate::message::Msg;
 use crate::trie::{self, TrieNode};
 
+/// What a retained message counts against `limits.max_retained_bytes`.
+fn size(m: &Msg) -> usize {
+    m.topic.len() + m.payload.len()
+}
+
+/// The message stored at exactly `levels`, found without recursion.
+fn exact<'a>(root: &'a Node, levels: &[&str]) -> Option<&'a Msg> {
+    let mut node = root;
+    for l in levels {
+        node = node.children.get(*l)?;
+    }
+    node.msg.as_ref()
+}
+
 #[derive(Debug, Default)]
 struct Node {
     children: HashMap<Box<str>, Node>,
@@ -39,6 +53,8 @@ impl Drop for Node {
 pub struct Retained {
     root: RwLock<Node>,
     count: AtomicUsize,
+    /// Topic and payload bytes of the stored messages (for `limits.max_retained_bytes`).
+    bytes: AtomicUsize,
 }
 
 impl Retained {
@@ -50,16 +66,34 @@ impl Retained {
         let mut root = self.root.write();
         if msg.payload.is_empty() {
             let cleared = trie::descend_mut(&mut *root, &levels).and_then(|n| n.msg.take());
-            if cleared.is_some() {
+            if let Some(old) = cleared {
                 self.count.fetch_sub(1, Ordering::Relaxed);
+                self.bytes.fetch_sub(size(&old), Ordering::Relaxed);
                 trie::prune(&mut *root, &levels);
             }
             return;
         }
         let node = trie::descend_or_insert(&mut *root, levels.iter().copied());
-        if node.msg.replace(msg).is_none() {
-            self.count.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(size(&msg), Ordering::Relaxed);
+        match node.msg.replace(msg) {
+            None => {
+                self.count.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(old) => {
+                self.bytes.fetch_sub(size(&old), Ordering::Relaxed);
+            }
         }
+    }
+
+    /// Topic and payload bytes a message for `topic` stores now (expired or not).
+    pub fn stored_size(&self, topic: &str) -> usize {
+        let levels: Vec<&str> = topic.split('/').collect();
+        exact(&self.root.read(), &levels).map_or(0, size)
+    }
+
+    /// Topic and payload bytes of all retained messages.
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
     }
 
     /// Retained messages whose topics match `filter`, skipping expired ones.

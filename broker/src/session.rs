@@ -10,14 +10,14 @@ use std::net::SocketAddr;
 use std::num::{NonZeroU16, NonZeroU32};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytestring::ByteString;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use crate::codec::{Protocol, QoS, SubOptions};
-use crate::config::QueueFullPolicy;
+use crate::config::{QueueFullPolicy, SessionConfig};
 use crate::message::Delivery;
 
 /// Why a connection is being told to go away by someone else.
@@ -123,7 +123,7 @@ pub struct SessionState {
     /// Subscriptions by raw filter (including any `$share/{group}/` prefix).
     pub subscriptions: HashMap<String, Subscription>,
     /// Messages waiting to be sent.
-    pub queue: VecDeque<Delivery>,
+    pub queue: Queue,
     /// Messages sent and not yet acknowledged, in send order.
     pub inflight: VecDeque<Inflight>,
     /// Next packet id to try.
@@ -150,6 +150,93 @@ pub struct SessionState {
     /// The identity that owns the session: the user name it was opened with (`None` for an
     /// anonymous client). `sessions.takeover: owner_only` lets only this identity resume it.
     pub owner: Option<String>,
+    /// When the queue of this online session went above its high-water mark; cleared once it
+    /// drains to the low-water mark. Publishers routing into it wait meanwhile (bounded).
+    pub congested_since: Option<Instant>,
+    /// Congested for longer than the drain timeout: publishers no longer wait for it and it
+    /// sheds at its queue limit (logged once per episode).
+    pub not_draining: bool,
+    /// The delayed will waiting to be published for this session, if any: at most one.
+    pub pending_will: Option<tokio::task::AbortHandle>,
+}
+
+/// A session's queue of deliveries, its byte count kept in step so the byte bound costs
+/// nothing to check.
+#[derive(Debug, Default)]
+pub struct Queue {
+    items: VecDeque<Delivery>,
+    bytes: usize,
+}
+
+impl Queue {
+    /// Messages queued.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Topic and payload bytes queued.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The next message to send.
+    pub fn front(&self) -> Option<&Delivery> {
+        self.items.front()
+    }
+
+    /// Takes the next message to send.
+    pub fn pop_front(&mut self) -> Option<Delivery> {
+        let d = self.items.pop_front()?;
+        self.bytes = self.bytes.saturating_sub(d.size());
+        Some(d)
+    }
+
+    /// Queues a message last.
+    pub fn push_back(&mut self, d: Delivery) {
+        self.bytes += d.size();
+        self.items.push_back(d);
+    }
+
+    /// Puts a message back first (it was taken and could not be sent yet).
+    pub fn push_front(&mut self, d: Delivery) {
+        self.bytes += d.size();
+        self.items.push_front(d);
+    }
+
+    /// The queued messages in order.
+    pub fn iter(&self) -> impl Iterator<Item = &Delivery> {
+        self.items.iter()
+    }
+
+    /// Drops everything.
+    pub fn clear(&mut self) {
+        self.items.clear();
+        self.bytes = 0;
+    }
+}
+
+impl FromIterator<Delivery> for Queue {
+    fn from_iter<I: IntoIterator<Item = Delivery>>(iter: I) -> Self {
+        let mut q = Queue::default();
+        for d in iter {
+            q.push_back(d);
+        }
+        q
+    }
+}
+
+impl IntoIterator for Queue {
+    type Item = Delivery;
+    type IntoIter = std::collections::vec_deque::IntoIter<Delivery>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.items.into_iter()
+    }
 }
 
 /// A bounded set of recent message ids.
@@ -178,6 +265,22 @@ impl RecentIds {
 }
 
 impl SessionState {
+    /// Ends a congestion episode once the queue is down to `low` (called by the connection
+    /// after it moved messages out of the queue). Returns true if publishers should be woken.
+    pub fn relieve(&mut self, b: &QueueBounds, client_id: &str) -> bool {
+        if self.congested_since.is_none() || !b.at_low_water(&self.queue) {
+            return false;
+        }
+        self.congested_since = None;
+        if std::mem::take(&mut self.not_draining) {
+            tracing::info!(
+                client_id,
+                "session draining again; publishers are held back for it again"
+            );
+        }
+        true
+    }
+
     /// Allocates a packet id not used by any inflight message, or `None` if all are taken.
     pub fn alloc_packet_id(&mut self) -> Option<NonZeroU16> {
         for _ in 0..=u16::MAX {
@@ -202,6 +305,58 @@ impl SessionState {
     }
 }
 
+/// The bounds a session queue is kept within, from `sessions.*`: resolved once, passed by value.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueBounds {
+    /// Most messages queued (`max_offline_queue`).
+    pub max: usize,
+    /// Most topic and payload bytes queued (`max_queue_bytes`); half of it is a high-water
+    /// mark too.
+    pub max_bytes: usize,
+    /// Queued messages above which an online session holds publishers back (0 = never).
+    pub high_water: usize,
+    /// How long a congested session may take to drain to `low_water` before it sheds.
+    pub congestion_timeout: Duration,
+    /// What to drop at `max`.
+    pub policy: QueueFullPolicy,
+    /// Whether QoS 0 messages are queued for offline sessions.
+    pub queue_qos0: bool,
+}
+
+impl QueueBounds {
+    /// The bounds `sessions.*` configure.
+    pub fn new(c: &SessionConfig) -> Self {
+        QueueBounds {
+            max: c.max_offline_queue,
+            max_bytes: c.max_queue_bytes,
+            high_water: c.queue_high_water.min(c.max_offline_queue),
+            congestion_timeout: Duration::from_secs(c.congestion_timeout),
+            policy: c.queue_full_policy,
+            queue_qos0: c.queue_qos0,
+        }
+    }
+
+    /// Where a congestion episode ends: half the high-water mark.
+    pub fn low_water(&self) -> usize {
+        self.high_water / 2
+    }
+
+    /// Whether a queue is above its high-water mark (messages, or half the byte bound).
+    fn above_high_water(&self, q: &Queue) -> bool {
+        self.high_water > 0 && (q.len() >= self.high_water || q.bytes() >= self.max_bytes / 2)
+    }
+
+    /// Whether a queue has drained to its low-water mark.
+    fn at_low_water(&self, q: &Queue) -> bool {
+        q.len() <= self.low_water() && q.bytes() <= self.max_bytes / 4
+    }
+
+    /// Whether `extra` more bytes would not fit.
+    fn full(&self, q: &Queue, extra: usize) -> bool {
+        q.len() >= self.max || q.bytes() + extra > self.max_bytes
+    }
+}
+
 /// Result of offering a delivery to a session.
 #[derive(Debug, Clone)]
 pub enum Enqueued {
@@ -211,6 +366,9 @@ pub enum Enqueued {
     Duplicate,
     /// Queued.
     Queued,
+    /// Queued, and the session is above its high-water mark and still draining: the
+    /// publisher should wait for it (see [`Session::holds_back`]).
+    Congested,
     /// Queued, and the oldest queued message was dropped for it.
     QueuedDroppedOldest,
     /// Not queued (queue full with drop-new, or QoS 0 to an offline session).
@@ -226,6 +384,8 @@ pub struct Session {
     pub state: Mutex<SessionState>,
     /// Wakes the connection task when the queue grows.
     pub notify: Notify,
+    /// Wakes publishers held back by this session when its congestion ends.
+    pub drained: Notify,
 }
 
 impl Session {
@@ -238,18 +398,34 @@ impl Session {
                 ..Default::default()
             }),
             notify: Notify::new(),
+            drained: Notify::new(),
         })
     }
 
-    /// Offers a delivery; bounded by `max_queue` with `policy`; QoS 0 to offline sessions is
-    /// queued only when `queue_qos0`.
-    pub fn enqueue(
-        &self,
-        d: Delivery,
-        max_queue: usize,
-        policy: QueueFullPolicy,
-        queue_qos0: bool,
-    ) -> Enqueued {
+    /// Until when a publisher that routed into this session must wait for it, if at all: only
+    /// while it is online, above its low-water mark, and congested for less than the drain
+    /// timeout.
+    pub fn holds_back(&self, b: &QueueBounds) -> Option<Instant> {
+        let st = self.state.lock();
+        let since = st.congested_since?;
+        if st.connection.is_none() || st.not_draining || b.at_low_water(&st.queue) {
+            return None;
+        }
+        let until = since + b.congestion_timeout;
+        (Instant::now() < until).then_some(until)
+    }
+
+    /// Notes a congestion episode that ended for a reason other than draining (the session
+    /// went offline or ended) so held-back publishers go on.
+    pub fn release_publishers(&self) {
+        self.state.lock().congested_since = None;
+        self.drained.notify_waiters();
+    }
+
+    /// Offers a delivery within `b`: QoS 0 to offline sessions is queued only when
+    /// `queue_qos0`; an online session above its high-water mark answers
+    /// [`Enqueued::Congested`] until it has been congested for the drain timeout, then sheds.
+    pub fn enqueue(&self, d: Delivery, b: &QueueBounds) -> Enqueued {
         let mut st = self.state.lock();
         if let Some(node) = &st.moved_to {
             return Enqueued::Moved(node.clone(), Box::new(d));
@@ -263,23 +439,36 @@ impl Session {
             }
         }
         let online = st.connection.is_some();
-        if !online && d.qos == QoS::AtMostOnce && !queue_qos0 {
+        if !online && d.qos == QoS::AtMostOnce && !b.queue_qos0 {
             st.dropped += 1;
             return Enqueued::Dropped;
         }
         let mut result = Enqueued::Queued;
-        if st.queue.len() >= max_queue {
-            match policy {
-                QueueFullPolicy::DropNew => {
-                    st.dropped += 1;
-                    return Enqueued::Dropped;
-                }
-                QueueFullPolicy::DropOldest => {
-                    st.queue.pop_front();
-                    st.dropped += 1;
-                    result = Enqueued::QueuedDroppedOldest;
-                }
+        if online && !st.not_draining && b.above_high_water(&st.queue) {
+            let now = Instant::now();
+            let since = *st.congested_since.get_or_insert(now);
+            if now.saturating_duration_since(since) < b.congestion_timeout {
+                result = Enqueued::Congested;
+            } else {
+                st.not_draining = true;
+                tracing::warn!(
+                    client_id = %self.client_id,
+                    queued = st.queue.len(),
+                    "session has not drained for {:?}; it sheds at its queue limit until it does",
+                    b.congestion_timeout
+                );
             }
+        }
+        let size = d.size();
+        if b.full(&st.queue, size) {
+            if b.policy == QueueFullPolicy::DropNew || size > b.max_bytes {
+                st.dropped += 1;
+                return Enqueued::Dropped;
+            }
+            while b.full(&st.queue, size) && st.queue.pop_front().is_some() {
+                st.dropped += 1;
+            }
+            result = Enqueued::QueuedDroppedOldest;
         }
         st.queue.push_back(d);
         drop(st);
@@ -374,15 +563,103 @@ mod tests {
         }
     }
 
+    /// Bounds without flow control.
+    fn bounds(max: usize, policy: QueueFullPolicy, queue_qos0: bool) -> QueueBounds {
+        QueueBounds {
+            max,
+            max_bytes: 1 << 20,
+            high_water: 0,
+            congestion_timeout: Duration::from_secs(5),
+            policy,
+            queue_qos0,
+        }
+    }
+
+    fn online(s: &Session) {
+        s.state.lock().connection = Some(ConnInfo {
+            id: 1,
+            peer: "127.0.0.1:1".parse().expect("addr"),
+            listener: "mqtt",
+            protocol: Protocol::V311,
+            keep_alive: 60,
+            username: None,
+            connected_at: 0,
+            kick: Arc::default(),
+        });
+    }
+
+    #[test]
+    fn above_high_water_holds_publishers_back_until_drained() {
+        let s = Session::new(ByteString::from_static("c"), 60);
+        online(&s);
+        let b = QueueBounds {
+            high_water: 4,
+            ..bounds(10, QueueFullPolicy::DropOldest, false)
+        };
+        for n in 0..4 {
+            assert!(matches!(
+                s.enqueue(delivery(QoS::AtLeastOnce, n), &b),
+                Enqueued::Queued
+            ));
+        }
+        assert!(s.holds_back(&b).is_none());
+        assert!(matches!(
+            s.enqueue(delivery(QoS::AtLeastOnce, 4), &b),
+            Enqueued::Congested
+        ));
+        assert!(s.holds_back(&b).is_some());
+        // Draining to 3 is not enough (low water is 2); to 2 ends the episode.
+        let mut st = s.state.lock();
+        st.queue.pop_front();
+        st.queue.pop_front();
+        assert!(!st.relieve(&b, "c"));
+        st.queue.pop_front();
+        assert!(st.relieve(&b, "c"));
+        drop(st);
+        assert!(s.holds_back(&b).is_none());
+    }
+
+    #[test]
+    fn a_session_that_does_not_drain_sheds_and_releases_publishers() {
+        let s = Session::new(ByteString::from_static("c"), 60);
+        online(&s);
+        let b = QueueBounds {
+            high_water: 2,
+            congestion_timeout: Duration::ZERO,
+            ..bounds(3, QueueFullPolicy::DropOldest, false)
+        };
+        for n in 0..6 {
+            let r = s.enqueue(delivery(QoS::AtLeastOnce, n), &b);
+            assert!(!matches!(r, Enqueued::Congested), "{r:?}");
+        }
+        assert!(s.holds_back(&b).is_none());
+        let st = s.state.lock();
+        assert!(st.not_draining);
+        assert_eq!(st.queue.len(), 3);
+        assert_eq!(st.dropped, 3);
+    }
+
+    #[test]
+    fn offline_sessions_never_hold_publishers_back() {
+        let s = Session::new(ByteString::from_static("c"), 60);
+        let b = QueueBounds {
+            high_water: 1,
+            ..bounds(5, QueueFullPolicy::DropOldest, false)
+        };
+        for n in 0..5 {
+            let r = s.enqueue(delivery(QoS::AtLeastOnce, n), &b);
+            assert!(matches!(r, Enqueued::Queued), "{r:?}");
+        }
+        assert!(s.holds_back(&b).is_none());
+    }
+
     #[test]
     fn queue_is_bounded_drop_oldest() {
         let s = Session::new(ByteString::from_static("c"), 60);
         for n in 0..5 {
             s.enqueue(
                 delivery(QoS::AtLeastOnce, n),
-                3,
-                QueueFullPolicy::DropOldest,
-                false,
+                &bounds(3, QueueFullPolicy::DropOldest, false),
             );
         }
         let st = s.state.lock();
@@ -392,14 +669,31 @@ mod tests {
     }
 
     #[test]
+    fn queue_bytes_are_bounded_and_counted() {
+        let s = Session::new(ByteString::from_static("c"), 60);
+        let b = QueueBounds {
+            max_bytes: 10,
+            ..bounds(100, QueueFullPolicy::DropOldest, true)
+        };
+        // Each delivery is 2 bytes (topic "t" and a one-byte payload).
+        for n in 0..8 {
+            s.enqueue(delivery(QoS::AtLeastOnce, n), &b);
+        }
+        let mut st = s.state.lock();
+        assert_eq!((st.queue.len(), st.queue.bytes(), st.dropped), (5, 10, 3));
+        st.queue.pop_front();
+        assert_eq!(st.queue.bytes(), 8);
+        st.queue.clear();
+        assert_eq!(st.queue.bytes(), 0);
+    }
+
+    #[test]
     fn queue_is_bounded_drop_new() {
         let s = Session::new(ByteString::from_static("c"), 60);
         for n in 0..5 {
             s.enqueue(
                 delivery(QoS::AtLeastOnce, n),
-                3,
-                QueueFullPolicy::DropNew,
-                false,
+                &bounds(3, QueueFullPolicy::DropNew, false),
             );
         }
         let st = s.state.lock();
@@ -412,16 +706,12 @@ mod tests {
         let s = Session::new(ByteString::from_static("c"), 60);
         let r = s.enqueue(
             delivery(QoS::AtMostOnce, 0),
-            3,
-            QueueFullPolicy::DropNew,
-            false,
+            &bounds(3, QueueFullPolicy::DropNew, false),
         );
         assert!(matches!(r, Enqueued::Dropped));
         let r = s.enqueue(
             delivery(QoS::AtMostOnce, 0),
-            3,
-            QueueFullPolicy::DropNew,
-            true,
+            &bounds(3, QueueFullPolicy::DropNew, true),
         );
         assert!(matches!(r, Enqueued::Queued));
     }
@@ -431,12 +721,12 @@ mod tests {
         let s = Session::new(ByteString::from_static("c"), 60);
         s.state.lock().recent_ids = Some(RecentIds::default());
         let d = delivery(QoS::AtLeastOnce, 1);
-        let r = s.enqueue(d.clone(), 3, QueueFullPolicy::DropNew, false);
+        let r = s.enqueue(d.clone(), &bounds(3, QueueFullPolicy::DropNew, false));
         assert!(matches!(r, Enqueued::Queued));
-        let r = s.enqueue(d.clone(), 3, QueueFullPolicy::DropNew, false);
+        let r = s.enqueue(d.clone(), &bounds(3, QueueFullPolicy::DropNew, false));
         assert!(matches!(r, Enqueued::Duplicate));
         s.state.lock().moved_to = Some("n2".into());
-        let r = s.enqueue(d, 3, QueueFullPolicy::DropNew, false);
+        let r = s.enqueue(d, &bounds(3, QueueFullPolicy::DropNew, false));
         assert!(matches!(r, Enqueued::Moved(n, _) if n == "n2"));
     }
 

@@ -29,7 +29,7 @@ pub struct LimitsSpec {
     #[schemars(length(max = 64))]
     pub byte_rate: Option<String>,
     /// Maximum subscriptions per client; 0 means unlimited.
-    #[serde(default)]
+    #[serde(default = "default_max_subscriptions")]
     #[schemars(range(min = 0))]
     pub max_subscriptions: i64,
     /// Largest MQTT packet accepted, in bytes.
@@ -45,7 +45,7 @@ impl Default for LimitsSpec {
             max_conn_rate: default_max_conn_rate(),
             message_rate: None,
             byte_rate: None,
-            max_subscriptions: 0,
+            max_subscriptions: default_max_subscriptions(),
             max_packet_size: default_max_packet_size(),
         }
     }
@@ -53,6 +53,9 @@ impl Default for LimitsSpec {
 
 fn default_max_connections() -> i64 {
     100_000
+}
+fn default_max_subscriptions() -> i64 {
+    1000
 }
 fn default_max_conn_rate() -> i64 {
     1000

@@ -106,6 +106,14 @@ impl Authenticator {
         })
     }
 
+    /// Caps the password hashes the users file verifies at once (`limits.max_concurrent_hashes`).
+    pub fn with_max_concurrent_hashes(mut self, n: usize) -> Self {
+        if let Some(u) = self.users.take() {
+            self.users = Some(u.with_max_concurrent_hashes(n));
+        }
+        self
+    }
+
     /// Whether every client is admitted without looking at it (the default configuration).
     pub fn is_open(&self) -> bool {
         self.allow_anonymous

@@ -12,6 +12,9 @@ use password_hash::{PasswordHash, PasswordVerifier};
 
 use super::{Refusal, Verdict};
 
+/// Verifications at once until [`UsersFile::with_max_concurrent_hashes`] says otherwise.
+const DEFAULT_CONCURRENT_HASHES: usize = 4;
+
 /// Identity of one version of the file on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Stamp {
@@ -31,6 +34,9 @@ struct Loaded {
 pub struct UsersFile {
     path: PathBuf,
     loaded: Mutex<Loaded>,
+    /// Verifications running at once: hashing is slow on purpose, and unbounded it would take
+    /// every blocking thread (and CPU) for password guessing.
+    hashing: tokio::sync::Semaphore,
 }
 
 impl UsersFile {
@@ -39,7 +45,14 @@ impl UsersFile {
         UsersFile {
             path,
             loaded: Mutex::new(Loaded::default()),
+            hashing: tokio::sync::Semaphore::new(DEFAULT_CONCURRENT_HASHES),
         }
+    }
+
+    /// The same file with at most `n` (at least 1) verifications at once.
+    pub fn with_max_concurrent_hashes(mut self, n: usize) -> Self {
+        self.hashing = tokio::sync::Semaphore::new(n.max(1));
+        self
     }
 
     /// The current users, re-reading the file if it changed. A file that cannot be read
@@ -83,7 +96,11 @@ impl UsersFile {
             return Verdict::Ignore;
         };
         let password = password.unwrap_or_default().to_vec();
-        // Password hashing is deliberately slow: keep it off the async workers.
+        // Password hashing is deliberately slow: keep it off the async workers, a bounded
+        // number at a time.
+        let Ok(_permit) = self.hashing.acquire().await else {
+            return Verdict::Deny(Refusal::BadCredentials);
+        };
         let ok = tokio::task::spawn_blocking(move || verify_hash(&hash, &password))
             .await
             .unwrap_or(false);

@@ -15,29 +15,42 @@ use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use super::proto::{self, Frame};
 use super::Cluster;
 
-/// Largest frame accepted on a link.
+/// Largest frame accepted on a link once the peer has proved it holds the cluster secret.
 const MAX_FRAME: usize = 64 * 1024 * 1024;
+/// Largest frame accepted before that (a hello or welcome is a few dozen bytes): an
+/// unauthenticated sender cannot make the node buffer more than this per connection.
+pub const PRE_AUTH_FRAME: usize = 4 * 1024;
+/// Handshakes in progress at once on the cluster port; more connections are closed at once.
+pub const MAX_PENDING_HANDSHAKES: usize = 64;
 /// Frames buffered for a peer before new ones are dropped (and counted).
 pub const LINK_QUEUE: usize = 100_000;
 /// Seconds a handshake may take.
 const HANDSHAKE: Duration = Duration::from_secs(5);
 
+/// A framed link that accepts only handshake-sized frames until [`authenticated`] lifts it.
 fn framed(s: TcpStream) -> Framed<TcpStream, LengthDelimitedCodec> {
     let _ = s.set_nodelay(true);
     Framed::new(
         s,
         LengthDelimitedCodec::builder()
-            .max_frame_length(MAX_FRAME)
+            .max_frame_length(PRE_AUTH_FRAME)
             .new_codec(),
     )
+}
+
+/// Lifts the pre-authentication frame limit of a link whose handshake succeeded.
+fn authenticated(io: &mut Framed<TcpStream, LengthDelimitedCodec>) {
+    io.codec_mut().set_max_frame_length(MAX_FRAME);
 }
 
 fn unix_now() -> u64 {
     crate::session::unix_now()
 }
 
-/// Accepts links from peers until shutdown.
+/// Accepts links from peers until shutdown; at most [`MAX_PENDING_HANDSHAKES`] unauthenticated
+/// connections at a time, each for at most the handshake deadline.
 pub async fn accept_loop(cluster: Arc<Cluster>, listener: TcpListener) {
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -47,12 +60,18 @@ pub async fn accept_loop(cluster: Arc<Cluster>, listener: TcpListener) {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            cluster.metrics.refused_peers.inc();
+            tracing::debug!(%addr, "too many inter-node handshakes in progress; connection closed");
+            continue;
+        };
         let c = cluster.clone();
         tokio::spawn(async move {
             let mut io = framed(stream);
             let result = tokio::time::timeout(HANDSHAKE, accept_handshake(&c, &mut io))
                 .await
                 .unwrap_or_else(|_| Err("handshake timed out".to_string()));
+            drop(permit);
             let peer = match result {
                 Ok(peer) => peer,
                 Err(why) => {
@@ -61,6 +80,7 @@ pub async fn accept_loop(cluster: Arc<Cluster>, listener: TcpListener) {
                     return;
                 }
             };
+            authenticated(&mut io);
             tracing::debug!(%addr, peer = %peer, "inter-node link accepted");
             let link_id = fastrand::u64(..);
             while let Some(Ok(bytes)) = io.next().await {
@@ -262,6 +282,7 @@ async fn connect(
             if node != peer {
                 return Err(format!("expected node {peer}, {addr} is {node}"));
             }
+            authenticated(&mut io);
             Ok(io)
         }
         _ => Err("bad welcome (wrong cluster secret?)".into()),

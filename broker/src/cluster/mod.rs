@@ -632,7 +632,9 @@ impl Cluster {
                 client_id,
                 delivery,
             } => match b.sessions.get(&client_id) {
-                Some(s) => b.enqueue(&s, delivery.into_delivery()),
+                Some(s) => {
+                    b.enqueue(&s, delivery.into_delivery());
+                }
                 None => {
                     // The old node may forward before its reply reaches us: hold it until the
                     // session is installed (bounded).

@@ -8,7 +8,8 @@ pub mod proxy;
 pub mod tls;
 pub mod transport;
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::broker::Broker;
 use crate::config::ListenerConfig;
@@ -35,9 +37,23 @@ pub enum Kind {
     Wss,
 }
 
-/// Live connection count shared by all listeners, for `limits.max_connections`.
+/// Live connection counts shared by all listeners, for `limits.max_connections` and
+/// `limits.max_connections_per_ip`.
 #[derive(Debug, Default)]
-pub struct ConnCount(AtomicUsize);
+pub struct ConnCount(AtomicUsize, parking_lot::Mutex<HashMap<IpAddr, usize>>);
+
+impl ConnCount {
+    /// Counts one more connection from `ip` unless it already has `max` (0 = unlimited).
+    fn take_ip(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<IpSlot> {
+        let mut per_ip = self.1.lock();
+        let n = per_ip.entry(ip).or_insert(0);
+        if max > 0 && *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot(self.clone(), ip))
+    }
+}
 
 /// Decrements the live connection count when the connection ends.
 #[derive(Debug)]
@@ -46,6 +62,22 @@ pub struct ConnSlot(Arc<ConnCount>);
 impl Drop for ConnSlot {
     fn drop(&mut self) {
         (self.0).0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Decrements a source address's connection count when the connection ends.
+#[derive(Debug)]
+struct IpSlot(Arc<ConnCount>, IpAddr);
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut per_ip = (self.0).1.lock();
+        if let Some(n) = per_ip.get_mut(&self.1) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                per_ip.remove(&self.1);
+            }
+        }
     }
 }
 
@@ -62,6 +94,9 @@ pub struct Listener {
     pub config: ListenerConfig,
     /// TLS acceptor for TLS kinds.
     pub tls: Option<ReloadingAcceptor>,
+    /// Largest WebSocket message and frame buffered (`mqtt.max_packet_size`): a client cannot
+    /// make the broker hold more than one packet's worth of a frame it never finishes.
+    pub max_ws_message: usize,
 }
 
 impl Listener {
@@ -125,6 +160,7 @@ impl Listener {
             let slot = ConnSlot(count.clone());
             let me = me.clone();
             let broker = broker.clone();
+            let count = count.clone();
             tokio::spawn(async move {
                 let _slot = slot;
                 if me.config.proxy_protocol && !me.config.proxy_trusts(peer.ip()) {
@@ -138,6 +174,17 @@ impl Listener {
                 let setup = tokio::time::timeout(timeout, me.handshake(stream, peer)).await;
                 match setup {
                     Ok(Ok((transport, peer))) => {
+                        // Counted on the address after the PROXY header: the client's own.
+                        let max = broker.config.limits.max_connections_per_ip;
+                        let Some(_ip_slot) = count.take_ip(peer.ip(), max) else {
+                            tracing::debug!(listener = me.name, %peer, "too many connections from this address");
+                            broker
+                                .metrics
+                                .connections_refused
+                                .with_label_values(&["max_connections_per_ip"])
+                                .inc();
+                            return;
+                        };
                         crate::connection::serve(broker, transport, peer, me.name).await;
                     }
                     Ok(Err(e)) => {
@@ -185,9 +232,13 @@ impl Listener {
                 let path = self.config.path.clone();
                 #[allow(clippy::result_large_err)] // tungstenite's callback signature
                 let check = move |req: &Request, resp| ws_accept(&path, req, resp);
-                let ws = tokio_tungstenite::accept_hdr_async(io, check)
-                    .await
-                    .map_err(std::io::Error::other)?;
+                let ws_config = WebSocketConfig::default()
+                    .max_message_size(Some(self.max_ws_message))
+                    .max_frame_size(Some(self.max_ws_message));
+                let ws =
+                    tokio_tungstenite::accept_hdr_async_with_config(io, check, Some(ws_config))
+                        .await
+                        .map_err(std::io::Error::other)?;
                 Transport::Ws(Box::new(ws))
             }
         };
@@ -289,6 +340,7 @@ pub async fn bind_all(broker: &Arc<Broker>) -> Result<Vec<Listener>, BindError> 
             socket,
             config: l.clone(),
             tls: acceptor,
+            max_ws_message: usize::try_from(cfg.mqtt.max_packet_size).unwrap_or(usize::MAX),
         });
     }
     Ok(out)
