@@ -585,6 +585,7 @@ mod tests {
             username: None,
             connected_at: 0,
             kick: Arc::default(),
+            acl: Arc::new(crate::acl::ClientAcl::AllowAll),
         });
     }
 
