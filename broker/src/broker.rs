@@ -171,7 +171,9 @@ impl Broker {
     /// control instead of loss).
     pub fn publish_flow(&self, msg: Msg, congested: &mut Vec<Arc<Session>>) -> usize {
         if msg.retain && self.config.mqtt.retain_available {
-            if self.retained_over_limit(&msg) {
+            // The broker's own `$SYS` figures (clients cannot publish there) do not count
+            // against the limits meant for clients.
+            if !crate::sys::is_sys(&msg.topic) && self.retained_over_limit(&msg) {
                 self.metrics.dropped("retained_limit");
             } else {
                 self.retained.set(msg.clone());

@@ -328,6 +328,7 @@ async fn retained_messages_are_capped() {
     let _serial = SERIAL.lock().await;
     let mut cfg = config();
     cfg.limits.max_retained = 3;
+    cfg.sys.enabled = false; // only this test's retained messages in the store
     let r = start_with(cfg).await;
     let a = mqtt(&r);
     let mut by = Bystander::connect(a, "bystander").await;
@@ -465,6 +466,7 @@ async fn retained_bytes_are_capped() {
     let _serial = SERIAL.lock().await;
     let mut cfg = config();
     cfg.limits.max_retained_bytes = 100;
+    cfg.sys.enabled = false; // only this test's retained messages in the store
     let r = start_with(cfg).await;
     let a = mqtt(&r);
     let mut by = Bystander::connect(a, "bystander").await;
@@ -490,5 +492,86 @@ async fn retained_bytes_are_capped() {
         .with_label_values(&["retained_limit"])
         .get();
     assert_eq!(refused, 1);
+    stop(r).await;
+}
+
+/// The Topic Alias property (0x23) of a PUBLISH's MQTT 5 property block, if present.
+fn alias_of(p: &Packet) -> Option<u16> {
+    let b = &p.body;
+    let topic_len = usize::from(u16::from_be_bytes([b[0], b[1]]));
+    let mut i = 2 + topic_len + if p.header & 0x06 != 0 { 2 } else { 0 };
+    let (mut len, mut mult) = (0usize, 1usize);
+    while b[i] & 0x80 != 0 {
+        len += usize::from(b[i] & 0x7f) * mult;
+        mult *= 128;
+        i += 1;
+    }
+    len += usize::from(b[i] & 0x7f) * mult;
+    i += 1;
+    let props = &b[i..i + len];
+    let mut j = 0;
+    while j < props.len() {
+        match props[j] {
+            0x23 => return Some(u16::from_be_bytes([props[j + 1], props[j + 2]])),
+            0x01 => j += 2,
+            0x02 => j += 5,
+            0x0B => {
+                j += 1;
+                while props[j] & 0x80 != 0 {
+                    j += 1;
+                }
+                j += 1;
+            }
+            other => panic!("unexpected PUBLISH property {other:#x}"),
+        }
+    }
+    None
+}
+
+/// A subscriber that allows the largest Topic Alias Maximum (65535) and receives messages on
+/// hundreds of topics gets aliases only up to the broker's own cap (`mqtt.topic_alias_maximum`),
+/// each first sent with its topic, and every aliased PUBLISH names a topic it was sent before.
+#[tokio::test]
+async fn outbound_topic_aliases_are_capped_and_consistent() {
+    let _serial = SERIAL.lock().await;
+    let r = start().await;
+    let addr = mqtt(&r);
+    let cap = r.broker.config.mqtt.topic_alias_maximum;
+    let mut bystander = Bystander::connect(addr, "alias-bystander").await;
+    let mut sub = Raw::tcp(addr, V::V5).await;
+    // Topic Alias Maximum 65535: the client would take as many aliases as the broker hands out.
+    sub.send(&pkt::connect_with(V::V5, b"alias-sub", &[0x22, 0xff, 0xff]))
+        .await;
+    assert_eq!(sub.expect(pkt::CONNACK).await.reason(), 0);
+    assert_eq!(sub.subscribe(1, "alias/#", 0).await, 0);
+    let mut publisher = Raw::connect(addr, V::V5, "alias-pub").await;
+    const TOPICS: u16 = 300;
+    for n in 0..TOPICS {
+        let topic = format!("alias/{n}");
+        publisher
+            .send(&pkt::publish(V::V5, topic.as_bytes(), 0, 0, b"x"))
+            .await;
+    }
+    let mut known: std::collections::HashMap<u16, String> = std::collections::HashMap::new();
+    for _ in 0..TOPICS {
+        let p = sub.expect(pkt::PUBLISH).await;
+        let (topic, _, _) = p.publish(V::V5);
+        match alias_of(&p) {
+            Some(a) => {
+                assert!(
+                    (1..=cap).contains(&a),
+                    "alias {a} outside 1..={cap} for {topic:?}"
+                );
+                if topic.is_empty() {
+                    assert!(known.contains_key(&a), "alias {a} used before it was set");
+                } else {
+                    known.insert(a, topic);
+                }
+            }
+            None => assert!(!topic.is_empty(), "a PUBLISH with neither topic nor alias"),
+        }
+    }
+    assert!(known.len() <= usize::from(cap), "{} aliases", known.len());
+    bystander.assert_served().await;
     stop(r).await;
 }
