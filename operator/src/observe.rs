@@ -290,8 +290,14 @@ pub async fn observe(
         .iter()
         .enumerate()
         .filter(|(_, view)| {
-            let in_step = recorded
-                .is_some_and(|op| op.pod == view.name && op.phase != OperationPhase::WaitingReady);
+            // Only evacuating steps read it: a pod being replaced or starting is not asked.
+            let in_step = recorded.is_some_and(|op| {
+                op.pod == view.name
+                    && matches!(
+                        op.phase,
+                        OperationPhase::Evacuating | OperationPhase::ScalingDown
+                    )
+            });
             let leaving = view.ordinal >= cluster.spec.replicas && view.ready;
             (in_step || leaving) && !view.terminating
         })
