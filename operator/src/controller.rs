@@ -476,10 +476,16 @@ async fn act(
             let rate = cluster.spec.rebalance.rate;
             // Best effort: each broker also checks its balance on its own every few seconds
             // (`cluster.rebalance.enabled`), so a pod that misses the request still sheds.
+            // Asked all at once, each call bounded: a silent pod costs one deadline, not one each.
+            let answers = futures::future::join_all(
+                pods.iter()
+                    .map(|pod| bounded(pod, ctx.admin.rebalance(ns, pod, rate))),
+            )
+            .await;
             let mut asked = Vec::new();
             let mut failed = Vec::new();
-            for pod in pods {
-                match bounded(pod, ctx.admin.rebalance(ns, pod, rate)).await {
+            for (pod, answer) in pods.iter().zip(answers) {
+                match answer {
                     Ok(()) => asked.push(pod.as_str()),
                     Err(e) => {
                         tracing::warn!(cluster = %key(cluster), pod, error = %e, "rebalance request failed");
