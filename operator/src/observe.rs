@@ -174,6 +174,20 @@ fn last_line(text: &str) -> Option<&str> {
     text.lines().map(str::trim).rfind(|l| !l.is_empty())
 }
 
+/// The last line of a log that says something: a backtrace printed after the error (frames
+/// `N: symbol`, `at file:line`) is skipped.
+fn last_error_line(log: &str) -> Option<&str> {
+    let frame = |l: &str| {
+        l.starts_with("at ")
+            || l == "Stack backtrace:"
+            || l.split_once(": ")
+                .is_some_and(|(n, _)| n.parse::<u32>().is_ok())
+    };
+    log.lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty() && !frame(l))
+}
+
 fn truncate(text: &str) -> String {
     match text.char_indices().nth(PROBLEM_MAX_CHARS) {
         Some((at, _)) => format!("{}…", &text[..at]),
@@ -204,12 +218,13 @@ async fn last_log_line(pods: &Api<Pod>, pod: &str) -> Option<String> {
     let params = LogParams {
         container: Some(CONTAINER.to_string()),
         previous: true,
-        tail_lines: Some(5),
-        limit_bytes: Some(8192),
+        // Enough to reach past a backtrace (RUST_BACKTRACE) to the error it follows.
+        tail_lines: Some(100),
+        limit_bytes: Some(64 * 1024),
         ..LogParams::default()
     };
     match tokio::time::timeout(ADMIN_CALL_TIMEOUT, pods.logs(pod, &params)).await {
-        Ok(Ok(log)) => last_line(&log).map(truncate),
+        Ok(Ok(log)) => last_error_line(&log).map(truncate),
         Ok(Err(e)) => {
             tracing::debug!(pod, error = %e, "previous log unavailable");
             None
@@ -505,5 +520,20 @@ mod tests {
         let cut = truncate(&long);
         assert_eq!(cut.chars().count(), PROBLEM_MAX_CHARS + 1);
         assert_eq!(last_line("a\n\n  b  \n\n"), Some("b"));
+    }
+
+    #[test]
+    fn the_error_line_is_found_above_a_backtrace() {
+        let log = "Error: invalid configuration\n\nCaused by:\n    /etc/corvid/corvid.yaml: mqtt.max_qos: invalid type: string \"lots\", expected u8\n\nStack backtrace:\n   0: <E as anyhow::context::ext::StdError>::ext_context\n             at /src/backtrace.rs:10:14\n  20: _start\n";
+        assert_eq!(
+            last_error_line(log),
+            Some(
+                "/etc/corvid/corvid.yaml: mqtt.max_qos: invalid type: string \"lots\", expected u8"
+            )
+        );
+        assert_eq!(
+            last_error_line("Error: bind 0.0.0.0:1883: address in use\n"),
+            Some("Error: bind 0.0.0.0:1883: address in use")
+        );
     }
 }
