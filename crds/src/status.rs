@@ -52,7 +52,8 @@ pub struct MqttClusterStatus {
 pub struct MemberStatus {
     /// Node (pod) name.
     pub name: String,
-    /// Membership state as reported by the broker (for example up, joining, leaving).
+    /// Membership state as reported by the broker: self (the broker that answered), ready,
+    /// joining, evacuating or dead (unknown for a state this operator does not know).
     pub state: String,
     /// Number of routes the member owns.
     #[serde(default)]

@@ -1,6 +1,11 @@
 //! The reconcile pipeline and its wiring into kube's runtime Controller:
 //! read → validate → plan → build → apply → act → status. Only `observe`, `apply`, `act` and the
 //! status patch talk to the API server; everything in between is pure and unit-tested.
+//!
+//! A reconcile never wedges and never hides a failure: every admin call to a broker is bounded,
+//! the whole reconcile has a deadline, and every way out — success, an invalid spec, a failed
+//! read, apply or admin call, a timeout — writes status (`ReconcileSuccess=False` with the error
+//! when something failed) and an Event.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -26,7 +31,7 @@ use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::observe::{observe, Observation};
 use crate::planner::{self, Action, Observed, Plan, Wait};
-use crate::podtalk::BrokerAdmin;
+use crate::podtalk::{bounded, BrokerAdmin};
 use crate::status::{self, StatusInputs};
 use crate::validate::validate;
 
@@ -44,6 +49,13 @@ pub struct Context {
     pub failures: Mutex<HashMap<String, u32>>,
 }
 
+/// The longest a whole reconcile may take. Broker calls are bounded far below this
+/// (`podtalk::ADMIN_CALL_TIMEOUT`); this catches an API call that hangs.
+pub const RECONCILE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// The longest the status write or an Event may take after a failed or timed-out reconcile.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl Context {
     async fn event(&self, cluster: &MqttCluster, type_: EventType, reason: &str, note: String) {
         let event = Event {
@@ -53,12 +65,12 @@ impl Context {
             action: reason.to_string(),
             secondary: None,
         };
-        if let Err(e) = self
-            .recorder
-            .publish(&event, &cluster.object_ref(&()))
-            .await
-        {
-            tracing::warn!(error = %e, reason, "publishing event failed");
+        let reference = cluster.object_ref(&());
+        let publish = self.recorder.publish(&event, &reference);
+        match tokio::time::timeout(REPORT_TIMEOUT, publish).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, reason, "publishing event failed"),
+            Err(_) => tracing::warn!(reason, "publishing event timed out"),
         }
     }
 }
@@ -78,7 +90,15 @@ pub async fn reconcile(cluster: Arc<MqttCluster>, ctx: Arc<Context>) -> Result<R
         .duration
         .with_label_values(&[] as &[&str])
         .start_timer();
-    let result = reconcile_pipeline(&cluster, &ctx).await;
+    let result =
+        match tokio::time::timeout(RECONCILE_TIMEOUT, reconcile_pipeline(&cluster, &ctx)).await {
+            Ok(result) => result,
+            Err(_) => {
+                let error = Error::Timeout(RECONCILE_TIMEOUT);
+                report_failure(&ctx, &cluster, &error).await;
+                Err(error)
+            }
+        };
     timer.observe_duration();
     match &result {
         Ok(_) => {
@@ -139,7 +159,13 @@ async fn reconcile_pipeline(cluster: &MqttCluster, ctx: &Context) -> Result<Requ
     if names.namespace.is_empty() {
         return Err(Error::MissingNamespace);
     }
-    let observation = observe(&ctx.client, ctx.admin.as_ref(), cluster, &names).await?;
+    let observation = match observe(&ctx.client, ctx.admin.as_ref(), cluster, &names).await {
+        Ok(observation) => observation,
+        Err(error) => {
+            report_failure(ctx, cluster, &error).await;
+            return Err(error);
+        }
+    };
     let valid = match validate(cluster) {
         Ok(valid) => valid,
         Err(invalid) => {
@@ -150,14 +176,18 @@ async fn reconcile_pipeline(cluster: &MqttCluster, ctx: &Context) -> Result<Requ
                 invalid.0.clone(),
             )
             .await;
+            // Refusing a generation is acting on it: observedGeneration moves.
             write_status(
                 ctx,
                 cluster,
                 &names,
                 &observation,
-                None,
-                Some(("InvalidSpec", invalid.0.clone())),
-                None,
+                Written {
+                    generation: cluster.metadata.generation,
+                    plan: None,
+                    error: Some(("InvalidSpec", invalid.0.clone())),
+                    endpoint: None,
+                },
             )
             .await?;
             return Err(Error::InvalidSpec(invalid));
@@ -184,12 +214,14 @@ async fn reconcile_pipeline(cluster: &MqttCluster, ctx: &Context) -> Result<Requ
         .and_then(|s| s.spec.as_ref())
         .and_then(|s| s.replicas);
     let outcome = apply_and_act(ctx, cluster, &names, &desired, &observation).await;
-    let (plan, endpoint, error) = match outcome {
+    // The generation was acted on once its objects were applied.
+    let previous_generation = cluster.status.as_ref().and_then(|s| s.observed_generation);
+    let (plan, endpoint, error, generation) = match outcome {
         Ok(Acted {
             plan,
             endpoint,
             error,
-        }) => (plan, endpoint, error),
+        }) => (plan, endpoint, error, cluster.metadata.generation),
         // Nothing was done to pods: keep the recorded step as it was, and a rebalance that was
         // due but not requested.
         Err(e) => {
@@ -209,6 +241,7 @@ async fn reconcile_pipeline(cluster: &MqttCluster, ctx: &Context) -> Result<Requ
                 },
                 None,
                 Some(e),
+                previous_generation,
             )
         }
     };
@@ -225,9 +258,12 @@ async fn reconcile_pipeline(cluster: &MqttCluster, ctx: &Context) -> Result<Requ
         cluster,
         &names,
         &observation,
-        Some(&plan),
-        error_note,
-        endpoint,
+        Written {
+            generation,
+            plan: Some(&plan),
+            error: error_note,
+            endpoint,
+        },
     )
     .await?;
     match error {
@@ -398,7 +434,7 @@ async fn act(
     match &plan.action {
         Action::Evacuate(pod) => {
             let rate = cluster.spec.upgrade_strategy.evacuation_rate;
-            ctx.admin.evacuate(ns, pod, rate).await?;
+            bounded(pod, ctx.admin.evacuate(ns, pod, rate)).await?;
             tracing::info!(cluster = %key(cluster), pod, rate, "evacuation requested");
             ctx.event(
                 cluster,
@@ -456,10 +492,16 @@ async fn act(
             let rate = cluster.spec.rebalance.rate;
             // Best effort: each broker also checks its balance on its own every few seconds
             // (`cluster.rebalance.enabled`), so a pod that misses the request still sheds.
+            // Asked all at once, each call bounded: a silent pod costs one deadline, not one each.
+            let answers = futures::future::join_all(
+                pods.iter()
+                    .map(|pod| bounded(pod, ctx.admin.rebalance(ns, pod, rate))),
+            )
+            .await;
             let mut asked = Vec::new();
             let mut failed = Vec::new();
-            for pod in pods {
-                match ctx.admin.rebalance(ns, pod, rate).await {
+            for (pod, answer) in pods.iter().zip(answers) {
+                match answer {
                     Ok(()) => asked.push(pod.as_str()),
                     Err(e) => {
                         tracing::warn!(cluster = %key(cluster), pod, error = %e, "rebalance request failed");
@@ -516,14 +558,24 @@ async fn converged(ctx: &Context, cluster: &MqttCluster, names: &Names, observat
     }
 }
 
+/// What this reconcile writes into status besides the observation.
+struct Written<'a> {
+    /// The generation the status describes (see `StatusInputs::generation`).
+    generation: Option<i64>,
+    /// The planner's decision (None when the spec was invalid).
+    plan: Option<&'a Plan>,
+    /// A failure of this reconcile: (reason, message).
+    error: Option<(&'a str, String)>,
+    /// Client endpoint, when known.
+    endpoint: Option<String>,
+}
+
 async fn write_status(
     ctx: &Context,
     cluster: &MqttCluster,
     names: &Names,
     observation: &Observation,
-    plan: Option<&Plan>,
-    error: Option<(&str, String)>,
-    endpoint: Option<String>,
+    written: Written<'_>,
 ) -> Result<()> {
     let update_revision = observation
         .statefulset
@@ -532,20 +584,26 @@ async fn write_status(
         .and_then(|s| s.update_revision.as_deref());
     let previous: Option<&MqttClusterStatus> = cluster.status.as_ref();
     let new = status::compute(&StatusInputs {
-        generation: cluster.metadata.generation,
+        generation: written.generation,
         previous,
         desired_replicas: cluster.spec.replicas,
         max_unavailable: cluster.spec.pod_disruption_budget.max_unavailable,
         pods: &observation.pods,
         update_revision,
         target_version: &cluster.spec.version,
-        plan,
-        error,
+        plan: written.plan,
+        error: written.error,
         members: observation.members.clone(),
-        endpoint: endpoint.or_else(|| previous.and_then(|p| p.endpoint.clone())),
+        endpoint: written
+            .endpoint
+            .or_else(|| previous.and_then(|p| p.endpoint.clone())),
         selector: names.selector_string(),
         now: jiff::Timestamp::now(),
     });
+    patch_status(ctx, names, &new).await
+}
+
+async fn patch_status(ctx: &Context, names: &Names, new: &MqttClusterStatus) -> Result<()> {
     let patch =
         json!({ "apiVersion": "corvid.dev/v1alpha1", "kind": "MqttCluster", "status": new });
     Api::<MqttCluster>::namespaced(ctx.client.clone(), &names.namespace)
@@ -557,6 +615,38 @@ async fn write_status(
         .await
         .map_err(Error::Status)?;
     Ok(())
+}
+
+/// Records a reconcile that failed before it could decide anything (a failed read, a
+/// timeout): a Warning Event and `ReconcileSuccess=False` with the error, everything else in
+/// status as it was. Best effort and bounded: the error itself is returned by the caller.
+async fn report_failure(ctx: &Context, cluster: &MqttCluster, error: &Error) {
+    let names = Names::of(cluster);
+    if names.namespace.is_empty() {
+        return;
+    }
+    ctx.event(
+        cluster,
+        EventType::Warning,
+        error.reason(),
+        error.to_string(),
+    )
+    .await;
+    let new = status::failed(
+        cluster.status.as_ref(),
+        error.reason(),
+        error.to_string(),
+        jiff::Timestamp::now(),
+    );
+    match tokio::time::timeout(REPORT_TIMEOUT, patch_status(ctx, &names, &new)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(cluster = %key(cluster), error = %e, "could not record the failure in status")
+        }
+        Err(_) => {
+            tracing::warn!(cluster = %key(cluster), "recording the failure in status timed out")
+        }
+    }
 }
 
 /// An Api over one namespace, or over all of them.

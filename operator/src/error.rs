@@ -40,6 +40,10 @@ pub enum Error {
     /// The MqttCluster has no namespace (it is namespaced, so this means a malformed event).
     #[error("MqttCluster has no namespace")]
     MissingNamespace,
+    /// The whole reconcile took longer than its deadline (a hung API call); it is abandoned so
+    /// that the next one can start from fresh observations.
+    #[error("reconcile did not finish within {}s", .0.as_secs())]
+    Timeout(std::time::Duration),
 }
 
 impl Error {
@@ -53,6 +57,7 @@ impl Error {
             Error::PodTalk(_) => "BrokerAdminFailed",
             Error::Status(_) => "StatusFailed",
             Error::MissingNamespace => "MissingNamespace",
+            Error::Timeout(_) => "ReconcileTimeout",
         }
     }
 }

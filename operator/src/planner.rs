@@ -1,8 +1,14 @@
 //! The rollout and scale-down planner: a pure state machine from what the operator observes
 //! (pods, revisions, readiness, membership, evacuation progress, the step recorded in status) to
 //! the single next action. One pod at a time, highest ordinal first; every wait is bounded, a pod
-//! that never becomes Ready blocks the rollout (Degraded) instead of taking more pods down, and a
-//! spec change always un-blocks it because broken pods on an old revision are replaced first.
+//! that never becomes Ready blocks the rollout (Degraded) instead of taking more pods down.
+//!
+//! A newer spec supersedes whatever is in progress: a pod that is not Ready on an outdated
+//! revision serves nobody and holds no sessions, so it is deleted at once (no evacuation) and
+//! comes back at the newest revision — even while another step is recorded. That is what
+//! un-blocks a rollout stuck on a bad image or a bad config once the spec is fixed. Scale-ups
+//! happen at once whatever the rollout is doing; a scale-down goes first and holds (reported)
+//! only when no staying pod could take the leaving pods' clients.
 //! The step in progress lives in status, so an operator restart resumes where it stopped.
 //!
 //! With `spec.rebalance.enabled`, a scale-up is remembered (status `pendingRebalance`) until
@@ -42,14 +48,45 @@ pub struct PodView {
     pub evacuation: Option<Evacuation>,
     /// When the pod was created.
     pub created: Option<Timestamp>,
+    /// Since when the pod has not been Ready (its Ready condition's last transition, else its
+    /// creation); None while Ready.
+    pub unready_since: Option<Timestamp>,
     /// Broker version the pod runs (its `app.kubernetes.io/version` label).
     pub version: Option<String>,
+    /// Why the pod does not run, as Kubernetes reports it (CrashLoopBackOff with the last exit,
+    /// ImagePullBackOff with the image, unschedulable); None when nothing is known to be wrong.
+    pub problem: Option<String>,
 }
 
 impl PodView {
     /// Serving clients as a full member.
     pub fn healthy(&self) -> bool {
         self.ready && !self.terminating && self.joined != Some(false)
+    }
+
+    /// Seconds the pod has not been Ready (since its Ready condition changed, else since it was
+    /// created). None while Ready: a Ready pod that a broker does not list as joined is waited
+    /// for, never reported as broken (one unanswered admin call must not flap Degraded).
+    fn unready_for(&self, now: Timestamp) -> Option<i64> {
+        if self.ready {
+            return None;
+        }
+        self.unready_since
+            .or(self.created)
+            .map(|t| (now - t).get_seconds())
+    }
+
+    /// "pod X did not become Ready …" with what Kubernetes says about it.
+    fn not_ready_reason(&self, ready_timeout_seconds: i64) -> String {
+        let mut reason = format!(
+            "pod {} did not become Ready and join the cluster within {}s",
+            self.name, ready_timeout_seconds
+        );
+        if let Some(problem) = &self.problem {
+            reason.push_str(&format!(" ({problem})"));
+        }
+        reason.push_str("; fix the spec to resume");
+        reason
     }
 }
 
@@ -251,6 +288,24 @@ fn scale_down(o: &Observed, current: i32) -> Plan {
         if finished {
             continue;
         }
+        let staying_serves = o
+            .pods
+            .iter()
+            .any(|s| s.ordinal < o.desired_replicas && s.healthy());
+        if !staying_serves && recorded.is_none() {
+            // Draining into nothing would disconnect every client: hold and say so.
+            let reason = format!(
+                "scale-down to {} waits: no remaining pod is Ready to take the clients of {}",
+                o.desired_replicas, p.name
+            );
+            return hold(
+                Action::Blocked {
+                    pod: p.name.clone(),
+                    reason,
+                },
+                None,
+            );
+        }
         match recorded.filter(|r| r.pod == p.name) {
             Some(r) if elapsed(o, &r.since) >= o.drain_timeout_seconds => continue, // bounded drain
             Some(r) if p.evacuation == Some(Evacuation::Running) => {
@@ -282,11 +337,16 @@ fn rollout(o: &Observed) -> (Action, Option<OperationStatus>) {
     let Some(target) = o.update_revision.as_deref() else {
         return (Action::Wait(Wait::StatefulSetPending), None);
     };
-    // A step recorded for another revision is obsolete: the spec changed, start over from the pods.
     let recorded = o
         .operation
         .clone()
-        .filter(|r| r.revision == target && r.phase != OperationPhase::ScalingDown);
+        .filter(|r| r.phase != OperationPhase::ScalingDown);
+    // A step recorded for another revision is obsolete: the spec changed, start over from the
+    // pods — except a pod already on its way out, which comes back at the newest revision.
+    let recorded = match recorded {
+        Some(r) if r.revision != target => superseded(o, &r, target),
+        r => r,
+    };
     if o.paused {
         let outdated = o.pods.iter().any(|p| p.revision.as_deref() != Some(target));
         return if outdated || recorded.is_some() {
@@ -295,12 +355,44 @@ fn rollout(o: &Observed) -> (Action, Option<OperationStatus>) {
             (Action::Idle, None)
         };
     }
+    // Broken pods on an old revision serve nobody: replace them at once, without evacuation and
+    // whatever step is in progress (the step stays recorded and continues next time).
+    if let Some(p) = broken_outdated(o, target) {
+        let operation = match recorded {
+            // Another pod's step goes on afterwards; a repeated delete keeps its clock.
+            Some(r) if r.pod != p.name || r.phase == OperationPhase::Replacing => Some(r),
+            _ => op(o, OperationPhase::Replacing, &p.name, target),
+        };
+        return (Action::DeletePod(p.name.clone()), operation);
+    }
     if let Some(r) = recorded {
         if let Some(next) = continue_step(o, &r, target) {
             return next;
         }
     }
     next_step(o, target)
+}
+
+/// What becomes of a step recorded for an older revision once the spec changed: a pod that is
+/// being deleted (or already gone) keeps its Replacing step, moved to the new revision with a
+/// fresh clock; anything else is dropped and the plan starts from the pods.
+fn superseded(o: &Observed, r: &OperationStatus, target: &str) -> Option<OperationStatus> {
+    let leaving = pod(o, &r.pod).is_none_or(|p| p.terminating);
+    let replacing = matches!(
+        r.phase,
+        OperationPhase::Replacing | OperationPhase::Evacuating
+    );
+    (replacing && leaving)
+        .then(|| op(o, OperationPhase::Replacing, &r.pod, target))
+        .flatten()
+}
+
+/// The highest outdated pod that is neither Ready nor already being deleted.
+fn broken_outdated<'a>(o: &'a Observed, target: &str) -> Option<&'a PodView> {
+    o.pods
+        .iter()
+        .filter(|p| p.revision.as_deref() != Some(target) && !p.ready && !p.terminating)
+        .max_by_key(|p| p.ordinal)
 }
 
 /// Continues a recorded step; None when it is finished.
@@ -313,33 +405,58 @@ fn continue_step(
     let updated = p.is_some_and(|p| p.revision.as_deref() == Some(target) && !p.terminating);
     let since = elapsed(o, &r.since);
     match r.phase {
-        OperationPhase::Evacuating if updated => Some((Action::Wait(Wait::Joining(r.pod.clone())), op(o, OperationPhase::WaitingReady, &r.pod, target))),
+        OperationPhase::Evacuating if updated => Some((
+            Action::Wait(Wait::Joining(r.pod.clone())),
+            op(o, OperationPhase::WaitingReady, &r.pod, target),
+        )),
         OperationPhase::Evacuating => {
             let p = p?;
-            let drained = !p.ready || p.evacuation == Some(Evacuation::Done) || since >= o.drain_timeout_seconds;
+            let drained = !p.ready
+                || p.evacuation == Some(Evacuation::Done)
+                || since >= o.drain_timeout_seconds;
             if drained {
-                Some((Action::DeletePod(r.pod.clone()), op(o, OperationPhase::Replacing, &r.pod, target)))
+                Some((
+                    Action::DeletePod(r.pod.clone()),
+                    op(o, OperationPhase::Replacing, &r.pod, target),
+                ))
             } else if p.evacuation == Some(Evacuation::Running) {
                 Some((Action::Wait(Wait::Draining(r.pod.clone())), Some(r.clone())))
             } else {
                 Some((Action::Evacuate(r.pod.clone()), Some(r.clone())))
             }
         }
-        OperationPhase::Replacing if updated => Some((Action::Wait(Wait::Joining(r.pod.clone())), op(o, OperationPhase::WaitingReady, &r.pod, target))),
+        OperationPhase::Replacing if updated => Some((
+            Action::Wait(Wait::Joining(r.pod.clone())),
+            op(o, OperationPhase::WaitingReady, &r.pod, target),
+        )),
         OperationPhase::Replacing => {
             if since >= o.grace_period_seconds + o.ready_timeout_seconds {
-                return Some(blocked(r, format!("pod {} was not replaced within {}s", r.pod, since)));
+                return Some(blocked(
+                    r,
+                    format!("pod {} was not replaced within {}s", r.pod, since),
+                ));
             }
             match p {
-                Some(p) if !p.terminating => Some((Action::DeletePod(r.pod.clone()), Some(r.clone()))),
-                _ => Some((Action::Wait(Wait::Replacing(r.pod.clone())), Some(r.clone()))),
+                Some(p) if !p.terminating => {
+                    Some((Action::DeletePod(r.pod.clone()), Some(r.clone())))
+                }
+                _ => Some((
+                    Action::Wait(Wait::Replacing(r.pod.clone())),
+                    Some(r.clone()),
+                )),
             }
         }
         OperationPhase::WaitingReady => match p {
             Some(p) if updated && p.healthy() => None,
+            Some(p) if since >= o.ready_timeout_seconds => {
+                Some(blocked(r, p.not_ready_reason(o.ready_timeout_seconds)))
+            }
             _ if since >= o.ready_timeout_seconds => Some(blocked(
                 r,
-                format!("pod {} did not become Ready and join the cluster within {}s; fix the spec to resume", r.pod, o.ready_timeout_seconds),
+                format!(
+                    "pod {} did not come back within {}s; fix the spec to resume",
+                    r.pod, o.ready_timeout_seconds
+                ),
             )),
             _ => Some((Action::Wait(Wait::Joining(r.pod.clone())), Some(r.clone()))),
         },
@@ -365,33 +482,23 @@ fn next_step(o: &Observed, target: &str) -> (Action, Option<OperationStatus>) {
         .filter(|p| p.revision.as_deref() != Some(target))
         .collect();
     outdated.sort_by_key(|p| std::cmp::Reverse(p.ordinal));
-    // Broken pods on an old revision serve nobody: replace them first, without evacuation. This is
-    // what un-blocks a rollout once a bad image is fixed in the spec.
-    if let Some(p) = outdated.iter().find(|p| !p.ready && !p.terminating) {
-        return (
-            Action::DeletePod(p.name.clone()),
-            op(o, OperationPhase::Replacing, &p.name, target),
-        );
-    }
-    // An updated pod that stays unready past the timeout blocks the rollout (even after a restart
-    // that lost the recorded step).
+    // A pod on the newest revision that stays out of service past the timeout blocks the
+    // rollout and makes the cluster Degraded (also after a restart that lost the recorded step,
+    // and for a pod a scale-up added).
     let stuck = o.pods.iter().find(|p| {
         p.revision.as_deref() == Some(target)
-            && !p.healthy()
-            && p.created
-                .is_some_and(|c| (o.now - c).get_seconds() >= o.ready_timeout_seconds)
+            && !p.terminating
+            && p.unready_for(o.now)
+                .is_some_and(|s| s >= o.ready_timeout_seconds)
     });
     if let Some(p) = stuck {
-        if !outdated.is_empty() {
-            let reason = format!("pod {} did not become Ready and join the cluster within {}s; fix the spec to resume", p.name, o.ready_timeout_seconds);
-            return (
-                Action::Blocked {
-                    pod: p.name.clone(),
-                    reason,
-                },
-                None,
-            );
-        }
+        return (
+            Action::Blocked {
+                pod: p.name.clone(),
+                reason: p.not_ready_reason(o.ready_timeout_seconds),
+            },
+            None,
+        );
     }
     let all_present = o.pods.len() >= usize::try_from(o.desired_replicas).unwrap_or(0);
     if !all_present || !o.pods.iter().all(PodView::healthy) {

@@ -25,9 +25,26 @@ fn healthy(ordinal: i32, revision: &str) -> PodView {
         terminating: false,
         evacuation: None,
         created: Some(ago(3600)),
+        unready_since: None,
         version: None,
+        problem: None,
     }
 }
+
+/// A pod that has not been Ready for `seconds`, for the reason `problem`.
+fn broken(ordinal: i32, revision: &str, seconds: i64, problem: &str) -> PodView {
+    PodView {
+        ready: false,
+        joined: Some(false),
+        created: Some(ago(seconds)),
+        unready_since: Some(ago(seconds)),
+        problem: Some(problem.to_string()),
+        ..healthy(ordinal, revision)
+    }
+}
+
+const CRASH: &str = "container broker: CrashLoopBackOff (4 restarts), last exit code 1 (Error)";
+const PULL: &str = "container broker: ImagePullBackOff, image corvid/corvid-broker:9.9.9";
 
 fn observed(pods: Vec<PodView>, target: &str) -> Observed {
     Observed {
@@ -582,4 +599,351 @@ fn with_revision(mut o: Observed, target: &str) -> Observed {
         p.revision = Some(target.to_string());
     }
     o
+}
+
+/// (case, pods, recorded step, target revision, expected action, expected recorded step)
+type SpecChangeCase = (
+    &'static str,
+    Vec<PodView>,
+    Option<OperationStatus>,
+    &'static str,
+    Action,
+    Option<OperationStatus>,
+);
+
+/// (case, pods, recorded step, target revision, expected action)
+type RestartCase = (
+    &'static str,
+    Vec<PodView>,
+    Option<OperationStatus>,
+    &'static str,
+    Action,
+);
+
+/// A newer spec supersedes the step in progress. (case, pods, recorded step, target revision,
+/// expected action, expected recorded step)
+#[test]
+fn spec_change_during_a_replacement_table() {
+    let terminating = |mut p: PodView| {
+        p.terminating = true;
+        p
+    };
+    let two_of = |rev: &str, third: PodView| {
+        let mut pods = three(rev);
+        pods[2] = third;
+        pods
+    };
+    let cases: Vec<SpecChangeCase> = vec![
+        (
+            "new config while the new pod crash-loops: replaced at once at the newest revision",
+            two_of("r1", broken(2, "r2", 40, CRASH)),
+            step(WaitingReady, "demo-2", "r2", 40),
+            "r3",
+            Action::DeletePod("demo-2".into()),
+            step(Replacing, "demo-2", "r3", 0),
+        ),
+        (
+            "revert to the running revision while the new pod cannot pull its image",
+            two_of("r1", broken(2, "r2", 45, PULL)),
+            step(WaitingReady, "demo-2", "r2", 45),
+            "r1",
+            Action::DeletePod("demo-2".into()),
+            step(Replacing, "demo-2", "r1", 0),
+        ),
+        (
+            "revert after the rollout blocked (Degraded): same, no evacuation",
+            two_of("r1", broken(2, "r2", 900, CRASH)),
+            step(WaitingReady, "demo-2", "r2", 900),
+            "r1",
+            Action::DeletePod("demo-2".into()),
+            step(Replacing, "demo-2", "r1", 0),
+        ),
+        (
+            "spec change while the old pod terminates: it comes back at the newest revision",
+            two_of("r1", terminating(healthy(2, "r1"))),
+            step(Replacing, "demo-2", "r2", 20),
+            "r3",
+            Action::Wait(Wait::Replacing("demo-2".into())),
+            step(Replacing, "demo-2", "r3", 0),
+        ),
+        (
+            "spec change after the old pod is gone",
+            three("r1")[..2].to_vec(),
+            step(Replacing, "demo-2", "r2", 20),
+            "r3",
+            Action::Wait(Wait::Replacing("demo-2".into())),
+            step(Replacing, "demo-2", "r3", 0),
+        ),
+        (
+            "spec change mid-evacuation: evacuate again for the newest revision",
+            three("r1"),
+            step(Evacuating, "demo-2", "r2", 20),
+            "r3",
+            Action::Evacuate("demo-2".into()),
+            step(Evacuating, "demo-2", "r3", 0),
+        ),
+        (
+            "revert while the replaced pod is already healthy at the reverted-from revision",
+            two_of("r1", healthy(2, "r2")),
+            step(WaitingReady, "demo-2", "r2", 20),
+            "r1",
+            Action::Evacuate("demo-2".into()),
+            step(Evacuating, "demo-2", "r1", 0),
+        ),
+        (
+            "revert that makes every pod current again: nothing left to do",
+            three("r1"),
+            step(Evacuating, "demo-2", "r2", 5),
+            "r1",
+            Action::Idle,
+            None,
+        ),
+    ];
+    for (case, pods, recorded, target, action, operation) in cases {
+        let mut o = observed(pods, target);
+        o.operation = recorded;
+        let p = plan(&o);
+        assert_eq!(p.action, action, "{case}");
+        assert_eq!(p.operation, operation, "{case}");
+        assert_eq!(p.statefulset_replicas, 3, "{case}");
+    }
+}
+
+#[test]
+fn reverted_pod_comes_back_and_the_rollout_completes() {
+    // After the revert's delete: the pod is recreated at the running revision.
+    let mut pods = three("r1");
+    pods[2] = PodView {
+        ready: false,
+        joined: None,
+        created: Some(ago(2)),
+        unready_since: Some(ago(2)),
+        ..healthy(2, "r1")
+    };
+    let mut o = observed(pods, "r1");
+    o.operation = step(Replacing, "demo-2", "r1", 10);
+    let p = plan(&o);
+    assert_eq!(p.action, Action::Wait(Wait::Joining("demo-2".into())));
+    assert_eq!(p.operation, step(WaitingReady, "demo-2", "r1", 0));
+    // Ready and joined: converged, the step is cleared (Progressing=False).
+    let mut o = observed(three("r1"), "r1");
+    o.operation = p.operation;
+    assert_eq!(
+        plan(&o),
+        Plan {
+            statefulset_replicas: 3,
+            action: Action::Idle,
+            operation: None,
+            rebalance: None,
+        }
+    );
+}
+
+/// Scaling during a stuck rollout. (case, observed, expected StatefulSet replicas, expected action)
+#[test]
+fn scale_during_a_stuck_rollout_table() {
+    let stuck = |desired: i32, target: &str, extra: Vec<PodView>| {
+        let mut pods = three("r1");
+        pods[2] = broken(2, "r2", 400, PULL);
+        pods.extend(extra);
+        let mut o = observed(pods, target);
+        o.desired_replicas = desired;
+        o.statefulset_replicas = Some(3);
+        o.operation = step(WaitingReady, "demo-2", "r2", 400);
+        o
+    };
+    let cases: Vec<(&str, Observed, i32, Action)> = vec![
+        (
+            "scale-up is honoured at once; the rollout stays blocked on the bad pod",
+            stuck(4, "r2", vec![]),
+            4,
+            Action::Blocked {
+                pod: "demo-2".into(),
+                reason: format!("pod demo-2 did not become Ready and join the cluster within 300s ({PULL}); fix the spec to resume"),
+            },
+        ),
+        (
+            "scale-up then revert: the newest broken pod is replaced first, at once",
+            {
+                let mut o = stuck(4, "r1", vec![broken(3, "r2", 30, PULL)]);
+                o.statefulset_replicas = Some(4);
+                o
+            },
+            4,
+            Action::DeletePod("demo-3".into()),
+        ),
+        (
+            "scale-down removing the broken pod: nothing to drain, shrink now",
+            stuck(2, "r2", vec![]),
+            2,
+            Action::Wait(Wait::Shrinking),
+        ),
+    ];
+    for (case, o, replicas, action) in cases {
+        let p = plan(&o);
+        assert_eq!(p.statefulset_replicas, replicas, "{case}");
+        assert_eq!(p.action, action, "{case}");
+    }
+}
+
+#[test]
+fn the_second_broken_pod_is_replaced_while_the_first_comes_back() {
+    // Revert after a scale-up: demo-3 was deleted last time and is terminating; demo-2 is still
+    // broken at the old revision and is replaced too, without waiting for demo-3.
+    let mut pods = three("r1");
+    pods[2] = broken(2, "r2", 60, PULL);
+    pods.push(PodView {
+        terminating: true,
+        ..broken(3, "r2", 30, PULL)
+    });
+    let mut o = observed(pods, "r1");
+    o.desired_replicas = 4;
+    o.statefulset_replicas = Some(4);
+    o.operation = step(Replacing, "demo-3", "r1", 3);
+    let p = plan(&o);
+    assert_eq!(p.action, Action::DeletePod("demo-2".into()));
+    assert_eq!(
+        p.operation,
+        step(Replacing, "demo-3", "r1", 3),
+        "demo-3's step continues afterwards"
+    );
+}
+
+#[test]
+fn scale_down_with_no_serving_pod_left_holds_and_says_why() {
+    let mut o = five();
+    for p in o.pods.iter_mut().filter(|p| p.ordinal < 3) {
+        *p = broken(p.ordinal, "r1", 30, CRASH);
+    }
+    let p = plan(&o);
+    assert_eq!(p.statefulset_replicas, 5, "held");
+    assert!(
+        matches!(&p.action, Action::Blocked { pod, reason } if pod == "demo-4" && reason.contains("no remaining pod is Ready")),
+        "{:?}",
+        p.action
+    );
+}
+
+/// The operator restarted (its memory is gone; status may or may not hold the step).
+#[test]
+fn operator_restart_in_the_middle_table() {
+    let with_third = |third: PodView| {
+        let mut pods = three("r1");
+        pods[2] = third;
+        pods
+    };
+    let cases: Vec<RestartCase> = vec![
+        (
+            "step lost, new pod still starting: wait, take nothing else down",
+            with_third(broken(2, "r2", 20, CRASH)),
+            None,
+            "r2",
+            Action::Wait(Wait::ClusterNotReady),
+        ),
+        (
+            "step lost, new pod stuck past the timeout: blocked, naming its container state",
+            with_third(broken(2, "r2", 400, CRASH)),
+            None,
+            "r2",
+            Action::Blocked {
+                pod: "demo-2".into(),
+                reason: format!("pod demo-2 did not become Ready and join the cluster within 300s ({CRASH}); fix the spec to resume"),
+            },
+        ),
+        (
+            "step lost and the spec fixed meanwhile: the broken pod is replaced at once",
+            with_third(broken(2, "r2", 400, CRASH)),
+            None,
+            "r3",
+            Action::DeletePod("demo-2".into()),
+        ),
+        (
+            "step kept, old pod terminated while the operator was down",
+            with_third(PodView {
+                created: Some(ago(5)),
+                unready_since: Some(ago(5)),
+                ready: false,
+                joined: None,
+                ..healthy(2, "r2")
+            }),
+            step(Replacing, "demo-2", "r2", 40),
+            "r2",
+            Action::Wait(Wait::Joining("demo-2".into())),
+        ),
+    ];
+    for (case, pods, recorded, target, action) in cases {
+        let mut o = observed(pods, target);
+        o.operation = recorded;
+        assert_eq!(plan(&o).action, action, "{case}");
+    }
+}
+
+#[test]
+fn a_pod_stuck_on_the_current_revision_is_reported_even_with_nothing_to_roll() {
+    let mut pods = three("r1");
+    pods[1] = broken(1, "r1", 301, CRASH);
+    let p = plan(&observed(pods, "r1"));
+    assert!(
+        matches!(&p.action, Action::Blocked { pod, reason } if pod == "demo-1" && reason.contains("CrashLoopBackOff")),
+        "{:?}",
+        p.action
+    );
+    // A long-lived pod that restarted 10 s ago is starting, not stuck.
+    let mut pods = three("r1");
+    pods[1] = PodView {
+        created: Some(ago(86_400)),
+        ..broken(1, "r1", 10, CRASH)
+    };
+    assert_eq!(
+        plan(&observed(pods, "r1")).action,
+        Action::Wait(Wait::ClusterNotReady)
+    );
+}
+
+#[test]
+fn a_dead_member_is_not_counted_as_joined() {
+    // demo-1's pod is Ready, but the broker that answered lists it dead (the member states the
+    // broker really sends): no other pod is taken down meanwhile.
+    let view: crate::podtalk::ClusterView = serde_json::from_str(
+        r#"{"node":"demo-0","members":[{"name":"demo-0","state":"self"},{"name":"demo-1","state":"dead"},{"name":"demo-2","state":"ready"}]}"#,
+    )
+    .expect("view");
+    let mut pods = three("r1");
+    for p in pods.iter_mut() {
+        p.joined = None;
+    }
+    crate::observe::apply_cluster_view(&mut pods, Some(&view), &[]);
+    assert_eq!(pods[1].joined, Some(false));
+    let p = plan(&observed(pods, "r2"));
+    assert_eq!(p.action, Action::Wait(Wait::ClusterNotReady));
+}
+
+#[test]
+fn a_broker_that_does_not_answer_counts_as_not_joined() {
+    let view: crate::podtalk::ClusterView = serde_json::from_str(
+        r#"{"node":"demo-1","members":[{"name":"demo-0","state":"ready"},{"name":"demo-1","state":"self"},{"name":"demo-2","state":"ready"}]}"#,
+    )
+    .expect("view");
+    let mut pods = three("r1");
+    let members = crate::observe::apply_cluster_view(&mut pods, Some(&view), &["demo-0".into()]);
+    assert_eq!(members.len(), 3);
+    assert_eq!(
+        pods.iter().map(|p| p.joined).collect::<Vec<_>>(),
+        vec![Some(false), Some(true), Some(true)]
+    );
+    assert_eq!(
+        plan(&observed(pods.clone(), "r2")).action,
+        Action::Wait(Wait::ClusterNotReady),
+        "no evacuation while a member cannot be reached"
+    );
+    // Nobody answered: membership unknown, Ready decides (the broker's /readyz means joined).
+    let mut pods = three("r1");
+    for p in pods.iter_mut() {
+        p.joined = None;
+    }
+    assert!(crate::observe::apply_cluster_view(&mut pods, None, &["demo-0".into()]).is_empty());
+    assert_eq!(
+        plan(&observed(pods, "r2")).action,
+        Action::Evacuate("demo-2".into())
+    );
 }

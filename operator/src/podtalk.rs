@@ -3,6 +3,12 @@
 //! Behind a small trait so the reconcile logic can be exercised without real pods; the real
 //! implementation goes through the API server's pod proxy, which works both in-cluster and from a
 //! laptop with a kubeconfig.
+//!
+//! Every call is bounded by [`ADMIN_CALL_TIMEOUT`] (see [`bounded`]): the pod proxy waits as long
+//! as the pod does, and one broken pod must never hold up a reconcile of the whole cluster.
+
+use std::future::Future;
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
@@ -29,6 +35,34 @@ pub enum PodTalkError {
         #[source]
         source: kube::Error,
     },
+    /// The pod did not answer within [`ADMIN_CALL_TIMEOUT`].
+    #[error("pod {pod} did not answer within {}s", .after.as_secs())]
+    Timeout {
+        /// Pod name.
+        pod: String,
+        /// How long the operator waited.
+        after: Duration,
+    },
+}
+
+/// How long one admin call may take. A healthy broker answers in milliseconds even through the
+/// API server's pod proxy; a pod that is starting, crash-looping or gone either refuses at once
+/// or never answers, and the reconcile must go on without it.
+pub const ADMIN_CALL_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// Runs one admin call to `pod` under [`ADMIN_CALL_TIMEOUT`]. Applied where the operator makes
+/// the call, so every [`BrokerAdmin`] implementation is bounded the same way.
+pub async fn bounded<T>(
+    pod: &str,
+    call: impl Future<Output = Result<T, PodTalkError>>,
+) -> Result<T, PodTalkError> {
+    match tokio::time::timeout(ADMIN_CALL_TIMEOUT, call).await {
+        Ok(result) => result,
+        Err(_) => Err(PodTalkError::Timeout {
+            pod: pod.to_string(),
+            after: ADMIN_CALL_TIMEOUT,
+        }),
+    }
 }
 
 /// `GET /api/v1/evacuate`.
@@ -44,13 +78,57 @@ pub struct EvacuationReport {
     pub remaining_sessions: u64,
 }
 
+/// A member's state as the broker reports it in `GET /api/v1/cluster` (see the broker's
+/// `cluster::Cluster::members`). Typed so that a state the operator does not know can never be
+/// mistaken for a joined member.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberState {
+    /// The answering node itself (not evacuating).
+    #[serde(rename = "self")]
+    Itself,
+    /// Joined and synced.
+    Ready,
+    /// Known through gossip but not joined yet.
+    Joining,
+    /// Moving its clients away (still a member until its pod goes).
+    Evacuating,
+    /// Gone without leaving cleanly: gossip declared it dead.
+    Dead,
+    /// A state this operator does not know (a newer broker); never counted as joined.
+    #[serde(other)]
+    Unknown,
+}
+
+impl MemberState {
+    /// Whether a member in this state is a full member of the cluster.
+    pub fn joined(self) -> bool {
+        match self {
+            MemberState::Itself | MemberState::Ready | MemberState::Evacuating => true,
+            MemberState::Joining | MemberState::Dead | MemberState::Unknown => false,
+        }
+    }
+
+    /// The broker's name for the state (as shown in the MqttCluster's status).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberState::Itself => "self",
+            MemberState::Ready => "ready",
+            MemberState::Joining => "joining",
+            MemberState::Evacuating => "evacuating",
+            MemberState::Dead => "dead",
+            MemberState::Unknown => "unknown",
+        }
+    }
+}
+
 /// One member in `GET /api/v1/cluster`.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 pub struct Member {
     /// Node (pod) name.
     pub name: String,
-    /// Membership state as the broker names it.
-    pub state: String,
+    /// Membership state.
+    pub state: MemberState,
     /// Routes the member owns.
     #[serde(default)]
     pub routes: i64,
@@ -66,22 +144,13 @@ pub struct ClusterView {
     pub members: Vec<Member>,
 }
 
-/// Member states that mean "not (or no longer) part of the cluster".
-pub const NOT_JOINED_STATES: &[&str] = &[
-    "joining",
-    "leaving",
-    "left",
-    "down",
-    "failed",
-    "unreachable",
-];
-
 impl ClusterView {
-    /// Whether `pod` is a full member in this view.
+    /// Whether `pod` is a full member in this view. A pod that restarted under the same name may
+    /// be listed twice for a moment (its old incarnation dead); any joined entry counts.
     pub fn joined(&self, pod: &str) -> bool {
-        self.members.iter().any(|m| {
-            m.name == pod && !NOT_JOINED_STATES.contains(&m.state.to_ascii_lowercase().as_str())
-        })
+        self.members
+            .iter()
+            .any(|m| m.name == pod && m.state.joined())
     }
 }
 
@@ -279,10 +348,52 @@ mod tests {
         )
         .expect("evacuate");
         assert_eq!(e.state, "running");
-        let c: ClusterView = serde_json::from_str(r#"{"node":"demo-0","members":[{"name":"demo-0","state":"up","routes":4},{"name":"demo-1","state":"leaving","routes":0}]}"#).expect("cluster");
-        assert!(c.joined("demo-0"));
-        assert!(!c.joined("demo-1"), "leaving is not joined");
-        assert!(!c.joined("demo-2"), "absent is not joined");
+        // Every state the broker sends (broker/src/cluster/mod.rs `members`), plus one it may send
+        // some day.
+        let c: ClusterView = serde_json::from_str(
+            r#"{"node":"demo-0","members":[
+                {"name":"demo-0","state":"self","routes":4},
+                {"name":"demo-1","state":"ready","routes":2},
+                {"name":"demo-2","state":"dead","routes":0},
+                {"name":"demo-3","state":"joining"},
+                {"name":"demo-4","state":"evacuating","routes":1},
+                {"name":"demo-5","state":"quarantined"}]}"#,
+        )
+        .expect("cluster");
+        assert_eq!(c.members[2].state, MemberState::Dead);
+        assert_eq!(c.members[5].state, MemberState::Unknown);
+        assert!(c.joined("demo-0"), "the answering node");
+        assert!(c.joined("demo-1"));
+        assert!(!c.joined("demo-2"), "a dead member is not joined");
+        assert!(!c.joined("demo-3"), "joining is not joined yet");
+        assert!(c.joined("demo-4"), "evacuating is still a member");
+        assert!(
+            !c.joined("demo-5"),
+            "an unknown state is never counted as joined"
+        );
+        assert!(!c.joined("demo-9"), "absent is not joined");
+    }
+
+    #[test]
+    fn a_restarted_pod_listed_dead_and_ready_is_joined() {
+        let c: ClusterView = serde_json::from_str(
+            r#"{"node":"demo-0","members":[{"name":"demo-2","state":"dead"},{"name":"demo-2","state":"ready"}]}"#,
+        )
+        .expect("cluster");
+        assert!(c.joined("demo-2"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pod_that_never_answers_times_out() {
+        let started = tokio::time::Instant::now();
+        let result: Result<(), PodTalkError> = bounded("demo-2", futures::future::pending()).await;
+        assert!(
+            matches!(&result, Err(PodTalkError::Timeout { pod, .. }) if pod == "demo-2"),
+            "{result:?}"
+        );
+        assert_eq!(started.elapsed(), ADMIN_CALL_TIMEOUT);
+        let answered = bounded("demo-0", async { Ok(7) }).await;
+        assert_eq!(answered.ok(), Some(7));
     }
 
     #[test]

@@ -20,7 +20,9 @@ pub const RECONCILE_SUCCESS: &str = "ReconcileSuccess";
 /// Everything the status is computed from.
 #[derive(Clone, Debug)]
 pub struct StatusInputs<'a> {
-    /// metadata.generation of the reconciled object.
+    /// The generation this status describes: metadata.generation when this reconcile acted on
+    /// it (applied its objects, or refused an invalid spec), the previous observedGeneration
+    /// otherwise.
     pub generation: Option<i64>,
     /// The status before this reconcile (keeps transition times and the last known version).
     pub previous: Option<&'a MqttClusterStatus>,
@@ -199,6 +201,34 @@ fn cond(i: &StatusInputs, type_: &str, status: bool, reason: &str, message: Stri
         observed_generation: i.generation,
         last_transition_time: since,
     }
+}
+
+/// The status after a reconcile that failed before it could decide anything (the read step or
+/// the whole reconcile timed out): the previous status, unchanged — including observedGeneration,
+/// since no generation was acted on — except `ReconcileSuccess=False` with the error.
+pub fn failed(
+    previous: Option<&MqttClusterStatus>,
+    reason: &str,
+    message: String,
+    now: Timestamp,
+) -> MqttClusterStatus {
+    let mut status = previous.cloned().unwrap_or_default();
+    let since = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == RECONCILE_SUCCESS && c.status == "False")
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or(Time(now));
+    status.conditions.retain(|c| c.type_ != RECONCILE_SUCCESS);
+    status.conditions.push(Condition {
+        type_: RECONCILE_SUCCESS.to_string(),
+        status: "False".to_string(),
+        reason: reason.to_string(),
+        message,
+        observed_generation: status.observed_generation,
+        last_transition_time: since,
+    });
+    status
 }
 
 #[cfg(test)]

@@ -16,6 +16,8 @@ fn pod(ordinal: i32, revision: &str, ready: bool) -> PodView {
         terminating: false,
         evacuation: None,
         created: None,
+        unready_since: None,
+        problem: None,
         version: Some(if revision == "r2" { "2.0" } else { "1.0" }.into()),
     }
 }
@@ -203,4 +205,75 @@ fn pending_rebalance_follows_the_plan_and_survives_an_invalid_spec() {
         ("False", "Rebalancing")
     );
     assert!(c.message.contains("demo-0, demo-1"), "{}", c.message);
+}
+
+#[test]
+fn degraded_names_the_pod_and_its_container_state() {
+    let pods = [pod(0, "r1", true), pod(1, "r1", true), pod(2, "r2", false)];
+    let why =
+        "pod demo-2 did not become Ready and join the cluster within 300s (container broker: \
+               CrashLoopBackOff (5 restarts), last exit code 1 (Error); last log line: Error: \
+               mqtt.max_qos: invalid type); fix the spec to resume";
+    let p = plan(Action::Blocked {
+        pod: "demo-2".into(),
+        reason: why.into(),
+    });
+    let s = compute(&inputs(&pods, Some(&p), None));
+    let degraded = get(&s, DEGRADED);
+    assert_eq!(degraded.status, "True");
+    assert_eq!(degraded.message, why);
+    assert!(get(&s, PROGRESSING).message.contains("demo-2"));
+}
+
+#[test]
+fn a_failed_reconcile_says_so_and_keeps_what_it_did_not_observe() {
+    let pods = [pod(0, "r2", true), pod(1, "r2", true), pod(2, "r2", true)];
+    let idle = plan(Action::Idle);
+    let mut i = inputs(&pods, Some(&idle), None);
+    i.generation = Some(3);
+    let before = compute(&i);
+    let later: Timestamp = "2026-01-01T00:05:00Z".parse().expect("time");
+    let s = failed(
+        Some(&before),
+        "ReadFailed",
+        "reading pods: 503".into(),
+        later,
+    );
+    let c = get(&s, RECONCILE_SUCCESS);
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str(), c.message.as_str()),
+        ("False", "ReadFailed", "reading pods: 503")
+    );
+    assert_eq!(c.last_transition_time.0, later);
+    assert_eq!(s.observed_generation, Some(3), "no generation was acted on");
+    assert_eq!(get(&s, AVAILABLE), get(&before, AVAILABLE));
+    assert_eq!(s.conditions.len(), 4);
+    assert_eq!(s.ready_replicas, 3);
+    // Failing again keeps the time it started failing.
+    let again = failed(
+        Some(&s),
+        "ReconcileTimeout",
+        "slow".into(),
+        later + jiff::SignedDuration::from_secs(60),
+    );
+    assert_eq!(get(&again, RECONCILE_SUCCESS).last_transition_time.0, later);
+    // Before any status existed: only the failure is known.
+    let first = failed(None, "ReadFailed", "x".into(), later);
+    assert_eq!(first.conditions.len(), 1);
+    assert_eq!(first.observed_generation, None);
+}
+
+#[test]
+fn observed_generation_is_the_generation_acted_on() {
+    let pods = [pod(0, "r2", true)];
+    let idle = plan(Action::Idle);
+    let mut i = inputs(&pods, Some(&idle), None);
+    i.generation = Some(2);
+    i.error = Some(("ApplyFailed", "applying StatefulSet demo: 503".into()));
+    let s = compute(&i);
+    assert_eq!(s.observed_generation, Some(2));
+    assert!(s
+        .conditions
+        .iter()
+        .all(|c| c.observed_generation == Some(2)));
 }

@@ -56,6 +56,13 @@ fn respond(call: &Call) -> (StatusCode, Value) {
 }
 
 fn fake_client() -> (Client, Arc<Mutex<Vec<Call>>>) {
+    fake_client_with(|_| None)
+}
+
+/// A fake API server where `answer` overrides `respond` for the calls it returns Some for.
+fn fake_client_with(
+    answer: fn(&Call) -> Option<(StatusCode, Value)>,
+) -> (Client, Arc<Mutex<Vec<Call>>>) {
     let calls = Arc::new(Mutex::new(Vec::new()));
     let log = calls.clone();
     let service = tower::service_fn(move |req: Request<Body>| {
@@ -66,7 +73,7 @@ fn fake_client() -> (Client, Arc<Mutex<Vec<Call>>>) {
             let bytes = req.into_body().collect_bytes().await?;
             let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
             let call = Call { method, uri, body };
-            let (status, answer) = respond(&call);
+            let (status, answer) = answer(&call).unwrap_or_else(|| respond(&call));
             log.lock().expect("log").push(call);
             let response = Response::builder()
                 .status(status)
@@ -113,7 +120,47 @@ impl BrokerAdmin for NoBrokers {
     }
 }
 
+/// Brokers whose admin API never answers (the pod proxy waits on a pod that is gone).
+struct SilentBrokers;
+
+impl BrokerAdmin for SilentBrokers {
+    fn evacuate<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a str,
+        _: i32,
+    ) -> BoxFuture<'a, Result<(), PodTalkError>> {
+        Box::pin(futures::future::pending())
+    }
+    fn evacuation<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a str,
+    ) -> BoxFuture<'a, Result<EvacuationReport, PodTalkError>> {
+        Box::pin(futures::future::pending())
+    }
+    fn cluster<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a str,
+    ) -> BoxFuture<'a, Result<ClusterView, PodTalkError>> {
+        Box::pin(futures::future::pending())
+    }
+    fn rebalance<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a str,
+        _: i32,
+    ) -> BoxFuture<'a, Result<(), PodTalkError>> {
+        Box::pin(futures::future::pending())
+    }
+}
+
 fn context(client: Client) -> Arc<Context> {
+    context_with(client, Arc::new(NoBrokers))
+}
+
+fn context_with(client: Client, admin: Arc<dyn BrokerAdmin>) -> Arc<Context> {
     Arc::new(Context {
         recorder: Recorder::new(
             client.clone(),
@@ -123,7 +170,7 @@ fn context(client: Client) -> Arc<Context> {
             },
         ),
         client,
-        admin: Arc::new(NoBrokers),
+        admin,
         metrics: Metrics::new().expect("metrics"),
         failures: Mutex::new(Default::default()),
     })
@@ -299,4 +346,113 @@ async fn unreachable_brokers_do_not_stretch_the_backoff() {
             Action::requeue(std::time::Duration::from_secs(5))
         );
     }
+}
+
+/// Three Ready broker pods at revision r1, a StatefulSet whose update revision is r1, and a
+/// recorded step that makes the operator ask demo-2 about its evacuation.
+fn three_pods(call: &Call) -> Option<(StatusCode, Value)> {
+    let path = call.uri.split('?').next().unwrap_or_default();
+    let pod = |i: i32| {
+        json!({"metadata": {"name": format!("demo-{i}"), "namespace": "mqtt",
+                            "labels": {"controller-revision-hash": "r1", "app.kubernetes.io/instance": "demo"},
+                            "creationTimestamp": "2026-01-01T00:00:00Z"},
+               "status": {"conditions": [{"type": "Ready", "status": "True"}]}})
+    };
+    match call.method.as_str() {
+        "GET" if path.ends_with("/pods") => Some((
+            StatusCode::OK,
+            json!({"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": [pod(0), pod(1), pod(2)]}),
+        )),
+        "GET" if path.ends_with("/statefulsets/demo") => Some((
+            StatusCode::OK,
+            json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
+                   "metadata": {"name": "demo", "namespace": "mqtt", "generation": 1},
+                   "spec": {"replicas": 3, "selector": {}, "template": {}, "serviceName": "demo-headless"},
+                   "status": {"replicas": 3, "observedGeneration": 1, "updateRevision": "r1", "currentRevision": "r1"}}),
+        )),
+        _ => None,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn brokers_that_never_answer_do_not_hold_up_the_reconcile() {
+    let (client, calls) = fake_client_with(three_pods);
+    let ctx = context_with(client, Arc::new(SilentBrokers));
+    let mut object = (*cluster(json!({}))).clone();
+    object.status = Some(corvid_crds::MqttClusterStatus {
+        observed_generation: Some(1),
+        operation: Some(corvid_crds::OperationStatus {
+            phase: corvid_crds::OperationPhase::Evacuating,
+            pod: "demo-2".into(),
+            revision: "r0".into(),
+            since: "2026-01-01T00:00:00Z".into(),
+        }),
+        ..Default::default()
+    });
+    let started = tokio::time::Instant::now();
+    let result = reconcile(Arc::new(object), ctx).await;
+    let took = started.elapsed();
+    assert!(
+        took < corvid_operator::controller::RECONCILE_TIMEOUT,
+        "bounded by the admin call deadlines, not the reconcile deadline: {took:?}"
+    );
+    assert!(result.is_ok(), "{result:?}");
+    let calls = calls.lock().expect("calls").clone();
+    let status = status_patch(&calls);
+    assert_eq!(
+        status["observedGeneration"], 2,
+        "the new generation was acted on"
+    );
+    assert_eq!(
+        condition(&status, "ReconcileSuccess"),
+        ("True".into(), "Reconciled".into())
+    );
+    // Nobody answered the cluster view: membership is unknown, nothing is taken down.
+    assert!(status["members"].is_null(), "{status}");
+    assert!(
+        !calls.iter().any(|c| c.method == "DELETE"),
+        "no pod deleted"
+    );
+}
+
+fn pods_unreadable(call: &Call) -> Option<(StatusCode, Value)> {
+    let path = call.uri.split('?').next().unwrap_or_default();
+    (call.method == "GET" && path.ends_with("/pods")).then(|| {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 503,
+                   "reason": "ServiceUnavailable", "message": "etcd is having a moment"}),
+        )
+    })
+}
+
+#[tokio::test]
+async fn a_failed_read_is_written_to_status_and_keeps_the_observed_generation() {
+    let (client, calls) = fake_client_with(pods_unreadable);
+    let ctx = context(client);
+    let mut object = (*cluster(json!({}))).clone();
+    object.status = Some(corvid_crds::MqttClusterStatus {
+        observed_generation: Some(1),
+        ..Default::default()
+    });
+    let err = reconcile(Arc::new(object), ctx)
+        .await
+        .expect_err("reading pods failed");
+    assert_eq!(err.reason(), "ReadFailed");
+    let calls = calls.lock().expect("calls").clone();
+    let status = status_patch(&calls);
+    assert_eq!(
+        condition(&status, "ReconcileSuccess"),
+        ("False".into(), "ReadFailed".into())
+    );
+    assert_eq!(
+        status["observedGeneration"], 1,
+        "generation 2 was not acted on"
+    );
+    let event = calls
+        .iter()
+        .find(|c| c.method == "POST" && c.uri.contains("/events"))
+        .expect("a Warning event");
+    assert_eq!(event.body["reason"], "ReadFailed");
+    assert_eq!(event.body["type"], "Warning");
 }

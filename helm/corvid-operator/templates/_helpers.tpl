@@ -64,6 +64,10 @@ to broker pods, because RBAC forbids granting what you do not have.
 - apiGroups: [""]
   resources: [pods/proxy]
   verbs: [get, create]
+# The last log line of a crash-looping broker, for the Degraded condition.
+- apiGroups: [""]
+  resources: [pods/log]
+  verbs: [get]
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]
   verbs: [get, list, watch, create, patch, update, delete]
