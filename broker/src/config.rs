@@ -911,9 +911,10 @@ impl Default for MqttConfig {
             max_qos: 2,
             max_client_id_len: 65535,
             max_topic_levels: 128,
-            // 128 levels of 32 bytes; real device topics are far shorter (AWS IoT allows 256
-            // bytes), and each topic is copied into routes, retained entries and peer frames.
-            max_topic_length: 4096,
+            // MQTT's own limit, as EMQX: valid topics up to 65,535 bytes must work (conformance
+            // suites send them); the level bound is what keeps tree walks cheap, and packet
+            // size bounds the bytes. Lower it where devices never send long topics.
+            max_topic_length: 65535,
             connect_timeout: 10,
             max_connect_size: 64 * 1024,
             write_timeout: 30,

@@ -164,12 +164,14 @@ async fn topics_deeper_than_any_stack_do_not_crash_the_broker() {
     common::stop(r).await;
 }
 
-/// At the default bounds (128 levels, 4096 bytes) every entry point refuses an oversize topic
-/// with its protocol's code, and a topic right at the bounds is served.
+/// At the default level bound (128) and a length bound of 4096 bytes every entry point refuses
+/// an oversize topic with its protocol's code, and a topic right at the bounds is served.
 #[tokio::test]
 async fn oversize_topics_are_refused_at_every_entry_point() {
     let _alone = MEASURED.lock().await;
-    let r = common::start().await;
+    let mut cfg = common::config();
+    cfg.mqtt.max_topic_length = 4096;
+    let r = common::start_with(cfg).await;
     let addr = common::mqtt(&r);
     let mut bystander = Bystander::connect(addr, "bounds-by").await;
     let too_deep = deep(129);

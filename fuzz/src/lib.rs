@@ -19,7 +19,7 @@ use corvid_broker::topic::{self, TopicLimits};
 /// `mqtt.max_topic_length`), so the tries below only ever see what a client could insert.
 const LIMITS: TopicLimits = TopicLimits {
     max_levels: 128,
-    max_len: 4096,
+    max_len: 65535,
 };
 
 /// The MQTT codec wrapper on arbitrary bytes, as a connection feeds it: decode packets until it
