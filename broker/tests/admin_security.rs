@@ -7,40 +7,13 @@ mod common;
 
 use std::net::SocketAddr;
 
-use common::{config, start_with, stop, within};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use common::{config, http, start_with, stop};
 
-/// Sends one HTTP request with `headers` and returns status and body.
-async fn http(
-    admin: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> (u16, String) {
-    within("admin HTTP request", async {
-        let mut s = TcpStream::connect(admin).await.expect("admin connect");
-        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
-        for (k, v) in headers {
-            req.push_str(&format!("{k}: {v}\r\n"));
-        }
-        req.push_str("Content-Length: 0\r\n\r\n");
-        s.write_all(req.as_bytes()).await.expect("admin write");
-        let mut out = Vec::new();
-        s.read_to_end(&mut out).await.expect("admin read");
-        let text = String::from_utf8_lossy(&out).into_owned();
-        let status = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .expect("HTTP status line");
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        (status, body)
-    })
-    .await
+/// `GET /api/v1/stats` presenting `header: value`; returns the status.
+async fn stats_with(admin: SocketAddr, header: &str, value: &str) -> u16 {
+    http(admin, "GET", "/api/v1/stats", &[(header, value)])
+        .await
+        .0
 }
 
 #[tokio::test]
@@ -112,7 +85,7 @@ async fn with_a_token_every_api_call_needs_it_and_probes_stay_open() {
         ("Authorization", "correct-horse-battery"),
         ("X-Corvid-Admin-Token", "correct-horse-battery-staple"),
     ] {
-        let (code, _) = http(admin, "GET", "/api/v1/stats", &[(name, value)]).await;
+        let code = stats_with(admin, name, value).await;
         assert_eq!(code, 401, "{name}: {value} must be refused");
     }
     let (code, _) = http(
@@ -128,22 +101,18 @@ async fn with_a_token_every_api_call_needs_it_and_probes_stay_open() {
         .accepting
         .load(std::sync::atomic::Ordering::Relaxed));
 
-    let (code, _) = http(
-        admin,
-        "GET",
-        "/api/v1/stats",
-        &[("Authorization", "Bearer correct-horse-battery")],
-    )
-    .await;
-    assert_eq!(code, 200, "the bearer token");
-    let (code, _) = http(
-        admin,
-        "GET",
-        "/api/v1/stats",
-        &[("X-Corvid-Admin-Token", "correct-horse-battery")],
-    )
-    .await;
-    assert_eq!(code, 200, "the pod-proxy header");
+    let bearer = "Bearer correct-horse-battery";
+    assert_eq!(
+        stats_with(admin, "Authorization", bearer).await,
+        200,
+        "the bearer token"
+    );
+    let plain = "correct-horse-battery";
+    assert_eq!(
+        stats_with(admin, "X-Corvid-Admin-Token", plain).await,
+        200,
+        "the pod-proxy header"
+    );
 
     // A rotated token applies at once.
     std::fs::write(&token, "rotated").expect("rotate");

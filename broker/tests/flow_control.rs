@@ -95,15 +95,7 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// This process's resident set size in bytes (the broker runs in-process).
 fn rss() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
+    common::rss_bytes(None)
 }
 
 /// Publishes `n` QoS 1 messages of 64 bytes to `topic` (the client keeps `INFLIGHT` in flight).

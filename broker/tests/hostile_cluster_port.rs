@@ -14,15 +14,7 @@ use tokio::io::AsyncWriteExt;
 
 /// Resident set size of process `pid` in bytes.
 fn rss_of(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
+    common::rss_bytes(Some(pid))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

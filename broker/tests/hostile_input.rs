@@ -13,12 +13,7 @@ static MEASURED: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Resident set size of this test process (the broker runs in it), in KiB.
 fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS line")
+    common::rss_bytes(None) / 1024
 }
 
 /// A topic of `levels` one-byte levels: `a/a/…/a`.

@@ -157,11 +157,42 @@ pub async fn assert_serving(addr: SocketAddr, bystander: &mut Bystander) {
     fresh.assert_served().await;
 }
 
+/// Resident set size in bytes of process `pid`, or of this process (where in-process brokers
+/// run) for `None`; 0 when it cannot be read.
+pub fn rss_bytes(pid: Option<u32>) -> u64 {
+    let path = pid.map_or("/proc/self/status".to_string(), |p| {
+        format!("/proc/{p}/status")
+    });
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
 /// `GET path` on the admin port; returns status and body.
 pub async fn http_get(admin: SocketAddr, path: &str) -> (u16, String) {
+    http(admin, "GET", path, &[]).await
+}
+
+/// One HTTP request with `headers` to the admin port; returns status and body.
+pub async fn http(
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
     within("admin HTTP request", async {
         let mut s = TcpStream::connect(admin).await.expect("admin connect");
-        let req = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("Content-Length: 0\r\n\r\n");
         s.write_all(req.as_bytes()).await.expect("admin write");
         let mut out = Vec::new();
         s.read_to_end(&mut out).await.expect("admin read");
