@@ -186,16 +186,6 @@ pub enum KafkaKey {
     Topic,
 }
 
-impl KafkaKey {
-    /// The broker configuration's spelling.
-    pub fn as_config(self) -> &'static str {
-        match self {
-            KafkaKey::ClientId => "client_id",
-            KafkaKey::Topic => "topic",
-        }
-    }
-}
-
 fn default_buffer() -> i64 {
     10_000
 }

@@ -17,6 +17,7 @@ pub mod pod;
 pub mod service;
 pub mod status;
 pub mod tls;
+mod to_config;
 
 pub use auth::*;
 pub use bridges::*;

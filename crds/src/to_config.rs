@@ -1,0 +1,82 @@
+//! How the spec's enums map onto the broker configuration's (`corvid-config`): written once,
+//! checked by the compiler, so a renamed or added variant on either side fails the build
+//! instead of a pod.
+
+use corvid_config as cfg;
+
+impl From<crate::QueueFullPolicy> for cfg::QueueFullPolicy {
+    fn from(p: crate::QueueFullPolicy) -> Self {
+        match p {
+            crate::QueueFullPolicy::DropOldest => cfg::QueueFullPolicy::DropOldest,
+            crate::QueueFullPolicy::DropNew => cfg::QueueFullPolicy::DropNew,
+        }
+    }
+}
+
+impl From<crate::SharedSubscriptionStrategy> for cfg::SharedStrategy {
+    fn from(s: crate::SharedSubscriptionStrategy) -> Self {
+        match s {
+            crate::SharedSubscriptionStrategy::RoundRobin => cfg::SharedStrategy::RoundRobin,
+            crate::SharedSubscriptionStrategy::Random => cfg::SharedStrategy::Random,
+            crate::SharedSubscriptionStrategy::Sticky => cfg::SharedStrategy::Sticky,
+            crate::SharedSubscriptionStrategy::HashClientid => cfg::SharedStrategy::HashClientid,
+        }
+    }
+}
+
+impl From<crate::AclPermission> for cfg::Permission {
+    fn from(p: crate::AclPermission) -> Self {
+        match p {
+            crate::AclPermission::Allow => cfg::Permission::Allow,
+            crate::AclPermission::Deny => cfg::Permission::Deny,
+        }
+    }
+}
+
+impl From<crate::AclAction> for cfg::AclAction {
+    fn from(a: crate::AclAction) -> Self {
+        match a {
+            crate::AclAction::Publish => cfg::AclAction::Publish,
+            crate::AclAction::Subscribe => cfg::AclAction::Subscribe,
+            crate::AclAction::All => cfg::AclAction::All,
+        }
+    }
+}
+
+impl From<&crate::AclWho> for cfg::AclWho {
+    fn from(w: &crate::AclWho) -> Self {
+        let one = |user, client_id, ip_cidr| {
+            cfg::AclWho::One(cfg::AclWhoOne {
+                user,
+                client_id,
+                ip_cidr,
+            })
+        };
+        match (&w.user, &w.client_id, &w.ip_cidr) {
+            (Some(u), _, _) => one(Some(u.clone()), None, None),
+            (_, Some(c), _) => one(None, Some(c.clone()), None),
+            (_, _, Some(ip)) => one(None, None, Some(ip.clone())),
+            _ => cfg::AclWho::All(cfg::AllClients::All),
+        }
+    }
+}
+
+impl From<&crate::AclRule> for cfg::AclRule {
+    fn from(r: &crate::AclRule) -> Self {
+        cfg::AclRule {
+            permission: r.permission.into(),
+            who: (&r.who).into(),
+            action: r.action.into(),
+            topics: r.topics.clone(),
+        }
+    }
+}
+
+impl From<crate::KafkaKey> for cfg::KafkaKey {
+    fn from(k: crate::KafkaKey) -> Self {
+        match k {
+            crate::KafkaKey::ClientId => cfg::KafkaKey::ClientId,
+            crate::KafkaKey::Topic => cfg::KafkaKey::Topic,
+        }
+    }
+}
