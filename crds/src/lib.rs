@@ -32,6 +32,12 @@ pub use service::*;
 pub use status::*;
 pub use tls::*;
 
+/// A broker default as the CRD's integer type: the spec's defaults that mirror the broker's are
+/// read from `corvid-config`, so they cannot drift apart.
+fn broker_default<N: TryInto<i64>>(n: N) -> i64 {
+    n.try_into().unwrap_or(i64::MAX)
+}
+
 /// API group of every Corvid resource.
 pub const GROUP: &str = "corvid.dev";
 /// Served and stored API version.

@@ -80,3 +80,28 @@ impl From<crate::KafkaKey> for cfg::KafkaKey {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::{ListenerKind, Listeners, ADMIN_PORT, CLUSTER_PORT};
+
+    /// Ports are literals in the CRD (CEL rules and schema defaults need them), so a test holds
+    /// them to the broker's defaults.
+    #[test]
+    fn ports_are_the_brokers_defaults() {
+        let broker = corvid_config::Config::default();
+        assert_eq!(ADMIN_PORT, i32::from(broker.admin.bind.port()));
+        assert_eq!(CLUSTER_PORT, i32::from(broker.cluster.port));
+        let spec = Listeners::default();
+        for (kind, listener) in [
+            (ListenerKind::Mqtt, &broker.listeners.mqtt),
+            (ListenerKind::Ws, &broker.listeners.ws),
+            (ListenerKind::Mqtts, &broker.listeners.mqtts),
+            (ListenerKind::Wss, &broker.listeners.wss),
+        ] {
+            let l = spec.get(kind);
+            assert_eq!(l.port, i32::from(listener.bind.port()), "{}", kind.name());
+            assert_eq!(l.enabled, listener.enabled, "{}", kind.name());
+        }
+    }
+}
