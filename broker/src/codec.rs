@@ -8,6 +8,7 @@ use std::num::{NonZeroU16, NonZeroU32};
 
 use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
+use corvid_proto::reason::Reason;
 use rmqtt_codec::types::Publish as WirePublish;
 use rmqtt_codec::{v3, v5, version::ProtocolVersion, MqttCodec, MqttPacket};
 use tokio_util::codec::{Decoder, Encoder};
@@ -48,8 +49,8 @@ impl Protocol {
 pub struct DecodeError {
     /// Description for logs.
     pub message: String,
-    /// MQTT 5 reason code (0x81 malformed, 0x82 protocol error, 0x95 packet too large ...).
-    pub reason: u8,
+    /// Why, as the MQTT 5 reason sent in DISCONNECT (malformed, protocol error, too large ...).
+    pub reason: Reason,
     /// The CONNECT named a protocol level the broker does not speak.
     pub unsupported_version: bool,
     /// A 3.1.1 CONNECT with an empty client id and clean session off.
@@ -60,14 +61,14 @@ impl From<rmqtt_codec::error::DecodeError> for DecodeError {
     fn from(e: rmqtt_codec::error::DecodeError) -> Self {
         use rmqtt_codec::error::DecodeError as E;
         let reason = match &e {
-            E::MaxSizeExceeded { .. } => 0x95,
+            E::MaxSizeExceeded { .. } => Reason::PacketTooLarge,
             E::InvalidProtocol
             | E::ConnectReservedFlagSet
             | E::InvalidConnectFlags
-            | E::PacketIdRequired => 0x82,
-            E::InvalidTopicName => 0x90,
-            E::InvalidTopicFilter => 0x8F,
-            _ => 0x81,
+            | E::PacketIdRequired => Reason::ProtocolError,
+            E::InvalidTopicName => Reason::TopicNameInvalid,
+            E::InvalidTopicFilter => Reason::TopicFilterInvalid,
+            _ => Reason::MalformedPacket,
         };
         DecodeError {
             message: e.to_string(),
@@ -367,7 +368,7 @@ impl Codec {
             // [MQTT-3.8.3-4]: the codec masks these bits; 3.1.1 requires closing the connection.
             return Err(DecodeError {
                 message: "SUBSCRIBE options with reserved bits set".into(),
-                reason: 0x81,
+                reason: Reason::MalformedPacket,
                 unsupported_version: false,
                 client_id_rejected: false,
             });
@@ -378,7 +379,7 @@ impl Codec {
             Some((MqttPacket::V5(p), _)) => Ok(Some(self.inbound_v5(p))),
             Some((MqttPacket::Version(_), _)) => Err(DecodeError {
                 message: "unexpected version packet".into(),
-                reason: 0x82,
+                reason: Reason::ProtocolError,
                 unsupported_version: false,
                 client_id_rejected: false,
             }),
@@ -835,7 +836,7 @@ mod tests {
         assert!(matches!(c.decode(&mut buf), Ok(Some(_))));
         buf.extend_from_slice(&[0x30, 0xff, 0xff, 0x7f]);
         let err = c.decode(&mut buf).expect_err("too big");
-        assert_eq!(err.reason, 0x95);
+        assert_eq!(err.reason, Reason::PacketTooLarge);
     }
 
     #[test]

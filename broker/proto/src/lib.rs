@@ -2,5 +2,6 @@
 //! walked. The broker, its configuration and the operator's validation all agree because they
 //! all call this crate.
 
+pub mod reason;
 pub mod topic;
 pub mod trie;
