@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod codec;
 pub mod connection;
 pub mod eventstore;
+pub mod fabric;
 pub mod hooks;
 pub mod limits;
 pub mod listener;

@@ -94,6 +94,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     });
     if broker.config.cluster.discovery != crate::config::Discovery::None {
         let cluster = crate::cluster::Cluster::start(&broker, admin_addr).await?;
+        let _ = broker.fabric.set(cluster.clone());
         let _ = broker.cluster.set(cluster);
     }
     // Events emitted before this wait in the sinks' buffers.

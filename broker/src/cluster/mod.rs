@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::Broker;
 use crate::config::{ClusterConfig, Discovery};
 use crate::message::{Delivery, Msg};
-use crate::session::{Kick, RecentIds, Session};
+use crate::session::{Kick, Session};
 use link::Link;
 use proto::{Frame, SessionSnapshot, WireDelivery, WireMsg};
 use routes::RemoteRoutes;
@@ -209,16 +209,7 @@ struct PendingTake {
     done: Option<oneshot::Sender<Taken>>,
 }
 
-/// What asking the other nodes for a session came to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Taken {
-    /// No node had it (or all had let it go).
-    NotFound,
-    /// It moved here and is installed.
-    Moved,
-    /// The node holding it refused: another identity owns it (`sessions.takeover`).
-    NotOwner,
-}
+pub use crate::fabric::Taken;
 
 /// The cluster layer of one node.
 pub struct Cluster {
@@ -604,7 +595,7 @@ impl Cluster {
                     p.waiting = p.waiting.saturating_sub(1);
                     if let Some(mut s) = snapshot {
                         invalid("subscription", s.drop_invalid_subscriptions(&limits));
-                        b.install_session(*s);
+                        b.install_session((*s).into());
                         p.found = Taken::Moved;
                     } else if refused {
                         p.found = Taken::NotOwner;
@@ -626,7 +617,7 @@ impl Cluster {
             Frame::Handoff(mut snap) => {
                 tracing::info!(peer = %peer, client_id = %snap.client_id, "session handed over to this node");
                 invalid("subscription", snap.drop_invalid_subscriptions(&limits));
-                b.install_session(*snap);
+                b.install_session((*snap).into());
             }
             Frame::DeliverTo {
                 client_id,
@@ -1146,7 +1137,30 @@ async fn membership_loop(cluster: Arc<Cluster>) {
     }
 }
 
-/// Helper for the broker: a fresh dedupe window for a session that arrived from another node.
-pub fn recent_window() -> Option<RecentIds> {
-    Some(RecentIds::default())
+#[async_trait::async_trait]
+impl crate::fabric::Fabric for Cluster {
+    fn retained(&self, msg: &Msg) {
+        Cluster::retained(self, msg)
+    }
+    fn forward(&self, msg: &Msg, local_groups: &[Arc<str>]) -> HashSet<Arc<str>> {
+        Cluster::forward(self, msg, local_groups)
+    }
+    fn deliver_to(&self, node: &str, client_id: &str, d: &Delivery) {
+        Cluster::deliver_to(self, node, client_id, d)
+    }
+    fn route_added(&self, raw: &str) {
+        Cluster::route_added(self, raw)
+    }
+    fn route_removed(&self, raw: &str) {
+        Cluster::route_removed(self, raw)
+    }
+    async fn wait_synced(&self, limit: Duration) -> bool {
+        Cluster::wait_synced(self, limit).await
+    }
+    async fn take_session(&self, client_id: &str, clean: bool, owner: Option<&str>) -> Taken {
+        Cluster::take_session(self, client_id, clean, owner).await
+    }
+    fn take_early(&self, client_id: &str) -> Vec<Delivery> {
+        Cluster::take_early(self, client_id)
+    }
 }
