@@ -8,7 +8,6 @@ pub mod auth;
 pub mod bridge;
 pub mod broker;
 pub mod cluster;
-pub mod codec;
 pub mod connection;
 pub mod eventstore;
 pub mod fabric;
@@ -25,7 +24,7 @@ pub mod sys;
 pub mod trace;
 
 pub use corvid_config as config;
-pub use corvid_proto::{topic, trie};
+pub use corvid_proto::{codec, topic, trie};
 
 pub use broker::Broker;
 pub use config::Config;

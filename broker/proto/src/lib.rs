@@ -2,6 +2,8 @@
 //! walked. The broker, its configuration and the operator's validation all agree because they
 //! all call this crate.
 
+#[cfg(feature = "codec")]
+pub mod codec;
 pub mod reason;
 pub mod topic;
 pub mod trie;

@@ -6,9 +6,9 @@
 
 use std::num::{NonZeroU16, NonZeroU32};
 
+use crate::reason::Reason;
 use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
-use corvid_proto::reason::Reason;
 use rmqtt_codec::types::Publish as WirePublish;
 use rmqtt_codec::{v3, v5, version::ProtocolVersion, MqttCodec, MqttPacket};
 use tokio_util::codec::{Decoder, Encoder};
