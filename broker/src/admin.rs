@@ -29,6 +29,7 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/api/v1/routes", get(routes))
         .route("/api/v1/cluster", get(cluster))
         .route("/api/v1/bridges", get(bridges))
+        .route("/api/v1/webhooks", get(webhooks))
         .route("/api/v1/evacuate", get(evacuation).post(evacuate))
         .route("/api/v1/rebalance", get(rebalance).post(rebalance_now))
         .route("/api/v1/trace", get(trace_list).post(trace_start))
@@ -87,6 +88,11 @@ async fn readyz(State(b): State<Arc<Broker>>) -> Response {
         }
     }
     (StatusCode::OK, "ready\n").into_response()
+}
+
+/// Every webhook's health (last delivery or idle check), last error and counters.
+async fn webhooks(State(b): State<Arc<Broker>>) -> Json<Value> {
+    Json(json!({ "node": b.node, "webhooks": b.hooks.webhook_status() }))
 }
 
 /// Every bridge's state, last error and counters.

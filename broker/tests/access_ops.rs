@@ -191,6 +191,86 @@ async fn dead_webhook_does_not_slow_publishers() {
     assert!(dropped >= (3 * N - 20) as f64, "dropped {dropped}");
 }
 
+/// GET /api/v1/webhooks, the entry named `name`.
+async fn webhook_status(r: &corvid_broker::server::Running, name: &str) -> Value {
+    let (status, v) = api(r, reqwest::Method::GET, "/api/v1/webhooks", None).await;
+    assert_eq!(status, 200, "{v}");
+    v["webhooks"]
+        .as_array()
+        .and_then(|w| w.iter().find(|h| h["name"] == name))
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+#[tokio::test]
+async fn webhook_health_is_reported_while_idle() {
+    // A port with nothing listening (reserved, then closed) for a webhook that no traffic uses.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port");
+    let refusing = HttpServer::start(Arc::new(|_: &Value| (403, String::new(), None))).await;
+    let mut c = config();
+    c.webhooks = vec![
+        WebhookConfig {
+            name: "idle".into(),
+            url: format!("http://{addr}/hook"),
+            events: vec!["client.connected".into()],
+            ..Default::default()
+        },
+        WebhookConfig {
+            name: "auth".into(),
+            url: refusing.url(),
+            events: vec!["client.connected".into()],
+            max_retries: 0,
+            ..Default::default()
+        },
+    ];
+    let r = start(c).await;
+    let t0 = Instant::now();
+    let down = eventually("the idle webhook to be reported down", || async {
+        let s = webhook_status(&r, "idle").await;
+        (s["state"] == "down").then_some(s)
+    })
+    .await;
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(6), "down after {took:?}");
+    let error = down["last_error"].as_str().unwrap_or_default().to_string();
+    assert!(error.contains("refused"), "{down}");
+    assert_eq!(down["buffered"], 0, "{down}");
+    assert!(metric(&r, "corvid_webhook_up", &[r#"webhook="idle""#]).await == 0.0);
+
+    // The endpoint comes back: the next idle check says so; the error stays, time-stamped.
+    let sink = HttpServer::start_on(addr, ok_sink()).await;
+    let up = eventually("the webhook to recover", || async {
+        let s = webhook_status(&r, "idle").await;
+        (s["state"] == "up").then_some(s)
+    })
+    .await;
+    assert_eq!(up["last_error"].as_str(), Some(error.as_str()), "{up}");
+    assert!(up["since"].as_u64() >= up["last_error_at"].as_u64(), "{up}");
+
+    // Traffic: delivered and counted; the endpoint that answers 403 is `refused`.
+    let _client = v3::connect(mqtt(&r), "hook-health", None)
+        .await
+        .expect("connect");
+    wait_event(&sink, "client.connected", |v| {
+        v["event"] == "client.connected"
+    })
+    .await;
+    eventually("the delivery to be counted", || async {
+        let s = webhook_status(&r, "idle").await;
+        (s["delivered"] == 1 && s["buffered"] == 0).then_some(())
+    })
+    .await;
+    let refused = eventually("the 403 webhook to be refused", || async {
+        let s = webhook_status(&r, "auth").await;
+        (s["state"] == "refused").then_some(s)
+    })
+    .await;
+    assert_eq!(refused["last_error"], "refused: HTTP 403", "{refused}");
+    assert!(metric(&r, "corvid_webhook_up", &[r#"webhook="idle""#]).await == 1.0);
+}
+
 #[tokio::test]
 async fn sys_topics() {
     let mut c = config();
