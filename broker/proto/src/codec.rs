@@ -17,7 +17,7 @@ pub use rmqtt_codec::types::QoS;
 pub use rmqtt_codec::v5::{PublishProperties, RetainHandling, UserProperties};
 
 /// Protocol level negotiated by CONNECT.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
     /// MQTT 3.1 (protocol level 3) — handled as 3.1.1.
     V31,
@@ -35,10 +35,16 @@ impl Protocol {
 
     /// Human label used in logs, `$SYS` and the admin API.
     pub fn label(self) -> &'static str {
-        match self {
-            Protocol::V31 => "3.1",
-            Protocol::V311 => "3.1.1",
-            Protocol::V5 => "5.0",
+        corvid_api::ProtocolVersion::from(self).label()
+    }
+}
+
+impl From<Protocol> for corvid_api::ProtocolVersion {
+    fn from(p: Protocol) -> Self {
+        match p {
+            Protocol::V31 => corvid_api::ProtocolVersion::V31,
+            Protocol::V311 => corvid_api::ProtocolVersion::V311,
+            Protocol::V5 => corvid_api::ProtocolVersion::V5,
         }
     }
 }
