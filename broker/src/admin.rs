@@ -97,8 +97,11 @@ async fn readyz(State(b): State<Arc<Broker>>) -> Response {
 }
 
 /// Every webhook's health (last delivery or idle check), last error and counters.
-async fn webhooks(State(b): State<Arc<Broker>>) -> Json<Value> {
-    Json(json!({ "node": b.node, "webhooks": b.hooks.webhook_status() }))
+async fn webhooks(State(b): State<Arc<Broker>>) -> Json<corvid_api::WebhookList> {
+    Json(corvid_api::WebhookList {
+        node: b.node.clone(),
+        webhooks: b.hooks.webhook_status(),
+    })
 }
 
 /// Every bridge's state, last error and counters.

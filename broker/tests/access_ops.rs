@@ -765,6 +765,12 @@ async fn every_admin_answer_reads_into_its_corvid_api_type() {
         url: format!("redis://127.0.0.1:{closed}/0"),
         ..Default::default()
     });
+    c.webhooks = vec![WebhookConfig {
+        name: "nowhere".into(),
+        url: format!("http://127.0.0.1:{closed}/hook"),
+        events: vec!["client.connected".into()],
+        ..Default::default()
+    }];
     let r = start(c).await;
     let a = mqtt(&r);
     let mut one = v5::connect(a, "typed-one", Some(("ann", "x")))
@@ -827,6 +833,12 @@ async fn every_admin_answer_reads_into_its_corvid_api_type() {
     })
     .await;
     assert!(store.enabled);
+    let hooks: WebhookList = eventually("the webhook of a closed port to be down", || async {
+        let w: WebhookList = strict("webhooks", &get("/api/v1/webhooks").await);
+        (w.webhooks[0].state == WebhookState::Down).then_some(w)
+    })
+    .await;
+    assert!(hooks.webhooks[0].last_error.is_some());
 
     let start = TraceRequest {
         kind: TraceKind::Client,

@@ -1,5 +1,6 @@
-//! Integration endpoints: bridges (`/api/v1/bridges`) and the event store
-//! (`/api/v1/eventstore`) — their connection states, last errors and counters.
+//! Integration endpoints: bridges (`/api/v1/bridges`), the event store
+//! (`/api/v1/eventstore`) and webhooks (`/api/v1/webhooks`) — their connection states, last
+//! errors and counters.
 
 use serde::{Deserialize, Serialize};
 
@@ -120,4 +121,53 @@ pub struct EventStoreStatus {
     pub enabled: bool,
     /// Every configured sink.
     pub sinks: Vec<SinkReport>,
+}
+
+wire_enum! {
+    /// How a webhook's endpoint is doing, as the last delivery or idle check found it.
+    pub enum WebhookState {
+        /// Nothing delivered or checked yet.
+        Unchecked = "unchecked",
+        /// The endpoint accepts connections and the last delivery (if any) succeeded.
+        Up = "up",
+        /// The endpoint cannot be reached or answered with an error; events are retried.
+        Down = "down",
+        /// The endpoint refused us (HTTP 401 or 403): check the configured headers.
+        Refused = "refused",
+    }
+}
+
+/// One webhook in `GET /api/v1/webhooks`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookStatus {
+    /// Name.
+    pub name: String,
+    /// Endpoint.
+    pub url: String,
+    /// State.
+    pub state: WebhookState,
+    /// The last error, kept after recovery until the next one (see `last_error_at`).
+    pub last_error: Option<String>,
+    /// Unix seconds when `last_error` happened: older than `since` with `state: up` means the
+    /// webhook has recovered from it.
+    pub last_error_at: Option<u64>,
+    /// Unix seconds when `state` last changed.
+    pub since: u64,
+    /// Events posted successfully.
+    pub delivered: u64,
+    /// Events given up after all retries.
+    pub failed: u64,
+    /// Events dropped because the queue was full.
+    pub dropped: u64,
+    /// Events not yet delivered: queued, plus the one being posted or retried.
+    pub buffered: u64,
+}
+
+/// `GET /api/v1/webhooks`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookList {
+    /// The answering node.
+    pub node: String,
+    /// Every configured webhook.
+    pub webhooks: Vec<WebhookStatus>,
 }

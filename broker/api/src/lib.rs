@@ -23,7 +23,8 @@ pub use cluster::{
     RebalanceBalance, RebalanceOptions, RebalanceState, RebalanceStatus,
 };
 pub use integrations::{
-    BridgeList, BridgeState, BridgeStatus, EventStoreStatus, SinkReport, SinkState,
+    BridgeList, BridgeState, BridgeStatus, EventStoreStatus, SinkReport, SinkState, WebhookList,
+    WebhookState, WebhookStatus,
 };
 pub use trace::{TraceInfo, TraceKind, TraceList, TraceRequest, TraceTarget};
 

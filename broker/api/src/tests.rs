@@ -106,6 +106,22 @@ fn bridge_states() {
 }
 
 #[test]
+fn webhook_states() {
+    use WebhookState::*;
+    pinned(
+        WebhookState::KNOWN,
+        Unknown,
+        &[
+            (Unchecked, "unchecked"),
+            (Up, "up"),
+            (Down, "down"),
+            (Refused, "refused"),
+        ],
+        WebhookState::as_str,
+    );
+}
+
+#[test]
 fn sink_states() {
     use SinkState::*;
     pinned(

@@ -12,7 +12,7 @@
 
 mod webhook;
 
-pub use webhook::{WebhookState, WebhookStatus};
+pub use corvid_api::{WebhookState, WebhookStatus};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use corvid_api::{WebhookState, WebhookStatus};
 use parking_lot::Mutex;
 use prometheus::{IntCounter, IntGauge};
-use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -27,46 +27,6 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 pub(super) const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 /// Longest a health check's connection attempt may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// How a webhook's endpoint is doing, as the last delivery or health check found it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum WebhookState {
-    /// Nothing delivered or checked yet.
-    Unknown,
-    /// The endpoint accepts connections and the last delivery (if any) succeeded.
-    Up,
-    /// The endpoint cannot be reached or answered with an error; events are retried.
-    Down,
-    /// The endpoint refused us (HTTP 401 or 403): check the configured headers.
-    Refused,
-}
-
-/// What `GET /api/v1/webhooks` shows for one webhook.
-#[derive(Debug, Clone, Serialize)]
-pub struct WebhookStatus {
-    /// Name.
-    pub name: String,
-    /// Endpoint.
-    pub url: String,
-    /// State.
-    pub state: WebhookState,
-    /// The last error, kept after recovery until the next one (see `last_error_at`).
-    pub last_error: Option<String>,
-    /// Unix seconds when `last_error` happened: older than `since` with `state: up` means the
-    /// webhook has recovered from it.
-    pub last_error_at: Option<u64>,
-    /// Unix seconds when `state` last changed.
-    pub since: u64,
-    /// Events posted successfully.
-    pub delivered: u64,
-    /// Events given up after all retries.
-    pub failed: u64,
-    /// Events dropped because the queue was full.
-    pub dropped: u64,
-    /// Events not yet delivered: queued, plus the one being posted or retried.
-    pub buffered: u64,
-}
 
 /// Where a failure was seen: a connection-level one is cleared by a successful health check,
 /// an HTTP answer only by a successful delivery.
@@ -107,7 +67,7 @@ impl Health {
             name: name.to_string(),
             url: url.to_string(),
             state: Mutex::new(HealthState {
-                state: WebhookState::Unknown,
+                state: WebhookState::Unchecked,
                 cause: None,
                 last_error: None,
                 last_error_at: None,
@@ -146,7 +106,7 @@ impl Health {
     fn probe_ok(&self) {
         let clears = {
             let st = self.state.lock();
-            st.state == WebhookState::Unknown || st.cause == Some(Cause::Connect)
+            st.state == WebhookState::Unchecked || st.cause == Some(Cause::Connect)
         };
         if clears {
             self.set(WebhookState::Up, None);
