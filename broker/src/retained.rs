@@ -8,7 +8,7 @@ use std::time::Instant;
 use parking_lot::RwLock;
 
 use crate::message::Msg;
-use crate::trie::{self, TrieNode};
+use crate::trie;
 
 /// What a retained message counts against `limits.max_retained_bytes`.
 fn size(m: &Msg) -> usize {
@@ -17,11 +17,7 @@ fn size(m: &Msg) -> usize {
 
 /// The message stored at exactly `levels`, found without recursion.
 fn exact<'a>(root: &'a Node, levels: &[&str]) -> Option<&'a Msg> {
-    let mut node = root;
-    for l in levels {
-        node = node.children.get(*l)?;
-    }
-    node.msg.as_ref()
+    trie::descend(root, levels)?.msg.as_ref()
 }
 
 #[derive(Debug, Default)]
@@ -30,23 +26,7 @@ struct Node {
     msg: Option<Msg>,
 }
 
-impl TrieNode for Node {
-    fn children(&self) -> &HashMap<Box<str>, Self> {
-        &self.children
-    }
-    fn children_mut(&mut self) -> &mut HashMap<Box<str>, Self> {
-        &mut self.children
-    }
-    fn is_vacant(&self) -> bool {
-        self.msg.is_none()
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        trie::drop_children(self);
-    }
-}
+corvid_proto::trie_node!(Node, |n| n.msg.is_none());
 
 /// The retained-message store.
 #[derive(Debug, Default)]

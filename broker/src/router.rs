@@ -17,7 +17,7 @@ use parking_lot::RwLock;
 use crate::codec::{QoS, SubOptions};
 use crate::config::SharedStrategy;
 use crate::session::Session;
-use crate::trie::{self, TrieNode};
+use crate::trie;
 
 /// One subscriber of a filter.
 #[derive(Debug, Clone)]
@@ -50,23 +50,7 @@ impl Node {
     }
 }
 
-impl TrieNode for Node {
-    fn children(&self) -> &HashMap<Box<str>, Self> {
-        &self.children
-    }
-    fn children_mut(&mut self) -> &mut HashMap<Box<str>, Self> {
-        &mut self.children
-    }
-    fn is_vacant(&self) -> bool {
-        self.subscribers.is_empty() && self.shared.is_empty()
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        trie::drop_children(self);
-    }
-}
+corvid_proto::trie_node!(Node, |n| n.subscribers.is_empty() && n.shared.is_empty());
 
 /// A matched subscriber, ready to become a [`crate::message::Delivery`].
 #[derive(Debug, Clone)]
@@ -192,7 +176,7 @@ impl Router {
             strategy,
             select,
         };
-        walk_matching(&root, &levels, dollar, |n| emit(n, &ctx, &mut out));
+        trie::walk_matching(&*root, &levels, dollar, |n| emit(n, &ctx, &mut out));
         drop(root);
         merge_overlaps(out)
     }
@@ -202,7 +186,7 @@ impl Router {
         let root = self.root.read();
         let levels: Vec<&str> = topic.split('/').collect();
         let mut out = Vec::new();
-        walk_matching(&root, &levels, topic.starts_with('$'), |n| {
+        trie::walk_matching(&*root, &levels, topic.starts_with('$'), |n| {
             out.extend(n.shared.values().map(|g| g.key.clone()))
         });
         out
@@ -258,38 +242,6 @@ struct Ctx<'a> {
     publisher: &'a str,
     strategy: SharedStrategy,
     select: Select<'a>,
-}
-
-/// Calls `visit` on every node whose filter matches the topic `levels`: the `#` child of each
-/// node on the way (which also matches its parent level), and the node where the topic ends.
-/// A loop over an explicit stack; a leading wildcard never matches a `$` topic [MQTT-4.7.2-1].
-fn walk_matching<'a>(
-    root: &'a Node,
-    levels: &[&str],
-    dollar: bool,
-    mut visit: impl FnMut(&'a Node),
-) {
-    let mut stack: Vec<(&'a Node, usize)> = vec![(root, 0)];
-    while let Some((node, depth)) = stack.pop() {
-        let wildcard_ok = !(dollar && depth == 0);
-        if wildcard_ok {
-            if let Some(hash) = node.children.get("#") {
-                visit(hash);
-            }
-        }
-        let Some(level) = levels.get(depth) else {
-            visit(node);
-            continue;
-        };
-        if wildcard_ok {
-            if let Some(plus) = node.children.get("+") {
-                stack.push((plus, depth + 1));
-            }
-        }
-        if let Some(child) = node.children.get(*level) {
-            stack.push((child, depth + 1));
-        }
-    }
 }
 
 fn emit(node: &Node, ctx: &Ctx<'_>, out: &mut Vec<Target>) {

@@ -14,6 +14,74 @@ pub trait TrieNode: Sized {
     fn is_vacant(&self) -> bool;
 }
 
+/// Implements [`TrieNode`] for a node type with a `children: HashMap<Box<str>, Self>` field,
+/// and its `Drop` with [`drop_children`] (so dropping a deep trie never recurses).
+/// `vacant` says when the node stores nothing of its own.
+#[macro_export]
+macro_rules! trie_node {
+    ($node:ty, |$n:ident| $vacant:expr) => {
+        impl $crate::trie::TrieNode for $node {
+            fn children(&self) -> &std::collections::HashMap<Box<str>, Self> {
+                &self.children
+            }
+            fn children_mut(&mut self) -> &mut std::collections::HashMap<Box<str>, Self> {
+                &mut self.children
+            }
+            fn is_vacant(&self) -> bool {
+                let $n = self;
+                $vacant
+            }
+        }
+
+        impl Drop for $node {
+            fn drop(&mut self) {
+                $crate::trie::drop_children(self);
+            }
+        }
+    };
+}
+
+/// The node at `levels` below `root`, if the path exists.
+pub fn descend<'a, N: TrieNode>(root: &'a N, levels: &[&str]) -> Option<&'a N> {
+    let mut node = root;
+    for l in levels {
+        node = node.children().get(*l)?;
+    }
+    Some(node)
+}
+
+/// Calls `visit` on every node whose filter matches the topic `levels`: the `#` child of each
+/// node on the way (which also matches its parent level), and the node where the topic ends.
+/// A loop over an explicit stack; a leading wildcard never matches a `$` topic [MQTT-4.7.2-1].
+pub fn walk_matching<'a, N: TrieNode>(
+    root: &'a N,
+    levels: &[&str],
+    dollar: bool,
+    mut visit: impl FnMut(&'a N),
+) {
+    let mut stack: Vec<(&'a N, usize)> = vec![(root, 0)];
+    while let Some((node, depth)) = stack.pop() {
+        let wildcard_ok = !(dollar && depth == 0);
+        if wildcard_ok {
+            if let Some(hash) = node.children().get("#") {
+                visit(hash);
+            }
+        }
+        let Some(level) = levels.get(depth) else {
+            visit(node);
+            continue;
+        };
+        if wildcard_ok {
+            if let Some(plus) = node.children().get("+") {
+                stack.push((plus, depth + 1));
+            }
+        }
+        if let Some(child) = node.children().get(*level) {
+            stack.push((child, depth + 1));
+        }
+    }
+}
+
 /// The node at `levels` below `root`, if the path exists.
 pub fn descend_mut<'a, N: TrieNode>(root: &'a mut N, levels: &[&str]) -> Option<&'a mut N> {
     let mut node = root;

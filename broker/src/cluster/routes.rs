@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use parking_lot::RwLock;
 
 use crate::topic::TopicLimits;
-use crate::trie::{self, TrieNode};
+use crate::trie;
 
 #[derive(Debug, Default)]
 struct Node {
@@ -15,23 +15,7 @@ struct Node {
     groups: Vec<String>,
 }
 
-impl TrieNode for Node {
-    fn children(&self) -> &HashMap<Box<str>, Self> {
-        &self.children
-    }
-    fn children_mut(&mut self) -> &mut HashMap<Box<str>, Self> {
-        &mut self.children
-    }
-    fn is_vacant(&self) -> bool {
-        !self.plain && self.groups.is_empty()
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        trie::drop_children(self);
-    }
-}
+corvid_proto::trie_node!(Node, |n| !n.plain && n.groups.is_empty());
 
 impl Node {
     /// Adds a peer's filter; `false` (and nothing stored) when it is malformed or over
@@ -78,32 +62,13 @@ pub struct RemoteMatch {
     pub groups: Vec<String>,
 }
 
-/// What `root`'s filters want of a message on the topic `levels`; a loop over an explicit
-/// stack, like the local router's walk.
+/// What `root`'s filters want of a message on the topic `levels` (the same iterative walk as
+/// the local router's).
 fn collect(root: &Node, levels: &[&str], dollar: bool, out: &mut RemoteMatch) {
-    let mut stack: Vec<(&Node, usize)> = vec![(root, 0)];
-    while let Some((n, depth)) = stack.pop() {
-        let wild = !(dollar && depth == 0);
-        if wild {
-            if let Some(h) = n.children.get("#") {
-                out.plain |= h.plain;
-                out.groups.extend(h.groups.iter().cloned());
-            }
-        }
-        let Some(l) = levels.get(depth) else {
-            out.plain |= n.plain;
-            out.groups.extend(n.groups.iter().cloned());
-            continue;
-        };
-        if wild {
-            if let Some(p) = n.children.get("+") {
-                stack.push((p, depth + 1));
-            }
-        }
-        if let Some(c) = n.children.get(*l) {
-            stack.push((c, depth + 1));
-        }
-    }
+    trie::walk_matching(root, levels, dollar, |n| {
+        out.plain |= n.plain;
+        out.groups.extend(n.groups.iter().cloned());
+    });
 }
 
 /// Route tables of all peers, by node name.
