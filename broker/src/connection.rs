@@ -996,11 +996,17 @@ impl Conn {
             Inbound::Publish(p) => return self.on_publish(*p, wbuf),
             Inbound::PubAck(id) => {
                 let mut st = self.session.state.lock();
-                let acked = st
-                    .inflight
-                    .iter()
-                    .position(|f| f.packet_id == id && f.state == InflightState::AwaitAck)
-                    .and_then(|pos| st.inflight.remove(pos));
+                let Some(pos) = st.inflight.iter().position(|f| f.packet_id == id) else {
+                    return None; // an id we no longer wait for (a resend was acked twice)
+                };
+                if st.inflight[pos].delivery.qos != QoS::AtLeastOnce {
+                    // [MQTT-4.3.3] a QoS 2 delivery is answered with PUBREC, never PUBACK.
+                    return Some(End::Protocol(
+                        Reason::ProtocolError,
+                        "PUBACK for a QoS 2 message".into(),
+                    ));
+                }
+                let acked = st.inflight.remove(pos);
                 drop(st);
                 if let Some(f) = acked {
                     self.acked_event(&f);
@@ -1009,6 +1015,13 @@ impl Conn {
             Inbound::PubRec(id, rc) => {
                 let mut st = self.session.state.lock();
                 let found = st.inflight.iter().position(|f| f.packet_id == id);
+                if found.is_some_and(|pos| st.inflight[pos].delivery.qos != QoS::ExactlyOnce) {
+                    // [MQTT-4.3.2] a QoS 1 delivery is answered with PUBACK only.
+                    return Some(End::Protocol(
+                        Reason::ProtocolError,
+                        "PUBREC for a QoS 1 message".into(),
+                    ));
+                }
                 match found {
                     Some(pos) if rc >= Reason::UnspecifiedError.code() => {
                         st.inflight.remove(pos);
@@ -1048,11 +1061,18 @@ impl Conn {
             }
             Inbound::PubComp(id) => {
                 let mut st = self.session.state.lock();
-                let acked = st
-                    .inflight
-                    .iter()
-                    .position(|f| f.packet_id == id && f.state == InflightState::AwaitComp)
-                    .and_then(|pos| st.inflight.remove(pos));
+                let Some(pos) = st.inflight.iter().position(|f| f.packet_id == id) else {
+                    return None; // already completed (a duplicate PUBCOMP)
+                };
+                let f = &st.inflight[pos];
+                if f.delivery.qos != QoS::ExactlyOnce || f.state != InflightState::AwaitComp {
+                    // [MQTT-4.3.3] PUBCOMP answers our PUBREL of a QoS 2 delivery, nothing else.
+                    return Some(End::Protocol(
+                        Reason::ProtocolError,
+                        "PUBCOMP for a message not awaiting it".into(),
+                    ));
+                }
+                let acked = st.inflight.remove(pos);
                 drop(st);
                 if let Some(f) = acked {
                     self.acked_event(&f);
@@ -1156,6 +1176,14 @@ impl Conn {
                 reason,
                 session_expiry,
             } => {
+                if !Reason::client_disconnect_allowed(reason) {
+                    return Some(End::Protocol(
+                        Reason::ProtocolError,
+                        format!(
+                            "DISCONNECT with reason code {reason:#04x}, which clients may not send"
+                        ),
+                    ));
+                }
                 if let Some(e) = session_expiry {
                     if self.expiry_was_zero && e != 0 {
                         // [MQTT-3.14.2-2]

@@ -182,3 +182,72 @@ async fn unsupported_will_gets_specific_connack_codes() {
     }
     common::stop(b).await;
 }
+
+/// An acknowledgement of the wrong kind is a protocol error: a QoS 1 delivery is answered with
+/// PUBACK only [MQTT-4.3.2-5], a QoS 2 delivery with PUBREC and then PUBCOMP [MQTT-4.3.3-9]
+/// [MQTT-4.3.3-11]. MQTT 5 gets DISCONNECT 0x82; 3.1.1 is closed [MQTT-4.8.0-1]. Before, the
+/// broker ignored PUBCOMP, took PUBREC for a QoS 1 message as a QoS 2 handshake and a PUBACK
+/// as the end of a QoS 2 one.
+#[tokio::test]
+async fn wrong_acknowledgement_types_close_the_connection() {
+    const PUBACK: u8 = 0x40;
+    const PUBREC: u8 = 0x50;
+    const PUBCOMP: u8 = 0x70;
+    let b = common::start().await;
+    let addr = common::mqtt(&b);
+    let mut by = Bystander::connect(addr, "wrongack-by").await;
+    let mut publ = Raw::connect(addr, V::V5, "wrongack-pub").await;
+    for (i, (v, qos, answer, name)) in [
+        (V::V5, 1, PUBREC, "v5-pubrec-for-qos1"),
+        (V::V5, 1, PUBCOMP, "v5-pubcomp-for-qos1"),
+        (V::V5, 2, PUBACK, "v5-puback-for-qos2"),
+        (V::V5, 2, PUBCOMP, "v5-pubcomp-before-pubrec"),
+        (V::V311, 1, PUBREC, "v3-pubrec-for-qos1"),
+        (V::V311, 2, PUBACK, "v3-puback-for-qos2"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut c = Raw::connect(addr, v, name).await;
+        let topic = format!("wrongack/{name}");
+        assert_eq!(c.subscribe(1, &topic, qos).await, qos, "{name}");
+        let id = u16::try_from(i + 1).expect("small");
+        publ.send(&pkt::publish(V::V5, topic.as_bytes(), qos, id, b"x"))
+            .await;
+        let delivery = c.expect(pkt::PUBLISH).await;
+        let (_, packet_id, _) = delivery.publish(v);
+        let packet_id = packet_id.expect("QoS > 0 has a packet id");
+        c.send(&pkt::frame(answer, &packet_id.to_be_bytes())).await;
+        c.expect_disconnect(0x82).await;
+    }
+    common::assert_serving(addr, &mut by).await;
+    common::stop(b).await;
+}
+
+/// A client may send DISCONNECT only with the reason codes the specification marks for
+/// clients (MQTT 5.0 §3.14.2.1) [MQTT-3.14.2-1]: a server-only code is a protocol error (0x82),
+/// an unassigned one a malformed packet (0x81, from the codec) or a protocol error.
+#[tokio::test]
+async fn a_disconnect_reason_clients_may_not_send_is_a_protocol_error() {
+    let b = common::start().await;
+    let addr = common::mqtt(&b);
+    for code in [0x01u8, 0x05, 0x8E, 0x9C] {
+        let mut c = Raw::connect(addr, V::V5, &format!("badreason-{code:02x}")).await;
+        // Reason code, then an empty property list.
+        c.send(&pkt::frame(0xE0, &[code, 0])).await;
+        if code >= 0x80 {
+            c.expect_disconnect(0x82).await;
+        } else {
+            c.expect_disconnect_in(&[0x81, 0x82]).await;
+        }
+    }
+    // A reason clients may send (0x04: publish my will) is a normal goodbye.
+    let mut ok = Raw::connect(addr, V::V5, "goodreason").await;
+    ok.send(&pkt::frame(0xE0, &[0x04, 0])).await;
+    let seen = ok.closed().await;
+    assert!(
+        seen.is_empty(),
+        "no DISCONNECT for a valid reason: {seen:?}"
+    );
+    common::stop(b).await;
+}

@@ -59,6 +59,15 @@ impl Reason {
         self as u8
     }
 
+    /// Whether a client may send `code` in DISCONNECT (MQTT 5.0 §3.14.2.1: the codes marked
+    /// for the client; the server-only ones and unassigned values are a protocol error).
+    pub const fn client_disconnect_allowed(code: u8) -> bool {
+        matches!(
+            code,
+            0x00 | 0x04 | 0x80 | 0x81 | 0x82 | 0x83 | 0x90 | 0x93..=0x99
+        )
+    }
+
     /// Whether the code reports a failure (0x80 and above).
     pub const fn is_error(self) -> bool {
         self.code() >= 0x80
@@ -75,5 +84,11 @@ mod tests {
         assert_eq!(Reason::NotAuthorized.code(), 0x87);
         assert_eq!(Reason::UseAnotherServer.code(), 0x9C);
         assert!(Reason::UnspecifiedError.is_error() && !Reason::NoMatchingSubscribers.is_error());
+        for ok in [0x00, 0x04, 0x80, 0x83, 0x90, 0x93, 0x99] {
+            assert!(Reason::client_disconnect_allowed(ok), "{ok:#04x}");
+        }
+        for bad in [0x01, 0x05, 0x87, 0x8E, 0x9C, 0xA2, 0xFF] {
+            assert!(!Reason::client_disconnect_allowed(bad), "{bad:#04x}");
+        }
     }
 }
