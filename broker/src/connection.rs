@@ -369,6 +369,17 @@ impl Conn {
         if c.client_id.len() > cfg.mqtt.max_client_id_len || c.client_id.contains('\0') {
             return refuse(&mut codec, ConnAckCode::ClientIdNotValid, "client_id");
         }
+        if cfg.mqtt.strict_utf8 {
+            let will = c.will.as_ref().map(|w| &*w.topic);
+            if [Some(&*c.client_id), c.username.as_deref(), will]
+                .into_iter()
+                .flatten()
+                .any(topic::has_control_chars)
+            {
+                // MQTT 1.5.4: a receiver MAY treat these as a malformed packet.
+                return refuse(&mut codec, ConnAckCode::Malformed, "control_chars");
+            }
+        }
         if let Some(w) = &c.will {
             if topic::validate_name(&w.topic).is_err() {
                 return refuse(&mut codec, ConnAckCode::ProtocolError, "will_topic");
@@ -1091,6 +1102,13 @@ impl Conn {
                         "U+0000 in topic filter".into(),
                     ));
                 }
+                let strict = self.broker.config.mqtt.strict_utf8;
+                if strict && filters.iter().any(|(f, _)| topic::has_control_chars(f)) {
+                    return Some(End::Protocol(
+                        Reason::MalformedPacket,
+                        "control character in topic filter".into(),
+                    ));
+                }
                 for (raw, opts) in filters {
                     if opts.no_local && raw.starts_with("$share/") {
                         return Some(End::Protocol(
@@ -1140,6 +1158,16 @@ impl Conn {
                 let _ = self.send(Outbound::SubAck(packet_id, codes), wbuf, None);
             }
             Inbound::Unsubscribe { packet_id, filters } => {
+                let strict = self.broker.config.mqtt.strict_utf8;
+                if filters
+                    .iter()
+                    .any(|f| f.contains('\0') || (strict && topic::has_control_chars(f)))
+                {
+                    return Some(End::Protocol(
+                        Reason::MalformedPacket,
+                        "U+0000 or a control character in an unsubscribe filter".into(),
+                    ));
+                }
                 let codes = filters
                     .iter()
                     .map(|f| {
@@ -1266,6 +1294,13 @@ impl Conn {
             return Some(End::Protocol(
                 Reason::MalformedPacket,
                 "U+0000 in topic name".into(),
+            ));
+        }
+        if cfg.mqtt.strict_utf8 && topic::has_control_chars(&p.topic) {
+            // MQTT 1.5.4: a receiver MAY treat control characters as a malformed packet.
+            return Some(End::Protocol(
+                Reason::MalformedPacket,
+                "control character in topic name".into(),
             ));
         }
         if topic::validate_name(&p.topic).is_err() {

@@ -251,3 +251,61 @@ async fn a_disconnect_reason_clients_may_not_send_is_a_protocol_error() {
     );
     common::stop(b).await;
 }
+
+/// Control characters (U+0001–U+001F, U+007F–U+009F) SHOULD NOT be sent, and a receiver MAY
+/// treat a packet holding them as malformed (MQTT 5.0 §1.5.4, 3.1.1 §1.5.3); with
+/// `mqtt.strict_utf8` (the default) Corvid does, as mosquitto: CONNACK or DISCONNECT 0x81 on
+/// MQTT 5, closed on 3.1.1. `strict_utf8: false` lets them through.
+#[tokio::test]
+async fn control_characters_are_malformed_unless_allowed() {
+    let b = common::start().await;
+    let addr = common::mqtt(&b);
+    let mut by = Bystander::connect(addr, "ctrl-by").await;
+    for v in [V::V5, V::V311] {
+        // In the client id: refused before a session exists.
+        let mut c = Raw::tcp(addr, v).await;
+        c.send(&pkt::connect_with(v, b"ctrl\x01id", &[])).await;
+        let seen = c.closed().await;
+        match v {
+            V::V5 => assert!(
+                seen.len() == 1 && seen[0].kind() == pkt::CONNACK && seen[0].reason() == 0x81,
+                "{seen:?}"
+            ),
+            V::V311 => assert!(
+                seen.is_empty(),
+                "3.1.1 has no CONNACK code for it: {seen:?}"
+            ),
+        }
+        // In a topic name and in a filter.
+        let mut p = Raw::connect(addr, v, "ctrl-pub").await;
+        p.send(&pkt::publish(v, b"ctrl/\x7f", 0, 0, b"x")).await;
+        p.expect_disconnect(0x81).await;
+        let mut s = Raw::connect(addr, v, "ctrl-sub").await;
+        s.send(&pkt::subscribe(v, 1, "ctrl/\u{1b}/#", 0)).await;
+        s.expect_disconnect(0x81).await;
+    }
+    common::assert_serving(addr, &mut by).await;
+    common::stop(b).await;
+
+    let mut cfg = common::config();
+    cfg.mqtt.strict_utf8 = false;
+    let b = common::start_with(cfg).await;
+    let addr = common::mqtt(&b);
+    let mut s = Raw::connect(addr, V::V5, "lenient\u{1}sub").await;
+    assert_eq!(s.subscribe(1, "lenient/\u{7f}", 0).await, 0);
+    let mut p = Raw::connect(addr, V::V5, "lenient-pub").await;
+    p.send(&pkt::publish(
+        V::V5,
+        "lenient/\u{7f}".as_bytes(),
+        0,
+        0,
+        b"x",
+    ))
+    .await;
+    let (topic, _, payload) = s.expect(pkt::PUBLISH).await.publish(V::V5);
+    assert_eq!(
+        (topic.as_str(), payload.as_slice()),
+        ("lenient/\u{7f}", &b"x"[..])
+    );
+    common::stop(b).await;
+}

@@ -904,6 +904,10 @@ pub struct MqttConfig {
     /// Seconds a write to a client may take; a client that stops reading is disconnected
     /// after it (its session kept per its expiry). At least 1.
     pub write_timeout: u64,
+    /// Refuse control characters (U+0001–U+001F, U+007F–U+009F) in client ids, user names,
+    /// will topics, topic names and filters as malformed packets (MQTT 1.5.4 lets a receiver
+    /// do so; mosquitto does). `false` accepts them (U+0000 is always refused).
+    pub strict_utf8: bool,
     /// Shared-subscription member selection.
     pub shared_subscription_strategy: SharedStrategy,
 }
@@ -926,6 +930,7 @@ impl Default for MqttConfig {
             connect_timeout: 10,
             max_connect_size: 64 * 1024,
             write_timeout: 30,
+            strict_utf8: true,
             shared_subscription_strategy: SharedStrategy::RoundRobin,
         }
     }

@@ -231,8 +231,10 @@ pub enum ConnAckCode {
     QosNotSupported,
     /// Retained will while retain is unavailable (0x05 / 0x9A).
     RetainNotSupported,
-    /// Malformed or protocol error (0x81/0x82) — 3.1.1 has no code, the connection just closes.
+    /// Protocol error (5.0: 0x82) — 3.1.1 has no code, the connection just closes.
     ProtocolError,
+    /// Malformed packet (5.0: 0x81) — 3.1.1 has no code, the connection just closes.
+    Malformed,
     /// Will topic over the topic bounds (5.0: 0x90) — 3.1.1 has no code, the connection closes.
     TopicNameInvalid,
 }
@@ -619,7 +621,9 @@ fn to_v3(pkt: Outbound) -> Option<v3::Packet> {
                 | ConnAckCode::ServerBusy
                 | ConnAckCode::ConnectionRateExceeded
                 | ConnAckCode::UseAnotherServer => R::ServiceUnavailable,
-                ConnAckCode::ProtocolError | ConnAckCode::TopicNameInvalid => return None,
+                ConnAckCode::ProtocolError
+                | ConnAckCode::Malformed
+                | ConnAckCode::TopicNameInvalid => return None,
             };
             P::ConnectAck(v3::ConnectAck {
                 return_code,
@@ -672,6 +676,7 @@ fn to_v5(pkt: Outbound) -> v5::Packet {
                 ConnAckCode::QosNotSupported => v5::ConnectAckReason::QosNotSupported,
                 ConnAckCode::RetainNotSupported => v5::ConnectAckReason::RetainNotSupported,
                 ConnAckCode::ProtocolError => v5::ConnectAckReason::ProtocolError,
+                ConnAckCode::Malformed => v5::ConnectAckReason::MalformedPacket,
                 ConnAckCode::TopicNameInvalid => v5::ConnectAckReason::TopicNameInvalid,
             };
             let p = *props;

@@ -1,6 +1,13 @@
 //! Topic names and filters: the validation rules of MQTT 4.7 in one place, so the router can
 //! assume well-formed input and every entry point (PUBLISH, SUBSCRIBE, wills, ACLs) agrees.
 
+/// Whether `s` holds a control character the specification says SHOULD NOT be sent
+/// (U+0001–U+001F, U+007F–U+009F; MQTT 1.5.4), which a receiver may treat as malformed.
+pub fn has_control_chars(s: &str) -> bool {
+    s.chars()
+        .any(|c| matches!(c, '\u{1}'..='\u{1f}' | '\u{7f}'..='\u{9f}'))
+}
+
 /// Why a topic or filter is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TopicError {

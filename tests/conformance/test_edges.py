@@ -1,0 +1,98 @@
+"""Protocol edges where the specifications let a receiver be strict, and mosquitto is: an
+acknowledgement of the wrong kind, a DISCONNECT reason code only servers may send, and control
+characters in strings (issue #19). Each test cites the statement it holds the broker to."""
+
+from __future__ import annotations
+
+import pytest
+
+from mqttutil import (CONNACK, DISCONNECT, PUBACK, PUBCOMP, PUBREC, V5, RawClient, ack_packet,
+                      connect_packet, disconnect_packet, publish_packet, subscribe_packet, unique)
+
+
+def assert_closed_for_error(c: RawClient, version: int, reasons: tuple[int, ...]) -> None:
+    """The broker closes the connection; on MQTT 5 its last word is DISCONNECT with a reason
+    from ``reasons`` [MQTT-4.13.1-1]; 3.1.1 has no server DISCONNECT, it just closes."""
+    seen = c.wait_closed()
+    if version == V5:
+        assert seen and seen[-1].type == DISCONNECT and seen[-1].reason in reasons, seen
+    else:
+        assert all(p.type != DISCONNECT for p in seen), seen
+
+
+@pytest.mark.xfail_mosquitto("closes without DISCONNECT 0x82", only=V5)
+@pytest.mark.parametrize("delivery_qos,answer", [(1, PUBREC), (1, PUBCOMP), (2, PUBACK)],
+                         ids=["pubrec-for-qos1", "pubcomp-for-qos1", "puback-for-qos2"])
+def test_wrong_acknowledgement_type_is_a_protocol_error(version, raw, topic, delivery_qos,
+                                                        answer):
+    # [MQTT-4.3.2-5]: a QoS 1 PUBLISH is acknowledged with PUBACK; [MQTT-4.3.3-9], [MQTT-4.3.3-11]:
+    # a QoS 2 one with PUBREC and, after PUBREL, PUBCOMP. Any other answer is a protocol
+    # violation, which closes the connection [MQTT-4.8.0-1] (MQTT 5: DISCONNECT 0x82).
+    sub = raw(version)
+    sub.subscribe(topic, delivery_qos)
+    raw(V5).publish(topic, b"x", delivery_qos)
+    p = sub.message(ack=False)
+    sub.send(ack_packet(answer, p.pid, version))
+    assert_closed_for_error(sub, version, (0x82,))
+
+
+@pytest.mark.xfail_mosquitto("closes without a DISCONNECT reason")
+@pytest.mark.parametrize("code", [0x8E, 0x9C], ids=["session-taken-over", "use-another-server"])
+def test_disconnect_reason_only_servers_send_is_a_protocol_error(raw, code):
+    # MQTT 5.0 3.14.2.1: these reason codes are sent by the server only; [MQTT-3.14.2-1] the
+    # sender MUST use one of the DISCONNECT reason codes valid for it.
+    c = raw(V5)
+    c.send(disconnect_packet(V5, code))
+    assert_closed_for_error(c, V5, (0x81, 0x82))
+
+
+CONTROL = "\u0001", "\u001b", "\u007f", "\u0085"
+
+
+@pytest.mark.xfail_mosquitto("closes without CONNACK 0x81", only=V5)
+@pytest.mark.parametrize("ch", CONTROL, ids=["u0001", "u001b", "u007f", "u0085"])
+def test_control_characters_in_a_client_id_refuse_the_connection(version, port, ch):
+    # 3.1.1 1.5.3 / 5.0 1.5.4: control characters SHOULD NOT be sent and a receiver MAY treat
+    # the packet as malformed: MQTT 5 CONNACK 0x81; 3.1.1 has no code for it and closes.
+    c = RawClient(port, version)
+    c.send(connect_packet(unique("ctl") + ch, version))
+    seen = c.wait_closed()
+    if version == V5:
+        assert len(seen) == 1 and seen[0].type == CONNACK and seen[0].reason == 0x81, seen
+    else:
+        assert all(p.type != CONNACK or p.reason != 0 for p in seen), seen
+
+
+def test_control_characters_in_a_user_name_or_will_topic_refuse_the_connection(version, port,
+                                                                               topic):
+    for kw in ({"username": "ann\u0007"},
+               {"will": {"topic": f"{topic}/\u001f", "payload": b"bye"}}):
+        c = RawClient(port, version)
+        c.send(connect_packet(unique("ctl"), version, **kw))
+        seen = c.wait_closed()
+        assert all(p.type != CONNACK or p.reason != 0 for p in seen), (kw, seen)
+
+
+def test_control_characters_in_a_topic_name_are_malformed(version, raw, topic):
+    c = raw(version)
+    c.send(publish_packet(f"{topic}/\u007f", b"x", 0, version=version))
+    assert_closed_for_error(c, version, (0x81,))
+
+
+def test_control_characters_in_a_topic_filter_are_malformed(version, raw, topic):
+    c = raw(version)
+    options = 0
+    c.send(subscribe_packet(c.next_pid(), [(f"{topic}/\u0010/#", options)], version))
+    assert_closed_for_error(c, version, (0x81,))
+
+
+def test_the_right_acknowledgements_keep_the_connection(version, raw, topic):
+    # The counterpart: the handshakes the rules above protect still complete.
+    sub = raw(version)
+    sub.subscribe(topic, 2)
+    pub = raw(version)
+    pub.publish(topic, b"one", 1)
+    pub.publish(topic, b"two", 2)
+    assert sub.message().payload == b"one"
+    assert sub.message().payload == b"two"
+    sub.ping()
