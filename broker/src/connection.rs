@@ -369,6 +369,10 @@ impl Conn {
         if c.client_id.len() > cfg.mqtt.max_client_id_len || c.client_id.contains('\0') {
             return refuse(&mut codec, ConnAckCode::ClientIdNotValid, "client_id");
         }
+        if protocol == Protocol::V31 && !(1..=23).contains(&c.client_id.chars().count()) {
+            // MQTT 3.1: a client id is 1 to 23 characters; otherwise CONNACK 2.
+            return refuse(&mut codec, ConnAckCode::ClientIdNotValid, "client_id_31");
+        }
         if cfg.mqtt.strict_utf8 {
             let will = c.will.as_ref().map(|w| &*w.topic);
             if [Some(&*c.client_id), c.username.as_deref(), will]
@@ -454,10 +458,6 @@ impl Conn {
             kick: kick.clone(),
             acl: acl.clone(),
         };
-        let Ok(opened) = broker.open_session(&client_id, c.clean_start, expiry, info.clone())
-        else {
-            return refuse(&mut codec, ConnAckCode::NotAuthorized, "session_owner");
-        };
         if let Some(max) = c.max_packet_size {
             codec.set_max_outbound(max);
         }
@@ -472,6 +472,26 @@ impl Conn {
             server_keepalive,
             server_reference: None,
             reason_string: None,
+        };
+        // [MQTT-3.1.2-24]: nothing larger than the client's Maximum Packet Size may be sent; a
+        // client that cannot take even the CONNACK is closed at once instead of left waiting.
+        let trial = Outbound::ConnAck {
+            session_present: false,
+            code: ConnAckCode::Success,
+            props: Box::new(props.clone()),
+        };
+        if codec.encode(trial, &mut BytesMut::new()).is_err() {
+            tracing::debug!(%peer, client_id = %client_id, "CONNACK larger than the client's maximum packet size");
+            broker
+                .metrics
+                .connections_refused
+                .with_label_values(&["connack_too_large"])
+                .inc();
+            return Err(());
+        }
+        let Ok(opened) = broker.open_session(&client_id, c.clean_start, expiry, info.clone())
+        else {
+            return refuse(&mut codec, ConnAckCode::NotAuthorized, "session_owner");
         };
         let connack = Outbound::ConnAck {
             session_present: opened.present,

@@ -309,3 +309,81 @@ async fn control_characters_are_malformed_unless_allowed() {
     );
     common::stop(b).await;
 }
+
+/// A CONNECT with protocol `name` and `level`, connect `flags` and fixed-header `header`.
+fn connect_raw(header: u8, name: &[u8], level: u8, flags: u8, client_id: &[u8]) -> Vec<u8> {
+    let mut b = Vec::new();
+    pkt::field(name, &mut b);
+    b.extend_from_slice(&[level, flags, 0, 60]);
+    pkt::field(client_id, &mut b);
+    pkt::frame(header, &b)
+}
+
+/// The CONNACK return code a CONNECT gets (the connection may close after it).
+async fn connack_code(addr: std::net::SocketAddr, connect: &[u8]) -> Option<u8> {
+    let mut c = Raw::tcp(addr, V::V311).await;
+    c.send(connect).await;
+    c.recv()
+        .await
+        .filter(|p| p.kind() == pkt::CONNACK)
+        .map(|p| p.body.get(1).copied().unwrap_or(0xFF))
+}
+
+/// MQTT 3.1 (`MQIsdp`, level 3) by its own rules: it leaves the connect flags' bit 0 and the
+/// fixed header's flags unused (3.1.1 made them reserved-zero [MQTT-3.1.2-3], [MQTT-2.2.2-2]),
+/// so a 3.1 client setting them is accepted; its client id is 1 to 23 characters, anything else
+/// gets CONNACK 2 (identifier rejected). A protocol name with another version's level is
+/// CONNACK 1 (unacceptable protocol version) [MQTT-3.1.2-2].
+#[tokio::test]
+async fn mqtt31_is_judged_by_its_own_rules() {
+    let b = common::start().await;
+    let addr = common::mqtt(&b);
+    let accepted = connect_raw(0x1F, b"MQIsdp", 3, 0x03, b"v31-flags");
+    assert_eq!(connack_code(addr, &accepted).await, Some(0));
+    assert_eq!(
+        connack_code(addr, &connect_raw(0x10, b"MQIsdp", 3, 0x02, b"")).await,
+        Some(2)
+    );
+    let long = [b'x'; 24];
+    assert_eq!(
+        connack_code(addr, &connect_raw(0x10, b"MQIsdp", 3, 0x02, &long)).await,
+        Some(2)
+    );
+    assert_eq!(
+        connack_code(addr, &connect_raw(0x10, b"MQIsdp", 3, 0x02, &long[..23])).await,
+        Some(0)
+    );
+    for (name, level) in [(&b"MQTT"[..], 3), (&b"MQIsdp"[..], 4)] {
+        assert_eq!(
+            connack_code(addr, &connect_raw(0x10, name, level, 0x02, b"wrong-level")).await,
+            Some(1),
+            "{name:?} level {level}"
+        );
+    }
+    // 3.1.1 keeps its reserved bit: a CONNECT with it set is closed without CONNACK.
+    let mut c = Raw::tcp(addr, V::V311).await;
+    c.send(&connect_raw(0x10, b"MQTT", 4, 0x03, b"v311-reserved"))
+        .await;
+    assert!(c.closed().await.is_empty());
+    common::stop(b).await;
+}
+
+/// The server MUST NOT send a packet over the client's Maximum Packet Size [MQTT-3.1.2-24]: a
+/// client whose maximum cannot hold the CONNACK is closed at once, not left waiting for it.
+#[tokio::test]
+async fn a_client_too_small_for_the_connack_is_closed() {
+    let b = common::start().await;
+    let addr = common::mqtt(&b);
+    let mut c = Raw::tcp(addr, V::V5).await;
+    // Maximum Packet Size (0x27) = 8 bytes: the CONNACK with its properties is larger.
+    c.send(&pkt::connect_with(V::V5, b"tiny-max", &[0x27, 0, 0, 0, 8]))
+        .await;
+    let seen = c.closed().await;
+    assert!(seen.is_empty(), "{seen:?}");
+    // A maximum that holds the CONNACK connects as usual.
+    let mut ok = Raw::tcp(addr, V::V5).await;
+    ok.send(&pkt::connect_with(V::V5, b"fits-max", &[0x27, 0, 0, 1, 0]))
+        .await;
+    assert_eq!(ok.expect(pkt::CONNACK).await.reason(), 0);
+    common::stop(b).await;
+}

@@ -35,6 +35,7 @@ HOST = "127.0.0.1"
 WAIT = 5.0
 QUIET = 0.7
 
+V31 = 3  # MQTT 3.1 (`MQIsdp`), for paho clients only
 V311 = 4
 V5 = 5
 
@@ -593,7 +594,7 @@ class PahoClient:
                  clean: bool = True, transport: str = "tcp"):
         self.version = version
         self.client_id = client_id if client_id is not None else unique()
-        protocol = paho.MQTTv5 if version == V5 else paho.MQTTv311
+        protocol = {V5: paho.MQTTv5, V31: paho.MQTTv31}.get(version, paho.MQTTv311)
         kwargs = dict(callback_api_version=CallbackAPIVersion.VERSION2, client_id=self.client_id,
                       protocol=protocol, transport=transport, reconnect_on_failure=False)
         if version != V5:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from mqttutil import (CONNACK, DISCONNECT, PUBACK, PUBCOMP, PUBREC, V5, RawClient, ack_packet,
+from mqttutil import (CONNACK, DISCONNECT, PUBACK, PUBCOMP, PUBREC, V31, V5, RawClient, ack_packet,
                       connect_packet, disconnect_packet, publish_packet, subscribe_packet, unique)
 
 
@@ -96,3 +96,37 @@ def test_the_right_acknowledgements_keep_the_connection(version, raw, topic):
     assert sub.message().payload == b"one"
     assert sub.message().payload == b"two"
     sub.ping()
+
+
+def test_mqtt31_client_round_trip(paho, topic):
+    # MQTT 3.1 (protocol name MQIsdp, level 3) is still spoken by deployed devices: a paho
+    # MQTTv31 client connects, subscribes and gets its QoS 0, 1 and 2 messages.
+    sub = paho(V31)
+    assert sub.subscribe(topic, 2) == [2]
+    pub = paho(V31)
+    for qos in (0, 1, 2):
+        pub.publish(topic, f"q{qos}".encode(), qos)
+        assert sub.message().payload == f"q{qos}".encode()
+
+
+def test_mqtt31_client_id_is_1_to_23_characters(port):
+    # MQTT 3.1 section 3.1: the Client Identifier is between 1 and 23 characters; otherwise
+    # CONNACK return code 2 (identifier rejected). 3.1 leaves connect flag bit 0 unused, so a
+    # client setting it is not refused.
+    for client_id, code in (("", 2), ("x" * 23, 0)):
+        c = RawClient(port, V31)
+        c.send(connect_packet(client_id, V31, protocol_name=b"MQIsdp"))
+        assert c.expect(CONNACK).reason == code, client_id
+    c = RawClient(port, V31)
+    c.send(connect_packet("v31-reserved", V31, protocol_name=b"MQIsdp", reserved=True))
+    assert c.expect(CONNACK).reason == 0
+
+
+@pytest.mark.xfail_mosquitto("accepts MQTT 3.1 client ids over 23 characters")
+def test_mqtt31_client_id_over_23_characters_is_rejected(port):
+    # MQTT 3.1 section 3.1: "If the Client ID contains more than 23 characters, the server
+    # responds to the CONNECT message with a CONNACK return code 2: Identifier Rejected."
+    c = RawClient(port, V31)
+    c.send(connect_packet("x" * 24, V31, protocol_name=b"MQIsdp"))
+    assert c.expect(CONNACK).reason == 2
+

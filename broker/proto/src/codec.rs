@@ -362,6 +362,9 @@ impl Codec {
     /// Decodes the next packet from `buf`, or `Ok(None)` when more bytes are needed.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Inbound>, DecodeError> {
         if let MqttCodec::Version(v) = &mut self.inner {
+            if !mqtt31_connect(buf)? {
+                return Ok(None);
+            }
             match v.decode(buf)? {
                 None => return Ok(None),
                 Some(ProtocolVersion::MQTT3) => {
@@ -562,6 +565,61 @@ impl Codec {
             },
         }
     }
+}
+
+/// Prepares a first packet for the codec where MQTT 3.1 differs from 3.1.1: a 3.1 CONNECT
+/// (`MQIsdp`, level 3) may carry bits 3.1 leaves unused — the fixed header's flags and the
+/// reserved connect flag — which 3.1.1 requires to be zero [MQTT-3.1.2-3], so they are cleared
+/// for 3.1 only; a protocol name with another protocol's level (`MQTT` 3, `MQIsdp` 4) is an
+/// unsupported version. `Ok(false)`: not enough bytes yet to tell.
+fn mqtt31_connect(buf: &mut BytesMut) -> Result<bool, DecodeError> {
+    if buf.first().is_some_and(|b| b >> 4 != 1) {
+        return Ok(true); // not a CONNECT: the codec refuses it
+    }
+    let mut i = 1;
+    loop {
+        let Some(&b) = buf.get(i) else {
+            return Ok(false);
+        };
+        i += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+        if i > 4 {
+            return Ok(true); // a bad length: the codec refuses it
+        }
+    }
+    let Some(name_len) = buf
+        .get(i..i + 2)
+        .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+    else {
+        return Ok(false);
+    };
+    let (name_at, level_at) = (i + 2, i + 2 + name_len);
+    let Some(&level) = buf.get(level_at) else {
+        return Ok(false);
+    };
+    let wrong_level = match &buf[name_at..level_at] {
+        b"MQIsdp" => level != 3,
+        b"MQTT" => level == 3,
+        _ => false,
+    };
+    if wrong_level {
+        return Err(DecodeError {
+            message: format!("protocol name with level {level} of another protocol"),
+            reason: Reason::ProtocolError,
+            unsupported_version: true,
+            client_id_rejected: false,
+        });
+    }
+    if &buf[name_at..level_at] == b"MQIsdp" {
+        let Some(flags) = buf.get_mut(level_at + 1) else {
+            return Ok(false);
+        };
+        *flags &= !0x01;
+        buf[0] &= 0xF0;
+    }
+    Ok(true)
 }
 
 /// Whether `buf` starts with a complete 3.1.1 SUBSCRIBE whose requested-QoS bytes have any of
