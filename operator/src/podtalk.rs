@@ -113,6 +113,12 @@ pub struct ApiServerProxy {
 /// The header the broker accepts its admin token in when `Authorization` cannot carry it.
 pub const ADMIN_TOKEN_HEADER: &str = "x-corvid-admin-token";
 
+/// A spec rate as the broker's: at least 1 (the CRD's minimum; kept for objects admitted
+/// without it).
+fn positive(rate: i32) -> u32 {
+    u32::try_from(rate.max(1)).unwrap_or(1)
+}
+
 impl ApiServerProxy {
     /// Uses `client` for every call.
     pub fn new(client: kube::Client) -> Self {
@@ -162,16 +168,16 @@ impl ApiServerProxy {
 }
 
 impl ApiServerProxy {
-    /// `POST /api/v1/<action>?rate=N` on one pod. The broker reads its options from the query
+    /// `POST /api/v1/<action>?<query>` on one pod. The broker reads its options from the query
     /// string (a JSON body is ignored), so the body is empty.
     async fn post_rate(
         &self,
         namespace: &str,
         pod: &str,
         action: &str,
-        rate: i32,
+        query: String,
     ) -> Result<(), PodTalkError> {
-        let path = format!("/api/v1/{action}?rate={}", rate.max(1));
+        let path = format!("/api/v1/{action}?{query}");
         let token = self.token(namespace, pod).await;
         let req = Self::request(http::Method::POST, namespace, pod, &path, token.as_deref())?;
         self.client
@@ -192,7 +198,17 @@ impl BrokerAdmin for ApiServerProxy {
         pod: &'a str,
         rate: i32,
     ) -> BoxFuture<'a, Result<(), PodTalkError>> {
-        Box::pin(self.post_rate(namespace, pod, "rebalance", rate))
+        Box::pin(
+            self.post_rate(
+                namespace,
+                pod,
+                "rebalance",
+                corvid_api::RebalanceOptions {
+                    rate: Some(positive(rate)),
+                }
+                .query(),
+            ),
+        )
     }
 
     fn evacuate<'a>(
@@ -201,7 +217,18 @@ impl BrokerAdmin for ApiServerProxy {
         pod: &'a str,
         rate: i32,
     ) -> BoxFuture<'a, Result<(), PodTalkError>> {
-        Box::pin(self.post_rate(namespace, pod, "evacuate", rate))
+        Box::pin(
+            self.post_rate(
+                namespace,
+                pod,
+                "evacuate",
+                corvid_api::EvacuateOptions {
+                    rate: Some(positive(rate)),
+                    server_reference: None,
+                }
+                .query(),
+            ),
+        )
     }
 
     fn evacuation<'a>(

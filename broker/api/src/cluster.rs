@@ -130,6 +130,21 @@ pub struct EvacuateOptions {
 impl EvacuateOptions {
     /// Clients moved per second when the request names no rate.
     pub const DEFAULT_RATE: u32 = 100;
+
+    /// The query string the broker reads these options from (`rate=200&server_reference=…`).
+    pub fn query(&self) -> String {
+        let mut q = Vec::new();
+        if let Some(r) = self.rate {
+            q.push(format!("rate={r}"));
+        }
+        if let Some(s) = &self.server_reference {
+            q.push(format!(
+                "server_reference={}",
+                crate::wire::percent_encode(s)
+            ));
+        }
+        q.join("&")
+    }
 }
 
 wire_enum! {
@@ -188,4 +203,11 @@ pub struct RebalanceOptions {
     /// Clients moved per second (default `cluster.rebalance.rate`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate: Option<u32>,
+}
+
+impl RebalanceOptions {
+    /// The query string the broker reads these options from (`rate=200`).
+    pub fn query(&self) -> String {
+        self.rate.map(|r| format!("rate={r}")).unwrap_or_default()
+    }
 }

@@ -213,3 +213,17 @@ fn request_options_leave_unset_fields_out_of_the_query() {
         "the broker answers 400, not 422"
     );
 }
+
+#[test]
+fn options_become_the_query_the_broker_reads() {
+    let evacuate = EvacuateOptions {
+        rate: Some(200),
+        server_reference: Some("mqtt-1.example:1883 a&b".into()),
+    };
+    assert_eq!(
+        evacuate.query(),
+        "rate=200&server_reference=mqtt-1.example%3A1883%20a%26b"
+    );
+    assert_eq!(EvacuateOptions::default().query(), "");
+    assert_eq!(RebalanceOptions { rate: Some(5) }.query(), "rate=5");
+}

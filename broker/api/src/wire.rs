@@ -63,3 +63,16 @@ macro_rules! wire_enum {
 }
 
 pub(crate) use wire_enum;
+
+/// Percent-encodes a query value: everything but RFC 3986's unreserved characters.
+pub(crate) fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
