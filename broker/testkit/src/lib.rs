@@ -8,9 +8,11 @@
 //!   [`wire::Wire`] — with the blocking-style steps (connect, subscribe, read, flush, close)
 //!   clients are built from. The hot path (encode into the write buffer, decode from the read
 //!   buffer) allocates nothing per packet.
+//! - [`raw`]: byte-exact packets for tests that send what a codec would refuse to build.
 
 pub mod client;
 pub mod error;
+pub mod raw;
 pub mod wire;
 
 pub use client::{Client, ConnAck};

@@ -28,6 +28,17 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    /// Both versions, for clients and tests that run once per version.
+    pub const BOTH: [Protocol; 2] = [Protocol::V311, Protocol::V5];
+
+    /// CONNECT's protocol level.
+    pub fn level(self) -> u8 {
+        match self {
+            Protocol::V311 => 4,
+            Protocol::V5 => 5,
+        }
+    }
+
     /// The protocol of CONNECT's protocol level (4 or 5), if it is one of these.
     pub fn from_level(level: u8) -> Option<Self> {
         match level {
