@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 use corvid_crds::MqttClusterStatus;
 use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
@@ -410,6 +411,20 @@ pub fn rollout_pending(mqc: &ClusterObject, sts: &StatefulSet, replicas: i32) ->
         ));
     }
     pending
+}
+
+/// The CRD is served: its Established condition is True. A CRD the API server has not yet given
+/// any conditions is simply not established yet (`kubectl wait --for condition=Established`
+/// fails at once on it instead: ".status.conditions accessor error", the proof's old first
+/// failure on a fresh cluster).
+pub fn crd_established(crd: &CustomResourceDefinition) -> bool {
+    crd.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c.type_ == "Established" && c.status == "True")
+        })
 }
 
 /// What the runner observed about the cluster during a scenario, besides liveload's figures.
@@ -1268,6 +1283,28 @@ mod tests {
             ..report
         };
         assert!(all_ok.ok());
+    }
+
+    #[test]
+    fn a_fresh_crd_without_conditions_is_not_established_yet() {
+        let crd = |status: Value| -> CustomResourceDefinition {
+            serde_json::from_value(json!({
+                "metadata": {"name": "mqttclusters.corvid.dev"},
+                "spec": {"group": "corvid.dev", "names": {"kind": "MqttCluster", "plural": "mqttclusters"},
+                         "scope": "Namespaced", "versions": []},
+                "status": status
+            }))
+            .unwrap()
+        };
+        assert!(!crd_established(&crd(Value::Null)));
+        assert!(!crd_established(&crd(json!({}))));
+        assert!(!crd_established(&crd(json!({"conditions": null}))));
+        assert!(!crd_established(&crd(json!({"conditions": [
+            {"type": "NamesAccepted", "status": "True"},
+            {"type": "Established", "status": "False"}]}))));
+        assert!(crd_established(&crd(json!({"conditions": [
+            {"type": "NamesAccepted", "status": "True"},
+            {"type": "Established", "status": "True"}]}))));
     }
 
     #[test]

@@ -87,6 +87,9 @@ enum Command {
     },
     /// Reads a broker's GET /api/v1/rebalance on stdin; exits 0 when it has live connections.
     HasConnections,
+    /// Reads a CustomResourceDefinition (kubectl -o json) on stdin; exits 0 once Established
+    /// (one without conditions yet is not).
+    CrdEstablished,
 }
 
 fn stdin_json<T: serde::de::DeserializeOwned>() -> anyhow::Result<T> {
@@ -178,6 +181,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let view: proof::RebalanceView = stdin_json()?;
             yes(view.connections.unwrap_or(0) > 0)
         }
+        Command::CrdEstablished => yes(proof::crd_established(&stdin_json()?)),
     })
 }
 
