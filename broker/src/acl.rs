@@ -14,7 +14,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::config::{AclAction, AclConfig, AclRule, AclWho, Permission};
+use crate::config::{AclAction, AclConfig, AclRule, AclTopic, AclWho, Permission};
 use crate::topic;
 
 /// A rule that cannot be compiled.
@@ -107,27 +107,14 @@ impl Rule {
         };
         let mut topics = Vec::with_capacity(r.topics.len());
         for t in &r.topics {
-            let (eq, f) = match t.strip_prefix("eq ") {
-                Some(rest) => (true, rest.trim()),
-                None => (false, t.as_str()),
-            };
-            if !eq {
-                topic::validate_filter(f).map_err(|e| AclError::BadTopic {
-                    index,
-                    value: t.clone(),
-                    reason: e.to_string(),
-                })?;
-            } else if f.is_empty() {
-                return Err(AclError::BadTopic {
-                    index,
-                    value: t.clone(),
-                    reason: "empty filter after `eq`".into(),
-                });
-            }
-            topics.push(if eq {
-                Pattern::Eq(f.to_string())
-            } else {
-                Pattern::Filter(f.to_string())
+            let parsed = AclTopic::parse(t).map_err(|reason| AclError::BadTopic {
+                index,
+                value: t.clone(),
+                reason,
+            })?;
+            topics.push(match parsed {
+                AclTopic::Eq(f) => Pattern::Eq(f.to_string()),
+                AclTopic::Filter(f) => Pattern::Filter(f.to_string()),
             });
         }
         Ok(Rule {
@@ -318,21 +305,7 @@ pub fn substitute(filter: &str, c: &Client<'_>) -> Option<String> {
     )
 }
 
-/// Parses `10.0.0.0/8`, or a bare address as a single-host range.
-pub fn parse_cidr(s: &str) -> Option<IpNet> {
-    let s = s.trim();
-    s.parse::<IpNet>()
-        .ok()
-        .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
-}
-
-/// IPv4-mapped IPv6 addresses compare as IPv4.
-pub fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
-}
+pub use crate::config::net::{canonical, parse_cidr};
 
 #[cfg(test)]
 mod tests {

@@ -1,5 +1,7 @@
 //! The admin HTTP endpoint: health and readiness for Kubernetes probes, Prometheus metrics, and
 //! the read-only API people and the operator use to see clients, subscriptions and routes.
+//! Every `/api/*` body is a type of `corvid-api`, the crate `ctl`, the operator and e2e read
+//! the same answers with.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -9,8 +11,12 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use axum::{Json, Router};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use corvid_api::{
+    BridgeList, ClientDetail, ClientFilter, ClientInfo, ClientList, ClientSubscription,
+    ClusterView, ErrorBody, EvacuateOptions, EvacuationState, EvacuationStatus, EventStoreStatus,
+    Kicked, Member, MemberState, RebalanceOptions, RebalanceState, RebalanceStatus, Route,
+    RouteList, Stats, SubscriptionInfo, SubscriptionList, TraceKind, TraceList, TraceRequest,
+};
 use std::time::Duration;
 
 use crate::broker::Broker;
@@ -29,6 +35,7 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/api/v1/routes", get(routes))
         .route("/api/v1/cluster", get(cluster))
         .route("/api/v1/bridges", get(bridges))
+        .route("/api/v1/webhooks", get(webhooks))
         .route("/api/v1/evacuate", get(evacuation).post(evacuate))
         .route("/api/v1/rebalance", get(rebalance).post(rebalance_now))
         .route("/api/v1/trace", get(trace_list).post(trace_start))
@@ -89,69 +96,79 @@ async fn readyz(State(b): State<Arc<Broker>>) -> Response {
     (StatusCode::OK, "ready\n").into_response()
 }
 
-/// Every bridge's state, last error and counters.
-async fn bridges(State(b): State<Arc<Broker>>) -> Json<Value> {
-    Json(json!({ "bridges": b.bridges.status() }))
-}
-
-async fn cluster(State(b): State<Arc<Broker>>) -> Response {
-    match b.cluster.get() {
-        Some(c) => Json(json!({ "node": b.node, "synced": c.synced(), "members": c.members() }))
-            .into_response(),
-        None => Json(json!({
-            "node": b.node,
-            "synced": true,
-            "members": [{
-                "name": b.node, "state": "self", "routes": b.router.filters().len(),
-                "addr": null, "linked": true,
-            }],
-        }))
-        .into_response(),
-    }
-}
-
-/// Options of `POST /api/v1/evacuate`.
-#[derive(Debug, Default, Deserialize)]
-struct EvacuateOptions {
-    /// Clients moved per second.
-    rate: Option<u32>,
-    /// Server reference sent with MQTT 5 DISCONNECT 0x9C.
-    server_reference: Option<String>,
-}
-
-fn single_node_evacuation(b: &Broker) -> Value {
-    let state = if b.accepting.load(Ordering::Relaxed) {
-        "idle"
-    } else {
-        "done"
-    };
-    json!({
-        "state": state,
-        "remaining_clients": b.metrics.connections.get(),
-        "remaining_sessions": b.sessions.len(),
-        "handed_off": 0,
+/// Every webhook's health (last delivery or idle check), last error and counters.
+async fn webhooks(State(b): State<Arc<Broker>>) -> Json<corvid_api::WebhookList> {
+    Json(corvid_api::WebhookList {
+        node: b.node.clone(),
+        webhooks: b.hooks.webhook_status(),
     })
 }
 
+/// Every bridge's state, last error and counters.
+async fn bridges(State(b): State<Arc<Broker>>) -> Json<BridgeList> {
+    Json(BridgeList {
+        bridges: b.bridges.status(),
+    })
+}
+
+async fn cluster(State(b): State<Arc<Broker>>) -> Json<ClusterView> {
+    Json(match b.cluster.get() {
+        Some(c) => ClusterView {
+            node: b.node.clone(),
+            synced: c.synced(),
+            members: c.members(),
+        },
+        None => ClusterView {
+            node: b.node.clone(),
+            synced: true,
+            members: vec![Member {
+                name: b.node.clone(),
+                state: MemberState::Itself,
+                routes: b.router.filters().len() as u64,
+                addr: None,
+                linked: true,
+            }],
+        },
+    })
+}
+
+/// A gauge as a count for the API (never negative).
+fn count(gauge: i64) -> u64 {
+    gauge.max(0) as u64
+}
+
+fn single_node_evacuation(b: &Broker) -> EvacuationStatus {
+    let state = if b.accepting.load(Ordering::Relaxed) {
+        EvacuationState::Idle
+    } else {
+        EvacuationState::Done
+    };
+    EvacuationStatus {
+        state,
+        remaining_clients: count(b.metrics.connections.get()),
+        remaining_sessions: b.sessions.len() as u64,
+        handed_off: 0,
+    }
+}
+
 async fn evacuate(State(b): State<Arc<Broker>>, Query(o): Query<EvacuateOptions>) -> Response {
-    let rate = o.rate.unwrap_or(100);
+    let rate = o.rate.unwrap_or(EvacuateOptions::DEFAULT_RATE);
     if let Some(r) = &o.server_reference {
         let member = b.cluster.get().is_some_and(|c| c.is_member_mqtt_addr(r));
         if !member && !b.config.admin.server_references.iter().any(|a| a == r) {
-            return (
+            return error(
                 StatusCode::BAD_REQUEST,
-                Json(json!({"error": format!(
+                format!(
                     "server_reference {r:?} is neither a cluster member's MQTT address nor in \
                      admin.server_references"
-                )})),
-            )
-                .into_response();
+                ),
+            );
         }
     }
     match b.cluster.get() {
         Some(c) => {
             c.evacuate(rate, o.server_reference);
-            (StatusCode::ACCEPTED, Json(json!(c.evacuation()))).into_response()
+            (StatusCode::ACCEPTED, Json(c.evacuation())).into_response()
         }
         None => {
             // A single node has nowhere to send clients: it stops accepting and reports.
@@ -161,18 +178,11 @@ async fn evacuate(State(b): State<Arc<Broker>>, Query(o): Query<EvacuateOptions>
     }
 }
 
-async fn evacuation(State(b): State<Arc<Broker>>) -> Response {
-    match b.cluster.get() {
-        Some(c) => Json(json!(c.evacuation())).into_response(),
-        None => Json(single_node_evacuation(&b)).into_response(),
-    }
-}
-
-/// Options of `POST /api/v1/rebalance`.
-#[derive(Debug, Default, Deserialize)]
-struct RebalanceOptions {
-    /// Clients moved per second (default `cluster.rebalance.rate`).
-    rate: Option<u32>,
+async fn evacuation(State(b): State<Arc<Broker>>) -> Json<EvacuationStatus> {
+    Json(match b.cluster.get() {
+        Some(c) => c.evacuation(),
+        None => single_node_evacuation(&b),
+    })
 }
 
 /// One balance check now; the operator calls it on the old pods after a scale-up.
@@ -184,27 +194,23 @@ async fn rebalance_now(
         Some(c) => {
             c.rebalance_now(o.rate);
             tracing::info!(rate = ?o.rate, "rebalance check requested through the admin API");
-            (StatusCode::ACCEPTED, Json(json!(c.rebalance_status()))).into_response()
+            (StatusCode::ACCEPTED, Json(c.rebalance_status())).into_response()
         }
-        None => (
-            StatusCode::CONFLICT,
-            Json(json!({"error": "not clustered: nothing to rebalance"})),
-        )
-            .into_response(),
+        None => error(StatusCode::CONFLICT, "not clustered: nothing to rebalance"),
     }
 }
 
-async fn rebalance(State(b): State<Arc<Broker>>) -> Response {
-    match b.cluster.get() {
-        Some(c) => Json(json!(c.rebalance_status())).into_response(),
-        None => Json(json!({
-            "enabled": b.config.cluster.rebalance.enabled,
-            "rate": b.config.cluster.rebalance.rate,
-            "state": "idle",
-            "connections": b.metrics.connections.get(),
-        }))
-        .into_response(),
-    }
+async fn rebalance(State(b): State<Arc<Broker>>) -> Json<RebalanceStatus> {
+    Json(match b.cluster.get() {
+        Some(c) => c.rebalance_status(),
+        None => RebalanceStatus {
+            enabled: b.config.cluster.rebalance.enabled,
+            rate: b.config.cluster.rebalance.rate,
+            state: RebalanceState::Idle,
+            connections: count(b.metrics.connections.get()),
+            balance: None,
+        },
+    })
 }
 
 async fn metrics(State(b): State<Arc<Broker>>) -> Response {
@@ -269,72 +275,59 @@ fn authorized(b: &Broker, headers: &HeaderMap) -> Result<(), Response> {
         Ok(())
     } else {
         b.metrics.admin_unauthorized.inc();
-        Err((
+        Err(error(
             StatusCode::UNAUTHORIZED,
-            Json(json!({"error": "missing or wrong bearer token"})),
-        )
-            .into_response())
+            "missing or wrong bearer token",
+        ))
     }
 }
 
-async fn stats(State(b): State<Arc<Broker>>) -> Response {
+async fn stats(State(b): State<Arc<Broker>>) -> Json<Stats> {
     b.refresh_gauges();
     let m = &b.metrics;
-    Json(json!({
-        "node": b.node,
-        "version": env!("CARGO_PKG_VERSION"),
-        "uptime_seconds": b.started.elapsed().as_secs(),
-        "connections": m.connections.get(),
-        "sessions": m.sessions.get(),
-        "subscriptions": m.subscriptions.get(),
-        "routes": m.routes.get(),
-        "retained": m.retained.get(),
-        "queued": m.queued.get(),
-        "inflight": m.inflight.get(),
-        "messages_received": (0..3).map(|q| m.messages_received.at(q).get()).sum::<u64>(),
-        "messages_sent": (0..3).map(|q| m.messages_sent.at(q).get()).sum::<u64>(),
-    }))
-    .into_response()
-}
-
-/// The event store's sinks: state, last error, counters.
-async fn eventstore(State(b): State<Arc<Broker>>) -> Response {
-    let sinks = b.event_store.report();
-    Json(json!({ "node": b.node, "enabled": b.event_store.enabled(), "sinks": sinks }))
-        .into_response()
-}
-
-/// Filters for the client list.
-#[derive(Debug, Deserialize)]
-struct ClientFilter {
-    /// Substring of the client id.
-    like: Option<String>,
-    /// Only connected (`true`) or only offline (`false`) sessions.
-    connected: Option<bool>,
-    /// Exact user name.
-    username: Option<String>,
-    /// Page size.
-    limit: Option<usize>,
-}
-
-fn client_json(s: &crate::session::Session) -> Value {
-    let st = s.state.lock();
-    json!({
-        "client_id": &*s.client_id,
-        "connected": st.connection.is_some(),
-        "connection": st.connection,
-        "subscriptions": st.subscriptions.len(),
-        "queued": st.queue.len(),
-        "inflight": st.inflight.len(),
-        "dropped": st.dropped,
-        "session_expiry": st.expiry,
+    Json(Stats {
+        node: b.node.clone(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        uptime_seconds: b.started.elapsed().as_secs(),
+        connections: m.connections.get(),
+        sessions: m.sessions.get(),
+        subscriptions: m.subscriptions.get(),
+        routes: m.routes.get(),
+        retained: m.retained.get(),
+        queued: m.queued.get(),
+        inflight: m.inflight.get(),
+        messages_received: (0..3).map(|q| m.messages_received.at(q).get()).sum::<u64>(),
+        messages_sent: (0..3).map(|q| m.messages_sent.at(q).get()).sum::<u64>(),
     })
 }
 
-async fn clients(State(b): State<Arc<Broker>>, Query(f): Query<ClientFilter>) -> Response {
+/// The event store's sinks: state, last error, counters.
+async fn eventstore(State(b): State<Arc<Broker>>) -> Json<EventStoreStatus> {
+    Json(EventStoreStatus {
+        node: b.node.clone(),
+        enabled: b.event_store.enabled(),
+        sinks: b.event_store.report(),
+    })
+}
+
+fn client_info(s: &crate::session::Session) -> ClientInfo {
+    let st = s.state.lock();
+    ClientInfo {
+        client_id: s.client_id.to_string(),
+        connected: st.connection.is_some(),
+        connection: st.connection.as_ref().map(|c| c.to_api()),
+        subscriptions: st.subscriptions.len() as u64,
+        queued: st.queue.len() as u64,
+        inflight: st.inflight.len() as u64,
+        dropped: st.dropped,
+        session_expiry: st.expiry,
+    }
+}
+
+async fn clients(State(b): State<Arc<Broker>>, Query(f): Query<ClientFilter>) -> Json<ClientList> {
     let mut all = b.sessions.all();
     all.sort_by(|a, b| a.client_id.cmp(&b.client_id));
-    let list: Vec<Value> = all
+    let list: Vec<ClientInfo> = all
         .iter()
         .filter(|s| {
             f.like
@@ -348,109 +341,103 @@ async fn clients(State(b): State<Arc<Broker>>, Query(f): Query<ClientFilter>) ->
                     st.connection.as_ref().and_then(|c| c.username.as_ref()) == Some(u)
                 })
         })
-        .take(f.limit.unwrap_or(1000))
-        .map(|s| client_json(s))
+        .take(f.limit.unwrap_or(ClientFilter::DEFAULT_LIMIT))
+        .map(|s| client_info(s))
         .collect();
-    Json(json!({ "count": list.len(), "clients": list })).into_response()
+    Json(ClientList {
+        count: list.len() as u64,
+        clients: list,
+    })
 }
 
 async fn client(State(b): State<Arc<Broker>>, Path(id): Path<String>) -> Response {
     match b.sessions.get(&id) {
         Some(s) => {
-            let mut v = client_json(&s);
-            let subs: Vec<Value> = s
+            let info = client_info(&s);
+            let subscription_list = s
                 .state
                 .lock()
                 .subscriptions
                 .iter()
-                .map(|(f, sub)| json!({"filter": f, "qos": sub.opts.qos.value()}))
+                .map(|(f, sub)| ClientSubscription {
+                    filter: f.clone(),
+                    qos: sub.opts.qos.value(),
+                })
                 .collect();
-            v["subscription_list"] = Value::Array(subs);
-            Json(v).into_response()
+            Json(ClientDetail {
+                info,
+                subscription_list,
+            })
+            .into_response()
         }
-        None => (
-            StatusCode::NOT_FOUND,
-            Json(json!({"error": format!("no client {id}")})),
-        )
-            .into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("no client {id}")),
     }
 }
 
 async fn kick(State(b): State<Arc<Broker>>, Path(id): Path<String>) -> Response {
     let Some(s) = b.sessions.get(&id) else {
-        return (
-            StatusCode::NOT_FOUND,
-            Json(json!({"error": format!("no client {id}")})),
-        )
-            .into_response();
+        return error(StatusCode::NOT_FOUND, format!("no client {id}"));
     };
     let conn = s.state.lock().connection.clone();
     match conn {
         Some(c) => {
             c.kick.send(Kick::Administrative);
-            Json(json!({"kicked": id})).into_response()
+            Json(Kicked { kicked: id }).into_response()
         }
-        None => (
+        None => error(
             StatusCode::CONFLICT,
-            Json(json!({"error": format!("client {id} is not connected")})),
-        )
-            .into_response(),
+            format!("client {id} is not connected"),
+        ),
     }
 }
 
-async fn subscriptions(State(b): State<Arc<Broker>>) -> Response {
+async fn subscriptions(State(b): State<Arc<Broker>>) -> Json<SubscriptionList> {
     let mut out = Vec::new();
     for s in b.sessions.all() {
         let st = s.state.lock();
         for (f, sub) in &st.subscriptions {
-            out.push(json!({
-                "client_id": &*s.client_id,
-                "filter": f,
-                "qos": sub.opts.qos.value(),
-                "no_local": sub.opts.no_local,
-                "retain_as_published": sub.opts.retain_as_published,
-                "subscription_id": sub.sub_id.map(|i| i.get()),
-            }));
+            out.push(SubscriptionInfo {
+                client_id: s.client_id.to_string(),
+                filter: f.clone(),
+                qos: sub.opts.qos.value(),
+                no_local: sub.opts.no_local,
+                retain_as_published: sub.opts.retain_as_published,
+                subscription_id: sub.sub_id.map(|i| i.get()),
+            });
         }
     }
-    Json(json!({"count": out.len(), "subscriptions": out})).into_response()
+    Json(SubscriptionList {
+        count: out.len() as u64,
+        subscriptions: out,
+    })
 }
 
-async fn routes(State(b): State<Arc<Broker>>) -> Response {
+async fn routes(State(b): State<Arc<Broker>>) -> Json<RouteList> {
     let mut filters = b.router.filters();
     filters.sort();
-    let list: Vec<Value> = filters
-        .iter()
-        .map(|f| json!({"filter": f, "node": b.node}))
+    let list: Vec<Route> = filters
+        .into_iter()
+        .map(|filter| Route {
+            filter,
+            node: b.node.clone(),
+        })
         .collect();
-    Json(json!({"count": list.len(), "routes": list})).into_response()
+    Json(RouteList {
+        count: list.len() as u64,
+        routes: list,
+    })
 }
 
-/// `POST /api/v1/trace` body.
-#[derive(Debug, Deserialize)]
-struct TraceRequest {
-    /// `client` or `topic`.
-    #[serde(rename = "type")]
-    kind: String,
-    /// Client id (type `client`).
-    client_id: Option<String>,
-    /// Topic filter (type `topic`).
-    topic: Option<String>,
-    /// Seconds; default 600, capped by `trace.max_duration`.
-    duration: Option<u64>,
-    /// Name; default `client-{id}` / `topic-{filter}`.
-    name: Option<String>,
-}
-
+/// An error answer: `status` with an [`ErrorBody`].
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
-    (status, Json(json!({"error": msg.into()}))).into_response()
+    (status, Json(ErrorBody::new(msg))).into_response()
 }
 
 async fn trace_start(State(b): State<Arc<Broker>>, Json(req): Json<TraceRequest>) -> Response {
     use crate::trace::{Target, TraceError};
-    let target = match (req.kind.as_str(), req.client_id, req.topic) {
-        ("client", Some(c), _) if !c.is_empty() => Target::Client(c),
-        ("topic", _, Some(t)) if !t.is_empty() => Target::Topic(t),
+    let target = match (req.kind, req.client_id, req.topic) {
+        (TraceKind::Client, Some(c), _) if !c.is_empty() => Target::Client(c),
+        (TraceKind::Topic, _, Some(t)) if !t.is_empty() => Target::Topic(t),
         _ => {
             return error(
                 StatusCode::BAD_REQUEST,
@@ -458,23 +445,26 @@ async fn trace_start(State(b): State<Arc<Broker>>, Json(req): Json<TraceRequest>
             )
         }
     };
-    let duration = Duration::from_secs(req.duration.unwrap_or(600));
+    let duration = Duration::from_secs(req.duration.unwrap_or(TraceRequest::DEFAULT_DURATION_SECS));
     match b.tracer.start(req.name, target, duration) {
-        Ok(info) => (StatusCode::CREATED, Json(json!(info))).into_response(),
+        Ok(info) => (StatusCode::CREATED, Json(info)).into_response(),
         Err(e @ TraceError::Exists(_)) => error(StatusCode::CONFLICT, e.to_string()),
         Err(e @ TraceError::Invalid(_)) => error(StatusCode::BAD_REQUEST, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 
-async fn trace_list(State(b): State<Arc<Broker>>) -> Response {
-    let list = b.tracer.list();
-    Json(json!({"count": list.len(), "traces": list})).into_response()
+async fn trace_list(State(b): State<Arc<Broker>>) -> Json<TraceList> {
+    let traces = b.tracer.list();
+    Json(TraceList {
+        count: traces.len() as u64,
+        traces,
+    })
 }
 
 async fn trace_stop(State(b): State<Arc<Broker>>, Path(name): Path<String>) -> Response {
     match b.tracer.stop(&name) {
-        Some(info) => Json(json!(info)).into_response(),
+        Some(info) => Json(info).into_response(),
         None => error(StatusCode::NOT_FOUND, format!("no trace {name}")),
     }
 }

@@ -17,12 +17,15 @@ use crate::acl::{Acl, AclError};
 use crate::auth::{AuthError, Authenticator};
 use crate::codec::{QoS, RetainHandling, SubOptions, Will};
 use crate::config::{Config, Takeover};
+use crate::fabric::{ArrivedSession, Fabric, Taken};
 use crate::hooks::{Event, EventKind, HookError, Hooks};
 use crate::message::{Delivery, Message, Msg};
 use crate::metrics::Metrics;
 use crate::retained::Retained;
 use crate::router::{Router, Select, Target};
-use crate::session::{ConnInfo, Enqueued, Kick, QueueBounds, Registry, Session, Subscription};
+use crate::session::{
+    ConnInfo, Enqueued, Kick, QueueBounds, RecentIds, Registry, Session, Subscription,
+};
 use crate::topic;
 use crate::trace::Tracer;
 
@@ -51,7 +54,10 @@ pub struct Broker {
     pub accepting: AtomicBool,
     /// Start time.
     pub started: Instant,
-    /// The cluster layer, when clustering is on.
+    /// The other nodes, as the core's publish, subscribe and takeover paths see them; set
+    /// once when clustering is on.
+    pub fabric: std::sync::OnceLock<Arc<dyn Fabric>>,
+    /// The cluster layer itself, for the admin API and the server (membership, evacuation).
     pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
     /// Client authentication.
     pub auth: Authenticator,
@@ -155,6 +161,7 @@ impl Broker {
             shutdown: CancellationToken::new(),
             accepting: AtomicBool::new(true),
             started: Instant::now(),
+            fabric: std::sync::OnceLock::new(),
             cluster: std::sync::OnceLock::new(),
             event_store,
         }))
@@ -177,13 +184,13 @@ impl Broker {
                 self.metrics.dropped("retained_limit");
             } else {
                 self.retained.set(msg.clone());
-                if let Some(c) = self.cluster.get() {
+                if let Some(c) = self.fabric.get() {
                     c.retained(&msg);
                 }
             }
         }
         let strategy = self.config.mqtt.shared_subscription_strategy;
-        let targets = match self.cluster.get() {
+        let targets = match self.fabric.get() {
             None => self.router.route(&msg.topic, &msg.publisher, strategy),
             Some(c) => {
                 // One delivery per shared group cluster-wide: the cluster layer decides which
@@ -287,7 +294,7 @@ impl Broker {
             Enqueued::Congested => return true,
             Enqueued::QueuedDroppedOldest => "queue_full",
             Enqueued::Dropped => "queue_full_or_offline_qos0",
-            Enqueued::Moved(node, d) => match self.cluster.get() {
+            Enqueued::Moved(node, d) => match self.fabric.get() {
                 Some(c) => {
                     c.deliver_to(&node, &session.client_id, &d);
                     return false;
@@ -328,7 +335,7 @@ impl Broker {
             .router
             .subscribe(f.group, f.filter, session, opts, sub_id);
         if new_route {
-            if let Some(c) = self.cluster.get() {
+            if let Some(c) = self.fabric.get() {
                 c.route_added(raw);
             }
         }
@@ -367,7 +374,7 @@ impl Broker {
                 .router
                 .unsubscribe(f.group, f.filter, &session.client_id);
             if gone {
-                if let Some(c) = self.cluster.get() {
+                if let Some(c) = self.fabric.get() {
                     c.route_removed(raw);
                 }
             }
@@ -384,7 +391,7 @@ impl Broker {
         clean_start: bool,
         owner: Option<&str>,
     ) -> Result<(), NotOwner> {
-        let Some(c) = self.cluster.get() else {
+        let Some(c) = self.fabric.get() else {
             return Ok(());
         };
         if !c.wait_synced(SYNC_WAIT).await {
@@ -403,25 +410,26 @@ impl Broker {
             }
         }
         match c.take_session(client_id, clean_start, owner).await {
-            crate::cluster::Taken::Moved => {
+            Taken::Moved => {
                 tracing::info!(client_id, "session taken over from another node");
                 Ok(())
             }
-            crate::cluster::Taken::NotFound => Ok(()),
-            crate::cluster::Taken::NotOwner => Err(NotOwner),
+            Taken::NotFound => Ok(()),
+            Taken::NotOwner => Err(NotOwner),
         }
     }
 
     /// Installs a session that arrived from another node, offline, with its routes.
-    pub fn install_session(self: &Arc<Self>, snap: crate::cluster::proto::SessionSnapshot) {
-        let client_id = ByteString::from(snap.client_id.clone());
-        let subs = snap.subscriptions();
+    pub fn install_session(self: &Arc<Self>, snap: ArrivedSession) {
+        let client_id = ByteString::from(snap.client_id);
+        let subs = snap.subscriptions;
         let session = Session::new(client_id, snap.expiry);
         {
             let mut st = session.state.lock();
-            st.owner = snap.owner.clone();
-            snap.restore_into(&mut st);
-            st.recent_ids = crate::cluster::recent_window();
+            st.owner = snap.owner;
+            (snap.restore)(&mut st);
+            // A fresh dedupe window: the ids the old node saw stay there.
+            st.recent_ids = Some(RecentIds::default());
             st.disconnected_at = Some(Instant::now());
         }
         if let Some(old) = self.sessions.insert(session.clone()) {
@@ -436,14 +444,14 @@ impl Broker {
                     .router
                     .subscribe(f.group, f.filter, &session, sub.opts, sub.sub_id);
                 if new_route {
-                    if let Some(c) = self.cluster.get() {
+                    if let Some(c) = self.fabric.get() {
                         c.route_added(&raw);
                     }
                 }
             }
         }
         // Deliveries the old node forwarded before the session arrived.
-        if let Some(c) = self.cluster.get() {
+        if let Some(c) = self.fabric.get() {
             for d in c.take_early(&session.client_id) {
                 self.enqueue(&session, d);
             }

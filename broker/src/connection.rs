@@ -32,6 +32,7 @@ use crate::session::{
 };
 use crate::topic;
 use crate::trace::{self, Dir};
+use corvid_proto::reason::Reason;
 
 /// Bytes buffered for writing before the queue drain pauses to flush.
 const WRITE_BATCH: usize = 64 * 1024;
@@ -50,7 +51,7 @@ enum End {
     /// Keep alive expired.
     KeepAlive,
     /// Protocol violation, with the MQTT 5 reason code to send.
-    Protocol(u8, String),
+    Protocol(Reason, String),
     /// Someone else closed it.
     Kicked(Kick),
     /// Over its message or byte rate with `over_rate: disconnect` (MQTT 5 reason 0x96).
@@ -1009,7 +1010,7 @@ impl Conn {
                 let mut st = self.session.state.lock();
                 let found = st.inflight.iter().position(|f| f.packet_id == id);
                 match found {
-                    Some(pos) if rc >= 0x80 => {
+                    Some(pos) if rc >= Reason::UnspecifiedError.code() => {
                         st.inflight.remove(pos);
                     }
                     Some(pos) => {
@@ -1017,18 +1018,30 @@ impl Conn {
                             f.state = InflightState::AwaitComp;
                         }
                         drop(st);
-                        let _ = self.send(Outbound::PubRel(id, 0), wbuf, None);
+                        let _ = self.send(Outbound::PubRel(id, Reason::Success.code()), wbuf, None);
                     }
                     None => {
                         drop(st);
-                        let _ = self.send(Outbound::PubRel(id, 0x92), wbuf, None);
+                        let _ = self.send(
+                            Outbound::PubRel(id, Reason::PacketIdNotFound.code()),
+                            wbuf,
+                            None,
+                        );
                     }
                 }
             }
             Inbound::PubRel(id) => {
                 let known = self.session.state.lock().incoming_qos2.remove(&id.get());
                 let _ = self.send(
-                    Outbound::PubComp(id, if known { 0 } else { 0x92 }),
+                    Outbound::PubComp(
+                        id,
+                        if known {
+                            Reason::Success
+                        } else {
+                            Reason::PacketIdNotFound
+                        }
+                        .code(),
+                    ),
                     wbuf,
                     None,
                 );
@@ -1053,12 +1066,15 @@ impl Conn {
                 let mut codes = Vec::with_capacity(filters.len());
                 let max_subs = self.broker.config.limits.max_subscriptions;
                 if filters.iter().any(|(f, _)| f.contains('\0')) {
-                    return Some(End::Protocol(0x81, "U+0000 in topic filter".into()));
+                    return Some(End::Protocol(
+                        Reason::MalformedPacket,
+                        "U+0000 in topic filter".into(),
+                    ));
                 }
                 for (raw, opts) in filters {
                     if opts.no_local && raw.starts_with("$share/") {
                         return Some(End::Protocol(
-                            0x82,
+                            Reason::ProtocolError,
                             "no-local on a shared subscription".into(),
                         ));
                     }
@@ -1072,7 +1088,7 @@ impl Conn {
                                 .with_label_values(&["subscribe"])
                                 .inc();
                         }
-                        codes.push(if self.protocol.is_v5() { 0x8F } else { 0x80 });
+                        codes.push(self.suback_refusal(Reason::TopicFilterInvalid));
                         continue;
                     }
                     let count = self.session.state.lock().subscriptions.len();
@@ -1081,7 +1097,7 @@ impl Conn {
                         && !self.session.state.lock().subscriptions.contains_key(&*raw)
                     {
                         self.broker.metrics.subscriptions_refused.inc();
-                        codes.push(if self.protocol.is_v5() { 0x97 } else { 0x80 });
+                        codes.push(self.suback_refusal(Reason::QuotaExceeded));
                         continue;
                     }
                     // The ACL sees the filter without any `$share/{group}/` prefix.
@@ -1089,7 +1105,7 @@ impl Conn {
                     if self.acl.check(Action::Subscribe, plain) == Permission::Deny {
                         self.broker.metrics.acl.subscribe_deny.inc();
                         tracing::debug!(client_id = %self.client_id, filter = %raw, "subscription denied by ACL");
-                        codes.push(if self.protocol.is_v5() { 0x87 } else { 0x80 });
+                        codes.push(self.suback_refusal(Reason::NotAuthorized));
                         continue;
                     }
                     self.broker.metrics.acl.subscribe_allow.inc();
@@ -1098,7 +1114,7 @@ impl Conn {
                             codes.push(q.value());
                             self.subscribed_event(&raw, q.value());
                         }
-                        Err(_) => codes.push(if self.protocol.is_v5() { 0x8F } else { 0x80 }),
+                        Err(_) => codes.push(self.suback_refusal(Reason::TopicFilterInvalid)),
                     }
                 }
                 let _ = self.send(Outbound::SubAck(packet_id, codes), wbuf, None);
@@ -1115,7 +1131,7 @@ impl Conn {
                                     .with_label_values(&["unsubscribe"])
                                     .inc();
                             }
-                            return 0x8F;
+                            return Reason::TopicFilterInvalid.code();
                         }
                         if self.broker.unsubscribe(&self.session, f) {
                             if self.broker.hooks.wants(EventKind::SessionUnsubscribed) {
@@ -1125,9 +1141,9 @@ impl Conn {
                                     topic: f.to_string(),
                                 });
                             }
-                            0x00
+                            Reason::Success.code()
                         } else {
-                            0x11
+                            Reason::NoSubscriptionExisted.code()
                         }
                     })
                     .collect();
@@ -1144,7 +1160,7 @@ impl Conn {
                     if self.expiry_was_zero && e != 0 {
                         // [MQTT-3.14.2-2]
                         return Some(End::Protocol(
-                            0x82,
+                            Reason::ProtocolError,
                             "session expiry set after connecting with 0".into(),
                         ));
                     }
@@ -1152,20 +1168,26 @@ impl Conn {
                     self.session.state.lock().expiry = e.min(cap);
                 }
                 return Some(End::ClientDisconnect {
-                    will: reason == 0x04,
+                    will: reason == Reason::DisconnectWithWill.code(),
                 });
             }
             Inbound::Connect(_) => {
-                return Some(End::Protocol(0x82, "second CONNECT".into()));
+                return Some(End::Protocol(
+                    Reason::ProtocolError,
+                    "second CONNECT".into(),
+                ));
             }
             Inbound::Auth => {
                 return Some(End::Protocol(
-                    0x82,
+                    Reason::ProtocolError,
                     "AUTH without an authentication method".into(),
                 ))
             }
             Inbound::ServerOnly(name) => {
-                return Some(End::Protocol(0x82, format!("client sent {name}")));
+                return Some(End::Protocol(
+                    Reason::ProtocolError,
+                    format!("client sent {name}"),
+                ));
             }
         }
         None
@@ -1180,12 +1202,20 @@ impl Conn {
             .inc();
         if let Some(alias) = p.properties.as_ref().and_then(|pr| pr.topic_alias) {
             if alias.get() > cfg.mqtt.topic_alias_maximum {
-                return Some(End::Protocol(0x94, "topic alias out of range".into()));
+                return Some(End::Protocol(
+                    Reason::TopicAliasInvalid,
+                    "topic alias out of range".into(),
+                ));
             }
             if p.topic.is_empty() {
                 match self.aliases_in.get(&alias.get()) {
                     Some(t) => p.topic = t.clone(),
-                    None => return Some(End::Protocol(0x82, "unknown topic alias".into())),
+                    None => {
+                        return Some(End::Protocol(
+                            Reason::ProtocolError,
+                            "unknown topic alias".into(),
+                        ))
+                    }
                 }
             } else {
                 // A copy, so the alias table does not keep this packet's buffer alive.
@@ -1199,17 +1229,20 @@ impl Conn {
         {
             // [MQTT-3.3.4-6]: only the server sends subscription identifiers.
             return Some(End::Protocol(
-                0x82,
+                Reason::ProtocolError,
                 "PUBLISH with a subscription identifier".into(),
             ));
         }
         if p.topic.contains('\0') {
             // [MQTT-1.5.4-2]: U+0000 in a UTF-8 string is a malformed packet.
-            return Some(End::Protocol(0x81, "U+0000 in topic name".into()));
+            return Some(End::Protocol(
+                Reason::MalformedPacket,
+                "U+0000 in topic name".into(),
+            ));
         }
         if topic::validate_name(&p.topic).is_err() {
             return Some(End::Protocol(
-                0x90,
+                Reason::TopicNameInvalid,
                 format!("invalid topic name {:?}", &*p.topic),
             ));
         }
@@ -1219,13 +1252,22 @@ impl Conn {
                 .topic_refused
                 .with_label_values(&["publish"])
                 .inc();
-            return Some(End::Protocol(0x90, format!("topic name {e}")));
+            return Some(End::Protocol(
+                Reason::TopicNameInvalid,
+                format!("topic name {e}"),
+            ));
         }
         if p.qos > max_qos(cfg) {
-            return Some(End::Protocol(0x9B, "QoS not supported".into()));
+            return Some(End::Protocol(
+                Reason::QosNotSupported,
+                "QoS not supported".into(),
+            ));
         }
         if p.retain && !cfg.mqtt.retain_available {
-            return Some(End::Protocol(0x9A, "retain not supported".into()));
+            return Some(End::Protocol(
+                Reason::RetainNotSupported,
+                "retain not supported".into(),
+            ));
         }
         let packet_id = p.packet_id;
         if crate::sys::is_sys(&p.topic) {
@@ -1239,17 +1281,23 @@ impl Conn {
         self.broker.metrics.acl.publish_allow.inc();
         if p.qos == QoS::ExactlyOnce {
             let Some(id) = packet_id else {
-                return Some(End::Protocol(0x82, "QoS 2 without packet id".into()));
+                return Some(End::Protocol(
+                    Reason::ProtocolError,
+                    "QoS 2 without packet id".into(),
+                ));
             };
             let mut st = self.session.state.lock();
             if st.incoming_qos2.contains(&id.get()) {
                 // A resend of a message already routed: acknowledge again, don't deliver twice.
                 drop(st);
-                self.ack(Outbound::PubRec(id, 0), false, wbuf);
+                self.ack(Outbound::PubRec(id, Reason::Success.code()), false, wbuf);
                 return None;
             }
             if st.incoming_qos2.len() >= usize::from(cfg.mqtt.receive_maximum) {
-                return Some(End::Protocol(0x93, "receive maximum exceeded".into()));
+                return Some(End::Protocol(
+                    Reason::ReceiveMaximumExceeded,
+                    "receive maximum exceeded".into(),
+                ));
             }
             st.incoming_qos2.insert(id.get());
         }
@@ -1293,7 +1341,12 @@ impl Conn {
         let own = &self.session;
         let self_fed = self.congested.iter().any(|s| Arc::ptr_eq(s, own));
         self.congested.retain(|s| !Arc::ptr_eq(s, own));
-        let reason = if routed == 0 { 0x10 } else { 0x00 };
+        let reason = if routed == 0 {
+            Reason::NoMatchingSubscribers
+        } else {
+            Reason::Success
+        }
+        .code();
         match (qos, packet_id) {
             (QoS::AtLeastOnce, Some(id)) => {
                 self.ack(Outbound::PubAck(id, reason), self_fed, wbuf);
@@ -1347,7 +1400,13 @@ impl Conn {
             });
         }
         let v5 = self.protocol.is_v5();
-        let rc = if v5 { 0x87 } else { 0x00 };
+        // 3.1.1 has no way to refuse a PUBLISH: it is acknowledged and dropped.
+        let rc = if v5 {
+            Reason::NotAuthorized
+        } else {
+            Reason::Success
+        }
+        .code();
         match (p.qos, p.packet_id) {
             (QoS::AtLeastOnce, Some(id)) => {
                 self.ack(Outbound::PubAck(id, rc), false, wbuf);
@@ -1360,11 +1419,23 @@ impl Conn {
                 self.ack(Outbound::PubRec(id, rc), false, wbuf);
             }
             (QoS::ExactlyOnce, None) => {
-                return Some(End::Protocol(0x82, "QoS 2 without packet id".into()));
+                return Some(End::Protocol(
+                    Reason::ProtocolError,
+                    "QoS 2 without packet id".into(),
+                ));
             }
             _ => {}
         }
         None
+    }
+
+    /// A refused SUBACK entry: the MQTT 5 reason, or 3.1.1's only refusal, 0x80 Failure.
+    fn suback_refusal(&self, why: Reason) -> u8 {
+        if self.protocol.is_v5() {
+            why.code()
+        } else {
+            Reason::UnspecifiedError.code()
+        }
     }
 
     fn acked_event(&self, f: &Inflight) {
@@ -1385,23 +1456,26 @@ impl Conn {
         let (reason, server_ref, publish_will) = match &end {
             End::ClientDisconnect { will } => (None, None, *will),
             End::Lost => (None, None, true),
-            End::KeepAlive => (Some(0x8D), None, true),
+            End::KeepAlive => (Some(Reason::KeepAliveTimeout), None, true),
             End::Protocol(code, why) => {
-                tracing::debug!(peer = %self.peer, client_id = %self.client_id, code, reason = %why, "protocol error");
+                let byte = code.code();
+                tracing::debug!(peer = %self.peer, client_id = %self.client_id, code = byte, reason = %why, "protocol error");
                 self.broker
                     .metrics
                     .protocol_errors
-                    .with_label_values(&[&format!("0x{code:02X}")])
+                    .with_label_values(&[&format!("0x{byte:02X}")])
                     .inc();
                 (Some(*code), None, true)
             }
-            End::Kicked(Kick::TakenOver) => (Some(0x8E), None, true),
-            End::Kicked(Kick::Administrative) => (Some(0x98), None, true),
-            End::Kicked(Kick::ShuttingDown) => (Some(0x8B), None, true),
-            End::Kicked(Kick::UseAnotherServer(r)) => (Some(0x9C), r.clone(), true),
+            End::Kicked(Kick::TakenOver) => (Some(Reason::SessionTakenOver), None, true),
+            End::Kicked(Kick::Administrative) => (Some(Reason::AdministrativeAction), None, true),
+            End::Kicked(Kick::ShuttingDown) => (Some(Reason::ServerShuttingDown), None, true),
+            End::Kicked(Kick::UseAnotherServer(r)) => {
+                (Some(Reason::UseAnotherServer), r.clone(), true)
+            }
             End::RateLimited => {
                 self.broker.metrics.rate_disconnects.inc();
-                (Some(0x96), None, true)
+                (Some(Reason::MessageRateTooHigh), None, true)
             }
             End::WriteTimeout => {
                 self.broker.metrics.write_timeouts.inc();
@@ -1421,7 +1495,7 @@ impl Conn {
                 .codec
                 .encode(
                     Outbound::Disconnect {
-                        reason: code,
+                        reason: code.code(),
                         server_reference: server_ref,
                     },
                     &mut buf,

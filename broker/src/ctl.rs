@@ -1,10 +1,19 @@
 //! `corvid-broker ctl`: a small HTTP client of the admin API for people at a shell (or a
-//! `kubectl exec`), with tables by default and the API's JSON with `--json`.
+//! `kubectl exec`), with tables by default and the API's JSON with `--json`. Answers are read
+//! into the `corvid-api` types the broker writes them with; `--json` prints the answer as it
+//! came, so fields a newer broker added are not lost.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use corvid_api::{
+    ClientDetail, ClientFilter, ClientList, ClusterView, ErrorBody, EvacuateOptions,
+    EvacuationStatus, Kicked, RebalanceOptions, RebalanceStatus, RouteList, Stats,
+    SubscriptionList, TraceInfo, TraceKind, TraceList, TraceRequest,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use serde_json::{json, Value};
 
 /// `ctl` options.
@@ -94,7 +103,7 @@ enum TraceCommand {
         /// Client id or topic filter.
         target: String,
         /// Seconds until it stops by itself.
-        #[arg(long, default_value_t = 600)]
+        #[arg(long, default_value_t = TraceRequest::DEFAULT_DURATION_SECS)]
         duration: u64,
         /// Trace name (default `client-ID` / `topic-FILTER`).
         #[arg(long)]
@@ -138,8 +147,8 @@ impl Api {
         &self,
         method: reqwest::Method,
         segments: &[&str],
-        query: &[(&str, String)],
-        body: Option<Value>,
+        query: &(impl Serialize + ?Sized),
+        body: Option<&TraceRequest>,
     ) -> anyhow::Result<reqwest::Response> {
         let url = self.url(segments)?;
         let mut req = self.client.request(method, url.clone()).query(query);
@@ -147,7 +156,7 @@ impl Api {
             req = req.bearer_auth(t);
         }
         if let Some(b) = body {
-            req = req.json(&b);
+            req = req.json(b);
         }
         let resp = req
             .send()
@@ -156,26 +165,34 @@ impl Api {
         let status = resp.status();
         if !status.is_success() {
             let text = resp.text().await.unwrap_or_default();
-            let msg = serde_json::from_str::<Value>(&text)
-                .ok()
-                .and_then(|v| v["error"].as_str().map(str::to_string))
+            let msg = serde_json::from_str::<ErrorBody>(&text)
+                .map(|e| e.error)
                 .unwrap_or(text);
             anyhow::bail!("{} {url}: {msg}", status.as_u16());
         }
         Ok(resp)
     }
 
-    async fn json(
+    /// One call whose answer is a `T`: returns the answer as it came (for `--json`) and typed.
+    async fn json<T: DeserializeOwned>(
         &self,
         method: reqwest::Method,
         segments: &[&str],
-        query: &[(&str, String)],
-        body: Option<Value>,
-    ) -> anyhow::Result<Value> {
+        query: &(impl Serialize + ?Sized),
+        body: Option<&TraceRequest>,
+    ) -> anyhow::Result<(Value, T)> {
         let resp = self.call(method, segments, query, body).await?;
-        resp.json()
+        let v: Value = resp
+            .json()
             .await
-            .context("the admin API answered with bad JSON")
+            .context("the admin API answered with bad JSON")?;
+        let typed = T::deserialize(&v).with_context(|| {
+            format!(
+                "the admin API's answer to {} does not have the expected shape",
+                segments.join("/")
+            )
+        })?;
+        Ok((v, typed))
     }
 }
 
@@ -227,41 +244,45 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
     rt.block_on(exec(&api, args.json, args.command))
 }
 
+/// No query parameters.
+const NO_QUERY: &[(&str, &str)] = &[];
+
 async fn exec(api: &Api, as_json: bool, cmd: CtlCommand) -> anyhow::Result<()> {
     use reqwest::Method;
     let out = match cmd {
         CtlCommand::Status => {
-            let v = api.json(Method::GET, &["stats"], &[], None).await?;
-            (v.clone(), status_text(&v))
+            let (v, stats) = api
+                .json::<Stats>(Method::GET, &["stats"], NO_QUERY, None)
+                .await?;
+            (v, status_text(&stats))
         }
         CtlCommand::Clients {
             like,
             username,
             connected,
         } => {
-            let mut q = Vec::new();
-            if let Some(l) = like {
-                q.push(("like", l));
-            }
-            if let Some(u) = username {
-                q.push(("username", u));
-            }
-            if let Some(c) = connected {
-                q.push(("connected", c.to_string()));
-            }
-            let v = api.json(Method::GET, &["clients"], &q, None).await?;
-            let rows = list(&v["clients"])
+            let filter = ClientFilter {
+                like,
+                connected,
+                username,
+                limit: None,
+            };
+            let (v, list) = api
+                .json::<ClientList>(Method::GET, &["clients"], &filter, None)
+                .await?;
+            let rows = list
+                .clients
                 .iter()
                 .map(|c| {
-                    let conn = &c["connection"];
+                    let conn = c.connection.as_ref();
                     vec![
-                        s(&c["client_id"]),
-                        s(&c["connected"]),
-                        s(&conn["peer"]),
-                        proto(&conn["protocol"]),
-                        s(&conn["username"]),
-                        s(&c["subscriptions"]),
-                        s(&c["queued"]),
+                        c.client_id.clone(),
+                        c.connected.to_string(),
+                        opt(conn.map(|x| x.peer)),
+                        opt(conn.map(|x| x.protocol.label())),
+                        opt(conn.and_then(|x| x.username.as_ref())),
+                        c.subscriptions.to_string(),
+                        c.queued.to_string(),
                     ]
                 })
                 .collect();
@@ -280,68 +301,61 @@ async fn exec(api: &Api, as_json: bool, cmd: CtlCommand) -> anyhow::Result<()> {
             (v, t)
         }
         CtlCommand::Client { id } => {
-            let v = api.json(Method::GET, &["clients", &id], &[], None).await?;
+            let (v, d) = api
+                .json::<ClientDetail>(Method::GET, &["clients", &id], NO_QUERY, None)
+                .await?;
+            let c = &d.info;
+            let conn = c.connection.as_ref();
             let mut t = String::new();
-            for k in [
-                "client_id",
-                "connected",
-                "session_expiry",
-                "queued",
-                "inflight",
-                "dropped",
+            for (k, val) in [
+                ("client_id", c.client_id.clone()),
+                ("connected", c.connected.to_string()),
+                ("session_expiry", c.session_expiry.to_string()),
+                ("queued", c.queued.to_string()),
+                ("inflight", c.inflight.to_string()),
+                ("dropped", c.dropped.to_string()),
+                ("peer", opt(conn.map(|x| x.peer))),
+                ("listener", opt(conn.map(|x| &x.listener))),
+                ("protocol", opt(conn.map(|x| x.protocol.label()))),
+                ("username", opt(conn.and_then(|x| x.username.as_ref()))),
+                ("keep_alive", opt(conn.map(|x| x.keep_alive))),
+                ("connected_at", opt(conn.map(|x| x.connected_at))),
             ] {
-                t.push_str(&format!("{k:<16} {}\n", s(&v[k])));
-            }
-            let conn = &v["connection"];
-            for k in [
-                "peer",
-                "listener",
-                "protocol",
-                "username",
-                "keep_alive",
-                "connected_at",
-            ] {
-                let v = if k == "protocol" {
-                    proto(&conn[k])
-                } else {
-                    s(&conn[k])
-                };
-                t.push_str(&format!("{k:<16} {v}\n"));
+                t.push_str(&format!("{k:<16} {val}\n"));
             }
             t.push_str("subscriptions:\n");
-            for sub in list(&v["subscription_list"]) {
-                t.push_str(&format!(
-                    "  {} (qos {})\n",
-                    s(&sub["filter"]),
-                    s(&sub["qos"])
-                ));
+            for sub in &d.subscription_list {
+                t.push_str(&format!("  {} (qos {})\n", sub.filter, sub.qos));
             }
             (v, t)
         }
         CtlCommand::Kick { id } => {
-            let v = api
-                .json(Method::DELETE, &["clients", &id], &[], None)
+            let (v, k) = api
+                .json::<Kicked>(Method::DELETE, &["clients", &id], NO_QUERY, None)
                 .await?;
-            (v, format!("kicked {id}\n"))
+            (v, format!("kicked {}\n", k.kicked))
         }
         CtlCommand::Cluster => {
-            let v = api.json(Method::GET, &["cluster"], &[], None).await?;
-            let rows = list(&v["members"])
+            let (v, view) = api
+                .json::<ClusterView>(Method::GET, &["cluster"], NO_QUERY, None)
+                .await?;
+            let rows = view
+                .members
                 .iter()
                 .map(|m| {
                     vec![
-                        s(&m["name"]),
-                        s(&m["state"]),
-                        s(&m["addr"]),
-                        s(&m["linked"]),
-                        s(&m["routes"]),
+                        m.name.clone(),
+                        m.state.to_string(),
+                        opt(m.addr.as_ref()),
+                        m.linked.to_string(),
+                        m.routes.to_string(),
                     ]
                 })
                 .collect();
             let t = format!(
                 "node {} (synced: {})\n{}",
-                s(&v["node"]),
-                s(&v["synced"]),
+                view.node,
+                view.synced,
                 table(&["MEMBER", "STATE", "ADDR", "LINKED", "ROUTES"], rows)
             );
             (v, t)
@@ -351,49 +365,49 @@ async fn exec(api: &Api, as_json: bool, cmd: CtlCommand) -> anyhow::Result<()> {
             rate,
             server_reference,
         } => {
-            let mut query = Vec::new();
-            if let Some(r) = rate {
-                query.push(("rate", r.to_string()));
-            }
-            if let Some(r) = server_reference {
-                query.push(("server_reference", r));
-            }
+            let options = EvacuateOptions {
+                rate,
+                server_reference,
+            };
             let method = if status { Method::GET } else { Method::POST };
-            let v = api.json(method, &["evacuate"], &query, None).await?;
+            let (v, e) = api
+                .json::<EvacuationStatus>(method, &["evacuate"], &options, None)
+                .await?;
             let t = format!(
                 "evacuation {}: {} clients and {} sessions left, {} handed off\n",
-                s(&v["state"]),
-                s(&v["remaining_clients"]),
-                s(&v["remaining_sessions"]),
-                s(&v["handed_off"])
+                e.state, e.remaining_clients, e.remaining_sessions, e.handed_off
             );
             (v, t)
         }
         CtlCommand::Rebalance { status, rate } => {
-            let query: Vec<(&str, String)> =
-                rate.map(|r| ("rate", r.to_string())).into_iter().collect();
             let method = if status { Method::GET } else { Method::POST };
-            let v = api.json(method, &["rebalance"], &query, None).await?;
-            (
-                v.clone(),
-                format!("{}\n", serde_json::to_string_pretty(&v)?),
-            )
+            let (v, _) = api
+                .json::<RebalanceStatus>(method, &["rebalance"], &RebalanceOptions { rate }, None)
+                .await?;
+            let t = format!("{}\n", serde_json::to_string_pretty(&v)?);
+            (v, t)
         }
         CtlCommand::Subscriptions => {
-            let v = api.json(Method::GET, &["subscriptions"], &[], None).await?;
-            let mut rows: Vec<Vec<String>> = list(&v["subscriptions"])
+            let (v, list) = api
+                .json::<SubscriptionList>(Method::GET, &["subscriptions"], NO_QUERY, None)
+                .await?;
+            let mut rows: Vec<Vec<String>> = list
+                .subscriptions
                 .iter()
-                .map(|x| vec![s(&x["client_id"]), s(&x["filter"]), s(&x["qos"])])
+                .map(|x| vec![x.client_id.clone(), x.filter.clone(), x.qos.to_string()])
                 .collect();
             rows.sort();
             let t = table(&["CLIENT_ID", "FILTER", "QOS"], rows);
             (v, t)
         }
         CtlCommand::Routes => {
-            let v = api.json(Method::GET, &["routes"], &[], None).await?;
-            let rows = list(&v["routes"])
+            let (v, list) = api
+                .json::<RouteList>(Method::GET, &["routes"], NO_QUERY, None)
+                .await?;
+            let rows = list
+                .routes
                 .iter()
-                .map(|x| vec![s(&x["filter"]), s(&x["node"])])
+                .map(|x| vec![x.filter.clone(), x.node.clone()])
                 .collect();
             let t = table(&["FILTER", "NODE"], rows);
             (v, t)
@@ -405,47 +419,52 @@ async fn exec(api: &Api, as_json: bool, cmd: CtlCommand) -> anyhow::Result<()> {
                 duration,
                 name,
             } => {
-                let key = if kind == "client" {
-                    "client_id"
-                } else {
-                    "topic"
+                let kind = TraceKind::from_wire(&kind);
+                let (client_id, topic) = match kind {
+                    TraceKind::Client => (Some(target.clone()), None),
+                    _ => (None, Some(target.clone())),
                 };
-                let body = json!({"type": kind, key: target, "duration": duration, "name": name});
-                let v = api.json(Method::POST, &["trace"], &[], Some(body)).await?;
+                let body = TraceRequest {
+                    kind,
+                    client_id,
+                    topic,
+                    duration: Some(duration),
+                    name,
+                };
+                let (v, info) = api
+                    .json::<TraceInfo>(Method::POST, &["trace"], NO_QUERY, Some(&body))
+                    .await?;
                 let t = format!(
                     "trace {} started: {} {} for {}s -> {}\n",
-                    s(&v["name"]),
-                    kind,
-                    target,
-                    duration,
-                    s(&v["file"])
+                    info.name, kind, target, duration, info.file
                 );
                 (v, t)
             }
             TraceCommand::Stop { name } => {
-                let v = api
-                    .json(Method::DELETE, &["trace", &name], &[], None)
+                let (v, info) = api
+                    .json::<TraceInfo>(Method::DELETE, &["trace", &name], NO_QUERY, None)
                     .await?;
                 let t = format!(
                     "trace {} stopped ({} lines in {})\n",
-                    name,
-                    s(&v["lines"]),
-                    s(&v["file"])
+                    name, info.lines, info.file
                 );
                 (v, t)
             }
             TraceCommand::List => {
-                let v = api.json(Method::GET, &["trace"], &[], None).await?;
-                let rows = list(&v["traces"])
+                let (v, list) = api
+                    .json::<TraceList>(Method::GET, &["trace"], NO_QUERY, None)
+                    .await?;
+                let rows = list
+                    .traces
                     .iter()
                     .map(|x| {
                         vec![
-                            s(&x["name"]),
-                            s(&x["target"]["type"]),
-                            s(&x["target"]["value"]),
-                            s(&x["lines"]),
-                            s(&x["ends_at"]),
-                            s(&x["file"]),
+                            x.name.clone(),
+                            x.target.kind.to_string(),
+                            x.target.value.clone(),
+                            x.lines.to_string(),
+                            x.ends_at.to_string(),
+                            x.file.clone(),
                         ]
                     })
                     .collect();
@@ -457,7 +476,7 @@ async fn exec(api: &Api, as_json: bool, cmd: CtlCommand) -> anyhow::Result<()> {
             }
             TraceCommand::Show { name } => {
                 let text = api
-                    .call(Method::GET, &["trace", &name], &[], None)
+                    .call(Method::GET, &["trace", &name], NO_QUERY, None)
                     .await?
                     .text()
                     .await
@@ -475,50 +494,34 @@ async fn exec(api: &Api, as_json: bool, cmd: CtlCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn status_text(v: &Value) -> String {
+fn status_text(v: &Stats) -> String {
     let mut t = format!(
         "node {} (corvid-broker {}), up {}s\n",
-        s(&v["node"]),
-        s(&v["version"]),
-        s(&v["uptime_seconds"])
+        v.node, v.version, v.uptime_seconds
     );
-    for k in [
-        "connections",
-        "sessions",
-        "subscriptions",
-        "routes",
-        "retained",
-        "queued",
-        "inflight",
-        "messages_received",
-        "messages_sent",
+    for (k, n) in [
+        ("connections", v.connections),
+        ("sessions", v.sessions),
+        ("subscriptions", v.subscriptions),
+        ("routes", v.routes),
+        ("retained", v.retained),
+        ("queued", v.queued),
+        ("inflight", v.inflight),
     ] {
-        t.push_str(&format!("{k:<18} {}\n", s(&v[k])));
+        t.push_str(&format!("{k:<18} {n}\n"));
+    }
+    for (k, n) in [
+        ("messages_received", v.messages_received),
+        ("messages_sent", v.messages_sent),
+    ] {
+        t.push_str(&format!("{k:<18} {n}\n"));
     }
     t
 }
 
-/// The API's protocol enum (`V311`, `V5`) as people write it.
-fn proto(v: &Value) -> String {
-    match v.as_str() {
-        Some("V31") => "3.1".into(),
-        Some("V311") => "3.1.1".into(),
-        Some("V5") => "5.0".into(),
-        _ => s(v),
-    }
-}
-
-fn list(v: &Value) -> Vec<Value> {
-    v.as_array().cloned().unwrap_or_default()
-}
-
-/// A JSON value as table text: strings bare, null as `-`.
-fn s(v: &Value) -> String {
-    match v {
-        Value::Null => "-".into(),
-        Value::String(x) => x.clone(),
-        other => other.to_string(),
-    }
+/// An optional value as table text: `-` when absent.
+fn opt(v: Option<impl std::fmt::Display>) -> String {
+    v.map_or_else(|| "-".into(), |x| x.to_string())
 }
 
 fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {

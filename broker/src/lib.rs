@@ -8,10 +8,9 @@ pub mod auth;
 pub mod bridge;
 pub mod broker;
 pub mod cluster;
-pub mod codec;
-pub mod config;
 pub mod connection;
 pub mod eventstore;
+pub mod fabric;
 pub mod hooks;
 pub mod limits;
 pub mod listener;
@@ -22,9 +21,10 @@ pub mod router;
 pub mod server;
 pub mod session;
 pub mod sys;
-pub mod topic;
 pub mod trace;
-pub mod trie;
+
+pub use corvid_config as config;
+pub use corvid_proto::{codec, topic, trie};
 
 pub use broker::Broker;
 pub use config::Config;

@@ -94,6 +94,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     });
     if broker.config.cluster.discovery != crate::config::Discovery::None {
         let cluster = crate::cluster::Cluster::start(&broker, admin_addr).await?;
+        let _ = broker.fabric.set(cluster.clone());
         let _ = broker.cluster.set(cluster);
     }
     // Events emitted before this wait in the sinks' buffers.
@@ -118,8 +119,12 @@ impl Running {
     pub async fn drain_and_shutdown(self, deadline: Duration, rate: u32) {
         let until = tokio::time::Instant::now() + deadline;
         if let Some(c) = self.broker.cluster.get() {
-            if c.evacuate(rate, None) || c.evacuation().state == "running" {
-                while c.evacuation().state == "running" && tokio::time::Instant::now() < until {
+            if c.evacuate(rate, None)
+                || c.evacuation().state == corvid_api::EvacuationState::Running
+            {
+                while c.evacuation().state == corvid_api::EvacuationState::Running
+                    && tokio::time::Instant::now() < until
+                {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }

@@ -34,7 +34,7 @@ pub enum Kick {
 }
 
 /// What a connected session knows about its connection, for the admin API and `$SYS`.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     /// Connection id, unique on this node.
     pub id: u64,
@@ -50,12 +50,25 @@ pub struct ConnInfo {
     pub username: Option<String>,
     /// Connect time, seconds since the Unix epoch.
     pub connected_at: u64,
-    #[serde(skip)]
     /// Asks the connection task to close.
     pub kick: Arc<KickSlot>,
-    #[serde(skip)]
     /// This connection's ACL: deliveries of `$SYS` topics that name other clients check it.
     pub acl: Arc<crate::acl::ClientAcl>,
+}
+
+impl ConnInfo {
+    /// The connection as the admin API shows it.
+    pub fn to_api(&self) -> corvid_api::ClientConnection {
+        corvid_api::ClientConnection {
+            id: self.id,
+            peer: self.peer,
+            listener: self.listener.to_string(),
+            protocol: self.protocol.into(),
+            keep_alive: self.keep_alive,
+            username: self.username.clone(),
+            connected_at: self.connected_at,
+        }
+    }
 }
 
 /// A one-shot mailbox to ask a connection task to close: a few dozen bytes per connection,

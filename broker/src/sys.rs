@@ -91,7 +91,7 @@ pub fn publish_stats(b: &Broker) {
         Some(c) => c
             .members()
             .into_iter()
-            .filter(|m| m.state != "dead")
+            .filter(|m| m.state != corvid_api::MemberState::Dead)
             .map(|m| m.name)
             .collect::<Vec<_>>()
             .join(","),

@@ -11,21 +11,33 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use corvid_api::{TraceInfo, TraceKind, TraceTarget};
 use parking_lot::{Mutex, RwLock};
-use serde::Serialize;
 
 use crate::codec::{Inbound, Outbound};
 use crate::metrics::Metrics;
 use crate::topic;
 
 /// What a trace follows.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "type", content = "value", rename_all = "snake_case")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     /// Every packet of one client id.
     Client(String),
     /// Every PUBLISH whose topic matches the filter, whoever sends or receives it.
     Topic(String),
+}
+
+impl From<&Target> for TraceTarget {
+    fn from(t: &Target) -> Self {
+        let (kind, value) = match t {
+            Target::Client(c) => (TraceKind::Client, c),
+            Target::Topic(f) => (TraceKind::Topic, f),
+        };
+        TraceTarget {
+            kind,
+            value: value.clone(),
+        }
+    }
 }
 
 /// Why a trace cannot start.
@@ -63,23 +75,6 @@ pub struct Trace {
     lines: AtomicU64,
     file: Mutex<std::fs::File>,
     stopped: AtomicBool,
-}
-
-/// Trace state as the API shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct TraceInfo {
-    /// Name.
-    pub name: String,
-    /// What it follows.
-    pub target: Target,
-    /// Log file.
-    pub file: String,
-    /// Start (epoch seconds).
-    pub started_at: u64,
-    /// Planned end (epoch seconds).
-    pub ends_at: u64,
-    /// Lines written.
-    pub lines: u64,
 }
 
 /// Packet direction.
@@ -251,7 +246,7 @@ impl Trace {
 fn info(t: &Trace) -> TraceInfo {
     TraceInfo {
         name: t.name.clone(),
-        target: t.target.clone(),
+        target: TraceTarget::from(&t.target),
         file: t.path.display().to_string(),
         started_at: t.started_at,
         ends_at: t.ends_at,

@@ -3,6 +3,7 @@
 //! `corvid-broker ctl` / `passwd` command lines.
 
 mod access_support;
+mod typed_api;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -189,6 +190,86 @@ async fn dead_webhook_does_not_slow_publishers() {
     // webhook, and counted.
     let dropped = metric(&r, "corvid_webhook_dropped_total", &[r#"webhook="dead""#]).await;
     assert!(dropped >= (3 * N - 20) as f64, "dropped {dropped}");
+}
+
+/// GET /api/v1/webhooks, the entry named `name`.
+async fn webhook_status(r: &corvid_broker::server::Running, name: &str) -> Value {
+    let (status, v) = api(r, reqwest::Method::GET, "/api/v1/webhooks", None).await;
+    assert_eq!(status, 200, "{v}");
+    v["webhooks"]
+        .as_array()
+        .and_then(|w| w.iter().find(|h| h["name"] == name))
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+#[tokio::test]
+async fn webhook_health_is_reported_while_idle() {
+    // A port with nothing listening (reserved, then closed) for a webhook that no traffic uses.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port");
+    let refusing = HttpServer::start(Arc::new(|_: &Value| (403, String::new(), None))).await;
+    let mut c = config();
+    c.webhooks = vec![
+        WebhookConfig {
+            name: "idle".into(),
+            url: format!("http://{addr}/hook"),
+            events: vec!["client.connected".into()],
+            ..Default::default()
+        },
+        WebhookConfig {
+            name: "auth".into(),
+            url: refusing.url(),
+            events: vec!["client.connected".into()],
+            max_retries: 0,
+            ..Default::default()
+        },
+    ];
+    let r = start(c).await;
+    let t0 = Instant::now();
+    let down = eventually("the idle webhook to be reported down", || async {
+        let s = webhook_status(&r, "idle").await;
+        (s["state"] == "down").then_some(s)
+    })
+    .await;
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(6), "down after {took:?}");
+    let error = down["last_error"].as_str().unwrap_or_default().to_string();
+    assert!(error.contains("refused"), "{down}");
+    assert_eq!(down["buffered"], 0, "{down}");
+    assert!(metric(&r, "corvid_webhook_up", &[r#"webhook="idle""#]).await == 0.0);
+
+    // The endpoint comes back: the next idle check says so; the error stays, time-stamped.
+    let sink = HttpServer::start_on(addr, ok_sink()).await;
+    let up = eventually("the webhook to recover", || async {
+        let s = webhook_status(&r, "idle").await;
+        (s["state"] == "up").then_some(s)
+    })
+    .await;
+    assert_eq!(up["last_error"].as_str(), Some(error.as_str()), "{up}");
+    assert!(up["since"].as_u64() >= up["last_error_at"].as_u64(), "{up}");
+
+    // Traffic: delivered and counted; the endpoint that answers 403 is `refused`.
+    let _client = v3::connect(mqtt(&r), "hook-health", None)
+        .await
+        .expect("connect");
+    wait_event(&sink, "client.connected", |v| {
+        v["event"] == "client.connected"
+    })
+    .await;
+    eventually("the delivery to be counted", || async {
+        let s = webhook_status(&r, "idle").await;
+        (s["delivered"] == 1 && s["buffered"] == 0).then_some(())
+    })
+    .await;
+    let refused = eventually("the 403 webhook to be refused", || async {
+        let s = webhook_status(&r, "auth").await;
+        (s["state"] == "refused").then_some(s)
+    })
+    .await;
+    assert_eq!(refused["last_error"], "refused: HTTP 403", "{refused}");
+    assert!(metric(&r, "corvid_webhook_up", &[r#"webhook="idle""#]).await == 1.0);
 }
 
 #[tokio::test]
@@ -646,6 +727,172 @@ async fn admin_api_and_ctl() {
     );
     let (ok, _, err) = tokio::task::block_in_place(|| ctl(&r, &token, &["kick", "nobody"]));
     assert!(!ok && err.contains("404"), "{err}");
+}
+
+/// Every `/api/v1` answer of a real single node — lists with entries, a bridge and an event
+/// store sink that cannot connect, a trace, the error bodies — reads into its `corvid-api` type
+/// exactly (see `typed_api::strict`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_admin_answer_reads_into_its_corvid_api_type() {
+    use corvid_api::*;
+    use corvid_broker::config::{
+        MqttBridgeConfig, MqttEgressRule, MqttRemoteConfig, RedisStoreConfig,
+    };
+    use reqwest::Method;
+    use typed_api::strict;
+
+    let dir = tempfile::tempdir().expect("tmp");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a port nobody listens on");
+    let mut c = config();
+    c.trace.dir = dir.path().join("traces");
+    c.bridges.mqtt = vec![MqttBridgeConfig {
+        name: "nowhere".into(),
+        remote: MqttRemoteConfig {
+            host: "127.0.0.1".into(),
+            port: closed,
+            ..Default::default()
+        },
+        egress: vec![MqttEgressRule {
+            local_filter: "typed/#".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }];
+    c.event_store.redis = Some(RedisStoreConfig {
+        url: format!("redis://127.0.0.1:{closed}/0"),
+        ..Default::default()
+    });
+    c.webhooks = vec![WebhookConfig {
+        name: "nowhere".into(),
+        url: format!("http://127.0.0.1:{closed}/hook"),
+        events: vec!["client.connected".into()],
+        ..Default::default()
+    }];
+    let r = start(c).await;
+    let a = mqtt(&r);
+    let mut one = v5::connect(a, "typed-one", Some(("ann", "x")))
+        .await
+        .expect("typed-one");
+    one.subscribe("typed/#", v5::QoS::AtLeastOnce).await;
+    let _two = v3::connect(a, "typed-two", None).await.expect("typed-two");
+    let get = |path: &'static str| {
+        let r = &r;
+        async move {
+            let (status, v) = api(r, Method::GET, path, None).await;
+            assert_eq!(status, 200, "GET {path}: {v}");
+            v
+        }
+    };
+
+    let stats: Stats = strict("stats", &get("/api/v1/stats").await);
+    assert_eq!((stats.node.as_str(), stats.connections), ("n1", 2));
+    let list: ClientList = strict("clients", &get("/api/v1/clients").await);
+    assert_eq!(list.count, 2);
+    let conn = list.clients[0]
+        .connection
+        .as_ref()
+        .expect("typed-one online");
+    assert_eq!(
+        (conn.protocol, conn.username.as_deref()),
+        (ProtocolVersion::V5, Some("ann"))
+    );
+    assert_eq!(
+        list.clients[1].connection.as_ref().map(|c| c.protocol),
+        Some(ProtocolVersion::V311)
+    );
+    let offline: ClientList = strict(
+        "offline clients",
+        &get("/api/v1/clients?connected=false").await,
+    );
+    assert_eq!(offline.count, 0);
+    let detail: ClientDetail = strict("client", &get("/api/v1/clients/typed-one").await);
+    assert_eq!(detail.subscription_list[0].filter, "typed/#");
+    let subs: SubscriptionList = strict("subscriptions", &get("/api/v1/subscriptions").await);
+    assert_eq!(subs.subscriptions[0].qos, 1);
+    let routes: RouteList = strict("routes", &get("/api/v1/routes").await);
+    assert_eq!(routes.routes[0].filter, "typed/#");
+    let view: ClusterView = strict("cluster", &get("/api/v1/cluster").await);
+    assert_eq!(view.members[0].state, MemberState::Itself);
+    assert!(view.joined("n1"));
+    let evac: EvacuationStatus = strict("evacuation", &get("/api/v1/evacuate").await);
+    assert_eq!(evac.state, EvacuationState::Idle);
+    let reb: RebalanceStatus = strict("rebalance", &get("/api/v1/rebalance").await);
+    assert_eq!((reb.state, reb.balance), (RebalanceState::Idle, None));
+    let bridges: BridgeList = eventually("the bridge to a closed port to be down", || async {
+        let b: BridgeList = strict("bridges", &get("/api/v1/bridges").await);
+        (b.bridges[0].state == BridgeState::Down).then_some(b)
+    })
+    .await;
+    assert!(bridges.bridges[0].last_error.is_some());
+    let store: EventStoreStatus = eventually("the sink of a closed port to be down", || async {
+        let s: EventStoreStatus = strict("eventstore", &get("/api/v1/eventstore").await);
+        (s.sinks[0].state == SinkState::Down).then_some(s)
+    })
+    .await;
+    assert!(store.enabled);
+    let hooks: WebhookList = eventually("the webhook of a closed port to be down", || async {
+        let w: WebhookList = strict("webhooks", &get("/api/v1/webhooks").await);
+        (w.webhooks[0].state == WebhookState::Down).then_some(w)
+    })
+    .await;
+    assert!(hooks.webhooks[0].last_error.is_some());
+
+    let start = TraceRequest {
+        kind: TraceKind::Client,
+        client_id: Some("typed-one".into()),
+        topic: None,
+        duration: None,
+        name: None,
+    };
+    let body = serde_json::to_value(&start).expect("request");
+    let (status, v) = api(&r, Method::POST, "/api/v1/trace", Some(body)).await;
+    assert_eq!(status, 201, "{v}");
+    let info: TraceInfo = strict("trace start", &v);
+    assert_eq!(info.target.kind, TraceKind::Client);
+    let traces: TraceList = strict("traces", &get("/api/v1/trace").await);
+    assert_eq!(traces.count, 1);
+    let (status, v) = api(
+        &r,
+        Method::DELETE,
+        &format!("/api/v1/trace/{}", info.name),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    strict::<TraceInfo>("trace stop", &v);
+
+    // Error answers, each with its status.
+    let bad_trace = serde_json::json!({"type": "queue"});
+    for (method, path, body, want) in [
+        (Method::POST, "/api/v1/trace", Some(bad_trace), 400),
+        (Method::GET, "/api/v1/clients/nobody", None, 404),
+        (Method::POST, "/api/v1/rebalance", None, 409),
+        (
+            Method::POST,
+            "/api/v1/evacuate?server_reference=evil.example:1883",
+            None,
+            400,
+        ),
+    ] {
+        let (status, v) = api(&r, method, path, body).await;
+        assert_eq!(status, want, "{path}: {v}");
+        strict::<ErrorBody>(path, &v);
+    }
+
+    let (status, v) = api(&r, Method::DELETE, "/api/v1/clients/typed-two", None).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(strict::<Kicked>("kick", &v).kicked, "typed-two");
+    let (status, v) = api(&r, Method::POST, "/api/v1/evacuate", None).await;
+    assert_eq!(status, 202, "{v}");
+    let evac: EvacuationStatus = strict("evacuate", &v);
+    assert_eq!(
+        evac.state,
+        EvacuationState::Done,
+        "a single node only stops accepting"
+    );
 }
 
 #[test]

@@ -16,7 +16,7 @@ use std::time::Duration;
 use bridge_support::{bridge, free_port, sample, super_wait, wait_state, Service};
 use common::{assert_serving, http_get, v3, Bystander};
 use corvid_broker::bridge::kafka::partition_for;
-use corvid_broker::bridge::LinkState;
+use corvid_broker::bridge::BridgeState;
 use corvid_broker::config::{BridgeBackoffConfig, KafkaBatchConfig, KafkaBridgeConfig, KafkaKey};
 use rskafka::client::partition::UnknownTopicHandling;
 use rskafka::client::{Client, ClientBuilder};
@@ -113,7 +113,7 @@ async fn kafka_down_at_start_then_up_missing_topic_and_going_away() {
     let running = common::start_with(cfg).await;
 
     // Kafka is not there yet: the bridge says so and buffers.
-    wait_state(&running, "events", LinkState::Down).await;
+    wait_state(&running, "events", BridgeState::Down).await;
     let events = bridge(&running, "events");
     assert!(
         events
@@ -154,7 +154,7 @@ async fn kafka_down_at_start_then_up_missing_topic_and_going_away() {
         .create_topic(TOPIC, PARTITIONS, 1, 10_000)
         .await
         .expect("create topic");
-    wait_state(&running, "events", LinkState::Up).await;
+    wait_state(&running, "events", BridgeState::Up).await;
     super_wait("30 sent", WAIT, || events.metrics.sent.get() == 30).await;
     assert_eq!(events.buffer.len(), 0);
     assert_eq!(events.buffer.dropped(), 0);
@@ -179,7 +179,7 @@ async fn kafka_down_at_start_then_up_missing_topic_and_going_away() {
     assert_eq!(per_key.len(), 3);
 
     // The bridge to a topic that does not exist says so, in the status and the metrics.
-    wait_state(&running, "orphan", LinkState::Error).await;
+    wait_state(&running, "orphan", BridgeState::Error).await;
     let st = bridge(&running, "orphan").status();
     assert!(
         st.last_error
@@ -213,7 +213,7 @@ async fn kafka_down_at_start_then_up_missing_topic_and_going_away() {
             )
             .await;
     }
-    wait_state(&running, "events", LinkState::Down).await;
+    wait_state(&running, "events", BridgeState::Down).await;
     super_wait("5 kept", WAIT, || events.buffer.len() == 5).await;
     assert_eq!(events.metrics.sent.get(), 30);
     assert_serving(common::mqtt(&running), &mut bystander).await;
@@ -240,7 +240,7 @@ async fn kafka_dying_while_idle_shows_down_within_seconds_and_recovers() {
     let mut cfg = common::config();
     cfg.bridges.kafka = vec![kafka_bridge("idle", port, TOPIC)];
     let running = common::start_with(cfg).await;
-    wait_state(&running, "idle", LinkState::Up).await;
+    wait_state(&running, "idle", BridgeState::Up).await;
     let idle = bridge(&running, "idle");
     let mut dev = v3::client(common::mqtt(&running), "dev-1").await;
     dev.publish("sensors/dev-1/t", QoS::AtLeastOnce, false, "first")
@@ -251,7 +251,7 @@ async fn kafka_dying_while_idle_shows_down_within_seconds_and_recovers() {
     kafka.stop();
     let stopped = tokio::time::Instant::now();
     super_wait("down while idle", Duration::from_secs(10), || {
-        idle.state() == LinkState::Down
+        idle.state() == BridgeState::Down
     })
     .await;
     let took = stopped.elapsed();
@@ -282,7 +282,7 @@ async fn kafka_dying_while_idle_shows_down_within_seconds_and_recovers() {
         common::stop(running).await;
         return;
     };
-    wait_state(&running, "idle", LinkState::Up).await;
+    wait_state(&running, "idle", BridgeState::Up).await;
     super_wait("6 sent", WAIT, || idle.metrics.sent.get() == 6).await;
     let st = idle.status();
     assert_eq!(st.buffered, 0, "{st:?}");

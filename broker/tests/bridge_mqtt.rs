@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use bridge_support::{bridge, free_port, sample, super_wait, wait_state, Mosquitto, Service};
 use common::{assert_serving, http_get, v3, within, Bystander};
-use corvid_broker::bridge::LinkState;
+use corvid_broker::bridge::BridgeState;
 use corvid_broker::config::{
     BridgeBackoffConfig, BridgeBufferConfig, BridgeTlsConfig, MqttBridgeConfig, MqttEgressRule,
     MqttIngressRule, MqttRemoteConfig,
@@ -79,7 +79,7 @@ async fn egress_and_ingress_through_mosquitto() {
     // An egress rule that would echo ingress back if loop prevention failed.
     b.egress.push(egress("remote/#", "echo/"));
     let running = start_with_bridges(vec![b]).await;
-    wait_state(&running, "m", LinkState::Up).await;
+    wait_state(&running, "m", BridgeState::Up).await;
 
     let mut observer = v3::client(remote.addr(), "observer").await;
     observer.subscribe("corvid/#", QoS::AtLeastOnce).await;
@@ -146,7 +146,7 @@ async fn remote_down_at_start_buffers_then_drains() {
     // Retained at the remote, so the messages can be read after the bridge drained them.
     b.egress[0].retain = Some(true);
     let running = start_with_bridges(vec![b]).await;
-    wait_state(&running, "late", LinkState::Down).await;
+    wait_state(&running, "late", BridgeState::Down).await;
     let st = bridge(&running, "late").status();
     assert!(
         st.last_error
@@ -175,7 +175,7 @@ async fn remote_down_at_start_buffers_then_drains() {
     let Some(_remote) = Mosquitto::start(dir.path(), port, "allow_anonymous true").await else {
         return;
     };
-    wait_state(&running, "late", LinkState::Up).await;
+    wait_state(&running, "late", BridgeState::Up).await;
     super_wait("buffer drained", WAIT, || late.metrics.sent.get() == 50).await;
     assert_eq!(late.buffer.len(), 0);
     assert_eq!(late.buffer.dropped(), 0);
@@ -209,7 +209,7 @@ async fn remote_killed_mid_stream_counts_drops_and_recovers() {
     b.buffer.max_messages = 10;
     b.egress[0].qos = 0;
     let running = start_with_bridges(vec![b]).await;
-    wait_state(&running, "k", LinkState::Up).await;
+    wait_state(&running, "k", BridgeState::Up).await;
     let k = bridge(&running, "k");
     let mut local = v3::client(common::mqtt(&running), "local").await;
     for _ in 0..5 {
@@ -220,7 +220,7 @@ async fn remote_killed_mid_stream_counts_drops_and_recovers() {
     super_wait("5 sent", WAIT, || k.metrics.sent.get() == 5).await;
 
     remote.kill();
-    wait_state(&running, "k", LinkState::Down).await;
+    wait_state(&running, "k", BridgeState::Down).await;
     for i in 0..300 {
         local
             .publish("sensors/a", QoS::AtLeastOnce, false, &format!("{i}"))
@@ -239,14 +239,14 @@ async fn remote_killed_mid_stream_counts_drops_and_recovers() {
         sample(&text, "corvid_bridge_buffered", "k"),
         Some(st.buffered as f64)
     );
-    assert_eq!(st.state, LinkState::Down);
+    assert_eq!(st.state, BridgeState::Down);
     assert!(st.last_error.is_some(), "{st:?}");
     let mut bystander = Bystander::connect(common::mqtt(&running), "bystander").await;
     assert_serving(common::mqtt(&running), &mut bystander).await;
 
     // Back: the bridge reconnects and drains its buffer.
     remote.restart().await;
-    wait_state(&running, "k", LinkState::Up).await;
+    wait_state(&running, "k", BridgeState::Up).await;
     super_wait("buffer drained", WAIT, || k.buffer.is_empty()).await;
     assert!(k.status().connects >= 2);
     common::stop(running).await;
@@ -263,10 +263,10 @@ async fn everything_waiting_counts_as_buffered_during_an_outage() {
         return;
     };
     let running = start_with_bridges(vec![bridge_to("held", "127.0.0.1", remote.port)]).await;
-    wait_state(&running, "held", LinkState::Up).await;
+    wait_state(&running, "held", BridgeState::Up).await;
     let held = bridge(&running, "held");
     remote.kill();
-    wait_state(&running, "held", LinkState::Down).await;
+    wait_state(&running, "held", BridgeState::Down).await;
     let mut local = v3::client(common::mqtt(&running), "local").await;
     for i in 0..5 {
         local
@@ -279,7 +279,7 @@ async fn everything_waiting_counts_as_buffered_during_an_outage() {
         Some(5.0)
     );
     remote.restart().await;
-    wait_state(&running, "held", LinkState::Up).await;
+    wait_state(&running, "held", BridgeState::Up).await;
     super_wait("5 sent", WAIT, || held.metrics.sent.get() == 5).await;
     super_wait("nothing waiting", WAIT, || held.status().buffered == 0).await;
     let st = held.status();
@@ -330,9 +330,9 @@ async fn wrong_credentials_are_refused_with_a_clear_status() {
     missing.remote.password_file = Some(dir.path().join("does-not-exist"));
     let running = start_with_bridges(vec![good, bad, missing]).await;
 
-    wait_state(&running, "good", LinkState::Up).await;
-    wait_state(&running, "bad", LinkState::Refused).await;
-    wait_state(&running, "nofile", LinkState::Error).await;
+    wait_state(&running, "good", BridgeState::Up).await;
+    wait_state(&running, "bad", BridgeState::Refused).await;
+    wait_state(&running, "nofile", BridgeState::Error).await;
     let st = bridge(&running, "bad").status();
     assert!(
         st.last_error
@@ -430,13 +430,13 @@ async fn tls_with_client_certificate_like_an_iot_hub() {
         ..Default::default()
     });
     let running = start_with_bridges(vec![hub, nocert]).await;
-    wait_state(&running, "hub", LinkState::Up).await;
+    wait_state(&running, "hub", BridgeState::Up).await;
     let refused = bridge(&running, "nocert");
     super_wait("nocert fails", WAIT, || {
         refused.metrics.failed.get() >= 1 && refused.status().last_error.is_some()
     })
     .await;
-    wait_state(&running, "nocert", LinkState::Refused).await;
+    wait_state(&running, "nocert", BridgeState::Refused).await;
     let st = refused.status();
     assert!(
         st.last_error
@@ -523,8 +523,8 @@ async fn bridge_to_rabbitmq_mqtt_plugin() {
     bad.remote.username = Some("corvid".into());
     bad.remote.password_file = Some(secret("bad", "nope"));
     let running = start_with_bridges(vec![rabbit, bad]).await;
-    wait_state(&running, "rabbit", LinkState::Up).await;
-    wait_state(&running, "rabbit-bad", LinkState::Refused).await;
+    wait_state(&running, "rabbit", BridgeState::Up).await;
+    wait_state(&running, "rabbit-bad", BridgeState::Refused).await;
 
     let mut opts = v3::options(
         std::net::SocketAddr::from(([127, 0, 0, 1], port)),
@@ -581,8 +581,8 @@ async fn shared_ingress_takes_each_remote_message_once_per_cluster() {
         b
     };
     let running = start_with_bridges(vec![pod("pod-0"), pod("pod-1")]).await;
-    wait_state(&running, "pod-0", LinkState::Up).await;
-    wait_state(&running, "pod-1", LinkState::Up).await;
+    wait_state(&running, "pod-0", BridgeState::Up).await;
+    wait_state(&running, "pod-1", BridgeState::Up).await;
     let (a, b) = (bridge(&running, "pod-0"), bridge(&running, "pod-1"));
     let mut local = v3::client(common::mqtt(&running), "local").await;
     local.subscribe("in/#", QoS::AtLeastOnce).await;

@@ -7,13 +7,15 @@
 //! survival of a `kill -9` (and the documented loss of the dead node's sessions), partition and
 //! healing, DNS discovery, refusal of a peer with the wrong secret, evacuation and connection
 //! rebalancing after a scale-up without losing an acknowledged message, sessions that another
-//! identity cannot take over from another node, and peers held to the topic bounds.
+//! identity cannot take over from another node, peers held to the topic bounds, and that a
+//! clustered node's admin answers read exactly into their `corvid-api` types.
 //!
 //! The tests that need root (dnsmasq behind a private `/etc/resolv.conf`, network namespaces)
 //! skip themselves with a message when they cannot run; `CORVID_REQUIRE_DNSMASQ=1` turns a
 //! missing dnsmasq (`apt-get install dnsmasq-base`) into a failure.
 
 mod cluster_util;
+mod typed_api;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -1605,4 +1607,71 @@ async fn rebalance_on_request_works_with_the_periodic_check_disabled() {
     for t in tasks {
         t.abort();
     }
+}
+
+/// A clustered node's own answers — the member list with a linked peer, the rebalancer with its
+/// balance figures, an evacuation running and done, and the peer seen evacuating — read exactly
+/// into their `corvid-api` types (see `typed_api::strict`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_cluster_answer_reads_into_its_corvid_api_type() {
+    use corvid_api::*;
+    use typed_api::{json, strict};
+
+    let mut c = Cluster::static_loopback(2);
+    c.wait_formed(&[0, 1]).await;
+    let (n1, n2) = (&c.nodes[0], &c.nodes[1]);
+    let view: ClusterView = strict("cluster", &n1.json("/api/v1/cluster").await.expect("GET"));
+    assert!(view.synced);
+    assert_eq!(view.members[0].state, MemberState::Itself);
+    let peer = &view.members[1];
+    assert_eq!((peer.name.as_str(), peer.state), ("n2", MemberState::Ready));
+    assert!(peer.linked && peer.addr.is_some(), "{peer:?}");
+
+    let reb: RebalanceStatus = strict(
+        "rebalance",
+        &n1.json("/api/v1/rebalance").await.expect("GET"),
+    );
+    let balance = reb
+        .balance
+        .expect("a clustered node reports its balance figures");
+    assert!(balance.targets.contains_key("n2"), "{balance:?}");
+    let (code, body) = n1.post("/api/v1/rebalance?rate=10").await.expect("POST");
+    assert_eq!(code, 202, "{body}");
+    strict::<RebalanceStatus>("rebalance now", &json("rebalance now", &body));
+
+    let idle: EvacuationStatus = strict(
+        "evacuation",
+        &n2.json("/api/v1/evacuate").await.expect("GET"),
+    );
+    assert_eq!(idle.state, EvacuationState::Idle);
+    let (code, body) = n2.post("/api/v1/evacuate?rate=50").await.expect("POST");
+    assert_eq!(code, 202, "{body}");
+    let started: EvacuationStatus = strict("evacuate", &json("evacuate", &body));
+    assert!(
+        matches!(
+            started.state,
+            EvacuationState::Running | EvacuationState::Done
+        ),
+        "{started:?}"
+    );
+    eventually("n2's evacuation to finish", DEADLINE, || async {
+        let v = n2.json("/api/v1/evacuate").await?;
+        let e: EvacuationStatus = strict("evacuation", &v);
+        (e.state == EvacuationState::Done)
+            .then_some(())
+            .ok_or(format!("{e:?}"))
+    })
+    .await;
+    eventually("n1 to see n2 evacuating", FORM, || async {
+        let v = n1.json("/api/v1/cluster").await?;
+        let view: ClusterView = strict("cluster", &v);
+        view.members
+            .iter()
+            .any(|m| m.name == "n2" && m.state == MemberState::Evacuating)
+            .then_some(())
+            .ok_or(format!("{view:?}"))
+    })
+    .await;
+    let own: ClusterView = strict("cluster", &n2.json("/api/v1/cluster").await.expect("GET"));
+    assert_eq!(own.members[0].state, MemberState::Evacuating);
 }

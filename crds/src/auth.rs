@@ -61,7 +61,7 @@ pub struct HttpAuth {
 }
 
 fn default_http_timeout_ms() -> i64 {
-    5000
+    crate::broker_default(corvid_config::HttpAuthConfig::default().timeout_ms)
 }
 
 /// Topic access control.

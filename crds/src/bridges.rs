@@ -186,32 +186,22 @@ pub enum KafkaKey {
     Topic,
 }
 
-impl KafkaKey {
-    /// The broker configuration's spelling.
-    pub fn as_config(self) -> &'static str {
-        match self {
-            KafkaKey::ClientId => "client_id",
-            KafkaKey::Topic => "topic",
-        }
-    }
-}
-
 fn default_buffer() -> i64 {
-    10_000
+    crate::broker_default(corvid_config::BridgeBufferConfig::default().max_messages)
 }
 
 fn default_batch() -> i64 {
-    500
+    crate::broker_default(corvid_config::KafkaBatchConfig::default().max_messages)
 }
 
 fn default_linger() -> i64 {
-    10
+    crate::broker_default(corvid_config::KafkaBatchConfig::default().linger_ms)
 }
 
 fn default_qos() -> i32 {
-    1
+    corvid_config::MqttEgressRule::default().qos.into()
 }
 
 fn default_mqtt_port() -> i32 {
-    1883
+    corvid_config::MqttRemoteConfig::default().port.into()
 }

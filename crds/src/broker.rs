@@ -52,16 +52,16 @@ impl Default for LimitsSpec {
 }
 
 fn default_max_connections() -> i64 {
-    100_000
+    crate::broker_default(corvid_config::LimitsConfig::default().max_connections)
 }
 fn default_max_subscriptions() -> i64 {
-    1000
+    crate::broker_default(corvid_config::LimitsConfig::default().max_subscriptions)
 }
 fn default_max_conn_rate() -> i64 {
     1000
 }
 fn default_max_packet_size() -> i64 {
-    1_048_576
+    crate::broker_default(corvid_config::MqttConfig::default().max_packet_size)
 }
 
 /// Persistent sessions.
@@ -92,10 +92,10 @@ impl Default for SessionsSpec {
 }
 
 fn default_offline_queue() -> i64 {
-    1000
+    crate::broker_default(corvid_config::SessionConfig::default().max_offline_queue)
 }
 fn default_session_expiry() -> i64 {
-    7200
+    crate::broker_default(corvid_config::SessionConfig::default().max_session_expiry)
 }
 
 /// Behaviour of a full offline queue.

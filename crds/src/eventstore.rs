@@ -59,13 +59,13 @@ impl Default for EventStoreTuning {
 }
 
 fn default_max_rows() -> i64 {
-    500
+    crate::broker_default(corvid_config::StoreBatchConfig::default().max_rows)
 }
 fn default_linger_ms() -> i64 {
-    100
+    crate::broker_default(corvid_config::StoreBatchConfig::default().linger_ms)
 }
 fn default_max_events() -> i64 {
-    100_000
+    crate::broker_default(corvid_config::StoreBufferConfig::default().max_events)
 }
 
 /// The PostgreSQL event store.
@@ -105,7 +105,7 @@ pub struct PostgresEventStore {
 }
 
 fn default_table_prefix() -> String {
-    "corvid_".to_string()
+    corvid_config::PostgresStoreConfig::default().table_prefix
 }
 
 /// The Redis event store.
@@ -153,8 +153,8 @@ pub struct RedisEventStore {
 }
 
 fn default_key_prefix() -> String {
-    "corvid:".to_string()
+    corvid_config::RedisStoreConfig::default().key_prefix
 }
 fn default_stream_max_len() -> i64 {
-    100_000
+    crate::broker_default(corvid_config::RedisStoreConfig::default().stream_maxlen)
 }

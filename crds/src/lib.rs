@@ -17,6 +17,7 @@ pub mod pod;
 pub mod service;
 pub mod status;
 pub mod tls;
+mod to_config;
 
 pub use auth::*;
 pub use bridges::*;
@@ -30,6 +31,12 @@ pub use pod::*;
 pub use service::*;
 pub use status::*;
 pub use tls::*;
+
+/// A broker default as the CRD's integer type: the spec's defaults that mirror the broker's are
+/// read from `corvid-config`, so they cannot drift apart.
+fn broker_default<N: TryInto<i64>>(n: N) -> i64 {
+    n.try_into().unwrap_or(i64::MAX)
+}
 
 /// API group of every Corvid resource.
 pub const GROUP: &str = "corvid.dev";

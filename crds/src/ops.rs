@@ -72,7 +72,7 @@ impl Default for RebalanceSpec {
 }
 
 fn default_rebalance_rate() -> i32 {
-    100
+    i32::try_from(corvid_config::RebalanceConfig::default().rate).unwrap_or(i32::MAX)
 }
 
 /// A scale-up whose old pods have not been asked to rebalance yet: kept in status so that the

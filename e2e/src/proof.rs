@@ -16,6 +16,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use corvid_api::{ClusterView, MemberState, RebalanceStatus};
 use corvid_crds::MqttClusterStatus;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -745,42 +746,17 @@ impl Report {
     }
 }
 
-/// A broker's `GET /api/v1/cluster`, as far as the local runner reads it (until the admin API's
-/// types live in one crate, issue #17 part 2).
-#[derive(Clone, Debug, Deserialize)]
-pub struct ClusterView {
-    /// Members as this broker sees them.
-    #[serde(default)]
-    pub members: Vec<MemberView>,
+/// `name` is a ready member that the broker answering `GET /api/v1/cluster` is linked to (the
+/// local runner's "cluster formed" test).
+pub fn member_ready(view: &ClusterView, name: &str) -> bool {
+    view.members
+        .iter()
+        .any(|m| m.name == name && m.state == MemberState::Ready && m.linked)
 }
 
-/// One member in [`ClusterView`].
-#[derive(Clone, Debug, Deserialize)]
-pub struct MemberView {
-    /// Node name.
-    pub name: String,
-    /// Membership state (`ready`, `joining`, …).
-    pub state: String,
-    /// Whether this broker has a link to it.
-    #[serde(default)]
-    pub linked: Option<bool>,
-}
-
-impl ClusterView {
-    /// `name` is a ready member this broker is linked to.
-    pub fn member_ready(&self, name: &str) -> bool {
-        self.members
-            .iter()
-            .any(|m| m.name == name && m.state == "ready" && m.linked == Some(true))
-    }
-}
-
-/// A broker's `GET /api/v1/rebalance`, as far as the runner reads it.
-#[derive(Clone, Debug, Deserialize)]
-pub struct RebalanceView {
-    /// Live client connections on that broker (absent = 0).
-    #[serde(default)]
-    pub connections: Option<u64>,
+/// The broker answering `GET /api/v1/rebalance` holds live client connections.
+pub fn has_connections(status: &RebalanceStatus) -> bool {
+    status.connections > 0
 }
 
 #[cfg(test)]
@@ -1309,16 +1285,25 @@ mod tests {
 
     #[test]
     fn member_and_connection_views() {
-        let c: ClusterView = serde_json::from_value(json!({"members": [
-            {"name": "n1", "state": "ready", "linked": true},
-            {"name": "n2", "state": "joining", "linked": true},
-            {"name": "n3", "state": "ready", "linked": false}]}))
-        .unwrap();
-        assert!(c.member_ready("n1"));
-        assert!(!c.member_ready("n2"));
-        assert!(!c.member_ready("n3"));
-        assert!(!c.member_ready("n4"));
-        let r: RebalanceView = serde_json::from_value(json!({"enabled": false})).unwrap();
-        assert_eq!(r.connections, None);
+        let c: ClusterView =
+            serde_json::from_value(json!({"node": "n1", "synced": true, "members": [
+            {"name": "n1", "state": "self", "routes": 1, "addr": null, "linked": true},
+            {"name": "n2", "state": "ready", "linked": true},
+            {"name": "n3", "state": "joining", "linked": true},
+            {"name": "n4", "state": "ready", "linked": false}]}))
+            .unwrap();
+        assert!(member_ready(&c, "n2"));
+        assert!(!member_ready(&c, "n1"), "self is not a peer that joined");
+        assert!(!member_ready(&c, "n3"));
+        assert!(!member_ready(&c, "n4"));
+        assert!(!member_ready(&c, "n5"));
+        let r = |n: u64| -> RebalanceStatus {
+            serde_json::from_value(
+                json!({"enabled": false, "rate": 100, "state": "idle", "connections": n}),
+            )
+            .unwrap()
+        };
+        assert!(!has_connections(&r(0)));
+        assert!(has_connections(&r(3)));
     }
 }

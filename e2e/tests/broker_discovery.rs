@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use corvid_api::{ClusterView, MemberState};
 use corvid_e2e::{
     cluster, http_get, http_get_with_token, kubectl, wait_for, workspace_binary, TestNamespace,
     TestProcess,
@@ -22,7 +23,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{ListParams, PostParams};
 use kube::{Api, Client};
-use serde_json::{json, Value};
+use serde_json::json;
 
 const REPLICAS: usize = 3;
 const CLUSTER_PORT: u16 = 4370;
@@ -92,16 +93,15 @@ async fn brokers_find_each_other_through_endpoint_slices() {
                 async move {
                     let (code, body) =
                         http_get_with_token(admin, "/api/v1/cluster", Some(ADMIN_TOKEN)).await?;
-                    let view: Value = serde_json::from_str(&body)?;
-                    let joined: BTreeSet<String> = view["members"]
-                        .as_array()
+                    let view: ClusterView = serde_json::from_str(&body)?;
+                    let joined: BTreeSet<String> = view
+                        .members
                         .into_iter()
-                        .flatten()
                         .filter(|m| {
-                            let state = m["state"].as_str().unwrap_or_default();
-                            state == "self" || (state == "ready" && m["linked"] == true)
+                            m.state == MemberState::Itself
+                                || (m.state == MemberState::Ready && m.linked)
                         })
-                        .filter_map(|m| m["name"].as_str().map(String::from))
+                        .map(|m| m.name)
                         .collect();
                     if code != 200 || joined != names {
                         return Ok(Err(format!("/api/v1/cluster HTTP {code}: {body}")));

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use corvid_api::{ClusterView, MemberState};
 use corvid_e2e::{http_get, required, wait_for, TestProcess};
 use serde_json::Value;
 
@@ -129,12 +130,11 @@ async fn wait_ready(node: &Node, peers: &[&str]) {
                 return Ok(Ok(()));
             }
             let (_, body) = http_get(node.admin, "/api/v1/cluster").await?;
-            let v: Value = serde_json::from_str(&body)?;
-            let members = v["members"].as_array().cloned().unwrap_or_default();
+            let view: ClusterView = serde_json::from_str(&body)?;
             let all = peers.iter().all(|p| {
-                members.iter().any(|m| {
-                    m["name"] == *p && m["state"] == "ready" && m["linked"] == Value::Bool(true)
-                })
+                view.members
+                    .iter()
+                    .any(|m| m.name == *p && m.state == MemberState::Ready && m.linked)
             });
             Ok(if all { Ok(()) } else { Err(body) })
         },

@@ -4,8 +4,9 @@
 //! pod IPs and through the client Service's ClusterIP (kube-proxy). A second cluster finds its
 //! peers through the headless Service's DNS records, which proves cluster DNS inside pods.
 //!
-//! The operator also gets out of its own way when a user fixes a mistake (issue #20): a bad
-//! `spec.config` override, then a bad image with a scale-up on top, each reverted, converge
+//! The operator also gets out of its own way when a user fixes a mistake (issue #20): a
+//! `spec.config` override the broker's parser refuses is an `InvalidSpec` that touches no pod; one
+//! that parses but cannot run, then a bad image with a scale-up on top, each reverted, converge
 //! within 120 s of the revert while a QoS 1 client connected through the Service loses nothing.
 //!
 //! Needs `e2e/cluster up --nodes real` and `CORVID_E2E_NODES=real` (as `e2e/ci-real` sets);
@@ -186,10 +187,38 @@ async fn fixing_a_bad_config_or_a_bad_image_undoes_the_rollout_without_losing_me
     std::fs::create_dir_all(&dir).unwrap();
     let mut load = start_load(&format!("{service_ip}:1883"), &dir).await;
 
-    // 1. A config override the broker refuses: the replaced pod crash-loops and the rollout
-    //    blocks, saying why.
+    // 1. A config override the broker's parser refuses: the operator validates the merged file
+    //    with that same code, so it says `InvalidSpec` naming the field and touches no pod.
+    let sts_generation = || {
+        let out = kubectl(
+            &[
+                "-n",
+                &ns.name,
+                "get",
+                "statefulset",
+                name,
+                "-o",
+                "jsonpath={.metadata.generation}",
+            ],
+            None,
+        )
+        .expect("kubectl get statefulset");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let before = sts_generation();
+    let mut typo = good.clone();
+    typo["config"] = json!({ "mqtt": { "max_qos": "lots" } });
+    apply_cluster(&clusters, name, typo).await;
+    let invalid = wait_degraded(&clusters, name, &["spec.config.mqtt.max_qos"]).await;
+    eprintln!("bad override: {invalid}");
+    assert_eq!(sts_generation(), before, "an invalid spec touches no pod");
+    apply_cluster(&clusters, name, good.clone()).await;
+    wait_converged(&clusters, &ns.name, name, 3).await;
+
+    // 2. A config the parser accepts but the pod cannot run (a TLS listener without TLS
+    //    files): the replaced pod crash-loops and the rollout blocks, saying why.
     let mut bad_config = good.clone();
-    bad_config["config"] = json!({ "mqtt": { "max_qos": "lots" } });
+    bad_config["config"] = json!({ "listeners": { "mqtts": { "enabled": true } } });
     apply_cluster(&clusters, name, bad_config).await;
     let degraded = wait_degraded(&clusters, name, &["CrashLoopBackOff"]).await;
     eprintln!("bad config: {degraded}");
@@ -200,7 +229,7 @@ async fn fixing_a_bad_config_or_a_bad_image_undoes_the_rollout_without_losing_me
     let took = wait_converged(&clusters, &ns.name, name, 3).await;
     eprintln!("bad config reverted: converged in {took:?}");
 
-    // 2. An image that does not exist, then a scale-up while the rollout is stuck on it.
+    // 3. An image that does not exist, then a scale-up while the rollout is stuck on it.
     let mut bad_image = good.clone();
     bad_image["version"] = json!("9.9.9");
     apply_cluster(&clusters, name, bad_image.clone()).await;

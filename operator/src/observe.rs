@@ -17,7 +17,7 @@ use crate::build::servicemonitor;
 use crate::build::statefulset::CONTAINER;
 use crate::error::{Error, Result};
 use crate::planner::{Evacuation, PodView};
-use crate::podtalk::{bounded, BrokerAdmin, ClusterView, ADMIN_CALL_TIMEOUT};
+use crate::podtalk::{bounded, BrokerAdmin, ClusterView, EvacuationState, ADMIN_CALL_TIMEOUT};
 
 /// How many Ready pods are asked for the cluster view before membership is left unknown.
 const CLUSTER_VIEW_ATTEMPTS: usize = 3;
@@ -255,18 +255,18 @@ pub fn apply_cluster_view(
         .map(|m| MemberStatus {
             name: m.name.clone(),
             state: m.state.as_str().to_string(),
-            routes: m.routes,
+            routes: i64::try_from(m.routes).unwrap_or(i64::MAX),
         })
         .collect()
 }
 
-/// Maps the broker's evacuation state string.
-pub fn evacuation_state(state: &str) -> Option<Evacuation> {
+/// Maps the broker's evacuation state; one this operator does not know is no fact at all.
+pub fn evacuation_state(state: EvacuationState) -> Option<Evacuation> {
     match state {
-        "idle" => Some(Evacuation::Idle),
-        "running" => Some(Evacuation::Running),
-        "done" => Some(Evacuation::Done),
-        _ => None,
+        EvacuationState::Idle => Some(Evacuation::Idle),
+        EvacuationState::Running => Some(Evacuation::Running),
+        EvacuationState::Done => Some(Evacuation::Done),
+        EvacuationState::Unknown => None,
     }
 }
 
@@ -326,7 +326,7 @@ pub async fn observe(
     .await;
     for (&i, report) in asked.iter().zip(reports) {
         match report {
-            Ok(report) => views[i].evacuation = evacuation_state(&report.state),
+            Ok(report) => views[i].evacuation = evacuation_state(report.state),
             Err(e) => {
                 tracing::debug!(pod = %views[i].name, error = %e, "evacuation state unavailable")
             }
@@ -430,9 +430,11 @@ mod tests {
 
     #[test]
     fn evacuation_states() {
-        assert_eq!(evacuation_state("running"), Some(Evacuation::Running));
-        assert_eq!(evacuation_state("done"), Some(Evacuation::Done));
-        assert_eq!(evacuation_state("weird"), None);
+        let parse = |s: &str| evacuation_state(EvacuationState::from_wire(s));
+        assert_eq!(parse("idle"), Some(Evacuation::Idle));
+        assert_eq!(parse("running"), Some(Evacuation::Running));
+        assert_eq!(parse("done"), Some(Evacuation::Done));
+        assert_eq!(parse("weird"), None);
     }
 
     #[test]

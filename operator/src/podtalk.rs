@@ -6,14 +6,19 @@
 //!
 //! Every call is bounded by [`ADMIN_CALL_TIMEOUT`] (see [`bounded`]): the pod proxy waits as long
 //! as the pod does, and one broken pod must never hold up a reconcile of the whole cluster.
+//!
+//! The answers are the `corvid-api` types the broker writes them with, so a member state (such
+//! as `dead`) cannot be known to the broker and unknown here.
 
 use std::future::Future;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use serde::{Deserialize, Serialize};
 
 use corvid_crds::ADMIN_PORT;
+
+// The admin API's answers, re-exported for the operator's callers and mocks.
+pub use corvid_api::{ClusterView, EvacuationState, EvacuationStatus, Member, MemberState};
 
 /// Failure of one admin call.
 #[derive(Debug, thiserror::Error)]
@@ -65,95 +70,6 @@ pub async fn bounded<T>(
     }
 }
 
-/// `GET /api/v1/evacuate`.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-pub struct EvacuationReport {
-    /// idle, running or done.
-    pub state: String,
-    /// Clients still connected.
-    #[serde(default)]
-    pub remaining_clients: u64,
-    /// Sessions still held.
-    #[serde(default)]
-    pub remaining_sessions: u64,
-}
-
-/// A member's state as the broker reports it in `GET /api/v1/cluster` (see the broker's
-/// `cluster::Cluster::members`). Typed so that a state the operator does not know can never be
-/// mistaken for a joined member.
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum MemberState {
-    /// The answering node itself (not evacuating).
-    #[serde(rename = "self")]
-    Itself,
-    /// Joined and synced.
-    Ready,
-    /// Known through gossip but not joined yet.
-    Joining,
-    /// Moving its clients away (still a member until its pod goes).
-    Evacuating,
-    /// Gone without leaving cleanly: gossip declared it dead.
-    Dead,
-    /// A state this operator does not know (a newer broker); never counted as joined.
-    #[serde(other)]
-    Unknown,
-}
-
-impl MemberState {
-    /// Whether a member in this state is a full member of the cluster.
-    pub fn joined(self) -> bool {
-        match self {
-            MemberState::Itself | MemberState::Ready | MemberState::Evacuating => true,
-            MemberState::Joining | MemberState::Dead | MemberState::Unknown => false,
-        }
-    }
-
-    /// The broker's name for the state (as shown in the MqttCluster's status).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MemberState::Itself => "self",
-            MemberState::Ready => "ready",
-            MemberState::Joining => "joining",
-            MemberState::Evacuating => "evacuating",
-            MemberState::Dead => "dead",
-            MemberState::Unknown => "unknown",
-        }
-    }
-}
-
-/// One member in `GET /api/v1/cluster`.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-pub struct Member {
-    /// Node (pod) name.
-    pub name: String,
-    /// Membership state.
-    pub state: MemberState,
-    /// Routes the member owns.
-    #[serde(default)]
-    pub routes: i64,
-}
-
-/// `GET /api/v1/cluster`.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-pub struct ClusterView {
-    /// The answering node.
-    pub node: String,
-    /// All members it knows.
-    #[serde(default)]
-    pub members: Vec<Member>,
-}
-
-impl ClusterView {
-    /// Whether `pod` is a full member in this view. A pod that restarted under the same name may
-    /// be listed twice for a moment (its old incarnation dead); any joined entry counts.
-    pub fn joined(&self, pod: &str) -> bool {
-        self.members
-            .iter()
-            .any(|m| m.name == pod && m.state.joined())
-    }
-}
-
 /// The admin calls the operator makes.
 pub trait BrokerAdmin: Send + Sync {
     /// `POST /api/v1/evacuate` on `pod`, moving clients away at `rate` per second.
@@ -168,7 +84,7 @@ pub trait BrokerAdmin: Send + Sync {
         &'a self,
         namespace: &'a str,
         pod: &'a str,
-    ) -> BoxFuture<'a, Result<EvacuationReport, PodTalkError>>;
+    ) -> BoxFuture<'a, Result<EvacuationStatus, PodTalkError>>;
     /// `GET /api/v1/cluster` on `pod`.
     fn cluster<'a>(
         &'a self,
@@ -292,7 +208,7 @@ impl BrokerAdmin for ApiServerProxy {
         &'a self,
         namespace: &'a str,
         pod: &'a str,
-    ) -> BoxFuture<'a, Result<EvacuationReport, PodTalkError>> {
+    ) -> BoxFuture<'a, Result<EvacuationStatus, PodTalkError>> {
         Box::pin(async move {
             let token = self.token(namespace, pod).await;
             let req = Self::request(
@@ -343,11 +259,11 @@ mod tests {
 
     #[test]
     fn broker_json_shapes_parse() {
-        let e: EvacuationReport = serde_json::from_str(
+        let e: EvacuationStatus = serde_json::from_str(
             r#"{"state":"running","remaining_clients":3,"remaining_sessions":1}"#,
         )
         .expect("evacuate");
-        assert_eq!(e.state, "running");
+        assert_eq!(e.state, EvacuationState::Running);
         // Every state the broker sends (broker/src/cluster/mod.rs `members`), plus one it may send
         // some day.
         let c: ClusterView = serde_json::from_str(

@@ -9,11 +9,14 @@ use corvid_crds::{
 };
 use serde_json::Value;
 
+use crate::build::Names;
+
 /// Facts established by validation that the builders rely on.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Validated {
-    /// `spec.config`, known to be a JSON object.
-    pub config_overrides: Option<Value>,
+    /// The broker configuration file, built from the spec with `spec.config` merged on top and
+    /// accepted by the broker's own parser.
+    pub config_file: serde_yaml::Value,
 }
 
 /// Why a spec cannot be reconciled; the message names the field.
@@ -103,12 +106,13 @@ pub fn validate(cluster: &MqttCluster) -> Result<Validated, InvalidSpec> {
             "bridges: the name {dup:?} is used twice (names are unique across mqtt and kafka)"
         )));
     }
-    let config_overrides = match &spec.config {
+    let overrides = match &spec.config {
         None => None,
-        Some(v @ Value::Object(_)) => Some(v.clone()),
+        Some(v @ Value::Object(_)) => Some(v),
         Some(_) => return invalid("spec.config must be an object"),
     };
-    Ok(Validated { config_overrides })
+    let config_file = crate::build::config::file(cluster, &Names::of(cluster), overrides)?;
+    Ok(Validated { config_file })
 }
 
 /// Whether `s` is an IP address or an address with a prefix length (`10.0.0.0/16`, `::1/128`).

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use corvid_crds::MqttCluster;
 use corvid_operator::controller::{error_policy, reconcile, Context};
 use corvid_operator::metrics::Metrics;
-use corvid_operator::podtalk::{BrokerAdmin, ClusterView, EvacuationReport, PodTalkError};
+use corvid_operator::podtalk::{BrokerAdmin, ClusterView, EvacuationStatus, PodTalkError};
 use futures::future::BoxFuture;
 use http::{Request, Response, StatusCode};
 use kube::client::Body;
@@ -100,7 +100,7 @@ impl BrokerAdmin for NoBrokers {
         &'a self,
         _: &'a str,
         pod: &'a str,
-    ) -> BoxFuture<'a, Result<EvacuationReport, PodTalkError>> {
+    ) -> BoxFuture<'a, Result<EvacuationStatus, PodTalkError>> {
         panic!("unexpected evacuation query of {pod}")
     }
     fn cluster<'a>(
@@ -136,7 +136,7 @@ impl BrokerAdmin for SilentBrokers {
         &'a self,
         _: &'a str,
         _: &'a str,
-    ) -> BoxFuture<'a, Result<EvacuationReport, PodTalkError>> {
+    ) -> BoxFuture<'a, Result<EvacuationStatus, PodTalkError>> {
         Box::pin(futures::future::pending())
     }
     fn cluster<'a>(

@@ -24,7 +24,7 @@ use rskafka::client::ClientBuilder;
 use rskafka::record::Record;
 use rskafka::BackoffConfig;
 
-use super::{backoff_delay, pause, Bridge, LinkState, Outgoing};
+use super::{backoff_delay, pause, Bridge, BridgeState, Outgoing};
 use crate::broker::Broker;
 use crate::config::{KafkaBridgeConfig, KafkaKey};
 
@@ -63,7 +63,7 @@ async fn session(
     bridge: &Bridge,
     cfg: &KafkaBridgeConfig,
     attempt: &mut u32,
-) -> (LinkState, String) {
+) -> (BridgeState, String) {
     let backoff = BackoffConfig {
         init_backoff: Duration::from_millis(100),
         max_backoff: Duration::from_secs(1),
@@ -82,7 +82,7 @@ async fn session(
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             return (
-                LinkState::Down,
+                BridgeState::Down,
                 format!(
                     "cannot reach Kafka: {}",
                     probe(&cfg.bootstrap, Some(&e)).await
@@ -91,7 +91,7 @@ async fn session(
         }
         Err(_) => {
             return (
-                LinkState::Down,
+                BridgeState::Down,
                 format!("cannot reach Kafka: {}", probe(&cfg.bootstrap, None).await),
             )
         }
@@ -100,15 +100,15 @@ async fn session(
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             return (
-                LinkState::Down,
+                BridgeState::Down,
                 format!("Kafka metadata request failed: {e}"),
             )
         }
-        Err(_) => return (LinkState::Down, "Kafka metadata request timed out".into()),
+        Err(_) => return (BridgeState::Down, "Kafka metadata request timed out".into()),
     };
     let Some(topic) = topics.into_iter().find(|t| t.name == cfg.topic) else {
         return (
-            LinkState::Error,
+            BridgeState::Error,
             format!(
                 "Kafka topic {:?} does not exist (create it; the bridge does not)",
                 cfg.topic
@@ -126,13 +126,13 @@ async fn session(
             Ok(Ok(pc)) => partitions.push(pc),
             Ok(Err(e)) => {
                 return (
-                    LinkState::Down,
+                    BridgeState::Down,
                     format!("Kafka partition {}/{p} unavailable: {e}", cfg.topic),
                 )
             }
             Err(_) => {
                 return (
-                    LinkState::Down,
+                    BridgeState::Down,
                     format!("Kafka partition {}/{p} timed out", cfg.topic),
                 )
             }
@@ -140,11 +140,11 @@ async fn session(
     }
     if partitions.is_empty() {
         return (
-            LinkState::Error,
+            BridgeState::Error,
             format!("Kafka topic {:?} has no partitions", cfg.topic),
         );
     }
-    bridge.set_state(LinkState::Up, None);
+    bridge.set_state(BridgeState::Up, None);
     *attempt = 0;
     let linger = Duration::from_millis(cfg.batch.linger_ms);
     loop {
@@ -202,7 +202,7 @@ async fn session(
         }
         bridge.buffer.set_held(0);
         if let Some(why) = failure {
-            return (LinkState::Down, why);
+            return (BridgeState::Down, why);
         }
     }
 }
@@ -212,25 +212,25 @@ async fn session(
 async fn health(
     client: &rskafka::client::Client,
     cfg: &KafkaBridgeConfig,
-) -> Option<(LinkState, String)> {
+) -> Option<(BridgeState, String)> {
     match tokio::time::timeout(HEALTH_DEADLINE, client.list_topics()).await {
         Ok(Ok(topics)) if topics.iter().any(|t| t.name == cfg.topic) => None,
         Ok(Ok(_)) => Some((
-            LinkState::Error,
+            BridgeState::Error,
             format!(
                 "Kafka topic {:?} does not exist (create it; the bridge does not)",
                 cfg.topic
             ),
         )),
         Ok(Err(e)) => Some((
-            LinkState::Down,
+            BridgeState::Down,
             format!(
                 "Kafka stopped answering: {}",
                 probe(&cfg.bootstrap, Some(&e)).await
             ),
         )),
         Err(_) => Some((
-            LinkState::Down,
+            BridgeState::Down,
             format!(
                 "Kafka stopped answering: {}",
                 probe(&cfg.bootstrap, None).await

@@ -22,7 +22,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytestring::ByteString;
 use parking_lot::Mutex;
 use prometheus::{Histogram, IntCounter, IntGauge};
-use serde::Serialize;
 
 use crate::broker::Broker;
 use crate::config::{BridgeBackoffConfig, BridgesConfig};
@@ -31,6 +30,8 @@ use crate::metrics::Metrics;
 use crate::topic;
 
 pub use buffer::{Buffer, BufferMetrics, Pushed};
+// A bridge's state and status are the admin API's types: their names are written once there.
+pub use corvid_api::{BridgeState, BridgeStatus};
 
 /// A message on its way out through a bridge.
 #[derive(Debug, Clone)]
@@ -41,22 +42,6 @@ pub struct Outgoing {
     pub rule: usize,
     /// When the tap took it, for the latency histogram.
     pub at: Instant,
-}
-
-/// The connection state a bridge reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LinkState {
-    /// Not connected yet.
-    Connecting,
-    /// Connected; messages flow.
-    Up,
-    /// The remote is unreachable or the connection broke; retrying with backoff.
-    Down,
-    /// The remote refused us (credentials, certificate, authorization); retrying with backoff.
-    Refused,
-    /// The bridge cannot work as configured (unreadable file, missing Kafka topic); retrying.
-    Error,
 }
 
 /// Per-bridge counters and gauges, all labelled `bridge=<name>`.
@@ -101,46 +86,11 @@ pub struct Bridge {
 
 #[derive(Debug, Clone)]
 struct Status {
-    state: LinkState,
+    state: BridgeState,
     last_error: Option<String>,
     last_error_at: Option<SystemTime>,
     since: SystemTime,
     connects: u64,
-}
-
-/// What `GET /api/v1/bridges` shows for one bridge.
-#[derive(Debug, Clone, Serialize)]
-pub struct BridgeStatus {
-    /// Name.
-    pub name: String,
-    /// `mqtt` or `kafka`.
-    pub kind: &'static str,
-    /// Remote address.
-    pub remote: String,
-    /// Connection state.
-    pub state: LinkState,
-    /// The last error, kept after recovery until the next one (see `last_error_at`).
-    pub last_error: Option<String>,
-    /// Unix seconds when `last_error` happened: older than `since` with `state: up` means the
-    /// bridge has recovered from it.
-    pub last_error_at: Option<u64>,
-    /// Unix seconds when `state` last changed.
-    pub since: u64,
-    /// Successful connections so far.
-    pub connects: u64,
-    /// Messages acknowledged by the remote.
-    pub sent: u64,
-    /// Failed attempts.
-    pub failed: u64,
-    /// Messages dropped (buffer full).
-    pub dropped: u64,
-    /// Remote messages published here.
-    pub received: u64,
-    /// Messages not yet delivered: in the buffer plus those the worker holds (a batch being
-    /// produced, messages written and not yet acknowledged).
-    pub buffered: usize,
-    /// Buffer capacity.
-    pub capacity: usize,
 }
 
 impl Bridge {
@@ -178,7 +128,7 @@ impl Bridge {
             buffer,
             metrics,
             status: Mutex::new(Status {
-                state: LinkState::Connecting,
+                state: BridgeState::Connecting,
                 last_error: None,
                 last_error_at: None,
                 since: SystemTime::now(),
@@ -189,21 +139,21 @@ impl Bridge {
 
     /// Records a state change; logs it once per change of state (not on every retry, nor when
     /// only the error text of the same fault changes) and sets `corvid_bridge_up`.
-    pub fn set_state(&self, state: LinkState, error: Option<String>) {
+    pub fn set_state(&self, state: BridgeState, error: Option<String>) {
         let mut st = self.status.lock();
         // While up, a new error (an ingress subscription refused) is news of its own.
         let changed = st.state != state
-            || (state == LinkState::Up && error.is_some() && st.last_error != error);
+            || (state == BridgeState::Up && error.is_some() && st.last_error != error);
         if !changed && error.is_some() && st.last_error != error {
             tracing::debug!(bridge = %self.name, state = ?state, error = ?error, "bridge still not connected");
         }
-        if state == LinkState::Up {
+        if state == BridgeState::Up {
             st.connects += 1;
         }
         if changed {
             st.since = SystemTime::now();
             match (&state, &error) {
-                (LinkState::Up, _) => {
+                (BridgeState::Up, _) => {
                     tracing::info!(bridge = %self.name, remote = %self.remote, "bridge connected")
                 }
                 (_, Some(e)) => tracing::warn!(
@@ -218,11 +168,11 @@ impl Bridge {
             st.last_error = error;
             st.last_error_at = Some(SystemTime::now());
         }
-        self.metrics.up.set(i64::from(state == LinkState::Up));
+        self.metrics.up.set(i64::from(state == BridgeState::Up));
     }
 
     /// The current state.
-    pub fn state(&self) -> LinkState {
+    pub fn state(&self) -> BridgeState {
         self.status.lock().state
     }
 
@@ -231,7 +181,7 @@ impl Bridge {
         let st = self.status.lock().clone();
         BridgeStatus {
             name: self.name.clone(),
-            kind: self.kind,
+            kind: self.kind.to_string(),
             remote: self.remote.clone(),
             state: st.state,
             last_error: st.last_error,
@@ -242,8 +192,8 @@ impl Bridge {
             failed: self.metrics.failed.get(),
             dropped: self.buffer.dropped(),
             received: self.metrics.received.get(),
-            buffered: self.buffer.pending(),
-            capacity: self.buffer.capacity(),
+            buffered: self.buffer.pending() as u64,
+            capacity: self.buffer.capacity() as u64,
         }
     }
 

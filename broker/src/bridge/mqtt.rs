@@ -28,7 +28,7 @@ use rumqttc::{
 };
 use tokio_rustls::rustls::{self, pki_types, ClientConfig, RootCertStore};
 
-use super::{backoff_delay, pause, Bridge, LinkState, Outgoing};
+use super::{backoff_delay, pause, Bridge, BridgeState, Outgoing};
 use crate::broker::Broker;
 use crate::codec::QoS;
 use crate::config::{BridgeTlsConfig, MqttBridgeConfig};
@@ -73,7 +73,7 @@ pub async fn run(broker: Arc<Broker>, bridge: Arc<Bridge>, cfg: MqttBridgeConfig
             Ok(o) => break o,
             Err(e) => {
                 bridge.metrics.failed.inc();
-                bridge.set_state(LinkState::Error, Some(e.to_string()));
+                bridge.set_state(BridgeState::Error, Some(e.to_string()));
                 if !pause(&broker, backoff_delay(&cfg.backoff, attempt)).await {
                     return;
                 }
@@ -280,7 +280,7 @@ async fn drive(
                     again.sort_by_key(|o| o.at);
                     bridge.buffer.requeue(again);
                 }
-                bridge.set_state(LinkState::Up, None);
+                bridge.set_state(BridgeState::Up, None);
                 subscribe(&client, cfg);
             }
             Ok(Event::Incoming(Incoming::Publish(p))) => ingress(broker, bridge, cfg, p),
@@ -292,7 +292,7 @@ async fn drive(
                     .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
                 {
                     bridge.set_state(
-                        LinkState::Up,
+                        BridgeState::Up,
                         Some("the remote refused an ingress subscription".into()),
                     );
                 }
@@ -316,10 +316,10 @@ async fn drive(
                 bridge.metrics.failed.inc();
                 let state = match &e {
                     ConnectionError::ConnectionRefused(_) | ConnectionError::Tls(_) => {
-                        LinkState::Refused
+                        BridgeState::Refused
                     }
-                    e if tls_alert(e).is_some() => LinkState::Refused,
-                    _ => LinkState::Down,
+                    e if tls_alert(e).is_some() => BridgeState::Refused,
+                    _ => BridgeState::Down,
                 };
                 bridge.set_state(state, Some(describe(&e)));
                 if !pause(broker, backoff_delay(&cfg.backoff, attempt)).await {
@@ -330,7 +330,7 @@ async fn drive(
                 // client certificate) takes effect on the next connect, without a restart.
                 match options(cfg, &broker.node) {
                     Ok(o) => eventloop.mqtt_options = o,
-                    Err(e) => bridge.set_state(LinkState::Error, Some(e.to_string())),
+                    Err(e) => bridge.set_state(BridgeState::Error, Some(e.to_string())),
                 }
             }
         }

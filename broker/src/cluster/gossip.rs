@@ -29,8 +29,11 @@ pub const KEY_SESSIONS: &str = "sessions";
 pub const KEY_CONNECTIONS: &str = "connections";
 /// Gossip key: the node's MQTT address, sent as Server Reference when rebalancing.
 pub const KEY_MQTT: &str = "mqtt";
-/// Gossip key: `joining`, `ready`, `evacuating` or `left`.
+/// Gossip key: the node's state — a [`corvid_api::MemberState`] (`joining`, `ready`,
+/// `evacuating`, the same strings the admin API shows) or [`STATE_LEFT`].
 pub const KEY_STATE: &str = "state";
+/// Gossiped state of a node that left cleanly (scale-down); it is never listed as a member.
+pub const STATE_LEFT: &str = "left";
 
 /// Starts gossip for this node.
 pub async fn start(

@@ -27,16 +27,16 @@ use std::time::{Duration, Instant};
 
 use bytestring::ByteString;
 use chitchat::ChitchatHandle;
+use corvid_api::{EvacuationState, EvacuationStatus, Member, MemberState};
 use parking_lot::Mutex;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
-use serde::Serialize;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::Broker;
 use crate::config::{ClusterConfig, Discovery};
 use crate::message::{Delivery, Msg};
-use crate::session::{Kick, RecentIds, Session};
+use crate::session::{Kick, Session};
 use link::Link;
 use proto::{Frame, SessionSnapshot, WireDelivery, WireMsg};
 use routes::RemoteRoutes;
@@ -168,34 +168,6 @@ impl ClusterMetrics {
     }
 }
 
-/// Evacuation progress, as `GET /api/v1/evacuate` reports it.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Evacuation {
-    /// `idle`, `running` or `done`.
-    pub state: &'static str,
-    /// Connected clients still on this node.
-    pub remaining_clients: usize,
-    /// Sessions still on this node.
-    pub remaining_sessions: usize,
-    /// Sessions handed to peers so far.
-    pub handed_off: usize,
-}
-
-/// A member as the admin API shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct Member {
-    /// Node name.
-    pub name: String,
-    /// `self`, `ready`, `joining`, `evacuating`, `dead`.
-    pub state: String,
-    /// Routes it has (its own count for self).
-    pub routes: usize,
-    /// Inter-node link address.
-    pub addr: Option<String>,
-    /// Whether this node's link to it is up.
-    pub linked: bool,
-}
-
 /// What a peer gossips about its load.
 #[derive(Debug, Clone, Default)]
 struct PeerLoad {
@@ -209,16 +181,7 @@ struct PendingTake {
     done: Option<oneshot::Sender<Taken>>,
 }
 
-/// What asking the other nodes for a session came to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Taken {
-    /// No node had it (or all had let it go).
-    NotFound,
-    /// It moved here and is installed.
-    Moved,
-    /// The node holding it refused: another identity owns it (`sessions.takeover`).
-    NotOwner,
-}
+pub use crate::fabric::Taken;
 
 /// The cluster layer of one node.
 pub struct Cluster {
@@ -232,12 +195,13 @@ pub struct Cluster {
     synced: Mutex<HashMap<String, u64>>,
     early: Mutex<HashMap<String, Vec<Delivery>>>,
     gossip: tokio::sync::OnceCell<ChitchatHandle>,
-    live: Mutex<HashMap<String, (String, Option<String>)>>,
+    /// Live peers: the state each gossips and its link address.
+    live: Mutex<HashMap<String, (MemberState, Option<String>)>>,
     departed: Mutex<HashSet<String>>,
     pending: Mutex<HashMap<u64, PendingTake>>,
     next_req: AtomicU64,
     share_rr: AtomicUsize,
-    evacuation: Mutex<Evacuation>,
+    evacuation: Mutex<EvacuationStatus>,
     /// Peers' last gossiped live connection count and MQTT address, for rebalancing.
     loads: Mutex<HashMap<String, PeerLoad>>,
     /// Connection rebalancing after scale-up.
@@ -301,10 +265,7 @@ impl Cluster {
             pending: Mutex::new(HashMap::new()),
             next_req: AtomicU64::new(1),
             share_rr: AtomicUsize::new(0),
-            evacuation: Mutex::new(Evacuation {
-                state: "idle",
-                ..Default::default()
-            }),
+            evacuation: Mutex::new(EvacuationStatus::default()),
             loads: Mutex::new(HashMap::new()),
             rebalancer: rebalance::Rebalancer::new(cfg.rebalance.enabled, cfg.rebalance.rate),
             metrics,
@@ -326,7 +287,10 @@ impl Cluster {
             ),
             // "ready" only once synced (membership_loop): peers must not hand sessions or
             // redirect clients to a node that has not linked to them and has no routes yet.
-            (gossip::KEY_STATE.into(), "joining".into()),
+            (
+                gossip::KEY_STATE.into(),
+                MemberState::Joining.as_str().into(),
+            ),
         ];
         // Where clients reach this node directly: the Server Reference rebalancing sends.
         let mqtt = &broker.config.listeners.mqtt;
@@ -604,7 +568,7 @@ impl Cluster {
                     p.waiting = p.waiting.saturating_sub(1);
                     if let Some(mut s) = snapshot {
                         invalid("subscription", s.drop_invalid_subscriptions(&limits));
-                        b.install_session(*s);
+                        b.install_session((*s).into());
                         p.found = Taken::Moved;
                     } else if refused {
                         p.found = Taken::NotOwner;
@@ -626,7 +590,7 @@ impl Cluster {
             Frame::Handoff(mut snap) => {
                 tracing::info!(peer = %peer, client_id = %snap.client_id, "session handed over to this node");
                 invalid("subscription", snap.drop_invalid_subscriptions(&limits));
-                b.install_session(*snap);
+                b.install_session((*snap).into());
             }
             Frame::DeliverTo {
                 client_id,
@@ -777,12 +741,12 @@ impl Cluster {
         let evac = self.evacuation.lock().state;
         out.push(Member {
             name: self.node.clone(),
-            state: if evac == "idle" {
-                "self".into()
+            state: if evac == EvacuationState::Idle {
+                MemberState::Itself
             } else {
-                "evacuating".into()
+                MemberState::Evacuating
             },
-            routes: own_routes,
+            routes: own_routes as u64,
             addr: None,
             linked: true,
         });
@@ -794,8 +758,8 @@ impl Cluster {
             let (state, addr) = &live[n];
             out.push(Member {
                 name: n.clone(),
-                state: state.clone(),
-                routes: self.routes.count(n),
+                state: *state,
+                routes: self.routes.count(n) as u64,
                 addr: addr.clone(),
                 linked: links.get(n).is_some_and(|l| l.up.load(Ordering::Relaxed)),
             });
@@ -809,7 +773,7 @@ impl Cluster {
                     if !live.contains_key(name) && *name != *self.node && !departed.contains(name) {
                         out.push(Member {
                             name: dead.node_id.to_string(),
-                            state: "dead".into(),
+                            state: MemberState::Dead,
                             routes: 0,
                             addr: None,
                             linked: false,
@@ -822,7 +786,7 @@ impl Cluster {
     }
 
     /// Evacuation progress.
-    pub fn evacuation(&self) -> Evacuation {
+    pub fn evacuation(&self) -> EvacuationStatus {
         self.evacuation.lock().clone()
     }
 
@@ -832,10 +796,10 @@ impl Cluster {
     pub fn evacuate(self: &Arc<Self>, rate: u32, server_reference: Option<String>) -> bool {
         {
             let mut e = self.evacuation.lock();
-            if e.state == "running" {
+            if e.state == EvacuationState::Running {
                 return false;
             }
-            e.state = "running";
+            e.state = EvacuationState::Running;
         }
         let me = self.clone();
         tokio::spawn(async move { me.run_evacuation(rate.max(1), server_reference).await });
@@ -846,13 +810,16 @@ impl Cluster {
         let Some(b) = self.broker() else { return };
         b.accepting.store(false, Ordering::Relaxed);
         if let Some(g) = self.gossip.get() {
-            g.with_chitchat(|c| c.self_node_state().set(gossip::KEY_STATE, "evacuating"))
-                .await;
+            g.with_chitchat(|c| {
+                c.self_node_state()
+                    .set(gossip::KEY_STATE, MemberState::Evacuating.as_str())
+            })
+            .await;
         }
         tracing::info!(rate, "evacuation started");
         let interval = Duration::from_secs_f64(1.0 / f64::from(rate));
         let reference = server_reference.map(ByteString::from);
-        let mut handed = 0usize;
+        let mut handed = 0u64;
         let mut rr = 0usize;
         loop {
             let sessions = b.sessions.all();
@@ -869,8 +836,8 @@ impl Cluster {
                 .count();
             {
                 let mut e = self.evacuation.lock();
-                e.remaining_clients = clients;
-                e.remaining_sessions = remaining.len();
+                e.remaining_clients = clients as u64;
+                e.remaining_sessions = remaining.len() as u64;
                 e.handed_off = handed;
             }
             self.metrics
@@ -891,7 +858,7 @@ impl Cluster {
             tokio::time::sleep(interval).await;
         }
         let mut e = self.evacuation.lock();
-        e.state = "done";
+        e.state = EvacuationState::Done;
         e.handed_off = handed;
         tracing::info!(
             handed_off = handed,
@@ -977,7 +944,7 @@ impl Cluster {
     }
 
     /// Rebalancing state (`GET /api/v1/rebalance`).
-    pub fn rebalance_status(&self) -> rebalance::Status {
+    pub fn rebalance_status(&self) -> corvid_api::RebalanceStatus {
         let own = self
             .broker()
             .map(|b| b.metrics.connections.get().max(0) as u64)
@@ -992,7 +959,8 @@ impl Cluster {
         let mut v: Vec<String> = live
             .iter()
             .filter(|(n, (state, _))| {
-                state == "ready" && links.get(*n).is_some_and(|l| l.up.load(Ordering::Relaxed))
+                *state == MemberState::Ready
+                    && links.get(*n).is_some_and(|l| l.up.load(Ordering::Relaxed))
             })
             .map(|(n, _)| n.clone())
             .collect();
@@ -1003,8 +971,11 @@ impl Cluster {
     /// Leaves the cluster: tells peers this node is gone.
     pub async fn leave(&self) {
         if let Some(g) = self.gossip.get() {
-            g.with_chitchat(|c| c.self_node_state().set(gossip::KEY_STATE, "left"))
-                .await;
+            g.with_chitchat(|c| {
+                c.self_node_state()
+                    .set(gossip::KEY_STATE, gossip::STATE_LEFT)
+            })
+            .await;
             // One more gossip round so peers hear it.
             tokio::time::sleep(Duration::from_millis(700)).await;
         }
@@ -1029,10 +1000,16 @@ async fn membership_loop(cluster: Arc<Cluster>) {
     let mut own_connections = u64::MAX;
     let mut announced_ready = false;
     loop {
-        if !announced_ready && cluster.synced() && cluster.evacuation.lock().state == "idle" {
+        if !announced_ready
+            && cluster.synced()
+            && cluster.evacuation.lock().state == EvacuationState::Idle
+        {
             announced_ready = true;
-            g.with_chitchat(|c| c.self_node_state().set(gossip::KEY_STATE, "ready"))
-                .await;
+            g.with_chitchat(|c| {
+                c.self_node_state()
+                    .set(gossip::KEY_STATE, MemberState::Ready.as_str())
+            })
+            .await;
             tracing::info!(node = %cluster.node, "synced with every peer; ready");
         }
         // Publish our session count, so survivors can tell how many sessions a dead node held.
@@ -1052,7 +1029,8 @@ async fn membership_loop(cluster: Arc<Cluster>) {
             }
         }
         let mut loads: HashMap<String, PeerLoad> = HashMap::new();
-        let snapshot: Vec<(String, String, Option<String>, Option<u64>)> = watcher
+        type Seen = (String, Option<String>, Option<String>, Option<u64>);
+        let snapshot: Vec<Seen> = watcher
             .borrow_and_update()
             .iter()
             .filter(|(id, _)| *id.node_id != *cluster.node)
@@ -1066,23 +1044,25 @@ async fn membership_loop(cluster: Arc<Cluster>) {
                 );
                 (
                     id.node_id.to_string(),
-                    st.get(gossip::KEY_STATE).unwrap_or("joining").to_string(),
+                    st.get(gossip::KEY_STATE).map(str::to_string),
                     st.get(gossip::KEY_LINK).map(str::to_string),
                     st.get(gossip::KEY_SESSIONS).and_then(|v| v.parse().ok()),
                 )
             })
             .collect();
         *cluster.loads.lock() = loads;
-        let mut now: HashMap<String, (String, Option<String>)> = HashMap::new();
+        let mut now: HashMap<String, (MemberState, Option<String>)> = HashMap::new();
         for (name, state, link, sessions) in snapshot {
             if let Some(n) = sessions {
                 sessions_of.insert(name.clone(), n);
             }
-            if state == "left" {
+            if state.as_deref() == Some(gossip::STATE_LEFT) {
                 left.insert(name);
                 continue;
             }
             left.remove(&name);
+            // A peer that has not gossiped its state yet is still joining.
+            let state = state.map_or(MemberState::Joining, |s| MemberState::from_wire(&s));
             now.insert(name, (state, link));
         }
         let gone: Vec<String> = {
@@ -1129,13 +1109,21 @@ async fn membership_loop(cluster: Arc<Cluster>) {
                 );
             }
         }
-        let mut by_state: HashMap<String, i64> = HashMap::new();
+        let mut by_state: HashMap<MemberState, i64> = HashMap::new();
         for (st, _) in now.values() {
-            *by_state.entry(st.clone()).or_default() += 1;
+            *by_state.entry(*st).or_default() += 1;
         }
-        for s in ["ready", "joining", "evacuating"] {
-            let n = by_state.get(s).copied().unwrap_or(0);
-            cluster.metrics.members.with_label_values(&[s]).set(n);
+        for s in [
+            MemberState::Ready,
+            MemberState::Joining,
+            MemberState::Evacuating,
+        ] {
+            let n = by_state.get(&s).copied().unwrap_or(0);
+            cluster
+                .metrics
+                .members
+                .with_label_values(&[s.as_str()])
+                .set(n);
         }
         *cluster.departed.lock() = left.clone();
         tokio::select! {
@@ -1146,7 +1134,30 @@ async fn membership_loop(cluster: Arc<Cluster>) {
     }
 }
 
-/// Helper for the broker: a fresh dedupe window for a session that arrived from another node.
-pub fn recent_window() -> Option<RecentIds> {
-    Some(RecentIds::default())
+#[async_trait::async_trait]
+impl crate::fabric::Fabric for Cluster {
+    fn retained(&self, msg: &Msg) {
+        Cluster::retained(self, msg)
+    }
+    fn forward(&self, msg: &Msg, local_groups: &[Arc<str>]) -> HashSet<Arc<str>> {
+        Cluster::forward(self, msg, local_groups)
+    }
+    fn deliver_to(&self, node: &str, client_id: &str, d: &Delivery) {
+        Cluster::deliver_to(self, node, client_id, d)
+    }
+    fn route_added(&self, raw: &str) {
+        Cluster::route_added(self, raw)
+    }
+    fn route_removed(&self, raw: &str) {
+        Cluster::route_removed(self, raw)
+    }
+    async fn wait_synced(&self, limit: Duration) -> bool {
+        Cluster::wait_synced(self, limit).await
+    }
+    async fn take_session(&self, client_id: &str, clean: bool, owner: Option<&str>) -> Taken {
+        Cluster::take_session(self, client_id, clean, owner).await
+    }
+    fn take_early(&self, client_id: &str) -> Vec<Delivery> {
+        Cluster::take_early(self, client_id)
+    }
 }

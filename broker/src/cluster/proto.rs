@@ -330,3 +330,15 @@ pub fn encode(f: &Frame) -> Result<Vec<u8>, postcard::Error> {
 pub fn decode(b: &[u8]) -> Result<Frame, postcard::Error> {
     postcard::from_bytes(b)
 }
+
+impl From<SessionSnapshot> for crate::fabric::ArrivedSession {
+    fn from(snap: SessionSnapshot) -> Self {
+        crate::fabric::ArrivedSession {
+            client_id: snap.client_id.clone(),
+            expiry: snap.expiry,
+            owner: snap.owner.clone(),
+            subscriptions: snap.subscriptions(),
+            restore: Box::new(move |st| snap.restore_into(st)),
+        }
+    }
+}

@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytestring::ByteString;
+use corvid_api::{EvacuationState, RebalanceBalance, RebalanceState, RebalanceStatus};
 use parking_lot::Mutex;
-use serde::Serialize;
 use tokio::sync::Notify;
 
 use super::Cluster;
@@ -95,31 +95,6 @@ pub fn plan(own: u64, peers: &[Load]) -> Shed {
     out
 }
 
-/// Rebalancing state, as `GET /api/v1/rebalance` reports it.
-#[derive(Debug, Clone, Serialize)]
-pub struct Status {
-    /// Whether the periodic check runs (`cluster.rebalance.enabled`).
-    pub enabled: bool,
-    /// Connections per second moved at most.
-    pub rate: u32,
-    /// `idle` (never checked), `balanced`, `running` (shedding), `settling` (waiting for the
-    /// targets' new counts before the next check), `done` (a requested round finished while the
-    /// periodic check is off) or `waiting` (no target, or every client here moved recently).
-    pub state: &'static str,
-    /// This node's live connections now.
-    pub connections: u64,
-    /// The mean over this node and its possible targets at the last check.
-    pub mean: f64,
-    /// Connections each possible target (ready, linked, not evacuating) gossips now.
-    pub targets: HashMap<String, u64>,
-    /// Connections the last check decided to shed.
-    pub planned: usize,
-    /// Connections moved away by rebalancing since start.
-    pub moved_total: u64,
-    /// Seconds since the last check; None before the first.
-    pub last_check_seconds_ago: Option<u64>,
-}
-
 /// The rebalancer of one node: its state and the trigger the admin API pulls.
 #[derive(Debug)]
 pub struct Rebalancer {
@@ -129,9 +104,9 @@ pub struct Rebalancer {
     state: Mutex<Inner>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Inner {
-    state: &'static str,
+    state: RebalanceState,
     mean: f64,
     planned: usize,
     moved_total: u64,
@@ -148,8 +123,13 @@ impl Rebalancer {
             rate: rate.max(1),
             trigger: Notify::new(),
             state: Mutex::new(Inner {
-                state: "idle",
-                ..Default::default()
+                state: RebalanceState::Idle,
+                mean: 0.0,
+                planned: 0,
+                moved_total: 0,
+                last_check: None,
+                forced_rate: None,
+                recently_moved: HashMap::new(),
             }),
         }
     }
@@ -162,21 +142,23 @@ impl Rebalancer {
     }
 
     /// The current state, with this node's live count and its possible targets' counts.
-    pub fn status(&self, connections: u64, targets: &[Load]) -> Status {
+    pub fn status(&self, connections: u64, targets: &[Load]) -> RebalanceStatus {
         let i = self.state.lock();
-        Status {
+        RebalanceStatus {
             enabled: self.enabled,
             rate: self.rate,
             state: i.state,
             connections,
-            mean: i.mean,
-            targets: targets
-                .iter()
-                .map(|t| (t.node.clone(), t.connections))
-                .collect(),
-            planned: i.planned,
-            moved_total: i.moved_total,
-            last_check_seconds_ago: i.last_check.map(|t| t.elapsed().as_secs()),
+            balance: Some(RebalanceBalance {
+                mean: i.mean,
+                targets: targets
+                    .iter()
+                    .map(|t| (t.node.clone(), t.connections))
+                    .collect(),
+                planned: i.planned as u64,
+                moved_total: i.moved_total,
+                last_check_seconds_ago: i.last_check.map(|t| t.elapsed().as_secs()),
+            }),
         }
     }
 }
@@ -210,7 +192,9 @@ pub async fn run(cluster: Arc<Cluster>) {
 async fn round(cluster: &Arc<Cluster>, rate: u32) -> usize {
     let r = &cluster.rebalancer;
     let Some(b) = cluster.broker() else { return 0 };
-    if cluster.evacuation.lock().state != "idle" || !b.accepting.load(Ordering::Relaxed) {
+    if cluster.evacuation.lock().state != EvacuationState::Idle
+        || !b.accepting.load(Ordering::Relaxed)
+    {
         return 0; // an evacuating node moves everything anyway
     }
     let own = b.metrics.connections.get().max(0) as u64;
@@ -223,12 +207,12 @@ async fn round(cluster: &Arc<Cluster>, rate: u32) -> usize {
         i.planned = shed.targets.len();
         i.state = if shed.targets.is_empty() {
             if peers.is_empty() && own > 0 {
-                "waiting"
+                RebalanceState::Waiting
             } else {
-                "balanced"
+                RebalanceState::Balanced
             }
         } else {
-            "running"
+            RebalanceState::Running
         };
         let now = Instant::now();
         i.recently_moved
@@ -242,7 +226,7 @@ async fn round(cluster: &Arc<Cluster>, rate: u32) -> usize {
         .peekable();
     if candidates.peek().is_none() {
         // Everything here was moved a moment ago (and came back): wait rather than churn.
-        r.state.lock().state = "waiting";
+        r.state.lock().state = RebalanceState::Waiting;
         tracing::debug!(connections = own, "rebalancing: no client may move yet");
         return 0;
     }
@@ -257,7 +241,9 @@ async fn round(cluster: &Arc<Cluster>, rate: u32) -> usize {
     let mut moved = 0usize;
     let mut per_target: HashMap<String, usize> = HashMap::new();
     for to in &shed.targets {
-        if cluster.evacuation.lock().state != "idle" || cluster.shutdown.is_cancelled() {
+        if cluster.evacuation.lock().state != EvacuationState::Idle
+            || cluster.shutdown.is_cancelled()
+        {
             break;
         }
         // A candidate may have gone offline since the round started: moving its session
@@ -283,7 +269,11 @@ async fn round(cluster: &Arc<Cluster>, rate: u32) -> usize {
         tokio::time::sleep(interval).await;
     }
     cluster.metrics.rebalance_rounds.inc();
-    r.state.lock().state = if r.enabled { "settling" } else { "done" };
+    r.state.lock().state = if r.enabled {
+        RebalanceState::Settling
+    } else {
+        RebalanceState::Done
+    };
     tracing::info!(moved, to = ?per_target, "rebalancing round done");
     moved
 }

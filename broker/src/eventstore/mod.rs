@@ -26,7 +26,6 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use prometheus::{Histogram, IntCounter, IntGauge};
-use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -90,29 +89,15 @@ pub(crate) trait Backend: Send {
     fn close(&mut self);
 }
 
-/// A sink's state as the status API reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SinkState {
-    /// Not connected yet.
-    Connecting,
-    /// Connected; the last write (if any) succeeded.
-    Up,
-    /// Unreachable: connection refused, timed out or lost.
-    Down,
-    /// The store refused the credentials.
-    AuthFailed,
-    /// Reachable, but it rejected a write.
-    Error,
-}
+// A sink's state and report are the admin API's types: their names are written once there.
+pub use corvid_api::{SinkReport, SinkState};
 
-impl SinkState {
-    fn from_fault(k: FaultKind) -> Self {
-        match k {
-            FaultKind::Unreachable => SinkState::Down,
-            FaultKind::Auth => SinkState::AuthFailed,
-            FaultKind::Rejected => SinkState::Error,
-        }
+/// Maps a write fault to the state it puts the sink in.
+fn state_of_fault(k: FaultKind) -> SinkState {
+    match k {
+        FaultKind::Unreachable => SinkState::Down,
+        FaultKind::Auth => SinkState::AuthFailed,
+        FaultKind::Rejected => SinkState::Error,
     }
 }
 
@@ -176,7 +161,7 @@ impl Sink {
 
     fn fault(&self, f: &Fault, doing: &str) {
         self.m.errors.inc();
-        let state = SinkState::from_fault(f.kind);
+        let state = state_of_fault(f.kind);
         if state != SinkState::Error {
             self.m.up.set(0);
         }
@@ -212,7 +197,7 @@ impl Sink {
     fn report(&self) -> SinkReport {
         let i = self.inner.lock();
         SinkReport {
-            sink: self.name,
+            sink: self.name.to_string(),
             target: self.target.clone(),
             state: i.state,
             since_ms: i.since_ms,
@@ -222,45 +207,12 @@ impl Sink {
             written: self.m.written.get(),
             failed: self.m.failed.get(),
             dropped: self.m.dropped.get(),
-            buffered: self.buffered(),
-            buffer_capacity: self.capacity,
+            buffered: self.buffered() as u64,
+            buffer_capacity: self.capacity as u64,
             events: self.events.clone(),
             message_filters: self.message_filters.clone(),
         }
     }
-}
-
-/// One sink in `GET /api/v1/eventstore`.
-#[derive(Debug, Clone, Serialize)]
-pub struct SinkReport {
-    /// `postgres` or `redis`.
-    pub sink: &'static str,
-    /// Where it writes, without the password.
-    pub target: String,
-    /// Current state.
-    pub state: SinkState,
-    /// When it entered that state (ms since the epoch).
-    pub since_ms: u64,
-    /// Last fault message, if any.
-    pub last_error: Option<String>,
-    /// When the last fault happened.
-    pub last_error_at_ms: Option<u64>,
-    /// When a batch was last written.
-    pub last_write_at_ms: Option<u64>,
-    /// Events written.
-    pub written: u64,
-    /// Events given up after `retry.max_attempts` rejected writes.
-    pub failed: u64,
-    /// Events dropped because the buffer was full (or left over at shutdown).
-    pub dropped: u64,
-    /// Events waiting to be written.
-    pub buffered: usize,
-    /// Buffer size (`buffer.max_events`).
-    pub buffer_capacity: usize,
-    /// Client events recorded.
-    pub events: Vec<String>,
-    /// Message topic filters recorded.
-    pub message_filters: Vec<String>,
 }
 
 type Spawn = Box<dyn FnOnce(CancellationToken) -> JoinHandle<()> + Send>;

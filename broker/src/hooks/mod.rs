@@ -12,6 +12,8 @@
 
 mod webhook;
 
+pub use corvid_api::{WebhookState, WebhookStatus};
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -22,67 +24,10 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::config::EventKind;
 use crate::config::WebhookConfig;
 use crate::metrics::Metrics;
 use crate::topic;
-
-/// Kinds of events, by the names used in configuration and payloads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EventKind {
-    /// A client connected.
-    ClientConnected = 0,
-    /// A client disconnected.
-    ClientDisconnected = 1,
-    /// A subscription was added.
-    SessionSubscribed = 2,
-    /// A subscription was removed.
-    SessionUnsubscribed = 3,
-    /// A client published a message.
-    MessagePublish = 4,
-    /// A message was sent to a subscriber.
-    MessageDelivered = 5,
-    /// A subscriber acknowledged a QoS 1/2 message.
-    MessageAcked = 6,
-    /// A message was dropped (no subscribers, ACL, full queue...).
-    MessageDropped = 7,
-}
-
-impl EventKind {
-    /// Every kind.
-    pub const ALL: [EventKind; 8] = [
-        EventKind::ClientConnected,
-        EventKind::ClientDisconnected,
-        EventKind::SessionSubscribed,
-        EventKind::SessionUnsubscribed,
-        EventKind::MessagePublish,
-        EventKind::MessageDelivered,
-        EventKind::MessageAcked,
-        EventKind::MessageDropped,
-    ];
-
-    /// The configuration / payload name.
-    pub fn name(self) -> &'static str {
-        match self {
-            EventKind::ClientConnected => "client.connected",
-            EventKind::ClientDisconnected => "client.disconnected",
-            EventKind::SessionSubscribed => "session.subscribed",
-            EventKind::SessionUnsubscribed => "session.unsubscribed",
-            EventKind::MessagePublish => "message.publish",
-            EventKind::MessageDelivered => "message.delivered",
-            EventKind::MessageAcked => "message.acked",
-            EventKind::MessageDropped => "message.dropped",
-        }
-    }
-
-    /// Parses a configured name.
-    pub fn from_name(s: &str) -> Option<EventKind> {
-        Self::ALL.into_iter().find(|k| k.name() == s)
-    }
-
-    fn bit(self) -> u16 {
-        1 << (self as u16)
-    }
-}
 
 /// One event.
 #[derive(Debug, Clone)]
@@ -338,6 +283,9 @@ pub enum HookError {
         /// The name.
         name: String,
     },
+    /// The webhook metrics could not be registered.
+    #[error("webhook metrics: {0}")]
+    Metrics(String),
     /// The HTTP client could not be built.
     #[error("webhooks[{index}]: {reason}")]
     Client {
@@ -398,6 +346,17 @@ pub struct Hooks {
     mask: u16,
     sinks: Vec<Sink>,
     pending: Mutex<Vec<webhook::Worker>>,
+    webhooks: Vec<WebhookHandle>,
+}
+
+/// What the admin API reads of one webhook.
+#[derive(Debug)]
+struct WebhookHandle {
+    health: Arc<webhook::Health>,
+    tx: mpsc::Sender<Arc<Event>>,
+    delivered: IntCounter,
+    failed: IntCounter,
+    dropped: IntCounter,
 }
 
 impl Hooks {
@@ -405,7 +364,15 @@ impl Hooks {
     pub fn new(cfg: &[WebhookConfig], node: &str, metrics: &Metrics) -> Result<Self, HookError> {
         let mut sinks = Vec::new();
         let mut workers = Vec::new();
+        let mut handles = Vec::new();
         let mut all = 0u16;
+        let up = metrics
+            .gauge_vec(
+                "corvid_webhook_up",
+                "1 while the webhook's endpoint is healthy (last delivery or idle check)",
+                "webhook",
+            )
+            .map_err(|e| HookError::Metrics(e.to_string()))?;
         for (index, w) in cfg.iter().enumerate() {
             let mut mask = 0u16;
             for e in &w.events {
@@ -424,10 +391,29 @@ impl Hooks {
                 w.name.clone()
             };
             let (tx, rx) = mpsc::channel(w.queue_size.max(1));
+            let health = Arc::new(webhook::Health::new(
+                &name,
+                &w.url,
+                up.with_label_values(&[&name]),
+            ));
             workers.push(
-                webhook::Worker::new(w, name.clone(), node.to_string(), rx, metrics)
-                    .map_err(|reason| HookError::Client { index, reason })?,
+                webhook::Worker::new(
+                    w,
+                    name.clone(),
+                    node.to_string(),
+                    rx,
+                    metrics,
+                    health.clone(),
+                )
+                .map_err(|reason| HookError::Client { index, reason })?,
             );
+            handles.push(WebhookHandle {
+                health,
+                tx: tx.clone(),
+                delivered: metrics.webhook_delivered.with_label_values(&[&name]),
+                failed: metrics.webhook_failed.with_label_values(&[&name]),
+                dropped: metrics.webhook_dropped.with_label_values(&[&name]),
+            });
             sinks.push(Sink {
                 dropped: metrics.webhook_dropped.with_label_values(&[&name]),
                 name,
@@ -442,6 +428,7 @@ impl Hooks {
             mask: all,
             sinks,
             pending: Mutex::new(workers),
+            webhooks: handles,
         })
     }
 
@@ -464,6 +451,22 @@ impl Hooks {
         for w in self.pending.lock().drain(..) {
             tokio::spawn(w.run(shutdown.clone()));
         }
+    }
+
+    /// Each webhook's health and counts, for `GET /api/v1/webhooks`.
+    pub fn webhook_status(&self) -> Vec<WebhookStatus> {
+        self.webhooks
+            .iter()
+            .map(|h| {
+                let queued = h.tx.max_capacity().saturating_sub(h.tx.capacity());
+                h.health.status(
+                    u64::try_from(queued).unwrap_or(u64::MAX),
+                    h.delivered.get(),
+                    h.failed.get(),
+                    h.dropped.get(),
+                )
+            })
+            .collect()
     }
 
     /// Whether any webhook wants events of `kind`: check before building one.

@@ -334,6 +334,11 @@ pub type Responder =
 impl HttpServer {
     /// Serves on 127.0.0.1:0 until the test ends.
     pub async fn start(respond: Responder) -> HttpServer {
+        Self::start_on("127.0.0.1:0".parse().expect("addr"), respond).await
+    }
+
+    /// Serves on `addr` (a port a test reserved) until the test ends.
+    pub async fn start_on(addr: SocketAddr, respond: Responder) -> HttpServer {
         use axum::extract::State;
         let bodies: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
         let state = (bodies.clone(), respond);
@@ -355,7 +360,7 @@ impl HttpServer {
         let app = axum::Router::new()
             .fallback(axum::routing::post(handle))
             .with_state(state);
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let l = tokio::net::TcpListener::bind(addr)
             .await
             .expect("bind http");
         let addr = l.local_addr().expect("addr");

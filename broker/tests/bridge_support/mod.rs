@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use corvid_broker::bridge::{Bridge, LinkState};
+use corvid_broker::bridge::{Bridge, BridgeState};
 use corvid_broker::server::Running;
 
 /// Longest a server may take to start (RabbitMQ boots an Erlang VM; the machine is shared).
@@ -131,7 +131,7 @@ pub fn bridge(running: &Running, name: &str) -> std::sync::Arc<Bridge> {
 }
 
 /// Waits until the bridge reaches `state`.
-pub async fn wait_state(running: &Running, name: &str, state: LinkState) {
+pub async fn wait_state(running: &Running, name: &str, state: BridgeState) {
     let b = bridge(running, name);
     super_wait(&format!("bridge {name} {state:?}"), SERVER_START, || {
         b.state() == state

@@ -173,14 +173,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", report.markdown(&out.display().to_string()));
             yes(report.ok())
         }
-        Command::MemberReady { name } => {
-            let view: proof::ClusterView = stdin_json()?;
-            yes(view.member_ready(&name))
-        }
-        Command::HasConnections => {
-            let view: proof::RebalanceView = stdin_json()?;
-            yes(view.connections.unwrap_or(0) > 0)
-        }
+        Command::MemberReady { name } => yes(proof::member_ready(&stdin_json()?, &name)),
+        Command::HasConnections => yes(proof::has_connections(&stdin_json()?)),
         Command::CrdEstablished => yes(proof::crd_established(&stdin_json()?)),
     })
 }

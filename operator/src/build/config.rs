@@ -1,12 +1,18 @@
-//! Renders the broker configuration file (`corvid.yaml`) from the spec, deep-merges `spec.config`
-//! over it, and hashes the result so that a configuration change (and only that) rolls the pods.
+//! Builds the broker configuration (`corvid.yaml`) from the spec as the broker's own typed
+//! `corvid_config::Config`, deep-merges `spec.config` over it, validates the result with the
+//! broker's own code (so a bad override is an `InvalidSpec`, never a crash-looping pod), and
+//! hashes the file so that a configuration change (and only that) rolls the pods.
 
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use corvid_config as cfg;
+use corvid_config::Config;
 use corvid_crds::{ListenerKind, MqttCluster, PersistenceMode, TlsMode, ADMIN_PORT, CLUSTER_PORT};
-use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
 use super::Names;
-use crate::validate::Validated;
+use crate::validate::{InvalidSpec, Validated};
 
 /// Directory of the broker's files inside the pod.
 pub const CONFIG_DIR: &str = "/etc/corvid";
@@ -79,290 +85,339 @@ pub fn proxy_trusted(cluster: &MqttCluster) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// The configuration rendered from the spec, before `spec.config` is merged.
-pub fn base(cluster: &MqttCluster, names: &Names) -> Value {
+/// A spec integer that must fit the broker's field; the CRD's bounds keep it in range, and an
+/// object admitted without them gets an `InvalidSpec` naming the field.
+fn fit<T: TryFrom<i64>>(value: i64, field: &str) -> Result<T, InvalidSpec> {
+    T::try_from(value).map_err(|_| InvalidSpec(format!("{field}: {value} is out of range")))
+}
+
+/// Every pod listens on all its addresses.
+fn any_addr(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))
+}
+
+/// The configuration built from the spec, before `spec.config` is merged.
+pub fn typed(cluster: &MqttCluster, names: &Names) -> Result<Config, InvalidSpec> {
     let spec = &cluster.spec;
+    let mut c = Config::default();
+    c.log.format = cfg::LogFormat::Json;
     let proxy = proxy_protocol(cluster);
     let trusted = if proxy {
         proxy_trusted(cluster)
     } else {
         Vec::new()
     };
-    let listener = |kind: ListenerKind| {
-        let mut l = json!({
-            "enabled": broker_serves(cluster, kind),
-            "bind": format!("0.0.0.0:{}", spec.listeners.get(kind).port),
-            "proxy_protocol": proxy,
-            "proxy_trusted": trusted,
-        });
-        if kind.is_websocket() {
-            l["path"] = json!("/mqtt");
-        }
-        l
-    };
+    for kind in ListenerKind::ALL {
+        let port = fit(
+            spec.listeners.get(kind).port.into(),
+            &format!("spec.listeners.{}.port", kind.name()),
+        )?;
+        let l = match kind {
+            ListenerKind::Mqtt => &mut c.listeners.mqtt,
+            ListenerKind::Ws => &mut c.listeners.ws,
+            ListenerKind::Mqtts => &mut c.listeners.mqtts,
+            ListenerKind::Wss => &mut c.listeners.wss,
+        };
+        l.enabled = broker_serves(cluster, kind);
+        l.bind = any_addr(port);
+        l.proxy_protocol = proxy;
+        l.proxy_trusted = trusted.clone();
+    }
+    c.tls.cert_file = PathBuf::from(format!("{TLS_DIR}/tls.crt"));
+    c.tls.key_file = PathBuf::from(format!("{TLS_DIR}/tls.key"));
+    c.admin.bind = any_addr(fit(ADMIN_PORT.into(), "admin port")?);
+    c.admin.token_file = Some(format!("{ADMIN_TOKEN_DIR}/{ADMIN_TOKEN_KEY}").into());
+    let limits = &spec.limits;
+    c.mqtt.max_packet_size = fit(limits.max_packet_size, "spec.limits.maxPacketSize")?;
+    c.mqtt.shared_subscription_strategy = spec.shared_subscription_strategy.into();
+    let sessions = &spec.sessions;
+    c.sessions.max_offline_queue =
+        fit(sessions.max_offline_queue, "spec.sessions.maxOfflineQueue")?;
+    c.sessions.queue_full_policy = sessions.queue_full_policy.into();
+    c.sessions.max_session_expiry = fit(
+        sessions.max_session_expiry_seconds,
+        "spec.sessions.maxSessionExpirySeconds",
+    )?;
+    c.limits.max_connections = fit(limits.max_connections, "spec.limits.maxConnections")?;
+    c.limits.max_conn_rate = fit(limits.max_conn_rate, "spec.limits.maxConnRate")?;
+    c.limits.message_rate = limits.message_rate.clone();
+    c.limits.byte_rate = limits.byte_rate.clone();
+    c.limits.max_subscriptions = fit(limits.max_subscriptions, "spec.limits.maxSubscriptions")?;
     let auth = &spec.auth;
-    let mut config = json!({
-        "node": { "name": null },
-        "log": { "level": "info", "format": "json" },
-        "listeners": {
-            "mqtt": listener(ListenerKind::Mqtt),
-            "ws": listener(ListenerKind::Ws),
-            "mqtts": listener(ListenerKind::Mqtts),
-            "wss": listener(ListenerKind::Wss),
-        },
-        "tls": {
-            "cert_file": format!("{TLS_DIR}/tls.crt"),
-            "key_file": format!("{TLS_DIR}/tls.key"),
-            "ca_file": null,
-        },
-        "admin": {
-            "bind": format!("0.0.0.0:{ADMIN_PORT}"),
-            "token_file": format!("{ADMIN_TOKEN_DIR}/{ADMIN_TOKEN_KEY}"),
-        },
-        "mqtt": {
-            "max_packet_size": spec.limits.max_packet_size,
-            "receive_maximum": 32,
-            "max_keepalive": 65535,
-            "topic_alias_maximum": 64,
-            "retain_available": true,
-            "max_qos": 2,
-            "shared_subscription_strategy": spec.shared_subscription_strategy,
-        },
-        "sessions": {
-            "max_offline_queue": spec.sessions.max_offline_queue,
-            "queue_full_policy": spec.sessions.queue_full_policy,
-            "max_session_expiry": spec.sessions.max_session_expiry_seconds,
-        },
-        "limits": {
-            "max_connections": spec.limits.max_connections,
-            "max_conn_rate": spec.limits.max_conn_rate,
-            "message_rate": spec.limits.message_rate,
-            "byte_rate": spec.limits.byte_rate,
-            "max_subscriptions": spec.limits.max_subscriptions,
-        },
-        "auth": {
-            "allow_anonymous": auth.anonymous_allowed(),
-            "users_file": auth.users_secret.as_ref().map(|_| format!("{AUTH_DIR}/users")),
-            "client_ids": auth.client_ids,
-            "http": auth.http.as_ref().map(|h| json!({ "url": h.url, "timeout_ms": h.timeout_ms })),
-        },
-        "acl": acl(cluster),
-        "auto_subscriptions": spec.auto_subscriptions.iter()
-            .map(|s| json!({ "topic": s.topic, "qos": s.qos })).collect::<Vec<_>>(),
-        "webhooks": spec.webhooks.iter()
-            .map(|w| json!({ "name": w.name, "url": w.url, "events": w.events })).collect::<Vec<_>>(),
-        "cluster": {
-            "port": CLUSTER_PORT,
-            "discovery": "kubernetes",
-            "secret_file": format!("{CLUSTER_SECRET_DIR}/{CLUSTER_SECRET_KEY}"),
-            "kubernetes": { "namespace": names.namespace, "service": names.headless_service() },
-            "dns_name": null,
-            "peers": [],
-        },
-        "shutdown": { "drain_timeout": spec.upgrade_strategy.drain_timeout_seconds },
-    });
-    // Sections still at the broker's defaults are left out, as are nulls: every field is optional
-    // and defaulted by the broker, and a smaller file keeps older brokers (which reject unknown
-    // sections) working with default specs.
-    let defaults = [
-        (
-            "auth",
-            json!({ "allow_anonymous": true, "users_file": null, "client_ids": [], "http": null }),
-        ),
-        ("acl", json!({ "no_match": "allow", "rules": [] })),
-        ("auto_subscriptions", json!([])),
-        ("webhooks", json!([])),
-    ];
-    if let Value::Object(map) = &mut config {
-        for (key, default) in defaults {
-            if map.get(key) == Some(&default) {
-                map.remove(key);
-            }
-        }
+    c.auth.allow_anonymous = auth.anonymous_allowed();
+    c.auth.users_file = auth
+        .users_secret
+        .as_ref()
+        .map(|_| format!("{AUTH_DIR}/users").into());
+    c.auth.client_ids = auth.client_ids.clone();
+    if let Some(h) = &auth.http {
+        c.auth.http = Some(cfg::HttpAuthConfig {
+            url: h.url.clone(),
+            timeout_ms: fit(h.timeout_ms, "spec.auth.http.timeoutMs")?,
+            ..Default::default()
+        });
     }
-    strip_nulls(&mut config);
-    // Keys below are outside the baseline file shape, so they are written only when switched on.
-    if let Some(es) = &spec.event_store {
-        config["event_store"] = event_store(es);
-    }
+    c.acl.no_match = spec.acl.no_match.into();
+    c.acl.rules = spec.acl.rules.iter().map(Into::into).collect();
+    c.auto_subscriptions = spec
+        .auto_subscriptions
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            Ok(cfg::AutoSubscription {
+                topic: s.topic.clone(),
+                qos: fit(s.qos.into(), &format!("spec.autoSubscriptions[{i}].qos"))?,
+            })
+        })
+        .collect::<Result<_, InvalidSpec>>()?;
+    c.webhooks = spec
+        .webhooks
+        .iter()
+        .map(|w| cfg::WebhookConfig {
+            name: w.name.clone(),
+            url: w.url.clone(),
+            events: w.events.clone(),
+            ..Default::default()
+        })
+        .collect();
+    c.cluster.port = fit(CLUSTER_PORT.into(), "cluster port")?;
+    c.cluster.discovery = cfg::Discovery::Kubernetes;
+    c.cluster.secret_file = Some(format!("{CLUSTER_SECRET_DIR}/{CLUSTER_SECRET_KEY}").into());
+    c.cluster.kubernetes.namespace = Some(names.namespace.clone());
+    c.cluster.kubernetes.service = Some(names.headless_service());
     if spec.rebalance.enabled {
-        config["cluster"]["rebalance"] = json!({ "enabled": true, "rate": spec.rebalance.rate });
+        c.cluster.rebalance.enabled = true;
+        c.cluster.rebalance.rate = fit(spec.rebalance.rate.into(), "spec.rebalance.rate")?;
+    }
+    c.shutdown.drain_timeout = fit(
+        spec.upgrade_strategy.drain_timeout_seconds.into(),
+        "spec.upgradeStrategy.drainTimeoutSeconds",
+    )?;
+    if let Some(es) = &spec.event_store {
+        c.event_store = event_store(es)?;
     }
     if spec.persistence.mode == PersistenceMode::Pvc {
-        config["persistence"] = json!({ "data_dir": DATA_DIR });
+        c.persistence.data_dir = Some(DATA_DIR.into());
     }
-    if !spec.bridges.is_empty() {
-        config["bridges"] = bridges(cluster);
-    }
-    config
+    c.bridges = bridges(cluster)?;
+    Ok(c)
 }
 
 /// The `bridges` section; Secret-backed values become files under [`BRIDGES_DIR`]/<bridge>/.
-fn bridges(cluster: &MqttCluster) -> Value {
+fn bridges(cluster: &MqttCluster) -> Result<cfg::BridgesConfig, InvalidSpec> {
     let b = &cluster.spec.bridges;
-    let file = |bridge: &str, name: &str| format!("{BRIDGES_DIR}/{bridge}/{name}");
-    let mqtt: Vec<Value> = b
-        .mqtt
-        .iter()
-        .map(|m| {
-            let r = &m.remote;
-            let mut remote = json!({
-                "host": r.host,
-                "port": r.port,
-                "username": r.username,
-                "password_file": r.password_secret.as_ref().map(|_| file(&m.name, "password")),
-                "client_id": r.client_id,
-            });
-            if let Some(t) = &r.tls {
-                let client = t.client_cert_secret.is_some();
-                remote["tls"] = json!({
-                    "ca_file": t.ca_secret.as_ref().map(|_| file(&m.name, "ca.crt")),
-                    "cert_file": client.then(|| file(&m.name, "tls.crt")),
-                    "key_file": client.then(|| file(&m.name, "tls.key")),
-                });
+    let file = |bridge: &str, name: &str| PathBuf::from(format!("{BRIDGES_DIR}/{bridge}/{name}"));
+    let mut out = cfg::BridgesConfig::default();
+    for (i, m) in b.mqtt.iter().enumerate() {
+        let at = format!("spec.bridges.mqtt[{i}]");
+        let r = &m.remote;
+        let tls = r.tls.as_ref().map(|t| {
+            let client = t.client_cert_secret.is_some();
+            cfg::BridgeTlsConfig {
+                ca_file: t.ca_secret.as_ref().map(|_| file(&m.name, "ca.crt")),
+                cert_file: client.then(|| file(&m.name, "tls.crt")),
+                key_file: client.then(|| file(&m.name, "tls.key")),
             }
-            json!({
-                "name": m.name,
-                "remote": remote,
-                "egress": m.egress.iter().map(|e| json!({
-                    "local_filter": e.local_filter, "remote_prefix": e.remote_prefix,
-                    "qos": e.qos, "retain": e.retain,
-                })).collect::<Vec<_>>(),
-                "ingress": m.ingress.iter().map(|i| json!({
-                    "remote_filter": i.remote_filter, "local_prefix": i.local_prefix, "qos": i.qos,
-                })).collect::<Vec<_>>(),
-                "buffer": { "max_messages": m.buffer_max_messages },
+        });
+        let egress = m
+            .egress
+            .iter()
+            .enumerate()
+            .map(|(j, e)| {
+                Ok(cfg::MqttEgressRule {
+                    local_filter: e.local_filter.clone(),
+                    remote_prefix: e.remote_prefix.clone(),
+                    qos: fit(e.qos.into(), &format!("{at}.egress[{j}].qos"))?,
+                    retain: e.retain,
+                })
             })
-        })
-        .collect();
-    let kafka: Vec<Value> = b
-        .kafka
-        .iter()
-        .map(|k| {
-            json!({
-                "name": k.name,
-                "bootstrap": k.bootstrap,
-                "topic": k.topic,
-                "filters": k.filters,
-                "key": k.key.as_config(),
-                "acks": "all",
-                "batch": { "max_messages": k.batch_max_messages, "linger_ms": k.linger_ms },
-                "buffer": { "max_messages": k.buffer_max_messages },
+            .collect::<Result<_, InvalidSpec>>()?;
+        let ingress = m
+            .ingress
+            .iter()
+            .enumerate()
+            .map(|(j, e)| {
+                Ok(cfg::MqttIngressRule {
+                    remote_filter: e.remote_filter.clone(),
+                    local_prefix: e.local_prefix.clone(),
+                    qos: fit(e.qos.into(), &format!("{at}.ingress[{j}].qos"))?,
+                })
             })
-        })
-        .collect();
-    let mut section = json!({ "mqtt": mqtt, "kafka": kafka });
-    strip_nulls(&mut section);
-    section
+            .collect::<Result<_, InvalidSpec>>()?;
+        out.mqtt.push(cfg::MqttBridgeConfig {
+            name: m.name.clone(),
+            remote: cfg::MqttRemoteConfig {
+                host: r.host.clone(),
+                port: fit(r.port.into(), &format!("{at}.remote.port"))?,
+                tls,
+                username: r.username.clone(),
+                password_file: r
+                    .password_secret
+                    .as_ref()
+                    .map(|_| file(&m.name, "password")),
+                client_id: r.client_id.clone(),
+                ..Default::default()
+            },
+            egress,
+            ingress,
+            buffer: cfg::BridgeBufferConfig {
+                max_messages: fit(m.buffer_max_messages, &format!("{at}.bufferMaxMessages"))?,
+            },
+            ..Default::default()
+        });
+    }
+    for (i, k) in b.kafka.iter().enumerate() {
+        let at = format!("spec.bridges.kafka[{i}]");
+        out.kafka.push(cfg::KafkaBridgeConfig {
+            name: k.name.clone(),
+            bootstrap: k.bootstrap.clone(),
+            topic: k.topic.clone(),
+            filters: k.filters.clone(),
+            key: k.key.into(),
+            acks: cfg::KafkaAcks::All,
+            batch: cfg::KafkaBatchConfig {
+                max_messages: fit(k.batch_max_messages, &format!("{at}.batchMaxMessages"))?,
+                linger_ms: fit(k.linger_ms, &format!("{at}.lingerMs"))?,
+            },
+            buffer: cfg::BridgeBufferConfig {
+                max_messages: fit(k.buffer_max_messages, &format!("{at}.bufferMaxMessages"))?,
+            },
+            ..Default::default()
+        });
+    }
+    Ok(out)
 }
 
-fn acl(cluster: &MqttCluster) -> Value {
-    let acl = &cluster.spec.acl;
-    let rules: Vec<Value> = acl
-        .rules
-        .iter()
-        .map(|r| {
-            let who = match (&r.who.user, &r.who.client_id, &r.who.ip_cidr) {
-                (Some(u), _, _) => json!({ "user": u }),
-                (_, Some(c), _) => json!({ "client_id": c }),
-                (_, _, Some(ip)) => json!({ "ip_cidr": ip }),
-                _ => json!("all"),
+/// The broker's `event_store` section; passwords are files from the projected Secrets.
+fn event_store(es: &corvid_crds::EventStoreSpec) -> Result<cfg::EventStoreConfig, InvalidSpec> {
+    let batch = |t: &corvid_crds::EventStoreTuning, at: &str| {
+        Ok::<_, InvalidSpec>(cfg::StoreBatchConfig {
+            max_rows: fit(t.batch_max_rows, &format!("{at}.tuning.batchMaxRows"))?,
+            linger_ms: fit(t.batch_linger_ms, &format!("{at}.tuning.batchLingerMs"))?,
+        })
+    };
+    let buffer = |t: &corvid_crds::EventStoreTuning, at: &str| {
+        Ok::<_, InvalidSpec>(cfg::StoreBufferConfig {
+            max_events: fit(t.buffer_max_events, &format!("{at}.tuning.bufferMaxEvents"))?,
+        })
+    };
+    let mut out = cfg::EventStoreConfig::default();
+    if let Some(p) = &es.postgres {
+        let at = "spec.eventStore.postgres";
+        let mut pg = cfg::PostgresStoreConfig {
+            url: Some(p.url.clone()),
+            table_prefix: p.table_prefix.clone(),
+            message_filters: p.message_filters.clone(),
+            password_file: p
+                .password_secret
+                .as_ref()
+                .map(|_| format!("{EVENTSTORE_DIR}/postgres-password").into()),
+            batch: batch(&p.tuning, at)?,
+            buffer: buffer(&p.tuning, at)?,
+            ..Default::default()
+        };
+        if !p.events.is_empty() {
+            pg.events = p.events.clone();
+        }
+        out.postgres = Some(pg);
+    }
+    if let Some(r) = &es.redis {
+        let at = "spec.eventStore.redis";
+        let mut rd = cfg::RedisStoreConfig {
+            url: r.url.clone(),
+            username: r.username.clone(),
+            key_prefix: r.key_prefix.clone(),
+            stream_maxlen: fit(r.stream_max_len, &format!("{at}.streamMaxLen"))?,
+            message_filters: r.message_filters.clone(),
+            password_file: r
+                .password_secret
+                .as_ref()
+                .map(|_| format!("{EVENTSTORE_DIR}/redis-password").into()),
+            batch: batch(&r.tuning, at)?,
+            buffer: buffer(&r.tuning, at)?,
+            ..Default::default()
+        };
+        if !r.events.is_empty() {
+            rd.events = r.events.clone();
+        }
+        out.redis = Some(rd);
+    }
+    Ok(out)
+}
+
+/// Where a broker configuration error points: into `spec.config` when the user's override set
+/// that field, else at the configuration the spec produced.
+fn spec_error(e: cfg::ConfigError, overrides: Option<&serde_json::Value>) -> InvalidSpec {
+    let (field, reason) = match e {
+        cfg::ConfigError::Invalid { field, reason } => (field, reason),
+        cfg::ConfigError::Parse { message, .. } => match message.split_once(": ") {
+            Some((path, reason)) if !path.contains(' ') => (path.to_string(), reason.to_string()),
+            _ => (String::new(), message),
+        },
+        other => (String::new(), other.to_string()),
+    };
+    let in_overrides = overrides.is_some_and(|o| sets(o, &field));
+    match (field.is_empty(), in_overrides) {
+        (true, _) => InvalidSpec(format!("spec.config: {reason}")),
+        (false, true) => InvalidSpec(format!("spec.config.{field}: {reason}")),
+        (false, false) => InvalidSpec(format!(
+            "corvid.yaml `{field}` (built from the spec): {reason}"
+        )),
+    }
+}
+
+/// Whether `value` holds the dotted broker field `path` (`acl.rules[0].topics[1]`).
+fn sets(value: &serde_json::Value, path: &str) -> bool {
+    let mut at = value;
+    for segment in path.split('.') {
+        let mut parts = segment.split('[');
+        let key = parts.next().unwrap_or_default();
+        let Some(next) = at.get(key) else {
+            return false;
+        };
+        at = next;
+        for index in parts {
+            let Some(next) = index
+                .trim_end_matches(']')
+                .parse::<usize>()
+                .ok()
+                .and_then(|i| at.get(i))
+            else {
+                return false;
             };
-            json!({ "permission": r.permission, "who": who, "action": r.action, "topics": r.topics })
-        })
-        .collect();
-    json!({ "no_match": acl.no_match, "rules": rules })
-}
-
-/// Removes null-valued keys recursively (the broker defaults them).
-fn strip_nulls(value: &mut Value) {
-    match value {
-        Value::Object(map) => {
-            map.retain(|_, v| !v.is_null());
-            map.values_mut().for_each(strip_nulls);
-        }
-        Value::Array(items) => items.iter_mut().for_each(strip_nulls),
-        _ => {}
-    }
-}
-
-/// Merges `overlay` into `base`: objects merge key by key, anything else replaces.
-pub fn deep_merge(base: &mut Value, overlay: &Value) {
-    match (base, overlay) {
-        (Value::Object(b), Value::Object(o)) => merge_maps(b, o),
-        (b, o) => *b = o.clone(),
-    }
-}
-
-fn merge_maps(base: &mut Map<String, Value>, overlay: &Map<String, Value>) {
-    for (key, value) in overlay {
-        match base.get_mut(key) {
-            Some(existing) => deep_merge(existing, value),
-            None => {
-                base.insert(key.clone(), value.clone());
-            }
+            at = next;
         }
     }
+    true
 }
 
-/// The final corvid.yaml: base configuration with `spec.config` merged on top, and its hash.
-pub fn render(cluster: &MqttCluster, names: &Names, valid: &Validated) -> Rendered {
-    let mut config = base(cluster, names);
-    if let Some(overrides) = &valid.config_overrides {
-        deep_merge(&mut config, overrides);
+/// The file the pods read: the spec's configuration, `spec.config` merged on top, validated
+/// by the broker's own parser, as the fields that differ from the broker's defaults.
+pub fn file(
+    cluster: &MqttCluster,
+    names: &Names,
+    overrides: Option<&serde_json::Value>,
+) -> Result<serde_yaml::Value, InvalidSpec> {
+    let built = typed(cluster, names)?;
+    let mut file = built
+        .non_default_fields()
+        .map_err(|e| InvalidSpec(format!("corvid.yaml: {e}")))?;
+    if let Some(o) = overrides {
+        let o = serde_yaml::to_value(o).map_err(|e| InvalidSpec(format!("spec.config: {e}")))?;
+        cfg::merge(&mut file, o);
     }
-    // serde_yaml cannot fail on a serde_json::Value (string keys, no non-finite floats survive JSON).
-    let yaml = serde_yaml::to_string(&config).unwrap_or_default();
+    Config::from_yaml("spec", file.clone()).map_err(|e| spec_error(e, overrides))?;
+    Ok(file)
+}
+
+/// The final corvid.yaml (validated) and its hash.
+pub fn render(valid: &Validated) -> Rendered {
+    // serde_yaml cannot fail on a mapping it produced itself.
+    let yaml = serde_yaml::to_string(&valid.config_file).unwrap_or_default();
     let hash = hex(&Sha256::digest(yaml.as_bytes()));
     Rendered { yaml, hash }
 }
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The broker's `event_store` section; passwords are files from the projected Secrets.
-fn event_store(es: &corvid_crds::EventStoreSpec) -> Value {
-    let tuning = |t: &corvid_crds::EventStoreTuning| {
-        json!({
-            "batch": { "max_rows": t.batch_max_rows, "linger_ms": t.batch_linger_ms },
-            "buffer": { "max_events": t.buffer_max_events },
-        })
-    };
-    let mut out = json!({});
-    if let Some(p) = &es.postgres {
-        let mut v = json!({
-            "url": p.url,
-            "table_prefix": p.table_prefix,
-            "message_filters": p.message_filters,
-        });
-        if !p.events.is_empty() {
-            v["events"] = json!(p.events);
-        }
-        if p.password_secret.is_some() {
-            v["password_file"] = json!(format!("{EVENTSTORE_DIR}/postgres-password"));
-        }
-        deep_merge(&mut v, &tuning(&p.tuning));
-        out["postgres"] = v;
-    }
-    if let Some(r) = &es.redis {
-        let mut v = json!({
-            "url": r.url,
-            "key_prefix": r.key_prefix,
-            "stream_maxlen": r.stream_max_len,
-            "message_filters": r.message_filters,
-        });
-        if let Some(u) = &r.username {
-            v["username"] = json!(u);
-        }
-        if !r.events.is_empty() {
-            v["events"] = json!(r.events);
-        }
-        if r.password_secret.is_some() {
-            v["password_file"] = json!(format!("{EVENTSTORE_DIR}/redis-password"));
-        }
-        deep_merge(&mut v, &tuning(&r.tuning));
-        out["redis"] = v;
-    }
-    out
 }

@@ -60,7 +60,7 @@ pub struct Desired {
 /// Builds every desired object from a validated cluster.
 pub fn desired(cluster: &MqttCluster, valid: &Validated, inputs: &BuildInputs) -> Desired {
     let names = Names::of(cluster);
-    let rendered = config::render(cluster, &names, valid);
+    let rendered = config::render(valid);
     Desired {
         config_map: configmap::build(cluster, &names, &rendered),
         service_account: rbac::service_account(cluster, &names),

@@ -6,6 +6,7 @@
 
 use std::num::{NonZeroU16, NonZeroU32};
 
+use crate::reason::Reason;
 use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
 use rmqtt_codec::types::Publish as WirePublish;
@@ -16,7 +17,7 @@ pub use rmqtt_codec::types::QoS;
 pub use rmqtt_codec::v5::{PublishProperties, RetainHandling, UserProperties};
 
 /// Protocol level negotiated by CONNECT.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
     /// MQTT 3.1 (protocol level 3) — handled as 3.1.1.
     V31,
@@ -34,10 +35,16 @@ impl Protocol {
 
     /// Human label used in logs, `$SYS` and the admin API.
     pub fn label(self) -> &'static str {
-        match self {
-            Protocol::V31 => "3.1",
-            Protocol::V311 => "3.1.1",
-            Protocol::V5 => "5.0",
+        corvid_api::ProtocolVersion::from(self).label()
+    }
+}
+
+impl From<Protocol> for corvid_api::ProtocolVersion {
+    fn from(p: Protocol) -> Self {
+        match p {
+            Protocol::V31 => corvid_api::ProtocolVersion::V31,
+            Protocol::V311 => corvid_api::ProtocolVersion::V311,
+            Protocol::V5 => corvid_api::ProtocolVersion::V5,
         }
     }
 }
@@ -48,8 +55,8 @@ impl Protocol {
 pub struct DecodeError {
     /// Description for logs.
     pub message: String,
-    /// MQTT 5 reason code (0x81 malformed, 0x82 protocol error, 0x95 packet too large ...).
-    pub reason: u8,
+    /// Why, as the MQTT 5 reason sent in DISCONNECT (malformed, protocol error, too large ...).
+    pub reason: Reason,
     /// The CONNECT named a protocol level the broker does not speak.
     pub unsupported_version: bool,
     /// A 3.1.1 CONNECT with an empty client id and clean session off.
@@ -60,14 +67,14 @@ impl From<rmqtt_codec::error::DecodeError> for DecodeError {
     fn from(e: rmqtt_codec::error::DecodeError) -> Self {
         use rmqtt_codec::error::DecodeError as E;
         let reason = match &e {
-            E::MaxSizeExceeded { .. } => 0x95,
+            E::MaxSizeExceeded { .. } => Reason::PacketTooLarge,
             E::InvalidProtocol
             | E::ConnectReservedFlagSet
             | E::InvalidConnectFlags
-            | E::PacketIdRequired => 0x82,
-            E::InvalidTopicName => 0x90,
-            E::InvalidTopicFilter => 0x8F,
-            _ => 0x81,
+            | E::PacketIdRequired => Reason::ProtocolError,
+            E::InvalidTopicName => Reason::TopicNameInvalid,
+            E::InvalidTopicFilter => Reason::TopicFilterInvalid,
+            _ => Reason::MalformedPacket,
         };
         DecodeError {
             message: e.to_string(),
@@ -367,7 +374,7 @@ impl Codec {
             // [MQTT-3.8.3-4]: the codec masks these bits; 3.1.1 requires closing the connection.
             return Err(DecodeError {
                 message: "SUBSCRIBE options with reserved bits set".into(),
-                reason: 0x81,
+                reason: Reason::MalformedPacket,
                 unsupported_version: false,
                 client_id_rejected: false,
             });
@@ -378,7 +385,7 @@ impl Codec {
             Some((MqttPacket::V5(p), _)) => Ok(Some(self.inbound_v5(p))),
             Some((MqttPacket::Version(_), _)) => Err(DecodeError {
                 message: "unexpected version packet".into(),
-                reason: 0x82,
+                reason: Reason::ProtocolError,
                 unsupported_version: false,
                 client_id_rejected: false,
             }),
@@ -835,7 +842,7 @@ mod tests {
         assert!(matches!(c.decode(&mut buf), Ok(Some(_))));
         buf.extend_from_slice(&[0x30, 0xff, 0xff, 0x7f]);
         let err = c.decode(&mut buf).expect_err("too big");
-        assert_eq!(err.reason, 0x95);
+        assert_eq!(err.reason, Reason::PacketTooLarge);
     }
 
     #[test]

@@ -10,6 +10,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+mod events;
+pub mod net;
+
+pub use events::EventKind;
+
 /// Why a configuration could not be loaded; the message always names the file or field.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -205,6 +210,28 @@ pub struct AclRule {
     pub action: AclAction,
     /// Topic filters, with `%u` / `%c` placeholders; `eq FILTER` matches only that literal filter.
     pub topics: Vec<String>,
+}
+
+/// One topic of an ACL rule, parsed: what the rule compiler and validation both read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AclTopic<'a> {
+    /// `eq FILTER`: matches only that literal filter (a subscription to exactly `a/#`).
+    Eq(&'a str),
+    /// A topic filter, possibly with `%u` / `%c` placeholders.
+    Filter(&'a str),
+}
+
+impl AclTopic<'_> {
+    /// Parses one entry of `topics`; the error says why it is refused.
+    pub fn parse(t: &str) -> Result<AclTopic<'_>, String> {
+        match t.strip_prefix("eq ") {
+            Some(rest) if rest.trim().is_empty() => Err("empty filter after `eq`".into()),
+            Some(rest) => Ok(AclTopic::Eq(rest.trim())),
+            None => corvid_proto::topic::validate_filter(t)
+                .map(|()| AclTopic::Filter(t))
+                .map_err(|e| e.to_string()),
+        }
+    }
 }
 
 fn all_clients() -> AclWho {
@@ -465,7 +492,7 @@ impl EventStoreConfig {
                 ));
             }
             for (i, t) in filters.iter().enumerate() {
-                if let Err(e) = crate::topic::validate_filter(t) {
+                if let Err(e) = corvid_proto::topic::validate_filter(t) {
                     return Err(invalid(
                         format!("event_store.{sink}.message_filters[{i}]"),
                         format!("{t:?}: {e}"),
@@ -511,20 +538,10 @@ impl EventStoreConfig {
                         "must start with postgres:// or postgresql://".into(),
                     ));
                 }
-                match url.parse::<tokio_postgres::Config>() {
-                    Err(e) => {
-                        return Err(invalid("event_store.postgres.url".into(), e.to_string()))
-                    }
-                    // A password in the URL ends up in ConfigMaps, logs and `ps`; the CRD's
-                    // CEL refuses it too.
-                    Ok(c) if c.get_password().is_some() => {
-                        return Err(invalid(
-                            "event_store.postgres.url".into(),
-                            "must not hold a password: put it in password_file".into(),
-                        ))
-                    }
-                    Ok(_) => {}
-                }
+                // A password in the URL ends up in ConfigMaps, logs and `ps`; the CRD's
+                // CEL refuses it too.
+                url_without_password(url)
+                    .map_err(|e| invalid("event_store.postgres.url".into(), e))?;
             } else if p.host.is_empty() {
                 return Err(invalid(
                     "event_store.postgres.host".into(),
@@ -568,17 +585,8 @@ impl EventStoreConfig {
                     "must start with redis://".into(),
                 ));
             }
-            match redis::IntoConnectionInfo::into_connection_info(r.url.as_str()) {
-                Err(e) => return Err(invalid("event_store.redis.url".into(), e.to_string())),
-                // As for PostgreSQL (and the CRD's CEL): no secrets in the URL.
-                Ok(c) if c.redis_settings().password().is_some() => {
-                    return Err(invalid(
-                        "event_store.redis.url".into(),
-                        "must not hold a password: put it in password_file".into(),
-                    ))
-                }
-                Ok(_) => {}
-            }
+            // As for PostgreSQL (and the CRD's CEL): no secrets in the URL.
+            url_without_password(&r.url).map_err(|e| invalid("event_store.redis.url".into(), e))?;
             if r.key_prefix.chars().any(|c| c.is_whitespace()) {
                 return Err(invalid(
                     "event_store.redis.key_prefix".into(),
@@ -766,12 +774,12 @@ impl ListenerConfig {
 
     /// Whether a PROXY header from `ip` (the TCP peer, i.e. the load balancer) is believed.
     pub fn proxy_trusts(&self, ip: std::net::IpAddr) -> bool {
-        let ip = crate::acl::canonical(ip);
+        let ip = net::canonical(ip);
         self.proxy_trusted.is_empty()
             || self
                 .proxy_trusted
                 .iter()
-                .filter_map(|c| crate::acl::parse_cidr(c))
+                .filter_map(|c| net::parse_cidr(c))
                 .any(|net| net.contains(&ip))
     }
 }
@@ -925,8 +933,8 @@ impl Default for MqttConfig {
 
 impl MqttConfig {
     /// The topic size bounds every entry point checks.
-    pub fn topic_limits(&self) -> crate::topic::TopicLimits {
-        crate::topic::TopicLimits {
+    pub fn topic_limits(&self) -> corvid_proto::topic::TopicLimits {
+        corvid_proto::topic::TopicLimits {
             max_levels: self.max_topic_levels,
             max_len: self.max_topic_length,
         }
@@ -1466,7 +1474,7 @@ impl BridgesConfig {
                 // A shared subscription at the remote is how a cluster takes each remote
                 // message once instead of once per pod.
                 let field = format!("{at}.ingress[{j}].remote_filter");
-                match crate::topic::parse_filter(&r.remote_filter) {
+                match corvid_proto::topic::parse_filter(&r.remote_filter) {
                     Ok(f) if f.group.is_some() => filter_ok(&field, f.filter)?,
                     _ => filter_ok(&field, &r.remote_filter)?,
                 }
@@ -1521,6 +1529,19 @@ impl BridgesConfig {
     }
 }
 
+/// Checks that a database URL parses and carries no password (in the user part or as a
+/// `password=` parameter): secrets belong in `password_file`, not in ConfigMaps and logs.
+fn url_without_password(raw: &str) -> Result<(), String> {
+    let u = url::Url::parse(raw).map_err(|e| format!("{raw:?} is not a URL: {e}"))?;
+    if u.host_str().is_none_or(str::is_empty) && u.path().trim_matches('/').is_empty() {
+        return Err(format!("{raw:?} names no host"));
+    }
+    if u.password().is_some() || u.query_pairs().any(|(k, _)| k == "password") {
+        return Err("must not hold a password: put it in password_file".into());
+    }
+    Ok(())
+}
+
 fn invalid_at<T>(field: String, reason: &str) -> Result<T, ConfigError> {
     Err(ConfigError::Invalid {
         field,
@@ -1548,7 +1569,7 @@ fn filter_ok(field: &str, f: &str) -> Result<(), ConfigError> {
     if f.starts_with("$share/") {
         return invalid_at(field.into(), "shared subscriptions cannot be bridged");
     }
-    crate::topic::validate_filter(f).or_else(|e| invalid_at(field.into(), &e.to_string()))
+    corvid_proto::topic::validate_filter(f).or_else(|e| invalid_at(field.into(), &e.to_string()))
 }
 
 fn prefix_ok(field: &str, p: &str) -> Result<(), ConfigError> {
@@ -1624,11 +1645,7 @@ impl Config {
         let origin = origin.to_string();
         // Defaults first, the file merged on top: a partial section (one listener's `bind`)
         // keeps the defaults of that section's other fields.
-        let mut value =
-            serde_yaml::to_value(Config::default()).map_err(|e| ConfigError::Parse {
-                origin: "defaults".into(),
-                message: e.to_string(),
-            })?;
+        let mut value = Self::default_value()?;
         if !text.trim().is_empty() {
             let file: serde_yaml::Value =
                 serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
@@ -1637,6 +1654,42 @@ impl Config {
                 })?;
             merge(&mut value, file);
         }
+        Self::from_merged(origin, value, env, overrides)
+    }
+
+    /// Reads an already-parsed file (what the operator renders): defaults, then `file`, then
+    /// validation, with no environment and no flags.
+    pub fn from_yaml(origin: &str, file: serde_yaml::Value) -> Result<Self, ConfigError> {
+        let mut value = Self::default_value()?;
+        merge(&mut value, file);
+        Self::from_merged(origin.to_string(), value, [], &Overrides::default())
+    }
+
+    /// The fields of `self` that differ from the defaults, as a YAML mapping: all a generated
+    /// file needs to say, since the broker defaults the rest (and a smaller file keeps older
+    /// brokers, which refuse fields they do not know, working).
+    pub fn non_default_fields(&self) -> Result<serde_yaml::Value, ConfigError> {
+        let mut mine = serde_yaml::to_value(self).map_err(|e| ConfigError::Parse {
+            origin: "generated".into(),
+            message: e.to_string(),
+        })?;
+        strip_equal(&mut mine, &Self::default_value()?);
+        Ok(mine)
+    }
+
+    fn default_value() -> Result<serde_yaml::Value, ConfigError> {
+        serde_yaml::to_value(Config::default()).map_err(|e| ConfigError::Parse {
+            origin: "defaults".into(),
+            message: e.to_string(),
+        })
+    }
+
+    fn from_merged(
+        origin: String,
+        mut value: serde_yaml::Value,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &Overrides,
+    ) -> Result<Self, ConfigError> {
         let mut from_env = false;
         for (key, val) in env {
             if let Some(rest) = key.strip_prefix("CORVID_") {
@@ -1726,7 +1779,7 @@ impl Config {
                 return invalid(&format!("listeners.{name}.path"), "must start with '/'");
             }
             for (i, c) in l.proxy_trusted.iter().enumerate() {
-                if crate::acl::parse_cidr(c).is_none() {
+                if net::parse_cidr(c).is_none() {
                     return invalid(
                         &format!("listeners.{name}.proxy_trusted[{i}]"),
                         &format!("{c:?} is not a CIDR range or address"),
@@ -1793,15 +1846,31 @@ impl Config {
                     );
                 }
             }
+            if let AclWho::One(AclWhoOne {
+                ip_cidr: Some(c), ..
+            }) = &rule.who
+            {
+                if net::parse_cidr(c).is_none() {
+                    return invalid(
+                        &format!("acl.rules[{i}].who.ip_cidr"),
+                        &format!("{c:?} is not a CIDR range"),
+                    );
+                }
+            }
             if rule.topics.is_empty() {
                 return invalid(
                     &format!("acl.rules[{i}].topics"),
                     "must list at least one topic filter",
                 );
             }
-        }
-        if let Err(e) = crate::acl::Acl::new(&self.acl) {
-            return invalid("acl.rules", &e.to_string());
+            for (j, t) in rule.topics.iter().enumerate() {
+                if let Err(reason) = AclTopic::parse(t) {
+                    return invalid(
+                        &format!("acl.rules[{i}].topics[{j}]"),
+                        &format!("{t:?}: {reason}"),
+                    );
+                }
+            }
         }
         for (i, a) in self.auto_subscriptions.iter().enumerate() {
             if a.qos > 2 {
@@ -1815,18 +1884,10 @@ impl Config {
                     "must start with http:// or https://",
                 );
             }
-            if let Some(e) = w
-                .events
-                .iter()
-                .find(|e| crate::hooks::EventKind::from_name(e).is_none())
-            {
+            if let Some(e) = w.events.iter().find(|e| EventKind::from_name(e).is_none()) {
                 return invalid(
                     &format!("webhooks[{i}].events"),
-                    &format!(
-                        "unknown event {e:?} (client.connected, client.disconnected, \
-                         session.subscribed, session.unsubscribed, message.publish, \
-                         message.delivered, message.acked, message.dropped)"
-                    ),
+                    &format!("unknown event {e:?} ({})", EventKind::names()),
                 );
             }
             if w.queue_size == 0 {
@@ -1893,6 +1954,33 @@ impl Config {
             .clone()
             .or_else(|| std::env::var("POD_NAME").ok().filter(|s| !s.is_empty()))
             .unwrap_or_else(|| gethostname::gethostname().to_string_lossy().into_owned())
+    }
+}
+
+/// Removes from `value` every key whose value equals the one in `defaults`, recursively, and
+/// mappings left empty by that: what is left is what differs. Where there is no default to
+/// compare with (list items, a section whose default is absent) only nulls go: an absent
+/// optional field reads as null.
+fn strip_equal(value: &mut serde_yaml::Value, defaults: &serde_yaml::Value) {
+    match (value, defaults) {
+        (serde_yaml::Value::Mapping(v), serde_yaml::Value::Mapping(d)) => v.retain(|k, item| {
+            match d.get(k) {
+                Some(default) if item == default => return false,
+                Some(default) => strip_equal(item, default),
+                None => strip_equal(item, &serde_yaml::Value::Null),
+            }
+            !matches!(item, serde_yaml::Value::Mapping(m) if m.is_empty())
+        }),
+        (serde_yaml::Value::Mapping(v), _) => v.retain(|_, item| {
+            strip_equal(item, &serde_yaml::Value::Null);
+            !item.is_null()
+        }),
+        (serde_yaml::Value::Sequence(items), _) => {
+            for item in items {
+                strip_equal(item, &serde_yaml::Value::Null);
+            }
+        }
+        _ => {}
     }
 }
 
@@ -2257,5 +2345,91 @@ bridges:
         let v: serde_yaml::Value = serde_yaml::from_str(EXAMPLE).expect("example parses");
         let c: Config = serde_yaml::from_value(v).expect("example matches schema");
         c.validate().expect("example validates");
+    }
+}
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    /// Every field path under `defaults`, with its default when it is a scalar or a list.
+    fn leaves(v: &serde_yaml::Value, at: String, out: &mut Vec<(String, serde_yaml::Value)>) {
+        match v {
+            serde_yaml::Value::Mapping(m) => {
+                for (k, item) in m {
+                    let key = k.as_str().unwrap_or_default();
+                    let path = if at.is_empty() {
+                        key.to_string()
+                    } else {
+                        format!("{at}.{key}")
+                    };
+                    leaves(item, path, out);
+                }
+            }
+            other => out.push((at, other.clone())),
+        }
+    }
+
+    fn lookup<'a>(v: &'a serde_yaml::Value, path: &str) -> Option<&'a serde_yaml::Value> {
+        path.split('.').try_fold(v, |at, k| at.get(k))
+    }
+
+    #[test]
+    fn example_lists_every_field_with_its_default() {
+        let defaults = serde_yaml::to_value(Config::default()).expect("defaults serialize");
+        let example: serde_yaml::Value = serde_yaml::from_str(EXAMPLE).expect("example parses");
+        let mut all = Vec::new();
+        leaves(&defaults, String::new(), &mut all);
+        let mut missing = Vec::new();
+        let mut differ = Vec::new();
+        for (path, default) in all {
+            // `path` means something only on the WebSocket listeners.
+            if path == "listeners.mqtt.path" || path == "listeners.mqtts.path" {
+                continue;
+            }
+            match lookup(&example, &path) {
+                None => missing.push(path),
+                Some(v) if *v != default => differ.push(format!("{path}: {v:?} vs {default:?}")),
+                Some(_) => {}
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "fields missing from corvid.example.yaml: {missing:?}"
+        );
+        assert!(
+            differ.is_empty(),
+            "example values that are not the defaults: {differ:#?}"
+        );
+    }
+
+    #[test]
+    fn reference_documents_every_field() {
+        let doc = include_str!("../../../docs/broker-config.md");
+        let defaults = serde_yaml::to_value(Config::default()).expect("defaults serialize");
+        let mut all = Vec::new();
+        leaves(&defaults, String::new(), &mut all);
+        let undocumented: Vec<String> = all
+            .into_iter()
+            .map(|(path, _)| path)
+            .filter(|path| {
+                let key = path.rsplit('.').next().unwrap_or_default();
+                // In a table (`key`), a YAML example (key:), a heading, a field list, or a list heading.
+                ![
+                    format!("`{key}`"),
+                    format!("{key}`"),
+                    format!("{key}:"),
+                    format!("## {key}"),
+                    format!(", {key},"),
+                    format!("{key}[]"),
+                ]
+                .iter()
+                .any(|form| doc.contains(form.as_str()))
+            })
+            .collect();
+        assert!(
+            undocumented.is_empty(),
+            "fields missing from docs/broker-config.md: {undocumented:?}"
+        );
     }
 }
