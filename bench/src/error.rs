@@ -1,41 +1,13 @@
 //! One error type for the generator's library code, so callers (and `main`) can tell a refused
 //! connection from a protocol violation from a bad command line.
 
-use std::io;
-
 /// Everything that can go wrong while generating load.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
-    /// The TCP connection to the broker could not be opened or broke.
-    #[error("i/o error talking to {addr}: {source}")]
-    Io {
-        /// Broker address we were talking to.
-        addr: String,
-        /// Underlying socket error.
-        #[source]
-        source: io::Error,
-    },
-    /// The broker sent bytes the MQTT codec could not decode.
-    #[error("malformed packet from broker: {0}")]
-    Decode(#[from] rmqtt_codec::error::DecodeError),
-    /// A packet we built could not be encoded (a bug or an oversized payload).
-    #[error("could not encode packet: {0}")]
-    Encode(#[from] rmqtt_codec::error::EncodeError),
-    /// The broker refused the CONNECT.
-    #[error("broker refused connection with reason code {0}")]
-    ConnectRefused(u8),
-    /// The broker refused a SUBSCRIBE.
-    #[error("broker refused subscription to {0}")]
-    SubscribeRefused(String),
-    /// The broker sent something out of order (for example PUBLISH before CONNACK).
-    #[error("protocol violation: {0}")]
-    Protocol(String),
-    /// The broker closed the connection.
-    #[error("broker closed the connection")]
-    Closed,
-    /// A handshake step did not finish in time.
-    #[error("timed out waiting for {0}")]
-    Timeout(&'static str),
+    /// A client connection failed: refused, closed, timed out, malformed (see
+    /// [`corvid_testkit::ClientError`]).
+    #[error(transparent)]
+    Client(#[from] corvid_testkit::ClientError),
     /// The requested run makes no sense (for example p2p with unequal sides).
     #[error("invalid configuration: {0}")]
     Config(String),

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use corvid_bench::pubsub::{PubSubConfig, Scenario};
-use corvid_bench::wire::{qos_from_level, Protocol};
+use corvid_bench::wire::{protocol_from_level, qos_from_level};
 use corvid_bench::{idle, pubsub, report, rlimit};
 
 /// Open-loop MQTT load generator.
@@ -175,7 +175,7 @@ fn main() -> anyhow::Result<()> {
                         a.sub_port.unwrap_or(a.target.port),
                     )
                 }),
-                protocol: Protocol::from_level(a.target.protocol)?,
+                protocol: protocol_from_level(a.target.protocol)?,
                 scenario: a.scenario,
                 publishers: a.publishers,
                 subscribers: a.subscribers.unwrap_or(match a.scenario {
@@ -212,7 +212,7 @@ fn main() -> anyhow::Result<()> {
             }
             let cfg = idle::ConnConfig {
                 addr: a.target.addr(),
-                protocol: Protocol::from_level(a.target.protocol)?,
+                protocol: protocol_from_level(a.target.protocol)?,
                 connections: a.connections,
                 rate: a.rate,
                 hold: secs("hold", a.hold)?,

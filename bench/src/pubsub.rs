@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytestring::ByteString;
+use corvid_testkit::ClientError;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::sleep_until;
@@ -813,9 +814,9 @@ impl PublisherTask {
     fn handle_acks(&self, conn: &mut Connection, ids: &mut PacketIds) -> Result<()> {
         while let Some(packet) = conn.try_packet()? {
             match packet {
-                Incoming::PubAck(id) | Incoming::PubComp(id) => ids.release(id),
+                Incoming::PubAck { packet_id: id, .. } | Incoming::PubComp(id) => ids.release(id),
                 Incoming::PubRec(id) => conn.wire.pubrel(id, &mut conn.wbuf)?,
-                Incoming::Disconnect => return Err(BenchError::Closed),
+                Incoming::Disconnect { .. } => return Err(ClientError::Closed.into()),
                 _ => {}
             }
         }
@@ -999,7 +1000,7 @@ impl SubscriberTask {
                     }
                 }
                 Incoming::PubRel(id) => conn.wire.pubcomp(id, &mut conn.wbuf)?,
-                Incoming::Disconnect => return Err(BenchError::Closed),
+                Incoming::Disconnect { .. } => return Err(ClientError::Closed.into()),
                 _ => {}
             }
         }

@@ -5,6 +5,8 @@
 //! every test prints `SKIP` and passes, so a plain `cargo test` works on any machine; with
 //! `CORVID_E2E_REQUIRED=1` (as `e2e/ci-kwok` sets) a missing cluster fails the run instead.
 
+pub mod proof;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

@@ -77,26 +77,8 @@ pub fn mqtt(running: &Running) -> SocketAddr {
     running.addr("mqtt").expect("mqtt listener")
 }
 
-/// Protocol level in CONNECT.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum V {
-    /// MQTT 3.1.1.
-    V311,
-    /// MQTT 5.0.
-    V5,
-}
-
-impl V {
-    /// Both versions, for tests that run once per version.
-    pub const BOTH: [V; 2] = [V::V311, V::V5];
-
-    fn level(self) -> u8 {
-        match self {
-            V::V311 => 4,
-            V::V5 => 5,
-        }
-    }
-}
+/// Protocol level in CONNECT (`V::BOTH` for tests that run once per version): the test kit's.
+pub use corvid_testkit::Protocol as V;
 
 /// A client that stays connected through a bad-input case and must still be served after it.
 pub struct Bystander {

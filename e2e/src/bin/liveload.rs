@@ -9,8 +9,8 @@
 //! Why a small client of its own instead of rumqttc: the measurement must know exactly which
 //! numbered message a PUBACK acknowledges across reconnects, resend in-flight messages with DUP
 //! on the same session, and follow a DISCONNECT's Server Reference — rumqttc hides the last and
-//! blurs the first two. The framing is `rmqtt-codec` (as in `corvid-bench`); the session logic,
-//! which is what is being measured, is all here.
+//! blurs the first two. The framing and the connection are `corvid-testkit`'s (shared with
+//! `corvid-bench`); the session logic, which is what is being measured, is all here.
 //!
 //! Topic layout (what makes "expected receipts" exact): subscribers and publishers are split
 //! into `--groups` groups by index (`i % groups`). Subscriber `s` subscribes to
@@ -46,13 +46,10 @@ use anyhow::{bail, Context as _};
 use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
 use bytestring::ByteString;
 use clap::Parser;
-use rmqtt_codec::types::{Publish, QoS};
-use rmqtt_codec::v5;
+use corvid_testkit::{Client, ClientError, ConnAck, ConnectOptions, Incoming, Protocol, QoS};
 use serde_json::json;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::TcpStream;
+use tokio::io::AsyncReadExt as _;
 use tokio::sync::watch;
-use tokio_util::codec::{Decoder as _, Encoder as _};
 
 /// Command line: where to connect, how much load, when to stop, where to report.
 #[derive(Parser, Debug, Clone)]
@@ -291,17 +288,8 @@ enum Ended {
 }
 
 struct Conn {
-    stream: TcpStream,
-    codec: v5::Codec,
-    rbuf: BytesMut,
-    wbuf: BytesMut,
+    client: Client,
     last_heard: Instant,
-}
-
-/// What CONNACK said.
-struct Accepted {
-    session_present: bool,
-    receive_max: u16,
 }
 
 impl Conn {
@@ -310,89 +298,91 @@ impl Conn {
         client_id: &str,
         clean_start: bool,
         expiry: u32,
-    ) -> anyhow::Result<(Conn, Accepted)> {
-        let stream = tokio::time::timeout(TCP_TIMEOUT, TcpStream::connect(addr))
+    ) -> anyhow::Result<(Conn, ConnAck)> {
+        let client = Client::tcp(addr, Protocol::V5, 4096, TCP_TIMEOUT)
             .await
-            .with_context(|| format!("TCP connect to {addr} timed out"))?
             .with_context(|| format!("TCP connect to {addr}"))?;
-        stream.set_nodelay(true).ok();
         let mut conn = Conn {
-            stream,
-            codec: v5::Codec::new(16 * 1024 * 1024, 0),
-            rbuf: BytesMut::with_capacity(4096),
-            wbuf: BytesMut::with_capacity(256),
+            client,
             last_heard: Instant::now(),
         };
-        conn.send(v5::Packet::Connect(Box::new(v5::Connect {
+        let options = ConnectOptions {
             clean_start,
             keep_alive: KEEP_ALIVE,
-            session_expiry_interval_secs: expiry,
-            client_id: ByteString::from(client_id),
-            ..v5::Connect::default()
-        })))?;
-        conn.flush().await?;
-        let first = tokio::time::timeout(CONNACK_TIMEOUT, conn.next())
+            session_expiry: expiry,
+        };
+        match conn
+            .client
+            .handshake(client_id, options, CONNACK_TIMEOUT)
             .await
-            .with_context(|| format!("no CONNACK from {addr}"))??;
-        match first {
-            v5::Packet::ConnectAck(ack) => {
-                let code = ack.reason_code as u8;
-                if code != 0 {
-                    let reference = ack.server_reference.map(|r| r.to_string());
-                    bail!("CONNACK 0x{code:02x} from {addr} (server reference {reference:?})");
-                }
-                Ok((
-                    conn,
-                    Accepted {
-                        session_present: ack.session_present,
-                        receive_max: ack.receive_max.get(),
-                    },
-                ))
+        {
+            Ok(accepted) => {
+                conn.last_heard = Instant::now();
+                Ok((conn, accepted))
             }
-            v5::Packet::Disconnect(d) => bail!(
-                "DISCONNECT 0x{:02x} instead of CONNACK from {addr}",
-                d.reason_code as u8
-            ),
-            other => bail!("expected CONNACK from {addr}, got {other:?}"),
+            Err(ClientError::ConnectRefused {
+                code,
+                server_reference,
+            }) => {
+                bail!("CONNACK 0x{code:02x} from {addr} (server reference {server_reference:?})")
+            }
+            Err(ClientError::Timeout(_)) => bail!("no CONNACK from {addr}"),
+            Err(e) => Err(e).with_context(|| format!("CONNECT to {addr}")),
         }
     }
 
-    fn send(&mut self, packet: v5::Packet) -> anyhow::Result<()> {
-        self.codec
-            .encode(packet, &mut self.wbuf)
-            .map_err(|e| anyhow::anyhow!("encode: {e:?}"))
+    /// Queues a PUBLISH (sent by the next [`Conn::flush`]).
+    fn publish(
+        &mut self,
+        topic: &ByteString,
+        payload: Bytes,
+        qos: QoS,
+        id: Option<NonZeroU16>,
+        dup: bool,
+    ) -> anyhow::Result<()> {
+        let c = &mut self.client;
+        Ok(c.wire
+            .publish_dup(topic, qos, id, payload, dup, &mut c.wbuf)?)
+    }
+
+    fn puback(&mut self, id: NonZeroU16) -> anyhow::Result<()> {
+        let c = &mut self.client;
+        Ok(c.wire.puback(id, &mut c.wbuf)?)
+    }
+
+    fn ping(&mut self) -> anyhow::Result<()> {
+        let c = &mut self.client;
+        Ok(c.wire.pingreq(&mut c.wbuf)?)
+    }
+
+    fn subscribe(&mut self, filter: &str) -> anyhow::Result<()> {
+        let c = &mut self.client;
+        Ok(c.wire
+            .subscribe(NonZeroU16::MIN, filter, QoS::AtLeastOnce, &mut c.wbuf)?)
     }
 
     async fn flush(&mut self) -> anyhow::Result<()> {
-        if !self.wbuf.is_empty() {
-            self.stream.write_all(&self.wbuf).await?;
-            self.wbuf.clear();
-        }
-        Ok(())
+        Ok(self.client.flush().await?)
     }
 
-    fn try_decode(&mut self) -> anyhow::Result<Option<v5::Packet>> {
-        match self.codec.decode(&mut self.rbuf) {
-            Ok(Some((p, _))) => {
-                self.last_heard = Instant::now();
-                Ok(Some(p))
-            }
-            Ok(None) => Ok(None),
-            Err(e) => bail!("decode: {e:?}"),
+    fn try_decode(&mut self) -> anyhow::Result<Option<Incoming>> {
+        let p = self.client.try_packet()?;
+        if p.is_some() {
+            self.last_heard = Instant::now();
         }
+        Ok(p)
     }
 
     /// Reads more bytes; cancel-safe (used in `select!`).
     async fn read_more(&mut self) -> anyhow::Result<()> {
-        self.rbuf.reserve(4096);
-        let n = self.stream.read_buf(&mut self.rbuf).await?;
-        if n == 0 {
-            bail!("connection closed by the server");
+        match self.client.read_more().await {
+            Ok(_) => Ok(()),
+            Err(ClientError::Closed) => bail!("connection closed by the server"),
+            Err(e) => Err(e.into()),
         }
-        Ok(())
     }
 
-    async fn next(&mut self) -> anyhow::Result<v5::Packet> {
+    async fn next(&mut self) -> anyhow::Result<Incoming> {
         loop {
             if let Some(p) = self.try_decode()? {
                 return Ok(p);
@@ -402,20 +392,11 @@ impl Conn {
     }
 
     /// Ends the session on purpose: DISCONNECT with session expiry 0, so the broker forgets it.
-    async fn finish(mut self) {
-        let d = v5::Disconnect {
-            session_expiry_interval_secs: Some(0),
-            ..v5::Disconnect::default()
-        };
-        if self.send(v5::Packet::Disconnect(d)).is_ok() {
-            let _ = tokio::time::timeout(Duration::from_secs(2), self.flush()).await;
-        }
-        let _ = self.stream.shutdown().await;
+    async fn finish(self) {
+        self.client
+            .close_with_expiry(Some(0), Some(Duration::from_secs(2)))
+            .await
     }
-}
-
-fn parse_ack_code(p: &v5::PublishAck) -> u8 {
-    p.reason_code as u8
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -501,7 +482,7 @@ impl Link {
         &mut self,
         shared: &Shared,
         phase: &mut watch::Receiver<Phase>,
-    ) -> Option<(Conn, Accepted)> {
+    ) -> Option<(Conn, ConnAck)> {
         let lost_at = Instant::now();
         let mut backoff = BACKOFF_MIN;
         let mut attempt = 0u32;
@@ -630,24 +611,6 @@ impl Publisher {
         }
     }
 
-    fn publish_packet(
-        &self,
-        payload: Bytes,
-        qos: QoS,
-        id: Option<NonZeroU16>,
-        dup: bool,
-    ) -> v5::Packet {
-        v5::Packet::Publish(Box::new(Publish {
-            dup,
-            retain: false,
-            qos,
-            topic: self.topic.clone(),
-            packet_id: id,
-            payload,
-            properties: Some(v5::PublishProperties::default()),
-        }))
-    }
-
     async fn run(mut self, mut phase: watch::Receiver<Phase>) -> PubLedger {
         let per_publisher = self.shared.args.rate / self.shared.args.publishers as f64;
         let period = Duration::from_secs_f64(1.0 / per_publisher.max(0.001));
@@ -666,21 +629,16 @@ impl Publisher {
             // Resend what was in flight, in order, with DUP: same session, same packet ids. If
             // the session is gone the broker treats them as new messages, which is still right:
             // they were never acknowledged.
-            let resend: Vec<v5::Packet> = self
-                .inflight
-                .values()
-                .map(|m| {
-                    self.publish_packet(
-                        m.payload.clone(),
-                        QoS::AtLeastOnce,
-                        Some(m.packet_id),
-                        true,
-                    )
-                })
-                .collect();
             let mut ended = None;
-            for p in resend {
-                if let Err(e) = conn.send(p) {
+            for m in self.inflight.values() {
+                let resent = conn.publish(
+                    &self.topic,
+                    m.payload.clone(),
+                    QoS::AtLeastOnce,
+                    Some(m.packet_id),
+                    true,
+                );
+                if let Err(e) = resent {
                     ended = Some(Ended::Broken(format!("{e:#}")));
                 }
             }
@@ -781,16 +739,14 @@ impl Publisher {
                     self.inflight.insert(seq, InflightMsg { packet_id: id, payload: payload.clone() });
                     self.shared.inflight.fetch_add(1, Ordering::SeqCst);
                     drop(gate);
-                    let pkt = self.publish_packet(payload, QoS::AtLeastOnce, Some(id), false);
-                    if let Err(e) = conn.send(pkt) {
+                    if let Err(e) = conn.publish(&self.topic, payload, QoS::AtLeastOnce, Some(id), false) {
                         return Ended::Broken(format!("{e:#}"));
                     }
                 }
                 _ = probe_tick.tick(), if now == Phase::Warmup => {
                     self.probes += 1;
                     let payload = Stamp { kind: KIND_PROBE, publisher: self.index as u32, seq: self.probes, sent_us: now_us() }.encode();
-                    let pkt = self.publish_packet(payload, QoS::AtMostOnce, None, false);
-                    if let Err(e) = conn.send(pkt) {
+                    if let Err(e) = conn.publish(&self.topic, payload, QoS::AtMostOnce, None, false) {
                         return Ended::Broken(format!("{e:#}"));
                     }
                 }
@@ -798,7 +754,7 @@ impl Publisher {
                     if conn.last_heard.elapsed() > SILENCE {
                         return Ended::Broken(format!("no packet from the server for {SILENCE:?}"));
                     }
-                    if let Err(e) = conn.send(v5::Packet::PingRequest) {
+                    if let Err(e) = conn.ping() {
                         return Ended::Broken(format!("{e:#}"));
                     }
                 }
@@ -809,11 +765,10 @@ impl Publisher {
         }
     }
 
-    fn on_packet(&mut self, p: v5::Packet) -> Option<Ended> {
+    fn on_packet(&mut self, p: Incoming) -> Option<Ended> {
         match p {
-            v5::Packet::PublishAck(ack) => {
-                let code = parse_ack_code(&ack);
-                if let Some(seq) = self.by_packet_id.remove(&ack.packet_id.get()) {
+            Incoming::PubAck { packet_id, code } => {
+                if let Some(seq) = self.by_packet_id.remove(&packet_id.get()) {
                     self.inflight.remove(&seq);
                     self.shared.inflight.fetch_sub(1, Ordering::SeqCst);
                     if let Some(slot) = self.outcome.get_mut(seq as usize) {
@@ -830,10 +785,10 @@ impl Publisher {
                 }
                 None
             }
-            v5::Packet::Disconnect(d) => Some(Ended::Disconnect(
-                d.reason_code as u8,
-                d.server_reference.map(|r| r.to_string()),
-            )),
+            Incoming::Disconnect {
+                code,
+                server_reference,
+            } => Some(Ended::Disconnect(code, server_reference)),
             _ => None,
         }
     }
@@ -897,18 +852,7 @@ impl Subscriber {
     /// SUBSCRIBE at QoS 1 and wait for the SUBACK (handling any PUBLISH that arrives first).
     async fn subscribe(&mut self, conn: &mut Conn) -> anyhow::Result<()> {
         let filter = self.shared.filter(self.index);
-        conn.send(v5::Packet::Subscribe(v5::Subscribe {
-            packet_id: NonZeroU16::MIN,
-            id: None,
-            user_properties: Vec::new(),
-            topic_filters: vec![(
-                ByteString::from(filter.as_str()),
-                v5::SubscriptionOptions {
-                    qos: QoS::AtLeastOnce,
-                    ..Default::default()
-                },
-            )],
-        }))?;
+        conn.subscribe(&filter)?;
         conn.flush().await?;
         let deadline = tokio::time::Instant::now() + CONNACK_TIMEOUT;
         loop {
@@ -916,10 +860,9 @@ impl Subscriber {
                 .await
                 .context("no SUBACK")??;
             match p {
-                v5::Packet::SubscribeAck(ack) => {
-                    let granted = ack.status.iter().all(|s| (*s as u8) < 0x80);
+                Incoming::SubAck { granted, .. } => {
                     if !granted {
-                        bail!("SUBSCRIBE {filter} refused: {:?}", ack.status);
+                        bail!("SUBSCRIBE {filter} refused");
                     }
                     if !self.subscribed_once {
                         self.subscribed_once = true;
@@ -927,8 +870,8 @@ impl Subscriber {
                     }
                     return Ok(());
                 }
-                v5::Packet::Disconnect(d) => {
-                    bail!("DISCONNECT 0x{:02x} before SUBACK", d.reason_code as u8)
+                Incoming::Disconnect { code, .. } => {
+                    bail!("DISCONNECT 0x{code:02x} before SUBACK")
                 }
                 other => {
                     self.on_packet(conn, other)?;
@@ -946,12 +889,10 @@ impl Subscriber {
         loop {
             loop {
                 match conn.try_decode() {
-                    Ok(Some(v5::Packet::Disconnect(d))) => {
-                        return Ended::Disconnect(
-                            d.reason_code as u8,
-                            d.server_reference.map(|r| r.to_string()),
-                        )
-                    }
+                    Ok(Some(Incoming::Disconnect {
+                        code,
+                        server_reference,
+                    })) => return Ended::Disconnect(code, server_reference),
                     Ok(Some(p)) => {
                         if let Err(e) = self.on_packet(conn, p) {
                             return Ended::Broken(format!("{e:#}"));
@@ -978,7 +919,7 @@ impl Subscriber {
                     if conn.last_heard.elapsed() > SILENCE {
                         return Ended::Broken(format!("no packet from the server for {SILENCE:?}"));
                     }
-                    if let Err(e) = conn.send(v5::Packet::PingRequest) {
+                    if let Err(e) = conn.ping() {
                         return Ended::Broken(format!("{e:#}"));
                     }
                 }
@@ -988,11 +929,14 @@ impl Subscriber {
 
     /// Records a PUBLISH and queues its PUBACK (sent after recording, so an acknowledged
     /// delivery is always in the ledger).
-    fn on_packet(&mut self, conn: &mut Conn, p: v5::Packet) -> anyhow::Result<()> {
-        let v5::Packet::Publish(publish) = p else {
+    fn on_packet(&mut self, conn: &mut Conn, p: Incoming) -> anyhow::Result<()> {
+        let Incoming::Publish {
+            packet_id, payload, ..
+        } = p
+        else {
             return Ok(());
         };
-        if let Some(stamp) = Stamp::decode(&publish.payload) {
+        if let Some(stamp) = Stamp::decode(&payload) {
             match stamp.kind {
                 KIND_PROBE => {
                     let i = self.index * self.shared.args.publishers + stamp.publisher as usize;
@@ -1015,11 +959,8 @@ impl Subscriber {
                 }
             }
         }
-        if let Some(id) = publish.packet_id {
-            conn.send(v5::Packet::PublishAck(v5::PublishAck {
-                packet_id: id,
-                ..Default::default()
-            }))?;
+        if let Some(id) = packet_id {
+            conn.puback(id)?;
         }
         Ok(())
     }
