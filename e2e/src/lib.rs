@@ -5,6 +5,7 @@
 //! every test prints `SKIP` and passes, so a plain `cargo test` works on any machine; with
 //! `CORVID_E2E_REQUIRED=1` (as `e2e/ci-kwok` sets) a missing cluster fails the run instead.
 
+pub mod local;
 pub mod proof;
 
 use std::future::Future;

@@ -90,6 +90,28 @@ enum Command {
     /// Reads a CustomResourceDefinition (kubectl -o json) on stdin; exits 0 once Established
     /// (one without conditions yet is not).
     CrdEstablished,
+    /// Prints the local target's `corvid.yaml` for node INDEX (built as the broker's typed
+    /// configuration and validated by it).
+    NodeConfig {
+        #[arg(long)]
+        index: u8,
+        #[arg(long)]
+        mqtt_port: u16,
+        #[arg(long)]
+        admin_port: u16,
+        #[arg(long)]
+        cluster_port: u16,
+        /// Every node's cluster port, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        peer_ports: Vec<u16>,
+        #[arg(long)]
+        secret_file: PathBuf,
+        #[arg(long, action = clap::ArgAction::Set)]
+        rebalance: bool,
+        /// The d-acl-change scenario's changed ACL.
+        #[arg(long, action = clap::ArgAction::Set)]
+        changed_acl: bool,
+    },
 }
 
 fn stdin_json<T: serde::de::DeserializeOwned>() -> anyhow::Result<T> {
@@ -176,6 +198,29 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::MemberReady { name } => yes(proof::member_ready(&stdin_json()?, &name)),
         Command::HasConnections => yes(proof::has_connections(&stdin_json()?)),
         Command::CrdEstablished => yes(proof::crd_established(&stdin_json()?)),
+        Command::NodeConfig {
+            index,
+            mqtt_port,
+            admin_port,
+            cluster_port,
+            peer_ports,
+            secret_file,
+            rebalance,
+            changed_acl,
+        } => {
+            let node = corvid_e2e::local::LocalNode {
+                index,
+                mqtt_port,
+                admin_port,
+                cluster_port,
+                peer_ports,
+                secret_file,
+                rebalance,
+                changed_acl,
+            };
+            print!("{}", node.yaml()?);
+            ExitCode::SUCCESS
+        }
     })
 }
 
