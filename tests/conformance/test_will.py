@@ -6,11 +6,7 @@ An abnormal disconnect is simulated by closing the raw TCP socket without DISCON
 
 import time
 
-from mqttutil import V5, QUIET, packet
-
-
-def will(topic, payload=b"gone", qos=1, retain=False, props=None):
-    return {"topic": topic, "payload": payload, "qos": qos, "retain": retain, "props": props}
+from mqttutil import V5, QUIET, assert_props, packet, will
 
 
 def test_will_sent_on_abnormal_disconnect(version, raw, topic):
@@ -74,8 +70,7 @@ def test_will_properties_forwarded_v5(raw, topic):
     c = raw(V5, will=will(topic, props=props))
     c.close()
     m = sub.message()
-    for k, v in props.items():
-        assert m.props.get(k) == v, (k, m.props)
+    assert_props(m, props)
 
 
 def test_will_delay_interval_v5(raw, topic):
