@@ -291,36 +291,24 @@ async fn apply_and_act(
 ) -> Result<Acted> {
     let ns = names.namespace.as_str();
     let key_material: [u8; 32] = rand::random();
-    if apply::create_secret_once(
-        &ctx.client,
-        ns,
-        &secret::build(cluster, names, &key_material),
-    )
-    .await?
-    {
-        ctx.event(
-            cluster,
-            EventType::Normal,
+    let token_material: [u8; 32] = rand::random();
+    // Created once: an existing Secret is never replaced, so neither key rotates by accident.
+    let once = [
+        (
+            secret::build(cluster, names, &key_material),
             "ClusterSecretCreated",
             names.cluster_secret(),
-        )
-        .await;
-    }
-    let token_material: [u8; 32] = rand::random();
-    if apply::create_secret_once(
-        &ctx.client,
-        ns,
-        &secret::admin_token(cluster, names, &token_material),
-    )
-    .await?
-    {
-        ctx.event(
-            cluster,
-            EventType::Normal,
+        ),
+        (
+            secret::admin_token(cluster, names, &token_material),
             "AdminTokenCreated",
             names.admin_token_secret(),
-        )
-        .await;
+        ),
+    ];
+    for (secret, reason, name) in once {
+        if apply::create_secret_once(&ctx.client, ns, &secret).await? {
+            ctx.event(cluster, EventType::Normal, reason, name).await;
+        }
     }
     let client_service = apply::apply_all(&ctx.client, names, desired).await?;
     for gone in apply::prune(&ctx.client, names, desired).await? {
