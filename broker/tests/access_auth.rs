@@ -80,14 +80,8 @@ async fn users_file_each_hash_scheme_both_versions() {
         );
     }
     // No user name, anonymous off: not authorized (0x05 / 0x87).
-    assert_eq!(
-        v3::connect(a, "anon3", None).await.err(),
-        Some(v3::ConnectReturnCode::NotAuthorized)
-    );
-    assert_eq!(
-        v5::connect(a, "anon5", None).await.err(),
-        Some(v5::ConnectReturnCode::NotAuthorized)
-    );
+    v3::assert_refused(a, "anon3", None, v3::ConnectReturnCode::NotAuthorized).await;
+    v5::assert_refused(a, "anon5", None, v5::ConnectReturnCode::NotAuthorized).await;
     // Nothing of a refused client's session exists.
     for id in ["w3", "w5", "anon3", "anon5"] {
         assert!(r.broker.sessions.get(id).is_none(), "{id} has no session");
@@ -128,10 +122,13 @@ async fn users_file_change_takes_effect_without_restart() {
             format!("dan:{}", bcrypt::hash("new", 4).expect("hash")),
         ],
     );
-    assert_eq!(
-        v5::connect(a, "c3", Some(("ann", "old"))).await.err(),
-        Some(v5::ConnectReturnCode::BadUserNamePassword)
-    );
+    v5::assert_refused(
+        a,
+        "c3",
+        Some(("ann", "old")),
+        v5::ConnectReturnCode::BadUserNamePassword,
+    )
+    .await;
     assert!(v5::connect(a, "c4", Some(("ann", "new"))).await.is_ok());
     assert!(v3::connect(a, "c5", Some(("dan", "new"))).await.is_ok());
 }
@@ -144,14 +141,14 @@ async fn client_id_allow_list() {
     let a = mqtt(&r);
     assert!(v3::connect(a, "allowed-1", None).await.is_ok());
     assert!(v5::connect(a, "allowed-2", None).await.is_ok());
-    assert_eq!(
-        v3::connect(a, "intruder", None).await.err(),
-        Some(v3::ConnectReturnCode::BadClientId)
-    );
-    assert_eq!(
-        v5::connect(a, "intruder", None).await.err(),
-        Some(v5::ConnectReturnCode::ClientIdentifierNotValid)
-    );
+    v3::assert_refused(a, "intruder", None, v3::ConnectReturnCode::BadClientId).await;
+    v5::assert_refused(
+        a,
+        "intruder",
+        None,
+        v5::ConnectReturnCode::ClientIdentifierNotValid,
+    )
+    .await;
     assert!(r.broker.sessions.get("intruder").is_none());
     assert_eq!(
         metric(
@@ -218,57 +215,66 @@ async fn http_backend_allow_deny_timeout_cache_and_acl() {
     );
     assert!(v3::connect(a, "g3", Some(("good", "secret"))).await.is_ok());
     // A 2xx without an explicit `result` (empty body, or JSON without it) fails closed.
-    assert_eq!(
-        v3::connect(a, "e3", Some(("empty", "x"))).await.err(),
-        Some(v3::ConnectReturnCode::NotAuthorized)
-    );
-    assert_eq!(
-        v5::connect(a, "e5", Some(("no-result", "x"))).await.err(),
-        Some(v5::ConnectReturnCode::NotAuthorized)
-    );
+    v3::assert_refused(
+        a,
+        "e3",
+        Some(("empty", "x")),
+        v3::ConnectReturnCode::NotAuthorized,
+    )
+    .await;
+    v5::assert_refused(
+        a,
+        "e5",
+        Some(("no-result", "x")),
+        v5::ConnectReturnCode::NotAuthorized,
+    )
+    .await;
 
     // The backend's ACL rule applies to this client.
-    good.client
-        .publish("forbidden/x", v5::QoS::AtLeastOnce, false, "no")
-        .await
-        .expect("publish");
-    let reason = good
-        .next("PUBACK", |p| match p {
-            v5::Packet::PubAck(a) => Some(a.reason),
-            _ => None,
-        })
-        .await;
+    let reason = good.publish_qos1("forbidden/x", "no").await;
     assert_eq!(reason, v5::PubAckReason::NotAuthorized);
 
-    assert_eq!(
-        v3::connect(a, "b3", Some(("bad", "x"))).await.err(),
-        Some(v3::ConnectReturnCode::BadUserNamePassword)
-    );
-    assert_eq!(
-        v5::connect(a, "b5", Some(("good", "wrong"))).await.err(),
-        Some(v5::ConnectReturnCode::BadUserNamePassword)
-    );
+    v3::assert_refused(
+        a,
+        "b3",
+        Some(("bad", "x")),
+        v3::ConnectReturnCode::BadUserNamePassword,
+    )
+    .await;
+    v5::assert_refused(
+        a,
+        "b5",
+        Some(("good", "wrong")),
+        v5::ConnectReturnCode::BadUserNamePassword,
+    )
+    .await;
     // 403 for a client without credentials: not authorized.
-    assert_eq!(
-        v5::connect(a, "n5", None).await.err(),
-        Some(v5::ConnectReturnCode::NotAuthorized)
-    );
+    v5::assert_refused(a, "n5", None, v5::ConnectReturnCode::NotAuthorized).await;
     // `ignore` falls through to allow_anonymous = false.
-    assert_eq!(
-        v3::connect(a, "i3", Some(("ignore", "x"))).await.err(),
-        Some(v3::ConnectReturnCode::BadUserNamePassword)
-    );
+    v3::assert_refused(
+        a,
+        "i3",
+        Some(("ignore", "x")),
+        v3::ConnectReturnCode::BadUserNamePassword,
+    )
+    .await;
 
     // A backend that does not answer in time: refused promptly (fail-closed).
     let t0 = Instant::now();
-    assert_eq!(
-        v3::connect(a, "s3", Some(("slow", "x"))).await.err(),
-        Some(v3::ConnectReturnCode::NotAuthorized)
-    );
-    assert_eq!(
-        v5::connect(a, "s5", Some(("slow", "x"))).await.err(),
-        Some(v5::ConnectReturnCode::NotAuthorized)
-    );
+    v3::assert_refused(
+        a,
+        "s3",
+        Some(("slow", "x")),
+        v3::ConnectReturnCode::NotAuthorized,
+    )
+    .await;
+    v5::assert_refused(
+        a,
+        "s5",
+        Some(("slow", "x")),
+        v5::ConnectReturnCode::NotAuthorized,
+    )
+    .await;
     assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
     assert_eq!(
         metric(&r, "corvid_auth_total", &[r#"reason="backend_error""#]).await,
