@@ -73,9 +73,13 @@ fn start_mosquitto(test: &str) -> Option<Mosquitto> {
     Some(broker)
 }
 
-fn bench(args: &[&str]) -> Value {
+/// Runs `corvid-bench <command> --port <broker> <args…> --json` (`args` split on white space)
+/// and returns its report.
+fn bench(broker: &Mosquitto, command: &str, args: &str) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_corvid-bench"))
-        .args(args)
+        .arg(command)
+        .args(["--port", &broker.port.to_string()])
+        .args(args.split_whitespace())
         .arg("--json")
         .output()
         .expect("run bench");
@@ -98,24 +102,11 @@ fn qos1_run_delivers_every_message_exactly_once() {
     let Some(broker) = start_mosquitto("qos1_run_delivers_every_message_exactly_once") else {
         return;
     };
-    let port = broker.port.to_string();
-    let r = bench(&[
+    let r = bench(
+        &broker,
         "pub-sub",
-        "--port",
-        &port,
-        "--scenario",
-        "p2p",
-        "--publishers",
-        "2",
-        "--qos",
-        "1",
-        "--rate",
-        "400",
-        "--duration",
-        "1",
-        "--warmup",
-        "0.5",
-    ]);
+        "--scenario p2p --publishers 2 --qos 1 --rate 400 --duration 1 --warmup 0.5",
+    );
     assert!(count(&r, "sent") >= 500, "{r}");
     assert_eq!(
         count(&r, "expected"),
@@ -137,28 +128,11 @@ fn mqtt5_qos2_fan_in_counts_every_subscriber() {
     let Some(broker) = start_mosquitto("mqtt5_qos2_fan_in_counts_every_subscriber") else {
         return;
     };
-    let port = broker.port.to_string();
-    let r = bench(&[
+    let r = bench(
+        &broker,
         "pub-sub",
-        "--port",
-        &port,
-        "--protocol",
-        "5",
-        "--scenario",
-        "fan-in",
-        "--publishers",
-        "3",
-        "--subscribers",
-        "2",
-        "--qos",
-        "2",
-        "--rate",
-        "300",
-        "--duration",
-        "1",
-        "--warmup",
-        "0",
-    ]);
+        "--protocol 5 --scenario fan-in --publishers 3 --subscribers 2 --qos 2 --rate 300 --duration 1 --warmup 0",
+    );
     assert_eq!(
         count(&r, "expected"),
         2 * count(&r, "sent"),
@@ -173,16 +147,7 @@ fn conn_mode_holds_idle_connections() {
     let Some(broker) = start_mosquitto("conn_mode_holds_idle_connections") else {
         return;
     };
-    let port = broker.port.to_string();
-    let r = bench(&[
-        "conn",
-        "--port",
-        &port,
-        "--connections",
-        "50",
-        "--hold",
-        "0.5",
-    ]);
+    let r = bench(&broker, "conn", "--connections 50 --hold 0.5");
     assert_eq!(count(&r, "established"), 50, "{r}");
     assert_eq!(count(&r, "connect_errors"), 0);
     assert_eq!(count(&r, "dropped"), 0);
