@@ -13,6 +13,10 @@ use corvid_broker::auth::users::hash_password;
 use corvid_broker::config::HttpAuthConfig;
 use password_hash::{PasswordHasher, SaltString};
 
+/// The CONNACK codes of a refusal, per protocol version.
+type C3 = v3::ConnectReturnCode;
+type C5 = v5::ConnectReturnCode;
+
 fn users_file(dir: &tempfile::TempDir, lines: &[String]) -> std::path::PathBuf {
     let p = dir.path().join("users");
     // Write elsewhere and rename over, like a Kubernetes Secret update (new inode).
@@ -70,18 +74,18 @@ async fn users_file_each_hash_scheme_both_versions() {
     for (user, pw) in [("ann", "nope"), ("bob", "ann-pw"), ("zed", "x")] {
         assert_eq!(
             v3::connect(a, "w3", Some((user, pw))).await.err(),
-            Some(v3::ConnectReturnCode::BadUserNamePassword),
+            Some(C3::BadUserNamePassword),
             "{user} v3"
         );
         assert_eq!(
             v5::connect(a, "w5", Some((user, pw))).await.err(),
-            Some(v5::ConnectReturnCode::BadUserNamePassword),
+            Some(C5::BadUserNamePassword),
             "{user} v5"
         );
     }
     // No user name, anonymous off: not authorized (0x05 / 0x87).
-    v3::assert_refused(a, "anon3", None, v3::ConnectReturnCode::NotAuthorized).await;
-    v5::assert_refused(a, "anon5", None, v5::ConnectReturnCode::NotAuthorized).await;
+    v3::assert_refused(a, "anon3", None, C3::NotAuthorized).await;
+    v5::assert_refused(a, "anon5", None, C5::NotAuthorized).await;
     // Nothing of a refused client's session exists.
     for id in ["w3", "w5", "anon3", "anon5"] {
         assert!(r.broker.sessions.get(id).is_none(), "{id} has no session");
@@ -122,13 +126,7 @@ async fn users_file_change_takes_effect_without_restart() {
             format!("dan:{}", bcrypt::hash("new", 4).expect("hash")),
         ],
     );
-    v5::assert_refused(
-        a,
-        "c3",
-        Some(("ann", "old")),
-        v5::ConnectReturnCode::BadUserNamePassword,
-    )
-    .await;
+    v5::assert_refused(a, "c3", Some(("ann", "old")), C5::BadUserNamePassword).await;
     assert!(v5::connect(a, "c4", Some(("ann", "new"))).await.is_ok());
     assert!(v3::connect(a, "c5", Some(("dan", "new"))).await.is_ok());
 }
@@ -141,14 +139,8 @@ async fn client_id_allow_list() {
     let a = mqtt(&r);
     assert!(v3::connect(a, "allowed-1", None).await.is_ok());
     assert!(v5::connect(a, "allowed-2", None).await.is_ok());
-    v3::assert_refused(a, "intruder", None, v3::ConnectReturnCode::BadClientId).await;
-    v5::assert_refused(
-        a,
-        "intruder",
-        None,
-        v5::ConnectReturnCode::ClientIdentifierNotValid,
-    )
-    .await;
+    v3::assert_refused(a, "intruder", None, C3::BadClientId).await;
+    v5::assert_refused(a, "intruder", None, C5::ClientIdentifierNotValid).await;
     assert!(r.broker.sessions.get("intruder").is_none());
     assert_eq!(
         metric(
@@ -215,66 +207,24 @@ async fn http_backend_allow_deny_timeout_cache_and_acl() {
     );
     assert!(v3::connect(a, "g3", Some(("good", "secret"))).await.is_ok());
     // A 2xx without an explicit `result` (empty body, or JSON without it) fails closed.
-    v3::assert_refused(
-        a,
-        "e3",
-        Some(("empty", "x")),
-        v3::ConnectReturnCode::NotAuthorized,
-    )
-    .await;
-    v5::assert_refused(
-        a,
-        "e5",
-        Some(("no-result", "x")),
-        v5::ConnectReturnCode::NotAuthorized,
-    )
-    .await;
+    v3::assert_refused(a, "e3", Some(("empty", "x")), C3::NotAuthorized).await;
+    v5::assert_refused(a, "e5", Some(("no-result", "x")), C5::NotAuthorized).await;
 
     // The backend's ACL rule applies to this client.
     let reason = good.publish_qos1("forbidden/x", "no").await;
     assert_eq!(reason, v5::PubAckReason::NotAuthorized);
 
-    v3::assert_refused(
-        a,
-        "b3",
-        Some(("bad", "x")),
-        v3::ConnectReturnCode::BadUserNamePassword,
-    )
-    .await;
-    v5::assert_refused(
-        a,
-        "b5",
-        Some(("good", "wrong")),
-        v5::ConnectReturnCode::BadUserNamePassword,
-    )
-    .await;
+    v3::assert_refused(a, "b3", Some(("bad", "x")), C3::BadUserNamePassword).await;
+    v5::assert_refused(a, "b5", Some(("good", "wrong")), C5::BadUserNamePassword).await;
     // 403 for a client without credentials: not authorized.
-    v5::assert_refused(a, "n5", None, v5::ConnectReturnCode::NotAuthorized).await;
+    v5::assert_refused(a, "n5", None, C5::NotAuthorized).await;
     // `ignore` falls through to allow_anonymous = false.
-    v3::assert_refused(
-        a,
-        "i3",
-        Some(("ignore", "x")),
-        v3::ConnectReturnCode::BadUserNamePassword,
-    )
-    .await;
+    v3::assert_refused(a, "i3", Some(("ignore", "x")), C3::BadUserNamePassword).await;
 
     // A backend that does not answer in time: refused promptly (fail-closed).
     let t0 = Instant::now();
-    v3::assert_refused(
-        a,
-        "s3",
-        Some(("slow", "x")),
-        v3::ConnectReturnCode::NotAuthorized,
-    )
-    .await;
-    v5::assert_refused(
-        a,
-        "s5",
-        Some(("slow", "x")),
-        v5::ConnectReturnCode::NotAuthorized,
-    )
-    .await;
+    v3::assert_refused(a, "s3", Some(("slow", "x")), C3::NotAuthorized).await;
+    v5::assert_refused(a, "s5", Some(("slow", "x")), C5::NotAuthorized).await;
     assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
     assert_eq!(
         metric(&r, "corvid_auth_total", &[r#"reason="backend_error""#]).await,
@@ -323,6 +273,6 @@ async fn http_backend_fail_open_and_unreachable() {
     let r = start(c).await;
     assert_eq!(
         v5::connect(mqtt(&r), "d5", Some(("any", "x"))).await.err(),
-        Some(v5::ConnectReturnCode::NotAuthorized)
+        Some(C5::NotAuthorized)
     );
 }

@@ -17,14 +17,18 @@ fn broker(sts: &StatefulSet) -> &Container {
     &pod(sts).containers[0]
 }
 
-/// The pod volume called `name`.
-fn volume<'a>(sts: &'a StatefulSet, name: &str) -> &'a Volume {
-    pod(sts)
-        .volumes
+/// The entry called `name` of an optional list (volumes, mounts); `name_of` reads its name.
+fn named<'a, T>(items: &'a Option<Vec<T>>, name: &str, name_of: fn(&T) -> &str) -> &'a T {
+    items
         .iter()
         .flatten()
-        .find(|v| v.name == name)
-        .unwrap_or_else(|| panic!("{name} volume"))
+        .find(|i| name_of(i) == name)
+        .unwrap_or_else(|| panic!("no entry called {name}"))
+}
+
+/// The pod volume called `name`.
+fn volume<'a>(sts: &'a StatefulSet, name: &str) -> &'a Volume {
+    named(&pod(sts).volumes, name, |v| &v.name)
 }
 
 /// Whether the pod has no volume called `name`.
@@ -34,12 +38,7 @@ fn has_no_volume(sts: &StatefulSet, name: &str) -> bool {
 
 /// The broker container's mount of the volume called `name`.
 fn mount<'a>(sts: &'a StatefulSet, name: &str) -> &'a VolumeMount {
-    broker(sts)
-        .volume_mounts
-        .iter()
-        .flatten()
-        .find(|m| m.name == name)
-        .unwrap_or_else(|| panic!("{name} mount"))
+    named(&broker(sts).volume_mounts, name, |m| &m.name)
 }
 
 /// The sources of the projected volume called `name`.
