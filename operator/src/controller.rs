@@ -169,13 +169,6 @@ async fn reconcile_pipeline(cluster: &MqttCluster, ctx: &Context) -> Result<Requ
     let valid = match validate(cluster) {
         Ok(valid) => valid,
         Err(invalid) => {
-            ctx.event(
-                cluster,
-                EventType::Warning,
-                "InvalidSpec",
-                invalid.0.clone(),
-            )
-            .await;
             // Refusing a generation is acting on it: observedGeneration moves.
             write_status(
                 ctx,
@@ -249,10 +242,6 @@ async fn reconcile_pipeline(cluster: &MqttCluster, ctx: &Context) -> Result<Requ
         scale_event(ctx, cluster, current, pre.statefulset_replicas).await;
     }
     let error_note = error.as_ref().map(|e| (e.reason(), e.to_string()));
-    if let Some((reason, message)) = &error_note {
-        ctx.event(cluster, EventType::Warning, reason, message.clone())
-            .await;
-    }
     write_status(
         ctx,
         cluster,
@@ -552,12 +541,13 @@ struct Written<'a> {
     generation: Option<i64>,
     /// The planner's decision (None when the spec was invalid).
     plan: Option<&'a Plan>,
-    /// A failure of this reconcile: (reason, message).
+    /// A failure of this reconcile: (reason, message); also sent as a Warning event.
     error: Option<(&'a str, String)>,
     /// Client endpoint, when known.
     endpoint: Option<String>,
 }
 
+/// Writes the status for this reconcile, after a Warning event for its failure if it failed.
 async fn write_status(
     ctx: &Context,
     cluster: &MqttCluster,
@@ -565,6 +555,10 @@ async fn write_status(
     observation: &Observation,
     written: Written<'_>,
 ) -> Result<()> {
+    if let Some((reason, message)) = &written.error {
+        ctx.event(cluster, EventType::Warning, reason, message.clone())
+            .await;
+    }
     let update_revision = observation
         .statefulset
         .as_ref()

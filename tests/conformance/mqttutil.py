@@ -146,6 +146,16 @@ def will(topic: str, payload: bytes = b"gone", qos: int = 1, retain: bool = Fals
     return {"topic": topic, "payload": payload, "qos": qos, "retain": retain, "props": props}
 
 
+def delayed_will(raw, topic: str, expiry: int, delay: int) -> tuple[RawClient, RawClient]:
+    """5.0: a subscriber to ``topic`` and a client with Session Expiry ``expiry`` s whose Will
+    (b"gone", QoS 1, to ``topic``) has a Will Delay of ``delay`` s; ``raw`` is the fixture."""
+    sub = raw(V5)
+    sub.subscribe(topic, 1)
+    c = raw(V5, props={"session_expiry_interval": expiry},
+            will=will(topic, props={"will_delay_interval": delay}))
+    return sub, c
+
+
 def connect_packet(client_id: str, version: int = V5, clean: bool = True, keepalive: int = 60,
                    props: dict | None = None, will: dict | None = None,
                    username: str | None = None, password: bytes | None = None,

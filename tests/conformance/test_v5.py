@@ -8,8 +8,8 @@ import time
 import pytest
 
 from mqttutil import (DISCONNECT, PUBACK, PUBCOMP, PUBREC, PUBREL, SUBACK, V5,
-                      ack_packet, assert_props, publish_packet, sub_options, subscribe_packet,
-                      subscribe_refused, unique, will)
+                      ack_packet, assert_props, delayed_will, publish_packet, sub_options,
+                      subscribe_packet, subscribe_refused, unique)
 
 
 @pytest.mark.xfail_mosquitto("respects Receive Maximum 2 at first, but after one PUBACK sends "
@@ -353,10 +353,7 @@ def test_retained_message_expires(raw, topic):
 def test_will_sent_at_session_end_before_will_delay(raw, topic):
     # 3.1.3.2.2: the Will is published when the Will Delay Interval passes or the Session
     # ends, whichever happens first: Session Expiry 1 s < Will Delay 30 s.
-    sub = raw(V5)
-    sub.subscribe(topic, 1)
-    c = raw(V5, props={"session_expiry_interval": 1},
-            will=will(topic, props={"will_delay_interval": 30}))
+    sub, c = delayed_will(raw, topic, expiry=1, delay=30)
     c.close()
     assert sub.message(timeout=6).payload == b"gone"
 
@@ -469,10 +466,7 @@ def test_session_expiry_taken_from_latest_connect(raw, topic):
 def test_will_delay_cancelled_by_takeover(raw, topic):
     # [MQTT-3.1.3-9]: a new network connection to the session before the Will Delay Interval
     # has passed - here by taking the session over while the old connection is still open.
-    sub = raw(V5)
-    sub.subscribe(topic, 1)
-    old = raw(V5, props={"session_expiry_interval": 30},
-              will=will(topic, props={"will_delay_interval": 2}))
+    sub, old = delayed_will(raw, topic, expiry=30, delay=2)
     new = raw(V5, client_id=old.client_id, clean=False, props={"session_expiry_interval": 30})
     old.wait_closed()
     sub.no_message(3.0)
