@@ -21,7 +21,6 @@ import json
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,8 +28,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+# Shared with the single-node comparison (same directory; its main() only runs as a script).
+from compare import cpu_seconds, fmt, median, run_bench
+
 REPO = Path(__file__).resolve().parent.parent
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 SECRET = "corvid-bench-cluster-secret-0123456789"
 
 
@@ -56,13 +57,6 @@ def free_port() -> int:
             _TAKEN.add(port)
             return port
     raise RuntimeError("no free port in 200 tries")
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        raw = f.read()
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def http_json(port: int, path: str) -> tuple[int, dict | None]:
@@ -157,14 +151,6 @@ class Setup:
             n.stop()
 
 
-def run_bench(bench: str, args: list[str], timeout: float) -> dict:
-    cmd = [bench, *args, "--json"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if out.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def scenarios(quick: bool) -> list[dict]:
     dur, warm = ("3", "1") if quick else ("8", "2")
     common = ["--scenario", "p2p", "--publishers", "10", "--duration", dur, "--warmup", warm, "--drain", "5"]
@@ -196,17 +182,6 @@ def measure(setup: Setup, bench: str, sc: dict) -> dict:
         "duplicates": rep["duplicates"],
         "report": rep,
     }
-
-
-def median(values: list) -> float | None:
-    vals = [v for v in values if v is not None]
-    return statistics.median(vals) if vals else None
-
-
-def fmt(v: float | None, unit: str = "") -> str:
-    if v is None:
-        return "n/a"
-    return f"{v:,.0f}{unit}" if abs(v) >= 100 else f"{v:.2f}{unit}"
 
 
 def main() -> int:

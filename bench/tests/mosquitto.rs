@@ -73,9 +73,15 @@ fn start_mosquitto(test: &str) -> Option<Mosquitto> {
     Some(broker)
 }
 
-fn bench(args: &[&str]) -> Value {
+/// Runs `corvid-bench <command> --port <port> <args…> --json` (`args` split on white space)
+/// against a mosquitto started for `test`, and returns its report; `None` when the test is
+/// skipped (see [`start_mosquitto`]).
+fn bench(test: &str, command: &str, args: &str) -> Option<Value> {
+    let broker = start_mosquitto(test)?;
     let out = Command::new(env!("CARGO_BIN_EXE_corvid-bench"))
-        .args(args)
+        .arg(command)
+        .args(["--port", &broker.port.to_string()])
+        .args(args.split_whitespace())
         .arg("--json")
         .output()
         .expect("run bench");
@@ -84,7 +90,7 @@ fn bench(args: &[&str]) -> Value {
         "corvid-bench failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
+    Some(serde_json::from_slice(&out.stdout).expect("one JSON object on stdout"))
 }
 
 fn count(v: &Value, key: &str) -> u64 {
@@ -95,27 +101,13 @@ fn count(v: &Value, key: &str) -> u64 {
 
 #[test]
 fn qos1_run_delivers_every_message_exactly_once() {
-    let Some(broker) = start_mosquitto("qos1_run_delivers_every_message_exactly_once") else {
+    let Some(r) = bench(
+        "qos1_run_delivers_every_message_exactly_once",
+        "pub-sub",
+        "--scenario p2p --publishers 2 --qos 1 --rate 400 --duration 1 --warmup 0.5",
+    ) else {
         return;
     };
-    let port = broker.port.to_string();
-    let r = bench(&[
-        "pub-sub",
-        "--port",
-        &port,
-        "--scenario",
-        "p2p",
-        "--publishers",
-        "2",
-        "--qos",
-        "1",
-        "--rate",
-        "400",
-        "--duration",
-        "1",
-        "--warmup",
-        "0.5",
-    ]);
     assert!(count(&r, "sent") >= 500, "{r}");
     assert_eq!(
         count(&r, "expected"),
@@ -134,31 +126,14 @@ fn qos1_run_delivers_every_message_exactly_once() {
 
 #[test]
 fn mqtt5_qos2_fan_in_counts_every_subscriber() {
-    let Some(broker) = start_mosquitto("mqtt5_qos2_fan_in_counts_every_subscriber") else {
+    let Some(r) = bench(
+        "mqtt5_qos2_fan_in_counts_every_subscriber",
+        "pub-sub",
+        "--protocol 5 --scenario fan-in --publishers 3 --subscribers 2 --qos 2 --rate 300 \
+         --duration 1 --warmup 0",
+    ) else {
         return;
     };
-    let port = broker.port.to_string();
-    let r = bench(&[
-        "pub-sub",
-        "--port",
-        &port,
-        "--protocol",
-        "5",
-        "--scenario",
-        "fan-in",
-        "--publishers",
-        "3",
-        "--subscribers",
-        "2",
-        "--qos",
-        "2",
-        "--rate",
-        "300",
-        "--duration",
-        "1",
-        "--warmup",
-        "0",
-    ]);
     assert_eq!(
         count(&r, "expected"),
         2 * count(&r, "sent"),
@@ -170,19 +145,13 @@ fn mqtt5_qos2_fan_in_counts_every_subscriber() {
 
 #[test]
 fn conn_mode_holds_idle_connections() {
-    let Some(broker) = start_mosquitto("conn_mode_holds_idle_connections") else {
+    let Some(r) = bench(
+        "conn_mode_holds_idle_connections",
+        "conn",
+        "--connections 50 --hold 0.5",
+    ) else {
         return;
     };
-    let port = broker.port.to_string();
-    let r = bench(&[
-        "conn",
-        "--port",
-        &port,
-        "--connections",
-        "50",
-        "--hold",
-        "0.5",
-    ]);
     assert_eq!(count(&r, "established"), 50, "{r}");
     assert_eq!(count(&r, "connect_errors"), 0);
     assert_eq!(count(&r, "dropped"), 0);

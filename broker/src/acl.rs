@@ -356,6 +356,16 @@ mod tests {
         Acl::new(&AclConfig { no_match, rules }).expect("compiles")
     }
 
+    /// Everyone may do anything on `topics`, nothing else.
+    fn allow_only(topics: &[&str]) -> Acl {
+        acl(Deny, vec![rule(Allow, ALL, AclAction::All, topics)])
+    }
+
+    /// `a` as it applies to a client on the loopback address with no extra rules.
+    fn local(a: &Acl, id: &str, user: Option<&str>) -> ClientAcl {
+        a.for_client(&client(id, user, "127.0.0.1"), &[])
+    }
+
     use Action::{Publish as P, Subscribe as S};
     use Permission::{Allow, Deny};
 
@@ -383,7 +393,7 @@ mod tests {
     #[test]
     fn default_config_allows_everything_without_rules() {
         let a = Acl::new(&AclConfig::default()).expect("compiles");
-        let c = a.for_client(&client("c", None, "127.0.0.1"), &[]);
+        let c = local(&a, "c", None);
         assert_eq!(c, ClientAcl::AllowAll);
         assert_eq!(c.check(P, "x"), Allow);
         assert_eq!(c.check(S, "#"), Allow);
@@ -398,7 +408,7 @@ mod tests {
                 rule(Allow, ALL, AclAction::All, &["a/#"]),
             ],
         );
-        let c = a.for_client(&client("c", None, "127.0.0.1"), &[]);
+        let c = local(&a, "c", None);
         assert_eq!(c.check(P, "a/secret"), Deny);
         assert_eq!(c.check(S, "a/secret"), Allow); // the deny rule is publish-only
         assert_eq!(c.check(P, "a/x"), Allow);
@@ -416,13 +426,13 @@ mod tests {
                 rule(Allow, cidr("192.168.1.7"), AclAction::Publish, &["one"]),
             ],
         );
-        let dash = a.for_client(&client("x", Some("dashboard"), "127.0.0.1"), &[]);
+        let dash = local(&a, "x", Some("dashboard"));
         assert_eq!(dash.check(S, "$SYS/#"), Allow);
         assert_eq!(dash.check(S, "$SYS/brokers/n1/uptime"), Allow);
         assert_eq!(dash.check(P, "$SYS/x"), Deny);
-        let other = a.for_client(&client("x", Some("bob"), "127.0.0.1"), &[]);
+        let other = local(&a, "x", Some("bob"));
         assert_eq!(other.check(S, "$SYS/#"), Deny);
-        let s1 = a.for_client(&client("sensor-1", None, "127.0.0.1"), &[]);
+        let s1 = local(&a, "sensor-1", None);
         assert_eq!(s1.check(P, "s/1"), Allow);
         let lan = a.for_client(&client("y", None, "10.1.2.3"), &[]);
         assert_eq!(lan.check(P, "lan/a"), Allow);
@@ -436,16 +446,8 @@ mod tests {
 
     #[test]
     fn placeholders() {
-        let a = acl(
-            Deny,
-            vec![rule(
-                Allow,
-                ALL,
-                AclAction::All,
-                &["devices/%c/#", "users/%u/inbox"],
-            )],
-        );
-        let c = a.for_client(&client("d1", Some("ann"), "127.0.0.1"), &[]);
+        let a = allow_only(&["devices/%c/#", "users/%u/inbox"]);
+        let c = local(&a, "d1", Some("ann"));
         assert_eq!(c.check(P, "devices/d1/temp"), Allow);
         assert_eq!(c.check(P, "devices/d2/temp"), Deny);
         assert_eq!(c.check(S, "devices/d1/#"), Allow);
@@ -453,7 +455,7 @@ mod tests {
         assert_eq!(c.check(S, "users/ann/inbox"), Allow);
         assert_eq!(c.check(S, "users/bob/inbox"), Deny);
         // No user name: the %u topic is skipped, the %c one still applies.
-        let anon = a.for_client(&client("d1", None, "127.0.0.1"), &[]);
+        let anon = local(&a, "d1", None);
         assert_eq!(anon.check(S, "users//inbox"), Deny);
         assert_eq!(anon.check(S, "users/%u/inbox"), Deny);
         assert_eq!(anon.check(P, "devices/d1/x"), Allow);
@@ -461,15 +463,7 @@ mod tests {
 
     #[test]
     fn identities_with_wildcards_or_separators_never_widen_a_rule() {
-        let a = acl(
-            Deny,
-            vec![rule(
-                Allow,
-                ALL,
-                AclAction::All,
-                &["devices/%c/#", "users/%u/inbox", "public/#"],
-            )],
-        );
+        let a = allow_only(&["devices/%c/#", "users/%u/inbox", "public/#"]);
         for (id, user) in [
             ("+", Some("ann")),
             ("#", Some("ann")),
@@ -519,7 +513,7 @@ mod tests {
                 rule(Allow, user("dash"), AclAction::Subscribe, &["$SYS/#"]),
             ],
         );
-        let dash = a.for_client(&client("d", Some("dash"), "127.0.0.1"), &[]);
+        let dash = local(&a, "d", Some("dash"));
         assert!(!dash.explicitly_allows_read(topic)); // the deny rule comes first
         assert!(dash.explicitly_allows_read("$SYS/brokers/n1/uptime"));
         let b = acl(
@@ -538,7 +532,7 @@ mod tests {
             Allow,
             vec![rule(Deny, ALL, AclAction::Subscribe, &["eq #", "eq a/%c"])],
         );
-        let c = a.for_client(&client("c1", None, "127.0.0.1"), &[]);
+        let c = local(&a, "c1", None);
         assert_eq!(c.check(S, "#"), Deny);
         assert_eq!(c.check(S, "a/#"), Allow);
         assert_eq!(c.check(S, "x/y"), Allow);
@@ -549,7 +543,7 @@ mod tests {
             Deny,
             vec![rule(Allow, ALL, AclAction::Subscribe, &["eq t/#"])],
         );
-        let c = a.for_client(&client("c1", None, "127.0.0.1"), &[]);
+        let c = local(&a, "c1", None);
         assert_eq!(c.check(S, "t/#"), Allow);
         assert_eq!(c.check(S, "t/a"), Deny);
         assert_eq!(c.check(S, "t/+"), Deny);

@@ -140,26 +140,33 @@ pub struct AclCounters {
     pub subscribe_deny: IntCounter,
 }
 
+/// Registers `c` in `registry` and hands it back.
+fn registered<C>(registry: &Registry, c: C) -> Result<C, prometheus::Error>
+where
+    C: prometheus::core::Collector + Clone + 'static,
+{
+    registry.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+/// Options of a latency histogram: 100 µs to 10 s buckets.
+fn latency_opts(name: &str, help: &str) -> Result<prometheus::HistogramOpts, prometheus::Error> {
+    let buckets = prometheus::exponential_buckets(0.0001, 4.0, 9)?;
+    Ok(prometheus::HistogramOpts::new(name, help).buckets(buckets))
+}
+
 impl Metrics {
     /// Registers every metric in a fresh registry, with process metrics.
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
-        let gauge = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
-            let g = IntGauge::new(name, help)?;
-            registry.register(Box::new(g.clone()))?;
-            Ok(g)
+        let gauge = |name: &str, help: &str| registered(&registry, IntGauge::new(name, help)?);
+        let counter = |name: &str, help: &str| registered(&registry, IntCounter::new(name, help)?);
+        let vec = |name: &str, help: &str, label: &str| {
+            registered(
+                &registry,
+                IntCounterVec::new(Opts::new(name, help), &[label])?,
+            )
         };
-        let counter = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
-            let c = IntCounter::new(name, help)?;
-            registry.register(Box::new(c.clone()))?;
-            Ok(c)
-        };
-        let vec =
-            |name: &str, help: &str, label: &str| -> Result<IntCounterVec, prometheus::Error> {
-                let v = IntCounterVec::new(Opts::new(name, help), &[label])?;
-                registry.register(Box::new(v.clone()))?;
-                Ok(v)
-            };
         let received = vec(
             "corvid_messages_received_total",
             "PUBLISH packets received from clients",
@@ -170,16 +177,20 @@ impl Metrics {
             "PUBLISH packets sent to clients",
             "qos",
         )?;
-        let auth = IntCounterVec::new(
-            Opts::new("corvid_auth_total", "Authentication outcomes"),
-            &["result", "reason"],
+        let auth = registered(
+            &registry,
+            IntCounterVec::new(
+                Opts::new("corvid_auth_total", "Authentication outcomes"),
+                &["result", "reason"],
+            )?,
         )?;
-        registry.register(Box::new(auth.clone()))?;
-        let acl = IntCounterVec::new(
-            Opts::new("corvid_acl_total", "ACL decisions"),
-            &["action", "permission"],
+        let acl = registered(
+            &registry,
+            IntCounterVec::new(
+                Opts::new("corvid_acl_total", "ACL decisions"),
+                &["action", "permission"],
+            )?,
         )?;
-        registry.register(Box::new(acl.clone()))?;
         let throttled = vec(
             "corvid_throttled_total",
             "Times a connection was paused: over its rate, or publishing into a congested session",
@@ -305,9 +316,7 @@ impl Metrics {
 
     /// Registers another gauge (used by optional layers such as the cluster).
     pub fn gauge(&self, name: &str, help: &str) -> Result<IntGauge, prometheus::Error> {
-        let g = IntGauge::new(name, help)?;
-        self.registry.register(Box::new(g.clone()))?;
-        Ok(g)
+        registered(&self.registry, IntGauge::new(name, help)?)
     }
 
     /// Registers a latency histogram (100 µs to 10 s buckets).
@@ -316,19 +325,13 @@ impl Metrics {
         name: &str,
         help: &str,
     ) -> Result<prometheus::Histogram, prometheus::Error> {
-        let buckets = prometheus::exponential_buckets(0.0001, 4.0, 9)?;
-        let h = prometheus::Histogram::with_opts(
-            prometheus::HistogramOpts::new(name, help).buckets(buckets),
-        )?;
-        self.registry.register(Box::new(h.clone()))?;
-        Ok(h)
+        let h = prometheus::Histogram::with_opts(latency_opts(name, help)?)?;
+        registered(&self.registry, h)
     }
 
     /// Registers another counter.
     pub fn counter(&self, name: &str, help: &str) -> Result<IntCounter, prometheus::Error> {
-        let c = IntCounter::new(name, help)?;
-        self.registry.register(Box::new(c.clone()))?;
-        Ok(c)
+        registered(&self.registry, IntCounter::new(name, help)?)
     }
 
     /// Registers another labelled gauge.
@@ -338,9 +341,10 @@ impl Metrics {
         help: &str,
         label: &str,
     ) -> Result<IntGaugeVec, prometheus::Error> {
-        let g = IntGaugeVec::new(Opts::new(name, help), &[label])?;
-        self.registry.register(Box::new(g.clone()))?;
-        Ok(g)
+        registered(
+            &self.registry,
+            IntGaugeVec::new(Opts::new(name, help), &[label])?,
+        )
     }
 
     /// Registers another labelled counter (used by optional layers such as bridges).
@@ -350,9 +354,10 @@ impl Metrics {
         help: &str,
         label: &str,
     ) -> Result<IntCounterVec, prometheus::Error> {
-        let c = IntCounterVec::new(Opts::new(name, help), &[label])?;
-        self.registry.register(Box::new(c.clone()))?;
-        Ok(c)
+        registered(
+            &self.registry,
+            IntCounterVec::new(Opts::new(name, help), &[label])?,
+        )
     }
 
     /// Registers a labelled latency histogram (100 µs to 10 s buckets).
@@ -362,13 +367,8 @@ impl Metrics {
         help: &str,
         label: &str,
     ) -> Result<prometheus::HistogramVec, prometheus::Error> {
-        let buckets = prometheus::exponential_buckets(0.0001, 4.0, 9)?;
-        let h = prometheus::HistogramVec::new(
-            prometheus::HistogramOpts::new(name, help).buckets(buckets),
-            &[label],
-        )?;
-        self.registry.register(Box::new(h.clone()))?;
-        Ok(h)
+        let h = prometheus::HistogramVec::new(latency_opts(name, help)?, &[label])?;
+        registered(&self.registry, h)
     }
 
     /// Renders all metrics in the Prometheus text format.

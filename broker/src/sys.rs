@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use bytestring::ByteString;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::broker::Broker;
 use crate::codec::QoS;
@@ -126,10 +126,8 @@ pub fn publish_stats(b: &Broker) {
 
 /// `$SYS/brokers/{node}/clients/{id}/connected`.
 pub fn client_connected(b: &Broker, client_id: &str, info: &ConnInfo, clean_start: bool) {
-    if !b.config.sys.enabled {
-        return;
-    }
-    let payload = json!({
+    client_event(b, client_id, "connected", || {
+        json!({
         "client_id": client_id,
         "username": info.username,
         "address": info.peer.to_string(),
@@ -139,21 +137,14 @@ pub fn client_connected(b: &Broker, client_id: &str, info: &ConnInfo, clean_star
         "clean_start": clean_start,
         "connected_at": info.connected_at,
         "timestamp": crate::hooks::now_ms(),
+        })
     });
-    publish(
-        b,
-        format!("$SYS/brokers/{}/clients/{client_id}/connected", b.node),
-        payload.to_string(),
-        false,
-    );
 }
 
 /// `$SYS/brokers/{node}/clients/{id}/disconnected`.
 pub fn client_disconnected(b: &Broker, client_id: &str, info: &ConnInfo, reason: &str) {
-    if !b.config.sys.enabled {
-        return;
-    }
-    let payload = json!({
+    client_event(b, client_id, "disconnected", || {
+        json!({
         "client_id": client_id,
         "username": info.username,
         "address": info.peer.to_string(),
@@ -163,11 +154,20 @@ pub fn client_disconnected(b: &Broker, client_id: &str, info: &ConnInfo, reason:
         "connected_at": info.connected_at,
         "disconnected_at": crate::session::unix_now(),
         "timestamp": crate::hooks::now_ms(),
+        })
     });
+}
+
+/// Publishes `payload()` (not retained) at `$SYS/brokers/{node}/clients/{id}/{what}` when
+/// `$SYS` is enabled; the payload is only built then.
+fn client_event(b: &Broker, client_id: &str, what: &str, payload: impl FnOnce() -> Value) {
+    if !b.config.sys.enabled {
+        return;
+    }
     publish(
         b,
-        format!("$SYS/brokers/{}/clients/{client_id}/disconnected", b.node),
-        payload.to_string(),
+        format!("$SYS/brokers/{}/clients/{client_id}/{what}", b.node),
+        payload().to_string(),
         false,
     );
 }

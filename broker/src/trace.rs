@@ -14,7 +14,7 @@ use std::time::Duration;
 use corvid_api::{TraceInfo, TraceKind, TraceTarget};
 use parking_lot::{Mutex, RwLock};
 
-use crate::codec::{Inbound, Outbound};
+use crate::codec::{Inbound, Outbound, Publish};
 use crate::metrics::Metrics;
 use crate::topic;
 
@@ -262,6 +262,22 @@ fn payload_preview(p: &[u8]) -> String {
     format!("{s:?}{more}")
 }
 
+/// A one-line summary of a PUBLISH either way, and its topic.
+fn summary_publish(p: &Publish) -> (String, Option<String>) {
+    (
+        format!(
+            "PUBLISH topic={} qos={} retain={} dup={} packet_id={:?} payload={}",
+            p.topic,
+            p.qos.value(),
+            p.retain,
+            p.dup,
+            p.packet_id.map(|i| i.get()),
+            payload_preview(&p.payload)
+        ),
+        Some(p.topic.to_string()),
+    )
+}
+
 /// A one-line summary of a packet from a client, and its topic if it is a PUBLISH.
 pub fn summary_in(p: &Inbound) -> (String, Option<String>) {
     match p {
@@ -275,18 +291,7 @@ pub fn summary_in(p: &Inbound) -> (String, Option<String>) {
             ),
             None,
         ),
-        Inbound::Publish(p) => (
-            format!(
-                "PUBLISH topic={} qos={} retain={} dup={} packet_id={:?} payload={}",
-                p.topic,
-                p.qos.value(),
-                p.retain,
-                p.dup,
-                p.packet_id.map(|i| i.get()),
-                payload_preview(&p.payload)
-            ),
-            Some(p.topic.to_string()),
-        ),
+        Inbound::Publish(p) => summary_publish(p),
         Inbound::PubAck(id) => (format!("PUBACK packet_id={id}"), None),
         Inbound::PubRec(id, rc) => (format!("PUBREC packet_id={id} reason=0x{rc:02X}"), None),
         Inbound::PubRel(id) => (format!("PUBREL packet_id={id}"), None),
@@ -331,18 +336,7 @@ pub fn summary_out(p: &Outbound) -> (String, Option<String>) {
             format!("CONNACK code={code:?} session_present={session_present}"),
             None,
         ),
-        Outbound::Publish(p) => (
-            format!(
-                "PUBLISH topic={} qos={} retain={} dup={} packet_id={:?} payload={}",
-                p.topic,
-                p.qos.value(),
-                p.retain,
-                p.dup,
-                p.packet_id.map(|i| i.get()),
-                payload_preview(&p.payload)
-            ),
-            Some(p.topic.to_string()),
-        ),
+        Outbound::Publish(p) => summary_publish(p),
         Outbound::PubAck(id, rc) => (format!("PUBACK packet_id={id} reason=0x{rc:02X}"), None),
         Outbound::PubRec(id, rc) => (format!("PUBREC packet_id={id} reason=0x{rc:02X}"), None),
         Outbound::PubRel(id, rc) => (format!("PUBREL packet_id={id} reason=0x{rc:02X}"), None),

@@ -151,34 +151,14 @@ async fn refused_publish_dropped_v3_and_0x87_v5() {
 
     let mut c5 = v5::connect(a, "p5", None).await.expect("v5");
     // Allowed: own device topic.
-    c5.client
-        .publish("devices/p5/status", v5::QoS::AtLeastOnce, false, "ok")
-        .await
-        .expect("publish");
+    let ok = c5.publish_qos1("devices/p5/status", "ok").await;
     assert_eq!(watcher.publish_in().await.0, "devices/p5/status");
-    let ok = c5
-        .next("PUBACK", |p| match p {
-            v5::Packet::PubAck(a) => Some(a.reason),
-            _ => None,
-        })
-        .await;
     assert_eq!(ok, v5::PubAckReason::Success);
     // Refused: PUBACK 0x87 for QoS 1, PUBREC 0x87 for QoS 2, nothing delivered.
-    c5.client
-        .publish("devices/other/status", v5::QoS::AtLeastOnce, false, "no")
-        .await
-        .expect("publish");
-    let reason = c5
-        .next("PUBACK", |p| match p {
-            v5::Packet::PubAck(a) => Some(a.reason),
-            _ => None,
-        })
-        .await;
+    let reason = c5.publish_qos1("devices/other/status", "no").await;
     assert_eq!(reason, v5::PubAckReason::NotAuthorized);
-    c5.client
-        .publish("devices/other/status", v5::QoS::ExactlyOnce, false, "no")
-        .await
-        .expect("publish");
+    c5.send("devices/other/status", v5::QoS::ExactlyOnce, "no")
+        .await;
     let rec = c5
         .next("PUBREC", |p| match p {
             v5::Packet::PubRec(a) => Some(a.reason),
@@ -207,10 +187,8 @@ async fn refused_publish_dropped_v3_and_0x87_v5() {
         matches!(p, v3::Packet::PubComp(_)).then_some(())
     })
     .await;
-    c3.client
-        .publish("devices/p3/status", v3::QoS::AtLeastOnce, false, "ok")
-        .await
-        .expect("publish");
+    c3.send("devices/p3/status", v3::QoS::AtLeastOnce, "ok")
+        .await;
     assert_eq!(watcher.publish_in().await.0, "devices/p3/status");
     assert_eq!(watcher.quiet_for(Duration::from_millis(300)).await, None);
     assert_eq!(
@@ -234,9 +212,6 @@ async fn default_config_allows_everything() {
         vec![v5::SubscribeReasonCode::Success(v5::QoS::AtLeastOnce)]
     );
     let c3 = v3::connect(a, "any3", None).await.expect("v3");
-    c3.client
-        .publish("x/y", v3::QoS::AtLeastOnce, false, "hi")
-        .await
-        .expect("publish");
+    c3.send("x/y", v3::QoS::AtLeastOnce, "hi").await;
     assert_eq!(c5.publish_in().await, ("x/y".to_string(), b"hi".to_vec()));
 }

@@ -13,6 +13,10 @@ use corvid_broker::auth::users::hash_password;
 use corvid_broker::config::HttpAuthConfig;
 use password_hash::{PasswordHasher, SaltString};
 
+/// The CONNACK codes of a refusal, per protocol version.
+type C3 = v3::ConnectReturnCode;
+type C5 = v5::ConnectReturnCode;
+
 fn users_file(dir: &tempfile::TempDir, lines: &[String]) -> std::path::PathBuf {
     let p = dir.path().join("users");
     // Write elsewhere and rename over, like a Kubernetes Secret update (new inode).
@@ -70,24 +74,18 @@ async fn users_file_each_hash_scheme_both_versions() {
     for (user, pw) in [("ann", "nope"), ("bob", "ann-pw"), ("zed", "x")] {
         assert_eq!(
             v3::connect(a, "w3", Some((user, pw))).await.err(),
-            Some(v3::ConnectReturnCode::BadUserNamePassword),
+            Some(C3::BadUserNamePassword),
             "{user} v3"
         );
         assert_eq!(
             v5::connect(a, "w5", Some((user, pw))).await.err(),
-            Some(v5::ConnectReturnCode::BadUserNamePassword),
+            Some(C5::BadUserNamePassword),
             "{user} v5"
         );
     }
     // No user name, anonymous off: not authorized (0x05 / 0x87).
-    assert_eq!(
-        v3::connect(a, "anon3", None).await.err(),
-        Some(v3::ConnectReturnCode::NotAuthorized)
-    );
-    assert_eq!(
-        v5::connect(a, "anon5", None).await.err(),
-        Some(v5::ConnectReturnCode::NotAuthorized)
-    );
+    v3::assert_refused(a, "anon3", None, C3::NotAuthorized).await;
+    v5::assert_refused(a, "anon5", None, C5::NotAuthorized).await;
     // Nothing of a refused client's session exists.
     for id in ["w3", "w5", "anon3", "anon5"] {
         assert!(r.broker.sessions.get(id).is_none(), "{id} has no session");
@@ -128,10 +126,7 @@ async fn users_file_change_takes_effect_without_restart() {
             format!("dan:{}", bcrypt::hash("new", 4).expect("hash")),
         ],
     );
-    assert_eq!(
-        v5::connect(a, "c3", Some(("ann", "old"))).await.err(),
-        Some(v5::ConnectReturnCode::BadUserNamePassword)
-    );
+    v5::assert_refused(a, "c3", Some(("ann", "old")), C5::BadUserNamePassword).await;
     assert!(v5::connect(a, "c4", Some(("ann", "new"))).await.is_ok());
     assert!(v3::connect(a, "c5", Some(("dan", "new"))).await.is_ok());
 }
@@ -144,14 +139,8 @@ async fn client_id_allow_list() {
     let a = mqtt(&r);
     assert!(v3::connect(a, "allowed-1", None).await.is_ok());
     assert!(v5::connect(a, "allowed-2", None).await.is_ok());
-    assert_eq!(
-        v3::connect(a, "intruder", None).await.err(),
-        Some(v3::ConnectReturnCode::BadClientId)
-    );
-    assert_eq!(
-        v5::connect(a, "intruder", None).await.err(),
-        Some(v5::ConnectReturnCode::ClientIdentifierNotValid)
-    );
+    v3::assert_refused(a, "intruder", None, C3::BadClientId).await;
+    v5::assert_refused(a, "intruder", None, C5::ClientIdentifierNotValid).await;
     assert!(r.broker.sessions.get("intruder").is_none());
     assert_eq!(
         metric(
@@ -218,57 +207,24 @@ async fn http_backend_allow_deny_timeout_cache_and_acl() {
     );
     assert!(v3::connect(a, "g3", Some(("good", "secret"))).await.is_ok());
     // A 2xx without an explicit `result` (empty body, or JSON without it) fails closed.
-    assert_eq!(
-        v3::connect(a, "e3", Some(("empty", "x"))).await.err(),
-        Some(v3::ConnectReturnCode::NotAuthorized)
-    );
-    assert_eq!(
-        v5::connect(a, "e5", Some(("no-result", "x"))).await.err(),
-        Some(v5::ConnectReturnCode::NotAuthorized)
-    );
+    v3::assert_refused(a, "e3", Some(("empty", "x")), C3::NotAuthorized).await;
+    v5::assert_refused(a, "e5", Some(("no-result", "x")), C5::NotAuthorized).await;
 
     // The backend's ACL rule applies to this client.
-    good.client
-        .publish("forbidden/x", v5::QoS::AtLeastOnce, false, "no")
-        .await
-        .expect("publish");
-    let reason = good
-        .next("PUBACK", |p| match p {
-            v5::Packet::PubAck(a) => Some(a.reason),
-            _ => None,
-        })
-        .await;
+    let reason = good.publish_qos1("forbidden/x", "no").await;
     assert_eq!(reason, v5::PubAckReason::NotAuthorized);
 
-    assert_eq!(
-        v3::connect(a, "b3", Some(("bad", "x"))).await.err(),
-        Some(v3::ConnectReturnCode::BadUserNamePassword)
-    );
-    assert_eq!(
-        v5::connect(a, "b5", Some(("good", "wrong"))).await.err(),
-        Some(v5::ConnectReturnCode::BadUserNamePassword)
-    );
+    v3::assert_refused(a, "b3", Some(("bad", "x")), C3::BadUserNamePassword).await;
+    v5::assert_refused(a, "b5", Some(("good", "wrong")), C5::BadUserNamePassword).await;
     // 403 for a client without credentials: not authorized.
-    assert_eq!(
-        v5::connect(a, "n5", None).await.err(),
-        Some(v5::ConnectReturnCode::NotAuthorized)
-    );
+    v5::assert_refused(a, "n5", None, C5::NotAuthorized).await;
     // `ignore` falls through to allow_anonymous = false.
-    assert_eq!(
-        v3::connect(a, "i3", Some(("ignore", "x"))).await.err(),
-        Some(v3::ConnectReturnCode::BadUserNamePassword)
-    );
+    v3::assert_refused(a, "i3", Some(("ignore", "x")), C3::BadUserNamePassword).await;
 
     // A backend that does not answer in time: refused promptly (fail-closed).
     let t0 = Instant::now();
-    assert_eq!(
-        v3::connect(a, "s3", Some(("slow", "x"))).await.err(),
-        Some(v3::ConnectReturnCode::NotAuthorized)
-    );
-    assert_eq!(
-        v5::connect(a, "s5", Some(("slow", "x"))).await.err(),
-        Some(v5::ConnectReturnCode::NotAuthorized)
-    );
+    v3::assert_refused(a, "s3", Some(("slow", "x")), C3::NotAuthorized).await;
+    v5::assert_refused(a, "s5", Some(("slow", "x")), C5::NotAuthorized).await;
     assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
     assert_eq!(
         metric(&r, "corvid_auth_total", &[r#"reason="backend_error""#]).await,
@@ -317,6 +273,6 @@ async fn http_backend_fail_open_and_unreachable() {
     let r = start(c).await;
     assert_eq!(
         v5::connect(mqtt(&r), "d5", Some(("any", "x"))).await.err(),
-        Some(v5::ConnectReturnCode::NotAuthorized)
+        Some(C5::NotAuthorized)
     );
 }

@@ -86,12 +86,7 @@ async fn over_rate_disconnect_sends_0x96() {
             break;
         }
     }
-    let reason = c5
-        .next("DISCONNECT", |p| match p {
-            v5::Packet::Disconnect(d) => Some(d.reason_code),
-            _ => None,
-        })
-        .await;
+    let reason = c5.disconnect_reason().await;
     assert_eq!(
         reason,
         rumqttc::v5::mqttbytes::v5::DisconnectReasonCode::MessageRateTooHigh

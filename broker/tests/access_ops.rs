@@ -46,11 +46,7 @@ async fn webhook_payloads_for_every_event() {
         .expect("sub");
     sub.subscribe("t/#", v5::QoS::AtLeastOnce).await;
     let publisher = v3::connect(a, "hook-pub", None).await.expect("pub");
-    publisher
-        .client
-        .publish("t/1", v3::QoS::AtLeastOnce, false, "hello")
-        .await
-        .expect("publish");
+    publisher.send("t/1", v3::QoS::AtLeastOnce, "hello").await;
     sub.publish_in().await;
     publisher
         .client
@@ -272,12 +268,12 @@ async fn webhook_health_is_reported_while_idle() {
     assert!(metric(&r, "corvid_webhook_up", &[r#"webhook="idle""#]).await == 1.0);
 }
 
-#[tokio::test]
-async fn sys_topics() {
+/// `$SYS` every `interval` seconds; client events name other clients, so only an explicit
+/// rule lets a subscriber read them: the one for the client `dash`.
+fn sys_config(interval: u64) -> corvid_broker::Config {
     let mut c = config();
     c.sys.enabled = true;
-    c.sys.interval = 1;
-    // Client events name other clients: only an explicit rule lets a subscriber read them.
+    c.sys.interval = interval;
     c.acl.rules = vec![AclRule {
         permission: Permission::Allow,
         who: AclWho::One(AclWhoOne {
@@ -287,6 +283,12 @@ async fn sys_topics() {
         action: AclAction::Subscribe,
         topics: vec!["$SYS/#".into()],
     }];
+    c
+}
+
+#[tokio::test]
+async fn sys_topics() {
+    let c = sys_config(1);
     let r = start(c).await;
     let a = mqtt(&r);
     let mut dash = v5::connect(a, "dash", None).await.expect("dash");
@@ -390,21 +392,7 @@ async fn sys_topics() {
     );
 
     // Nobody publishes into `$SYS`: MQTT 5 gets 0x87, the dashboard sees nothing.
-    dash.client
-        .publish(
-            "$SYS/brokers/n1/version",
-            v5::QoS::AtLeastOnce,
-            false,
-            "forged",
-        )
-        .await
-        .expect("publish");
-    let reason = dash
-        .next("PUBACK", |p| match p {
-            v5::Packet::PubAck(a) => Some(a.reason),
-            _ => None,
-        })
-        .await;
+    let reason = dash.publish_qos1("$SYS/brokers/n1/version", "forged").await;
     assert_eq!(reason, v5::PubAckReason::NotAuthorized);
     assert!(
         metric(
@@ -423,18 +411,7 @@ async fn sys_topics() {
 #[tokio::test]
 async fn sys_topics_retained_from_start() {
     assert_eq!(corvid_broker::config::SysConfig::default().interval, 10);
-    let mut c = config();
-    c.sys.enabled = true;
-    c.sys.interval = 3600;
-    c.acl.rules = vec![AclRule {
-        permission: Permission::Allow,
-        who: AclWho::One(AclWhoOne {
-            client_id: Some("dash".into()),
-            ..Default::default()
-        }),
-        action: AclAction::Subscribe,
-        topics: vec!["$SYS/#".into()],
-    }];
+    let c = sys_config(3600);
     let r = start(c).await;
     let a = mqtt(&r);
     // A client comes and goes before the dashboard looks: its events are not kept for it.
@@ -537,16 +514,8 @@ async fn trace_client_and_topic_into_files() {
     let mut tc = v5::connect(a, "tc", None).await.expect("tc");
     tc.subscribe("tt/#", v5::QoS::AtLeastOnce).await;
     let other = v3::connect(a, "other", None).await.expect("other");
-    other
-        .client
-        .publish("tt/a", v3::QoS::AtLeastOnce, false, "traced")
-        .await
-        .expect("publish");
-    other
-        .client
-        .publish("zz", v3::QoS::AtMostOnce, false, "not traced")
-        .await
-        .expect("publish");
+    other.send("tt/a", v3::QoS::AtLeastOnce, "traced").await;
+    other.send("zz", v3::QoS::AtMostOnce, "not traced").await;
     tc.publish_in().await;
     tc.client.disconnect().await.expect("disconnect");
     eventually("trace lines", || async {
@@ -700,10 +669,7 @@ async fn admin_api_and_ctl() {
         out.contains("client-ctl-one") && out.contains("client"),
         "{out}"
     );
-    c1.client
-        .publish("ctl/x", v5::QoS::AtMostOnce, false, "p")
-        .await
-        .expect("publish");
+    c1.send("ctl/x", v5::QoS::AtMostOnce, "p").await;
     c1.publish_in().await;
     let out = tokio::task::block_in_place(|| run(&["trace", "show", "client-ctl-one"]));
     assert!(out.contains("PUBLISH topic=ctl/x"), "{out}");
@@ -715,12 +681,7 @@ async fn admin_api_and_ctl() {
 
     let out = tokio::task::block_in_place(|| run(&["kick", "ctl-one"]));
     assert_eq!(out.trim(), "kicked ctl-one");
-    let reason = c1
-        .next("DISCONNECT", |p| match p {
-            v5::Packet::Disconnect(d) => Some(d.reason_code),
-            _ => None,
-        })
-        .await;
+    let reason = c1.disconnect_reason().await;
     assert_eq!(
         reason,
         rumqttc::v5::mqttbytes::v5::DisconnectReasonCode::AdministrativeAction

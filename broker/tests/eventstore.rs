@@ -199,6 +199,17 @@ async fn status(r: &Running, sink: &str) -> Value {
         .unwrap_or_else(|| panic!("no sink {sink} in {body}"))
 }
 
+/// The value of the event store metric `name` for `sink`.
+async fn sink_metric(r: &Running, name: &str, sink: &str) -> f64 {
+    metric(r, name, &[&format!(r#"sink="{sink}""#)]).await
+}
+
+/// The sink reports itself down and has counted at least one failed attempt.
+async fn assert_sink_failing(r: &Running, sink: &str) {
+    assert_eq!(sink_metric(r, "corvid_eventstore_up", sink).await, 0.0);
+    assert!(sink_metric(r, "corvid_eventstore_errors_total", sink).await >= 1.0);
+}
+
 async fn wait_state(r: &Running, sink: &str, state: &str) -> Value {
     eventually(&format!("{sink} state {state}"), || async {
         let s = status(r, sink).await;
@@ -274,15 +285,11 @@ async fn postgres_records_who_is_online_and_since_when() {
         .expect("b");
     let third = v3::connect(a, "dev-c", None).await.expect("c");
     second
-        .client
-        .publish("telemetry/b/temp", v3::QoS::AtLeastOnce, false, "21.5")
-        .await
-        .expect("publish");
+        .send("telemetry/b/temp", v3::QoS::AtLeastOnce, "21.5")
+        .await;
     second
-        .client
-        .publish("other/b", v3::QoS::AtLeastOnce, false, "not stored")
-        .await
-        .expect("publish");
+        .send("other/b", v3::QoS::AtLeastOnce, "not stored")
+        .await;
     disconnect(first).await;
     // A takeover: the second connection's connect is queued before the first one's
     // disconnect; the client must stay online.
@@ -383,25 +390,15 @@ async fn postgres_records_who_is_online_and_since_when() {
     // a: 2, b: 1, c: 1, dup: 3, one message.
     assert_eq!(st["written"], 8, "{st}");
     assert_eq!(
-        metric(&r, "corvid_eventstore_up", &[r#"sink="postgres""#]).await,
+        sink_metric(&r, "corvid_eventstore_up", "postgres").await,
         1.0
     );
     assert_eq!(
-        metric(
-            &r,
-            "corvid_eventstore_written_total",
-            &[r#"sink="postgres""#]
-        )
-        .await,
+        sink_metric(&r, "corvid_eventstore_written_total", "postgres").await,
         8.0
     );
     assert_eq!(
-        metric(
-            &r,
-            "corvid_eventstore_latency_seconds_count",
-            &[r#"sink="postgres""#]
-        )
-        .await,
+        sink_metric(&r, "corvid_eventstore_latency_seconds_count", "postgres").await,
         8.0
     );
     drop((second, third, dup1, dup2));
@@ -444,19 +441,7 @@ async fn postgres_down_at_start_buffers_then_writes() {
     let err = st["last_error"].as_str().unwrap_or_default().to_string();
     // Says what happened, not only "error connecting to server".
     assert!(err.contains("Connection refused"), "{st}");
-    assert_eq!(
-        metric(&r, "corvid_eventstore_up", &[r#"sink="postgres""#]).await,
-        0.0
-    );
-    assert!(
-        metric(
-            &r,
-            "corvid_eventstore_errors_total",
-            &[r#"sink="postgres""#]
-        )
-        .await
-            >= 1.0
-    );
+    assert_sink_failing(&r, "postgres").await;
 
     let a = mqtt(&r);
     let early = v3::connect(a, "early", None).await.expect("early");
@@ -468,7 +453,7 @@ async fn postgres_down_at_start_buffers_then_writes() {
     })
     .await;
     assert_eq!(
-        metric(&r, "corvid_eventstore_buffered", &[r#"sink="postgres""#]).await,
+        sink_metric(&r, "corvid_eventstore_buffered", "postgres").await,
         3.0
     );
     assert_mqtt_served(&r, "bystander-down").await;
@@ -525,7 +510,7 @@ async fn postgres_killed_mid_stream_drops_counted_and_mqtt_keeps_serving() {
     let st = wait_state(&r, "postgres", "down").await;
     assert!(!st["last_error"].is_null(), "{st}");
     assert_eq!(
-        metric(&r, "corvid_eventstore_up", &[r#"sink="postgres""#]).await,
+        sink_metric(&r, "corvid_eventstore_up", "postgres").await,
         0.0
     );
     // 40 events against a buffer of 5 (plus a batch of 5 in hand): most are dropped.
@@ -536,12 +521,7 @@ async fn postgres_killed_mid_stream_drops_counted_and_mqtt_keeps_serving() {
         disconnect(c).await;
     }
     let dropped = eventually("drops counted", || async {
-        let d = metric(
-            &r,
-            "corvid_eventstore_dropped_total",
-            &[r#"sink="postgres""#],
-        )
-        .await;
+        let d = sink_metric(&r, "corvid_eventstore_dropped_total", "postgres").await;
         (d >= 20.0).then_some(d)
     })
     .await;
@@ -550,7 +530,7 @@ async fn postgres_killed_mid_stream_drops_counted_and_mqtt_keeps_serving() {
         Some(dropped)
     );
     assert_eq!(
-        metric(&r, "corvid_eventstore_up", &[r#"sink="postgres""#]).await,
+        sink_metric(&r, "corvid_eventstore_up", "postgres").await,
         0.0
     );
     assert_mqtt_served(&r, "bystander-killed").await;
@@ -590,19 +570,7 @@ async fn postgres_wrong_password_is_a_clear_state_and_recovers_when_fixed() {
     let st = wait_state(&r, "postgres", "auth_failed").await;
     let err = st["last_error"].as_str().unwrap_or_default();
     assert!(err.contains("password authentication failed"), "{st}");
-    assert_eq!(
-        metric(&r, "corvid_eventstore_up", &[r#"sink="postgres""#]).await,
-        0.0
-    );
-    assert!(
-        metric(
-            &r,
-            "corvid_eventstore_errors_total",
-            &[r#"sink="postgres""#]
-        )
-        .await
-            >= 1.0
-    );
+    assert_sink_failing(&r, "postgres").await;
     let c1 = v3::connect(mqtt(&r), "while-refused", None)
         .await
         .expect("MQTT clients still accepted");
@@ -690,11 +658,7 @@ async fn redis_records_online_set_hashes_and_stream() {
     let second = v3::connect(a, "dev-b", Some(("bob", "x")))
         .await
         .expect("b");
-    second
-        .client
-        .publish("telemetry/b", v3::QoS::AtLeastOnce, false, "42")
-        .await
-        .expect("publish");
+    second.send("telemetry/b", v3::QoS::AtLeastOnce, "42").await;
     disconnect(first).await;
     let dup1 = v3::connect(a, "dev-dup", None).await.expect("dup1");
     let dup2 = v3::connect(a, "dev-dup", None).await.expect("dup2");
@@ -770,10 +734,7 @@ async fn redis_records_online_set_hashes_and_stream() {
     let st = status(&r, "redis").await;
     assert_eq!(st["state"], "up");
     assert!(st["written"].as_u64().unwrap_or(0) >= 7, "{st}");
-    assert_eq!(
-        metric(&r, "corvid_eventstore_up", &[r#"sink="redis""#]).await,
-        1.0
-    );
+    assert_eq!(sink_metric(&r, "corvid_eventstore_up", "redis").await, 1.0);
     drop((second, dup1, dup2));
     r.shutdown(Duration::from_secs(5)).await;
     let after = zrange(&mut db, "t5:online").await;
@@ -804,10 +765,7 @@ async fn redis_faults_wrong_password_and_restart() {
             .contains("authentication failed"),
         "{st}"
     );
-    assert_eq!(
-        metric(&r, "corvid_eventstore_up", &[r#"sink="redis""#]).await,
-        0.0
-    );
+    assert_eq!(sink_metric(&r, "corvid_eventstore_up", "redis").await, 0.0);
     assert_mqtt_served(&r, "bystander-redis-auth").await;
     std::fs::copy(&s.password_file, &wrong).expect("fix password");
     wait_state(&r, "redis", "up").await;

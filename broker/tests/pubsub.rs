@@ -283,12 +283,7 @@ async fn offline_queue_survives_reconnect_v3() {
 
     let (mut sub, ack) = v3::connect(opts()).await;
     assert!(ack.session_present);
-    let got: Vec<String> = sub
-        .publishes(20)
-        .await
-        .into_iter()
-        .map(|(_, p, _)| p)
-        .collect();
+    let got = payloads(sub.publishes(20).await);
     assert_eq!(got, sent);
     publ.publish("off3/t", Q3::AtLeastOnce, false, "marker")
         .await;
@@ -328,12 +323,7 @@ async fn offline_queue_survives_reconnect_v5() {
 
     let (mut sub, ack) = v5::connect(opts(false)).await;
     assert!(ack.session_present);
-    let got: Vec<String> = sub
-        .publishes(20)
-        .await
-        .into_iter()
-        .map(|(_, p, _)| p)
-        .collect();
+    let got = payloads(sub.publishes(20).await);
     assert_eq!(got, sent);
     publ.publish("off5/t", Q5::AtLeastOnce, false, "marker")
         .await;
@@ -573,12 +563,7 @@ async fn qos2_resend_is_delivered_once() {
     assert_eq!(publ.expect(7).await.body[..2], [0, 9]); // PUBCOMP
     publ.send(&pkt::publish(V::V5, b"q2dup/t", 1, 10, b"marker"))
         .await;
-    let got: Vec<String> = sub
-        .publishes(2)
-        .await
-        .into_iter()
-        .map(|(_, p, _)| p)
-        .collect();
+    let got = payloads(sub.publishes(2).await);
     assert_eq!(got, ["once", "marker"]);
     common::stop(b).await;
 }
@@ -842,12 +827,7 @@ async fn shared_subscription_redelivers_when_a_member_leaves() {
         lazy.expect(pkt::PUBLISH).await;
     }
     drop(lazy);
-    let mut got: Vec<String> = good
-        .publishes(6)
-        .await
-        .into_iter()
-        .map(|(_, p, _)| p)
-        .collect();
+    let mut got = payloads(good.publishes(6).await);
     got.sort();
     assert_eq!(got, ["m0", "m1", "m2", "m3", "m4", "m5"]);
     common::stop(b).await;
@@ -893,4 +873,9 @@ async fn shared_subscription_distributes_across_members() {
         t.abort();
     }
     common::stop(b).await;
+}
+
+/// The payloads of `publishes`, in arrival order.
+fn payloads<Q>(publishes: Vec<(String, String, Q)>) -> Vec<String> {
+    publishes.into_iter().map(|(_, p, _)| p).collect()
 }

@@ -121,19 +121,9 @@ async fn websocket_round_trip() {
         .publish("ws/b", Q5::AtLeastOnce, false, "over tcp")
         .await;
 
-    let got: Vec<String> = over_ws
-        .publishes(2)
-        .await
-        .into_iter()
-        .map(|(_, p, _)| p)
-        .collect();
+    let got = payloads(over_ws.publishes(2).await);
     assert_eq!(got, ["over websocket", "over tcp"]);
-    let got: Vec<String> = plain
-        .publishes(2)
-        .await
-        .into_iter()
-        .map(|(_, p, _)| p)
-        .collect();
+    let got = payloads(plain.publishes(2).await);
     assert_eq!(got, ["over websocket", "over tcp"]);
     common::stop(b).await;
 }
@@ -250,4 +240,9 @@ async fn proxy_protocol_client_address() {
     );
     assert_eq!(c2.subscribe(1, "pp/t", 0).await, 0, "others still served");
     common::stop(b).await;
+}
+
+/// The payloads of `publishes`, in arrival order.
+fn payloads<Q>(publishes: Vec<(String, String, Q)>) -> Vec<String> {
+    publishes.into_iter().map(|(_, p, _)| p).collect()
 }

@@ -4,43 +4,26 @@
 
 use corvid_config as cfg;
 
-impl From<crate::QueueFullPolicy> for cfg::QueueFullPolicy {
-    fn from(p: crate::QueueFullPolicy) -> Self {
-        match p {
-            crate::QueueFullPolicy::DropOldest => cfg::QueueFullPolicy::DropOldest,
-            crate::QueueFullPolicy::DropNew => cfg::QueueFullPolicy::DropNew,
+/// `From<crate::$spec> for cfg::$broker` for enums whose variants have the same names on both
+/// sides: a variant missing in the broker's enum fails to compile.
+macro_rules! same_variants {
+    ($($spec:ident => $broker:ident { $($variant:ident),+ $(,)? })+) => {$(
+        impl From<crate::$spec> for cfg::$broker {
+            fn from(v: crate::$spec) -> Self {
+                match v {
+                    $(crate::$spec::$variant => cfg::$broker::$variant,)+
+                }
+            }
         }
-    }
+    )+};
 }
 
-impl From<crate::SharedSubscriptionStrategy> for cfg::SharedStrategy {
-    fn from(s: crate::SharedSubscriptionStrategy) -> Self {
-        match s {
-            crate::SharedSubscriptionStrategy::RoundRobin => cfg::SharedStrategy::RoundRobin,
-            crate::SharedSubscriptionStrategy::Random => cfg::SharedStrategy::Random,
-            crate::SharedSubscriptionStrategy::Sticky => cfg::SharedStrategy::Sticky,
-            crate::SharedSubscriptionStrategy::HashClientid => cfg::SharedStrategy::HashClientid,
-        }
-    }
-}
-
-impl From<crate::AclPermission> for cfg::Permission {
-    fn from(p: crate::AclPermission) -> Self {
-        match p {
-            crate::AclPermission::Allow => cfg::Permission::Allow,
-            crate::AclPermission::Deny => cfg::Permission::Deny,
-        }
-    }
-}
-
-impl From<crate::AclAction> for cfg::AclAction {
-    fn from(a: crate::AclAction) -> Self {
-        match a {
-            crate::AclAction::Publish => cfg::AclAction::Publish,
-            crate::AclAction::Subscribe => cfg::AclAction::Subscribe,
-            crate::AclAction::All => cfg::AclAction::All,
-        }
-    }
+same_variants! {
+    QueueFullPolicy => QueueFullPolicy { DropOldest, DropNew }
+    SharedSubscriptionStrategy => SharedStrategy { RoundRobin, Random, Sticky, HashClientid }
+    AclPermission => Permission { Allow, Deny }
+    AclAction => AclAction { Publish, Subscribe, All }
+    KafkaKey => KafkaKey { ClientId, Topic }
 }
 
 impl From<&crate::AclWho> for cfg::AclWho {
@@ -68,15 +51,6 @@ impl From<&crate::AclRule> for cfg::AclRule {
             who: (&r.who).into(),
             action: r.action.into(),
             topics: r.topics.clone(),
-        }
-    }
-}
-
-impl From<crate::KafkaKey> for cfg::KafkaKey {
-    fn from(k: crate::KafkaKey) -> Self {
-        match k {
-            crate::KafkaKey::ClientId => cfg::KafkaKey::ClientId,
-            crate::KafkaKey::Topic => cfg::KafkaKey::Topic,
         }
     }
 }

@@ -224,6 +224,15 @@ fn errors(obj: &Value) -> Vec<String> {
     }
 }
 
+/// `obj` is rejected with (at least) `message`.
+fn assert_rejected(obj: &Value, message: &str) {
+    let errs = errors(obj).join("\n");
+    assert!(
+        errs.contains(message),
+        "expected rejection with {message:?}, got: {errs:?}"
+    );
+}
+
 #[test]
 fn cel_accepts_the_default_object() {
     assert_eq!(errors(&object(|_| {})), Vec::<String>::new());
@@ -285,11 +294,7 @@ fn cel_rejects_invalid_objects_with_field_messages() {
         ),
     ];
     for (message, edit) in cases {
-        let errs = errors(&object(edit)).join("\n");
-        assert!(
-            errs.contains(message),
-            "expected rejection with {message:?}, got: {errs:?}"
-        );
+        assert_rejected(&object(edit), message);
     }
 }
 
@@ -329,11 +334,7 @@ fn cel_checks_the_event_store() {
             json!({"redis": {"url": "redis://:pw@cache:6379"}}),
         ),
     ] {
-        let errs = errors(&object(|s| s["eventStore"] = store)).join("\n");
-        assert!(
-            errs.contains(message),
-            "expected rejection with {message:?}, got: {errs:?}"
-        );
+        assert_rejected(&object(|s| s["eventStore"] = store), message);
     }
 }
 

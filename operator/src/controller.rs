@@ -169,13 +169,6 @@ async fn reconcile_pipeline(cluster: &MqttCluster, ctx: &Context) -> Result<Requ
     let valid = match validate(cluster) {
         Ok(valid) => valid,
         Err(invalid) => {
-            ctx.event(
-                cluster,
-                EventType::Warning,
-                "InvalidSpec",
-                invalid.0.clone(),
-            )
-            .await;
             // Refusing a generation is acting on it: observedGeneration moves.
             write_status(
                 ctx,
@@ -249,10 +242,6 @@ async fn reconcile_pipeline(cluster: &MqttCluster, ctx: &Context) -> Result<Requ
         scale_event(ctx, cluster, current, pre.statefulset_replicas).await;
     }
     let error_note = error.as_ref().map(|e| (e.reason(), e.to_string()));
-    if let Some((reason, message)) = &error_note {
-        ctx.event(cluster, EventType::Warning, reason, message.clone())
-            .await;
-    }
     write_status(
         ctx,
         cluster,
@@ -291,36 +280,24 @@ async fn apply_and_act(
 ) -> Result<Acted> {
     let ns = names.namespace.as_str();
     let key_material: [u8; 32] = rand::random();
-    if apply::create_secret_once(
-        &ctx.client,
-        ns,
-        &secret::build(cluster, names, &key_material),
-    )
-    .await?
-    {
-        ctx.event(
-            cluster,
-            EventType::Normal,
+    let token_material: [u8; 32] = rand::random();
+    // Created once: an existing Secret is never replaced, so neither key rotates by accident.
+    let once = [
+        (
+            secret::build(cluster, names, &key_material),
             "ClusterSecretCreated",
             names.cluster_secret(),
-        )
-        .await;
-    }
-    let token_material: [u8; 32] = rand::random();
-    if apply::create_secret_once(
-        &ctx.client,
-        ns,
-        &secret::admin_token(cluster, names, &token_material),
-    )
-    .await?
-    {
-        ctx.event(
-            cluster,
-            EventType::Normal,
+        ),
+        (
+            secret::admin_token(cluster, names, &token_material),
             "AdminTokenCreated",
             names.admin_token_secret(),
-        )
-        .await;
+        ),
+    ];
+    for (secret, reason, name) in once {
+        if apply::create_secret_once(&ctx.client, ns, &secret).await? {
+            ctx.event(cluster, EventType::Normal, reason, name).await;
+        }
     }
     let client_service = apply::apply_all(&ctx.client, names, desired).await?;
     for gone in apply::prune(&ctx.client, names, desired).await? {
@@ -564,12 +541,13 @@ struct Written<'a> {
     generation: Option<i64>,
     /// The planner's decision (None when the spec was invalid).
     plan: Option<&'a Plan>,
-    /// A failure of this reconcile: (reason, message).
+    /// A failure of this reconcile: (reason, message); also sent as a Warning event.
     error: Option<(&'a str, String)>,
     /// Client endpoint, when known.
     endpoint: Option<String>,
 }
 
+/// Writes the status for this reconcile, after a Warning event for its failure if it failed.
 async fn write_status(
     ctx: &Context,
     cluster: &MqttCluster,
@@ -577,6 +555,10 @@ async fn write_status(
     observation: &Observation,
     written: Written<'_>,
 ) -> Result<()> {
+    if let Some((reason, message)) = &written.error {
+        ctx.event(cluster, EventType::Warning, reason, message.clone())
+            .await;
+    }
     let update_revision = observation
         .statefulset
         .as_ref()

@@ -82,6 +82,30 @@ fn three(revision: &str) -> Vec<PodView> {
     (0..3).map(|i| healthy(i, revision)).collect()
 }
 
+/// Three pods at r1, `demo-2` replaced by `third`.
+fn with_third(third: PodView) -> Vec<PodView> {
+    let mut pods = three("r1");
+    pods[2] = third;
+    pods
+}
+
+/// A pod at `revision` created `seconds` ago, not Ready yet, that no broker was asked about.
+fn starting(ordinal: i32, revision: &str, seconds: i64) -> PodView {
+    PodView {
+        ready: false,
+        joined: None,
+        created: Some(ago(seconds)),
+        ..healthy(ordinal, revision)
+    }
+}
+
+/// `pods` rolling to `target`, with the step `recorded` in status.
+fn rolling(pods: Vec<PodView>, target: &str, recorded: Option<OperationStatus>) -> Observed {
+    let mut o = observed(pods, target);
+    o.operation = recorded;
+    o
+}
+
 use OperationPhase::*;
 
 #[test]
@@ -173,11 +197,15 @@ fn evacuation_table() {
         ),
     ];
     for (case, evacuation, since, action, phase) in cases {
-        let mut pods = three("r1");
-        pods[2].evacuation = evacuation;
-        let mut o = observed(pods, "r2");
-        o.operation = step(Evacuating, "demo-2", "r2", since);
-        let p = plan(&o);
+        let third = PodView {
+            evacuation,
+            ..healthy(2, "r1")
+        };
+        let p = plan(&rolling(
+            with_third(third),
+            "r2",
+            step(Evacuating, "demo-2", "r2", since),
+        ));
         assert_eq!(p.action, action, "{case}");
         assert_eq!(p.operation.map(|op| op.phase), phase, "{case}");
     }
@@ -185,23 +213,21 @@ fn evacuation_table() {
 
 #[test]
 fn replacing_waits_for_the_old_pod_to_go_then_for_the_new_one() {
-    let mut pods = three("r1");
-    pods[2].terminating = true;
-    let mut o = observed(pods, "r2");
-    o.operation = step(Replacing, "demo-2", "r2", 5);
+    let terminating = PodView {
+        terminating: true,
+        ..healthy(2, "r1")
+    };
+    let mut o = rolling(
+        with_third(terminating),
+        "r2",
+        step(Replacing, "demo-2", "r2", 5),
+    );
     assert_eq!(
         plan(&o).action,
         Action::Wait(Wait::Replacing("demo-2".into()))
     );
 
-    let mut pods = three("r1");
-    pods[2] = PodView {
-        ready: false,
-        joined: None,
-        created: Some(ago(1)),
-        ..healthy(2, "r2")
-    };
-    o.pods = pods;
+    o.pods = with_third(starting(2, "r2", 1));
     let p = plan(&o);
     assert_eq!(p.action, Action::Wait(Wait::Joining("demo-2".into())));
     assert_eq!(
@@ -220,10 +246,11 @@ fn replacing_repeats_a_lost_delete() {
 
 #[test]
 fn joined_pod_moves_the_rollout_to_the_next_ordinal() {
-    let mut pods = three("r1");
-    pods[2] = healthy(2, "r2");
-    let mut o = observed(pods, "r2");
-    o.operation = step(WaitingReady, "demo-2", "r2", 20);
+    let o = rolling(
+        with_third(healthy(2, "r2")),
+        "r2",
+        step(WaitingReady, "demo-2", "r2", 20),
+    );
     let p = plan(&o);
     assert_eq!(p.action, Action::Evacuate("demo-1".into()));
     assert_eq!(p.operation, step(Evacuating, "demo-1", "r2", 0));
@@ -231,13 +258,15 @@ fn joined_pod_moves_the_rollout_to_the_next_ordinal() {
 
 #[test]
 fn ready_but_not_joined_is_not_done() {
-    let mut pods = three("r1");
-    pods[2] = PodView {
+    let not_joined = PodView {
         joined: Some(false),
         ..healthy(2, "r2")
     };
-    let mut o = observed(pods, "r2");
-    o.operation = step(WaitingReady, "demo-2", "r2", 20);
+    let o = rolling(
+        with_third(not_joined),
+        "r2",
+        step(WaitingReady, "demo-2", "r2", 20),
+    );
     assert_eq!(
         plan(&o).action,
         Action::Wait(Wait::Joining("demo-2".into()))
@@ -246,15 +275,11 @@ fn ready_but_not_joined_is_not_done() {
 
 #[test]
 fn bad_image_blocks_the_rollout_without_touching_other_pods() {
-    let mut pods = three("r1");
-    pods[2] = PodView {
-        ready: false,
-        joined: None,
-        created: Some(ago(301)),
-        ..healthy(2, "r2")
-    };
-    let mut o = observed(pods, "r2");
-    o.operation = step(WaitingReady, "demo-2", "r2", 300);
+    let o = rolling(
+        with_third(starting(2, "r2", 301)),
+        "r2",
+        step(WaitingReady, "demo-2", "r2", 300),
+    );
     let p = plan(&o);
     assert!(
         matches!(&p.action, Action::Blocked { pod, reason } if pod == "demo-2" && reason.contains("300s")),
@@ -270,15 +295,11 @@ fn bad_image_blocks_the_rollout_without_touching_other_pods() {
 
 #[test]
 fn fixing_the_spec_replaces_the_broken_pod_first_without_evacuation() {
-    let mut pods = three("r1");
-    pods[2] = PodView {
-        ready: false,
-        joined: None,
-        created: Some(ago(900)),
-        ..healthy(2, "r2-bad")
-    };
-    let mut o = observed(pods, "r3");
-    o.operation = step(WaitingReady, "demo-2", "r2-bad", 900);
+    let o = rolling(
+        with_third(starting(2, "r2-bad", 900)),
+        "r3",
+        step(WaitingReady, "demo-2", "r2-bad", 900),
+    );
     let p = plan(&o);
     assert_eq!(p.action, Action::DeletePod("demo-2".into()));
     assert_eq!(p.operation, step(Replacing, "demo-2", "r3", 0));
@@ -286,14 +307,7 @@ fn fixing_the_spec_replaces_the_broken_pod_first_without_evacuation() {
 
 #[test]
 fn operator_restart_that_lost_the_step_still_blocks_on_a_stuck_pod() {
-    let mut pods = three("r1");
-    pods[2] = PodView {
-        ready: false,
-        joined: None,
-        created: Some(ago(400)),
-        ..healthy(2, "r2")
-    };
-    let p = plan(&observed(pods, "r2"));
+    let p = plan(&observed(with_third(starting(2, "r2", 400)), "r2"));
     assert!(
         matches!(p.action, Action::Blocked { ref pod, .. } if pod == "demo-2"),
         "{:?}",
@@ -628,15 +642,10 @@ fn spec_change_during_a_replacement_table() {
         p.terminating = true;
         p
     };
-    let two_of = |rev: &str, third: PodView| {
-        let mut pods = three(rev);
-        pods[2] = third;
-        pods
-    };
     let cases: Vec<SpecChangeCase> = vec![
         (
             "new config while the new pod crash-loops: replaced at once at the newest revision",
-            two_of("r1", broken(2, "r2", 40, CRASH)),
+            with_third(broken(2, "r2", 40, CRASH)),
             step(WaitingReady, "demo-2", "r2", 40),
             "r3",
             Action::DeletePod("demo-2".into()),
@@ -644,7 +653,7 @@ fn spec_change_during_a_replacement_table() {
         ),
         (
             "revert to the running revision while the new pod cannot pull its image",
-            two_of("r1", broken(2, "r2", 45, PULL)),
+            with_third(broken(2, "r2", 45, PULL)),
             step(WaitingReady, "demo-2", "r2", 45),
             "r1",
             Action::DeletePod("demo-2".into()),
@@ -652,7 +661,7 @@ fn spec_change_during_a_replacement_table() {
         ),
         (
             "revert after the rollout blocked (Degraded): same, no evacuation",
-            two_of("r1", broken(2, "r2", 900, CRASH)),
+            with_third(broken(2, "r2", 900, CRASH)),
             step(WaitingReady, "demo-2", "r2", 900),
             "r1",
             Action::DeletePod("demo-2".into()),
@@ -660,7 +669,7 @@ fn spec_change_during_a_replacement_table() {
         ),
         (
             "spec change while the old pod terminates: it comes back at the newest revision",
-            two_of("r1", terminating(healthy(2, "r1"))),
+            with_third(terminating(healthy(2, "r1"))),
             step(Replacing, "demo-2", "r2", 20),
             "r3",
             Action::Wait(Wait::Replacing("demo-2".into())),
@@ -684,7 +693,7 @@ fn spec_change_during_a_replacement_table() {
         ),
         (
             "revert while the replaced pod is already healthy at the reverted-from revision",
-            two_of("r1", healthy(2, "r2")),
+            with_third(healthy(2, "r2")),
             step(WaitingReady, "demo-2", "r2", 20),
             "r1",
             Action::Evacuate("demo-2".into()),
@@ -700,9 +709,7 @@ fn spec_change_during_a_replacement_table() {
         ),
     ];
     for (case, pods, recorded, target, action, operation) in cases {
-        let mut o = observed(pods, target);
-        o.operation = recorded;
-        let p = plan(&o);
+        let p = plan(&rolling(pods, target, recorded));
         assert_eq!(p.action, action, "{case}");
         assert_eq!(p.operation, operation, "{case}");
         assert_eq!(p.statefulset_replicas, 3, "{case}");
@@ -712,24 +719,21 @@ fn spec_change_during_a_replacement_table() {
 #[test]
 fn reverted_pod_comes_back_and_the_rollout_completes() {
     // After the revert's delete: the pod is recreated at the running revision.
-    let mut pods = three("r1");
-    pods[2] = PodView {
-        ready: false,
-        joined: None,
-        created: Some(ago(2)),
+    let recreated = PodView {
         unready_since: Some(ago(2)),
-        ..healthy(2, "r1")
+        ..starting(2, "r1", 2)
     };
-    let mut o = observed(pods, "r1");
-    o.operation = step(Replacing, "demo-2", "r1", 10);
+    let o = rolling(
+        with_third(recreated),
+        "r1",
+        step(Replacing, "demo-2", "r1", 10),
+    );
     let p = plan(&o);
     assert_eq!(p.action, Action::Wait(Wait::Joining("demo-2".into())));
     assert_eq!(p.operation, step(WaitingReady, "demo-2", "r1", 0));
     // Ready and joined: converged, the step is cleared (Progressing=False).
-    let mut o = observed(three("r1"), "r1");
-    o.operation = p.operation;
     assert_eq!(
-        plan(&o),
+        plan(&rolling(three("r1"), "r1", p.operation)),
         Plan {
             statefulset_replicas: 3,
             action: Action::Idle,
@@ -827,11 +831,6 @@ fn scale_down_with_no_serving_pod_left_holds_and_says_why() {
 /// The operator restarted (its memory is gone; status may or may not hold the step).
 #[test]
 fn operator_restart_in_the_middle_table() {
-    let with_third = |third: PodView| {
-        let mut pods = three("r1");
-        pods[2] = third;
-        pods
-    };
     let cases: Vec<RestartCase> = vec![
         (
             "step lost, new pod still starting: wait, take nothing else down",
@@ -860,11 +859,8 @@ fn operator_restart_in_the_middle_table() {
         (
             "step kept, old pod terminated while the operator was down",
             with_third(PodView {
-                created: Some(ago(5)),
                 unready_since: Some(ago(5)),
-                ready: false,
-                joined: None,
-                ..healthy(2, "r2")
+                ..starting(2, "r2", 5)
             }),
             step(Replacing, "demo-2", "r2", 40),
             "r2",
@@ -872,9 +868,11 @@ fn operator_restart_in_the_middle_table() {
         ),
     ];
     for (case, pods, recorded, target, action) in cases {
-        let mut o = observed(pods, target);
-        o.operation = recorded;
-        assert_eq!(plan(&o).action, action, "{case}");
+        assert_eq!(
+            plan(&rolling(pods, target, recorded)).action,
+            action,
+            "{case}"
+        );
     }
 }
 

@@ -189,6 +189,24 @@ impl ApiServerProxy {
             })?;
         Ok(())
     }
+
+    /// `GET <path>` on one pod, its JSON answer decoded as `T`.
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        namespace: &str,
+        pod: &str,
+        path: &str,
+    ) -> Result<T, PodTalkError> {
+        let token = self.token(namespace, pod).await;
+        let req = Self::request(http::Method::GET, namespace, pod, path, token.as_deref())?;
+        self.client
+            .request(req)
+            .await
+            .map_err(|source| PodTalkError::Call {
+                pod: pod.to_string(),
+                source,
+            })
+    }
 }
 
 impl BrokerAdmin for ApiServerProxy {
@@ -236,23 +254,7 @@ impl BrokerAdmin for ApiServerProxy {
         namespace: &'a str,
         pod: &'a str,
     ) -> BoxFuture<'a, Result<EvacuationStatus, PodTalkError>> {
-        Box::pin(async move {
-            let token = self.token(namespace, pod).await;
-            let req = Self::request(
-                http::Method::GET,
-                namespace,
-                pod,
-                "/api/v1/evacuate",
-                token.as_deref(),
-            )?;
-            self.client
-                .request(req)
-                .await
-                .map_err(|source| PodTalkError::Call {
-                    pod: pod.to_string(),
-                    source,
-                })
-        })
+        Box::pin(self.get_json(namespace, pod, "/api/v1/evacuate"))
     }
 
     fn cluster<'a>(
@@ -260,23 +262,7 @@ impl BrokerAdmin for ApiServerProxy {
         namespace: &'a str,
         pod: &'a str,
     ) -> BoxFuture<'a, Result<ClusterView, PodTalkError>> {
-        Box::pin(async move {
-            let token = self.token(namespace, pod).await;
-            let req = Self::request(
-                http::Method::GET,
-                namespace,
-                pod,
-                "/api/v1/cluster",
-                token.as_deref(),
-            )?;
-            self.client
-                .request(req)
-                .await
-                .map_err(|source| PodTalkError::Call {
-                    pod: pod.to_string(),
-                    source,
-                })
-        })
+        Box::pin(self.get_json(namespace, pod, "/api/v1/cluster"))
     }
 }
 

@@ -84,77 +84,60 @@ fn fake_client_with(
     (Client::new(service, "default"), calls)
 }
 
+/// Implements every `BrokerAdmin` call of `$ty` as `$answer`, with the call's name bound to
+/// `$what` and the pod to `$pod`.
+macro_rules! broker_admin {
+    ($ty:ty, |$what:ident, $pod:ident| $answer:expr) => {
+        impl BrokerAdmin for $ty {
+            fn evacuate<'a>(
+                &'a self,
+                _: &'a str,
+                $pod: &'a str,
+                _: i32,
+            ) -> BoxFuture<'a, Result<(), PodTalkError>> {
+                let $what = "evacuate";
+                $answer
+            }
+            fn evacuation<'a>(
+                &'a self,
+                _: &'a str,
+                $pod: &'a str,
+            ) -> BoxFuture<'a, Result<EvacuationStatus, PodTalkError>> {
+                let $what = "evacuation query";
+                $answer
+            }
+            fn cluster<'a>(
+                &'a self,
+                _: &'a str,
+                $pod: &'a str,
+            ) -> BoxFuture<'a, Result<ClusterView, PodTalkError>> {
+                let $what = "cluster query";
+                $answer
+            }
+            fn rebalance<'a>(
+                &'a self,
+                _: &'a str,
+                $pod: &'a str,
+                _: i32,
+            ) -> BoxFuture<'a, Result<(), PodTalkError>> {
+                let $what = "rebalance request";
+                $answer
+            }
+        }
+    };
+}
+
 /// Broker admin that nobody should call in these scenarios (no pods exist).
 struct NoBrokers;
 
-impl BrokerAdmin for NoBrokers {
-    fn evacuate<'a>(
-        &'a self,
-        _: &'a str,
-        pod: &'a str,
-        _: i32,
-    ) -> BoxFuture<'a, Result<(), PodTalkError>> {
-        panic!("unexpected evacuate of {pod}")
-    }
-    fn evacuation<'a>(
-        &'a self,
-        _: &'a str,
-        pod: &'a str,
-    ) -> BoxFuture<'a, Result<EvacuationStatus, PodTalkError>> {
-        panic!("unexpected evacuation query of {pod}")
-    }
-    fn cluster<'a>(
-        &'a self,
-        _: &'a str,
-        pod: &'a str,
-    ) -> BoxFuture<'a, Result<ClusterView, PodTalkError>> {
-        panic!("unexpected cluster query of {pod}")
-    }
-    fn rebalance<'a>(
-        &'a self,
-        _: &'a str,
-        pod: &'a str,
-        _: i32,
-    ) -> BoxFuture<'a, Result<(), PodTalkError>> {
-        panic!("unexpected rebalance request to {pod}")
-    }
-}
+broker_admin!(NoBrokers, |what, pod| panic!("unexpected {what} for {pod}"));
 
 /// Brokers whose admin API never answers (the pod proxy waits on a pod that is gone).
 struct SilentBrokers;
 
-impl BrokerAdmin for SilentBrokers {
-    fn evacuate<'a>(
-        &'a self,
-        _: &'a str,
-        _: &'a str,
-        _: i32,
-    ) -> BoxFuture<'a, Result<(), PodTalkError>> {
-        Box::pin(futures::future::pending())
-    }
-    fn evacuation<'a>(
-        &'a self,
-        _: &'a str,
-        _: &'a str,
-    ) -> BoxFuture<'a, Result<EvacuationStatus, PodTalkError>> {
-        Box::pin(futures::future::pending())
-    }
-    fn cluster<'a>(
-        &'a self,
-        _: &'a str,
-        _: &'a str,
-    ) -> BoxFuture<'a, Result<ClusterView, PodTalkError>> {
-        Box::pin(futures::future::pending())
-    }
-    fn rebalance<'a>(
-        &'a self,
-        _: &'a str,
-        _: &'a str,
-        _: i32,
-    ) -> BoxFuture<'a, Result<(), PodTalkError>> {
-        Box::pin(futures::future::pending())
-    }
-}
+broker_admin!(SilentBrokers, |_what, _pod| Box::pin(
+    futures::future::pending()
+));
 
 fn context(client: Client) -> Arc<Context> {
     context_with(client, Arc::new(NoBrokers))

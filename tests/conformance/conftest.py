@@ -190,34 +190,31 @@ def clients():
             pass
 
 
-@pytest.fixture
-def raw(port, clients):
-    """Factory: a connected RawClient (``raw(version, client_id=..., clean=..., props=...)``)."""
+def tracked(clients, connect):
+    """Factory around ``connect(version, **kw)`` whose clients the ``clients`` fixture closes."""
     def make(version=V5, **kw):
-        c = mqttutil.raw_connect(port, version, **kw)
+        c = connect(version, **kw)
         clients.append(c)
         return c
     return make
+
+
+@pytest.fixture
+def raw(port, clients):
+    """Factory: a connected RawClient (``raw(version, client_id=..., clean=..., props=...)``)."""
+    return tracked(clients, lambda version, **kw: mqttutil.raw_connect(port, version, **kw))
 
 
 @pytest.fixture
 def paho(port, clients):
     """Factory: a connected PahoClient."""
-    def make(version=V5, **kw):
-        c = mqttutil.paho_connect(port, version, **kw)
-        clients.append(c)
-        return c
-    return make
+    return tracked(clients, lambda version, **kw: mqttutil.paho_connect(port, version, **kw))
 
 
 @pytest.fixture
 def sock(port, clients):
     """Factory: an unconnected RawClient (TCP only) for hand-made bytes."""
-    def make(version=V5):
-        c = mqttutil.RawClient(port, version)
-        clients.append(c)
-        return c
-    return make
+    return tracked(clients, lambda version: mqttutil.RawClient(port, version))
 
 
 def is_mosquitto(broker) -> bool:

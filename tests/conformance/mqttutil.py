@@ -141,6 +141,22 @@ def packet(ptype: int, flags: int, body: bytes) -> bytes:
     return bytes([(ptype << 4) | flags]) + varint(len(body)) + body
 
 
+def will(topic: str, payload: bytes = b"gone", qos: int = 1, retain: bool = False,
+         props: dict | None = None) -> dict[str, Any]:
+    """The ``will`` argument of ``connect_packet`` (defaults: QoS 1, not retained)."""
+    return {"topic": topic, "payload": payload, "qos": qos, "retain": retain, "props": props}
+
+
+def delayed_will(raw, topic: str, expiry: int, delay: int) -> tuple[RawClient, RawClient]:
+    """5.0: a subscriber to ``topic`` and a client with Session Expiry ``expiry`` s whose Will
+    (b"gone", QoS 1, to ``topic``) has a Will Delay of ``delay`` s; ``raw`` is the fixture."""
+    sub = raw(V5)
+    sub.subscribe(topic, 1)
+    c = raw(V5, props={"session_expiry_interval": expiry},
+            will=will(topic, props={"will_delay_interval": delay}))
+    return sub, c
+
+
 def connect_packet(client_id: str, version: int = V5, clean: bool = True, keepalive: int = 60,
                    props: dict | None = None, will: dict | None = None,
                    username: str | None = None, password: bytes | None = None,
@@ -539,6 +555,15 @@ class RawClient:
             self.ack(p)
         return p
 
+    def burst(self, quiet: float = 0.5) -> list[Packet]:
+        """The next PUBLISH and every further one until ``quiet`` passes without one (all acked)."""
+        out = [self.message()]
+        while True:
+            try:
+                out.append(self.message(timeout=quiet))
+            except TimeoutError:
+                return out
+
     def no_message(self, timeout: float = QUIET) -> None:
         """Assert no PUBLISH arrives within ``timeout``."""
         try:
@@ -565,6 +590,38 @@ class RawClient:
         except OSError:
             pass
         self.close()
+
+
+def subscribe_refused(c: RawClient, topic_filter: str) -> Packet | None:
+    """Subscribe to a filter the Server must refuse: the SUBACK (asserted to carry a failure
+    code), or None when the Server closed the connection instead."""
+    try:
+        ack = c.subscribe(topic_filter, 1)
+    except Closed:
+        return None
+    assert ack.codes[0] >= 0x80, ack
+    return ack
+
+
+def resend_qos2_with_dup(pub: RawClient, sub: RawClient, topic: str, payload: bytes,
+                         pid: int) -> None:
+    """Resend a QoS 2 PUBLISH with DUP, finish its flow, and assert ``sub`` gets it once.
+
+    The receiver of a retransmitted QoS 2 PUBLISH must not deliver it again [MQTT-4.3.3-2].
+    """
+    v = pub.version
+    pub.send(publish_packet(topic, payload, 2, pid=pid, version=v, dup=True))
+    assert pub.expect(PUBREC).pid == pid
+    pub.send(ack_packet(PUBREL, pid, v))
+    assert pub.expect(PUBCOMP).pid == pid
+    assert sub.message().payload == payload
+    sub.no_message()
+
+
+def assert_props(m: Packet, props: dict[str, Any]) -> None:
+    """Assert every property in ``props`` reached ``m`` unaltered."""
+    for k, v in props.items():
+        assert m.props.get(k) == v, (k, m.props)
 
 
 def raw_connect(port: int, version: int = V5, client_id: str | None = None, **kw) -> RawClient:

@@ -25,15 +25,19 @@ def test_retained_message_delivered_on_subscribe(version, raw, topic):
     assert (m.payload, m.retain) == (b"r2", False)
 
 
+def assert_new_subscriber_gets_only(sub, topic, payload):
+    """Subscribe ``sub`` to ``topic`` and assert the one retained message it gets is ``payload``."""
+    sub.subscribe(topic, 1)
+    assert sub.message().payload == payload
+    sub.no_message()
+
+
 def test_newer_retained_message_replaces_older(version, raw, topic):
     # [MQTT-3.3.1-5]: the new retained message replaces any existing one for the topic.
     pub = raw(version)
     pub.publish(topic, b"old", qos=1, retain=True)
     pub.publish(topic, b"new", qos=1, retain=True)
-    sub = raw(version)
-    sub.subscribe(topic, 1)
-    assert sub.message().payload == b"new"
-    sub.no_message()
+    assert_new_subscriber_gets_only(raw(version), topic, b"new")
 
 
 def test_retained_delivery_is_capped_at_subscription_qos(version, raw, topic):
@@ -72,10 +76,7 @@ def test_non_retained_publish_keeps_retained_message(version, raw, topic):
     pub = raw(version)
     pub.publish(topic, b"kept", qos=1, retain=True)
     pub.publish(topic, b"transient", qos=1, retain=False)
-    sub = raw(version)
-    sub.subscribe(topic, 1)
-    assert sub.message().payload == b"kept"
-    sub.no_message()
+    assert_new_subscriber_gets_only(raw(version), topic, b"kept")
 
 
 def test_retained_messages_matched_by_wildcard(version, raw, topic):

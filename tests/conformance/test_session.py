@@ -7,7 +7,8 @@ QoS 1/2 messages queued while offline, unacknowledged messages re-sent with DUP,
 
 import time
 
-from mqttutil import PUBCOMP, PUBREC, PUBREL, V311, V5, ack_packet, publish_packet
+from mqttutil import (PUBREC, PUBREL, V311, V5, ack_packet, publish_packet,
+                      resend_qos2_with_dup)
 
 
 def persistent(version, expiry=300):
@@ -180,12 +181,7 @@ def test_inbound_qos2_state_survives_reconnect(version, raw, topic):
     pub = raw(version, client_id=pub.client_id, **persistent(version))
     assert pub.connack.session_present
     # A client that missed the PUBREC may also resend the PUBLISH with DUP first.
-    pub.send(publish_packet(topic, b"exactly-once", 2, pid=11, version=version, dup=True))
-    assert pub.expect(PUBREC).pid == 11
-    pub.send(ack_packet(PUBREL, 11, version))
-    assert pub.expect(PUBCOMP).pid == 11
-    assert sub.message().payload == b"exactly-once"
-    sub.no_message()
+    resend_qos2_with_dup(pub, sub, topic, b"exactly-once", 11)
     raw(version, client_id=pub.client_id, clean=True).disconnect()
 
 

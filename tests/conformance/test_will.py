@@ -6,11 +6,7 @@ An abnormal disconnect is simulated by closing the raw TCP socket without DISCON
 
 import time
 
-from mqttutil import V5, QUIET, packet
-
-
-def will(topic, payload=b"gone", qos=1, retain=False, props=None):
-    return {"topic": topic, "payload": payload, "qos": qos, "retain": retain, "props": props}
+from mqttutil import V5, QUIET, assert_props, delayed_will, packet, will
 
 
 def test_will_sent_on_abnormal_disconnect(version, raw, topic):
@@ -74,15 +70,11 @@ def test_will_properties_forwarded_v5(raw, topic):
     c = raw(V5, will=will(topic, props=props))
     c.close()
     m = sub.message()
-    for k, v in props.items():
-        assert m.props.get(k) == v, (k, m.props)
+    assert_props(m, props)
 
 
 def test_will_delay_interval_v5(raw, topic):
-    sub = raw(V5)
-    sub.subscribe(topic, 1)
-    c = raw(V5, props={"session_expiry_interval": 30},
-            will=will(topic, props={"will_delay_interval": 2}))
+    sub, c = delayed_will(raw, topic, expiry=30, delay=2)
     cid = c.client_id
     closed_at = time.monotonic()
     c.close()
@@ -96,10 +88,7 @@ def test_will_delay_interval_v5(raw, topic):
 
 
 def test_will_delay_cancelled_by_reconnect_v5(raw, topic):
-    sub = raw(V5)
-    sub.subscribe(topic, 1)
-    c = raw(V5, props={"session_expiry_interval": 30},
-            will=will(topic, props={"will_delay_interval": 2}))
+    sub, c = delayed_will(raw, topic, expiry=30, delay=2)
     c.close()
     # [MQTT-3.1.3-9]: a new network connection to this session before the Will Delay
     # Interval has passed -> the Server MUST NOT send the Will Message.

@@ -310,35 +310,29 @@ impl EventStore {
             up: up.with_label_values(&[name]),
             latency: latency.with_label_values(&[name]),
         };
+        // The sinks' configs are different types with the same common fields.
+        macro_rules! add_sink {
+            ($name:literal, $c:expr, $backend:expr) => {{
+                let (c, backend) = ($c, $backend);
+                store.add(
+                    $name,
+                    backend.target(),
+                    &c.events,
+                    &c.message_filters,
+                    c.buffer.max_events,
+                    c.batch.clone(),
+                    c.retry.clone(),
+                    sink_metrics($name),
+                    hooks,
+                    backend,
+                );
+            }};
+        }
         if let Some(p) = &cfg.postgres {
-            let backend = postgres::Postgres::new(p, node, started_us);
-            store.add(
-                "postgres",
-                backend.target(),
-                &p.events,
-                &p.message_filters,
-                p.buffer.max_events,
-                p.batch.clone(),
-                p.retry.clone(),
-                sink_metrics("postgres"),
-                hooks,
-                backend,
-            );
+            add_sink!("postgres", p, postgres::Postgres::new(p, node, started_us));
         }
         if let Some(r) = &cfg.redis {
-            let backend = redis::Redis::new(r, node, started_us);
-            store.add(
-                "redis",
-                backend.target(),
-                &r.events,
-                &r.message_filters,
-                r.buffer.max_events,
-                r.batch.clone(),
-                r.retry.clone(),
-                sink_metrics("redis"),
-                hooks,
-                backend,
-            );
+            add_sink!("redis", r, redis::Redis::new(r, node, started_us));
         }
         Ok(store)
     }

@@ -215,14 +215,7 @@ impl Backend for Redis {
                     } else {
                         ("d", String::new(), detail)
                     };
-                    xadd.arg("event")
-                        .arg(s.event.kind().name())
-                        .arg("ts")
-                        .arg(ms(s.at_us))
-                        .arg("node")
-                        .arg(&self.node)
-                        .arg("client_id")
-                        .arg(client_id)
+                    head_fields(xadd, s, &self.node, client_id)
                         .arg("username")
                         .arg(user)
                         .arg("peer")
@@ -261,14 +254,7 @@ impl Backend for Redis {
                         payload,
                     },
                 ) => {
-                    xadd.arg("event")
-                        .arg("message.publish")
-                        .arg("ts")
-                        .arg(ms(s.at_us))
-                        .arg("node")
-                        .arg(&self.node)
-                        .arg("client_id")
-                        .arg(client_id)
+                    head_fields(xadd, s, &self.node, client_id)
                         .arg("username")
                         .arg(username.as_deref().unwrap_or(""))
                         .arg("topic")
@@ -307,6 +293,23 @@ impl Backend for Redis {
     fn close(&mut self) {
         self.conn = None;
     }
+}
+
+/// The stream fields every entry about a client starts with: the event, when, where, who.
+fn head_fields<'p>(
+    xadd: &'p mut redis::Pipeline,
+    s: &Stamped,
+    node: &str,
+    client_id: impl redis::ToRedisArgs,
+) -> &'p mut redis::Pipeline {
+    xadd.arg("event")
+        .arg(s.event.kind().name())
+        .arg("ts")
+        .arg(ms(s.at_us))
+        .arg("node")
+        .arg(node)
+        .arg("client_id")
+        .arg(client_id)
 }
 
 #[cfg(test)]

@@ -209,28 +209,26 @@ impl Event {
                 qos,
                 retain,
                 payload,
-            } => {
-                let mut v = json!({
+            } => with_payload(
+                json!({
                     "client_id": client_id, "username": username, "topic": topic,
                     "qos": qos, "retain": retain,
-                });
-                put_payload(&mut v, payload);
-                v
-            }
+                }),
+                payload,
+            ),
             Event::MessageDelivered {
                 client_id,
                 from_client_id,
                 topic,
                 qos,
                 payload,
-            } => {
-                let mut v = json!({
+            } => with_payload(
+                json!({
                     "client_id": client_id, "from_client_id": from_client_id,
                     "topic": topic, "qos": qos,
-                });
-                put_payload(&mut v, payload);
-                v
-            }
+                }),
+                payload,
+            ),
             Event::MessageAcked {
                 client_id,
                 from_client_id,
@@ -257,8 +255,8 @@ impl Event {
     }
 }
 
-/// Payloads go as UTF-8 text when they are, else base64 with `payload_encoding: base64`.
-fn put_payload(v: &mut Value, payload: &Bytes) {
+/// `v` with the payload: as UTF-8 text when it is, else base64 with `payload_encoding: base64`.
+fn with_payload(mut v: Value, payload: &Bytes) -> Value {
     match std::str::from_utf8(payload) {
         Ok(s) => {
             v["payload"] = json!(s);
@@ -270,6 +268,7 @@ fn put_payload(v: &mut Value, payload: &Bytes) {
             v["payload_encoding"] = json!("base64");
         }
     }
+    v
 }
 
 /// Why hooks could not be set up.

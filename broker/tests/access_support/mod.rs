@@ -81,6 +81,130 @@ pub async fn http_get(url: &str) -> String {
         .expect("body")
 }
 
+/// The parts of the rumqttc wrappers that read the same for both protocol versions; the
+/// types differ, so each module brings its own `AsyncClient`, `Packet`, `QoS`, … into scope and
+/// defines `forward` (the event loop's packets into the channel) and `topic_string`.
+macro_rules! client_common {
+    ($version:literal) => {
+        #[doc = concat!("A connected ", $version, " client and its incoming packets.")]
+        pub struct Client {
+            pub client: AsyncClient,
+            pub rx: mpsc::UnboundedReceiver<Packet>,
+        }
+
+        pub fn options(addr: SocketAddr, id: &str, creds: Option<(&str, &str)>) -> MqttOptions {
+            let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+            o.set_keep_alive(Duration::from_secs(30));
+            if let Some((u, p)) = creds {
+                o.set_credentials(u, p);
+            }
+            o
+        }
+
+        /// Connects; `Err(code)` when the broker refuses with a CONNACK code.
+        pub async fn connect(
+            addr: SocketAddr,
+            id: &str,
+            creds: Option<(&str, &str)>,
+        ) -> Result<Client, ConnectReturnCode> {
+            connect_with(options(addr, id, creds)).await
+        }
+
+        /// Connects and asserts that the broker refuses with `code`.
+        pub async fn assert_refused(
+            addr: SocketAddr,
+            id: &str,
+            creds: Option<(&str, &str)>,
+            code: ConnectReturnCode,
+        ) {
+            assert_eq!(connect(addr, id, creds).await.err(), Some(code), "{id}");
+        }
+
+        pub async fn connect_with(o: MqttOptions) -> Result<Client, ConnectReturnCode> {
+            let (client, mut ev) = AsyncClient::new(o, 1000);
+            let first = tokio::time::timeout(WAIT, async {
+                loop {
+                    match ev.poll().await {
+                        Ok(Event::Incoming(Packet::ConnAck(a))) => return Ok(a),
+                        Ok(_) => {}
+                        Err(ConnectionError::ConnectionRefused(code)) => return Err(code),
+                        Err(e) => panic!("connect failed: {e}"),
+                    }
+                }
+            })
+            .await
+            .expect("CONNACK in time");
+            first?;
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(forward(ev, tx));
+            Ok(Client { client, rx })
+        }
+
+        impl Client {
+            /// The next incoming packet that `f` accepts (others are skipped).
+            pub async fn next<T>(
+                &mut self,
+                what: &str,
+                mut f: impl FnMut(Packet) -> Option<T>,
+            ) -> T {
+                let until = tokio::time::Instant::now() + WAIT;
+                loop {
+                    let left = until.saturating_duration_since(tokio::time::Instant::now());
+                    match tokio::time::timeout(left, self.rx.recv()).await {
+                        Ok(Some(p)) => {
+                            if let Some(v) = f(p) {
+                                return v;
+                            }
+                        }
+                        Ok(None) => panic!("connection closed while waiting for {what}"),
+                        Err(_) => panic!("timed out waiting for {what}"),
+                    }
+                }
+            }
+
+            /// Publishes `payload` to `topic` (not retained); returns once the client queued it.
+            pub async fn send(&self, topic: &str, qos: QoS, payload: &str) {
+                self.client
+                    .publish(topic.to_string(), qos, false, payload.as_bytes().to_vec())
+                    .await
+                    .expect("publish");
+            }
+
+            /// Subscribes and returns the SUBACK codes.
+            pub async fn subscribe(&mut self, filter: &str, qos: QoS) -> Vec<SubscribeReasonCode> {
+                self.client.subscribe(filter, qos).await.expect("subscribe");
+                self.next("SUBACK", |p| match p {
+                    Packet::SubAck(s) => Some(s.return_codes),
+                    _ => None,
+                })
+                .await
+            }
+
+            /// Next PUBLISH as (topic, payload).
+            pub async fn publish_in(&mut self) -> (String, Vec<u8>) {
+                self.next("PUBLISH", |p| match p {
+                    Packet::Publish(p) => Some((topic_string(p.topic), p.payload.to_vec())),
+                    _ => None,
+                })
+                .await
+            }
+
+            /// Whether a PUBLISH arrives within `d`.
+            pub async fn quiet_for(&mut self, d: Duration) -> Option<String> {
+                let until = tokio::time::Instant::now() + d;
+                loop {
+                    let left = until.saturating_duration_since(tokio::time::Instant::now());
+                    match tokio::time::timeout(left, self.rx.recv()).await {
+                        Ok(Some(Packet::Publish(p))) => return Some(topic_string(p.topic)),
+                        Ok(Some(_)) => {}
+                        Ok(None) | Err(_) => return None,
+                    }
+                }
+            }
+        }
+    };
+}
+
 pub mod v3 {
     use super::*;
     pub use rumqttc::{
@@ -88,111 +212,25 @@ pub mod v3 {
         SubscribeReasonCode,
     };
 
-    /// A connected 3.1.1 client and its incoming packets.
-    pub struct Client {
-        pub client: AsyncClient,
-        pub rx: mpsc::UnboundedReceiver<Packet>,
-    }
+    client_common!("3.1.1");
 
-    pub fn options(addr: SocketAddr, id: &str, creds: Option<(&str, &str)>) -> MqttOptions {
-        let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
-        o.set_keep_alive(Duration::from_secs(30));
-        if let Some((u, p)) = creds {
-            o.set_credentials(u, p);
-        }
-        o
-    }
-
-    /// Connects; `Err(code)` when the broker refuses with a CONNACK code.
-    pub async fn connect(
-        addr: SocketAddr,
-        id: &str,
-        creds: Option<(&str, &str)>,
-    ) -> Result<Client, ConnectReturnCode> {
-        connect_with(options(addr, id, creds)).await
-    }
-
-    pub async fn connect_with(o: MqttOptions) -> Result<Client, ConnectReturnCode> {
-        let (client, mut ev) = AsyncClient::new(o, 1000);
-        let first = tokio::time::timeout(WAIT, async {
-            loop {
-                match ev.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(a))) => return Ok(a),
-                    Ok(_) => {}
-                    Err(ConnectionError::ConnectionRefused(code)) => return Err(code),
-                    Err(e) => panic!("connect failed: {e}"),
-                }
-            }
-        })
-        .await
-        .expect("CONNACK in time");
-        first?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            loop {
-                match ev.poll().await {
-                    Ok(Event::Incoming(p)) => {
-                        if tx.send(p).is_err() {
-                            return;
-                        }
+    /// Hands every incoming packet on until the connection or the receiver is gone.
+    async fn forward(mut ev: rumqttc::EventLoop, tx: mpsc::UnboundedSender<Packet>) {
+        loop {
+            match ev.poll().await {
+                Ok(Event::Incoming(p)) => {
+                    if tx.send(p).is_err() {
+                        return;
                     }
-                    Ok(_) => {}
-                    Err(_) => return,
                 }
+                Ok(_) => {}
+                Err(_) => return,
             }
-        });
-        Ok(Client { client, rx })
+        }
     }
 
-    impl Client {
-        /// The next incoming packet that `f` accepts (others are skipped).
-        pub async fn next<T>(&mut self, what: &str, mut f: impl FnMut(Packet) -> Option<T>) -> T {
-            let until = tokio::time::Instant::now() + WAIT;
-            loop {
-                let left = until.saturating_duration_since(tokio::time::Instant::now());
-                match tokio::time::timeout(left, self.rx.recv()).await {
-                    Ok(Some(p)) => {
-                        if let Some(v) = f(p) {
-                            return v;
-                        }
-                    }
-                    Ok(None) => panic!("connection closed while waiting for {what}"),
-                    Err(_) => panic!("timed out waiting for {what}"),
-                }
-            }
-        }
-
-        /// Subscribes and returns the SUBACK codes.
-        pub async fn subscribe(&mut self, filter: &str, qos: QoS) -> Vec<SubscribeReasonCode> {
-            self.client.subscribe(filter, qos).await.expect("subscribe");
-            self.next("SUBACK", |p| match p {
-                Packet::SubAck(s) => Some(s.return_codes),
-                _ => None,
-            })
-            .await
-        }
-
-        /// Next PUBLISH as (topic, payload).
-        pub async fn publish_in(&mut self) -> (String, Vec<u8>) {
-            self.next("PUBLISH", |p| match p {
-                Packet::Publish(p) => Some((p.topic, p.payload.to_vec())),
-                _ => None,
-            })
-            .await
-        }
-
-        /// Whether a PUBLISH arrives within `d`.
-        pub async fn quiet_for(&mut self, d: Duration) -> Option<String> {
-            let until = tokio::time::Instant::now() + d;
-            loop {
-                let left = until.saturating_duration_since(tokio::time::Instant::now());
-                match tokio::time::timeout(left, self.rx.recv()).await {
-                    Ok(Some(Packet::Publish(p))) => return Some(p.topic),
-                    Ok(Some(_)) => {}
-                    Ok(None) | Err(_) => return None,
-                }
-            }
-        }
+    fn topic_string(topic: String) -> String {
+        topic
     }
 }
 
@@ -204,120 +242,59 @@ pub mod v5 {
     pub use rumqttc::v5::mqttbytes::QoS;
     pub use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};
 
-    /// A connected 5.0 client and its incoming packets.
-    pub struct Client {
-        pub client: AsyncClient,
-        pub rx: mpsc::UnboundedReceiver<Packet>,
-    }
-
-    pub fn options(addr: SocketAddr, id: &str, creds: Option<(&str, &str)>) -> MqttOptions {
-        let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
-        o.set_keep_alive(Duration::from_secs(30));
-        if let Some((u, p)) = creds {
-            o.set_credentials(u, p);
-        }
-        o
-    }
-
-    pub async fn connect(
-        addr: SocketAddr,
-        id: &str,
-        creds: Option<(&str, &str)>,
-    ) -> Result<Client, ConnectReturnCode> {
-        connect_with(options(addr, id, creds)).await
-    }
-
-    pub async fn connect_with(o: MqttOptions) -> Result<Client, ConnectReturnCode> {
-        let (client, mut ev) = AsyncClient::new(o, 1000);
-        let first = tokio::time::timeout(WAIT, async {
-            loop {
-                match ev.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(a))) => return Ok(a),
-                    Ok(_) => {}
-                    Err(ConnectionError::ConnectionRefused(code)) => return Err(code),
-                    Err(e) => panic!("connect failed: {e}"),
-                }
-            }
-        })
-        .await
-        .expect("CONNACK in time");
-        first?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            loop {
-                match ev.poll().await {
-                    Ok(Event::Incoming(p)) => {
-                        let end = matches!(p, Packet::Disconnect(_));
-                        if tx.send(p).is_err() || end {
-                            return;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(ConnectionError::MqttState(
-                        rumqttc::v5::StateError::ServerDisconnect { reason_code, .. },
-                    )) => {
-                        // rumqttc reports a server DISCONNECT as an error: hand it on.
-                        let d = rumqttc::v5::mqttbytes::v5::Disconnect::new(reason_code);
-                        let _ = tx.send(Packet::Disconnect(d));
-                        return;
-                    }
-                    Err(_) => return,
-                }
-            }
-        });
-        Ok(Client { client, rx })
-    }
+    client_common!("5.0");
 
     impl Client {
-        pub async fn next<T>(&mut self, what: &str, mut f: impl FnMut(Packet) -> Option<T>) -> T {
-            let until = tokio::time::Instant::now() + WAIT;
-            loop {
-                let left = until.saturating_duration_since(tokio::time::Instant::now());
-                match tokio::time::timeout(left, self.rx.recv()).await {
-                    Ok(Some(p)) => {
-                        if let Some(v) = f(p) {
-                            return v;
-                        }
-                    }
-                    Ok(None) => panic!("connection closed while waiting for {what}"),
-                    Err(_) => panic!("timed out waiting for {what}"),
-                }
-            }
-        }
-
-        pub async fn subscribe(&mut self, filter: &str, qos: QoS) -> Vec<SubscribeReasonCode> {
-            self.client.subscribe(filter, qos).await.expect("subscribe");
-            self.next("SUBACK", |p| match p {
-                Packet::SubAck(s) => Some(s.return_codes),
+        /// Publishes `payload` to `topic` at QoS 1 and returns the PUBACK's reason.
+        pub async fn publish_qos1(&mut self, topic: &str, payload: &str) -> PubAckReason {
+            self.send(topic, QoS::AtLeastOnce, payload).await;
+            self.next("PUBACK", |p| match p {
+                Packet::PubAck(a) => Some(a.reason),
                 _ => None,
             })
             .await
         }
 
-        pub async fn publish_in(&mut self) -> (String, Vec<u8>) {
-            self.next("PUBLISH", |p| match p {
-                Packet::Publish(p) => Some((
-                    String::from_utf8_lossy(&p.topic).into_owned(),
-                    p.payload.to_vec(),
-                )),
+        /// The reason code of the DISCONNECT the broker sends next.
+        pub async fn disconnect_reason(
+            &mut self,
+        ) -> rumqttc::v5::mqttbytes::v5::DisconnectReasonCode {
+            self.next("DISCONNECT", |p| match p {
+                Packet::Disconnect(d) => Some(d.reason_code),
                 _ => None,
             })
             .await
         }
+    }
 
-        pub async fn quiet_for(&mut self, d: Duration) -> Option<String> {
-            let until = tokio::time::Instant::now() + d;
-            loop {
-                let left = until.saturating_duration_since(tokio::time::Instant::now());
-                match tokio::time::timeout(left, self.rx.recv()).await {
-                    Ok(Some(Packet::Publish(p))) => {
-                        return Some(String::from_utf8_lossy(&p.topic).into_owned())
+    /// Hands every incoming packet on until a DISCONNECT, or the connection or the receiver is
+    /// gone.
+    async fn forward(mut ev: rumqttc::v5::EventLoop, tx: mpsc::UnboundedSender<Packet>) {
+        loop {
+            match ev.poll().await {
+                Ok(Event::Incoming(p)) => {
+                    let end = matches!(p, Packet::Disconnect(_));
+                    if tx.send(p).is_err() || end {
+                        return;
                     }
-                    Ok(Some(_)) => {}
-                    Ok(None) | Err(_) => return None,
                 }
+                Ok(_) => {}
+                Err(ConnectionError::MqttState(rumqttc::v5::StateError::ServerDisconnect {
+                    reason_code,
+                    ..
+                })) => {
+                    // rumqttc reports a server DISCONNECT as an error: hand it on.
+                    let d = rumqttc::v5::mqttbytes::v5::Disconnect::new(reason_code);
+                    let _ = tx.send(Packet::Disconnect(d));
+                    return;
+                }
+                Err(_) => return,
             }
         }
+    }
+
+    fn topic_string(topic: bytes::Bytes) -> String {
+        String::from_utf8_lossy(&topic).into_owned()
     }
 }
 

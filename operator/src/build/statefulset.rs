@@ -351,6 +351,23 @@ pub fn tls_secret_name(cluster: &MqttCluster, names: &Names) -> String {
         .unwrap_or_else(|| names.tls_secret())
 }
 
+/// A volume holding one key of the Secret `secret_name`, as a file named after the key.
+fn secret_key_volume(name: &str, secret_name: String, key: &str) -> Volume {
+    Volume {
+        name: name.to_string(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret_name),
+            items: Some(vec![KeyToPath {
+                key: key.to_string(),
+                path: key.to_string(),
+                ..KeyToPath::default()
+            }]),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
+    }
+}
+
 fn volumes(cluster: &MqttCluster, names: &Names) -> Vec<Volume> {
     let spec = &cluster.spec;
     let mut v = vec![
@@ -362,32 +379,8 @@ fn volumes(cluster: &MqttCluster, names: &Names) -> Vec<Volume> {
             }),
             ..Volume::default()
         },
-        Volume {
-            name: "cluster-secret".to_string(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(names.cluster_secret()),
-                items: Some(vec![KeyToPath {
-                    key: CLUSTER_SECRET_KEY.to_string(),
-                    path: CLUSTER_SECRET_KEY.to_string(),
-                    ..KeyToPath::default()
-                }]),
-                ..SecretVolumeSource::default()
-            }),
-            ..Volume::default()
-        },
-        Volume {
-            name: "admin-token".to_string(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(names.admin_token_secret()),
-                items: Some(vec![KeyToPath {
-                    key: ADMIN_TOKEN_KEY.to_string(),
-                    path: ADMIN_TOKEN_KEY.to_string(),
-                    ..KeyToPath::default()
-                }]),
-                ..SecretVolumeSource::default()
-            }),
-            ..Volume::default()
-        },
+        secret_key_volume("cluster-secret", names.cluster_secret(), CLUSTER_SECRET_KEY),
+        secret_key_volume("admin-token", names.admin_token_secret(), ADMIN_TOKEN_KEY),
         Volume {
             name: "tmp".to_string(),
             empty_dir: Some(Default::default()),

@@ -3,7 +3,16 @@
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::json;
 
-use super::build;
+use super::{build, Desired};
+
+/// The client Service's annotations (present).
+fn annotations(d: &Desired) -> std::collections::BTreeMap<String, String> {
+    d.client_service
+        .metadata
+        .annotations
+        .clone()
+        .expect("annotations")
+}
 
 fn ports(svc: &k8s_openapi::api::core::v1::Service) -> Vec<(String, i32, IntOrString)> {
     let spec = svc.spec.as_ref().expect("spec");
@@ -71,10 +80,7 @@ fn client_service_options_are_copied() {
     let labels = d.client_service.metadata.labels.clone().expect("labels");
     assert_eq!(labels["team"], "iot");
     assert_eq!(labels["app.kubernetes.io/instance"], "demo");
-    assert_eq!(
-        d.client_service.metadata.annotations.expect("annotations")["a"],
-        "1"
-    );
+    assert_eq!(annotations(&d)["a"], "1");
     let spec = d.client_service.spec.expect("spec");
     assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
     assert_eq!(
@@ -100,12 +106,7 @@ fn lb(provider: &str, proxy: bool) -> serde_json::Value {
 #[test]
 fn aws_preset_terminates_tls_on_the_nlb_and_forwards_to_plain_listeners() {
     let (_, d) = build(lb("aws", true));
-    let a = d
-        .client_service
-        .metadata
-        .annotations
-        .clone()
-        .expect("annotations");
+    let a = annotations(&d);
     let p = "service.beta.kubernetes.io/aws-load-balancer-";
     assert_eq!(a[&format!("{p}ssl-cert")], "arn:aws:acm:cert");
     assert_eq!(a[&format!("{p}ssl-ports")], "8883,8084");
@@ -127,26 +128,18 @@ fn aws_preset_terminates_tls_on_the_nlb_and_forwards_to_plain_listeners() {
 #[test]
 fn aws_preset_without_proxy_protocol_has_no_proxy_annotation() {
     let (_, d) = build(lb("aws", false));
-    let a = d.client_service.metadata.annotations.expect("annotations");
+    let a = annotations(&d);
     assert!(!a.contains_key("service.beta.kubernetes.io/aws-load-balancer-proxy-protocol"));
 }
 
 #[test]
 fn gcp_azure_and_raw_presets() {
     let (_, gcp) = build(lb("gcp", false));
-    let a = gcp
-        .client_service
-        .metadata
-        .annotations
-        .expect("annotations");
+    let a = annotations(&gcp);
     assert_eq!(a["cloud.google.com/l4-rbs"], "enabled");
     assert!(a.keys().all(|k| !k.contains("aws")));
     let (_, azure) = build(lb("azure", true));
-    let a = azure
-        .client_service
-        .metadata
-        .annotations
-        .expect("annotations");
+    let a = annotations(&azure);
     assert_eq!(
         a["service.beta.kubernetes.io/azure-load-balancer-health-probe-protocol"],
         "tcp"
@@ -156,11 +149,7 @@ fn gcp_azure_and_raw_presets() {
         "true"
     );
     let (_, raw) = build(lb("raw", false));
-    let a = raw
-        .client_service
-        .metadata
-        .annotations
-        .expect("annotations");
+    let a = annotations(&raw);
     assert_eq!(a.len(), 1);
     assert_eq!(a["extra"], "x");
 }
@@ -171,7 +160,7 @@ fn service_annotations_win_over_presets() {
     spec["service"]["annotations"] =
         json!({"service.beta.kubernetes.io/aws-load-balancer-scheme": "internal"});
     let (_, d) = build(spec);
-    let a = d.client_service.metadata.annotations.expect("annotations");
+    let a = annotations(&d);
     assert_eq!(
         a["service.beta.kubernetes.io/aws-load-balancer-scheme"],
         "internal"

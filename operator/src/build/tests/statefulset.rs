@@ -1,7 +1,7 @@
 //! The StatefulSet and its pod template.
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{Container, PodSpec};
+use k8s_openapi::api::core::v1::{Container, PodSpec, Volume, VolumeMount, VolumeProjection};
 use serde_json::json;
 
 use super::build;
@@ -15,6 +15,57 @@ fn pod(sts: &StatefulSet) -> &PodSpec {
 
 fn broker(sts: &StatefulSet) -> &Container {
     &pod(sts).containers[0]
+}
+
+/// The entry called `name` of an optional list (volumes, mounts); `name_of` reads its name.
+fn named<'a, T>(items: &'a Option<Vec<T>>, name: &str, name_of: fn(&T) -> &str) -> &'a T {
+    items
+        .iter()
+        .flatten()
+        .find(|i| name_of(i) == name)
+        .unwrap_or_else(|| panic!("no entry called {name}"))
+}
+
+/// The pod volume called `name`.
+fn volume<'a>(sts: &'a StatefulSet, name: &str) -> &'a Volume {
+    named(&pod(sts).volumes, name, |v| &v.name)
+}
+
+/// Whether the pod has no volume called `name`.
+fn has_no_volume(sts: &StatefulSet, name: &str) -> bool {
+    pod(sts).volumes.iter().flatten().all(|v| v.name != name)
+}
+
+/// The broker container's mount of the volume called `name`.
+fn mount<'a>(sts: &'a StatefulSet, name: &str) -> &'a VolumeMount {
+    named(&broker(sts).volume_mounts, name, |m| &m.name)
+}
+
+/// The sources of the projected volume called `name`.
+fn projected_sources<'a>(sts: &'a StatefulSet, name: &str) -> &'a [VolumeProjection] {
+    volume(sts, name)
+        .projected
+        .as_ref()
+        .and_then(|p| p.sources.as_deref())
+        .unwrap_or_else(|| panic!("{name}: projected sources"))
+}
+
+/// (Secret, key, path) of every Secret item projected into the volume called `name`.
+fn projected_secret_items(sts: &StatefulSet, name: &str) -> Vec<(String, String, String)> {
+    projected_sources(sts, name)
+        .iter()
+        .filter_map(|s| s.secret.as_ref())
+        .flat_map(|s| {
+            s.items
+                .iter()
+                .flatten()
+                .map(move |i| (s.name.clone(), i.key.clone(), i.path.clone()))
+        })
+        .collect()
+}
+
+fn own(secret: &str, key: &str, path: &str) -> (String, String, String) {
+    (secret.to_string(), key.to_string(), path.to_string())
 }
 
 #[test]
@@ -183,25 +234,12 @@ fn broker_tls_comes_from_a_projected_volume() {
     let (_, d) = build(
         json!({"listeners": {"mqtts": {"enabled": true, "port": 8883}}, "tls": {"mode": "broker", "secretName": "certs"}}),
     );
-    let volumes = pod(&d.statefulset).volumes.clone().expect("volumes");
-    let tls = volumes
-        .iter()
-        .find(|v| v.name == "tls")
-        .expect("tls volume");
-    let source = tls
-        .projected
-        .as_ref()
-        .and_then(|p| p.sources.as_ref())
-        .expect("projected sources");
+    let source = projected_sources(&d.statefulset, "tls");
     assert_eq!(
         source[0].secret.as_ref().map(|s| s.name.as_str()),
         Some("certs")
     );
-    let mounts = broker(&d.statefulset)
-        .volume_mounts
-        .clone()
-        .expect("mounts");
-    let m = mounts.iter().find(|m| m.name == "tls").expect("tls mount");
+    let m = mount(&d.statefulset, "tls");
     assert_eq!(m.mount_path, "/etc/corvid/tls");
     assert!(
         m.sub_path.is_none(),
@@ -210,27 +248,15 @@ fn broker_tls_comes_from_a_projected_volume() {
     let (_, issued) = build(
         json!({"listeners": {"mqtts": {"enabled": true, "port": 8883}}, "tls": {"mode": "broker", "issuerRef": {"name": "ca"}}}),
     );
-    let volumes = pod(&issued.statefulset).volumes.clone().expect("volumes");
-    let tls = volumes
-        .iter()
-        .find(|v| v.name == "tls")
-        .expect("tls volume");
     assert_eq!(
-        tls.projected
-            .as_ref()
-            .and_then(|p| p.sources.as_ref())
-            .expect("s")[0]
+        projected_sources(&issued.statefulset, "tls")[0]
             .secret
             .as_ref()
             .map(|s| s.name.as_str()),
         Some("demo-tls")
     );
     let (_, plain) = build(json!({}));
-    assert!(pod(&plain.statefulset)
-        .volumes
-        .iter()
-        .flatten()
-        .all(|v| v.name != "tls"));
+    assert!(has_no_volume(&plain.statefulset, "tls"));
 }
 
 #[test]
@@ -239,54 +265,19 @@ fn event_store_passwords_come_from_a_projected_volume() {
         "postgres": {"url": "postgres://corvid@db:5432/corvid", "passwordSecret": {"name": "pg"}},
         "redis": {"url": "redis://cache:6379/0", "passwordSecret": {"name": "rd", "key": "redis-password"}},
     }}));
-    let volumes = pod(&d.statefulset).volumes.clone().expect("volumes");
-    let es = volumes
-        .iter()
-        .find(|v| v.name == "eventstore")
-        .expect("eventstore volume");
-    let sources = es
-        .projected
-        .as_ref()
-        .and_then(|p| p.sources.as_ref())
-        .expect("projected sources");
-    let items: Vec<(String, String, String)> = sources
-        .iter()
-        .filter_map(|s| s.secret.as_ref())
-        .flat_map(|s| {
-            s.items
-                .iter()
-                .flatten()
-                .map(move |i| (s.name.clone(), i.key.clone(), i.path.clone()))
-        })
-        .collect();
     assert_eq!(
-        items,
+        projected_secret_items(&d.statefulset, "eventstore"),
         vec![
-            ("pg".into(), "password".into(), "postgres-password".into()),
-            (
-                "rd".into(),
-                "redis-password".into(),
-                "redis-password".into()
-            ),
+            own("pg", "password", "postgres-password"),
+            own("rd", "redis-password", "redis-password"),
         ]
     );
-    let mounts = broker(&d.statefulset)
-        .volume_mounts
-        .clone()
-        .expect("mounts");
-    let m = mounts
-        .iter()
-        .find(|m| m.name == "eventstore")
-        .expect("eventstore mount");
+    let m = mount(&d.statefulset, "eventstore");
     assert_eq!(m.mount_path, "/etc/corvid/eventstore");
     assert!(m.sub_path.is_none(), "rotated passwords must reach the pod");
     // No Secret, no volume.
     let (_, plain) = build(json!({"eventStore": {"redis": {"url": "redis://cache:6379/0"}}}));
-    assert!(pod(&plain.statefulset)
-        .volumes
-        .iter()
-        .flatten()
-        .all(|v| v.name != "eventstore"));
+    assert!(has_no_volume(&plain.statefulset, "eventstore"));
 }
 
 #[test]
@@ -385,47 +376,20 @@ fn bridge_secrets_are_projected_per_bridge() {
         },
         "egress": [{"localFilter": "a/#"}],
     }]}}));
-    let volumes = pod(&d.statefulset).volumes.clone().expect("volumes");
-    let v = volumes
-        .iter()
-        .find(|v| v.name == "bridges")
-        .expect("bridges volume");
-    let sources = v
-        .projected
-        .as_ref()
-        .and_then(|p| p.sources.clone())
-        .expect("projected");
-    let items: Vec<(String, String, String)> = sources
-        .iter()
-        .filter_map(|s| s.secret.as_ref())
-        .flat_map(|s| {
-            s.items
-                .iter()
-                .flatten()
-                .map(|i| (s.name.clone(), i.key.clone(), i.path.clone()))
-        })
-        .collect();
-    let own = |a: &str, b: &str, c: &str| (a.to_string(), b.to_string(), c.to_string());
     assert_eq!(
-        items,
+        projected_secret_items(&d.statefulset, "bridges"),
         vec![
             own("creds", "pw", "hub/password"),
             own("device", "tls.crt", "hub/tls.crt"),
             own("device", "tls.key", "hub/tls.key"),
         ]
     );
-    let mounts = broker(&d.statefulset)
-        .volume_mounts
-        .clone()
-        .expect("mounts");
-    let m = mounts.iter().find(|m| m.name == "bridges").expect("mount");
-    assert_eq!(m.mount_path, "/etc/corvid/bridges");
+    assert_eq!(
+        mount(&d.statefulset, "bridges").mount_path,
+        "/etc/corvid/bridges"
+    );
     let (_, plain) = build(json!({}));
-    assert!(pod(&plain.statefulset)
-        .volumes
-        .iter()
-        .flatten()
-        .all(|v| v.name != "bridges"));
+    assert!(has_no_volume(&plain.statefulset, "bridges"));
 }
 
 #[test]
@@ -433,23 +397,15 @@ fn the_admin_token_secret_is_mounted_where_the_config_and_ctl_look() {
     use crate::build::config::{ADMIN_TOKEN_DIR, ADMIN_TOKEN_KEY};
     let (c, d) = build(json!({}));
     let names = crate::build::Names::of(&c);
-    let volume = pod(&d.statefulset)
-        .volumes
-        .iter()
-        .flatten()
-        .find(|v| v.name == "admin-token")
-        .expect("admin-token volume");
-    let secret = volume.secret.as_ref().expect("from a Secret");
+    let secret = volume(&d.statefulset, "admin-token")
+        .secret
+        .as_ref()
+        .expect("from a Secret");
     assert_eq!(
         secret.secret_name.as_deref(),
         Some(names.admin_token_secret().as_str())
     );
-    let mount = broker(&d.statefulset)
-        .volume_mounts
-        .iter()
-        .flatten()
-        .find(|m| m.name == "admin-token")
-        .expect("admin-token mount");
+    let mount = mount(&d.statefulset, "admin-token");
     assert_eq!(mount.mount_path, ADMIN_TOKEN_DIR);
     assert_eq!(mount.read_only, Some(true));
     let config: serde_json::Value =
