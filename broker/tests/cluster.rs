@@ -1675,3 +1675,43 @@ async fn every_cluster_answer_reads_into_its_corvid_api_type() {
     let own: ClusterView = strict("cluster", &n2.json("/api/v1/cluster").await.expect("GET"));
     assert_eq!(own.members[0].state, MemberState::Evacuating);
 }
+
+/// A peer that the membership declares failed while it is in fact alive (paused longer than
+/// the failure detector waits) is forgotten — its routes and sync state dropped — and must come
+/// back with both: the others count themselves synced again, know the subscription it made
+/// before the pause, and forward to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_declared_failed_while_alive_resyncs_its_routes() {
+    let mut c = Cluster::static_loopback(2);
+    c.wait_formed(&[0, 1]).await;
+    let mut sub = Client::connect(c.nodes[1].mqtt_addr(), &Opts::clean(V::V5, "paused-sub")).await;
+    sub.subscribe("paused/#", 1).await;
+    c.wait_routes(0, 1, 1).await;
+    let pid = c.nodes[1].pid().expect("n2 runs").to_string();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    eventually("n1 to declare the paused n2 failed", DEADLINE, || async {
+        if c.nodes[0].log_contains("member failed") {
+            Ok(())
+        } else {
+            Err("not yet".to_string())
+        }
+    })
+    .await;
+    signal("-CONT");
+    // n2's subscription was made before the pause: n1 has it again only through a resync.
+    c.wait_routes(0, 1, 1).await;
+    c.wait_members(&[0, 1], true).await;
+    let mut publisher =
+        Client::connect(c.nodes[0].mqtt_addr(), &Opts::clean(V::V5, "paused-pub")).await;
+    publish_seq(&mut publisher, "paused/x", 1, 5).await;
+    let got = sub.drain(QUIET, DEADLINE).await;
+    let want: BTreeMap<u64, usize> = (0..5).map(|s| (s, 1)).collect();
+    assert_eq!(counts(&got, "paused/x"), want);
+}

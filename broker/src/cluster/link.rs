@@ -83,7 +83,16 @@ pub async fn accept_loop(cluster: Arc<Cluster>, listener: TcpListener) {
             authenticated(&mut io);
             tracing::debug!(%addr, peer = %peer, "inter-node link accepted");
             let link_id = fastrand::u64(..);
-            while let Some(Ok(bytes)) = io.next().await {
+            let closed = c.link_opened(&peer, link_id);
+            loop {
+                let next = tokio::select! {
+                    next = io.next() => next,
+                    _ = closed.cancelled() => {
+                        tracing::info!(peer = %peer, "closing the peer's link: it left the membership (it resyncs if it is back)");
+                        break;
+                    }
+                };
+                let Some(Ok(bytes)) = next else { break };
                 match proto::decode(&bytes) {
                     Ok(frame) => c.handle(&peer, link_id, frame),
                     Err(e) => {
@@ -190,7 +199,14 @@ impl Link {
                             }
                         }
                         while ok {
-                            let Some((queued, frame)) = rx.recv().await else {
+                            let next = tokio::select! {
+                                next = rx.recv() => next,
+                                // The peer sends nothing on this link after the handshake: a
+                                // read means it closed the link (it forgot this node, or it
+                                // is gone), so reconnect and send the routes again at once.
+                                _ = io.next() => break,
+                            };
+                            let Some((queued, frame)) = next else {
                                 return;
                             };
                             cluster

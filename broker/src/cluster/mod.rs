@@ -193,6 +193,8 @@ pub struct Cluster {
     pub routes: RemoteRoutes,
     links: Mutex<HashMap<String, Link>>,
     synced: Mutex<HashMap<String, u64>>,
+    /// Open incoming links by id: the peer and what closes the link.
+    incoming: Mutex<HashMap<u64, (String, CancellationToken)>>,
     early: Mutex<HashMap<String, Vec<Delivery>>>,
     gossip: tokio::sync::OnceCell<ChitchatHandle>,
     /// Live peers: the state each gossips and its link address.
@@ -258,6 +260,7 @@ impl Cluster {
             routes: RemoteRoutes::new(broker.config.mqtt.topic_limits()),
             links: Mutex::new(HashMap::new()),
             synced: Mutex::new(HashMap::new()),
+            incoming: Mutex::new(HashMap::new()),
             early: Mutex::new(HashMap::new()),
             gossip: tokio::sync::OnceCell::new(),
             live: Mutex::new(HashMap::new()),
@@ -615,11 +618,37 @@ impl Cluster {
         }
     }
 
+    /// Incoming link `link` from `peer` is open; the token closes it.
+    pub fn link_opened(&self, peer: &str, link: u64) -> CancellationToken {
+        let token = self.shutdown.child_token();
+        self.incoming
+            .lock()
+            .insert(link, (peer.to_string(), token.clone()));
+        token
+    }
+
     /// Incoming link `link` from `peer` closed; a newer link's sync state is kept.
     pub fn link_closed(&self, peer: &str, link: u64) {
+        self.incoming.lock().remove(&link);
         let mut synced = self.synced.lock();
         if synced.get(peer) == Some(&link) {
             synced.remove(peer);
+        }
+    }
+
+    /// Forgets what `peer` told this node (its routes and sync state) and closes its incoming
+    /// links. A peer that is still (or again) alive — a restarted pod whose new incarnation
+    /// linked before the old one's departure was noticed — reconnects at once and sends its
+    /// routes again; without the close it would never resend them, its routes would be
+    /// missing and this node would never count itself synced.
+    fn forget_peer(&self, peer: &str) {
+        self.links.lock().remove(peer);
+        self.routes.remove_node(peer);
+        self.synced.lock().remove(peer);
+        for (_, (p, token)) in self.incoming.lock().iter() {
+            if p == peer {
+                token.cancel();
+            }
         }
     }
 
@@ -1076,9 +1105,7 @@ async fn membership_loop(cluster: Arc<Cluster>) {
             gone
         };
         for n in &gone {
-            cluster.links.lock().remove(n);
-            cluster.routes.remove_node(n);
-            cluster.synced.lock().remove(n);
+            cluster.forget_peer(n);
             if left.contains(n) {
                 tracing::info!(peer = %n, "member left the cluster");
                 continue;
