@@ -154,10 +154,30 @@ pub fn requeue_after(action: &Action) -> Duration {
     }
 }
 
+/// The annotation that stops every write the operator makes for one cluster (objects, status,
+/// events, broker calls) until it is removed or set to anything but `"true"`: for hand repairs
+/// and investigations, as other operators offer.
+pub const PAUSED_ANNOTATION: &str = "corvid.dev/paused";
+
+/// Whether `cluster` carries `corvid.dev/paused: "true"`.
+pub fn paused(cluster: &MqttCluster) -> bool {
+    cluster
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(PAUSED_ANNOTATION))
+        .is_some_and(|v| v == "true")
+}
+
 async fn reconcile_pipeline(cluster: &MqttCluster, ctx: &Context) -> Result<Requeue> {
     let names = Names::of(cluster);
     if names.namespace.is_empty() {
         return Err(Error::MissingNamespace);
+    }
+    if paused(cluster) {
+        // Removing the annotation is a change to the object, which wakes the controller.
+        tracing::info!(cluster = %names.cluster, namespace = %names.namespace, "paused by the corvid.dev/paused annotation; nothing is written");
+        return Ok(Requeue::await_change());
     }
     let observation = match observe(&ctx.client, ctx.admin.as_ref(), cluster, &names).await {
         Ok(observation) => observation,

@@ -261,6 +261,49 @@ async fn first_reconcile_creates_every_object_with_server_side_apply() {
 }
 
 #[tokio::test]
+async fn a_paused_cluster_gets_no_write_at_all() {
+    let (client, calls) = fake_client();
+    let ctx = context(client);
+    let mut obj = (*cluster(json!({}))).clone();
+    obj.metadata.annotations = Some(
+        [(
+            corvid_operator::controller::PAUSED_ANNOTATION.to_string(),
+            "true".to_string(),
+        )]
+        .into(),
+    );
+    let action = reconcile(Arc::new(obj.clone()), ctx.clone())
+        .await
+        .expect("a paused reconcile succeeds");
+    assert_eq!(action, Action::await_change(), "woken by the next change");
+    let writes: Vec<String> = calls
+        .lock()
+        .expect("calls")
+        .iter()
+        .filter(|c| c.method != "GET")
+        .map(|c| format!("{} {}", c.method, c.uri))
+        .collect();
+    assert!(writes.is_empty(), "no writes while paused: {writes:?}");
+
+    // Any other value (or none) reconciles as usual.
+    obj.metadata.annotations = Some(
+        [(
+            corvid_operator::controller::PAUSED_ANNOTATION.to_string(),
+            "false".to_string(),
+        )]
+        .into(),
+    );
+    reconcile(Arc::new(obj), ctx)
+        .await
+        .expect("reconcile succeeds");
+    assert!(calls
+        .lock()
+        .expect("calls")
+        .iter()
+        .any(|c| c.method == "PATCH" && c.body["kind"] == "StatefulSet"));
+}
+
+#[tokio::test]
 async fn invalid_spec_is_reported_and_waits_for_a_change() {
     let (client, calls) = fake_client();
     let ctx = context(client);
