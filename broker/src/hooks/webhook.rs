@@ -166,6 +166,8 @@ pub(super) struct Worker {
     delivered: IntCounter,
     failed: IntCounter,
     health: Arc<Health>,
+    /// Host and port the idle health check connects to, from `url` (parsed once).
+    probe_target: Option<(String, u16)>,
 }
 
 impl Worker {
@@ -186,6 +188,10 @@ impl Worker {
             failed: metrics.webhook_failed.with_label_values(&[&name]),
             name,
             node,
+            probe_target: reqwest::Url::parse(&cfg.url).ok().and_then(|u| {
+                let host = u.host_str()?.trim_start_matches('[').trim_end_matches(']');
+                Some((host.to_string(), u.port_or_known_default()?))
+            }),
             url: cfg.url.clone(),
             headers: cfg
                 .headers
@@ -243,21 +249,12 @@ impl Worker {
 
     /// The idle health check: can a TCP connection to the endpoint be opened?
     async fn probe(&self) {
-        let Some((host, port)) = reqwest::Url::parse(&self.url)
-            .ok()
-            .and_then(|u| Some((u.host_str()?.to_string(), u.port_or_known_default()?)))
-        else {
+        let Some((host, port)) = &self.probe_target else {
             return;
         };
-        let host = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
-        match tokio::time::timeout(
-            PROBE_TIMEOUT,
-            tokio::net::TcpStream::connect((host.as_str(), port)),
-        )
-        .await
+        let (host, port) = (host.as_str(), *port);
+        match tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect((host, port)))
+            .await
         {
             Ok(Ok(_)) => self.health.probe_ok(),
             Ok(Err(e)) => {
