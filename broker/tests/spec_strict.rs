@@ -231,6 +231,7 @@ async fn wrong_acknowledgement_types_close_the_connection() {
 async fn a_disconnect_reason_clients_may_not_send_is_a_protocol_error() {
     let b = common::start().await;
     let addr = common::mqtt(&b);
+    let mut by = Bystander::connect(addr, "badreason-by").await;
     for code in [0x01u8, 0x05, 0x8E, 0x9C] {
         let mut c = Raw::connect(addr, V::V5, &format!("badreason-{code:02x}")).await;
         // Reason code, then an empty property list.
@@ -249,6 +250,7 @@ async fn a_disconnect_reason_clients_may_not_send_is_a_protocol_error() {
         seen.is_empty(),
         "no DISCONNECT for a valid reason: {seen:?}"
     );
+    common::assert_serving(addr, &mut by).await;
     common::stop(b).await;
 }
 
@@ -338,6 +340,7 @@ async fn connack_code(addr: std::net::SocketAddr, connect: &[u8]) -> Option<u8> 
 async fn mqtt31_is_judged_by_its_own_rules() {
     let b = common::start().await;
     let addr = common::mqtt(&b);
+    let mut by = Bystander::connect(addr, "v31-by").await;
     let accepted = connect_raw(0x1F, b"MQIsdp", 3, 0x03, b"v31-flags");
     assert_eq!(connack_code(addr, &accepted).await, Some(0));
     assert_eq!(
@@ -365,6 +368,7 @@ async fn mqtt31_is_judged_by_its_own_rules() {
     c.send(&connect_raw(0x10, b"MQTT", 4, 0x03, b"v311-reserved"))
         .await;
     assert!(c.closed().await.is_empty());
+    common::assert_serving(addr, &mut by).await;
     common::stop(b).await;
 }
 
@@ -374,6 +378,7 @@ async fn mqtt31_is_judged_by_its_own_rules() {
 async fn a_client_too_small_for_the_connack_is_closed() {
     let b = common::start().await;
     let addr = common::mqtt(&b);
+    let mut by = Bystander::connect(addr, "tinymax-by").await;
     let mut c = Raw::tcp(addr, V::V5).await;
     // Maximum Packet Size (0x27) = 8 bytes: the CONNACK with its properties is larger.
     c.send(&pkt::connect_with(V::V5, b"tiny-max", &[0x27, 0, 0, 0, 8]))
@@ -385,5 +390,6 @@ async fn a_client_too_small_for_the_connack_is_closed() {
     ok.send(&pkt::connect_with(V::V5, b"fits-max", &[0x27, 0, 0, 1, 0]))
         .await;
     assert_eq!(ok.expect(pkt::CONNACK).await.reason(), 0);
+    common::assert_serving(addr, &mut by).await;
     common::stop(b).await;
 }
