@@ -288,6 +288,74 @@ async fn takeover_on_another_node_keeps_every_queued_message() {
     assert!(takeovers >= 2.0, "n2 counted {takeovers} takeovers");
 }
 
+/// A client that reconnects to a third node while its session is being handed off (an
+/// evacuation moved it to n2, whose link has not delivered it yet) still finds it, queue
+/// included: n1, which no longer holds it, passes the request on to n2 behind the hand-off.
+/// n2 is paused (SIGSTOP) so the hand-off is surely in flight when n3 asks; before the fix
+/// n1 answered "not found" at once and n2 did too whenever n3's question overtook the hand-off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_in_flight_between_nodes_is_found_from_a_third() {
+    let mut c = Cluster::static_loopback(3);
+    c.wait_formed(&[0, 1, 2]).await;
+    const N: u64 = 30;
+    let (id, topic) = ("hop-sub", "hop/x");
+    let s = Client::connect(c.nodes[0].mqtt_addr(), &Opts::persistent(V::V5, id)).await;
+    s.subscribe(topic, 1).await;
+    c.wait_routes(2, 0, 1).await;
+    s.disconnect().await;
+    drop(s);
+    let mut p = Client::connect(c.nodes[2].mqtt_addr(), &Opts::clean(V::V3, "hop-pub")).await;
+    publish_seq(&mut p, topic, 1, N).await;
+    drop(p);
+    let n1 = &c.nodes[0];
+    eventually(
+        &format!("{N} messages queued for {id} on n1"),
+        DEADLINE,
+        || async {
+            let j = n1.json(&format!("/api/v1/clients/{id}")).await?;
+            (j["queued"].as_u64().unwrap_or(0) >= N)
+                .then_some(())
+                .ok_or(j.to_string())
+        },
+    )
+    .await;
+
+    let pid = c.nodes[1].pid().expect("n2 runs").to_string();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    // Evacuating n1 hands the one session to the first ready peer by name: n2, paused.
+    let (status, body) = n1.post("/api/v1/evacuate?rate=50").await.expect("evacuate");
+    assert_eq!(status, 202, "{body}");
+    eventually("n1 handed the session off", DEADLINE, || async {
+        let j = n1.json("/api/v1/evacuate").await?;
+        (j["state"] == "done" && j["handed_off"] == 1)
+            .then_some(())
+            .ok_or(j.to_string())
+    })
+    .await;
+    let n3 = c.nodes[2].mqtt_addr();
+    let back = tokio::spawn(async move { Client::connect(n3, &Opts::persistent(V::V5, id)).await });
+    eventually("n1 to pass n3's request on to n2", DEADLINE, || async {
+        n1.log_contains("takeover request passed to its new node")
+            .then_some(())
+            .ok_or("not yet".to_string())
+    })
+    .await;
+    signal("-CONT");
+    let mut back = back.await.expect("connect task");
+    assert!(back.session_present, "session present on n3");
+    let got = back.drain(QUIET, DEADLINE).await;
+    let seen = counts(&got, topic);
+    let missing: Vec<u64> = (0..N).filter(|s| !seen.contains_key(s)).collect();
+    assert!(missing.is_empty(), "missing {missing:?} of {N}");
+}
+
 /// `sessions.takeover: owner_only` holds across nodes: another identity connecting to another
 /// node with the client id is refused there, and the owner's session (queue included) and
 /// live connection stay where they are; the owner itself still moves freely.

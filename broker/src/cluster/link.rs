@@ -94,7 +94,10 @@ pub async fn accept_loop(cluster: Arc<Cluster>, listener: TcpListener) {
                 };
                 let Some(Ok(bytes)) = next else { break };
                 match proto::decode(&bytes) {
-                    Ok(frame) => c.handle(&peer, link_id, frame),
+                    Ok(Some(frame)) => c.handle(&peer, link_id, frame),
+                    Ok(None) => {
+                        tracing::debug!(peer = %peer, kind = bytes.first().copied(), "frame of a kind this version does not know; skipped");
+                    }
                     Err(e) => {
                         tracing::warn!(peer = %peer, error = %e, "undecodable frame; closing link");
                         break;
@@ -115,12 +118,12 @@ async fn accept_handshake(
         .await
         .ok_or("closed before hello")?
         .map_err(|e| e.to_string())?;
-    let Ok(Frame::Hello {
+    let Ok(Some(Frame::Hello {
         node,
         nonce,
         ts,
         tag,
-    }) = proto::decode(&first)
+    })) = proto::decode(&first)
     else {
         return Err("first frame is not a hello".into());
     };
@@ -291,7 +294,7 @@ async fn connect(
         .ok_or("closed during handshake (wrong cluster secret?)")?
         .map_err(|e| e.to_string())?;
     match proto::decode(&answer) {
-        Ok(Frame::Welcome { node, tag })
+        Ok(Some(Frame::Welcome { node, tag }))
             if c.secret
                 .verify(&[b"welcome", node.as_bytes(), &nonce.to_be_bytes()], &tag) =>
         {

@@ -30,7 +30,7 @@ use chitchat::ChitchatHandle;
 use corvid_api::{EvacuationState, EvacuationStatus, Member, MemberState};
 use parking_lot::Mutex;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::Broker;
@@ -46,6 +46,9 @@ use secret::Secret;
 const MOVED_GRACE: Duration = Duration::from_secs(10);
 /// How long a connecting client waits for the other nodes to give up its session.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(3);
+/// How many nodes may pass on one takeover request after the session moved (each pass follows
+/// a hand-off that happened while the client reconnected).
+const MAX_TAKE_HOPS: u8 = 4;
 
 /// Why the cluster layer could not start.
 #[derive(Debug, thiserror::Error)]
@@ -536,29 +539,15 @@ impl Cluster {
                 client_id,
                 clean,
                 owner,
-            } => {
-                let (snapshot, refused) = match self.give_up_session(
-                    &b,
-                    &client_id,
-                    clean,
-                    peer,
-                    Some(owner.as_deref()),
-                ) {
-                    Ok(s) => (s, false),
-                    Err(crate::broker::NotOwner) => {
-                        tracing::info!(peer = %peer, client_id = %client_id, "session takeover refused: another identity owns it");
-                        (None, true)
-                    }
-                };
-                self.send(
-                    peer,
-                    Frame::TakeReply {
-                        req,
-                        snapshot: snapshot.map(Box::new),
-                        refused,
-                    },
-                );
-            }
+            } => self.answer_take(&b, req, &client_id, clean, owner, peer, 0),
+            Frame::TakeFor {
+                req,
+                client_id,
+                clean,
+                owner,
+                requester,
+                hops,
+            } => self.answer_take(&b, req, &client_id, clean, owner, &requester, hops),
             Frame::TakeReply {
                 req,
                 snapshot,
@@ -633,6 +622,85 @@ impl Cluster {
         let mut synced = self.synced.lock();
         if synced.get(peer) == Some(&link) {
             synced.remove(peer);
+        }
+    }
+
+    /// Answers `requester`'s request for `client_id`'s session. A session that already moved
+    /// from here to a third node (an evacuation or rebalance handed it off while the client was
+    /// reconnecting elsewhere) is asked for there, on the link that carried the hand-off, so
+    /// the request cannot overtake it; before, both nodes answered "not found" in that window
+    /// and the client started afresh while its queued messages sat on the other node.
+    #[allow(clippy::too_many_arguments)]
+    fn answer_take(
+        self: &Arc<Self>,
+        b: &Arc<Broker>,
+        req: u64,
+        client_id: &str,
+        clean: bool,
+        owner: Option<String>,
+        requester: &str,
+        hops: u8,
+    ) {
+        let moved_to = b
+            .sessions
+            .get(client_id)
+            .and_then(|s| s.state.lock().moved_to.clone());
+        if let Some(next) = moved_to.filter(|n| n != requester && hops < MAX_TAKE_HOPS) {
+            if self.links.lock().contains_key(&next) {
+                tracing::info!(client_id, requester, to = %next, "session moved on; takeover request passed to its new node");
+                self.send(
+                    &next,
+                    Frame::TakeFor {
+                        req,
+                        client_id: client_id.to_string(),
+                        clean,
+                        owner,
+                        requester: requester.to_string(),
+                        hops: hops + 1,
+                    },
+                );
+                return;
+            }
+        }
+        // Reserve room on the link first: a snapshot given up but then dropped on a full
+        // queue would lose the session and every message queued in it.
+        let Some(permit) = self.reserve(requester) else {
+            tracing::warn!(peer = %requester, client_id, "link to the requesting node is full or down; session not given up");
+            return;
+        };
+        let (snapshot, refused) = match self.give_up_session(
+            b,
+            client_id,
+            clean,
+            requester,
+            Some(owner.as_deref()),
+        ) {
+            Ok(s) => (s, false),
+            Err(crate::broker::NotOwner) => {
+                tracing::info!(peer = %requester, client_id, "session takeover refused: another identity owns it");
+                (None, true)
+            }
+        };
+        permit.send((
+            Instant::now(),
+            Frame::TakeReply {
+                req,
+                snapshot: snapshot.map(Box::new),
+                refused,
+            },
+        ));
+    }
+
+    /// A reserved place in `peer`'s send queue, so a frame that carries a session (which this
+    /// node gives up as it builds the frame) is never dropped after the fact.
+    fn reserve(&self, peer: &str) -> Option<mpsc::OwnedPermit<(Instant, Frame)>> {
+        let tx = self.links.lock().get(peer)?.tx.clone();
+        match tx.try_reserve_owned() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                self.metrics.link_drops.inc();
+                None
+            }
         }
     }
 
@@ -931,9 +999,12 @@ impl Cluster {
         let Some(to) = to.filter(|_| persistent) else {
             return false;
         };
+        let Some(permit) = self.reserve(to) else {
+            return false; // stays here; the next round (or another target) tries again
+        };
         match self.give_up_session(b, &s.client_id, false, to, None) {
             Ok(Some(snap)) => {
-                self.send(to, Frame::Handoff(Box::new(snap)));
+                permit.send((Instant::now(), Frame::Handoff(Box::new(snap))));
                 true
             }
             Ok(None) | Err(_) => false,

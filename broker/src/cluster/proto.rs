@@ -85,7 +85,29 @@ pub enum Frame {
         /// The delivery.
         delivery: WireDelivery,
     },
+    /// A [`Frame::TakeSession`] passed on by a node whose copy of the session has moved to the
+    /// receiver: sent on the same link as the [`Frame::Handoff`] (or reply) that moved it, so it
+    /// arrives after the session is installed. The receiver answers `requester` directly.
+    /// Added after the first release: an older peer that cannot decode it skips it.
+    TakeFor {
+        /// The requester's request id.
+        req: u64,
+        /// Client id.
+        client_id: String,
+        /// Clean start: the old session is discarded, not moved.
+        clean: bool,
+        /// The connecting identity, as in [`Frame::TakeSession`].
+        owner: Option<String>,
+        /// The node the client is connecting to, which waits for the [`Frame::TakeReply`].
+        requester: String,
+        /// How many nodes passed this request on (bounded, so a cycle of moves cannot loop).
+        hops: u8,
+    },
 }
+
+/// How many kinds of [`Frame`] this node decodes; a frame whose kind (postcard's leading
+/// variant index) is not below this comes from a newer peer and is skipped, not fatal.
+pub const KNOWN_FRAME_KINDS: u8 = 13;
 
 /// A message on the wire.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -326,9 +348,16 @@ pub fn encode(f: &Frame) -> Result<Vec<u8>, postcard::Error> {
     postcard::to_stdvec(f)
 }
 
-/// Decodes a frame.
-pub fn decode(b: &[u8]) -> Result<Frame, postcard::Error> {
-    postcard::from_bytes(b)
+/// Decodes a frame: `Ok(None)` for a kind this node does not know (sent by a newer peer during
+/// a rolling upgrade), so the link stays up and the frame is skipped.
+pub fn decode(b: &[u8]) -> Result<Option<Frame>, postcard::Error> {
+    // Variant indexes are varints; below 128 they are a single byte.
+    if b.first()
+        .is_some_and(|k| *k >= KNOWN_FRAME_KINDS && *k < 0x80)
+    {
+        return Ok(None);
+    }
+    postcard::from_bytes(b).map(Some)
 }
 
 impl From<SessionSnapshot> for crate::fabric::ArrivedSession {
@@ -340,5 +369,30 @@ impl From<SessionSnapshot> for crate::fabric::ArrivedSession {
             subscriptions: snap.subscriptions(),
             restore: Box::new(move |st| snap.restore_into(st)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `KNOWN_FRAME_KINDS` follows the enum: the last variant decodes, one past it is skipped.
+    #[test]
+    fn the_last_kind_decodes_and_a_newer_kind_is_skipped() {
+        let last = Frame::TakeFor {
+            req: 7,
+            client_id: "c".into(),
+            clean: false,
+            owner: None,
+            requester: "n3".into(),
+            hops: 1,
+        };
+        let bytes = encode(&last).expect("encode");
+        assert_eq!(bytes[0], KNOWN_FRAME_KINDS - 1, "TakeFor must stay the last kind");
+        assert!(matches!(decode(&bytes), Ok(Some(Frame::TakeFor { req: 7, .. }))));
+        let mut newer = bytes.clone();
+        newer[0] = KNOWN_FRAME_KINDS;
+        assert!(matches!(decode(&newer), Ok(None)));
+        assert!(decode(&[0xff, 0xff]).is_err(), "garbage still fails");
     }
 }
