@@ -388,8 +388,15 @@ mod tests {
             hops: 1,
         };
         let bytes = encode(&last).expect("encode");
-        assert_eq!(bytes[0], KNOWN_FRAME_KINDS - 1, "TakeFor must stay the last kind");
-        assert!(matches!(decode(&bytes), Ok(Some(Frame::TakeFor { req: 7, .. }))));
+        assert_eq!(
+            bytes[0],
+            KNOWN_FRAME_KINDS - 1,
+            "TakeFor must stay the last kind"
+        );
+        assert!(matches!(
+            decode(&bytes),
+            Ok(Some(Frame::TakeFor { req: 7, .. }))
+        ));
         let mut newer = bytes.clone();
         newer[0] = KNOWN_FRAME_KINDS;
         assert!(matches!(decode(&newer), Ok(None)));
