@@ -6,12 +6,13 @@
 //! from both sides: the dialer's first message carries its node name and the name it means to
 //! reach; the acceptor's answer carries its own name; the dialer then sends a confirmation under
 //! the new session keys, which proves it is live (a replayed first message cannot produce it).
-//! After that every frame travels as one or more Noise transport messages (ChaCha20-Poly1305,
-//! at most 65535 bytes each): frames above that are split into chunks and reassembled up to
-//! the same overall bound as before ([`MAX_FRAME`]). Any message that fails to decrypt ends
-//! the channel.
+//! After that the frames, each behind a 4-byte length, form a byte stream carried in Noise
+//! transport messages (ChaCha20-Poly1305, at most 65535 bytes each): the small frames written
+//! between two flushes share one message (one seal for hundreds of forwarded messages), and a
+//! frame larger than a message spans several, reassembled up to the same overall bound as before
+//! ([`MAX_FRAME`]). Any message that fails to decrypt ends the channel.
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
@@ -31,18 +32,16 @@ pub const HANDSHAKE_FRAME: usize = 1024;
 pub const NOISE_MSG: usize = 65535;
 /// Poly1305 tag length.
 const TAG: usize = 16;
-/// Frame bytes per transport message: one byte says whether more chunks follow.
-const CHUNK: usize = NOISE_MSG - TAG - 1;
+/// Plaintext bytes per transport message.
+const CHUNK: usize = NOISE_MSG - TAG;
+/// Length prefix of each frame in the stream.
+const LEN: usize = 4;
 /// Largest frame (reassembled from chunks) accepted from an authenticated peer.
 pub const MAX_FRAME: usize = 64 * 1024 * 1024;
 /// Longest node name carried in the handshake.
 const MAX_NAME: usize = 253;
 /// What the dialer sends first under the session keys.
 const CONFIRM: &[u8] = b"corvid-link-confirm";
-/// Chunk marker: more chunks of this frame follow.
-const MORE: u8 = 0;
-/// Chunk marker: last chunk of a frame.
-const LAST: u8 = 1;
 
 /// Why a channel could not be opened or was closed.
 #[derive(Debug, thiserror::Error)]
@@ -222,11 +221,11 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
 pub struct Channel<S> {
     io: Framed<S, LengthDelimitedCodec>,
     noise: snow::TransportState,
-    /// Chunks of a frame received so far.
-    partial: Vec<u8>,
-    /// Plaintext of the chunk being sealed.
-    plain: Vec<u8>,
-    /// Decrypted message being read.
+    /// Plaintext stream written but not sealed yet (less than one message).
+    sealing: Vec<u8>,
+    /// Plaintext stream received but not returned yet.
+    stream: BytesMut,
+    /// Scratch for one decrypted message.
     opened: Vec<u8>,
 }
 
@@ -242,40 +241,53 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
         Channel {
             io,
             noise,
-            partial: Vec::new(),
-            plain: Vec::with_capacity(NOISE_MSG),
+            sealing: Vec::with_capacity(CHUNK),
+            stream: BytesMut::new(),
             opened: vec![0u8; NOISE_MSG],
         }
     }
 
-    /// Seals `frame` (in chunks if needed) and queues it without flushing.
+    /// Seals the pending plaintext as one transport message and queues it.
+    async fn seal(&mut self) -> Result<(), ChannelError> {
+        if self.sealing.is_empty() {
+            return Ok(());
+        }
+        let mut out = vec![0u8; self.sealing.len() + TAG];
+        let n = self
+            .noise
+            .write_message(&self.sealing, &mut out)
+            .map_err(|_| ChannelError::Malformed)?;
+        out.truncate(n);
+        self.sealing.clear();
+        self.io.feed(Bytes::from(out)).await?;
+        Ok(())
+    }
+
+    /// Appends to the plaintext stream, sealing every full message.
+    async fn append(&mut self, mut data: &[u8]) -> Result<(), ChannelError> {
+        while !data.is_empty() {
+            let take = (CHUNK - self.sealing.len()).min(data.len());
+            self.sealing.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.sealing.len() == CHUNK {
+                self.seal().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues `frame`; it is sealed once a message is full or at the next [`Channel::flush`].
     pub async fn feed(&mut self, frame: &[u8]) -> Result<(), ChannelError> {
         if frame.len() > MAX_FRAME {
             return Err(ChannelError::TooLarge);
         }
-        let mut rest = frame;
-        loop {
-            let take = rest.len().min(CHUNK);
-            let (chunk, more) = rest.split_at(take);
-            self.plain.clear();
-            self.plain.push(if more.is_empty() { LAST } else { MORE });
-            self.plain.extend_from_slice(chunk);
-            let mut out = vec![0u8; self.plain.len() + TAG];
-            let n = self
-                .noise
-                .write_message(&self.plain, &mut out)
-                .map_err(|e| ChannelError::Handshake(e.to_string()))?;
-            out.truncate(n);
-            self.io.feed(Bytes::from(out)).await?;
-            if more.is_empty() {
-                return Ok(());
-            }
-            rest = more;
-        }
+        self.append(&(frame.len() as u32).to_be_bytes()).await?;
+        self.append(frame).await
     }
 
-    /// Writes out everything fed so far.
+    /// Seals what is pending and writes everything out.
     pub async fn flush(&mut self) -> Result<(), ChannelError> {
+        self.seal().await?;
         SinkExt::<Bytes>::flush(&mut self.io).await?;
         Ok(())
     }
@@ -286,10 +298,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
         self.flush().await
     }
 
-    /// The next whole frame; `Ok(None)` when the peer closed the connection. Cancel-safe: a
-    /// partly received frame is kept for the next call.
-    pub async fn recv(&mut self) -> Result<Option<Vec<u8>>, ChannelError> {
+    /// A whole frame at the front of the received stream, if there is one.
+    fn next_frame(&mut self) -> Result<Option<Bytes>, ChannelError> {
+        if self.stream.len() < LEN {
+            return Ok(None);
+        }
+        let mut len = [0u8; LEN];
+        len.copy_from_slice(&self.stream[..LEN]);
+        let len = u32::from_be_bytes(len) as usize;
+        if len > MAX_FRAME {
+            return Err(ChannelError::TooLarge);
+        }
+        if self.stream.len() < LEN + len {
+            self.stream.reserve(LEN + len - self.stream.len());
+            return Ok(None);
+        }
+        self.stream.advance(LEN);
+        Ok(Some(self.stream.split_to(len).freeze()))
+    }
+
+    /// The next whole frame; `Ok(None)` when the peer closed the connection. Cancel-safe: what
+    /// was received of a frame is kept for the next call.
+    pub async fn recv(&mut self) -> Result<Option<Bytes>, ChannelError> {
         loop {
+            if let Some(f) = self.next_frame()? {
+                return Ok(Some(f));
+            }
             let Some(msg) = self.io.next().await else {
                 return Ok(None);
             };
@@ -298,21 +332,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
                 .noise
                 .read_message(&msg, &mut self.opened)
                 .map_err(|_| ChannelError::Decrypt)?;
-            let Some((&marker, data)) = self.opened[..n].split_first() else {
-                return Err(ChannelError::Malformed);
-            };
-            if self.partial.len() + data.len() > MAX_FRAME {
-                return Err(ChannelError::TooLarge);
-            }
-            match marker {
-                LAST if self.partial.is_empty() => return Ok(Some(data.to_vec())),
-                LAST => {
-                    self.partial.extend_from_slice(data);
-                    return Ok(Some(std::mem::take(&mut self.partial)));
-                }
-                MORE => self.partial.extend_from_slice(data),
-                _ => return Err(ChannelError::Malformed),
-            }
+            self.stream.extend_from_slice(&self.opened[..n]);
         }
     }
 }
@@ -487,7 +507,7 @@ mod tests {
         let mut out = vec![0u8; 64];
         let n = ch
             .noise
-            .write_message(&[LAST, 1, 2, 3], &mut out)
+            .write_message(&[0, 0, 0, 1, 7], &mut out)
             .expect("seal");
         out[n - 1] ^= 0x40;
         let mut raw = (n as u32).to_be_bytes().to_vec();

@@ -218,6 +218,7 @@ impl Transport for SealedUdpTransport {
             tap,
             incoming: rx,
             reader,
+            scratch: Vec::new(),
         }))
     }
 }
@@ -298,6 +299,8 @@ struct SealedSocket {
     tap: tokio::net::UdpSocket,
     incoming: tokio::sync::mpsc::Receiver<RecvOutcome>,
     reader: tokio::task::JoinHandle<()>,
+    /// Reused datagram buffer for sends.
+    scratch: Vec<u8>,
 }
 
 impl Drop for SealedSocket {
@@ -317,14 +320,37 @@ impl Socket for SealedSocket {
         to: SocketAddr,
         envelope: ChitchatEnvelope,
     ) -> anyhow::Result<SendOutcome> {
-        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let mut buf = std::mem::take(&mut self.scratch);
+        buf.resize(MAX_DATAGRAM, 0);
+        let sent = self.send_with(to, envelope, &mut buf).await;
+        self.scratch = buf;
+        sent
+    }
+
+    async fn recv(&mut self) -> anyhow::Result<RecvOutcome> {
+        self.incoming
+            .recv()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("gossip socket reader stopped"))
+    }
+}
+
+impl SealedSocket {
+    /// Encodes `envelope` through the loopback encoder, seals it and sends it to `to`, using
+    /// `buf` (one datagram long) as scratch.
+    async fn send_with(
+        &mut self,
+        to: SocketAddr,
+        envelope: ChitchatEnvelope,
+        buf: &mut [u8],
+    ) -> anyhow::Result<SendOutcome> {
         // Whatever a cancelled send left on the tap is stale.
-        while self.tap.try_recv_from(&mut buf).is_ok() {}
+        while self.tap.try_recv_from(buf).is_ok() {}
         let tap_addr = self.tap.local_addr()?;
         self.encoder.send(tap_addr, envelope).await?;
         let encoded = tokio::time::timeout(Duration::from_secs(1), async {
             loop {
-                match self.tap.recv_from(&mut buf).await {
+                match self.tap.recv_from(buf).await {
                     Ok((n, from)) if from == self.encoder_addr => return Some(n),
                     Ok(_) => continue,
                     Err(_) => return None,
@@ -351,13 +377,6 @@ impl Socket for SealedSocket {
             }
         };
         Ok(SendOutcome { num_bytes_sent })
-    }
-
-    async fn recv(&mut self) -> anyhow::Result<RecvOutcome> {
-        self.incoming
-            .recv()
-            .await
-            .ok_or_else(|| anyhow::anyhow!("gossip socket reader stopped"))
     }
 }
 
