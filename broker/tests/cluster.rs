@@ -5,7 +5,9 @@
 //! What is proven: cross-node delivery at every QoS, retained messages across nodes, one
 //! delivery per shared group cluster-wide, session takeover that loses no queued message,
 //! survival of a `kill -9` (and the documented loss of the dead node's sessions), partition and
-//! healing, DNS discovery, refusal of a peer with the wrong secret, evacuation and connection
+//! healing, DNS discovery, refusal of a peer with the wrong secret, link bytes that reveal no
+//! topic or payload and that cannot be replayed or altered, gossip that cannot be forged, a
+//! member that never links holding readiness only for a bound, evacuation and connection
 //! rebalancing after a scale-up without losing an acknowledged message, sessions that another
 //! identity cannot take over from another node, peers held to the topic bounds, and that a
 //! clustered node's admin answers read exactly into their `corvid-api` types.
