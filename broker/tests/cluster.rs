@@ -5,7 +5,9 @@
 //! What is proven: cross-node delivery at every QoS, retained messages across nodes, one
 //! delivery per shared group cluster-wide, session takeover that loses no queued message,
 //! survival of a `kill -9` (and the documented loss of the dead node's sessions), partition and
-//! healing, DNS discovery, refusal of a peer with the wrong secret, evacuation and connection
+//! healing, DNS discovery, refusal of a peer with the wrong secret, link bytes that reveal no
+//! topic or payload and that cannot be replayed or altered, gossip that cannot be forged, a
+//! member that never links holding readiness only for a bound, evacuation and connection
 //! rebalancing after a scale-up without losing an acknowledged message, sessions that another
 //! identity cannot take over from another node, peers held to the topic bounds, and that a
 //! clustered node's admin answers read exactly into their `corvid-api` types.
@@ -571,8 +573,11 @@ async fn a_peer_with_the_wrong_secret_is_refused() {
         .await
         .expect("metrics");
     let link = SocketAddr::new(c.nodes[0].spec.ip, c.nodes[0].spec.cluster);
-    let closed = wrong_secret_handshake(link).await;
-    assert!(closed, "n1 answered a hello signed with the wrong secret");
+    let closed = wrong_secret_handshake(link, c.nodes[0].name()).await;
+    assert!(
+        closed,
+        "n1 answered a handshake keyed with the wrong secret"
+    );
     let after = c.nodes[0]
         .metric("corvid_cluster_refused_peers_total")
         .await
@@ -620,43 +625,310 @@ async fn a_peer_with_the_wrong_secret_is_refused() {
     eprintln!("refused_peers_total on n1, n2 after the impostor ran 8 s: {refused:?} (raw handshake counted 1 on n1)");
 }
 
-/// Opens an inter-node link to `addr` and sends a hello signed with a wrong secret; true if the
-/// node closed the link without a welcome.
-async fn wrong_secret_handshake(addr: SocketAddr) -> bool {
-    use corvid_broker::cluster::proto::{self, Frame};
+/// Opens an inter-node link to `addr` (node `node`) and runs the link handshake with a wrong
+/// secret; true if the node closed the link without completing it.
+async fn wrong_secret_handshake(addr: SocketAddr, node: &str) -> bool {
+    use corvid_broker::cluster::channel::{self, ChannelError};
     use corvid_broker::cluster::secret::Secret;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let wrong = Secret::from_bytes(b"definitely-the-wrong-secret!");
-    let ts = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs();
-    let nonce = 42u64;
-    let node = "intruder".to_string();
-    let tag = wrong.tag(&[
-        b"hello",
-        node.as_bytes(),
-        &nonce.to_be_bytes(),
-        &ts.to_be_bytes(),
-    ]);
-    let hello = proto::encode(&Frame::Hello {
-        node,
-        nonce,
-        ts,
-        tag,
-    })
-    .expect("encode");
-    let mut s = tokio::net::TcpStream::connect(addr)
+    let s = tokio::net::TcpStream::connect(addr)
         .await
         .expect("connect link port");
-    let mut framed = (hello.len() as u32).to_be_bytes().to_vec();
-    framed.extend_from_slice(&hello);
-    s.write_all(&framed).await.expect("send hello");
-    let mut buf = [0u8; 64];
-    matches!(
-        tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await,
-        Ok(Ok(0)) | Ok(Err(_))
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        channel::dial(s, &wrong, "intruder", node),
     )
+    .await
+    .expect("the node answers or closes within 10 s");
+    matches!(r, Err(ChannelError::Closed) | Err(ChannelError::Io(_)))
+}
+
+/// A TCP relay to `upstream` for one connection: forwards both ways and records what the
+/// dialer sent; while `tamper` is set, it flips the last byte of each chunk it forwards.
+async fn relay(
+    upstream: SocketAddr,
+    tamper: Arc<std::sync::atomic::AtomicBool>,
+) -> (SocketAddr, Arc<Mutex<Vec<u8>>>) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind relay");
+    let addr = l.local_addr().expect("relay addr");
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let rec = sent.clone();
+    tokio::spawn(async move {
+        let Ok((down, _)) = l.accept().await else {
+            return;
+        };
+        let Ok(up) = tokio::net::TcpStream::connect(upstream).await else {
+            return;
+        };
+        let (mut dr, mut dw) = down.into_split();
+        let (mut ur, mut uw) = up.into_split();
+        let a = async move {
+            let mut b = vec![0u8; 65536];
+            while let Ok(n) = dr.read(&mut b).await {
+                if n == 0 {
+                    break;
+                }
+                rec.lock().expect("record").extend_from_slice(&b[..n]);
+                if tamper.load(Ordering::SeqCst) {
+                    b[n - 1] ^= 0x20;
+                }
+                if uw.write_all(&b[..n]).await.is_err() {
+                    break;
+                }
+            }
+            let _ = uw.shutdown().await;
+        };
+        let b = async move {
+            let _ = tokio::io::copy(&mut ur, &mut dw).await;
+            let _ = dw.shutdown().await;
+        };
+        tokio::join!(a, b);
+    });
+    (addr, sent)
+}
+
+/// A forwarded-message frame as a peer sends it, for topic `topic`.
+fn publish_frame(topic: &str, seq: u64) -> Vec<u8> {
+    use corvid_broker::cluster::proto::{self, Frame, WireMsg};
+    proto::encode(&Frame::Publish {
+        msg: WireMsg {
+            id: 0x5eed_0000 + seq,
+            topic: topic.into(),
+            payload: bytes::Bytes::from(format!("forwarded-{seq}")),
+            qos: 1,
+            retain: false,
+            properties: None,
+            publisher: "link-recorder".into(),
+            expires_in_ms: None,
+        },
+        plain: true,
+        groups: vec![],
+    })
+    .expect("encode")
+}
+
+/// Reads from `s` until the peer closes it (true) or 10 s pass (false).
+async fn closed_by_peer(s: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    let until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < until {
+        match tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            _ => {}
+        }
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_or_tampered_link_bytes_deliver_nothing_and_are_counted() {
+    use corvid_broker::cluster::channel;
+    use corvid_broker::cluster::secret::Secret;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::AsyncWriteExt;
+    let mut c = Cluster::static_loopback(2);
+    c.wait_formed(&[0, 1]).await;
+    let mut sub = Client::connect(c.nodes[0].mqtt_addr(), &Opts::clean(V::V5, "replay-sub")).await;
+    sub.subscribe("replay/#", 1).await;
+    let n1 = SocketAddr::new(c.nodes[0].spec.ip, c.nodes[0].spec.cluster);
+    let n1_name = c.nodes[0].name().to_string();
+    let secret = Secret::from_bytes(c.nodes[0].spec.secret.as_bytes());
+
+    // 1. A genuine link (through a recording relay) delivers a forwarded message.
+    let tamper = Arc::new(AtomicBool::new(false));
+    let (via, sent) = relay(n1, tamper.clone()).await;
+    let s = tokio::net::TcpStream::connect(via).await.expect("relay");
+    let mut ch = channel::dial(s, &secret, "link-recorder", &n1_name)
+        .await
+        .expect("handshake with the right secret");
+    ch.send(&publish_frame("replay/t", 1)).await.expect("send");
+    let got = sub
+        .next_msg(DEADLINE)
+        .await
+        .expect("genuine frame delivered");
+    assert_eq!(got.0, "replay/t");
+    drop(ch);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let captured = sent.lock().expect("captured").clone();
+    assert!(captured.len() > 64, "captured {} bytes", captured.len());
+    for needle in [&b"replay/t"[..], b"forwarded-1", b"link-recorder"] {
+        assert!(
+            !captured.windows(needle.len()).any(|w| w == needle),
+            "{:?} visible in the captured link bytes",
+            String::from_utf8_lossy(needle)
+        );
+    }
+
+    // 2. The same bytes replayed on a fresh connection: refused, counted, nothing delivered.
+    let failures = "corvid_cluster_link_auth_failures_total";
+    let before = c.nodes[0].metric(failures).await.expect("metrics");
+    let mut raw = tokio::net::TcpStream::connect(n1).await.expect("connect");
+    let _ = raw.write_all(&captured).await;
+    assert!(
+        closed_by_peer(&mut raw).await,
+        "n1 kept a replayed link open"
+    );
+    let after = c.nodes[0].metric(failures).await.expect("metrics");
+    assert!(
+        after > before,
+        "{failures} {before} -> {after} after a replay"
+    );
+    assert!(
+        sub.next_msg(QUIET).await.is_none(),
+        "a replayed frame was delivered"
+    );
+
+    // 3. One ciphertext byte flipped after the handshake: the link is dropped and counted.
+    let decrypt = "corvid_cluster_link_auth_failures_total{reason=\"decrypt\"}";
+    let before = c.nodes[0].metric(decrypt).await.expect("metrics");
+    let (via, _) = relay(n1, tamper.clone()).await;
+    let s = tokio::net::TcpStream::connect(via).await.expect("relay");
+    let mut ch = channel::dial(s, &secret, "link-recorder", &n1_name)
+        .await
+        .expect("handshake");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tamper.store(true, Ordering::SeqCst);
+    let _ = ch.send(&publish_frame("replay/t", 2)).await;
+    eventually("n1 to count the tampered frame", DEADLINE, || async {
+        let now = c.nodes[0].metric(decrypt).await?;
+        if now > before {
+            Ok(())
+        } else {
+            Err(format!("{decrypt} still {now}"))
+        }
+    })
+    .await;
+    assert!(
+        matches!(
+            tokio::time::timeout(Duration::from_secs(10), ch.recv()).await,
+            Ok(Ok(None)) | Ok(Err(_))
+        ),
+        "n1 kept the tampered link open"
+    );
+    assert!(
+        sub.next_msg(QUIET).await.is_none(),
+        "a tampered frame was delivered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_gossip_adds_no_member_and_a_ghost_member_stops_holding_readiness() {
+    use corvid_broker::cluster::gossip::{self, GossipKey};
+    use corvid_broker::cluster::secret::Secret;
+    let mut c = Cluster::static_loopback(2);
+    c.wait_formed(&[0, 1]).await;
+    let lo = [Ipv4Addr::LOCALHOST];
+    let n1_gossip = SocketAddr::new(c.nodes[0].spec.ip, c.nodes[0].spec.cluster);
+    let ready = |i: usize| {
+        let n = &c.nodes[i];
+        async move { n.get("/readyz").await.map(|r| r.0 == 200).unwrap_or(false) }
+    };
+    let counter = || prometheus::IntCounter::new("t", "t").expect("counter");
+    let rejected = "corvid_cluster_gossip_rejected_total";
+    let before = c.nodes[0].metric(rejected).await.expect("metrics");
+
+    // A chitchat node with another secret, raw garbage, and an authentic but stale datagram.
+    let forger_port = free_port(&lo);
+    let forger_addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), forger_port);
+    let forger = gossip::start(
+        "forger",
+        1,
+        forger_addr,
+        forger_addr,
+        vec![n1_gossip.to_string()],
+        &Secret::from_bytes(b"not-this-cluster-secret-at-all!"),
+        vec![
+            ("link".into(), "127.0.0.1:1".into()),
+            ("state".into(), "ready".into()),
+        ],
+        counter(),
+    )
+    .await
+    .expect("forger gossip");
+    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("udp");
+    let stale = GossipKey::new(&Secret::from_bytes(c.nodes[0].spec.secret.as_bytes()))
+        .seal_at(1_000_000, b"an old capture")
+        .expect("seal");
+    for _ in 0..20 {
+        udp.send_to(b"\x00\x01garbage gossip", n1_gossip)
+            .await
+            .expect("send");
+        udp.send_to(&stale, n1_gossip).await.expect("send");
+    }
+    let until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < until {
+        let m = c.nodes[0].members().await.expect("members");
+        assert!(
+            !m.iter().any(|x| x.0 == "forger"),
+            "forged member admitted: {m:?}"
+        );
+        assert!(ready(0).await, "n1 turned unready under forged gossip");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let after = c.nodes[0].metric(rejected).await.expect("metrics");
+    assert!(after >= before + 40.0, "{rejected} {before} -> {after}");
+    drop(forger);
+
+    // A member with the right secret that never links: readiness waits for it only for the
+    // grace period, then the node is ready again (with a warning in its log).
+    let ghost_port = free_port(&lo);
+    let ghost_addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), ghost_port);
+    let _ghost = gossip::start(
+        "ghost",
+        1,
+        ghost_addr,
+        ghost_addr,
+        vec![n1_gossip.to_string()],
+        &Secret::from_bytes(c.nodes[0].spec.secret.as_bytes()),
+        vec![
+            ("link".into(), format!("127.0.0.1:{}", free_port(&lo))),
+            ("state".into(), "ready".into()),
+        ],
+        counter(),
+    )
+    .await
+    .expect("ghost gossip");
+    let seen = Instant::now();
+    eventually(
+        "n1 to list the ghost as a live member",
+        DEADLINE,
+        || async {
+            let m = c.nodes[0].members().await?;
+            if m.iter().any(|x| x.0 == "ghost" && x.1 != "dead") {
+                Ok(())
+            } else {
+                Err(format!("{m:?}"))
+            }
+        },
+    )
+    .await;
+    assert!(!ready(0).await, "n1 did not wait for a new member to link");
+    let grace = corvid_broker::cluster::NEVER_LINKED_GRACE;
+    eventually(
+        "n1 to be ready again despite the ghost",
+        grace + Duration::from_secs(15),
+        || async {
+            if ready(0).await {
+                Ok(())
+            } else {
+                Err("not ready".to_string())
+            }
+        },
+    )
+    .await;
+    assert!(
+        seen.elapsed() >= grace - Duration::from_secs(2),
+        "n1 stopped waiting for the ghost after {:?}",
+        seen.elapsed()
+    );
+    assert!(c.nodes[0].log_contains("member never linked"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

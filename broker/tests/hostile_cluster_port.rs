@@ -1,7 +1,7 @@
 //! Hostile, unauthenticated connections to the cluster port of a real `corvid-broker`
 //! process: frames larger than a handshake are refused before authentication, and
-//! handshakes in progress are capped, so ten connections announcing 64 MiB frames do not grow
-//! the node's memory; its MQTT clients keep their round trips.
+//! handshakes in progress are capped (8 per source address), so ten connections announcing
+//! 64 MiB frames do not grow the node's memory; its MQTT clients keep their round trips.
 
 mod cluster_util;
 mod common;
@@ -82,5 +82,26 @@ async fn unauthenticated_64_mib_frames_do_not_grow_the_node() {
     assert!(grown < 16 << 20, "node RSS grew by {} MiB", grown >> 20);
     by.assert_served().await;
     drop(conns);
+
+    // Idle connections that never start a handshake: at most 8 from one address are held
+    // (until the 5 s handshake deadline); the rest are closed at once and counted.
+    let per_ip = "corvid_cluster_refused_peers_total{reason=\"per_ip_limit\"}";
+    let before = node.metric(per_ip).await.expect("metrics");
+    let mut idle = Vec::new();
+    for _ in 0..12 {
+        idle.push(
+            tokio::net::TcpStream::connect(cluster_addr)
+                .await
+                .expect("cluster port"),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = node.metric(per_ip).await.expect("metrics");
+    assert!(
+        after - before >= 4.0,
+        "{per_ip} {before} -> {after} after 12 idle connections from one address"
+    );
+    by.assert_served().await;
+    drop(idle);
     drop(node);
 }

@@ -2,19 +2,28 @@
 //! detection) over UDP on the cluster port. Each node gossips a few keys about itself: its link
 //! address, admin address, MQTT address, state, and its session and connection counts.
 //!
-//! Gossip only admits nodes whose chitchat cluster id matches, and that id is derived from the
-//! cluster secret, so pods of another cluster never merge with this one. Gossip carries no
-//! data: routes, messages and sessions travel only over the TCP links, which authenticate each
-//! peer with an HMAC challenge ([`super::link`]).
+//! Every datagram is sealed ([`SealedUdpTransport`]): ChaCha20-Poly1305 under a key derived from
+//! the cluster secret (its own label, not the links' key), a random 96-bit nonce carried in the
+//! datagram, and the sender's clock inside the sealed part. Datagrams that fail to open, carry
+//! a time outside [`WINDOW_S`] of ours, or repeat a nonce seen within that window are dropped
+//! and counted (`corvid_cluster_gossip_rejected_total`), so nobody without the secret can add a
+//! member, change a member's state or replay old gossip. Gossip carries no data: routes,
+//! messages and sessions travel only over the encrypted TCP links ([`super::link`]).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use chitchat::transport::UdpTransport;
+use async_trait::async_trait;
+use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
+use chacha20poly1305::ChaCha20Poly1305;
+use chitchat::transport::{RecvOutcome, SendOutcome, Socket, Transport, UdpSocket};
 use chitchat::{
-    spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig,
-    ProtocolVersion,
+    spawn_chitchat, ChitchatConfig, ChitchatEnvelope, ChitchatHandle, ChitchatId,
+    FailureDetectorConfig, ProtocolVersion,
 };
+use prometheus::IntCounter;
 
 use super::secret::Secret;
 use super::ClusterError;
@@ -35,7 +44,355 @@ pub const KEY_STATE: &str = "state";
 /// Gossiped state of a node that left cleanly (scale-down); it is never listed as a member.
 pub const STATE_LEFT: &str = "left";
 
-/// Starts gossip for this node.
+/// Label of the key derived from the cluster secret for gossip (links use another).
+const KEY_LABEL: &[u8] = b"corvid-cluster-gossip-aead-v1";
+/// First bytes of every sealed datagram (also authenticated as associated data).
+const MAGIC: &[u8; 4] = b"CVG1";
+/// Nonce length (96 bits, random per datagram).
+const NONCE: usize = 12;
+/// Poly1305 tag length.
+const TAG: usize = 16;
+/// Largest UDP payload.
+const MAX_DATAGRAM: usize = 65_507;
+/// Seconds a datagram's sealed timestamp may differ from this node's clock.
+pub const WINDOW_S: u64 = 60;
+/// Nonces remembered to refuse replays within the window; beyond this the oldest are dropped.
+const REPLAY_CACHE: usize = 65_536;
+
+/// Why a datagram was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Rejected {
+    /// Too short or without the magic prefix.
+    #[error("not a sealed gossip datagram")]
+    Malformed,
+    /// Failed to authenticate: another key, or altered.
+    #[error("failed to authenticate")]
+    Unauthenticated,
+    /// Sealed too long ago (or in the future).
+    #[error("timestamp outside the window")]
+    Stale,
+    /// A nonce already seen within the window.
+    #[error("replayed")]
+    Replayed,
+}
+
+/// Seals and opens gossip datagrams with the key derived from the cluster secret.
+pub struct GossipKey {
+    aead: ChaCha20Poly1305,
+    seen: parking_lot::Mutex<HashMap<[u8; NONCE], u64>>,
+}
+
+impl std::fmt::Debug for GossipKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GossipKey(..)")
+    }
+}
+
+impl GossipKey {
+    /// The gossip key of the cluster with `secret`.
+    pub fn new(secret: &Secret) -> Self {
+        let key = secret.derive_key(KEY_LABEL);
+        GossipKey {
+            aead: ChaCha20Poly1305::new(&key.into()),
+            seen: parking_lot::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Seals `plain` as sent at unix second `ts`: magic, nonce, then ciphertext of ts ‖ plain.
+    pub fn seal_at(&self, ts: u64, plain: &[u8]) -> Option<Vec<u8>> {
+        let nonce = ChaCha20Poly1305::generate_nonce(&mut OsRng);
+        let mut msg = Vec::with_capacity(8 + plain.len());
+        msg.extend_from_slice(&ts.to_be_bytes());
+        msg.extend_from_slice(plain);
+        let sealed = self
+            .aead
+            .encrypt(
+                &nonce,
+                Payload {
+                    msg: &msg,
+                    aad: MAGIC,
+                },
+            )
+            .ok()?;
+        let mut out = Vec::with_capacity(MAGIC.len() + NONCE + sealed.len());
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&sealed);
+        Some(out)
+    }
+
+    /// Opens a datagram received at unix second `now`: its plaintext, or why it is refused.
+    pub fn open(&self, datagram: &[u8], now: u64) -> Result<Vec<u8>, Rejected> {
+        if datagram.len() < MAGIC.len() + NONCE + TAG + 8 || !datagram.starts_with(MAGIC) {
+            return Err(Rejected::Malformed);
+        }
+        let (nonce, sealed) = datagram[MAGIC.len()..].split_at(NONCE);
+        let mut n = [0u8; NONCE];
+        n.copy_from_slice(nonce);
+        let plain = self
+            .aead
+            .decrypt(
+                (&n).into(),
+                Payload {
+                    msg: sealed,
+                    aad: MAGIC,
+                },
+            )
+            .map_err(|_| Rejected::Unauthenticated)?;
+        let mut ts = [0u8; 8];
+        ts.copy_from_slice(&plain[..8]);
+        let ts = u64::from_be_bytes(ts);
+        if ts.abs_diff(now) > WINDOW_S {
+            return Err(Rejected::Stale);
+        }
+        let mut seen = self.seen.lock();
+        if seen.len() >= REPLAY_CACHE {
+            seen.retain(|_, t| t.abs_diff(now) <= WINDOW_S);
+            if seen.len() >= REPLAY_CACHE {
+                // Only a flood of authentic datagrams gets here; forget the oldest half.
+                let mut ts: Vec<u64> = seen.values().copied().collect();
+                ts.sort_unstable();
+                let cut = ts[ts.len() / 2];
+                seen.retain(|_, t| *t > cut);
+            }
+        }
+        if seen.insert(n, ts).is_some() {
+            return Err(Rejected::Replayed);
+        }
+        Ok(plain[8..].to_vec())
+    }
+}
+
+/// chitchat's UDP transport with every datagram sealed by a [`GossipKey`].
+///
+/// chitchat 0.13 keeps its wire encoding private; its own public `UdpSocket` is the only codec
+/// it offers. So each sealed socket uses two of them on loopback as encoder and decoder: an
+/// envelope to send is written by the encoder to a private tap socket, and the bytes read there
+/// are sealed and sent from the public socket; an opened datagram is written to the decoder,
+/// which parses it back into an envelope. Only sealed bytes ever leave the node.
+pub struct SealedUdpTransport {
+    key: Arc<GossipKey>,
+    rejected: IntCounter,
+}
+
+impl SealedUdpTransport {
+    /// A transport sealing with `key`, counting dropped datagrams in `rejected`.
+    pub fn new(key: Arc<GossipKey>, rejected: IntCounter) -> Self {
+        SealedUdpTransport { key, rejected }
+    }
+}
+
+/// Loopback address of the private codec sockets.
+fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+#[async_trait]
+impl Transport for SealedUdpTransport {
+    async fn open(&self, listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
+        let public = Arc::new(
+            tokio::net::UdpSocket::bind(listen_addr)
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!("failed to bind to {listen_addr}/UDP for gossip: {e}")
+                })?,
+        );
+        let encoder = UdpSocket::open(loopback()).await?;
+        let tap = tokio::net::UdpSocket::bind(loopback()).await?;
+        let decoder = UdpSocket::open(loopback()).await?;
+        let injector = tokio::net::UdpSocket::bind(loopback()).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let reader = tokio::spawn(read_loop(ReadLoop {
+            public: public.clone(),
+            key: self.key.clone(),
+            rejected: self.rejected.clone(),
+            decoder,
+            injector,
+            out: tx,
+        }));
+        Ok(Box::new(SealedSocket {
+            public,
+            key: self.key.clone(),
+            encoder_addr: encoder.local_addr()?,
+            encoder,
+            tap,
+            incoming: rx,
+            reader,
+            scratch: Vec::new(),
+        }))
+    }
+}
+
+/// What the background reader of a sealed socket owns.
+struct ReadLoop {
+    public: Arc<tokio::net::UdpSocket>,
+    key: Arc<GossipKey>,
+    rejected: IntCounter,
+    decoder: UdpSocket,
+    injector: tokio::net::UdpSocket,
+    out: tokio::sync::mpsc::Sender<RecvOutcome>,
+}
+
+/// Receives on the public socket, opens each datagram, decodes it, and passes it on; runs in
+/// its own task so `Socket::recv` stays cancel-safe.
+async fn read_loop(mut r: ReadLoop) {
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let (Ok(decoder_addr), Ok(injector_addr)) = (r.decoder.local_addr(), r.injector.local_addr())
+    else {
+        return;
+    };
+    loop {
+        let (n, from) = match r.public.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) if is_transient(&e) => continue,
+            Err(e) => {
+                tracing::error!(error = %e, "gossip socket failed");
+                return;
+            }
+        };
+        let plain = match r.key.open(&buf[..n], crate::session::unix_now()) {
+            Ok(p) => p,
+            Err(why) => {
+                r.rejected.inc();
+                tracing::debug!(%from, bytes = n, reason = %why, "gossip datagram dropped");
+                continue;
+            }
+        };
+        if r.injector.send_to(&plain, decoder_addr).await.is_err() {
+            continue;
+        }
+        let decoded = tokio::time::timeout(Duration::from_secs(1), async {
+            loop {
+                match r.decoder.recv().await {
+                    Ok(o) if o.from_addr == injector_addr => return Some(o),
+                    Ok(_) => continue,
+                    Err(_) => return None,
+                }
+            }
+        })
+        .await;
+        match decoded {
+            Ok(Some(o)) => {
+                let outcome = RecvOutcome {
+                    from_addr: from,
+                    envelope: o.envelope,
+                    num_bytes_received: n,
+                };
+                if r.out.send(outcome).await.is_err() {
+                    return;
+                }
+            }
+            _ => {
+                r.rejected.inc();
+                tracing::warn!(%from, "authenticated gossip datagram does not decode; dropped");
+            }
+        }
+    }
+}
+
+/// A bound gossip socket that seals what it sends and drops what it cannot open.
+struct SealedSocket {
+    public: Arc<tokio::net::UdpSocket>,
+    key: Arc<GossipKey>,
+    encoder: UdpSocket,
+    encoder_addr: SocketAddr,
+    tap: tokio::net::UdpSocket,
+    incoming: tokio::sync::mpsc::Receiver<RecvOutcome>,
+    reader: tokio::task::JoinHandle<()>,
+    /// Reused datagram buffer for sends.
+    scratch: Vec<u8>,
+}
+
+impl Drop for SealedSocket {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+#[async_trait]
+impl Socket for SealedSocket {
+    fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.public.local_addr()?)
+    }
+
+    async fn send(
+        &mut self,
+        to: SocketAddr,
+        envelope: ChitchatEnvelope,
+    ) -> anyhow::Result<SendOutcome> {
+        let mut buf = std::mem::take(&mut self.scratch);
+        buf.resize(MAX_DATAGRAM, 0);
+        let sent = self.send_with(to, envelope, &mut buf).await;
+        self.scratch = buf;
+        sent
+    }
+
+    async fn recv(&mut self) -> anyhow::Result<RecvOutcome> {
+        self.incoming
+            .recv()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("gossip socket reader stopped"))
+    }
+}
+
+impl SealedSocket {
+    /// Encodes `envelope` through the loopback encoder, seals it and sends it to `to`, using
+    /// `buf` (one datagram long) as scratch.
+    async fn send_with(
+        &mut self,
+        to: SocketAddr,
+        envelope: ChitchatEnvelope,
+        buf: &mut [u8],
+    ) -> anyhow::Result<SendOutcome> {
+        // Whatever a cancelled send left on the tap is stale.
+        while self.tap.try_recv_from(buf).is_ok() {}
+        let tap_addr = self.tap.local_addr()?;
+        self.encoder.send(tap_addr, envelope).await?;
+        let encoded = tokio::time::timeout(Duration::from_secs(1), async {
+            loop {
+                match self.tap.recv_from(buf).await {
+                    Ok((n, from)) if from == self.encoder_addr => return Some(n),
+                    Ok(_) => continue,
+                    Err(_) => return None,
+                }
+            }
+        })
+        .await;
+        let Ok(Some(n)) = encoded else {
+            tracing::warn!(%to, "gossip envelope could not be encoded; not sent");
+            return Ok(SendOutcome { num_bytes_sent: 0 });
+        };
+        let Some(sealed) = self.key.seal_at(crate::session::unix_now(), &buf[..n]) else {
+            return Ok(SendOutcome { num_bytes_sent: 0 });
+        };
+        if sealed.len() > MAX_DATAGRAM {
+            tracing::warn!(bytes = sealed.len(), %to, "gossip datagram too large once sealed; not sent");
+            return Ok(SendOutcome { num_bytes_sent: 0 });
+        }
+        let num_bytes_sent = match self.public.send_to(&sealed, to).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!(%to, error = %e, "gossip send failed");
+                0
+            }
+        };
+        Ok(SendOutcome { num_bytes_sent })
+    }
+}
+
+/// Receive errors after which the socket still works (ICMP unreachable reported late).
+fn is_transient(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::ConnectionRefused
+            | std::io::ErrorKind::OutOfMemory
+    )
+}
+
+/// Starts gossip for this node: sealed with the cluster secret's gossip key; datagrams that
+/// fail to open are counted in `rejected`.
+#[allow(clippy::too_many_arguments)]
 pub async fn start(
     node: &str,
     generation: u64,
@@ -44,6 +401,7 @@ pub async fn start(
     seeds: Vec<String>,
     secret: &Secret,
     initial: Vec<(String, String)>,
+    rejected: IntCounter,
 ) -> Result<ChitchatHandle, ClusterError> {
     let id_tag = secret.tag(&[b"corvid-gossip-cluster-id"]);
     let cluster_id: String = id_tag[..16].iter().map(|b| format!("{b:02x}")).collect();
@@ -66,7 +424,35 @@ pub async fn start(
         extra_liveness_predicate: None,
         protocol_version: ProtocolVersion::V0,
     };
-    spawn_chitchat(config, initial, &UdpTransport)
+    let transport = SealedUdpTransport::new(Arc::new(GossipKey::new(secret)), rejected);
+    spawn_chitchat(config, initial, &transport)
         .await
         .map_err(|e| ClusterError::Gossip(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_datagrams_open_only_with_the_key_in_the_window_and_once() {
+        let k = GossipKey::new(&Secret::from_bytes(b"gossip-test-secret-0123456789"));
+        let other = GossipKey::new(&Secret::from_bytes(b"another-secret-entirely-987654"));
+        let now = 1_800_000_000;
+        let d = k.seal_at(now, b"member n9 alive").expect("seal");
+        assert!(
+            !d.windows(9).any(|w| w == b"member n9"),
+            "plaintext visible"
+        );
+        assert_eq!(other.open(&d, now), Err(Rejected::Unauthenticated));
+        assert_eq!(k.open(&d, now).as_deref(), Ok(&b"member n9 alive"[..]));
+        assert_eq!(k.open(&d, now), Err(Rejected::Replayed));
+        let old = k.seal_at(now - WINDOW_S - 1, b"old").expect("seal");
+        assert_eq!(k.open(&old, now), Err(Rejected::Stale));
+        let mut bent = k.seal_at(now, b"x").expect("seal");
+        let last = bent.len() - 1;
+        bent[last] ^= 1;
+        assert_eq!(k.open(&bent, now), Err(Rejected::Unauthenticated));
+        assert_eq!(k.open(b"garbage", now), Err(Rejected::Malformed));
+    }
 }

@@ -1,56 +1,73 @@
-//! Authenticated TCP links between nodes. Each node dials every peer it learns from gossip and
-//! sends on that link; it receives on the links peers dial to it. A link starts with a
-//! challenge handshake keyed by the cluster secret; a peer that fails it is refused and counted.
+//! Encrypted, mutually authenticated TCP links between nodes. Each node dials every peer it
+//! learns from gossip and sends on that link; it receives on the links peers dial to it. Every
+//! link runs over a [`channel`] (a Noise handshake keyed by the cluster secret, then encrypted
+//! frames); a peer that fails the handshake, or a message that fails to decrypt, is refused,
+//! dropped and counted.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use parking_lot::Mutex;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
+use super::channel::{self, Channel, ChannelError};
 use super::proto::{self, Frame};
 use super::Cluster;
 
-/// Largest frame accepted on a link once the peer has proved it holds the cluster secret.
-const MAX_FRAME: usize = 64 * 1024 * 1024;
-/// Largest frame accepted before that (a hello or welcome is a few dozen bytes): an
-/// unauthenticated sender cannot make the node buffer more than this per connection.
-pub const PRE_AUTH_FRAME: usize = 4 * 1024;
+pub use super::channel::HANDSHAKE_FRAME as PRE_AUTH_FRAME;
 /// Handshakes in progress at once on the cluster port; more connections are closed at once.
-pub const MAX_PENDING_HANDSHAKES: usize = 64;
+pub const MAX_PENDING_HANDSHAKES: usize = 256;
+/// Handshakes in progress at once from one source address, so one host cannot use them all.
+pub const MAX_PENDING_PER_IP: usize = 8;
 /// Frames buffered for a peer before new ones are dropped (and counted).
 pub const LINK_QUEUE: usize = 100_000;
 /// Seconds a handshake may take.
 const HANDSHAKE: Duration = Duration::from_secs(5);
 
-/// A framed link that accepts only handshake-sized frames until [`authenticated`] lifts it.
-fn framed(s: TcpStream) -> Framed<TcpStream, LengthDelimitedCodec> {
-    let _ = s.set_nodelay(true);
-    Framed::new(
-        s,
-        LengthDelimitedCodec::builder()
-            .max_frame_length(PRE_AUTH_FRAME)
-            .new_codec(),
-    )
+/// Counts a refused or failed link: `refused_peers{reason}`, and for a cryptographic failure
+/// also `link_auth_failures{reason}`.
+fn count_failure(c: &Cluster, e: &ChannelError, accepting: bool) {
+    if let Some(reason) = e.auth_failure() {
+        c.metrics
+            .link_auth_failures
+            .with_label_values(&[reason])
+            .inc();
+    }
+    if accepting {
+        let reason = e.auth_failure().unwrap_or("io");
+        c.metrics.refused_peers.with_label_values(&[reason]).inc();
+    }
 }
 
-/// Lifts the pre-authentication frame limit of a link whose handshake succeeded.
-fn authenticated(io: &mut Framed<TcpStream, LengthDelimitedCodec>) {
-    io.codec_mut().set_max_frame_length(MAX_FRAME);
+/// One unauthenticated connection's hold on the handshake budget, released on drop.
+struct PendingHandshake {
+    per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
-fn unix_now() -> u64 {
-    crate::session::unix_now()
+impl Drop for PendingHandshake {
+    fn drop(&mut self) {
+        let mut m = self.per_ip.lock();
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// Accepts links from peers until shutdown; at most [`MAX_PENDING_HANDSHAKES`] unauthenticated
-/// connections at a time, each for at most the handshake deadline.
+/// connections at a time ([`MAX_PENDING_PER_IP`] from one address), each for at most the
+/// handshake deadline.
 pub async fn accept_loop(cluster: Arc<Cluster>, listener: TcpListener) {
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
+    let per_ip: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::new(Mutex::new(HashMap::new()));
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -61,38 +78,76 @@ pub async fn accept_loop(cluster: Arc<Cluster>, listener: TcpListener) {
             continue;
         };
         let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-            cluster.metrics.refused_peers.inc();
+            cluster
+                .metrics
+                .refused_peers
+                .with_label_values(&["pending_limit"])
+                .inc();
             tracing::debug!(%addr, "too many inter-node handshakes in progress; connection closed");
             continue;
         };
+        {
+            let mut m = per_ip.lock();
+            let n = m.entry(addr.ip()).or_insert(0);
+            if *n >= MAX_PENDING_PER_IP {
+                drop(m);
+                cluster
+                    .metrics
+                    .refused_peers
+                    .with_label_values(&["per_ip_limit"])
+                    .inc();
+                tracing::debug!(%addr, "too many inter-node handshakes from one address; connection closed");
+                continue;
+            }
+            *n += 1;
+        }
+        let pending = PendingHandshake {
+            per_ip: per_ip.clone(),
+            ip: addr.ip(),
+            _permit: permit,
+        };
         let c = cluster.clone();
         tokio::spawn(async move {
-            let mut io = framed(stream);
-            let result = tokio::time::timeout(HANDSHAKE, accept_handshake(&c, &mut io))
-                .await
-                .unwrap_or_else(|_| Err("handshake timed out".to_string()));
-            drop(permit);
-            let peer = match result {
-                Ok(peer) => peer,
-                Err(why) => {
-                    c.metrics.refused_peers.inc();
-                    tracing::warn!(%addr, reason = %why, "inter-node link refused");
+            let _ = stream.set_nodelay(true);
+            let result =
+                tokio::time::timeout(HANDSHAKE, channel::accept(stream, &c.secret, &c.node)).await;
+            drop(pending);
+            let (mut chan, peer) = match result {
+                Ok(Ok(open)) => open,
+                Ok(Err(e)) => {
+                    count_failure(&c, &e, true);
+                    tracing::warn!(%addr, reason = %e, "inter-node link refused");
+                    return;
+                }
+                Err(_) => {
+                    c.metrics
+                        .refused_peers
+                        .with_label_values(&["timeout"])
+                        .inc();
+                    tracing::warn!(%addr, "inter-node link refused: handshake timed out");
                     return;
                 }
             };
-            authenticated(&mut io);
             tracing::debug!(%addr, peer = %peer, "inter-node link accepted");
             let link_id = fastrand::u64(..);
             let closed = c.link_opened(&peer, link_id);
             loop {
                 let next = tokio::select! {
-                    next = io.next() => next,
+                    next = chan.recv() => next,
                     _ = closed.cancelled() => {
                         tracing::info!(peer = %peer, "closing the peer's link: it left the membership (it resyncs if it is back)");
                         break;
                     }
                 };
-                let Some(Ok(bytes)) = next else { break };
+                let bytes = match next {
+                    Ok(Some(b)) => b,
+                    Ok(None) => break,
+                    Err(e) => {
+                        count_failure(&c, &e, false);
+                        tracing::warn!(peer = %peer, %addr, error = %e, "inter-node link dropped");
+                        break;
+                    }
+                };
                 match proto::decode(&bytes) {
                     Ok(Some(frame)) => c.handle(&peer, link_id, frame),
                     Ok(None) => {
@@ -107,51 +162,6 @@ pub async fn accept_loop(cluster: Arc<Cluster>, listener: TcpListener) {
             c.link_closed(&peer, link_id);
         });
     }
-}
-
-async fn accept_handshake(
-    c: &Cluster,
-    io: &mut Framed<TcpStream, LengthDelimitedCodec>,
-) -> Result<String, String> {
-    let first = io
-        .next()
-        .await
-        .ok_or("closed before hello")?
-        .map_err(|e| e.to_string())?;
-    let Ok(Some(Frame::Hello {
-        node,
-        nonce,
-        ts,
-        tag,
-    })) = proto::decode(&first)
-    else {
-        return Err("first frame is not a hello".into());
-    };
-    if ts.abs_diff(unix_now()) > 300 {
-        return Err("hello timestamp too far from now".into());
-    }
-    if !c.secret.verify(
-        &[
-            b"hello",
-            node.as_bytes(),
-            &nonce.to_be_bytes(),
-            &ts.to_be_bytes(),
-        ],
-        &tag,
-    ) {
-        return Err("wrong cluster secret".into());
-    }
-    let welcome = Frame::Welcome {
-        node: c.node.clone(),
-        tag: c
-            .secret
-            .tag(&[b"welcome", c.node.as_bytes(), &nonce.to_be_bytes()]),
-    };
-    let bytes = proto::encode(&welcome).map_err(|e| e.to_string())?;
-    io.send(bytes::Bytes::from(bytes))
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(node)
 }
 
 /// The sending side of a link to one peer.
@@ -190,7 +200,7 @@ impl Link {
                         let mut ok = true;
                         for f in cluster.sync_frames() {
                             if let Ok(b) = proto::encode(&f) {
-                                if io.send(bytes::Bytes::from(b)).await.is_err() {
+                                if io.send(&b).await.is_err() {
                                     ok = false;
                                     break;
                                 }
@@ -198,7 +208,7 @@ impl Link {
                         }
                         if ok {
                             if let Some(b) = pending.take() {
-                                ok = io.send(bytes::Bytes::from(b)).await.is_ok();
+                                ok = io.send(&b).await.is_ok();
                             }
                         }
                         while ok {
@@ -207,7 +217,7 @@ impl Link {
                                 // The peer sends nothing on this link after the handshake: a
                                 // read means it closed the link (it forgot this node, or it
                                 // is gone), so reconnect and send the routes again at once.
-                                _ = io.next() => break,
+                                _ = io.recv() => break,
                             };
                             let Some((queued, frame)) = next else {
                                 return;
@@ -220,7 +230,7 @@ impl Link {
                                 continue;
                             };
                             cluster.metrics.forwarded_bytes.inc_by(bytes.len() as u64);
-                            if io.feed(bytes::Bytes::from(bytes.clone())).await.is_err() {
+                            if io.feed(&bytes).await.is_err() {
                                 pending = Some(bytes);
                                 break;
                             }
@@ -232,13 +242,13 @@ impl Link {
                                     .observe(queued.elapsed().as_secs_f64());
                                 if let Ok(b) = proto::encode(&more) {
                                     cluster.metrics.forwarded_bytes.inc_by(b.len() as u64);
-                                    if io.feed(bytes::Bytes::from(b)).await.is_err() {
+                                    if io.feed(&b).await.is_err() {
                                         ok = false;
                                         break;
                                     }
                                 }
                             }
-                            if ok && SinkExt::<bytes::Bytes>::flush(&mut io).await.is_err() {
+                            if ok && io.flush().await.is_err() {
                                 ok = false;
                             }
                         }
@@ -246,7 +256,12 @@ impl Link {
                         tracing::info!(peer = %peer, "inter-node link lost; reconnecting");
                     }
                     Err(e) => {
-                        tracing::debug!(peer = %peer, %addr, error = %e, "cannot link to peer yet");
+                        count_failure(&cluster, &e, false);
+                        if e.auth_failure().is_some() {
+                            tracing::warn!(peer = %peer, %addr, error = %e, "cannot link to peer: authentication failed");
+                        } else {
+                            tracing::debug!(peer = %peer, %addr, error = %e, "cannot link to peer yet");
+                        }
                     }
                 }
                 tokio::select! {
@@ -260,50 +275,17 @@ impl Link {
     }
 }
 
+/// Dials `peer` at `addr` and runs the link handshake.
 async fn connect(
     c: &Cluster,
     peer: &str,
     addr: SocketAddr,
-) -> Result<Framed<TcpStream, LengthDelimitedCodec>, String> {
+) -> Result<Channel<TcpStream>, ChannelError> {
     let stream = tokio::time::timeout(HANDSHAKE, TcpStream::connect(addr))
         .await
-        .map_err(|_| "connect timed out".to_string())?
-        .map_err(|e| e.to_string())?;
-    let mut io = framed(stream);
-    let nonce = fastrand::u64(..);
-    let ts = unix_now();
-    let hello = Frame::Hello {
-        node: c.node.clone(),
-        nonce,
-        ts,
-        tag: c.secret.tag(&[
-            b"hello",
-            c.node.as_bytes(),
-            &nonce.to_be_bytes(),
-            &ts.to_be_bytes(),
-        ]),
-    };
-    io.send(bytes::Bytes::from(
-        proto::encode(&hello).map_err(|e| e.to_string())?,
-    ))
-    .await
-    .map_err(|e| e.to_string())?;
-    let answer = tokio::time::timeout(HANDSHAKE, io.next())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    let _ = stream.set_nodelay(true);
+    tokio::time::timeout(HANDSHAKE, channel::dial(stream, &c.secret, &c.node, peer))
         .await
-        .map_err(|_| "no welcome".to_string())?
-        .ok_or("closed during handshake (wrong cluster secret?)")?
-        .map_err(|e| e.to_string())?;
-    match proto::decode(&answer) {
-        Ok(Some(Frame::Welcome { node, tag }))
-            if c.secret
-                .verify(&[b"welcome", node.as_bytes(), &nonce.to_be_bytes()], &tag) =>
-        {
-            if node != peer {
-                return Err(format!("expected node {peer}, {addr} is {node}"));
-            }
-            authenticated(&mut io);
-            Ok(io)
-        }
-        _ => Err("bad welcome (wrong cluster secret?)".into()),
-    }
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
 }

@@ -2,8 +2,9 @@
 //!
 //! - membership and failure detection: chitchat gossip ([`gossip`]), seeded by discovery
 //!   ([`discovery`]: static list, DNS of a headless Service, or the Kubernetes API);
-//! - authenticated TCP links between nodes ([`link`]) carry route changes, forwarded messages,
-//!   retained messages and sessions ([`proto`]);
+//! - encrypted, mutually authenticated TCP links between nodes ([`link`] over [`channel`])
+//!   carry route changes, forwarded messages, retained messages and sessions ([`proto`]);
+//!   gossip datagrams are sealed too ([`gossip`]); both keys come from the cluster secret;
 //! - each node knows the others' route tables ([`routes`]) and forwards a message only to the
 //!   nodes with matching subscribers; a shared group gets one delivery per message cluster-wide;
 //! - a client id is unique cluster-wide: connecting on one node takes the session over from
@@ -11,6 +12,7 @@
 //! - after a scale-up, nodes holding more than their share of connections shed the surplus
 //!   towards the new members ([`rebalance`]).
 
+pub mod channel;
 pub mod discovery;
 pub mod gossip;
 pub mod link;
@@ -91,8 +93,14 @@ pub struct ClusterMetrics {
     pub takeovers: IntCounter,
     /// Sessions handed to another node (evacuation or takeover).
     pub handed_off: IntCounter,
-    /// Peers refused at the link handshake (wrong cluster secret).
-    pub refused_peers: IntCounter,
+    /// Connections refused on the cluster port before authentication, by reason (handshake,
+    /// peer, timeout, per_ip_limit, pending_limit, io).
+    pub refused_peers: IntCounterVec,
+    /// Link handshakes and messages that failed to authenticate, by reason (handshake,
+    /// decrypt, peer).
+    pub link_auth_failures: IntCounterVec,
+    /// Gossip datagrams dropped as unauthenticated, stale or malformed.
+    pub gossip_rejected: IntCounter,
     /// Routes, messages, retained messages and session subscriptions from peers dropped as
     /// malformed or over the topic bounds, by kind.
     pub invalid: IntCounterVec,
@@ -142,9 +150,19 @@ impl ClusterMetrics {
                 "corvid_cluster_sessions_handed_off_total",
                 "Sessions moved to another node",
             )?,
-            refused_peers: m.counter(
+            refused_peers: m.counter_vec(
                 "corvid_cluster_refused_peers_total",
-                "Peers refused for a wrong cluster secret",
+                "Connections refused on the cluster port before authentication, by reason",
+                "reason",
+            )?,
+            link_auth_failures: m.counter_vec(
+                "corvid_cluster_link_auth_failures_total",
+                "Inter-node link handshakes or messages that failed to authenticate, by reason",
+                "reason",
+            )?,
+            gossip_rejected: m.counter(
+                "corvid_cluster_gossip_rejected_total",
+                "Gossip datagrams dropped as unauthenticated, stale or malformed",
             )?,
             evacuation_remaining: m.gauge(
                 "corvid_cluster_evacuation_remaining",
@@ -168,6 +186,53 @@ impl ClusterMetrics {
                 "kind",
             )?,
         })
+    }
+}
+
+/// How long a gossiped member that has never linked may hold this node's readiness false.
+pub const NEVER_LINKED_GRACE: Duration = Duration::from_secs(30);
+
+/// When a live peer was first seen and whether it ever linked, for [`Cluster::synced`].
+#[derive(Debug, Clone, Copy)]
+struct PeerSeen {
+    first: Instant,
+    linked: bool,
+    warned: bool,
+}
+
+/// What one peer means for readiness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    /// Linked and synced.
+    Synced,
+    /// Not (yet, or no longer) synced: readiness waits for it.
+    Waiting,
+    /// Never linked within the grace: readiness does not wait for it.
+    Excused,
+}
+
+impl PeerSeen {
+    fn new(now: Instant) -> Self {
+        PeerSeen {
+            first: now,
+            linked: false,
+            warned: false,
+        }
+    }
+
+    /// Records whether the peer is `linked` now and says how it counts for readiness. A peer
+    /// that linked once is always waited for (a lost link is a real problem); one that never
+    /// linked is waited for only during `grace`.
+    fn holds_readiness(&mut self, linked: bool, now: Instant, grace: Duration) -> Hold {
+        if linked {
+            self.linked = true;
+            return Hold::Synced;
+        }
+        if !self.linked && now.duration_since(self.first) >= grace {
+            Hold::Excused
+        } else {
+            Hold::Waiting
+        }
     }
 }
 
@@ -196,6 +261,8 @@ pub struct Cluster {
     pub routes: RemoteRoutes,
     links: Mutex<HashMap<String, Link>>,
     synced: Mutex<HashMap<String, u64>>,
+    /// When each live peer was first seen and whether it ever linked (readiness grace).
+    seen: Mutex<HashMap<String, PeerSeen>>,
     /// Open incoming links by id: the peer and what closes the link.
     incoming: Mutex<HashMap<u64, (String, CancellationToken)>>,
     early: Mutex<HashMap<String, Vec<Delivery>>>,
@@ -263,6 +330,7 @@ impl Cluster {
             routes: RemoteRoutes::new(broker.config.mqtt.topic_limits()),
             links: Mutex::new(HashMap::new()),
             synced: Mutex::new(HashMap::new()),
+            seen: Mutex::new(HashMap::new()),
             incoming: Mutex::new(HashMap::new()),
             early: Mutex::new(HashMap::new()),
             gossip: tokio::sync::OnceCell::new(),
@@ -314,6 +382,7 @@ impl Cluster {
             seeds,
             &secret,
             initial,
+            cluster.metrics.gossip_rejected.clone(),
         )
         .await?;
         let _ = cluster.gossip.set(handle);
@@ -377,16 +446,33 @@ impl Cluster {
         }
     }
 
-    /// True once every live peer's routes are known here (the node may take traffic).
+    /// True once every live peer's routes are known here (the node may take traffic). A
+    /// member that has never linked within [`NEVER_LINKED_GRACE`] of being seen (a ghost: a
+    /// node that gossips but cannot be reached) stops holding readiness, with a warning.
     pub fn synced(&self) -> bool {
         let live = self.live.lock();
         let synced = self.synced.lock();
         let links = self.links.lock();
+        let mut seen = self.seen.lock();
         let seen_world = self.started.elapsed() > Duration::from_secs(2) || !live.is_empty();
-        seen_world
-            && live.keys().all(|p| {
-                synced.contains_key(p) && links.get(p).is_some_and(|l| l.up.load(Ordering::Relaxed))
-            })
+        let now = Instant::now();
+        let mut all = true;
+        for p in live.keys() {
+            let linked = synced.contains_key(p)
+                && links.get(p).is_some_and(|l| l.up.load(Ordering::Relaxed));
+            let s = seen.entry(p.clone()).or_insert_with(|| PeerSeen::new(now));
+            match s.holds_readiness(linked, now, NEVER_LINKED_GRACE) {
+                Hold::Synced => {}
+                Hold::Waiting => all = false,
+                Hold::Excused => {
+                    if !s.warned {
+                        s.warned = true;
+                        tracing::warn!(peer = %p, grace_s = NEVER_LINKED_GRACE.as_secs(), "member never linked; no longer waiting for it to count this node ready");
+                    }
+                }
+            }
+        }
+        seen_world && all
     }
 
     fn send(&self, peer: &str, frame: Frame) {
@@ -713,6 +799,7 @@ impl Cluster {
         self.links.lock().remove(peer);
         self.routes.remove_node(peer);
         self.synced.lock().remove(peer);
+        self.seen.lock().remove(peer);
         for (_, (p, token)) in self.incoming.lock().iter() {
             if p == peer {
                 token.cancel();
@@ -1257,5 +1344,33 @@ impl crate::fabric::Fabric for Cluster {
     }
     fn take_early(&self, client_id: &str) -> Vec<Delivery> {
         Cluster::take_early(self, client_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_member_that_never_links_stops_holding_readiness_after_the_grace() {
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(30);
+        let mut ghost = PeerSeen::new(t0);
+        assert_eq!(ghost.holds_readiness(false, t0, grace), Hold::Waiting);
+        let later = t0 + Duration::from_secs(29);
+        assert_eq!(ghost.holds_readiness(false, later, grace), Hold::Waiting);
+        let after = t0 + Duration::from_secs(31);
+        assert_eq!(ghost.holds_readiness(false, after, grace), Hold::Excused);
+
+        // A peer that linked once is always waited for when its link is down.
+        let mut real = PeerSeen::new(t0);
+        assert_eq!(real.holds_readiness(true, t0, grace), Hold::Synced);
+        assert_eq!(real.holds_readiness(false, after, grace), Hold::Waiting);
+        // And a late linker counts as synced as soon as it links.
+        assert_eq!(ghost.holds_readiness(true, after, grace), Hold::Synced);
+        assert_eq!(
+            ghost.holds_readiness(false, after + grace, grace),
+            Hold::Waiting
+        );
     }
 }

@@ -1,6 +1,6 @@
-//! What nodes say to each other over their authenticated TCP links: route changes, forwarded
-//! messages, retained messages, and session hand-offs. Serialized with postcard, framed by a
-//! length prefix.
+//! What nodes say to each other over their encrypted, authenticated TCP links: route changes,
+//! forwarded messages, retained messages, and session hand-offs. Serialized with postcard; each
+//! frame is sealed by the link's [`super::channel`].
 
 use std::num::{NonZeroU16, NonZeroU32};
 use std::sync::Arc;
@@ -17,7 +17,8 @@ use crate::session::{Inflight, InflightState, SessionState, Subscription};
 /// One frame on an inter-node link.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Frame {
-    /// First frame from the dialing node.
+    /// Handshake of builds before link encryption; never sent now (the Noise handshake of
+    /// [`super::channel`] replaced it), kept so later variants keep their wire numbers.
     Hello {
         /// Dialer's node name.
         node: String,
@@ -28,7 +29,8 @@ pub enum Frame {
         /// HMAC over node, nonce and ts.
         tag: Vec<u8>,
     },
-    /// Answer of the accepting node.
+    /// Answer to [`Frame::Hello`] of builds before link encryption; never sent now, kept for
+    /// the wire numbering.
     Welcome {
         /// Acceptor's node name.
         node: String,

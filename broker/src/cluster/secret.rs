@@ -1,6 +1,9 @@
-//! The cluster secret: every inter-node byte stream and gossip datagram is authenticated with
-//! an HMAC-SHA256 keyed by it, so a pod of another cluster, or anything else that can reach the
-//! port, cannot join, inject routes or read forwarded messages' routing.
+//! The cluster secret, the one thing every member shares. It is never used as a key itself:
+//! [`Secret::derive_key`] derives one key per purpose (HKDF-SHA256 with a label) — the Noise
+//! pre-shared key that authenticates and encrypts every inter-node TCP link ([`super::link`])
+//! and the ChaCha20-Poly1305 key that seals every gossip datagram ([`super::gossip`]). A pod of
+//! another cluster, or anything else that can reach the cluster port without the secret,
+//! cannot join, inject routes or gossip, replay captured traffic, or read forwarded messages.
 
 use std::path::Path;
 
@@ -44,12 +47,22 @@ impl Secret {
         Secret(b.to_vec())
     }
 
+    /// A 32-byte key for one purpose, `label` (HKDF-SHA256: extract with a fixed salt, expand
+    /// with the label), so link and gossip keys differ and neither reveals the secret.
+    pub fn derive_key(&self, label: &[u8]) -> [u8; 32] {
+        let mut extract = hmac_with(b"corvid-cluster-kdf-v1");
+        extract.update(&self.0);
+        let prk = extract.finalize().into_bytes();
+        let mut expand = hmac_with(&prk);
+        expand.update(label);
+        expand.update(&[1u8]);
+        let mut key = [0u8; 32];
+        key.copy_from_slice(&expand.finalize().into_bytes()[..32]);
+        key
+    }
+
     fn mac(&self) -> HmacSha256 {
-        // HMAC accepts keys of any length.
-        match <HmacSha256 as KeyInit>::new_from_slice(&self.0) {
-            Ok(m) => m,
-            Err(_) => unreachable_hmac(),
-        }
+        hmac_with(&self.0)
     }
 
     /// Full tag over the concatenation of `parts`.
@@ -76,6 +89,14 @@ impl Secret {
     }
 }
 
+/// An HMAC-SHA256 keyed with `key` (HMAC accepts keys of any length).
+fn hmac_with(key: &[u8]) -> HmacSha256 {
+    match <HmacSha256 as KeyInit>::new_from_slice(key) {
+        Ok(m) => m,
+        Err(_) => unreachable_hmac(),
+    }
+}
+
 #[cold]
 fn unreachable_hmac() -> HmacSha256 {
     // `new_from_slice` only fails for fixed-size-key MACs; HMAC takes any key.
@@ -96,5 +117,18 @@ mod tests {
         assert!(!b.verify(&[b"hello", b"world"], &t));
         assert!(!a.verify(&[b"helloworld"], &t));
         assert!(!a.verify(&[b"hello", b"world"], &t[..4]));
+    }
+
+    #[test]
+    fn derived_keys_differ_by_label_and_secret() {
+        let a = Secret::from_bytes(b"0123456789abcdef-a");
+        let b = Secret::from_bytes(b"0123456789abcdef-b");
+        assert_eq!(a.derive_key(b"link"), a.derive_key(b"link"));
+        assert_ne!(a.derive_key(b"link"), a.derive_key(b"gossip"));
+        assert_ne!(a.derive_key(b"link"), b.derive_key(b"link"));
+        assert!(!a
+            .derive_key(b"link")
+            .windows(16)
+            .any(|w| w == &b"0123456789abcdef"[..]));
     }
 }
