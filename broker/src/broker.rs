@@ -23,9 +23,7 @@ use crate::message::{Delivery, Message, Msg};
 use crate::metrics::Metrics;
 use crate::retained::Retained;
 use crate::router::{Router, Select, Target};
-use crate::session::{
-    ConnInfo, Enqueued, Kick, QueueBounds, RecentIds, Registry, Session, Subscription,
-};
+use crate::session::{ConnInfo, Enqueued, Kick, QueueBounds, Registry, Session, Subscription};
 use crate::topic;
 use crate::trace::Tracer;
 
@@ -429,7 +427,7 @@ impl Broker {
             st.owner = snap.owner;
             (snap.restore)(&mut st);
             // A fresh dedupe window: the ids the old node saw stay there.
-            st.recent_ids = Some(RecentIds::default());
+            st.recent_ids = Some(Box::default());
             st.disconnected_at = Some(Instant::now());
         }
         if let Some(old) = self.sessions.insert(session.clone()) {

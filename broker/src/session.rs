@@ -159,7 +159,8 @@ pub struct SessionState {
     pub moved_to: Option<String>,
     /// Ids of messages recently queued, kept for sessions that arrived from another node, so a
     /// message that reaches them both directly and through the old node is queued once.
-    pub recent_ids: Option<RecentIds>,
+    /// Boxed: rare, and every session carries the field.
+    pub recent_ids: Option<Box<RecentIds>>,
     /// The identity that owns the session: the user name it was opened with (`None` for an
     /// anonymous client). `sessions.takeover: owner_only` lets only this identity resume it.
     pub owner: Option<String>,
@@ -733,7 +734,7 @@ mod tests {
     #[test]
     fn moved_session_hands_deliveries_back_and_dedupes() {
         let s = Session::new(ByteString::from_static("c"), 60);
-        s.state.lock().recent_ids = Some(RecentIds::default());
+        s.state.lock().recent_ids = Some(Box::default());
         let d = delivery(QoS::AtLeastOnce, 1);
         let r = s.enqueue(d.clone(), &bounds(3, QueueFullPolicy::DropNew, false));
         assert!(matches!(r, Enqueued::Queued));

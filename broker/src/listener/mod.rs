@@ -171,7 +171,10 @@ impl Listener {
                 }
                 let _ = stream.set_nodelay(true);
                 let timeout = Duration::from_secs(broker.config.tls.handshake_timeout.max(1));
-                let setup = tokio::time::timeout(timeout, me.handshake(stream, peer)).await;
+                // Boxed: TLS and WebSocket handshake state is large and done with once the
+                // client is served, while this task lives as long as the connection.
+                let setup =
+                    tokio::time::timeout(timeout, Box::pin(me.handshake(stream, peer))).await;
                 match setup {
                     Ok(Ok((transport, peer))) => {
                         // Counted on the address after the PROXY header: the client's own.

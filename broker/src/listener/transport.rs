@@ -37,14 +37,34 @@ impl std::fmt::Debug for Transport {
 /// Bytes read per call when the buffer is empty.
 const READ_CHUNK: usize = 4096;
 
+thread_local! {
+    /// Per-worker buffer for the first read of a connection that holds no buffer.
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0u8; READ_CHUNK].into_boxed_slice());
+}
+
 impl Transport {
     /// Reads more bytes into `buf`; `Ok(0)` means the peer closed. Cancel-safe.
     pub async fn read(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         match self {
             Transport::Tcp(s) => loop {
                 s.readable().await?;
-                buf.reserve(READ_CHUNK);
-                match s.try_read_buf(buf) {
+                let got = if buf.capacity() == 0 {
+                    // An idle connection has no buffer: read into this worker's scratch and
+                    // keep only the bytes read (a CONNECT or PINGREQ is a few dozen), so a
+                    // burst of handshakes leaves no 4 KB holes between long-lived objects.
+                    SCRATCH.with_borrow_mut(|scratch| {
+                        let r = s.try_read(scratch);
+                        if let Ok(n) = r {
+                            buf.extend_from_slice(&scratch[..n]);
+                        }
+                        r
+                    })
+                } else {
+                    buf.reserve(READ_CHUNK);
+                    s.try_read_buf(buf)
+                };
+                match got {
                     Ok(n) => return Ok(n),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                     Err(e) => return Err(e),
