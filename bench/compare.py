@@ -42,6 +42,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Issue #16's targets: RSS growth per idle MQTT 3.1.1 connection (mosquitto: ~740 B), without
+# and with one subscription each.
+IDLE_TARGET_BYTES = 1024
+IDLE_TARGETS = {"idle": IDLE_TARGET_BYTES, "idle_sub": 1536}
+
+
 def wait_port(port: int, proc: subprocess.Popen, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -244,6 +250,12 @@ def scenarios(quick: bool) -> list[dict]:
             "args": ["pub-sub", "--scenario", "p2p", "--publishers", pairs, "--qos", "1", "--rate", "2000", *common],
         },
         {"key": "idle", "title": f"RSS per idle connection ({conns} connections)", "connections": conns},
+        {
+            "key": "idle_sub",
+            "title": f"RSS per idle connection with one subscription ({conns} connections)",
+            "connections": conns,
+            "subscribe": True,
+        },
     ]
 
 
@@ -277,6 +289,7 @@ def measure_idle(broker: Broker, bench: str, sc: dict, workdir: Path, hold: floa
     cmd = [
         bench, "conn", "--port", str(broker.port), "--connections", str(sc["connections"]),
         "--rate", "5000", "--hold", str(hold), "--ready-file", str(ready), "--json",
+        *(["--subscribe"] if sc.get("subscribe") else []),
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -355,7 +368,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="short runs, 1 round, smaller fan-out and idle counts")
     ap.add_argument("--rounds", type=int, help="rounds per scenario (default 3, quick 1)")
     ap.add_argument("--brokers", default="corvid,mosquitto", help="comma list of corvid,mosquitto")
-    ap.add_argument("--only", help="comma list of scenarios: qos0,qos1,qos1sw,fanout,latency,idle")
+    ap.add_argument("--only", help="comma list of scenarios: qos0,qos1,qos1sw,fanout,latency,idle,idle_sub")
     ap.add_argument("--skip-build", action="store_true", help="use already built release binaries")
     ap.add_argument("--out", default=str(REPO / "target" / "bench" / "report.json"))
     args = ap.parse_args()
@@ -409,7 +422,7 @@ def main() -> int:
                 log(f"{sc['key']} round {r + 1}/{rounds} on {b.name}")
                 b.start()
                 try:
-                    if sc["key"] == "idle":
+                    if sc["key"] in IDLE_TARGETS:
                         m = measure_idle(b, bench, sc, workdir, hold)
                     else:
                         m = measure_pubsub(b, bench, sc)
@@ -457,8 +470,9 @@ def main() -> int:
         add("CPU-s per million deliveries (at 2000 msg/s, QoS1)", "latency", "cpu_s_per_million", "lower", 1.0, " s")
     if "qos0" in keys:
         add("CPU-s per million deliveries (QoS0 unthrottled)", "qos0", "cpu_s_per_million", "lower", 1.0, " s")
-    if "idle" in keys:
-        add(titles["idle"], "idle", "bytes_per_conn", "lower", None, " B")
+    for key in IDLE_TARGETS:
+        if key in keys:
+            add(titles[key], key, "bytes_per_conn", "lower", None, " B")
 
     correctness = {
         n: {
@@ -469,7 +483,7 @@ def main() -> int:
         }
         for n in names
     }
-    idle_corvid = med("idle", "corvid", "bytes_per_conn")
+    idle_corvid = {k: med(k, "corvid", "bytes_per_conn") for k in IDLE_TARGETS}
     report = {
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "quick": args.quick,
@@ -478,8 +492,14 @@ def main() -> int:
         "notes": notes,
         "host": {"cpus": os.cpu_count(), "loadavg_at_end": os.getloadavg()},
         "summary": rows,
-        "corvid_idle_conn_target_bytes": 2048,
-        "corvid_idle_conn_meets_target": (idle_corvid <= 2048) if idle_corvid is not None else None,
+        "corvid_idle_conn_target_bytes": IDLE_TARGET_BYTES,
+        "corvid_idle_conn_meets_target": (
+            idle_corvid["idle"] <= IDLE_TARGET_BYTES if idle_corvid["idle"] is not None else None
+        ),
+        "corvid_idle_sub_conn_target_bytes": IDLE_TARGETS["idle_sub"],
+        "corvid_idle_sub_conn_meets_target": (
+            idle_corvid["idle_sub"] <= IDLE_TARGETS["idle_sub"] if idle_corvid["idle_sub"] is not None else None
+        ),
         "correctness": correctness,
         "runs": runs,
     }
@@ -492,13 +512,14 @@ def main() -> int:
     print("|---|---:|---:|---:|---|")
     for row in rows:
         if row["target_ratio"] is None:
-            tgt = "≤ 2 KB (corvid)" if row["scenario"] == "idle" else "—"
+            target = IDLE_TARGETS.get(row["scenario"])
+            tgt = f"≤ {target:,} B (corvid)" if target else "—"
         else:
             tgt = ("≥ " if row["better"] == "higher" else "≤ ") + f"{row['target_ratio']}×"
         if row["meets_target"] is not None:
             tgt += " ✅" if row["meets_target"] else " ❌"
-        elif row["scenario"] == "idle" and idle_corvid is not None:
-            tgt += " ✅" if idle_corvid <= 2048 else " ❌"
+        elif idle_corvid.get(row["scenario"]) is not None:
+            tgt += " ✅" if idle_corvid[row["scenario"]] <= IDLE_TARGETS[row["scenario"]] else " ❌"
         ratio = f"{row['ratio']:.2f}×" if row["ratio"] is not None else "n/a"
         print(f"| {row['figure']} | {fmt(row['corvid'], row['unit'])} | {fmt(row['mosquitto'], row['unit'])} | {ratio} | {tgt} |")
     print()

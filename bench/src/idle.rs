@@ -14,7 +14,7 @@ use crate::connection::Connection;
 use crate::error::{BenchError, Result};
 use crate::histogram::{LatencyHistogram, LatencySummary};
 use crate::pubsub::{run_id, stopped};
-use crate::wire::Protocol;
+use crate::wire::{Protocol, QoS};
 
 /// Read buffer for an idle connection: it only ever sees CONNACK and PINGRESP.
 const IDLE_READ_CHUNK: usize = 64;
@@ -40,6 +40,9 @@ pub struct ConnConfig {
     pub connect_timeout: Duration,
     /// Created (with the established count) once every connection is up or has failed.
     pub ready_file: Option<PathBuf>,
+    /// Each connection subscribes to a topic of its own (QoS 1) before it counts as up: the
+    /// memory of an idle device that listens for commands.
+    pub subscribe: bool,
 }
 
 /// Result of an idle-connection run.
@@ -185,6 +188,15 @@ impl IdleTask {
                 self.cfg.connect_timeout,
             )
             .await
+        };
+        let conn = match conn {
+            Ok(mut c) if self.cfg.subscribe => {
+                let filter = format!("{}/cmd", self.client_id);
+                c.subscribe(&filter, QoS::AtLeastOnce, self.cfg.connect_timeout)
+                    .await
+                    .map(|()| c)
+            }
+            other => other,
         };
         let mut conn = match conn {
             Ok(c) => c,

@@ -137,6 +137,9 @@ struct ConnArgs {
     /// File to create once every connection is established (for harnesses sampling memory).
     #[arg(long)]
     ready_file: Option<PathBuf>,
+    /// Each connection subscribes (QoS 1) to a topic of its own before it counts as up.
+    #[arg(long)]
+    subscribe: bool,
 }
 
 fn secs(name: &str, v: f64) -> anyhow::Result<Duration> {
@@ -220,6 +223,7 @@ fn main() -> anyhow::Result<()> {
                 keep_alive: a.target.keep_alive,
                 connect_timeout: secs("connect-timeout", a.target.connect_timeout)?,
                 ready_file: a.ready_file,
+                subscribe: a.subscribe,
             };
             let r = rt
                 .block_on(idle::run(cfg, nofile))

@@ -156,3 +156,18 @@ fn conn_mode_holds_idle_connections() {
     assert_eq!(count(&r, "connect_errors"), 0);
     assert_eq!(count(&r, "dropped"), 0);
 }
+
+/// `--subscribe`: each connection counts as up only once its own subscription is acknowledged.
+#[test]
+fn conn_mode_with_a_subscription_each() {
+    let Some(r) = bench(
+        "conn_mode_with_a_subscription_each",
+        "conn",
+        "--connections 50 --hold 0.5 --subscribe",
+    ) else {
+        return;
+    };
+    assert_eq!(count(&r, "established"), 50, "{r}");
+    assert_eq!(count(&r, "connect_errors"), 0);
+    assert_eq!(count(&r, "dropped"), 0);
+}

@@ -772,14 +772,14 @@ impl Conn {
         // While not empty the client is not read from: sessions its PUBLISHes went into that
         // are above their high-water mark (each holds it back at most the drain timeout).
         let mut held: Vec<Arc<Session>> = Vec::new();
-        let bounds = self.broker.queue_bounds;
-        let write_timeout = self.broker.write_timeout();
+        // Read through the broker, not copied into this long-lived future.
+        let broker = self.broker.clone();
         loop {
             let more = match self.drain(&mut wbuf) {
                 Ok(more) => more,
                 Err(end) => return end,
             };
-            self.release_acks(&bounds, &mut wbuf);
+            self.release_acks(&broker.queue_bounds, &mut wbuf);
             if !wbuf.is_empty() {
                 let n = wbuf.len();
                 // A client that stops reading must not hold up a kick or shutdown, and is let
@@ -789,7 +789,7 @@ impl Conn {
                     biased;
                     k = kick.recv() => return self.torn(End::Kicked(k)),
                     _ = shutdown.cancelled() => return self.torn(End::Kicked(Kick::ShuttingDown)),
-                    r = tokio::time::timeout(write_timeout, t.write_all(&wbuf)) => match r {
+                    r = tokio::time::timeout(broker.write_timeout(), t.write_all(&wbuf)) => match r {
                         Ok(Ok(())) => {}
                         Ok(Err(_)) => return End::Lost,
                         Err(_) => return self.torn(End::WriteTimeout),
@@ -807,7 +807,7 @@ impl Conn {
             }
             if self.hold_for_congestion(&mut held) && !ka.is_zero() {
                 // Not reading is the broker's doing: keep alive waits too.
-                let until = tokio::time::Instant::now() + bounds.congestion_timeout;
+                let until = tokio::time::Instant::now() + broker.queue_bounds.congestion_timeout;
                 sleep.as_mut().reset(until + ka);
             }
             if rbuf.is_empty() && rbuf.capacity() > 0 && !more && paused.is_none() {
@@ -867,7 +867,7 @@ impl Conn {
                         Err(end) => return flush_then(t, &wbuf, end).await,
                     }
                 }
-                _ = OptionFuture::from((!held.is_empty()).then(|| Box::pin(wait_drained(&mut held, &bounds)))), if !held.is_empty() => {
+                _ = OptionFuture::from((!held.is_empty()).then(|| Box::pin(wait_drained(&mut held, &broker.queue_bounds)))), if !held.is_empty() => {
                     // The sessions drained (or stopped counting as draining): finish what is
                     // buffered, then read again — unless a rate pause is still running.
                     if !ka.is_zero() {

@@ -48,7 +48,9 @@ impl Transport {
     pub async fn read(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         match self {
             Transport::Tcp(s) => loop {
-                s.readable().await?;
+                // `poll_read_ready`, not `readable()`: the latter's future is ~150 bytes that
+                // every idle connection's task would carry.
+                std::future::poll_fn(|cx| s.poll_read_ready(cx)).await?;
                 let got = if buf.capacity() == 0 {
                     // An idle connection has no buffer: read into this worker's scratch and
                     // keep only the bytes read (a CONNECT or PINGREQ is a few dozen), so a
