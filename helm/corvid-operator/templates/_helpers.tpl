@@ -77,6 +77,10 @@ to broker pods, because RBAC forbids granting what you do not have.
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
   verbs: [get, list, watch, create, patch, update, delete]
+# The NetworkPolicy over the broker pods: applied, and pruned when spec.networkPolicy is off.
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [list, create, patch, delete]
 - apiGroups: [cert-manager.io]
   resources: [certificates]
   verbs: [get, list, watch, create, patch, update, delete]
