@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     AclSpec, AuthSpec, AutoSubscription, BridgesSpec, LimitsSpec, Listeners, MonitoringSpec,
-    PersistenceSpec, PodDisruptionBudgetSpec, PodTemplateOptions, RebalanceSpec, ServiceOptions,
-    SessionsSpec, SharedSubscriptionStrategy, TlsSpec, UpgradeStrategy, Webhook,
+    NetworkPolicyOptions, PersistenceSpec, PodDisruptionBudgetSpec, PodTemplateOptions,
+    RebalanceSpec, ServiceOptions, SessionsSpec, SharedSubscriptionStrategy, TlsSpec,
+    UpgradeStrategy, Webhook,
 };
 
 /// Desired state of a clustered Corvid MQTT broker.
@@ -170,6 +171,10 @@ pub struct MqttClusterSpec {
     /// Prometheus Operator integration.
     #[serde(default)]
     pub monitoring: MonitoringSpec,
+
+    /// The NetworkPolicy isolating the cluster and admin ports (on by default).
+    #[serde(default)]
+    pub network_policy: NetworkPolicyOptions,
 
     /// Client connect/disconnect events (and chosen messages) written to PostgreSQL and/or Redis.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -14,6 +14,7 @@ use corvid_e2e::{
 };
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{DeleteParams, DynamicObject, PostParams};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::{json, Value};
@@ -69,6 +70,16 @@ async fn operator_rolls_out_scales_and_cleans_up_an_mqtt_cluster() {
         .await
         .unwrap();
     assert_controlled_by(&config, &uid);
+    // The NetworkPolicy (on by default) passed the API server's validation when the operator
+    // applied it. kwok and the bridge CNI of the real node enforce no policy: this proves the
+    // object is accepted and owned, not that traffic is filtered.
+    let policy = Api::<NetworkPolicy>::namespaced(client.clone(), &ns.name)
+        .get(NAME)
+        .await
+        .unwrap();
+    assert_controlled_by(&policy, &uid);
+    let ingress = policy.spec.and_then(|s| s.ingress).unwrap_or_default();
+    assert_eq!(ingress.len(), 3, "cluster, admin and client rules");
 
     // Status follows the pods, for the current generation, with no Unknown conditions.
     wait_for_status(&clusters, &operator, 3).await;

@@ -5,6 +5,7 @@
 use std::fmt::Debug;
 
 use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::NamespaceResourceScope;
 use kube::api::{
@@ -85,6 +86,9 @@ pub async fn apply_all(client: &Client, names: &Names, desired: &Desired) -> Res
     if let Some(pdb) = &desired.pdb {
         apply(client, ns, pdb).await?;
     }
+    if let Some(policy) = &desired.network_policy {
+        apply(client, ns, policy).await?;
+    }
     if let Some(sm) = &desired.service_monitor {
         apply_dynamic(client, ns, &servicemonitor::api_resource(), sm).await?;
     }
@@ -116,6 +120,13 @@ pub async fn prune(client: &Client, names: &Names, desired: &Desired) -> Result<
     let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), ns);
     let keep_pdb: Vec<String> = desired.pdb.iter().map(|p| p.name_any()).collect();
     deleted.extend(prune_typed(&pdbs, &selector, &keep_pdb).await?);
+    let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), ns);
+    let keep_policy: Vec<String> = desired
+        .network_policy
+        .iter()
+        .map(|p| p.name_any())
+        .collect();
+    deleted.extend(prune_typed(&policies, &selector, &keep_policy).await?);
     for (ar, wanted) in [
         (certificate::api_resource(), &desired.certificate),
         (servicemonitor::api_resource(), &desired.service_monitor),

@@ -47,6 +47,8 @@ pub struct Context {
     pub metrics: Metrics,
     /// Consecutive failures per object, for the backoff.
     pub failures: Mutex<HashMap<String, u32>>,
+    /// Namespace the operator runs in (its admin calls come from there; see the NetworkPolicy).
+    pub operator_namespace: String,
 }
 
 /// The longest a whole reconcile may take. Broker calls are bounded far below this
@@ -219,6 +221,7 @@ async fn reconcile_pipeline(cluster: &MqttCluster, ctx: &Context) -> Result<Requ
         &BuildInputs {
             statefulset_replicas: pre.statefulset_replicas,
             service_monitor_crd: observation.service_monitor_crd,
+            operator_namespace: ctx.operator_namespace.clone(),
         },
     );
     let current = observation

@@ -74,6 +74,19 @@ async fn apply_own_crd(client: &Client) {
     }
 }
 
+/// The namespace the operator runs in: POD_NAMESPACE (downward API in the chart and
+/// install.yaml), else the client's default namespace (the kubeconfig's, or "default").
+fn operator_namespace(client: &Client) -> String {
+    match std::env::var("POD_NAMESPACE") {
+        Ok(ns) if !ns.is_empty() => ns,
+        _ => {
+            let ns = client.default_namespace().to_string();
+            tracing::warn!(namespace = %ns, "POD_NAMESPACE is not set; the NetworkPolicies admit admin calls from this namespace");
+            ns
+        }
+    }
+}
+
 /// Runs the operator until SIGTERM/SIGINT or until leadership is lost.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     init_logging(&args.log_format);
@@ -128,6 +141,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         ),
         metrics,
         failures: Mutex::new(Default::default()),
+        operator_namespace: operator_namespace(&client),
     });
     let controller = controller::run(ctx, args.namespaces.clone());
     tokio::select! {

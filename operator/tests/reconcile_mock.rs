@@ -35,7 +35,8 @@ fn respond(call: &Call) -> (StatusCode, Value) {
         "GET"
             if path.ends_with("/pods")
                 || path.ends_with("/services")
-                || path.ends_with("/poddisruptionbudgets") =>
+                || path.ends_with("/poddisruptionbudgets")
+                || path.ends_with("/networkpolicies") =>
         {
             (
                 StatusCode::OK,
@@ -156,6 +157,7 @@ fn context_with(client: Client, admin: Arc<dyn BrokerAdmin>) -> Arc<Context> {
         admin,
         metrics: Metrics::new().expect("metrics"),
         failures: Mutex::new(Default::default()),
+        operator_namespace: "corvid-system".to_string(),
     })
 }
 
@@ -232,6 +234,7 @@ async fn first_reconcile_creates_every_object_with_server_side_apply() {
         "Service",
         "StatefulSet",
         "PodDisruptionBudget",
+        "NetworkPolicy",
     ] {
         assert!(applied.contains(&kind), "{kind} applied; got {applied:?}");
     }
@@ -258,6 +261,61 @@ async fn first_reconcile_creates_every_object_with_server_side_apply() {
     assert_eq!(condition(&status, "Progressing").0, "True");
     assert_eq!(status["targetVersion"], corvid_crds::DEFAULT_BROKER_VERSION);
     assert_eq!(status["endpoint"], "demo.mqtt.svc");
+}
+
+/// The NetworkPolicy an earlier reconcile applied, listed by the cluster's instance label.
+fn existing_network_policy(call: &Call) -> Option<(StatusCode, Value)> {
+    let path = call.uri.split('?').next().unwrap_or_default();
+    (call.method == "GET" && path.ends_with("/networkpolicies")).then(|| {
+        (
+            StatusCode::OK,
+            json!({"kind": "NetworkPolicyList", "apiVersion": "networking.k8s.io/v1",
+                "metadata": {}, "items": [{"apiVersion": "networking.k8s.io/v1",
+                "kind": "NetworkPolicy", "metadata": {"name": "demo", "namespace": "mqtt",
+                "labels": {"app.kubernetes.io/instance": "demo"}}}]}),
+        )
+    })
+}
+
+#[tokio::test]
+async fn turning_the_network_policy_off_deletes_the_one_applied_before() {
+    let (client, calls) = fake_client_with(existing_network_policy);
+    let ctx = context(client);
+    reconcile(cluster(json!({"networkPolicy": {"enabled": false}})), ctx)
+        .await
+        .expect("reconcile succeeds");
+    let calls = calls.lock().expect("calls").clone();
+    assert!(
+        !calls
+            .iter()
+            .any(|c| c.method == "PATCH" && c.body["kind"] == "NetworkPolicy"),
+        "no NetworkPolicy applied when disabled"
+    );
+    assert!(
+        calls.iter().any(|c| c.method == "DELETE"
+            && c.uri
+                .contains("/apis/networking.k8s.io/v1/namespaces/mqtt/networkpolicies/demo")),
+        "the old NetworkPolicy is deleted; calls: {:?}",
+        calls
+            .iter()
+            .map(|c| (&c.method, &c.uri))
+            .collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test]
+async fn an_enabled_network_policy_is_kept() {
+    let (client, calls) = fake_client_with(existing_network_policy);
+    reconcile(cluster(json!({})), context(client))
+        .await
+        .expect("reconcile succeeds");
+    let calls = calls.lock().expect("calls").clone();
+    assert!(
+        !calls
+            .iter()
+            .any(|c| c.method == "DELETE" && c.uri.contains("/networkpolicies/")),
+        "the wanted NetworkPolicy is not pruned"
+    );
 }
 
 #[tokio::test]

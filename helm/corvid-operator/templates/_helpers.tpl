@@ -42,25 +42,40 @@ manifests/operator/rbac.yaml). The operator also holds the EndpointSlice read ac
 to broker pods, because RBAC forbids granting what you do not have.
 */}}
 {{- define "corvid-operator.namespacedRules" -}}
+# Every verb below is one the operator calls; operator/tests/rbac_surface.rs and
+# e2e/packaging-check fail when this list grows without operator/tests/rbac-surface.txt.
+# Server-side apply is a PATCH that creates missing objects, so applied kinds need create + patch.
+# The controller's watches need list + watch; pruning needs list + delete.
 - apiGroups: [corvid.dev]
   resources: [mqttclusters]
-  verbs: [get, list, watch]
+  verbs: [list, watch]
+# Status is written by server-side apply.
 - apiGroups: [corvid.dev]
   resources: [mqttclusters/status]
-  verbs: [get, patch, update]
+  verbs: [patch]
+# Applied and watched; read back after the apply to plan the pod step.
 - apiGroups: [apps]
   resources: [statefulsets]
-  verbs: [get, list, watch, create, patch, update, delete]
+  verbs: [get, list, watch, create, patch]
+# Client and headless Services: applied, watched, extra ones pruned.
 - apiGroups: [""]
-  resources: [services, configmaps, serviceaccounts]
-  verbs: [get, list, watch, create, patch, update, delete]
+  resources: [services]
+  verbs: [list, watch, create, patch, delete]
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [list, watch, create, patch]
+- apiGroups: [""]
+  resources: [serviceaccounts]
+  verbs: [create, patch]
+# The cluster and admin-token Secrets are created once; the admin token is read for admin calls.
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get, create]
+# Listed and watched for status; deleted one at a time to roll them.
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch, delete]
-# Broker admin API (evacuate, cluster view) through the API server's pod proxy.
+  verbs: [list, watch, delete]
+# Broker admin API (evacuate, rebalance, cluster view) through the API server's pod proxy.
 - apiGroups: [""]
   resources: [pods/proxy]
   verbs: [get, create]
@@ -68,31 +83,39 @@ to broker pods, because RBAC forbids granting what you do not have.
 - apiGroups: [""]
   resources: [pods/log]
   verbs: [get]
+# The broker pods' Role and RoleBinding (peer discovery), applied.
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]
-  verbs: [get, list, watch, create, patch, update, delete]
+  verbs: [create, patch]
+# Not used by the operator itself: RBAC forbids granting (in the brokers' Role) what you do not hold.
 - apiGroups: [discovery.k8s.io]
   resources: [endpointslices]
   verbs: [get, list, watch]
+# Optional objects: applied when wanted, pruned by instance label when not.
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
-  verbs: [get, list, watch, create, patch, update, delete]
+  verbs: [list, create, patch, delete]
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [list, create, patch, delete]
 - apiGroups: [cert-manager.io]
   resources: [certificates]
-  verbs: [get, list, watch, create, patch, update, delete]
+  verbs: [list, create, patch, delete]
 - apiGroups: [monitoring.coreos.com]
   resources: [servicemonitors]
-  verbs: [get, list, watch, create, patch, update, delete]
+  verbs: [list, create, patch, delete]
+# kube's event recorder creates an Event and patches its series count.
 - apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create, patch]
 {{- end -}}
 
-{{/* Cluster-scoped rules: read the MqttCluster CRD (and the ServiceMonitor CRD, to see whether
-the Prometheus Operator is installed); patch the MqttCluster CRD when crds.applyOnStart. */}}
+{{/* Cluster-scoped rules: read the ServiceMonitor CRD (to see whether the Prometheus Operator is
+installed); patch the MqttCluster CRD when crds.applyOnStart. */}}
 {{- define "corvid-operator.clusterRules" -}}
 - apiGroups: [apiextensions.k8s.io]
   resources: [customresourcedefinitions]
+  resourceNames: [servicemonitors.monitoring.coreos.com]
   verbs: [get]
 {{- if .Values.crds.applyOnStart }}
 - apiGroups: [apiextensions.k8s.io]

@@ -5,6 +5,7 @@ pub mod certificate;
 pub mod config;
 pub mod configmap;
 pub mod names;
+pub mod networkpolicy;
 pub mod pdb;
 pub mod rbac;
 pub mod secret;
@@ -15,6 +16,7 @@ pub mod statefulset;
 use corvid_crds::MqttCluster;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::DynamicObject;
@@ -30,6 +32,8 @@ pub struct BuildInputs {
     pub statefulset_replicas: i32,
     /// Whether the ServiceMonitor CRD is installed in the cluster.
     pub service_monitor_crd: bool,
+    /// Namespace the operator runs in: the NetworkPolicy lets its admin calls through.
+    pub operator_namespace: String,
 }
 
 /// Every object the spec wants, ready to be applied.
@@ -51,6 +55,8 @@ pub struct Desired {
     pub statefulset: StatefulSet,
     /// Voluntary-disruption guard, when enabled.
     pub pdb: Option<PodDisruptionBudget>,
+    /// Ingress isolation of the broker pods, when enabled.
+    pub network_policy: Option<NetworkPolicy>,
     /// Prometheus ServiceMonitor, when asked for and its CRD exists.
     pub service_monitor: Option<DynamicObject>,
     /// cert-manager Certificate, when tls.mode is broker with an issuerRef.
@@ -70,6 +76,7 @@ pub fn desired(cluster: &MqttCluster, valid: &Validated, inputs: &BuildInputs) -
         client_service: service::client(cluster, &names),
         statefulset: statefulset::build(cluster, &names, &rendered, inputs.statefulset_replicas),
         pdb: pdb::build(cluster, &names),
+        network_policy: networkpolicy::build(cluster, &names, &inputs.operator_namespace),
         service_monitor: servicemonitor::build(cluster, &names, inputs.service_monitor_crd),
         certificate: certificate::build(cluster, &names),
     }

@@ -78,6 +78,10 @@ impl Names {
     pub fn service_account(&self) -> String {
         format!("{}-broker", self.cluster)
     }
+    /// NetworkPolicy over the broker pods (named after the cluster, like the StatefulSet).
+    pub fn network_policy(&self) -> String {
+        self.cluster.clone()
+    }
     /// Secret the cert-manager Certificate writes.
     pub fn tls_secret(&self) -> String {
         format!("{}-tls", self.cluster)

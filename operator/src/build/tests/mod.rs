@@ -1,6 +1,7 @@
 //! Builder tests: spec in, objects out, no API server.
 
 mod config;
+mod networkpolicy;
 mod objects;
 mod service;
 mod statefulset;
@@ -19,6 +20,7 @@ fn build(spec: Value) -> (MqttCluster, Desired) {
     let inputs = BuildInputs {
         statefulset_replicas: c.spec.replicas,
         service_monitor_crd: true,
+        operator_namespace: "corvid-system".to_string(),
     };
     let d = desired(&c, &valid, &inputs);
     (c, d)
