@@ -6,14 +6,17 @@ use kube::KubeSchema;
 use serde::{Deserialize, Serialize};
 
 /// The NetworkPolicy over the broker pods: cluster port from the same MqttCluster's pods only,
-/// admin port from the operator's namespace (plus `adminFrom`), client listeners open.
+/// client listeners open, admin port open (token-protected) unless `adminFrom` restricts it.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct NetworkPolicyOptions {
     /// Whether the operator manages a NetworkPolicy (deleted again when turned off).
     #[serde(default = "yes")]
     pub enabled: bool,
-    /// Extra peers allowed on the admin port (for example the namespace of Prometheus).
+    /// Restricts the admin port to the operator's namespace plus these peers (for example
+    /// Prometheus' namespace, and the source address of the API server's pod proxy, through
+    /// which the operator calls the admin API). Empty: the admin port is open (it answers only
+    /// with the cluster's admin token).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     pub admin_from: Vec<NetworkPolicyPeer>,

@@ -1,6 +1,9 @@
 //! NetworkPolicy over the broker pods, on by default: the cluster port (TCP links and UDP gossip)
-//! only from pods of the same MqttCluster, the admin port only from the operator's namespace and
-//! `spec.networkPolicy.adminFrom`, the client listeners open to everyone.
+//! only from pods of the same MqttCluster, the client listeners open to everyone, and the admin
+//! port open unless `spec.networkPolicy.adminFrom` restricts it (then: the operator's namespace
+//! plus those peers). Open by default because the operator calls the admin API through the API
+//! server's pod proxy, whose source address depends on the network plugin; a default that drops
+//! those calls would make every rollout wait out its drain timeouts.
 
 use std::collections::BTreeMap;
 
@@ -34,8 +37,8 @@ fn match_labels(labels: BTreeMap<String, String>) -> LabelSelector {
 }
 
 /// The policy, or None when `spec.networkPolicy.enabled` is false (the apply step then deletes
-/// one created before). `operator_namespace` is where the operator runs: its admin calls come
-/// from there.
+/// one created before). `operator_namespace` is where the operator runs: with `adminFrom` set,
+/// the admin port admits it too.
 pub fn build(
     cluster: &MqttCluster,
     names: &Names,
@@ -53,16 +56,19 @@ pub fn build(
         }]),
         ports: Some(vec![port(CLUSTER_PORT, "TCP"), port(CLUSTER_PORT, "UDP")]),
     };
-    let mut admin_peers = vec![NetworkPolicyPeer {
-        namespace_selector: Some(match_labels(BTreeMap::from([(
-            NAMESPACE_NAME_LABEL.to_string(),
-            operator_namespace.to_string(),
-        )]))),
-        ..NetworkPolicyPeer::default()
-    }];
-    admin_peers.extend(spec.admin_from.iter().cloned());
+    let admin_peers = (!spec.admin_from.is_empty()).then(|| {
+        let mut peers = vec![NetworkPolicyPeer {
+            namespace_selector: Some(match_labels(BTreeMap::from([(
+                NAMESPACE_NAME_LABEL.to_string(),
+                operator_namespace.to_string(),
+            )]))),
+            ..NetworkPolicyPeer::default()
+        }];
+        peers.extend(spec.admin_from.iter().cloned());
+        peers
+    });
     let admin = NetworkPolicyIngressRule {
-        from: Some(admin_peers),
+        from: admin_peers,
         ports: Some(vec![port(ADMIN_PORT, "TCP")]),
     };
     // The container ports the broker listens on for clients, open to every source.

@@ -1,5 +1,6 @@
-//! The NetworkPolicy: cluster port from members only, admin port from the operator's namespace
-//! and adminFrom, client listeners open, nothing when disabled.
+//! The NetworkPolicy: cluster port from members only, admin port open unless adminFrom
+//! restricts it to the operator's namespace and those peers, client listeners open, nothing
+//! when disabled.
 
 use corvid_crds::{ADMIN_PORT, CLUSTER_PORT};
 use k8s_openapi::api::networking::v1::{NetworkPolicyIngressRule, NetworkPolicyPeer};
@@ -31,7 +32,7 @@ fn rule_for(rules: &[NetworkPolicyIngressRule], port: i32) -> &NetworkPolicyIngr
 }
 
 #[test]
-fn selects_the_broker_pods_and_restricts_cluster_and_admin_ports() {
+fn selects_the_broker_pods_and_restricts_the_cluster_port() {
     let (_, d) = build(json!({}));
     let policy = d.network_policy.expect("on by default");
     assert_eq!(policy.metadata.name.as_deref(), Some("demo"));
@@ -65,15 +66,13 @@ fn selects_the_broker_pods_and_restricts_cluster_and_admin_ports() {
         selector
     );
 
-    // Admin port: only the operator's namespace.
+    // Admin port: open by default (token-protected; the operator's calls come through the
+    // API server's pod proxy, from an address that depends on the network plugin).
     let admin = rule_for(&rules, ADMIN_PORT);
     assert_eq!(ports(admin), vec![(ADMIN_PORT, "TCP".into())]);
-    let from = admin.from.as_ref().expect("restricted");
-    assert_eq!(from.len(), 1);
-    assert!(from[0].pod_selector.is_none());
-    assert_eq!(
-        serde_json::to_value(&from[0].namespace_selector).expect("json"),
-        json!({"matchLabels": {"kubernetes.io/metadata.name": "corvid-system"}})
+    assert!(
+        admin.from.is_none(),
+        "admin port takes any source by default"
     );
 
     // Client listeners (mqtt 1883 and ws 8083 by default): open to everyone.
@@ -86,7 +85,7 @@ fn selects_the_broker_pods_and_restricts_cluster_and_admin_ports() {
 }
 
 #[test]
-fn admin_from_peers_join_the_operator_namespace() {
+fn admin_from_restricts_the_admin_port_to_the_operator_namespace_and_those_peers() {
     let (_, d) = build(json!({"networkPolicy": {"adminFrom": [
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
          "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}]}}));
@@ -99,6 +98,10 @@ fn admin_from_peers_join_the_operator_namespace() {
         .expect("rules");
     let from: &Vec<NetworkPolicyPeer> = rule_for(&rules, ADMIN_PORT).from.as_ref().expect("from");
     assert_eq!(from.len(), 2);
+    assert_eq!(
+        serde_json::to_value(&from[0].namespace_selector).expect("json"),
+        json!({"matchLabels": {"kubernetes.io/metadata.name": "corvid-system"}})
+    );
     assert_eq!(
         serde_json::to_value(&from[1]).expect("json"),
         json!({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
