@@ -158,6 +158,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     config.validate().context("invalid configuration")?;
     init_logging(&config);
+    raise_open_file_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("corvid")
@@ -171,6 +172,40 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         running.drain_and_shutdown(drain, 100).await;
         Ok(())
     })
+}
+
+/// Raises the soft limit on open files to the hard limit: every client connection is a
+/// descriptor, and the usual soft limit of 1,024 would refuse the 1,025th device long before
+/// memory runs out. Logs what the process got (the hard limit is the pod's or the node's).
+fn raise_open_file_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes into the struct we pass, which lives on our stack.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot read the open-file limit");
+        return;
+    }
+    let before = lim.rlim_cur;
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit only reads the struct.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim.rlim_cur = lim.rlim_max;
+        } else {
+            tracing::warn!(error = %std::io::Error::last_os_error(), "cannot raise the open-file limit");
+        }
+    }
+    tracing::info!(
+        soft = lim.rlim_cur,
+        hard = lim.rlim_max,
+        was = before,
+        "open-file limit (each client connection takes one)"
+    );
 }
 
 async fn wait_for_signal() {
