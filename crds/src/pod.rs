@@ -66,6 +66,10 @@ pub struct PersistenceSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 253))]
     pub storage_class_name: Option<String>,
+    /// What happens to the claims when the cluster is deleted or scaled down (pvc mode); both
+    /// default to Retain so data is only removed when asked for. Needs Kubernetes 1.27 or newer.
+    #[serde(default)]
+    pub retention: PersistenceRetention,
 }
 
 impl Default for PersistenceSpec {
@@ -74,6 +78,7 @@ impl Default for PersistenceSpec {
             mode: PersistenceMode::None,
             size: default_size(),
             storage_class_name: None,
+            retention: PersistenceRetention::default(),
         }
     }
 }
@@ -93,4 +98,42 @@ pub enum PersistenceMode {
     None,
     /// One PersistentVolumeClaim per pod.
     Pvc,
+}
+
+/// Fate of the pods' claims, mapped onto the StatefulSet's persistentVolumeClaimRetentionPolicy.
+#[derive(
+    Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+#[serde(rename_all = "camelCase")]
+pub struct PersistenceRetention {
+    /// Retain keeps the claims when the MqttCluster (and so its StatefulSet) is deleted; Delete
+    /// removes them with it.
+    #[serde(default)]
+    pub when_deleted: RetentionPolicy,
+    /// Retain keeps the claims of pods removed by a scale-down (a later scale-up reuses them);
+    /// Delete removes them.
+    #[serde(default)]
+    pub when_scaled: RetentionPolicy,
+}
+
+/// Whether a claim outlives its pod; serialized exactly as Kubernetes spells it.
+#[derive(
+    Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+pub enum RetentionPolicy {
+    /// Keep the claim (and its data).
+    #[default]
+    Retain,
+    /// Delete the claim together with its pod or StatefulSet.
+    Delete,
+}
+
+impl RetentionPolicy {
+    /// The value Kubernetes expects in persistentVolumeClaimRetentionPolicy.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetentionPolicy::Retain => "Retain",
+            RetentionPolicy::Delete => "Delete",
+        }
+    }
 }

@@ -6,7 +6,10 @@
 use std::collections::BTreeMap;
 
 use corvid_crds::{ListenerKind, MqttCluster, PersistenceMode, TlsMode, ADMIN_PORT, CLUSTER_PORT};
-use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
+use k8s_openapi::api::apps::v1::{
+    StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec,
+    StatefulSetUpdateStrategy,
+};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
     HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler, ObjectFieldSelector,
@@ -62,9 +65,23 @@ pub fn build(
             template: pod_template(cluster, names, rendered),
             volume_claim_templates: (spec.persistence.mode == PersistenceMode::Pvc)
                 .then(|| vec![data_claim(cluster)]),
+            // Outside the pod template: changing it neither changes the revision nor rolls pods.
+            persistent_volume_claim_retention_policy: (spec.persistence.mode
+                == PersistenceMode::Pvc)
+                .then(|| retention_policy(cluster)),
             ..StatefulSetSpec::default()
         }),
         ..StatefulSet::default()
+    }
+}
+
+/// The claim retention policy from spec.persistence.retention (applied by the StatefulSet
+/// controller; whenDeleted relies on the StatefulSet's owner reference to the cluster).
+fn retention_policy(cluster: &MqttCluster) -> StatefulSetPersistentVolumeClaimRetentionPolicy {
+    let r = cluster.spec.persistence.retention;
+    StatefulSetPersistentVolumeClaimRetentionPolicy {
+        when_deleted: Some(r.when_deleted.as_str().to_string()),
+        when_scaled: Some(r.when_scaled.as_str().to_string()),
     }
 }
 

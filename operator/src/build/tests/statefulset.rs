@@ -428,3 +428,63 @@ fn a_pod_name_leads_back_to_its_cluster() {
     assert!(crate::build::Names::of_pod("mqtt", "demo-x").is_none());
     assert!(crate::build::Names::of_pod("mqtt", "-1").is_none());
 }
+
+/// (whenDeleted, whenScaled) of the StatefulSet's claim retention policy, if any.
+fn retention(sts: &StatefulSet) -> Option<(String, String)> {
+    sts.spec
+        .as_ref()
+        .and_then(|s| s.persistent_volume_claim_retention_policy.as_ref())
+        .map(|p| {
+            (
+                p.when_deleted.clone().unwrap_or_default(),
+                p.when_scaled.clone().unwrap_or_default(),
+            )
+        })
+}
+
+fn pair(deleted: &str, scaled: &str) -> Option<(String, String)> {
+    Some((deleted.to_string(), scaled.to_string()))
+}
+
+#[test]
+fn claims_are_retained_by_default() {
+    let (_, d) = build(json!({"persistence": {"mode": "pvc"}}));
+    assert_eq!(retention(&d.statefulset), pair("Retain", "Retain"));
+}
+
+#[test]
+fn explicit_retention_maps_onto_the_statefulset() {
+    let (_, d) = build(json!({"persistence": {"mode": "pvc",
+        "retention": {"whenDeleted": "Delete", "whenScaled": "Delete"}}}));
+    assert_eq!(retention(&d.statefulset), pair("Delete", "Delete"));
+    let (_, mixed) = build(json!({"persistence": {"mode": "pvc",
+        "retention": {"whenDeleted": "Delete"}}}));
+    assert_eq!(retention(&mixed.statefulset), pair("Delete", "Retain"));
+}
+
+#[test]
+fn no_retention_policy_without_claims() {
+    let (_, d) = build(json!({"persistence": {"retention": {"whenDeleted": "Delete"}}}));
+    assert_eq!(retention(&d.statefulset), None);
+    assert!(d
+        .statefulset
+        .spec
+        .as_ref()
+        .is_some_and(|s| s.volume_claim_templates.is_none()));
+}
+
+#[test]
+fn retention_leaves_the_pod_template_and_config_hash_alone() {
+    // The pod revision (controller-revision-hash) is derived from the template only, and the
+    // operator's own rollout trigger is the config hash inside it: neither may move.
+    let (_, kept) = build(json!({"persistence": {"mode": "pvc"}}));
+    let (_, deleted) = build(json!({"persistence": {"mode": "pvc",
+        "retention": {"whenDeleted": "Delete", "whenScaled": "Delete"}}}));
+    let template = |d: &super::Desired| d.statefulset.spec.as_ref().map(|s| s.template.clone());
+    assert_eq!(template(&kept), template(&deleted));
+    assert_eq!(kept.config_map, deleted.config_map);
+    assert_ne!(
+        retention(&kept.statefulset),
+        retention(&deleted.statefulset)
+    );
+}
