@@ -669,6 +669,12 @@ impl Broker {
         }
     }
 
+    /// How long a partly received packet may wait for its next byte; `None` when disabled.
+    pub fn packet_timeout(&self) -> Option<Duration> {
+        let s = self.config.mqtt.packet_timeout;
+        (s > 0).then(|| Duration::from_secs(s))
+    }
+
     /// How long a write to a client may take (`mqtt.write_timeout`, at least a second).
     pub fn write_timeout(&self) -> Duration {
         Duration::from_secs(self.config.mqtt.write_timeout.max(1))

@@ -774,6 +774,9 @@ impl Conn {
         let mut held: Vec<Arc<Session>> = Vec::new();
         // Read through the broker, not copied into this long-lived future.
         let broker = self.broker.clone();
+        let packet_timeout = broker.packet_timeout();
+        // When the last bytes arrived: a packet left partly received stalls from there.
+        let mut last_bytes = tokio::time::Instant::now();
         loop {
             let more = match self.drain(&mut wbuf) {
                 Ok(more) => more,
@@ -814,6 +817,10 @@ impl Conn {
                 // Idle connections hold no read buffer.
                 rbuf = BytesMut::new();
             }
+            // A packet partly received while the broker is reading must keep coming.
+            let stalled_at = packet_timeout
+                .filter(|_| !rbuf.is_empty() && paused.is_none() && held.is_empty())
+                .map(|t| last_bytes + t);
             tokio::select! {
                 biased;
                 k = kick.recv() => return End::Kicked(k),
@@ -822,6 +829,7 @@ impl Conn {
                     match r {
                         Ok(0) | Err(_) => return End::Lost,
                         Ok(n) => {
+                            last_bytes = tokio::time::Instant::now();
                             self.broker.metrics.bytes_received.inc_by(n as u64);
                             if !ka.is_zero() {
                                 sleep.as_mut().reset(tokio::time::Instant::now() + ka);
@@ -882,6 +890,12 @@ impl Conn {
                 }
                 _ = session.notify.notified() => {}
                 _ = &mut sleep => return End::KeepAlive,
+                _ = OptionFuture::from(stalled_at.map(|d| Box::pin(tokio::time::sleep_until(d)))), if stalled_at.is_some() => {
+                    return End::Protocol(
+                        Reason::ProtocolError,
+                        "a packet stalled midway (mqtt.packet_timeout)".into(),
+                    );
+                }
             }
         }
     }

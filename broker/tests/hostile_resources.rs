@@ -567,3 +567,49 @@ async fn outbound_topic_aliases_are_capped_and_consistent() {
     bystander.assert_served().await;
     stop(r).await;
 }
+
+/// A client that stops midway through a packet (keep alive 0, so keep alive never ends it) is
+/// closed after `mqtt.packet_timeout` (MQTT 5: DISCONNECT 0x82 first), while a client that sends
+/// a packet slowly but steadily, for longer than the timeout in all, is served; a bystander
+/// keeps its round trips throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_packet_that_stalls_midway_is_closed_after_the_packet_timeout() {
+    let _serial = SERIAL.lock().await;
+    let mut cfg = config();
+    cfg.mqtt.packet_timeout = 1;
+    let r = start_with(cfg).await;
+    let a = mqtt(&r);
+    let mut by = Bystander::connect(a, "bystander").await;
+    for v in [V::V311, V::V5] {
+        let mut raw = Raw::tcp(a, v).await;
+        let mut connect = pkt::connect(v, &format!("stall-{v:?}"));
+        assert_eq!(
+            &connect[10..12],
+            &[0, 60],
+            "keep alive bytes of the CONNECT"
+        );
+        connect[10..12].copy_from_slice(&[0, 0]);
+        raw.send(&connect).await;
+        assert_eq!(raw.expect(pkt::CONNACK).await.reason(), 0);
+        let publish = pkt::publish(v, b"stall/t", 1, 1, &[b'x'; 1000]);
+        raw.send(&publish[..20]).await;
+        let t0 = Instant::now();
+        raw.expect_disconnect(0x82).await;
+        let took = t0.elapsed();
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+            "{v:?}: closed after {took:?}"
+        );
+        assert_serving(a, &mut by).await;
+    }
+    // The same packet in ten pieces 300 ms apart: three seconds in all, never a second idle.
+    let mut slow = Raw::connect(a, V::V311, "slow").await;
+    let publish = pkt::publish(V::V311, b"slow/t", 1, 7, &[b'y'; 1000]);
+    for piece in publish.chunks(publish.len() / 10 + 1) {
+        slow.send(piece).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    slow.expect(pkt::PUBACK).await;
+    assert_serving(a, &mut by).await;
+    stop(r).await;
+}

@@ -898,6 +898,10 @@ pub struct MqttConfig {
     pub max_topic_length: usize,
     /// Seconds a new connection may take to send CONNECT.
     pub connect_timeout: u64,
+    /// Seconds a partly received packet may go without a new byte before the connection is
+    /// closed (a stalled or trickling client holds a buffer; keep alive 0 would never end it).
+    /// 0 disables.
+    pub packet_timeout: u64,
     /// Largest CONNECT accepted (and so the most buffered for a connection before it is
     /// authenticated), in bytes; capped by `max_packet_size`.
     pub max_connect_size: u32,
@@ -928,6 +932,7 @@ impl Default for MqttConfig {
             // size bounds the bytes. Lower it where devices never send long topics.
             max_topic_length: 65535,
             connect_timeout: 10,
+            packet_timeout: 10,
             max_connect_size: 64 * 1024,
             write_timeout: 30,
             strict_utf8: true,
