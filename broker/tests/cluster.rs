@@ -322,15 +322,7 @@ async fn a_session_in_flight_between_nodes_is_found_from_a_third() {
     )
     .await;
 
-    let pid = c.nodes[1].pid().expect("n2 runs").to_string();
-    let signal = |sig: &str| {
-        let ok = std::process::Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "kill {sig} {pid}");
-    };
-    signal("-STOP");
+    c.nodes[1].signal("-STOP");
     // Evacuating n1 hands the one session to the first ready peer by name: n2, paused.
     let (status, body) = n1.post("/api/v1/evacuate?rate=50").await.expect("evacuate");
     assert_eq!(status, 202, "{body}");
@@ -349,7 +341,7 @@ async fn a_session_in_flight_between_nodes_is_found_from_a_third() {
             .ok_or("not yet".to_string())
     })
     .await;
-    signal("-CONT");
+    c.nodes[1].signal("-CONT");
     let mut back = back.await.expect("connect task");
     assert!(back.session_present, "session present on n3");
     let got = back.drain(QUIET, DEADLINE).await;
@@ -2027,15 +2019,7 @@ async fn a_peer_declared_failed_while_alive_resyncs_its_routes() {
     let mut sub = Client::connect(c.nodes[1].mqtt_addr(), &Opts::clean(V::V5, "paused-sub")).await;
     sub.subscribe("paused/#", 1).await;
     c.wait_routes(0, 1, 1).await;
-    let pid = c.nodes[1].pid().expect("n2 runs").to_string();
-    let signal = |sig: &str| {
-        let ok = std::process::Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "kill {sig} {pid}");
-    };
-    signal("-STOP");
+    c.nodes[1].signal("-STOP");
     eventually("n1 to declare the paused n2 failed", DEADLINE, || async {
         if c.nodes[0].log_contains("member failed") {
             Ok(())
@@ -2044,7 +2028,7 @@ async fn a_peer_declared_failed_while_alive_resyncs_its_routes() {
         }
     })
     .await;
-    signal("-CONT");
+    c.nodes[1].signal("-CONT");
     // n2's subscription was made before the pause: n1 has it again only through a resync.
     c.wait_routes(0, 1, 1).await;
     c.wait_members(&[0, 1], true).await;

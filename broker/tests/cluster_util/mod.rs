@@ -233,6 +233,17 @@ impl Node {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Sends `sig` (`-STOP`, `-CONT`) to the running process: a paused node looks dead to its
+    /// peers while its sockets stay open.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.pid().expect("the node runs").to_string();
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {pid}");
+    }
+
     /// `kill -9`, then reaps the process.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {

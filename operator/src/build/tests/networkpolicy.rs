@@ -24,6 +24,16 @@ fn ports(rule: &NetworkPolicyIngressRule) -> Vec<(i32, String)> {
         .collect()
 }
 
+/// The ingress rules of the policy the spec builds.
+fn ingress(d: crate::build::Desired) -> Vec<NetworkPolicyIngressRule> {
+    d.network_policy
+        .expect("policy")
+        .spec
+        .expect("spec")
+        .ingress
+        .expect("rules")
+}
+
 fn rule_for(rules: &[NetworkPolicyIngressRule], port: i32) -> &NetworkPolicyIngressRule {
     rules
         .iter()
@@ -89,13 +99,7 @@ fn admin_from_restricts_the_admin_port_to_the_operator_namespace_and_those_peers
     let (_, d) = build(json!({"networkPolicy": {"adminFrom": [
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
          "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}]}}));
-    let rules = d
-        .network_policy
-        .expect("policy")
-        .spec
-        .expect("spec")
-        .ingress
-        .expect("rules");
+    let rules = ingress(d);
     let from: &Vec<NetworkPolicyPeer> = rule_for(&rules, ADMIN_PORT).from.as_ref().expect("from");
     assert_eq!(from.len(), 2);
     assert_eq!(
@@ -124,13 +128,7 @@ fn client_ports_follow_the_listeners_the_broker_serves() {
         json!({"listeners": {"mqtt": {"port": 11883}, "ws": {"enabled": false},
         "mqtts": {"enabled": true}}, "tls": {"mode": "broker", "issuerRef": {"name": "ca"}}}),
     );
-    let rules = d
-        .network_policy
-        .expect("policy")
-        .spec
-        .expect("spec")
-        .ingress
-        .expect("rules");
+    let rules = ingress(d);
     assert_eq!(
         ports(rule_for(&rules, 11883)),
         vec![(11883, "TCP".into()), (8883, "TCP".into())]
