@@ -819,7 +819,7 @@ impl Conn {
             }
             // A packet partly received while the broker is reading must keep coming.
             let stalled_at = packet_timeout
-                .filter(|_| !rbuf.is_empty() && paused.is_none() && held.is_empty())
+                .filter(|_| self.codec.mid_packet(&rbuf) && paused.is_none() && held.is_empty())
                 .map(|t| last_bytes + t);
             tokio::select! {
                 biased;
@@ -831,9 +831,6 @@ impl Conn {
                         Ok(n) => {
                             last_bytes = tokio::time::Instant::now();
                             self.broker.metrics.bytes_received.inc_by(n as u64);
-                            if !ka.is_zero() {
-                                sleep.as_mut().reset(tokio::time::Instant::now() + ka);
-                            }
                             let mut wait = None;
                             if let Some(b) = self.limits.as_mut().and_then(|l| l.bytes.as_mut()) {
                                 wait = b.take(n as u64, Instant::now());
@@ -846,9 +843,16 @@ impl Conn {
                             {
                                 return End::RateLimited;
                             }
+                            let decoded = self.codec.decoded();
                             match self.process(&mut rbuf, &mut wbuf) {
                                 Ok(w) => wait = wait.max(w),
                                 Err(end) => return flush_then(t, &wbuf, end).await,
+                            }
+                            // Keep alive counts whole control packets [MQTT-3.1.2-24], not
+                            // bytes: a client trickling one packet byte by byte is let go
+                            // after one and a half keep alive periods all the same.
+                            if self.codec.decoded() != decoded && !ka.is_zero() {
+                                sleep.as_mut().reset(tokio::time::Instant::now() + ka);
                             }
                             paused = wait.map(|w| tokio::time::Instant::now() + w);
                             if let (Some(until), false) = (paused, ka.is_zero()) {

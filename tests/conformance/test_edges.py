@@ -4,6 +4,8 @@ characters in strings (issue #19). Each test cites the statement it holds the br
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from mqttutil import (CONNACK, DISCONNECT, PUBACK, PUBCOMP, PUBREC, V31, V5, RawClient, ack_packet,
@@ -130,3 +132,88 @@ def test_mqtt31_client_id_over_23_characters_is_rejected(port):
     c.send(connect_packet("x" * 24, V31, protocol_name=b"MQIsdp"))
     assert c.expect(CONNACK).reason == 2
 
+
+
+@pytest.mark.parametrize("code", [0x01, 0x05, 0x7F], ids=["0x01", "0x05", "0x7f"])
+def test_disconnect_reason_that_is_not_a_disconnect_code_is_malformed(raw, code):
+    # MQTT 5.0 3.14.2.1 lists the DISCONNECT reason codes; [MQTT-3.14.2-1] the sender MUST use
+    # one of them, and a value that is not one is a malformed packet (0x81) or, read as a
+    # protocol violation, 0x82. Either way the connection is closed; nothing else is sent.
+    c = raw(V5)
+    c.send(disconnect_packet(V5, code))
+    seen = c.wait_closed()
+    assert all(p.type == DISCONNECT and p.reason in (0x81, 0x82) for p in seen), seen
+
+
+def test_wrong_protocol_name_is_closed_without_connack(version, port):
+    # [MQTT-3.1.2-1]: a protocol name other than "MQTT" ("MQIsdp" for 3.1) MAY be refused,
+    # and the Server MUST NOT continue to process the CONNECT: the connection is closed at
+    # once (within the suite's wait), never left open waiting for more.
+    c = RawClient(port, version)
+    c.send(connect_packet(unique("name"), version, protocol_name=b"MQTU"))
+    seen = c.wait_closed()
+    assert all(p.type != CONNACK or p.reason != 0 for p in seen), seen
+
+
+def test_maximum_packet_size_too_small_for_a_connack_is_closed(port):
+    # [MQTT-3.1.2-24] (5.0: Maximum Packet Size) the Server MUST NOT send a packet larger
+    # than the client's Maximum Packet Size. A client allowing 2 bytes cannot receive any
+    # CONNACK (the smallest is 5), so the connection must end promptly, not wait forever:
+    # closed without a CONNACK, or with a CONNACK the client asked not to get refused.
+    c = RawClient(port, V5)
+    c.send(connect_packet(unique("tiny"), V5, props={"maximum_packet_size": 2}))
+    c.wait_closed()
+
+
+def test_keep_alive_counts_whole_packets_not_bytes(version, port, raw, topic):
+    # [MQTT-3.1.2-24]: with a non-zero Keep Alive, the Server MUST disconnect a client from
+    # which it has not received a Control Packet within one and a half Keep Alive periods.
+    # Bytes of a packet that never completes are not a Control Packet: a client trickling one
+    # PUBLISH a byte every 0.4 s (it would take over 40 s) is closed well before it finishes.
+    watcher = bystander(raw, topic)
+    c = RawClient(port, version)
+    c.connect(unique("trickle"), keepalive=2)
+    data = publish_packet(f"{topic}/trickle", b"x" * 100, 0, version=version)
+    deadline = time.monotonic() + 15
+    closed = False
+    for b in data[:-1]:
+        try:
+            c.send(bytes([b]))
+        except OSError:
+            closed = True
+            break
+        if not c.is_open_for(0.4):
+            closed = True
+            break
+        if time.monotonic() > deadline:
+            break
+    assert closed, "a client trickling one packet for 15 s with keep alive 2 was kept"
+    still_served(raw, watcher, topic)
+
+
+@pytest.mark.xfail_mosquitto("with keep alive 0 waits forever for the rest of a packet")
+def test_a_packet_stalled_midway_closes_the_connection(version, port, raw, topic):
+    # Keep Alive 0 switches the keep-alive check off [MQTT-3.1.2-23 (v5: 3.1.2.10)], but the
+    # rest of a packet that has started arriving is something the client owes: a connection
+    # whose packet stops halfway (here right after its fixed header) is closed within
+    # corvid's mqtt.packet_timeout (default 10 s), so it cannot hold a buffer forever.
+    watcher = bystander(raw, topic)
+    c = RawClient(port, version)
+    c.connect(unique("stall"), keepalive=0)
+    data = publish_packet(f"{topic}/stall", b"x" * 100, 0, version=version)
+    c.send(data[:2])
+    c.wait_closed(timeout=15)
+    still_served(raw, watcher, topic)
+
+
+def bystander(raw, topic: str) -> RawClient:
+    """A healthy subscriber connected before a misbehaving client starts."""
+    c = raw(V5)
+    c.subscribe(f"{topic}/bystander", 1)
+    return c
+
+
+def still_served(raw, watcher: RawClient, topic: str) -> None:
+    """The bystander still gets a message a new client publishes."""
+    raw(V5).publish(f"{topic}/bystander", b"still here", 1)
+    assert watcher.message().payload == b"still here"

@@ -324,6 +324,10 @@ pub struct Codec {
     inner: MqttCodec,
     max_in: u32,
     protocol: Option<Protocol>,
+    /// The inner codec has taken a fixed header off the buffer and waits for the rest.
+    partial: bool,
+    /// Packets decoded so far (wrapping): keep alive counts whole packets.
+    decoded: u32,
 }
 
 impl Codec {
@@ -333,7 +337,21 @@ impl Codec {
             inner: MqttCodec::Version(rmqtt_codec::version::VersionCodec),
             max_in: max_packet_size,
             protocol: None,
+            partial: false,
+            decoded: 0,
         }
+    }
+
+    /// Whether a packet has started arriving and is not complete: bytes are buffered, or the
+    /// codec has already taken the packet's fixed header off `buf`.
+    pub fn mid_packet(&self, buf: &BytesMut) -> bool {
+        self.partial || !buf.is_empty()
+    }
+
+    /// How many packets this codec has decoded (wrapping): a change means a whole control
+    /// packet arrived, which is what keep alive counts [MQTT-3.1.2-24].
+    pub fn decoded(&self) -> u32 {
+        self.decoded
     }
 
     /// The protocol negotiated by CONNECT, once seen.
@@ -384,7 +402,13 @@ impl Codec {
                 client_id_rejected: false,
             });
         }
-        match self.inner.decode(buf)? {
+        let before = buf.len();
+        let packet = self.inner.decode(buf)?;
+        self.partial = packet.is_none() && (self.partial || buf.len() < before);
+        if packet.is_some() {
+            self.decoded = self.decoded.wrapping_add(1);
+        }
+        match packet {
             None => Ok(None),
             Some((MqttPacket::V3(p), _)) => Ok(Some(self.inbound_v3(p))),
             Some((MqttPacket::V5(p), _)) => Ok(Some(self.inbound_v5(p))),
@@ -863,6 +887,31 @@ mod tests {
         b.extend_from_slice(&[0x10, body.len() as u8]);
         b.extend_from_slice(&body);
         b
+    }
+
+    #[test]
+    fn a_packet_whose_header_was_taken_is_still_mid_packet() {
+        for level in [4u8, 5] {
+            let mut c = Codec::new(1024);
+            let mut buf = connect_bytes(level, 0x02, "abc");
+            assert!(matches!(c.decode(&mut buf), Ok(Some(Inbound::Connect(_)))));
+            assert_eq!(c.decoded(), 1);
+            assert!(!c.mid_packet(&buf));
+            // A QoS 0 PUBLISH announcing 10 bytes, of which only the fixed header came.
+            buf.extend_from_slice(&[0x30, 10]);
+            assert!(matches!(c.decode(&mut buf), Ok(None)));
+            assert!(c.mid_packet(&buf), "level {level}: header taken, body owed");
+            assert_eq!(c.decoded(), 1, "no whole packet yet");
+            let mut body = vec![0, 3, b'a', b'/', b'b'];
+            if level == 5 {
+                body.push(0); // no properties
+            }
+            body.resize(10, b'x');
+            buf.extend_from_slice(&body);
+            assert!(matches!(c.decode(&mut buf), Ok(Some(Inbound::Publish(_)))));
+            assert_eq!(c.decoded(), 2);
+            assert!(!c.mid_packet(&buf));
+        }
     }
 
     #[test]
