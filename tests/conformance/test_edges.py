@@ -217,3 +217,25 @@ def still_served(raw, watcher: RawClient, topic: str) -> None:
     """The bystander still gets a message a new client publishes."""
     raw(V5).publish(f"{topic}/bystander", b"still here", 1)
     assert watcher.message().payload == b"still here"
+
+
+@pytest.mark.xfail_mosquitto("answers the PINGREQ and keeps the connection")
+def test_pingreq_with_a_body_is_malformed(version, raw):
+    # 3.1.1 3.12 / 5.0 3.12: PINGREQ has no Variable Header and no Payload; a Remaining Length
+    # other than 0 is a malformed packet, which closes the connection [MQTT-4.8.0-1]
+    # (5.0: DISCONNECT 0x81 at most).
+    c = raw(version)
+    c.send(bytes([0xC0, 0x01, 0x00]))
+    assert_closed_for_error(c, version, (0x81,))
+
+
+@pytest.mark.parametrize("flags", [0x08, 0x20], ids=["will-qos", "will-retain"])
+def test_will_bits_without_the_will_flag_refuse_the_connection(version, port, flags):
+    # [MQTT-3.1.2-11] / [MQTT-3.1.2-13] (5.0: 3.1.2.6, 3.1.2.7): with the Will Flag 0, Will
+    # QoS and Will Retain MUST be 0; otherwise the CONNECT is malformed and is not accepted.
+    body = (b"\x00\x04MQTT" + bytes([version, 0x02 | flags]) + b"\x00\x3c"
+            + (b"\x00" if version == V5 else b"") + b"\x00\x03abc")
+    c = RawClient(port, version)
+    c.send(bytes([0x10, len(body)]) + body)
+    seen = c.wait_closed()
+    assert all(p.type != CONNACK or p.reason != 0 for p in seen), seen

@@ -393,7 +393,22 @@ impl Codec {
                 }
             }
         }
-        if matches!(self.inner, MqttCodec::V3(_)) && v3_subscribe_has_reserved_bits(buf) {
+        // The checks below read a fixed header at the start of `buf`: not while the inner
+        // codec has taken one and `buf` starts inside that packet's body.
+        if !self.partial && empty_packet_has_a_body(buf, matches!(self.inner, MqttCodec::V3(_))) {
+            // PINGREQ (and a 3.1.1 DISCONNECT) has no variable header and no payload: a
+            // remaining length other than 0 is a malformed packet.
+            return Err(DecodeError {
+                message: "a packet that has no body announced one".into(),
+                reason: Reason::MalformedPacket,
+                unsupported_version: false,
+                client_id_rejected: false,
+            });
+        }
+        if !self.partial
+            && matches!(self.inner, MqttCodec::V3(_))
+            && v3_subscribe_has_reserved_bits(buf)
+        {
             // [MQTT-3.8.3-4]: the codec masks these bits; 3.1.1 requires closing the connection.
             return Err(DecodeError {
                 message: "SUBSCRIBE options with reserved bits set".into(),
@@ -643,7 +658,32 @@ fn mqtt31_connect(buf: &mut BytesMut) -> Result<bool, DecodeError> {
         *flags &= !0x01;
         buf[0] &= 0xF0;
     }
+    if level == 5 {
+        let Some(&flags) = buf.get(level_at + 1) else {
+            return Ok(false);
+        };
+        // [MQTT-3.1.2-11], [MQTT-3.1.2-13]: without the Will Flag, Will QoS and Will Retain
+        // must be 0 (the 3.1.1 codec checks this itself; the 5.0 one does not).
+        if flags & 0x04 == 0 && flags & 0x38 != 0 {
+            return Err(DecodeError {
+                message: "Will QoS or Will Retain set without the Will Flag".into(),
+                reason: Reason::MalformedPacket,
+                unsupported_version: false,
+                client_id_rejected: false,
+            });
+        }
+    }
     Ok(true)
+}
+
+/// Whether `buf` starts with the fixed header of a packet that can have no body — PINGREQ,
+/// and DISCONNECT before MQTT 5 — announcing a remaining length other than 0.
+fn empty_packet_has_a_body(buf: &[u8], v3: bool) -> bool {
+    match buf {
+        [0xC0, len, ..] => *len != 0,
+        [0xE0, len, ..] if v3 => *len != 0,
+        _ => false,
+    }
 }
 
 /// Whether `buf` starts with a complete 3.1.1 SUBSCRIBE whose requested-QoS bytes have any of
@@ -887,6 +927,51 @@ mod tests {
         b.extend_from_slice(&[0x10, body.len() as u8]);
         b.extend_from_slice(&body);
         b
+    }
+
+    #[test]
+    fn a_pingreq_with_a_body_is_malformed() {
+        for level in [4u8, 5] {
+            let mut c = Codec::new(1024);
+            let mut buf = connect_bytes(level, 0x02, "abc");
+            assert!(matches!(c.decode(&mut buf), Ok(Some(Inbound::Connect(_)))));
+            buf.extend_from_slice(&[0xC0, 0x00]);
+            assert!(
+                matches!(c.decode(&mut buf), Ok(Some(_))),
+                "level {level}: PINGREQ"
+            );
+            buf.extend_from_slice(&[0xC0, 0x01, 0x00]);
+            let e = c.decode(&mut buf).expect_err("PINGREQ with a body");
+            assert_eq!(e.reason, Reason::MalformedPacket);
+        }
+    }
+
+    #[test]
+    fn a_body_that_looks_like_a_header_is_not_read_as_one() {
+        // A PUBACK whose header came alone and whose packet id starts with 0x82 (the first
+        // byte of a SUBSCRIBE) or 0xC0 (PINGREQ) is a PUBACK.
+        for first in [0x82u8, 0xC0] {
+            let mut c = Codec::new(1024);
+            let mut buf = connect_bytes(4, 0x02, "abc");
+            assert!(matches!(c.decode(&mut buf), Ok(Some(Inbound::Connect(_)))));
+            buf.extend_from_slice(&[0x40, 0x02]);
+            assert!(matches!(c.decode(&mut buf), Ok(None)));
+            buf.extend_from_slice(&[first, 0xFF]);
+            assert!(
+                matches!(c.decode(&mut buf), Ok(Some(_))),
+                "packet id {first:#x}ff after a lone header"
+            );
+        }
+    }
+
+    #[test]
+    fn a_v5_will_qos_without_the_will_flag_is_malformed() {
+        for flags in [0x02 | 0x08, 0x02 | 0x20] {
+            let mut c = Codec::new(1024);
+            let mut buf = connect_bytes(5, flags, "abc");
+            let e = c.decode(&mut buf).expect_err("will bits without will flag");
+            assert_eq!(e.reason, Reason::MalformedPacket);
+        }
     }
 
     #[test]
