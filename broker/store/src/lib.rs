@@ -1,0 +1,583 @@
+//! Durable broker state on an embedded LSM engine ([fjall], chosen by measurement:
+//! `docs/adr/0002-durable-session-store.md`). The broker describes each change as an [`Op`];
+//! a single writer thread gathers the ops of every caller that arrived while the previous
+//! commit was on its way to disk into one atomic batch and one `fdatasync` (group commit),
+//! then completes each caller's [`Ticket`]. A PUBACK/PUBREC waits on its ticket, so an
+//! acknowledged message is on disk. [`Store::open`] hands back everything stored
+//! ([`Recovered`]) before the broker serves anyone.
+//!
+//! The store knows keys and bytes only: values are the broker's own encodings, so the record
+//! formats live with the types they store.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+
+/// What can go wrong with the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The engine failed (I/O error, disk full, corruption).
+    #[error("store: {0}")]
+    Engine(#[from] fjall::Error),
+    /// The writer thread is gone (the store was closed or a commit failed before).
+    #[error("store: closed")]
+    Closed,
+    /// A key the store wrote does not have the store's layout.
+    #[error("store: bad key in {keyspace}")]
+    BadKey {
+        /// Which keyspace held it.
+        keyspace: &'static str,
+    },
+    /// The data directory could not be created.
+    #[error("store: {path}: {source}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// When a commit is on disk before its callers hear of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sync {
+    /// Every commit is `fdatasync`ed before its tickets complete: nothing acknowledged is lost.
+    Always,
+    /// Commits are written to the OS at once and synced at most this far apart: a power loss or
+    /// kernel crash may lose the last interval's acknowledged messages (a process crash does
+    /// not: the OS holds them).
+    Every(Duration),
+}
+
+/// One change to durable state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// A session's own record (identity, expiry, subscriptions), replacing the last one.
+    PutSession {
+        /// Client id.
+        client_id: String,
+        /// The broker's encoding of the session record.
+        record: Vec<u8>,
+    },
+    /// A session and everything it holds (queue, in-flight, QoS 2 state) are gone.
+    DeleteSession {
+        /// Client id.
+        client_id: String,
+    },
+    /// A message was queued (or sent and is awaiting its acknowledgement) for a session.
+    Enqueue {
+        /// Client id.
+        client_id: String,
+        /// The session's sequence number for it: messages come back in this order.
+        seq: u64,
+        /// The broker's encoding of the delivery.
+        record: Vec<u8>,
+    },
+    /// A queued message is done with (acknowledged, expired or dropped by policy).
+    Dequeue {
+        /// Client id.
+        client_id: String,
+        /// Its sequence number.
+        seq: u64,
+    },
+    /// A session's QoS 2 packet id whose PUBLISH was received and PUBREL not yet (so a resent
+    /// PUBLISH is not delivered twice), or another small per-session marker.
+    PutMark {
+        /// Client id.
+        client_id: String,
+        /// The marker's key within the session (e.g. `q2/<packet id>`).
+        key: Vec<u8>,
+        /// Its value.
+        record: Vec<u8>,
+    },
+    /// A marker is cleared.
+    DeleteMark {
+        /// Client id.
+        client_id: String,
+        /// The marker's key.
+        key: Vec<u8>,
+    },
+    /// A retained message was set for a topic (replacing the last one).
+    PutRetained {
+        /// Topic.
+        topic: String,
+        /// The broker's encoding of the message.
+        record: Vec<u8>,
+    },
+    /// A topic's retained message was cleared.
+    DeleteRetained {
+        /// Topic.
+        topic: String,
+    },
+}
+
+/// Everything the store held when it was opened.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// Session records, by client id.
+    pub sessions: Vec<(String, Vec<u8>)>,
+    /// Queued messages: client id, sequence number, record; in (client id, sequence) order.
+    pub queued: Vec<(String, u64, Vec<u8>)>,
+    /// Per-session markers: client id, marker key, record.
+    pub marks: Vec<(String, Vec<u8>, Vec<u8>)>,
+    /// Retained messages by topic.
+    pub retained: Vec<(String, Vec<u8>)>,
+}
+
+/// Counters the broker exports as metrics.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Commits written.
+    pub commits: AtomicU64,
+    /// Ops written.
+    pub ops: AtomicU64,
+    /// Commits that failed (each failed every ticket in it).
+    pub failures: AtomicU64,
+    /// Total time spent in commits, microseconds (with `commits`, the mean latency).
+    pub commit_micros: AtomicU64,
+    /// The slowest commit since the last read of it, microseconds.
+    pub max_commit_micros: AtomicU64,
+}
+
+/// Completes when the ops it was handed with are durable (per [`Sync`]), or the commit failed.
+pub struct Ticket(tokio::sync::oneshot::Receiver<Result<(), String>>);
+
+impl Ticket {
+    /// Waits for the commit.
+    pub async fn wait(self) -> Result<(), StoreError> {
+        match self.0.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "store commit failed");
+                Err(StoreError::Closed)
+            }
+            Err(_) => Err(StoreError::Closed),
+        }
+    }
+
+    /// Waits for the commit, blocking the thread (tests and shutdown).
+    pub fn wait_blocking(self) -> Result<(), StoreError> {
+        match self.0.blocking_recv() {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(StoreError::Closed),
+        }
+    }
+}
+
+/// One caller's ops and where to tell it they are durable.
+struct Request {
+    ops: Vec<Op>,
+    done: tokio::sync::oneshot::Sender<Result<(), String>>,
+    /// The writer commits this request, syncs and stops.
+    close: bool,
+}
+
+/// The durable store: cheap to clone, shared by every connection.
+#[derive(Clone)]
+pub struct Store {
+    tx: std::sync::mpsc::Sender<Request>,
+    db: Database,
+    stats: Arc<Stats>,
+    writer: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+/// The keyspaces, one per kind of record.
+#[derive(Clone)]
+struct Spaces {
+    sessions: Keyspace,
+    queue: Keyspace,
+    marks: Keyspace,
+    retained: Keyspace,
+}
+
+/// Names a keyspace in a commit's folded ops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Space {
+    Sessions,
+    Queue,
+    Marks,
+    Retained,
+}
+
+impl Spaces {
+    fn get(&self, space: Space) -> &Keyspace {
+        match space {
+            Space::Sessions => &self.sessions,
+            Space::Queue => &self.queue,
+            Space::Marks => &self.marks,
+            Space::Retained => &self.retained,
+        }
+    }
+}
+
+/// Most ops one commit gathers; the rest wait for the next (bounds a batch's memory).
+const MAX_BATCH_OPS: usize = 16 * 1024;
+
+impl Store {
+    /// Opens (or creates) the store in `dir`, reads everything back, and starts the writer.
+    pub fn open(dir: &Path, sync: Sync) -> Result<(Store, Recovered), StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let db = Database::builder(dir).open()?;
+        let spaces = Spaces {
+            sessions: db.keyspace("sessions", KeyspaceCreateOptions::default)?,
+            queue: db.keyspace("queue", KeyspaceCreateOptions::default)?,
+            marks: db.keyspace("marks", KeyspaceCreateOptions::default)?,
+            retained: db.keyspace("retained", KeyspaceCreateOptions::default)?,
+        };
+        let recovered = recover(&spaces)?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stats = Arc::new(Stats::default());
+        let writer = Writer {
+            db: db.clone(),
+            spaces,
+            sync,
+            stats: stats.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("corvid-store".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|source| StoreError::Dir {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        let writer = Arc::new(std::sync::Mutex::new(Some(handle)));
+        Ok((
+            Store {
+                tx,
+                db,
+                stats,
+                writer,
+            },
+            recovered,
+        ))
+    }
+
+    /// Hands `ops` to the writer; the ticket completes when they are durable. Ops from one call
+    /// are committed atomically, in order, and after every earlier call's.
+    pub fn submit(&self, ops: Vec<Op>) -> Ticket {
+        let (done, rx) = tokio::sync::oneshot::channel();
+        if let Err(e) = self.tx.send(Request {
+            ops,
+            done,
+            close: false,
+        }) {
+            let _ = e.0.done.send(Err("store closed".into()));
+        }
+        Ticket(rx)
+    }
+
+    /// Commits what was submitted, syncs, and stops the writer: later submits fail. Returns
+    /// once the writer has let go of the files, so the store can be opened again.
+    pub fn close(self) {
+        let (done, rx) = tokio::sync::oneshot::channel();
+        let sent = self.tx.send(Request {
+            ops: Vec::new(),
+            done,
+            close: true,
+        });
+        if sent.is_ok() {
+            let _ = rx.blocking_recv();
+        }
+        let handle = self.writer.lock().ok().and_then(|mut h| h.take());
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+
+    /// The writer's counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Bytes the store uses on disk (journal and tables).
+    pub fn disk_space(&self) -> u64 {
+        self.db.disk_space().unwrap_or(0)
+    }
+}
+
+/// The single writer: gathers requests into group commits.
+struct Writer {
+    db: Database,
+    spaces: Spaces,
+    sync: Sync,
+    stats: Arc<Stats>,
+}
+
+impl Writer {
+    fn run(self, rx: std::sync::mpsc::Receiver<Request>) {
+        let mut last_sync = Instant::now();
+        let mut dirty = false;
+        loop {
+            // Block for the first request (or, with interval syncing and unsynced commits, at
+            // most until the next sync is due).
+            let first = match (self.sync, dirty) {
+                (Sync::Every(every), true) => {
+                    let left = every.saturating_sub(last_sync.elapsed());
+                    match rx.recv_timeout(left) {
+                        Ok(r) => Some(r),
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+                _ => match rx.recv() {
+                    Ok(r) => Some(r),
+                    Err(_) => break,
+                },
+            };
+            let mut batch = Vec::new();
+            let mut n = 0;
+            let mut closing = false;
+            if let Some(r) = first {
+                closing = r.close;
+                n += r.ops.len();
+                batch.push(r);
+                while n < MAX_BATCH_OPS && !closing {
+                    match rx.try_recv() {
+                        Ok(r) => {
+                            closing = r.close;
+                            n += r.ops.len();
+                            batch.push(r);
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }
+            let sync_now = closing
+                || match self.sync {
+                    Sync::Always => !batch.is_empty(),
+                    Sync::Every(every) => {
+                        (dirty || !batch.is_empty()) && last_sync.elapsed() >= every
+                    }
+                };
+            let started = Instant::now();
+            let result = self.commit(&batch, sync_now);
+            let micros = started.elapsed().as_micros() as u64;
+            match &result {
+                Ok(()) => {
+                    if !batch.is_empty() {
+                        self.stats.commits.fetch_add(1, Ordering::Relaxed);
+                        self.stats.ops.fetch_add(n as u64, Ordering::Relaxed);
+                        self.stats
+                            .commit_micros
+                            .fetch_add(micros, Ordering::Relaxed);
+                        self.stats
+                            .max_commit_micros
+                            .fetch_max(micros, Ordering::Relaxed);
+                    }
+                    if sync_now {
+                        last_sync = Instant::now();
+                        dirty = false;
+                    } else if !batch.is_empty() {
+                        dirty = true;
+                    }
+                }
+                Err(e) => {
+                    self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(error = %e, ops = n, "store commit failed");
+                }
+            }
+            let outcome = result.map_err(|e| e.to_string());
+            for r in batch {
+                let _ = r.done.send(outcome.clone());
+            }
+            if closing {
+                break;
+            }
+        }
+        // Everyone is gone: leave the journal synced.
+        let _ = self.db.persist(PersistMode::SyncAll);
+    }
+
+    fn commit(&self, batch: &[Request], sync: bool) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            if sync {
+                self.db.persist(PersistMode::SyncData)?;
+            }
+            return Ok(());
+        }
+        // Every item of an engine batch gets the same sequence number, so a key written twice
+        // in one batch would be ambiguous: fold the ops into each key's last state first.
+        let mut last: BTreeMap<(Space, Vec<u8>), Option<&[u8]>> = BTreeMap::new();
+        // Queue keys first written in this batch: a message queued and acknowledged within
+        // one commit never reaches the disk at all.
+        let mut fresh: BTreeSet<Vec<u8>> = BTreeSet::new();
+        for op in batch.iter().flat_map(|r| &r.ops) {
+            match op {
+                Op::PutSession { client_id, record } => {
+                    last.insert(
+                        (Space::Sessions, client_id.as_bytes().to_vec()),
+                        Some(record),
+                    );
+                }
+                Op::DeleteSession { client_id } => {
+                    last.insert((Space::Sessions, client_id.as_bytes().to_vec()), None);
+                    let prefix = session_prefix(client_id);
+                    for (space, ks) in [
+                        (Space::Queue, &self.spaces.queue),
+                        (Space::Marks, &self.spaces.marks),
+                    ] {
+                        for kv in ks.prefix(&prefix) {
+                            last.insert((space, kv.key()?.to_vec()), None);
+                        }
+                        let pending: Vec<Vec<u8>> = last
+                            .range((space, prefix.clone())..)
+                            .take_while(|((sp, k), _)| *sp == space && k.starts_with(&prefix))
+                            .map(|((_, k), _)| k.clone())
+                            .collect();
+                        for k in pending {
+                            if fresh.remove(&k) {
+                                last.remove(&(space, k));
+                            } else {
+                                last.insert((space, k), None);
+                            }
+                        }
+                    }
+                }
+                Op::Enqueue {
+                    client_id,
+                    seq,
+                    record,
+                } => {
+                    let k = queue_key(client_id, *seq);
+                    if !last.contains_key(&(Space::Queue, k.clone())) {
+                        fresh.insert(k.clone());
+                    }
+                    last.insert((Space::Queue, k), Some(record));
+                }
+                Op::Dequeue { client_id, seq } => {
+                    let k = queue_key(client_id, *seq);
+                    if fresh.remove(&k) {
+                        last.remove(&(Space::Queue, k));
+                    } else {
+                        last.insert((Space::Queue, k), None);
+                    }
+                }
+                Op::PutMark {
+                    client_id,
+                    key,
+                    record,
+                } => {
+                    last.insert((Space::Marks, mark_key(client_id, key)), Some(record));
+                }
+                Op::DeleteMark { client_id, key } => {
+                    last.insert((Space::Marks, mark_key(client_id, key)), None);
+                }
+                Op::PutRetained { topic, record } => {
+                    last.insert((Space::Retained, topic.as_bytes().to_vec()), Some(record));
+                }
+                Op::DeleteRetained { topic } => {
+                    last.insert((Space::Retained, topic.as_bytes().to_vec()), None);
+                }
+            }
+        }
+        let mode = if sync {
+            PersistMode::SyncData
+        } else {
+            PersistMode::Buffer
+        };
+        if last.is_empty() {
+            // Everything cancelled out; a sync still covers earlier unsynced commits.
+            if sync {
+                self.db.persist(mode)?;
+            }
+            return Ok(());
+        }
+        let mut b = self.db.batch().durability(Some(mode));
+        for ((space, key), value) in last {
+            let ks = self.spaces.get(space);
+            match value {
+                Some(v) => b.insert(ks, key, v),
+                None => b.remove(ks, key),
+            }
+        }
+        b.commit()?;
+        Ok(())
+    }
+}
+
+/// Keys of one session's records start with its client id's length and bytes, so a prefix
+/// scan finds exactly that session's (a client id may contain any byte but U+0000).
+fn session_prefix(client_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + client_id.len() + 8);
+    // Client ids are at most 65,535 bytes (an MQTT string).
+    k.extend_from_slice(&(client_id.len().min(usize::from(u16::MAX)) as u16).to_be_bytes());
+    k.extend_from_slice(client_id.as_bytes());
+    k
+}
+
+fn queue_key(client_id: &str, seq: u64) -> Vec<u8> {
+    let mut k = session_prefix(client_id);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn mark_key(client_id: &str, key: &[u8]) -> Vec<u8> {
+    let mut k = session_prefix(client_id);
+    k.extend_from_slice(key);
+    k
+}
+
+/// Splits a session-prefixed key into client id and the rest.
+fn split_key<'a>(key: &'a [u8], keyspace: &'static str) -> Result<(String, &'a [u8]), StoreError> {
+    let bad = || StoreError::BadKey { keyspace };
+    let len = usize::from(u16::from_be_bytes([
+        *key.first().ok_or_else(bad)?,
+        *key.get(1).ok_or_else(bad)?,
+    ]));
+    let id = key.get(2..2 + len).ok_or_else(bad)?;
+    let id = std::str::from_utf8(id).map_err(|_| bad())?.to_owned();
+    Ok((id, &key[2 + len..]))
+}
+
+fn recover(s: &Spaces) -> Result<Recovered, StoreError> {
+    let mut r = Recovered::default();
+    for kv in s.sessions.iter() {
+        let (k, v) = kv.into_inner()?;
+        let id = std::str::from_utf8(&k)
+            .map_err(|_| StoreError::BadKey {
+                keyspace: "sessions",
+            })?
+            .to_owned();
+        r.sessions.push((id, v.to_vec()));
+    }
+    for kv in s.queue.iter() {
+        let (k, v) = kv.into_inner()?;
+        let (id, rest) = split_key(&k, "queue")?;
+        let seq = u64::from_be_bytes(
+            rest.try_into()
+                .map_err(|_| StoreError::BadKey { keyspace: "queue" })?,
+        );
+        r.queued.push((id, seq, v.to_vec()));
+    }
+    for kv in s.marks.iter() {
+        let (k, v) = kv.into_inner()?;
+        let (id, rest) = split_key(&k, "marks")?;
+        r.marks.push((id, rest.to_vec(), v.to_vec()));
+    }
+    for kv in s.retained.iter() {
+        let (k, v) = kv.into_inner()?;
+        let topic = std::str::from_utf8(&k)
+            .map_err(|_| StoreError::BadKey {
+                keyspace: "retained",
+            })?
+            .to_owned();
+        r.retained.push((topic, v.to_vec()));
+    }
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,218 @@
+//! The store's contract: what a completed ticket covers is there after reopening — also
+//! after the process is killed with SIGKILL — and the ops of one commit fold correctly.
+
+use super::*;
+
+fn open(dir: &Path) -> (Store, Recovered) {
+    Store::open(dir, Sync::Always).expect("open")
+}
+
+fn enqueue(id: &str, seq: u64, body: &str) -> Op {
+    Op::Enqueue {
+        client_id: id.into(),
+        seq,
+        record: body.as_bytes().to_vec(),
+    }
+}
+
+#[test]
+fn what_a_ticket_covers_is_there_after_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, r) = open(dir.path());
+    assert!(r.sessions.is_empty() && r.queued.is_empty());
+    store
+        .submit(vec![
+            Op::PutSession {
+                client_id: "dev-1".into(),
+                record: b"s1".to_vec(),
+            },
+            enqueue("dev-1", 256, "b"),
+            enqueue("dev-1", 2, "a"),
+            Op::PutMark {
+                client_id: "dev-1".into(),
+                key: b"q2/7".to_vec(),
+                record: vec![],
+            },
+            Op::PutRetained {
+                topic: "a/b".into(),
+                record: b"r".to_vec(),
+            },
+        ])
+        .wait_blocking()
+        .unwrap();
+    store.close();
+    let (store, r) = open(dir.path());
+    assert_eq!(r.sessions, vec![("dev-1".to_string(), b"s1".to_vec())]);
+    // Sequence order, not insertion or byte-string order of the decimal numbers.
+    let seqs: Vec<u64> = r.queued.iter().map(|q| q.1).collect();
+    assert_eq!(seqs, vec![2, 256]);
+    assert_eq!(
+        r.marks,
+        vec![("dev-1".to_string(), b"q2/7".to_vec(), vec![])]
+    );
+    assert_eq!(r.retained, vec![("a/b".to_string(), b"r".to_vec())]);
+    store.close();
+}
+
+#[test]
+fn ops_in_one_commit_fold_into_each_keys_last_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path());
+    store
+        .submit(vec![
+            enqueue("a", 1, "kept"),
+            enqueue("ab", 1, "other session"),
+        ])
+        .wait_blocking()
+        .unwrap();
+    store
+        .submit(vec![
+            // Queued and acknowledged within one commit: never written.
+            enqueue("a", 2, "gone"),
+            Op::Dequeue {
+                client_id: "a".into(),
+                seq: 2,
+            },
+            // Set then cleared, cleared then set.
+            Op::PutRetained {
+                topic: "t/1".into(),
+                record: b"x".to_vec(),
+            },
+            Op::DeleteRetained {
+                topic: "t/1".into(),
+            },
+            Op::DeleteRetained {
+                topic: "t/2".into(),
+            },
+            Op::PutRetained {
+                topic: "t/2".into(),
+                record: b"y".to_vec(),
+            },
+        ])
+        .wait_blocking()
+        .unwrap();
+    store.close();
+    let (store, r) = open(dir.path());
+    let q: Vec<(String, u64)> = r.queued.iter().map(|q| (q.0.clone(), q.1)).collect();
+    assert_eq!(q, vec![("a".into(), 1), ("ab".into(), 1)]);
+    assert_eq!(r.retained, vec![("t/2".to_string(), b"y".to_vec())]);
+    store.close();
+}
+
+#[test]
+fn deleting_a_session_takes_its_queue_and_marks_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path());
+    let session = |id: &str| Op::PutSession {
+        client_id: id.into(),
+        record: vec![1],
+    };
+    store
+        .submit(vec![
+            session("a"),
+            session("ab"),
+            enqueue("a", 1, "on disk"),
+            enqueue("ab", 1, "neighbour"),
+            Op::PutMark {
+                client_id: "a".into(),
+                key: b"q2/1".to_vec(),
+                record: vec![],
+            },
+        ])
+        .wait_blocking()
+        .unwrap();
+    // One commit: more for "a", then its deletion, then a new session under the same id.
+    let t1 = store.submit(vec![enqueue("a", 2, "in this batch")]);
+    let t2 = store.submit(vec![Op::DeleteSession {
+        client_id: "a".into(),
+    }]);
+    let t3 = store.submit(vec![session("a"), enqueue("a", 9, "new life")]);
+    for t in [t1, t2, t3] {
+        t.wait_blocking().unwrap();
+    }
+    store.close();
+    let (store, r) = open(dir.path());
+    let q: Vec<(String, u64)> = r.queued.iter().map(|q| (q.0.clone(), q.1)).collect();
+    assert_eq!(q, vec![("a".into(), 9), ("ab".into(), 1)]);
+    assert!(r.marks.is_empty(), "{:?}", r.marks);
+    assert_eq!(r.sessions.len(), 2);
+    store.close();
+}
+
+#[test]
+fn a_closed_store_refuses_work_instead_of_pretending() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path());
+    let other = store.clone();
+    store.close();
+    assert!(other
+        .submit(vec![enqueue("a", 1, "x")])
+        .wait_blocking()
+        .is_err());
+}
+
+/// Runs as a child process (see the test below): acknowledges each commit on stdout, forever.
+#[test]
+#[ignore = "run by what_was_acknowledged_survives_sigkill as a child process"]
+fn child_writer() {
+    use std::io::Write;
+    let Ok(dir) = std::env::var("CORVID_STORE_CHILD_DIR") else {
+        return;
+    };
+    let (store, _) = Store::open(Path::new(&dir), Sync::Always).unwrap();
+    let mut out = std::io::stdout();
+    for seq in 0u64.. {
+        store
+            .submit(vec![enqueue("dev", seq, "payload")])
+            .wait_blocking()
+            .unwrap();
+        writeln!(out, "acked {seq}").unwrap();
+        out.flush().unwrap();
+    }
+}
+
+#[test]
+fn what_was_acknowledged_survives_sigkill() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "tests::child_writer",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("CORVID_STORE_CHILD_DIR", dir.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut last = None;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        if let Some(n) = line.strip_prefix("acked ") {
+            last = Some(n.parse::<u64>().unwrap());
+            if last >= Some(300) {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "child acknowledged too little: {last:?}"
+        );
+    }
+    child.kill().unwrap(); // SIGKILL: no destructor, no final sync
+    child.wait().unwrap();
+    let last = last.expect("the child acknowledged something");
+    let (store, r) = open(dir.path());
+    let seqs: Vec<u64> = r.queued.iter().map(|q| q.1).collect();
+    assert!(
+        seqs.len() as u64 > last,
+        "acknowledged up to {last}, recovered {}",
+        seqs.len()
+    );
+    assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>(), "a gap");
+    store.close();
+}
