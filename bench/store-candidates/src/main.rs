@@ -77,7 +77,7 @@ impl Engine for Fjall {
         for c in 0..n / 10_000 {
             let mut b = db.batch();
             for i in c * 10_000..(c + 1) * 10_000 {
-                b.insert(ks, key(i + 1 << 32), v);
+                b.insert(ks, key(i + (1 << 32)), v);
             }
             b.commit().unwrap();
         }
@@ -131,7 +131,7 @@ impl Engine for Redb {
             {
                 let mut t = tx.open_table(T).unwrap();
                 for i in c * 10_000..(c + 1) * 10_000 {
-                    t.insert(&key(i + 1 << 32)[..], &v[..]).unwrap();
+                    t.insert(&key(i + (1 << 32))[..], &v[..]).unwrap();
                 }
             }
             tx.commit().unwrap();
