@@ -194,6 +194,15 @@ async fn three_phase_rotation_loses_nothing_and_locks_the_old_secret_out() {
         key_used(&c, 0, "accepted").await > accepted_before,
         "n1 did not count n2's link or gossip under its accepted (new) secret"
     );
+    let view = c.nodes[0]
+        .json("/api/v1/cluster")
+        .await
+        .expect("cluster view");
+    assert!(
+        view["keyring"]["accepted_last_used"].as_u64().is_some(),
+        "n1 does not say when an accepted key was last used: {}",
+        view["keyring"]
+    );
     for i in [0, 2] {
         let f = accepted_file(&c, i);
         c.nodes[i].write_keys(NEW, &f, old);
@@ -235,6 +244,17 @@ async fn three_phase_rotation_loses_nothing_and_locks_the_old_secret_out() {
         c.nodes[0].log_contains("cluster key ring changed"),
         "n1 did not log the ring change"
     );
+    // SIGHUP re-reads the ring at once (and no longer ends the process).
+    c.nodes[2].signal("-HUP");
+    eventually("n3 to answer SIGHUP", DEADLINE, || async {
+        if c.nodes[2].log_contains("SIGHUP: cluster key ring unchanged") {
+            Ok(())
+        } else {
+            Err(c.nodes[2].log_tail(5))
+        }
+    })
+    .await;
+    assert!(c.nodes[2].exited().is_none(), "SIGHUP ended n3");
 
     // A node holding only the removed secret cannot link or gossip its way in.
     for i in 0..3 {

@@ -234,7 +234,7 @@ async fn keyring_loop(cluster: Arc<Cluster>) {
     loop {
         let asked = tokio::select! {
             _ = tokio::time::sleep(KEYRING_POLL) => false,
-            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
+            () = hangup(&mut hup) => true,
             _ = cluster.shutdown.cancelled() => return,
         };
         match cluster.reload_keys().await {
@@ -252,6 +252,17 @@ async fn keyring_loop(cluster: Arc<Cluster>) {
                 last_error = Some(text);
             }
         }
+    }
+}
+
+/// Returns at the next SIGHUP; never when SIGHUP cannot be received.
+async fn hangup(hup: &mut Option<tokio::signal::unix::Signal>) {
+    let received = match hup {
+        Some(h) => h.recv().await.is_some(),
+        None => false,
+    };
+    if !received {
+        std::future::pending::<()>().await;
     }
 }
 
