@@ -18,9 +18,6 @@ use super::ClusterError;
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// Length of the truncated tags appended to gossip datagrams.
-pub const TAG_LEN: usize = 16;
-
 /// The shared secret.
 #[derive(Clone)]
 pub struct Secret(Vec<u8>);
@@ -111,33 +108,6 @@ impl Secret {
         let mut key = [0u8; 32];
         key.copy_from_slice(&expand.finalize().into_bytes()[..32]);
         key
-    }
-
-    fn mac(&self) -> HmacSha256 {
-        hmac_with(&self.0)
-    }
-
-    /// Full tag over the concatenation of `parts`.
-    pub fn tag(&self, parts: &[&[u8]]) -> Vec<u8> {
-        let mut m = self.mac();
-        for p in parts {
-            m.update(&(p.len() as u64).to_be_bytes());
-            m.update(p);
-        }
-        m.finalize().into_bytes().to_vec()
-    }
-
-    /// Constant-time check of a full or truncated tag.
-    pub fn verify(&self, parts: &[&[u8]], tag: &[u8]) -> bool {
-        let mut m = self.mac();
-        for p in parts {
-            m.update(&(p.len() as u64).to_be_bytes());
-            m.update(p);
-        }
-        if tag.len() < TAG_LEN {
-            return false;
-        }
-        m.verify_truncated_left(tag).is_ok()
     }
 }
 
@@ -284,18 +254,6 @@ fn unreachable_hmac() -> HmacSha256 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tags_verify_only_with_the_same_secret() {
-        let a = Secret::from_bytes(b"0123456789abcdef-a");
-        let b = Secret::from_bytes(b"0123456789abcdef-b");
-        let t = a.tag(&[b"hello", b"world"]);
-        assert!(a.verify(&[b"hello", b"world"], &t));
-        assert!(a.verify(&[b"hello", b"world"], &t[..TAG_LEN]));
-        assert!(!b.verify(&[b"hello", b"world"], &t));
-        assert!(!a.verify(&[b"helloworld"], &t));
-        assert!(!a.verify(&[b"hello", b"world"], &t[..4]));
-    }
 
     #[test]
     fn a_ring_puts_the_primary_first_drops_duplicates_and_is_bounded() {
