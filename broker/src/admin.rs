@@ -117,6 +117,7 @@ async fn cluster(State(b): State<Arc<Broker>>) -> Json<ClusterView> {
             node: b.node.clone(),
             synced: c.synced(),
             members: c.members(),
+            keyring: Some(c.keyring_view()),
         },
         None => ClusterView {
             node: b.node.clone(),
@@ -128,6 +129,7 @@ async fn cluster(State(b): State<Arc<Broker>>) -> Json<ClusterView> {
                 addr: None,
                 linked: true,
             }],
+            keyring: None,
         },
     })
 }

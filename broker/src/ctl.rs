@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use corvid_api::{
     ClientDetail, ClientFilter, ClientList, ClusterView, ErrorBody, EvacuateOptions,
-    EvacuationStatus, Kicked, RebalanceOptions, RebalanceStatus, RouteList, Stats,
+    EvacuationStatus, KeyRingView, Kicked, RebalanceOptions, RebalanceStatus, RouteList, Stats,
     SubscriptionList, TraceInfo, TraceKind, TraceList, TraceRequest,
 };
 use serde::de::DeserializeOwned;
@@ -70,6 +70,14 @@ enum CtlCommand {
     },
     /// Cluster members as this node sees them.
     Cluster,
+    /// The cluster secrets this node holds, by fingerprint: what a secret rotation checks on
+    /// every node before its next phase (with --fingerprint: a secret file's fingerprint,
+    /// computed here without asking the broker).
+    Keyring {
+        /// Print the fingerprint of this secret file instead.
+        #[arg(long, value_name = "FILE")]
+        fingerprint: Option<PathBuf>,
+    },
     /// Move every client and session off this node before it stops (with --status: progress).
     Evacuate {
         /// Only show the evacuation's progress.
@@ -352,13 +360,37 @@ async fn exec(api: &Api, as_json: bool, cmd: CtlCommand) -> anyhow::Result<()> {
                     ]
                 })
                 .collect();
-            let t = format!(
+            let mut t = format!(
                 "node {} (synced: {})\n{}",
                 view.node,
                 view.synced,
                 table(&["MEMBER", "STATE", "ADDR", "LINKED", "ROUTES"], rows)
             );
+            if let Some(k) = &view.keyring {
+                t.push_str(&keyring_text(k));
+            }
             (v, t)
+        }
+        CtlCommand::Keyring {
+            fingerprint: Some(file),
+        } => {
+            let secret = corvid_broker::cluster::secret::Secret::load(&file)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let fp = secret.fingerprint();
+            (json!({ "fingerprint": fp }), format!("{fp}\n"))
+        }
+        CtlCommand::Keyring { fingerprint: None } => {
+            let (v, view) = api
+                .json::<ClusterView>(Method::GET, &["cluster"], NO_QUERY, None)
+                .await?;
+            let Some(k) = &view.keyring else {
+                anyhow::bail!(
+                    "node {} is not clustered: it holds no cluster secret",
+                    view.node
+                );
+            };
+            let v = v.get("keyring").cloned().unwrap_or(Value::Null);
+            (v, format!("node {}\n{}", view.node, keyring_text(k)))
         }
         CtlCommand::Evacuate {
             status,
@@ -520,6 +552,26 @@ fn status_text(v: &Stats) -> String {
 }
 
 /// An optional value as table text: `-` when absent.
+/// The key ring block of `ctl cluster` and `ctl keyring`.
+fn keyring_text(k: &KeyRingView) -> String {
+    let accepted = if k.accepted.is_empty() {
+        "-".to_string()
+    } else {
+        k.accepted.join(", ")
+    };
+    let used = match k.accepted_last_used {
+        Some(t) => {
+            let ago = corvid_broker::session::unix_now().saturating_sub(t);
+            format!("{ago} s ago")
+        }
+        None => "never (since start)".to_string(),
+    };
+    format!(
+        "key ring: primary {}, accepted {}\naccepted key last used by a peer: {}\n",
+        k.primary, accepted, used
+    )
+}
+
 fn opt(v: Option<impl std::fmt::Display>) -> String {
     v.map_or_else(|| "-".into(), |x| x.to_string())
 }

@@ -360,6 +360,19 @@ impl Metrics {
         )
     }
 
+    /// Registers a counter with several labels.
+    pub fn counter_vec_with(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+    ) -> Result<IntCounterVec, prometheus::Error> {
+        registered(
+            &self.registry,
+            IntCounterVec::new(Opts::new(name, help), labels)?,
+        )
+    }
+
     /// Registers a labelled latency histogram (100 µs to 10 s buckets).
     pub fn histogram_vec(
         &self,

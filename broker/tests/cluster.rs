@@ -632,7 +632,10 @@ async fn wrong_secret_handshake(addr: SocketAddr, node: &str) -> bool {
     )
     .await
     .expect("the node answers or closes within 10 s");
-    matches!(r, Err(ChannelError::Closed) | Err(ChannelError::Io(_)))
+    matches!(
+        r,
+        Err(ChannelError::Unanswered) | Err(ChannelError::Closed) | Err(ChannelError::Io(_))
+    )
 }
 
 /// A TCP relay to `upstream` for one connection: forwards both ways and records what the
@@ -833,12 +836,15 @@ async fn forged_gossip_adds_no_member_and_a_ghost_member_stops_holding_readiness
         forger_addr,
         forger_addr,
         vec![n1_gossip.to_string()],
-        &Secret::from_bytes(b"not-this-cluster-secret-at-all!"),
+        Arc::new(GossipKey::new(&Secret::from_bytes(
+            b"not-this-cluster-secret-at-all!",
+        ))),
         vec![
             ("link".into(), "127.0.0.1:1".into()),
             ("state".into(), "ready".into()),
         ],
         counter(),
+        None,
     )
     .await
     .expect("forger gossip");
@@ -878,12 +884,15 @@ async fn forged_gossip_adds_no_member_and_a_ghost_member_stops_holding_readiness
         ghost_addr,
         ghost_addr,
         vec![n1_gossip.to_string()],
-        &Secret::from_bytes(c.nodes[0].spec.secret.as_bytes()),
+        Arc::new(GossipKey::new(&Secret::from_bytes(
+            c.nodes[0].spec.secret.as_bytes(),
+        ))),
         vec![
             ("link".into(), format!("127.0.0.1:{}", free_port(&lo))),
             ("state".into(), "ready".into()),
         ],
         counter(),
+        None,
     )
     .await
     .expect("ghost gossip");

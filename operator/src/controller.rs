@@ -32,6 +32,7 @@ use crate::metrics::Metrics;
 use crate::observe::{observe, Observation};
 use crate::planner::{self, Action, Observed, Plan, Wait};
 use crate::podtalk::{bounded, BrokerAdmin};
+use crate::rotation;
 use crate::status::{self, StatusInputs};
 use crate::validate::validate;
 
@@ -230,6 +231,7 @@ async fn reconcile_pipeline(cluster: &MqttCluster, ctx: &Context) -> Result<Requ
         .and_then(|s| s.spec.as_ref())
         .and_then(|s| s.replicas);
     let outcome = apply_and_act(ctx, cluster, &names, &desired, &observation).await;
+    let mut rotating = false;
     // The generation was acted on once its objects were applied.
     let previous_generation = cluster.status.as_ref().and_then(|s| s.observed_generation);
     let (plan, endpoint, error, generation) = match outcome {
@@ -237,7 +239,11 @@ async fn reconcile_pipeline(cluster: &MqttCluster, ctx: &Context) -> Result<Requ
             plan,
             endpoint,
             error,
-        }) => (plan, endpoint, error, cluster.metadata.generation),
+            rotating: r,
+        }) => {
+            rotating = r;
+            (plan, endpoint, error, cluster.metadata.generation)
+        }
         // Nothing was done to pods: keep the recorded step as it was, and a rebalance that was
         // due but not requested.
         Err(e) => {
@@ -280,9 +286,15 @@ async fn reconcile_pipeline(cluster: &MqttCluster, ctx: &Context) -> Result<Requ
     .await?;
     match error {
         Some(e) => Err(e),
+        None if rotating => Ok(Requeue::requeue(
+            requeue_after(&plan.action).min(ROTATION_RECHECK),
+        )),
         None => Ok(Requeue::requeue(requeue_after(&plan.action))),
     }
 }
+
+/// How soon a reconcile looks again while a cluster secret rotation runs.
+const ROTATION_RECHECK: Duration = Duration::from_secs(10);
 
 /// Result of the apply and act steps once the objects were applied.
 struct Acted {
@@ -292,6 +304,8 @@ struct Acted {
     endpoint: Option<String>,
     /// Failure of the act step.
     error: Option<Error>,
+    /// Whether a cluster secret rotation is running (look again soon).
+    rotating: bool,
 }
 
 async fn apply_and_act(
@@ -322,6 +336,7 @@ async fn apply_and_act(
             ctx.event(cluster, EventType::Normal, reason, name).await;
         }
     }
+    let rotating = rotate_cluster_secret(ctx, cluster, names, observation).await;
     let client_service = apply::apply_all(&ctx.client, names, desired).await?;
     for gone in apply::prune(&ctx.client, names, desired).await? {
         ctx.event(
@@ -347,7 +362,46 @@ async fn apply_and_act(
         plan,
         endpoint: endpoint(&client_service, names),
         error,
+        rotating,
     })
+}
+
+/// One step of a cluster secret rotation (`corvid.dev/rotate-cluster-secret`); returns whether
+/// one is still running. A failed step is logged and retried: it never holds up the rest of the
+/// reconcile (the brokers keep whatever keys the Secret holds).
+async fn rotate_cluster_secret(
+    ctx: &Context,
+    cluster: &MqttCluster,
+    names: &Names,
+    observation: &Observation,
+) -> bool {
+    use rotation::{Phase, Step};
+    match rotation::step(&ctx.client, ctx.admin.as_ref(), cluster, names, observation).await {
+        Ok(Step::Nothing) => false,
+        Ok(Step::Wait(why)) => {
+            tracing::info!(cluster = %names.cluster, namespace = %names.namespace, waiting_for = %why, "cluster secret rotation");
+            true
+        }
+        Ok(Step::Write { phase, .. }) => {
+            let note = match phase {
+                Phase::Install => "phase 1 of 3: every broker now also accepts a new secret",
+                Phase::Use => "phase 2 of 3: every broker now sends with the new secret and still accepts the old",
+                Phase::Done => "phase 3 of 3: the old secret was removed; rotation complete",
+            };
+            ctx.event(
+                cluster,
+                EventType::Normal,
+                "ClusterSecretRotation",
+                note.to_string(),
+            )
+            .await;
+            phase != Phase::Done
+        }
+        Err(e) => {
+            tracing::warn!(cluster = %names.cluster, namespace = %names.namespace, error = %e, "cluster secret rotation step failed; retried soon");
+            true
+        }
+    }
 }
 
 /// An Event when this reconcile changed the StatefulSet's size.

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod observe;
 pub mod planner;
 pub mod podtalk;
+pub mod rotation;
 pub mod status;
 pub mod validate;
 

@@ -540,3 +540,57 @@ async fn a_failed_read_is_written_to_status_and_keeps_the_observed_generation() 
     assert_eq!(event.body["reason"], "ReadFailed");
     assert_eq!(event.body["type"], "Warning");
 }
+
+/// The cluster Secret as created, before any rotation.
+fn cluster_secret_exists(call: &Call) -> Option<(StatusCode, Value)> {
+    let path = call.uri.split('?').next().unwrap_or_default();
+    match call.method.as_str() {
+        "GET" if path.ends_with("/secrets/demo-cluster-secret") => Some((
+            StatusCode::OK,
+            json!({"apiVersion": "v1", "kind": "Secret",
+                   "metadata": {"name": "demo-cluster-secret", "namespace": "mqtt"},
+                   "data": {"secret": "b2xkLXNlY3JldC0wMTIzNDU2Nzg5"}}),
+        )),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn the_rotate_annotation_installs_a_new_accepted_secret_and_looks_again_soon() {
+    use corvid_operator::rotation;
+    let (client, calls) = fake_client_with(cluster_secret_exists);
+    let ctx = context(client);
+    let mut obj = (*cluster(json!({}))).clone();
+    obj.metadata.annotations = Some(
+        [(
+            rotation::ROTATE_ANNOTATION.to_string(),
+            "2026-12".to_string(),
+        )]
+        .into(),
+    );
+    let action = reconcile(Arc::new(obj), ctx).await.expect("reconcile");
+    let calls = calls.lock().expect("calls").clone();
+    let patch = calls
+        .iter()
+        .find(|c| c.method == "PATCH" && c.uri.contains("/secrets/demo-cluster-secret"))
+        .expect("the cluster Secret was patched");
+    assert_eq!(patch.body["stringData"]["secret"], "old-secret-0123456789");
+    let new = patch.body["stringData"]["accepted"]
+        .as_str()
+        .expect("a new accepted secret");
+    assert_eq!(new.len(), 64, "{new}");
+    let ann = &patch.body["metadata"]["annotations"];
+    assert_eq!(ann[rotation::PHASE], "install");
+    assert_eq!(ann[rotation::TOKEN], "2026-12");
+    assert!(
+        calls.iter().any(|c| c.method == "POST"
+            && c.uri.contains("/events")
+            && c.body.to_string().contains("ClusterSecretRotation")),
+        "an Event says the rotation started"
+    );
+    // At most the rotation's recheck interval (here the pod step's 5 s is sooner).
+    assert!(
+        (1..=10).any(|s| action == Action::requeue(std::time::Duration::from_secs(s))),
+        "{action:?}"
+    );
+}

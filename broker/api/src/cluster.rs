@@ -64,6 +64,24 @@ pub struct ClusterView {
     /// Every member it knows, itself first.
     #[serde(default)]
     pub members: Vec<Member>,
+    /// The cluster secrets it holds, by fingerprint (absent on a single node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keyring: Option<KeyRingView>,
+}
+
+/// The answering node's cluster key ring in `GET /api/v1/cluster`, by fingerprint only (never a
+/// key): what a secret rotation waits on before its next phase.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRingView {
+    /// Fingerprint of the primary secret: links are dialled and gossip sealed with it.
+    pub primary: String,
+    /// Fingerprints of the other accepted secrets.
+    #[serde(default)]
+    pub accepted: Vec<String>,
+    /// Unix second a peer last used one of the accepted (non-primary) secrets for a link or a
+    /// gossip datagram here; none since this process started if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accepted_last_used: Option<u64>,
 }
 
 impl ClusterView {

@@ -19,8 +19,8 @@ pub use clients::{
     Kicked, ProtocolVersion, Route, RouteList, SubscriptionInfo, SubscriptionList,
 };
 pub use cluster::{
-    ClusterView, EvacuateOptions, EvacuationState, EvacuationStatus, Member, MemberState,
-    RebalanceBalance, RebalanceOptions, RebalanceState, RebalanceStatus,
+    ClusterView, EvacuateOptions, EvacuationState, EvacuationStatus, KeyRingView, Member,
+    MemberState, RebalanceBalance, RebalanceOptions, RebalanceState, RebalanceStatus,
 };
 pub use integrations::{
     BridgeList, BridgeState, BridgeStatus, EventStoreStatus, SinkReport, SinkState, WebhookList,

@@ -1122,13 +1122,22 @@ pub struct ClusterConfig {
     pub peers: Vec<String>,
     /// Headless Service DNS name for `dns` discovery.
     pub dns_name: Option<String>,
-    /// File holding the shared cluster secret.
+    /// File holding the shared cluster secret: the primary key, which this node dials links
+    /// and seals gossip with.
     pub secret_file: Option<PathBuf>,
+    /// Files holding further secrets this node also accepts (links and gossip) while the
+    /// cluster rotates its secret; a file that is missing or empty is skipped, so a Secret key
+    /// that exists only during a rotation can stay listed. At most [`MAX_ACCEPTED_SECRETS`].
+    pub accepted_secret_files: Vec<PathBuf>,
     /// Kubernetes discovery settings.
     pub kubernetes: KubernetesDiscovery,
     /// Moving connections onto new nodes after a scale-up.
     pub rebalance: RebalanceConfig,
 }
+
+/// How many accepted secrets a node holds besides its primary: a rotation needs one; the bound
+/// keeps the handshake's trial of each key (one per ring entry) cheap.
+pub const MAX_ACCEPTED_SECRETS: usize = 3;
 
 /// Connection rebalancing after scale-up: a node holding clearly more than its share of the
 /// cluster's connections sheds the surplus towards less-loaded members (see `cluster::rebalance`).
@@ -1161,6 +1170,7 @@ impl Default for ClusterConfig {
             peers: Vec::new(),
             dns_name: None,
             secret_file: None,
+            accepted_secret_files: Vec::new(),
             kubernetes: KubernetesDiscovery::default(),
             rebalance: RebalanceConfig::default(),
         }
@@ -1184,6 +1194,44 @@ pub struct KubernetesDiscovery {
 }
 
 impl ClusterConfig {
+    /// Checks the key ring's files: at most [`MAX_ACCEPTED_SECRETS`] accepted ones, none listed
+    /// twice or equal to the primary, and none without a primary. The files' contents (each key
+    /// at least 16 bytes) are checked when the broker loads them.
+    pub fn validate_secret_files(&self) -> Result<(), ConfigError> {
+        let invalid = |reason: String| ConfigError::Invalid {
+            field: "cluster.accepted_secret_files".into(),
+            reason,
+        };
+        let accepted = &self.accepted_secret_files;
+        if accepted.is_empty() {
+            return Ok(());
+        }
+        if accepted.len() > MAX_ACCEPTED_SECRETS {
+            return Err(invalid(format!(
+                "at most {MAX_ACCEPTED_SECRETS} files (a rotation needs one), got {}",
+                accepted.len()
+            )));
+        }
+        let Some(primary) = &self.secret_file else {
+            return Err(invalid("set cluster.secret_file (the primary) too".into()));
+        };
+        for (i, f) in accepted.iter().enumerate() {
+            if f.as_os_str().is_empty() {
+                return Err(invalid(format!("entry {i} is empty")));
+            }
+            if f == primary {
+                return Err(invalid(format!(
+                    "{} is cluster.secret_file already",
+                    f.display()
+                )));
+            }
+            if accepted[..i].contains(f) {
+                return Err(invalid(format!("{} is listed twice", f.display())));
+            }
+        }
+        Ok(())
+    }
+
     /// The IP address advertised to peers.
     pub fn advertise_ip(&self) -> std::net::IpAddr {
         self.advertise
@@ -1913,6 +1961,7 @@ impl Config {
         if self.cluster.discovery == Discovery::Dns && self.cluster.dns_name.is_none() {
             return invalid("cluster.dns_name", "required when cluster.discovery is dns");
         }
+        self.cluster.validate_secret_files()?;
         self.bridges.validate()?;
         // Bridge rules and auto-subscriptions are held to the topic bounds clients are.
         let limits = self.mqtt.topic_limits();
@@ -2348,6 +2397,27 @@ bridges:
         )
         .expect_err("duplicate name");
         assert!(err.to_string().contains("bridges.kafka[0].name"), "{err}");
+    }
+
+    #[test]
+    fn accepted_secret_files_are_bounded_distinct_and_need_a_primary() {
+        let ok = "cluster:\n  secret_file: /s/secret\n  accepted_secret_files: [/s/accepted]\n";
+        let c = load_str(ok, vec![]).expect("one accepted file");
+        assert_eq!(c.cluster.accepted_secret_files.len(), 1);
+        let bad = [
+            "cluster:\n  accepted_secret_files: [/s/a]\n",
+            "cluster:\n  secret_file: /s/a\n  accepted_secret_files: [/s/a]\n",
+            "cluster:\n  secret_file: /s/p\n  accepted_secret_files: [/s/a, /s/a]\n",
+            "cluster:\n  secret_file: /s/p\n  accepted_secret_files: [/s/a, /s/b, /s/c, /s/d]\n",
+            "cluster:\n  secret_file: /s/p\n  accepted_secret_files: [\"\"]\n",
+        ];
+        for yaml in bad {
+            let err = load_str(yaml, vec![]).expect_err(yaml);
+            assert!(
+                err.to_string().contains("cluster.accepted_secret_files"),
+                "{yaml}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -11,13 +11,19 @@
 //! between two flushes share one message (one seal for hundreds of forwarded messages), and a
 //! frame larger than a message spans several, reassembled up to the same overall bound as before
 //! ([`MAX_FRAME`]). Any message that fails to decrypt ends the channel.
+//!
+//! While the secret rotates, the acceptor holds several keys ([`super::secret::KeyRing`]):
+//! `NNpsk0` mixes the key in before the dialer's first message is sealed, so the acceptor tries
+//! that one message under each key it holds (at most [`MAX_KEYS`], no network round trip per
+//! try) and answers under the one that opens it. The dialer uses one key per connection; a
+//! dialer holding several dials again with the next one when its first is not answered.
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
-use super::secret::Secret;
+use super::secret::{Secret, MAX_KEYS};
 
 /// The Noise protocol of links: PSK-authenticated ephemeral-ephemeral X25519, ChaCha20-Poly1305.
 pub const NOISE_PARAMS: &str = "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s";
@@ -52,6 +58,10 @@ pub enum ChannelError {
     /// The peer closed the connection during the handshake.
     #[error("closed during the handshake")]
     Closed,
+    /// The acceptor closed the connection instead of answering the first message: it does
+    /// not hold the key it was sealed with (or it is going away); another key may work.
+    #[error("the peer did not answer the handshake (it may not accept this cluster secret)")]
+    Unanswered,
     /// A handshake message failed to authenticate: wrong cluster secret, or a replay.
     #[error("handshake failed (wrong cluster secret or replayed handshake): {0}")]
     Handshake(String),
@@ -146,7 +156,19 @@ pub async fn dial<S: AsyncRead + AsyncWrite + Unpin>(
     let mut buf = vec![0u8; HANDSHAKE_FRAME];
     let n = hs.write_message(&payload, &mut buf).map_err(hs_err)?;
     io.send(Bytes::copy_from_slice(&buf[..n])).await?;
-    let answer = next_msg(&mut io).await?;
+    let answer = match next_msg(&mut io).await {
+        Ok(a) => a,
+        Err(ChannelError::Closed) => return Err(ChannelError::Unanswered),
+        Err(ChannelError::Io(e))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof
+            ) =>
+        {
+            return Err(ChannelError::Unanswered)
+        }
+        Err(e) => return Err(e),
+    };
     let n = hs.read_message(&answer, &mut buf).map_err(hs_err)?;
     let reached = name(&buf[..n])?;
     if reached != expect {
@@ -160,18 +182,47 @@ pub async fn dial<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(ch)
 }
 
-/// Accepts: runs the responder's side of the handshake on `stream` as node `me`; returns the
-/// open channel and the dialer's authenticated node name.
+/// A link accepted by [`accept`].
+#[derive(Debug)]
+pub struct Accepted<S> {
+    /// The open channel.
+    pub channel: Channel<S>,
+    /// The dialer's authenticated node name.
+    pub peer: String,
+    /// Which of the acceptor's keys the dialer used (0: the primary).
+    pub key: usize,
+}
+
+/// Reads the dialer's first message under each of `keys` in turn (at most [`MAX_KEYS`]):
+/// the handshake state that opened it, its payload length and the key's index.
+fn open_first(
+    keys: &[Secret],
+    first: &[u8],
+    buf: &mut [u8],
+) -> Result<(snow::HandshakeState, usize, usize), ChannelError> {
+    let mut last = ChannelError::Handshake("no cluster secret to accept with".into());
+    for (i, key) in keys.iter().take(MAX_KEYS).enumerate() {
+        let mut hs = handshake(key, false)?;
+        match hs.read_message(first, buf) {
+            Ok(n) => return Ok((hs, n, i)),
+            Err(e) => last = hs_err(e),
+        }
+    }
+    Err(last)
+}
+
+/// Accepts: runs the responder's side of the handshake on `stream` as node `me`, accepting a
+/// dialer that holds any of `keys`; returns the open channel, the dialer's authenticated node
+/// name and the key it used.
 pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
-    secret: &Secret,
+    keys: &[Secret],
     me: &str,
-) -> Result<(Channel<S>, String), ChannelError> {
-    let mut hs = handshake(secret, false)?;
+) -> Result<Accepted<S>, ChannelError> {
     let mut io = framed(stream);
     let first = next_msg(&mut io).await?;
     let mut buf = vec![0u8; HANDSHAKE_FRAME];
-    let n = hs.read_message(&first, &mut buf).map_err(hs_err)?;
+    let (mut hs, n, key) = open_first(keys, &first, &mut buf)?;
     let payload = &buf[..n];
     let split = |b: &[u8]| -> Result<(usize, usize), ChannelError> {
         let len = *b.first().ok_or(ChannelError::Malformed)? as usize;
@@ -214,7 +265,11 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         Err(e) => return Err(e),
     }
     ch.io.codec_mut().set_max_frame_length(NOISE_MSG);
-    Ok((ch, dialer))
+    Ok(Accepted {
+        channel: ch,
+        peer: dialer,
+        key,
+    })
 }
 
 /// An open, encrypted channel: whole frames in, whole frames out.
@@ -351,6 +406,80 @@ mod tests {
         Secret::from_bytes(b"test-cluster-secret-0123456789")
     }
 
+    /// Accepts with a ring of [`secret`] alone.
+    async fn accept1<S: AsyncRead + AsyncWrite + Unpin>(
+        s: S,
+        me: &str,
+    ) -> Result<(Channel<S>, String), ChannelError> {
+        accept(s, &[secret()], me)
+            .await
+            .map(|a| (a.channel, a.peer))
+    }
+
+    /// Runs one handshake over an in-memory pipe: the dialer with `dialer_key`, the acceptor
+    /// with `ring`; the acceptor's result (peer and key index) and whether the dialer opened.
+    async fn handshake_over_pipe(
+        dialer_key: Secret,
+        ring: Vec<Secret>,
+    ) -> (Result<(String, usize), ChannelError>, bool) {
+        let (a, b) = tokio::io::duplex(4096);
+        let acceptor = tokio::spawn(async move {
+            match accept(a, &ring, "n1").await {
+                Ok(mut acc) => {
+                    let _ = acc.channel.send(b"hi").await;
+                    Ok((acc.peer, acc.key))
+                }
+                Err(e) => Err(e),
+            }
+        });
+        let dialed = match dial(b, &dialer_key, "n2", "n1").await {
+            Ok(mut ch) => ch.recv().await.is_ok(),
+            Err(_) => false,
+        };
+        (acceptor.await.expect("acceptor task"), dialed)
+    }
+
+    fn key(i: u8) -> Secret {
+        Secret::from_bytes(&[b'a' + i; 24])
+    }
+
+    #[tokio::test]
+    async fn an_acceptor_takes_any_key_of_its_ring_and_says_which() {
+        let ring = vec![key(0), key(1), key(2)];
+        for (i, k) in ring.iter().enumerate() {
+            let (acc, dialed) = handshake_over_pipe(k.clone(), ring.clone()).await;
+            let (peer, used) = acc.expect("accepted");
+            assert_eq!((peer.as_str(), used), ("n2", i));
+            assert!(dialed, "dialer with key {i} did not open");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_acceptor_refuses_a_key_outside_its_ring_and_the_dialer_sees_no_answer() {
+        let (acc, dialed) = handshake_over_pipe(key(3), vec![key(0), key(1)]).await;
+        assert!(matches!(acc, Err(ChannelError::Handshake(_))), "{acc:?}");
+        assert!(!dialed);
+        let (a, b) = tokio::io::duplex(4096);
+        let acceptor = tokio::spawn(async move {
+            // Dropping the pipe is what a refusing acceptor does.
+            accept(a, &[key(0)], "n1").await.map(|_| ())
+        });
+        let d = dial(b, &key(3), "n2", "n1").await;
+        assert!(matches!(d, Err(ChannelError::Unanswered)), "{d:?}");
+        assert!(acceptor.await.expect("task").is_err());
+    }
+
+    #[tokio::test]
+    async fn an_acceptor_tries_at_most_max_keys() {
+        let ring: Vec<Secret> = (0..=MAX_KEYS as u8).map(key).collect();
+        let last = ring[MAX_KEYS].clone();
+        let (acc, _) = handshake_over_pipe(last, ring.clone()).await;
+        assert!(acc.is_err(), "a key past the bound was tried: {acc:?}");
+        let within = ring[MAX_KEYS - 1].clone();
+        let (acc, _) = handshake_over_pipe(within, ring).await;
+        assert_eq!(acc.expect("accepted").1, MAX_KEYS - 1);
+    }
+
     /// A TCP relay in front of `upstream`: forwards one connection both ways and records the
     /// bytes each side sent (dialer to acceptor, acceptor to dialer).
     async fn relay(upstream: std::net::SocketAddr) -> (std::net::SocketAddr, Recorded, Recorded) {
@@ -407,9 +536,7 @@ mod tests {
         let (via, sent, answered) = relay(target).await;
         let acceptor = tokio::spawn(async move {
             let (s, _) = l.accept().await.expect("accept");
-            let (mut ch, peer) = accept(s, &secret(), "node-alpha-0001")
-                .await
-                .expect("handshake");
+            let (mut ch, peer) = accept1(s, "node-alpha-0001").await.expect("handshake");
             let small = ch.recv().await.expect("recv").expect("frame");
             let big = ch.recv().await.expect("recv").expect("frame");
             (peer, small, big)
@@ -460,7 +587,7 @@ mod tests {
         let (via, sent, _) = relay(target).await;
         let first = tokio::spawn(async move {
             let (s, _) = l.accept().await.expect("accept");
-            let (mut ch, _) = accept(s, &secret(), "n1").await.expect("handshake");
+            let (mut ch, _) = accept1(s, "n1").await.expect("handshake");
             let f = ch.recv().await.expect("recv");
             (l, f)
         });
@@ -475,7 +602,7 @@ mod tests {
         let captured = sent.lock().clone();
         let replay = tokio::spawn(async move {
             let (s, _) = l.accept().await.expect("accept");
-            match accept(s, &secret(), "n1").await {
+            match accept1(s, "n1").await {
                 Ok((mut ch, _)) => ch.recv().await.map(|f| f.is_some()),
                 Err(e) => Err(e),
             }
@@ -498,7 +625,7 @@ mod tests {
         let target = l.local_addr().expect("addr");
         let acceptor = tokio::spawn(async move {
             let (s, _) = l.accept().await.expect("accept");
-            let (mut ch, _) = accept(s, &secret(), "n1").await.expect("handshake");
+            let (mut ch, _) = accept1(s, "n1").await.expect("handshake");
             ch.recv().await
         });
         let s = TcpStream::connect(target).await.expect("connect");
@@ -525,7 +652,7 @@ mod tests {
             let mut out = Vec::new();
             for _ in 0..2 {
                 let (s, _) = l.accept().await.expect("accept");
-                out.push(accept(s, &secret(), "n1").await.map(|(_, p)| p));
+                out.push(accept1(s, "n1").await.map(|(_, p)| p));
             }
             out
         });

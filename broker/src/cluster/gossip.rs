@@ -9,6 +9,11 @@
 //! and counted (`corvid_cluster_gossip_rejected_total`), so nobody without the secret can add a
 //! member, change a member's state or replay old gossip. Gossip carries no data: routes,
 //! messages and sessions travel only over the encrypted TCP links ([`super::link`]).
+//!
+//! During a secret rotation a node seals with its primary key and opens with any key of its
+//! ring ([`GossipKey::set_ring`] swaps them while gossip runs). chitchat's own cluster id is
+//! therefore a constant ([`CLUSTER_ID`]): derived from the secret, it would differ between
+//! nodes on either side of a rotation, and the AEAD already keeps other clusters out.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -25,7 +30,7 @@ use chitchat::{
 };
 use prometheus::IntCounter;
 
-use super::secret::Secret;
+use super::secret::{KeyRing, KeyUsage, Secret};
 use super::ClusterError;
 
 /// Gossip key: the node's inter-node TCP address.
@@ -43,6 +48,9 @@ pub const KEY_MQTT: &str = "mqtt";
 pub const KEY_STATE: &str = "state";
 /// Gossiped state of a node that left cleanly (scale-down); it is never listed as a member.
 pub const STATE_LEFT: &str = "left";
+
+/// chitchat's cluster id; the same for every key (see the module doc).
+const CLUSTER_ID: &str = "corvid-cluster";
 
 /// Label of the key derived from the cluster secret for gossip (links use another).
 const KEY_LABEL: &[u8] = b"corvid-cluster-gossip-aead-v1";
@@ -76,10 +84,16 @@ pub enum Rejected {
     Replayed,
 }
 
-/// Seals and opens gossip datagrams with the key derived from the cluster secret.
+/// Seals and opens gossip datagrams with the keys derived from the ring's secrets.
 pub struct GossipKey {
-    aead: ChaCha20Poly1305,
+    /// One cipher per key of the ring, the primary (the one sealing) first.
+    aeads: parking_lot::RwLock<Arc<Vec<ChaCha20Poly1305>>>,
     seen: parking_lot::Mutex<HashMap<[u8; NONCE], u64>>,
+}
+
+/// The gossip cipher of one secret.
+fn cipher(secret: &Secret) -> ChaCha20Poly1305 {
+    ChaCha20Poly1305::new(&secret.derive_key(KEY_LABEL).into())
 }
 
 impl std::fmt::Debug for GossipKey {
@@ -89,13 +103,24 @@ impl std::fmt::Debug for GossipKey {
 }
 
 impl GossipKey {
-    /// The gossip key of the cluster with `secret`.
+    /// The gossip key of the cluster with `secret` alone.
     pub fn new(secret: &Secret) -> Self {
-        let key = secret.derive_key(KEY_LABEL);
-        GossipKey {
-            aead: ChaCha20Poly1305::new(&key.into()),
+        Self::from_ring(&KeyRing::single(secret.clone()))
+    }
+
+    /// The gossip keys of `ring`.
+    pub fn from_ring(ring: &KeyRing) -> Self {
+        let k = GossipKey {
+            aeads: parking_lot::RwLock::new(Arc::new(Vec::new())),
             seen: parking_lot::Mutex::new(HashMap::new()),
-        }
+        };
+        k.set_ring(ring);
+        k
+    }
+
+    /// Seals with `ring`'s primary and opens with any of its keys from now on.
+    pub fn set_ring(&self, ring: &KeyRing) {
+        *self.aeads.write() = Arc::new(ring.keys().iter().map(cipher).collect());
     }
 
     /// Seals `plain` as sent at unix second `ts`: magic, nonce, then ciphertext of ts ‖ plain.
@@ -104,8 +129,9 @@ impl GossipKey {
         let mut msg = Vec::with_capacity(8 + plain.len());
         msg.extend_from_slice(&ts.to_be_bytes());
         msg.extend_from_slice(plain);
-        let sealed = self
-            .aead
+        let aeads = self.aeads.read().clone();
+        let sealed = aeads
+            .first()?
             .encrypt(
                 &nonce,
                 Payload {
@@ -123,22 +149,34 @@ impl GossipKey {
 
     /// Opens a datagram received at unix second `now`: its plaintext, or why it is refused.
     pub fn open(&self, datagram: &[u8], now: u64) -> Result<Vec<u8>, Rejected> {
+        self.open_with_key(datagram, now).map(|(plain, _)| plain)
+    }
+
+    /// Opens a datagram received at unix second `now` with any key of the ring: its
+    /// plaintext and the index of the key that opened it, or why it is refused.
+    pub fn open_with_key(&self, datagram: &[u8], now: u64) -> Result<(Vec<u8>, usize), Rejected> {
         if datagram.len() < MAGIC.len() + NONCE + TAG + 8 || !datagram.starts_with(MAGIC) {
             return Err(Rejected::Malformed);
         }
         let (nonce, sealed) = datagram[MAGIC.len()..].split_at(NONCE);
         let mut n = [0u8; NONCE];
         n.copy_from_slice(nonce);
-        let plain = self
-            .aead
-            .decrypt(
-                (&n).into(),
-                Payload {
-                    msg: sealed,
-                    aad: MAGIC,
-                },
-            )
-            .map_err(|_| Rejected::Unauthenticated)?;
+        let aeads = self.aeads.read().clone();
+        let (plain, key) = aeads
+            .iter()
+            .enumerate()
+            .find_map(|(i, aead)| {
+                aead.decrypt(
+                    (&n).into(),
+                    Payload {
+                        msg: sealed,
+                        aad: MAGIC,
+                    },
+                )
+                .ok()
+                .map(|p| (p, i))
+            })
+            .ok_or(Rejected::Unauthenticated)?;
         let mut ts = [0u8; 8];
         ts.copy_from_slice(&plain[..8]);
         let ts = u64::from_be_bytes(ts);
@@ -159,7 +197,7 @@ impl GossipKey {
         if seen.insert(n, ts).is_some() {
             return Err(Rejected::Replayed);
         }
-        Ok(plain[8..].to_vec())
+        Ok((plain[8..].to_vec(), key))
     }
 }
 
@@ -173,12 +211,23 @@ impl GossipKey {
 pub struct SealedUdpTransport {
     key: Arc<GossipKey>,
     rejected: IntCounter,
+    usage: Option<Arc<KeyUsage>>,
 }
 
 impl SealedUdpTransport {
     /// A transport sealing with `key`, counting dropped datagrams in `rejected`.
     pub fn new(key: Arc<GossipKey>, rejected: IntCounter) -> Self {
-        SealedUdpTransport { key, rejected }
+        SealedUdpTransport {
+            key,
+            rejected,
+            usage: None,
+        }
+    }
+
+    /// Also records which key opened each datagram in `usage`.
+    pub fn with_usage(mut self, usage: Arc<KeyUsage>) -> Self {
+        self.usage = Some(usage);
+        self
     }
 }
 
@@ -206,6 +255,7 @@ impl Transport for SealedUdpTransport {
             public: public.clone(),
             key: self.key.clone(),
             rejected: self.rejected.clone(),
+            usage: self.usage.clone(),
             decoder,
             injector,
             out: tx,
@@ -228,6 +278,7 @@ struct ReadLoop {
     public: Arc<tokio::net::UdpSocket>,
     key: Arc<GossipKey>,
     rejected: IntCounter,
+    usage: Option<Arc<KeyUsage>>,
     decoder: UdpSocket,
     injector: tokio::net::UdpSocket,
     out: tokio::sync::mpsc::Sender<RecvOutcome>,
@@ -250,8 +301,13 @@ async fn read_loop(mut r: ReadLoop) {
                 return;
             }
         };
-        let plain = match r.key.open(&buf[..n], crate::session::unix_now()) {
-            Ok(p) => p,
+        let plain = match r.key.open_with_key(&buf[..n], crate::session::unix_now()) {
+            Ok((p, key)) => {
+                if let Some(u) = &r.usage {
+                    u.record(key, "gossip");
+                }
+                p
+            }
             Err(why) => {
                 r.rejected.inc();
                 tracing::debug!(%from, bytes = n, reason = %why, "gossip datagram dropped");
@@ -390,8 +446,9 @@ fn is_transient(e: &std::io::Error) -> bool {
     )
 }
 
-/// Starts gossip for this node: sealed with the cluster secret's gossip key; datagrams that
-/// fail to open are counted in `rejected`.
+/// Starts gossip for this node, sealed with `key` (the ring's gossip keys, swapped on
+/// reload); datagrams that fail to open are counted in `rejected`, the key that opened the
+/// others in `usage` when given.
 #[allow(clippy::too_many_arguments)]
 pub async fn start(
     node: &str,
@@ -399,15 +456,14 @@ pub async fn start(
     listen: SocketAddr,
     advertise: SocketAddr,
     seeds: Vec<String>,
-    secret: &Secret,
+    key: Arc<GossipKey>,
     initial: Vec<(String, String)>,
     rejected: IntCounter,
+    usage: Option<Arc<KeyUsage>>,
 ) -> Result<ChitchatHandle, ClusterError> {
-    let id_tag = secret.tag(&[b"corvid-gossip-cluster-id"]);
-    let cluster_id: String = id_tag[..16].iter().map(|b| format!("{b:02x}")).collect();
     let config = ChitchatConfig {
         chitchat_id: ChitchatId::new(node.to_string(), generation, advertise),
-        cluster_id,
+        cluster_id: CLUSTER_ID.to_string(),
         gossip_interval: Duration::from_millis(500),
         listen_addr: listen,
         seed_nodes: seeds,
@@ -424,7 +480,10 @@ pub async fn start(
         extra_liveness_predicate: None,
         protocol_version: ProtocolVersion::V0,
     };
-    let transport = SealedUdpTransport::new(Arc::new(GossipKey::new(secret)), rejected);
+    let mut transport = SealedUdpTransport::new(key, rejected);
+    if let Some(u) = usage {
+        transport = transport.with_usage(u);
+    }
     spawn_chitchat(config, initial, &transport)
         .await
         .map_err(|e| ClusterError::Gossip(e.to_string()))
@@ -454,5 +513,37 @@ mod tests {
         bent[last] ^= 1;
         assert_eq!(k.open(&bent, now), Err(Rejected::Unauthenticated));
         assert_eq!(k.open(b"garbage", now), Err(Rejected::Malformed));
+    }
+
+    #[test]
+    fn a_ring_seals_with_its_primary_and_opens_with_any_of_its_keys() {
+        let old = Secret::from_bytes(b"old-gossip-secret-0123456789");
+        let new = Secret::from_bytes(b"new-gossip-secret-0123456789");
+        let outsider = GossipKey::new(&Secret::from_bytes(b"outsider-secret-0123456789"));
+        let now = 1_800_000_000;
+        // Phase 1: send old, accept new too.
+        let k = GossipKey::from_ring(&KeyRing::new(old.clone(), vec![new.clone()]).expect("ring"));
+        let from_old = GossipKey::new(&old).seal_at(now, b"a").expect("seal");
+        let from_new = GossipKey::new(&new).seal_at(now, b"b").expect("seal");
+        assert_eq!(k.open_with_key(&from_old, now), Ok((b"a".to_vec(), 0)));
+        assert_eq!(k.open_with_key(&from_new, now), Ok((b"b".to_vec(), 1)));
+        let mine = k.seal_at(now, b"c").expect("seal");
+        assert!(GossipKey::new(&old).open(&mine, now).is_ok());
+        assert_eq!(
+            outsider
+                .open(&outsider.seal_at(now, b"x").expect("seal"), now)
+                .as_deref(),
+            Ok(&b"x"[..])
+        );
+        assert_eq!(
+            k.open(&outsider.seal_at(now, b"x").expect("seal"), now),
+            Err(Rejected::Unauthenticated)
+        );
+        // Phase 3 (swapped in place): only the new key.
+        k.set_ring(&KeyRing::single(new.clone()));
+        let late_old = GossipKey::new(&old).seal_at(now, b"d").expect("seal");
+        assert_eq!(k.open(&late_old, now), Err(Rejected::Unauthenticated));
+        let sealed = k.seal_at(now, b"e").expect("seal");
+        assert!(GossipKey::new(&new).open(&sealed, now).is_ok());
     }
 }

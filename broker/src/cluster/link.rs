@@ -3,6 +3,12 @@
 //! link runs over a [`channel`] (a Noise handshake keyed by the cluster secret, then encrypted
 //! frames); a peer that fails the handshake, or a message that fails to decrypt, is refused,
 //! dropped and counted.
+//!
+//! Each handshake takes the key ring in use at that moment ([`Cluster::ring`]): a node accepts
+//! a dialer holding any key of its ring, and dials with its primary, then (only when a peer
+//! closes without answering, as one that does not hold that key does) with its other keys, one
+//! new connection each. A ring reload therefore changes new links only; links already up keep
+//! their session keys.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -109,11 +115,16 @@ pub async fn accept_loop(cluster: Arc<Cluster>, listener: TcpListener) {
         let c = cluster.clone();
         tokio::spawn(async move {
             let _ = stream.set_nodelay(true);
+            let ring = c.ring();
             let result =
-                tokio::time::timeout(HANDSHAKE, channel::accept(stream, &c.secret, &c.node)).await;
+                tokio::time::timeout(HANDSHAKE, channel::accept(stream, ring.keys(), &c.node))
+                    .await;
             drop(pending);
             let (mut chan, peer) = match result {
-                Ok(Ok(open)) => open,
+                Ok(Ok(open)) => {
+                    c.key_usage.record(open.key, "link_in");
+                    (open.channel, open.peer)
+                }
                 Ok(Err(e)) => {
                     count_failure(&c, &e, true);
                     tracing::warn!(%addr, reason = %e, "inter-node link refused");
@@ -275,17 +286,44 @@ impl Link {
     }
 }
 
-/// Dials `peer` at `addr` and runs the link handshake.
+/// Dials `peer` at `addr` and runs the link handshake with the primary key, then with each
+/// other key of the ring while the peer closes without answering (at most one connection per
+/// key of the ring).
 async fn connect(
     c: &Cluster,
     peer: &str,
     addr: SocketAddr,
 ) -> Result<Channel<TcpStream>, ChannelError> {
+    let ring = c.ring();
+    let mut last = ChannelError::Closed;
+    for (i, key) in ring.keys().iter().enumerate() {
+        match connect_with(c, peer, addr, key).await {
+            Ok(ch) => {
+                c.key_usage.record(i, "link_out");
+                if i > 0 {
+                    tracing::info!(peer = %peer, key = %key.fingerprint(), primary = %ring.primary_fingerprint(), "linked to a peer with an accepted (not the primary) cluster secret: it does not hold the primary yet");
+                }
+                return Ok(ch);
+            }
+            Err(ChannelError::Unanswered) => last = ChannelError::Unanswered,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last)
+}
+
+/// One connection to `peer` at `addr` and the handshake with `key`.
+async fn connect_with(
+    c: &Cluster,
+    peer: &str,
+    addr: SocketAddr,
+    key: &super::secret::Secret,
+) -> Result<Channel<TcpStream>, ChannelError> {
     let stream = tokio::time::timeout(HANDSHAKE, TcpStream::connect(addr))
         .await
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
     let _ = stream.set_nodelay(true);
-    tokio::time::timeout(HANDSHAKE, channel::dial(stream, &c.secret, &c.node, peer))
+    tokio::time::timeout(HANDSHAKE, channel::dial(stream, key, &c.node, peer))
         .await
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
 }

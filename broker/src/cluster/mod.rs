@@ -4,7 +4,9 @@
 //!   ([`discovery`]: static list, DNS of a headless Service, or the Kubernetes API);
 //! - encrypted, mutually authenticated TCP links between nodes ([`link`] over [`channel`])
 //!   carry route changes, forwarded messages, retained messages and sessions ([`proto`]);
-//!   gossip datagrams are sealed too ([`gossip`]); both keys come from the cluster secret;
+//!   gossip datagrams are sealed too ([`gossip`]); both keys come from the cluster secret,
+//!   held in a key ring that is re-read while the node runs so the secret can rotate
+//!   ([`secret::KeyRing`], [`Cluster::reload_keys`]);
 //! - each node knows the others' route tables ([`routes`]) and forwards a message only to the
 //!   nodes with matching subscribers; a shared group gets one delivery per message cluster-wide;
 //! - a client id is unique cluster-wide: connecting on one node takes the session over from
@@ -42,7 +44,7 @@ use crate::session::{Kick, Session};
 use link::Link;
 use proto::{Frame, SessionSnapshot, WireDelivery, WireMsg};
 use routes::RemoteRoutes;
-use secret::Secret;
+use secret::{KeyRing, KeyUsage};
 
 /// How long a session that moved to another node keeps forwarding what still reaches it here.
 const MOVED_GRACE: Duration = Duration::from_secs(10);
@@ -101,6 +103,15 @@ pub struct ClusterMetrics {
     pub link_auth_failures: IntCounterVec,
     /// Gossip datagrams dropped as unauthenticated, stale or malformed.
     pub gossip_rejected: IntCounter,
+    /// Link handshakes and gossip datagrams authenticated, by key (`primary`, `accepted`)
+    /// and by what (`link_in`, `link_out`, `gossip`): a rotation's old key can go once no
+    /// node counts `accepted` any more.
+    pub key_used: IntCounterVec,
+    /// Key ring reloads that changed the ring (`changed`) or failed (`error`, the ring in
+    /// use is kept).
+    pub keyring_reloads: IntCounterVec,
+    /// Keys in the ring (1 outside a rotation).
+    pub keyring_keys: IntGauge,
     /// Routes, messages, retained messages and session subscriptions from peers dropped as
     /// malformed or over the topic bounds, by kind.
     pub invalid: IntCounterVec,
@@ -164,6 +175,20 @@ impl ClusterMetrics {
                 "corvid_cluster_gossip_rejected_total",
                 "Gossip datagrams dropped as unauthenticated, stale or malformed",
             )?,
+            key_used: m.counter_vec_with(
+                "corvid_cluster_key_used_total",
+                "Link handshakes and gossip datagrams authenticated, by key of the ring (primary, accepted) and by what (link_in, link_out, gossip)",
+                &["key", "via"],
+            )?,
+            keyring_reloads: m.counter_vec(
+                "corvid_cluster_keyring_reloads_total",
+                "Cluster key ring reloads that changed the ring or failed, by result",
+                "result",
+            )?,
+            keyring_keys: m.gauge(
+                "corvid_cluster_keyring_keys",
+                "Cluster secrets this node accepts (the primary included)",
+            )?,
             evacuation_remaining: m.gauge(
                 "corvid_cluster_evacuation_remaining",
                 "Clients and sessions still to move off this node",
@@ -186,6 +211,58 @@ impl ClusterMetrics {
                 "kind",
             )?,
         })
+    }
+}
+
+/// How often the secret files are re-read (a mounted Kubernetes Secret changes in place).
+const KEYRING_POLL: Duration = Duration::from_secs(2);
+/// How long a changed set of secret files must stay the same before it is used.
+const KEYRING_SETTLE: Duration = Duration::from_millis(250);
+
+/// Reloads the key ring every [`KEYRING_POLL`] and on SIGHUP, until shutdown. A failed reload
+/// is logged once per distinct error and the ring in use is kept.
+async fn keyring_loop(cluster: Arc<Cluster>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; the key ring is still re-read every few seconds");
+            None
+        }
+    };
+    let mut last_error: Option<String> = None;
+    loop {
+        let asked = tokio::select! {
+            _ = tokio::time::sleep(KEYRING_POLL) => false,
+            () = hangup(&mut hup) => true,
+            _ = cluster.shutdown.cancelled() => return,
+        };
+        match cluster.reload_keys().await {
+            Ok(changed) => {
+                last_error = None;
+                if asked && !changed {
+                    tracing::info!(primary = %cluster.ring().primary_fingerprint(), "SIGHUP: cluster key ring unchanged");
+                }
+            }
+            Err(e) => {
+                let text = e.to_string();
+                if asked || last_error.as_deref() != Some(text.as_str()) {
+                    tracing::error!(error = %text, "cannot reload the cluster key ring; keeping the one in use");
+                }
+                last_error = Some(text);
+            }
+        }
+    }
+}
+
+/// Returns at the next SIGHUP; never when SIGHUP cannot be received.
+async fn hangup(hup: &mut Option<tokio::signal::unix::Signal>) {
+    let received = match hup {
+        Some(h) => h.recv().await.is_some(),
+        None => false,
+    };
+    if !received {
+        std::future::pending::<()>().await;
     }
 }
 
@@ -256,7 +333,14 @@ pub struct Cluster {
     /// This node's name.
     pub node: String,
     broker: Weak<Broker>,
-    secret: Secret,
+    /// The cluster secrets: swapped whole on reload; links dial and accept with a snapshot.
+    ring: parking_lot::RwLock<Arc<KeyRing>>,
+    /// The files the ring is read from: the primary, then the accepted ones.
+    ring_files: (std::path::PathBuf, Vec<std::path::PathBuf>),
+    /// Gossip's ciphers, updated with the ring.
+    gossip_key: Arc<gossip::GossipKey>,
+    /// Which keys authenticate links and gossip.
+    pub key_usage: Arc<KeyUsage>,
     /// Peers' route tables.
     pub routes: RemoteRoutes,
     links: Mutex<HashMap<String, Link>>,
@@ -300,15 +384,12 @@ impl Cluster {
         admin: SocketAddr,
     ) -> Result<Arc<Cluster>, ClusterError> {
         let cfg: &ClusterConfig = &broker.config.cluster;
-        let secret = match &cfg.secret_file {
-            Some(p) => Secret::load(p)?,
-            None => {
-                return Err(ClusterError::Secret(
-                    "cluster.secret_file (--cluster-secret-file) is required when clustering"
-                        .into(),
-                ))
-            }
+        let Some(primary_file) = cfg.secret_file.clone() else {
+            return Err(ClusterError::Secret(
+                "cluster.secret_file (--cluster-secret-file) is required when clustering".into(),
+            ));
         };
+        let ring = KeyRing::load(&primary_file, &cfg.accepted_secret_files)?;
         let bind = SocketAddr::new(
             cfg.bind.parse().map_err(|_| {
                 ClusterError::Discovery(format!("cluster.bind {:?} is not an IP address", cfg.bind))
@@ -323,10 +404,21 @@ impl Cluster {
         let advertise = SocketAddr::new(advertise_ip, port);
         let metrics = ClusterMetrics::new(&broker.metrics)
             .map_err(|e| ClusterError::Gossip(e.to_string()))?;
+        metrics.keyring_keys.set(ring.keys().len() as i64);
+        tracing::info!(
+            primary = %ring.primary_fingerprint(),
+            accepted = ?ring.accepted_fingerprints(),
+            "cluster key ring loaded (fingerprints)"
+        );
+        let gossip_key = Arc::new(gossip::GossipKey::from_ring(&ring));
+        let key_usage = Arc::new(KeyUsage::new(metrics.key_used.clone()));
         let cluster = Arc::new(Cluster {
             node: broker.node.clone(),
             broker: Arc::downgrade(broker),
-            secret: secret.clone(),
+            ring: parking_lot::RwLock::new(Arc::new(ring)),
+            ring_files: (primary_file, cfg.accepted_secret_files.clone()),
+            gossip_key: gossip_key.clone(),
+            key_usage: key_usage.clone(),
             routes: RemoteRoutes::new(broker.config.mqtt.topic_limits()),
             links: Mutex::new(HashMap::new()),
             synced: Mutex::new(HashMap::new()),
@@ -380,9 +472,10 @@ impl Cluster {
             SocketAddr::new(bind.ip(), port),
             advertise,
             seeds,
-            &secret,
+            gossip_key,
             initial,
             cluster.metrics.gossip_rejected.clone(),
+            Some(key_usage),
         )
         .await?;
         let _ = cluster.gossip.set(handle);
@@ -398,12 +491,70 @@ impl Cluster {
         }
         tokio::spawn(membership_loop(cluster.clone()));
         tokio::spawn(rebalance::run(cluster.clone()));
+        tokio::spawn(keyring_loop(cluster.clone()));
         tracing::info!(node = %cluster.node, %advertise, discovery = ?cfg.discovery, "cluster layer started");
         Ok(cluster)
     }
 
     fn broker(&self) -> Option<Arc<Broker>> {
         self.broker.upgrade()
+    }
+
+    /// The key ring in use now (links take a snapshot per handshake).
+    pub fn ring(&self) -> Arc<KeyRing> {
+        self.ring.read().clone()
+    }
+
+    /// Re-reads the secret files and, when the keys differ from the ring in use and read the
+    /// same again [`KEYRING_SETTLE`] later (files written one after the other are not taken
+    /// half-way), makes the new ring the one new handshakes and gossip use; links already up
+    /// keep their session keys. A file that cannot be read or holds a bad key leaves the ring
+    /// in use unchanged. Returns whether the ring changed.
+    pub async fn reload_keys(&self) -> Result<bool, ClusterError> {
+        let (primary, accepted) = &self.ring_files;
+        let read = || {
+            KeyRing::load(primary, accepted).inspect_err(|_| {
+                self.metrics
+                    .keyring_reloads
+                    .with_label_values(&["error"])
+                    .inc();
+            })
+        };
+        let loaded = read()?;
+        if *self.ring() == loaded {
+            return Ok(false);
+        }
+        tokio::time::sleep(KEYRING_SETTLE).await;
+        if read()? != loaded {
+            // Still being written: the next poll takes it.
+            return Ok(false);
+        }
+        let before = self.ring();
+        tracing::info!(
+            primary = %loaded.primary_fingerprint(),
+            accepted = ?loaded.accepted_fingerprints(),
+            was_primary = %before.primary_fingerprint(),
+            was_accepted = ?before.accepted_fingerprints(),
+            "cluster key ring changed (fingerprints); new handshakes and gossip use it, links up stay up"
+        );
+        self.gossip_key.set_ring(&loaded);
+        self.metrics.keyring_keys.set(loaded.keys().len() as i64);
+        *self.ring.write() = Arc::new(loaded);
+        self.metrics
+            .keyring_reloads
+            .with_label_values(&["changed"])
+            .inc();
+        Ok(true)
+    }
+
+    /// The key ring as the admin API shows it: fingerprints only.
+    pub fn keyring_view(&self) -> corvid_api::KeyRingView {
+        let ring = self.ring();
+        corvid_api::KeyRingView {
+            primary: ring.primary_fingerprint(),
+            accepted: ring.accepted_fingerprints(),
+            accepted_last_used: self.key_usage.last_accepted(),
+        }
     }
 
     /// Asks gossip to contact an address (discovery found it).

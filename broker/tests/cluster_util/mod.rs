@@ -207,6 +207,25 @@ impl Node {
         self.child = Some(cmd.spawn().expect("spawn corvid-broker"));
     }
 
+    /// The node's primary secret file.
+    pub fn secret_path(&self) -> PathBuf {
+        self.dir.join(format!("{}.secret", self.spec.name))
+    }
+
+    /// Replaces the node's secret files while it runs, as Kubernetes updates a mounted
+    /// Secret (each file swapped whole): the primary, and `accepted` (empty: no accepted key)
+    /// at `accepted_file`. A restart keeps the new primary.
+    pub fn write_keys(&mut self, primary: &str, accepted_file: &Path, accepted: &str) {
+        let swap = |path: &Path, body: &str| {
+            let tmp = path.with_extension("tmp");
+            fs::write(&tmp, body).expect("write key");
+            fs::rename(&tmp, path).expect("swap key file");
+        };
+        swap(accepted_file, accepted);
+        swap(&self.secret_path(), primary);
+        self.spec.secret = primary.to_string();
+    }
+
     /// Starts the process again with the same configuration (after a kill).
     pub fn restart(&mut self) {
         self.kill9();

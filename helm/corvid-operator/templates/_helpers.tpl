@@ -67,10 +67,11 @@ to broker pods, because RBAC forbids granting what you do not have.
 - apiGroups: [""]
   resources: [serviceaccounts]
   verbs: [create, patch]
-# The cluster and admin-token Secrets are created once; the admin token is read for admin calls.
+# The cluster and admin-token Secrets are created once; the admin token is read for admin calls;
+# the cluster Secret is patched only by a rotation (corvid.dev/rotate-cluster-secret).
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get, create]
+  verbs: [get, create, patch]
 # Listed and watched for status; deleted one at a time to roll them.
 - apiGroups: [""]
   resources: [pods]

@@ -26,6 +26,10 @@ pub const TLS_DIR: &str = "/etc/corvid/tls";
 pub const CLUSTER_SECRET_DIR: &str = "/etc/corvid/cluster";
 /// Key of the cluster Secret (and file name under CLUSTER_SECRET_DIR).
 pub const CLUSTER_SECRET_KEY: &str = "secret";
+/// Key of the cluster Secret holding the other secret the brokers accept during a rotation
+/// (absent or empty otherwise; file name under CLUSTER_SECRET_DIR). The brokers re-read both
+/// files while they run, so a rotation needs no restart (`docs/security.md`).
+pub const CLUSTER_SECRET_ACCEPTED_KEY: &str = "accepted";
 /// Where the admin token Secret is mounted (`corvid-broker ctl` looks there by default).
 pub const ADMIN_TOKEN_DIR: &str = "/etc/corvid/admin";
 /// Key of the admin token Secret (and file name under ADMIN_TOKEN_DIR).
@@ -183,6 +187,8 @@ pub fn typed(cluster: &MqttCluster, names: &Names) -> Result<Config, InvalidSpec
     c.cluster.port = fit(CLUSTER_PORT.into(), "cluster port")?;
     c.cluster.discovery = cfg::Discovery::Kubernetes;
     c.cluster.secret_file = Some(format!("{CLUSTER_SECRET_DIR}/{CLUSTER_SECRET_KEY}").into());
+    c.cluster.accepted_secret_files =
+        vec![format!("{CLUSTER_SECRET_DIR}/{CLUSTER_SECRET_ACCEPTED_KEY}").into()];
     c.cluster.kubernetes.namespace = Some(names.namespace.clone());
     c.cluster.kubernetes.service = Some(names.headless_service());
     if spec.rebalance.enabled {

@@ -24,7 +24,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::config::{
     broker_serves, Rendered, ADMIN_TOKEN_DIR, ADMIN_TOKEN_KEY, AUTH_DIR, BRIDGES_DIR,
-    CLUSTER_SECRET_DIR, CLUSTER_SECRET_KEY, CONFIG_KEY, CONFIG_PATH, DATA_DIR, TLS_DIR,
+    CLUSTER_SECRET_DIR, CONFIG_KEY, CONFIG_PATH, DATA_DIR, TLS_DIR,
 };
 use super::names::{owned_meta, Names, CONFIG_HASH_ANNOTATION, VERSION_LABEL};
 
@@ -396,7 +396,16 @@ fn volumes(cluster: &MqttCluster, names: &Names) -> Vec<Volume> {
             }),
             ..Volume::default()
         },
-        secret_key_volume("cluster-secret", names.cluster_secret(), CLUSTER_SECRET_KEY),
+        // Every key of the cluster Secret (`secret`, and `accepted` during a rotation): a key
+        // listed in `items` would have to exist, and the rotation adds and removes one.
+        Volume {
+            name: "cluster-secret".to_string(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(names.cluster_secret()),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
         secret_key_volume("admin-token", names.admin_token_secret(), ADMIN_TOKEN_KEY),
         Volume {
             name: "tmp".to_string(),

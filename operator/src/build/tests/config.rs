@@ -47,6 +47,10 @@ fn default_spec_renders_the_contract_shape() {
         Some(Path::new("/etc/corvid/cluster/secret"))
     );
     assert_eq!(
+        c.cluster.accepted_secret_files,
+        vec![Path::new("/etc/corvid/cluster/accepted").to_path_buf()]
+    );
+    assert_eq!(
         c.mqtt.shared_subscription_strategy,
         SharedStrategy::RoundRobin
     );

@@ -230,6 +230,22 @@ fn container_image_args_ports_and_env() {
 }
 
 #[test]
+fn the_whole_cluster_secret_is_mounted_so_a_rotation_reaches_running_pods() {
+    let (_, d) = build(json!({}));
+    let v = volume(&d.statefulset, "cluster-secret");
+    let secret = v.secret.as_ref().expect("a Secret volume");
+    assert_eq!(secret.secret_name.as_deref(), Some("demo-cluster-secret"));
+    // `accepted` exists only during a rotation: listing keys would need it always.
+    assert!(secret.items.is_none(), "{:?}", secret.items);
+    let m = mount(&d.statefulset, "cluster-secret");
+    assert_eq!(m.mount_path, "/etc/corvid/cluster");
+    assert!(
+        m.sub_path.is_none(),
+        "subPath mounts never see a rotated secret"
+    );
+}
+
+#[test]
 fn broker_tls_comes_from_a_projected_volume() {
     let (_, d) = build(
         json!({"listeners": {"mqtts": {"enabled": true, "port": 8883}}, "tls": {"mode": "broker", "secretName": "certs"}}),
