@@ -7,6 +7,7 @@ pub mod configmap;
 pub mod names;
 pub mod networkpolicy;
 pub mod pdb;
+pub mod podtemplate;
 pub mod rbac;
 pub mod secret;
 pub mod service;

@@ -3,6 +3,7 @@
 mod config;
 mod networkpolicy;
 mod objects;
+mod podtemplate;
 mod service;
 mod statefulset;
 
