@@ -174,7 +174,7 @@ pub struct PodMetadataOverride {
     /// Extra labels; the operator's own labels (app.kubernetes.io/*, corvid.dev/*) win.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
-    /// Extra annotations; the operator's configuration-hash annotation wins.
+    /// Extra annotations; the operator's own (the pods' configuration hash) win.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
 }
