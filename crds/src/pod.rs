@@ -275,12 +275,10 @@ pub struct PodSpecOverride {
     pub security_context: Option<serde_json::Value>,
     /// Refused: the operator's ServiceAccount carries the Role peer discovery needs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "refused")]
-    pub service_account_name: Option<serde_json::Value>,
+    pub service_account_name: Option<String>,
     /// Refused: sized from upgradeStrategy.drainTimeoutSeconds so a draining pod is never killed early.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "refused")]
-    pub termination_grace_period_seconds: Option<serde_json::Value>,
+    pub termination_grace_period_seconds: Option<i64>,
 }
 
 impl PodSpecOverride {
@@ -290,9 +288,11 @@ impl PodSpecOverride {
     }
 }
 
-/// Schema of a field that exists only to be refused with a clear message.
+/// Schema of an object field that exists only to be refused with a clear message (typed as an
+/// object so that CEL can see it; its content is not worth a schema).
 fn refused(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({
+        "type": "object",
         "description": "Owned by the operator; setting it is refused.",
         "x-kubernetes-preserve-unknown-fields": true,
     })
