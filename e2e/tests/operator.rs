@@ -428,3 +428,109 @@ async fn operator_merges_the_pod_template_into_the_statefulset() {
     drop(operator);
     ns.delete().await.unwrap();
 }
+
+/// A stand-in for the Prometheus Operator's PrometheusRule CRD (same group, version, kind and
+/// plural; any content): the operator only looks the CRD up by name and applies the object.
+const PROMETHEUS_RULE_CRD: &str = r#"
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: prometheusrules.monitoring.coreos.com
+spec:
+  group: monitoring.coreos.com
+  names: {kind: PrometheusRule, listKind: PrometheusRuleList, plural: prometheusrules, singular: prometheusrule}
+  scope: Namespaced
+  versions:
+    - name: v1
+      served: true
+      storage: true
+      schema:
+        openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}
+"#;
+
+/// spec.monitoring.prometheusRule through the real API server: with the PrometheusRule CRD
+/// present the operator applies a rule owned by the MqttCluster, with the cluster's scoped
+/// alerts, and prunes it when the switch goes off.
+#[tokio::test]
+async fn operator_owns_a_prometheus_rule_when_its_crd_exists() {
+    let Some(client) = cluster("operator_owns_a_prometheus_rule_when_its_crd_exists").await else {
+        return;
+    };
+    apply_crds(&client).await;
+    let out = kubectl(
+        &[
+            "apply",
+            "--server-side",
+            "--field-manager=corvid-e2e",
+            "-f",
+            "-",
+        ],
+        Some(PROMETHEUS_RULE_CRD),
+    )
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "PrometheusRule CRD: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ns = TestNamespace::create(&client, "alerts").await.unwrap();
+    let operator = start_operator(&ns.name).await;
+    let clusters =
+        Api::<DynamicObject>::namespaced_with(client.clone(), &ns.name, &mqtt_cluster_resource());
+    let spec = json!({"replicas": 1, "limits": {"maxConnections": 5000},
+        "monitoring": {"prometheusRule": {"enabled": true, "labels": {"release": "prom"}}}});
+    let created = clusters
+        .create(&PostParams::default(), &mqtt_cluster(NAME, spec))
+        .await
+        .unwrap();
+    let uid = created.uid().unwrap();
+    let gvk = kube::api::GroupVersionKind::gvk("monitoring.coreos.com", "v1", "PrometheusRule");
+    let rules = Api::<DynamicObject>::namespaced_with(
+        client.clone(),
+        &ns.name,
+        &kube::api::ApiResource::from_gvk_with_plural(&gvk, "prometheusrules"),
+    );
+    let rule = wait_for("the PrometheusRule", TIMEOUT, || async {
+        Ok(rules
+            .get_opt(NAME)
+            .await?
+            .ok_or_else(|| "no PrometheusRule yet".to_string()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", operator.log_tail(30)));
+    assert_controlled_by(&rule, &uid);
+    assert_eq!(
+        rule.labels().get("release").map(String::as_str),
+        Some("prom")
+    );
+    let alerts = rule.data["spec"]["groups"][0]["rules"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let limit = alerts
+        .iter()
+        .find(|r| r["alert"] == "CorvidNearConnectionLimit")
+        .unwrap_or_else(|| panic!("no CorvidNearConnectionLimit in {alerts:?}"));
+    let expr = limit["expr"].as_str().unwrap_or_default();
+    assert!(
+        expr.contains(&format!("namespace=\"{}\"", ns.name)) && expr.ends_with("> 0.9 * 5000"),
+        "{expr}"
+    );
+
+    let off = json!({"spec": {"monitoring": {"prometheusRule": {"enabled": false}}}});
+    clusters
+        .patch(NAME, &PatchParams::default(), &Patch::Merge(&off))
+        .await
+        .unwrap();
+    wait_for("the PrometheusRule to be pruned", TIMEOUT, || async {
+        Ok(match rules.get_opt(NAME).await? {
+            None => Ok(()),
+            Some(_) => Err("still there".to_string()),
+        })
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", operator.log_tail(30)));
+
+    drop(operator);
+    ns.delete().await.unwrap();
+}
