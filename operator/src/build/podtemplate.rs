@@ -143,6 +143,25 @@ pub fn check(template: &PodTemplateOverride) -> Result<(), InvalidSpec> {
         }
         volumes.push(v.name.as_str());
     }
+    // A mount of a volume nobody declares would only fail later, as an apply error on the
+    // StatefulSet; say which entry is wrong instead.
+    for (list, containers) in [
+        ("containers", &spec.containers),
+        ("initContainers", &spec.init_containers),
+    ] {
+        for c in containers {
+            let unknown = c.volume_mounts.iter().flatten().find(|m| {
+                !volumes.contains(&m.name.as_str()) && !OPERATOR_VOLUMES.contains(&m.name.as_str())
+            });
+            if let Some(m) = unknown {
+                return refuse(format!(
+                    "{field}.{list}[{}].volumeMounts[{}]: no volume of that name; add it to \
+                     podTemplate.spec.volumes",
+                    c.name, m.name
+                ));
+            }
+        }
+    }
     Ok(())
 }
 

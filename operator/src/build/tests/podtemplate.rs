@@ -260,6 +260,14 @@ fn protected_pod_fields_volumes_mounts_env_and_probe_handlers_are_refused() {
             "podTemplate.spec.containers[broker].readinessProbe.tcpSocket",
         ),
         (
+            json!({"containers": [{"name": "broker", "volumeMounts": [{"name": "nope", "mountPath": "/x"}]}]}),
+            "podTemplate.spec.containers[broker].volumeMounts[nope]: no volume",
+        ),
+        (
+            json!({"initContainers": [{"name": "i", "image": "busybox", "volumeMounts": [{"name": "nope", "mountPath": "/x"}]}]}),
+            "podTemplate.spec.initContainers[i].volumeMounts[nope]: no volume",
+        ),
+        (
             json!({"containers": [{"name": "sidecar"}]}),
             "podTemplate.spec.containers[sidecar].image is required",
         ),
