@@ -152,7 +152,8 @@ pub struct MqttClusterSpec {
     #[serde(default)]
     pub persistence: PersistenceSpec,
 
-    /// Pod placement, metadata, security context and extra environment of the broker pods.
+    /// Pod placement, metadata, security context and extra environment of the broker pods
+    /// (spec.podTemplate is merged over these and wins where both set a field).
     #[serde(default)]
     pub pod: PodTemplateOptions,
 
