@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use crate::{
     AclSpec, AuthSpec, AutoSubscription, BridgesSpec, LimitsSpec, Listeners, MonitoringSpec,
     NetworkPolicyOptions, PersistenceSpec, PodDisruptionBudgetSpec, PodTemplateOptions,
-    RebalanceSpec, ServiceOptions, SessionsSpec, SharedSubscriptionStrategy, TlsSpec,
-    UpgradeStrategy, Webhook,
+    PodTemplateOverride, RebalanceSpec, ServiceOptions, SessionsSpec, SharedSubscriptionStrategy,
+    TlsSpec, UpgradeStrategy, Webhook,
 };
 
 /// Desired state of a clustered Corvid MQTT broker.
@@ -152,9 +152,23 @@ pub struct MqttClusterSpec {
     #[serde(default)]
     pub persistence: PersistenceSpec,
 
-    /// Pod placement, metadata, security context and extra environment of the broker pods.
+    /// Pod placement, metadata, security context and extra environment of the broker pods
+    /// (spec.podTemplate is merged over these and wins where both set a field).
     #[serde(default)]
     pub pod: PodTemplateOptions,
+
+    /// A partial pod template merged over the pod the operator builds: sidecars, init
+    /// containers, extra volumes and mounts, envFrom, probe timing, host aliases, ServiceAccount
+    /// annotations. Precedence, lowest first: the operator's defaults, then spec.pod,
+    /// spec.resources and the other typed fields, then this template (lists merge by name,
+    /// maps by key, other fields replace). The fields that keep the broker safe always win and
+    /// setting them here is refused with a message naming the field: the broker container's
+    /// command, args, ports, image and securityContext, the pod securityContext,
+    /// serviceAccountName, terminationGracePeriodSeconds, the operator's labels, volumes, mount
+    /// paths and POD_* variables, and the probes' handlers. A change rolls the pods like any
+    /// template change.
+    #[serde(default, skip_serializing_if = "PodTemplateOverride::is_empty")]
+    pub pod_template: PodTemplateOverride,
 
     /// How the operator rolls pods on image, version or configuration changes.
     #[serde(default)]

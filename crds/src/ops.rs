@@ -122,6 +122,23 @@ pub struct MonitoringSpec {
     /// A ServiceMonitor scraping the brokers' /metrics on the admin port.
     #[serde(default)]
     pub service_monitor: ServiceMonitorSpec,
+    /// A PrometheusRule with the alerts of docs/monitoring.md, scoped to this cluster's pods.
+    #[serde(default)]
+    pub prometheus_rule: PrometheusRuleSpec,
+}
+
+/// The PrometheusRule; created only when enabled and its CRD (Prometheus Operator) is installed.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PrometheusRuleSpec {
+    /// Whether to create the PrometheusRule. Its alerts select the series by the namespace and
+    /// pod labels a ServiceMonitor scrape adds (spec.monitoring.serviceMonitor, or your own
+    /// scrape config with the same labels).
+    #[serde(default)]
+    pub enabled: bool,
+    /// Extra labels, for a Prometheus ruleSelector.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// The ServiceMonitor; created only when enabled and its CRD is installed.

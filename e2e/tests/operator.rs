@@ -13,9 +13,9 @@ use corvid_e2e::{
     workspace_binary, TestNamespace, TestProcess,
 };
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use kube::api::{DeleteParams, DynamicObject, PostParams};
+use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::{json, Value};
 
@@ -229,4 +229,308 @@ async fn wait_for_status(clusters: &Api<DynamicObject>, operator: &TestProcess, 
         assert_eq!(unknown, 0, "Unknown conditions in {status}");
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{}", operator.log_tail(30)));
+}
+
+/// spec.podTemplate through the real API server: the CRD's schema and CEL accept a sidecar, an
+/// init container and an extra volume mounted in the broker container, the operator's merged
+/// StatefulSet passes the API server's own pod validation, and the StatefulSet as stored holds
+/// them next to everything the operator owns; the ServiceAccount carries the IAM annotation.
+/// A protected field is refused by CEL on create, and one only the operator checks ends in an
+/// InvalidSpec condition naming the field.
+#[tokio::test]
+async fn operator_merges_the_pod_template_into_the_statefulset() {
+    let Some(client) = cluster("operator_merges_the_pod_template_into_the_statefulset").await
+    else {
+        return;
+    };
+    apply_crds(&client).await;
+    let ns = TestNamespace::create(&client, "podtemplate").await.unwrap();
+    let operator = start_operator(&ns.name).await;
+    let clusters =
+        Api::<DynamicObject>::namespaced_with(client.clone(), &ns.name, &mqtt_cluster_resource());
+
+    // CEL refuses the broker container's command before anything is stored.
+    let hijack = json!({"podTemplate": {"spec": {"containers": [
+        {"name": "broker", "command": ["sh", "-c", "sleep infinity"]}]}}});
+    match clusters
+        .create(&PostParams::default(), &mqtt_cluster("hijack", hijack))
+        .await
+    {
+        Err(kube::Error::Api(status)) => assert!(
+            status.code == 422
+                && status
+                    .message
+                    .contains("podTemplate.spec.containers[broker]: command and args"),
+            "{}",
+            status.message
+        ),
+        other => panic!("a broker command override was accepted: {other:?}"),
+    }
+
+    let spec = json!({
+        "replicas": 2,
+        "podTemplate": {
+            "metadata": {"labels": {"team": "iot"}},
+            "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/corvid"}},
+            "spec": {
+                "initContainers": [{"name": "wait-for-auth", "image": "busybox:1.36",
+                                    "command": ["sh", "-c", "true"]}],
+                "containers": [
+                    {"name": "broker",
+                     "env": [{"name": "RUST_LOG", "value": "debug"}],
+                     "volumeMounts": [{"name": "plugins", "mountPath": "/etc/corvid-extra", "readOnly": true}]},
+                    {"name": "log-shipper", "image": "fluent/fluent-bit:3.1",
+                     "volumeMounts": [{"name": "logs", "mountPath": "/logs"}]},
+                ],
+                "volumes": [{"name": "plugins", "configMap": {"name": "corvid-plugins", "optional": true}},
+                            {"name": "logs", "emptyDir": {}}],
+            },
+        },
+    });
+    clusters
+        .create(&PostParams::default(), &mqtt_cluster(NAME, spec))
+        .await
+        .unwrap();
+    let statefulsets = Api::<StatefulSet>::namespaced(client.clone(), &ns.name);
+    let sts = wait_for(
+        "the StatefulSet to roll out 2 Ready pods",
+        TIMEOUT,
+        || async {
+            let Some(sts) = statefulsets.get_opt(NAME).await? else {
+                return Ok(Err("no StatefulSet yet".to_string()));
+            };
+            let ready = sts.status.as_ref().and_then(|s| s.ready_replicas);
+            Ok(if ready == Some(2) {
+                Ok(sts)
+            } else {
+                Err(format!("{:?}", sts.status))
+            })
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", operator.log_tail(30)));
+    let template = sts.spec.expect("spec").template;
+    let labels = template.metadata.and_then(|m| m.labels).unwrap_or_default();
+    assert_eq!(labels.get("team").map(String::as_str), Some("iot"));
+    let pod = template.spec.expect("pod spec");
+    let names: Vec<&str> = pod.containers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["broker", "log-shipper"]);
+    let broker = &pod.containers[0];
+    let mounts: Vec<&str> = broker
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| m.mount_path.as_str())
+        .collect();
+    assert!(mounts.contains(&"/etc/corvid-extra"), "{mounts:?}");
+    assert!(mounts.contains(&"/etc/corvid/corvid.yaml"), "{mounts:?}");
+    assert!(broker.env.iter().flatten().any(|e| e.name == "RUST_LOG"));
+    assert!(broker.env.iter().flatten().any(|e| e.name == "POD_NAME"));
+    assert_eq!(
+        broker.args.as_deref(),
+        Some(
+            &[
+                "serve".to_string(),
+                "--config".into(),
+                "/etc/corvid/corvid.yaml".into()
+            ][..]
+        )
+    );
+    let sidecar = &pod.containers[1];
+    assert_eq!(
+        sidecar
+            .security_context
+            .as_ref()
+            .and_then(|s| s.allow_privilege_escalation),
+        Some(false),
+        "sidecars get the restricted profile"
+    );
+    let init: Vec<&str> = pod
+        .init_containers
+        .iter()
+        .flatten()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(init, ["wait-for-auth"]);
+    let volumes: Vec<&str> = pod
+        .volumes
+        .iter()
+        .flatten()
+        .map(|v| v.name.as_str())
+        .collect();
+    for v in ["config", "tmp", "plugins", "logs"] {
+        assert!(volumes.contains(&v), "{v} missing from {volumes:?}");
+    }
+    let sa = Api::<ServiceAccount>::namespaced(client.clone(), &ns.name)
+        .get(
+            pod.service_account_name
+                .as_deref()
+                .expect("service account"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        sa.annotations()
+            .get("eks.amazonaws.com/role-arn")
+            .map(String::as_str),
+        Some("arn:aws:iam::1:role/corvid")
+    );
+    wait_for_status(&clusters, &operator, 2).await;
+
+    // A field CEL does not cover (an operator volume name) is refused by the operator, in status.
+    let patch = json!({"spec": {"podTemplate": {"spec": {"volumes": [
+        {"name": "plugins", "configMap": {"name": "corvid-plugins", "optional": true}},
+        {"name": "logs", "emptyDir": {}},
+        {"name": "config", "emptyDir": {}}]}}}});
+    clusters
+        .patch(NAME, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    wait_for(
+        "an InvalidSpec condition naming the field",
+        TIMEOUT,
+        || async {
+            let obj = clusters.get(NAME).await?;
+            let condition = obj.data["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|c| c["type"] == "ReconcileSuccess")
+                .cloned()
+                .unwrap_or_default();
+            let message = condition["message"].as_str().unwrap_or_default();
+            Ok(
+                if condition["status"] == "False"
+                    && condition["reason"] == "InvalidSpec"
+                    && message.contains("podTemplate.spec.volumes[config]")
+                {
+                    Ok(())
+                } else {
+                    Err(condition.to_string())
+                },
+            )
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", operator.log_tail(30)));
+    let kept = statefulsets.get(NAME).await.unwrap();
+    let volumes = kept
+        .spec
+        .and_then(|s| s.template.spec)
+        .and_then(|p| p.volumes)
+        .unwrap_or_default();
+    let config = volumes.iter().find(|v| v.name == "config");
+    assert!(
+        config.is_some_and(|v| v.config_map.is_some()),
+        "the operator's config volume was replaced: {config:?}"
+    );
+
+    drop(operator);
+    ns.delete().await.unwrap();
+}
+
+/// A stand-in for the Prometheus Operator's PrometheusRule CRD (same group, version, kind and
+/// plural; any content): the operator only looks the CRD up by name and applies the object.
+const PROMETHEUS_RULE_CRD: &str = r#"
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: prometheusrules.monitoring.coreos.com
+spec:
+  group: monitoring.coreos.com
+  names: {kind: PrometheusRule, listKind: PrometheusRuleList, plural: prometheusrules, singular: prometheusrule}
+  scope: Namespaced
+  versions:
+    - name: v1
+      served: true
+      storage: true
+      schema:
+        openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}
+"#;
+
+/// spec.monitoring.prometheusRule through the real API server: with the PrometheusRule CRD
+/// present the operator applies a rule owned by the MqttCluster, with the cluster's scoped
+/// alerts, and prunes it when the switch goes off.
+#[tokio::test]
+async fn operator_owns_a_prometheus_rule_when_its_crd_exists() {
+    let Some(client) = cluster("operator_owns_a_prometheus_rule_when_its_crd_exists").await else {
+        return;
+    };
+    apply_crds(&client).await;
+    let out = kubectl(
+        &[
+            "apply",
+            "--server-side",
+            "--field-manager=corvid-e2e",
+            "-f",
+            "-",
+        ],
+        Some(PROMETHEUS_RULE_CRD),
+    )
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "PrometheusRule CRD: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ns = TestNamespace::create(&client, "alerts").await.unwrap();
+    let operator = start_operator(&ns.name).await;
+    let clusters =
+        Api::<DynamicObject>::namespaced_with(client.clone(), &ns.name, &mqtt_cluster_resource());
+    let spec = json!({"replicas": 1, "limits": {"maxConnections": 5000},
+        "monitoring": {"prometheusRule": {"enabled": true, "labels": {"release": "prom"}}}});
+    let created = clusters
+        .create(&PostParams::default(), &mqtt_cluster(NAME, spec))
+        .await
+        .unwrap();
+    let uid = created.uid().unwrap();
+    let gvk = kube::api::GroupVersionKind::gvk("monitoring.coreos.com", "v1", "PrometheusRule");
+    let rules = Api::<DynamicObject>::namespaced_with(
+        client.clone(),
+        &ns.name,
+        &kube::api::ApiResource::from_gvk_with_plural(&gvk, "prometheusrules"),
+    );
+    let rule = wait_for("the PrometheusRule", TIMEOUT, || async {
+        Ok(rules
+            .get_opt(NAME)
+            .await?
+            .ok_or_else(|| "no PrometheusRule yet".to_string()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", operator.log_tail(30)));
+    assert_controlled_by(&rule, &uid);
+    assert_eq!(
+        rule.labels().get("release").map(String::as_str),
+        Some("prom")
+    );
+    let alerts = rule.data["spec"]["groups"][0]["rules"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let limit = alerts
+        .iter()
+        .find(|r| r["alert"] == "CorvidNearConnectionLimit")
+        .unwrap_or_else(|| panic!("no CorvidNearConnectionLimit in {alerts:?}"));
+    let expr = limit["expr"].as_str().unwrap_or_default();
+    assert!(
+        expr.contains(&format!("namespace=\"{}\"", ns.name)) && expr.ends_with("> 0.9 * 5000"),
+        "{expr}"
+    );
+
+    let off = json!({"spec": {"monitoring": {"prometheusRule": {"enabled": false}}}});
+    clusters
+        .patch(NAME, &PatchParams::default(), &Patch::Merge(&off))
+        .await
+        .unwrap();
+    wait_for("the PrometheusRule to be pruned", TIMEOUT, || async {
+        Ok(match rules.get_opt(NAME).await? {
+            None => Ok(()),
+            Some(_) => Err("still there".to_string()),
+        })
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", operator.log_tail(30)));
+
+    drop(operator);
+    ns.delete().await.unwrap();
 }

@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::build::names::{Names, FIELD_MANAGER, INSTANCE_LABEL};
-use crate::build::{certificate, servicemonitor, Desired};
+use crate::build::{certificate, prometheusrule, servicemonitor, Desired};
 use crate::error::{Error, Result};
 
 fn params() -> PatchParams {
@@ -43,7 +43,7 @@ where
         .map_err(failed(format!("{} {name}", K::kind(&()))))
 }
 
-/// Server-side applies a dynamic object (cert-manager Certificate, ServiceMonitor).
+/// Server-side applies a dynamic object (cert-manager Certificate, ServiceMonitor, PrometheusRule).
 pub async fn apply_dynamic(
     client: &Client,
     namespace: &str,
@@ -92,6 +92,9 @@ pub async fn apply_all(client: &Client, names: &Names, desired: &Desired) -> Res
     if let Some(sm) = &desired.service_monitor {
         apply_dynamic(client, ns, &servicemonitor::api_resource(), sm).await?;
     }
+    if let Some(rule) = &desired.prometheus_rule {
+        apply_dynamic(client, ns, &prometheusrule::api_resource(), rule).await?;
+    }
     // Last, so everything else converges even when cert-manager is missing.
     if let Some(cert) = &desired.certificate {
         match apply_dynamic(client, ns, &certificate::api_resource(), cert).await {
@@ -130,6 +133,7 @@ pub async fn prune(client: &Client, names: &Names, desired: &Desired) -> Result<
     for (ar, wanted) in [
         (certificate::api_resource(), &desired.certificate),
         (servicemonitor::api_resource(), &desired.service_monitor),
+        (prometheusrule::api_resource(), &desired.prometheus_rule),
     ] {
         let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
         let keep: Vec<String> = wanted.iter().map(|o| o.name_any()).collect();

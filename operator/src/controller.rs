@@ -222,6 +222,7 @@ async fn reconcile_pipeline(cluster: &MqttCluster, ctx: &Context) -> Result<Requ
         &BuildInputs {
             statefulset_replicas: pre.statefulset_replicas,
             service_monitor_crd: observation.service_monitor_crd,
+            prometheus_rule_crd: observation.prometheus_rule_crd,
             operator_namespace: ctx.operator_namespace.clone(),
         },
     );

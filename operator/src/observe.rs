@@ -13,8 +13,8 @@ use kube::api::{Api, ListParams, LogParams};
 use kube::{Client, ResourceExt};
 
 use crate::build::names::{Names, VERSION_LABEL};
-use crate::build::servicemonitor;
 use crate::build::statefulset::CONTAINER;
+use crate::build::{prometheusrule, servicemonitor};
 use crate::error::{Error, Result};
 use crate::planner::{Evacuation, PodView};
 use crate::podtalk::{bounded, BrokerAdmin, ClusterView, EvacuationState, ADMIN_CALL_TIMEOUT};
@@ -52,6 +52,8 @@ pub struct Observation {
     pub members: Vec<MemberStatus>,
     /// Whether the ServiceMonitor CRD is installed (only looked up when asked for).
     pub service_monitor_crd: bool,
+    /// Whether the PrometheusRule CRD is installed (only looked up when asked for).
+    pub prometheus_rule_crd: bool,
 }
 
 /// The planner's view of one pod (admin-API facts left empty).
@@ -378,26 +380,33 @@ pub async fn observe(
         }
     }
 
-    let service_monitor_crd = if cluster.spec.monitoring.service_monitor.enabled {
-        match Api::<CustomResourceDefinition>::all(client.clone())
-            .get_opt(servicemonitor::CRD_NAME)
-            .await
-        {
-            Ok(found) => found.is_some(),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot check for the ServiceMonitor CRD; skipping the ServiceMonitor");
-                false
-            }
-        }
-    } else {
-        false
-    };
+    let monitoring = &cluster.spec.monitoring;
+    let service_monitor_crd = monitoring.service_monitor.enabled
+        && crd_installed(client, servicemonitor::CRD_NAME, "ServiceMonitor").await;
+    let prometheus_rule_crd = monitoring.prometheus_rule.enabled
+        && crd_installed(client, prometheusrule::CRD_NAME, "PrometheusRule").await;
     Ok(Observation {
         statefulset,
         pods: views,
         members,
         service_monitor_crd,
+        prometheus_rule_crd,
     })
+}
+
+/// Whether the CRD `name` is installed; an optional object of `kind` is skipped (with a warning)
+/// when that cannot be read, rather than failing the whole reconcile.
+async fn crd_installed(client: &Client, name: &str, kind: &str) -> bool {
+    match Api::<CustomResourceDefinition>::all(client.clone())
+        .get_opt(name)
+        .await
+    {
+        Ok(found) => found.is_some(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot check for the {kind} CRD; skipping the {kind}");
+            false
+        }
+    }
 }
 
 #[cfg(test)]

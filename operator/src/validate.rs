@@ -106,6 +106,7 @@ pub fn validate(cluster: &MqttCluster) -> Result<Validated, InvalidSpec> {
             "bridges: the name {dup:?} is used twice (names are unique across mqtt and kafka)"
         )));
     }
+    crate::build::podtemplate::check(&spec.pod_template)?;
     let overrides = match &spec.config {
         None => None,
         Some(v @ Value::Object(_)) => Some(v),

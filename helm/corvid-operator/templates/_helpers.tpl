@@ -103,7 +103,7 @@ to broker pods, because RBAC forbids granting what you do not have.
   resources: [certificates]
   verbs: [list, create, patch, delete]
 - apiGroups: [monitoring.coreos.com]
-  resources: [servicemonitors]
+  resources: [servicemonitors, prometheusrules]
   verbs: [list, create, patch, delete]
 # kube's event recorder creates an Event and patches its series count.
 - apiGroups: [events.k8s.io]
@@ -111,12 +111,12 @@ to broker pods, because RBAC forbids granting what you do not have.
   verbs: [create, patch]
 {{- end -}}
 
-{{/* Cluster-scoped rules: read the ServiceMonitor CRD (to see whether the Prometheus Operator is
-installed); patch the MqttCluster CRD when crds.applyOnStart. */}}
+{{/* Cluster-scoped rules: read the ServiceMonitor and PrometheusRule CRDs (to see whether the
+Prometheus Operator is installed); patch the MqttCluster CRD when crds.applyOnStart. */}}
 {{- define "corvid-operator.clusterRules" -}}
 - apiGroups: [apiextensions.k8s.io]
   resources: [customresourcedefinitions]
-  resourceNames: [servicemonitors.monitoring.coreos.com]
+  resourceNames: [servicemonitors.monitoring.coreos.com, prometheusrules.monitoring.coreos.com]
   verbs: [get]
 {{- if .Values.crds.applyOnStart }}
 - apiGroups: [apiextensions.k8s.io]

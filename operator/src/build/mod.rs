@@ -7,6 +7,8 @@ pub mod configmap;
 pub mod names;
 pub mod networkpolicy;
 pub mod pdb;
+pub mod podtemplate;
+pub mod prometheusrule;
 pub mod rbac;
 pub mod secret;
 pub mod service;
@@ -32,6 +34,8 @@ pub struct BuildInputs {
     pub statefulset_replicas: i32,
     /// Whether the ServiceMonitor CRD is installed in the cluster.
     pub service_monitor_crd: bool,
+    /// Whether the PrometheusRule CRD is installed in the cluster.
+    pub prometheus_rule_crd: bool,
     /// Namespace the operator runs in: the NetworkPolicy lets its admin calls through.
     pub operator_namespace: String,
 }
@@ -59,6 +63,8 @@ pub struct Desired {
     pub network_policy: Option<NetworkPolicy>,
     /// Prometheus ServiceMonitor, when asked for and its CRD exists.
     pub service_monitor: Option<DynamicObject>,
+    /// Prometheus alerting rules, when asked for and their CRD exists.
+    pub prometheus_rule: Option<DynamicObject>,
     /// cert-manager Certificate, when tls.mode is broker with an issuerRef.
     pub certificate: Option<DynamicObject>,
 }
@@ -78,6 +84,7 @@ pub fn desired(cluster: &MqttCluster, valid: &Validated, inputs: &BuildInputs) -
         pdb: pdb::build(cluster, &names),
         network_policy: networkpolicy::build(cluster, &names, &inputs.operator_namespace),
         service_monitor: servicemonitor::build(cluster, &names, inputs.service_monitor_crd),
+        prometheus_rule: prometheusrule::build(cluster, &names, inputs.prometheus_rule_crd),
         certificate: certificate::build(cluster, &names),
     }
 }

@@ -7,10 +7,24 @@ use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject
 
 use super::names::{owned_meta, Names};
 
-/// The pods' identity; no API token beyond what the Role grants.
+/// The pods' identity; no API token beyond what the Role grants. spec.podTemplate.serviceAccount
+/// adds labels and annotations (cloud IAM roles); the operator's labels win.
 pub fn service_account(cluster: &MqttCluster, names: &Names) -> ServiceAccount {
+    let extra = &cluster.spec.pod_template.service_account;
+    let mut metadata = owned_meta(cluster, names, names.service_account());
+    if !extra.labels.is_empty() {
+        let mut labels = extra.labels.clone();
+        labels.extend(metadata.labels.take().unwrap_or_default());
+        metadata.labels = Some(labels);
+    }
+    if !extra.annotations.is_empty() {
+        metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .extend(extra.annotations.clone());
+    }
     ServiceAccount {
-        metadata: owned_meta(cluster, names, names.service_account()),
+        metadata,
         ..ServiceAccount::default()
     }
 }

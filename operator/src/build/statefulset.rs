@@ -1,7 +1,7 @@
 //! The broker StatefulSet. The operator drives rollouts itself (updateStrategy OnDelete), so the
 //! StatefulSet only records the desired pod template; a hash of the rendered configuration in the
 //! template makes configuration changes roll the pods, while TLS files come from a projected volume
-//! so certificate renewals do not.
+//! so certificate renewals do not. `spec.podTemplate` is merged over the built pod last.
 
 use std::collections::BTreeMap;
 
@@ -28,8 +28,8 @@ use super::config::{
 };
 use super::names::{owned_meta, Names, CONFIG_HASH_ANNOTATION, VERSION_LABEL};
 
-/// Name of the broker container.
-pub const CONTAINER: &str = "broker";
+/// Name of the broker container (spec.podTemplate merges the entry of this name into it).
+pub const CONTAINER: &str = corvid_crds::BROKER_CONTAINER;
 /// Seconds the pod stays in the endpoints after deletion starts, before SIGTERM: lets load
 /// balancers stop sending new connections first.
 pub const PRE_STOP_SLEEP_SECONDS: i64 = 5;
@@ -112,44 +112,51 @@ fn data_claim(cluster: &MqttCluster) -> PersistentVolumeClaim {
 pub fn pod_template(cluster: &MqttCluster, names: &Names, rendered: &Rendered) -> PodTemplateSpec {
     let spec = &cluster.spec;
     let pod = &spec.pod;
+    let extra = &spec.pod_template.metadata;
     let mut labels = pod.labels.clone();
+    labels.extend(extra.labels.clone());
+    // The operator's labels last: they select the pods.
     labels.extend(names.labels());
     // Lets status report the version each pod runs; not part of the selector.
     labels.insert(VERSION_LABEL.to_string(), spec.version.clone());
     let mut annotations = pod.annotations.clone();
+    annotations.extend(extra.annotations.clone());
     annotations.insert(CONFIG_HASH_ANNOTATION.to_string(), rendered.hash.clone());
     let grace = i64::from(spec.upgrade_strategy.drain_timeout_seconds)
         + PRE_STOP_SLEEP_SECONDS
         + GRACE_MARGIN_SECONDS;
+    let mut pod_spec = PodSpec {
+        service_account_name: Some(names.service_account()),
+        termination_grace_period_seconds: Some(grace),
+        node_selector: (!pod.node_selector.is_empty()).then(|| pod.node_selector.clone()),
+        tolerations: (!pod.tolerations.is_empty()).then(|| pod.tolerations.clone()),
+        affinity: pod.affinity.clone(),
+        topology_spread_constraints: Some(
+            pod.topology_spread_constraints
+                .clone()
+                .unwrap_or_else(|| default_spread(names)),
+        ),
+        priority_class_name: pod.priority_class_name.clone(),
+        image_pull_secrets: (!spec.image_pull_secrets.is_empty())
+            .then(|| spec.image_pull_secrets.clone()),
+        security_context: Some(
+            pod.security_context
+                .clone()
+                .unwrap_or_else(default_pod_security),
+        ),
+        containers: vec![container(cluster)],
+        volumes: Some(volumes(cluster, names)),
+        ..PodSpec::default()
+    };
+    // spec.podTemplate last: it wins over the typed fields, never over the protected ones.
+    super::podtemplate::merge_spec(&mut pod_spec, &spec.pod_template.spec);
     PodTemplateSpec {
         metadata: Some(ObjectMeta {
             labels: Some(labels),
             annotations: Some(annotations),
             ..ObjectMeta::default()
         }),
-        spec: Some(PodSpec {
-            service_account_name: Some(names.service_account()),
-            termination_grace_period_seconds: Some(grace),
-            node_selector: (!pod.node_selector.is_empty()).then(|| pod.node_selector.clone()),
-            tolerations: (!pod.tolerations.is_empty()).then(|| pod.tolerations.clone()),
-            affinity: pod.affinity.clone(),
-            topology_spread_constraints: Some(
-                pod.topology_spread_constraints
-                    .clone()
-                    .unwrap_or_else(|| default_spread(names)),
-            ),
-            priority_class_name: pod.priority_class_name.clone(),
-            image_pull_secrets: (!spec.image_pull_secrets.is_empty())
-                .then(|| spec.image_pull_secrets.clone()),
-            security_context: Some(
-                pod.security_context
-                    .clone()
-                    .unwrap_or_else(default_pod_security),
-            ),
-            containers: vec![container(cluster)],
-            volumes: Some(volumes(cluster, names)),
-            ..PodSpec::default()
-        }),
+        spec: Some(pod_spec),
     }
 }
 

@@ -3,6 +3,8 @@
 mod config;
 mod networkpolicy;
 mod objects;
+mod podtemplate;
+mod prometheusrule;
 mod service;
 mod statefulset;
 
@@ -20,6 +22,7 @@ fn build(spec: Value) -> (MqttCluster, Desired) {
     let inputs = BuildInputs {
         statefulset_replicas: c.spec.replicas,
         service_monitor_crd: true,
+        prometheus_rule_crd: true,
         operator_namespace: "corvid-system".to_string(),
     };
     let d = desired(&c, &valid, &inputs);
