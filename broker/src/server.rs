@@ -99,6 +99,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     }
     // Events emitted before this wait in the sinks' buffers.
     broker.event_store.start();
+    tasks.spawn(return_memory_after_bursts(broker.clone()));
     tracing::info!(node = %broker.node, version = env!("CARGO_PKG_VERSION"), "broker started");
     Ok(Running {
         broker,
@@ -159,5 +160,51 @@ impl Running {
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
         tracing::info!("broker stopped");
+    }
+}
+
+/// How often the broker looks whether clients have left since the last look.
+const TRIM_EVERY: Duration = Duration::from_secs(5);
+/// Connections that must have ended since the last trim before the allocator is asked again.
+const TRIM_AFTER_ENDED: u64 = 256;
+
+/// Gives memory back to the kernel after a crowd of clients leaves (a reconnect storm that
+/// ended, a load balancer that moved clients away): glibc keeps freed heap pages, so without
+/// this the pod keeps paying for its peak. `malloc_trim` walks the heap, so it runs at most
+/// every few seconds and only when many connections have ended since the last time.
+async fn return_memory_after_bursts(broker: Arc<Broker>) {
+    let mut tick = tokio::time::interval(TRIM_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let m = &broker.metrics;
+    // Connections ended = accepted minus still open.
+    let ended = || {
+        m.connections_total
+            .get()
+            .saturating_sub(m.connections.get().max(0) as u64)
+    };
+    let mut last = ended();
+    loop {
+        tokio::select! {
+            _ = broker.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = ended();
+        if now.saturating_sub(last) < TRIM_AFTER_ENDED {
+            continue;
+        }
+        let started = std::time::Instant::now();
+        // SAFETY: malloc_trim only releases free memory of the process's own heap; it has no
+        // preconditions and is thread-safe in glibc.
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        let released = unsafe { libc::malloc_trim(0) } == 1;
+        #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+        let released = false;
+        tracing::debug!(
+            ended = now - last,
+            released,
+            took_us = started.elapsed().as_micros() as u64,
+            "returned free heap to the kernel"
+        );
+        last = now;
     }
 }
