@@ -196,13 +196,13 @@ def test_a_packet_stalled_midway_closes_the_connection(version, port, raw, topic
     # Keep Alive 0 switches the keep-alive check off [MQTT-3.1.2-23 (v5: 3.1.2.10)], but the
     # rest of a packet that has started arriving is something the client owes: a connection
     # whose packet stops halfway (here right after its fixed header) is closed within
-    # corvid's mqtt.packet_timeout (default 10 s), so it cannot hold a buffer forever.
+    # corvid's mqtt.packet_timeout (default 5 s), so it cannot hold a buffer forever.
     watcher = bystander(raw, topic)
     c = RawClient(port, version)
     c.connect(unique("stall"), keepalive=0)
     data = publish_packet(f"{topic}/stall", b"x" * 100, 0, version=version)
     c.send(data[:2])
-    c.wait_closed(timeout=15)
+    c.wait_closed(timeout=10)
     still_served(raw, watcher, topic)
 
 

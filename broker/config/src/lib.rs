@@ -931,8 +931,8 @@ impl Default for MqttConfig {
             // suites send them); the level bound is what keeps tree walks cheap, and packet
             // size bounds the bytes. Lower it where devices never send long topics.
             max_topic_length: 65535,
-            connect_timeout: 10,
-            packet_timeout: 10,
+            connect_timeout: 5,
+            packet_timeout: 5,
             max_connect_size: 64 * 1024,
             write_timeout: 30,
             strict_utf8: true,
