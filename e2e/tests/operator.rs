@@ -581,9 +581,10 @@ where
 }
 
 /// Owned objects are watched: once the cluster is idle (next requeue in 300 s), a hand edit of
-/// the NetworkPolicy, the brokers' Role and the PodDisruptionBudget, and the deletion of the
-/// RoleBinding, are each undone by the operator within seconds. (Checked the other way round
-/// too: with those watches removed, the first edit stays and the test times out.)
+/// the NetworkPolicy, the brokers' Role and the PodDisruptionBudget (maxUnavailable swapped for
+/// minAvailable), and the deletion of the RoleBinding, are each undone by the operator within
+/// seconds. (Checked the other way round too: with those watches removed, the edits stay and the
+/// test times out.)
 #[tokio::test]
 async fn operator_restores_hand_edited_owned_objects_within_seconds() {
     let Some(client) = cluster("operator_restores_hand_edited_owned_objects_within_seconds").await
@@ -659,21 +660,25 @@ async fn operator_restores_hand_edited_owned_objects_within_seconds() {
     .unwrap_or_else(|e| panic!("{e:#}\n{}", operator.log_tail(30)));
 
     let pdbs = Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns.name);
-    let max_unavailable =
-        |pdb: &PodDisruptionBudget| pdb.spec.as_ref().and_then(|s| s.max_unavailable.clone());
-    assert_eq!(
-        max_unavailable(&pdbs.get(NAME).await.unwrap()),
-        Some(IntOrString::Int(1))
-    );
-    hand_edit(&pdbs, NAME, json!({"spec": {"maxUnavailable": 3}})).await;
+    let budget = |pdb: &PodDisruptionBudget| {
+        let spec = pdb.spec.clone().unwrap_or_default();
+        (spec.max_unavailable, spec.min_available)
+    };
+    let wanted = (Some(IntOrString::Int(1)), None);
+    assert_eq!(budget(&pdbs.get(NAME).await.unwrap()), wanted);
+    // Swapping maxUnavailable for minAvailable: the operator's apply must also remove
+    // minAvailable, or the API server refuses a PDB with both.
+    let swapped = json!({"spec": {"maxUnavailable": null, "minAvailable": 2}});
+    hand_edit(&pdbs, NAME, swapped).await;
     wait_for(
-        "the PDB's maxUnavailable back at 1",
+        "the PDB back at maxUnavailable 1 without minAvailable",
         DRIFT_TIMEOUT,
         || async {
-            let pdb = pdbs.get(NAME).await?;
-            Ok(match max_unavailable(&pdb) {
-                Some(IntOrString::Int(1)) => Ok(()),
-                other => Err(format!("maxUnavailable {other:?}")),
+            let found = budget(&pdbs.get(NAME).await?);
+            Ok(if found == wanted {
+                Ok(())
+            } else {
+                Err(format!("(maxUnavailable, minAvailable) = {found:?}"))
             })
         },
     )
