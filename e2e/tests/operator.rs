@@ -1,7 +1,8 @@
 //! The real `corvid-operator` against the real API server: it turns an MqttCluster into its
 //! owned objects, the StatefulSet rolls out on kwok nodes, the status and conditions follow,
 //! the scale subresource reaches the StatefulSet, and deleting the MqttCluster lets garbage
-//! collection remove everything it owned. kwok pods run no broker, so anything that needs a
+//! collection remove everything it owned; owned objects edited by hand are restored within
+//! seconds (they are watched). kwok pods run no broker, so anything that needs a
 //! live broker (joins, evacuation) is out of scope here.
 
 use std::net::{SocketAddr, TcpListener};
@@ -15,6 +16,9 @@ use corvid_e2e::{
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::{json, Value};
@@ -517,6 +521,26 @@ async fn operator_owns_a_prometheus_rule_when_its_crd_exists() {
         "{expr}"
     );
 
+    // The optional kind is watched too (its CRD was served when the operator started): once
+    // the cluster is idle, a hand edit of the rules is undone within seconds.
+    wait_for_status(&clusters, &operator, 1).await;
+    hand_edit(&rules, NAME, json!({"spec": {"groups": []}})).await;
+    wait_for(
+        "the PrometheusRule's alerts back",
+        DRIFT_TIMEOUT,
+        || async {
+            let rule = rules.get(NAME).await?;
+            let groups = rule.data["spec"]["groups"].as_array().map_or(0, Vec::len);
+            Ok(if groups > 0 {
+                Ok(())
+            } else {
+                Err("no rule groups".to_string())
+            })
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", operator.log_tail(30)));
+
     let off = json!({"spec": {"monitoring": {"prometheusRule": {"enabled": false}}}});
     clusters
         .patch(NAME, &PatchParams::default(), &Patch::Merge(&off))
@@ -526,6 +550,152 @@ async fn operator_owns_a_prometheus_rule_when_its_crd_exists() {
         Ok(match rules.get_opt(NAME).await? {
             None => Ok(()),
             Some(_) => Err("still there".to_string()),
+        })
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", operator.log_tail(30)));
+
+    drop(operator);
+    ns.delete().await.unwrap();
+}
+
+/// How soon a hand edit of an owned object must be undone: far below the 300 s idle requeue,
+/// so only a watch on the object's kind can meet it.
+const DRIFT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A hand edit (a merge patch under another field manager, as `kubectl edit` makes) of `name`.
+async fn hand_edit<K>(api: &Api<K>, name: &str, patch: Value)
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    api.patch(
+        name,
+        &PatchParams {
+            field_manager: Some("e2e-hand-edit".to_string()),
+            ..PatchParams::default()
+        },
+        &Patch::Merge(&patch),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("hand edit of {name}: {e}"));
+}
+
+/// Owned objects are watched: once the cluster is idle (next requeue in 300 s), a hand edit of
+/// the NetworkPolicy, the brokers' Role and the PodDisruptionBudget (maxUnavailable swapped for
+/// minAvailable), and the deletion of the RoleBinding, are each undone by the operator within
+/// seconds. (Checked the other way round too: with those watches removed, the edits stay and the
+/// test times out.)
+#[tokio::test]
+async fn operator_restores_hand_edited_owned_objects_within_seconds() {
+    let Some(client) = cluster("operator_restores_hand_edited_owned_objects_within_seconds").await
+    else {
+        return;
+    };
+    apply_crds(&client).await;
+    let ns = TestNamespace::create(&client, "drift").await.unwrap();
+    let operator = start_operator(&ns.name).await;
+    let clusters =
+        Api::<DynamicObject>::namespaced_with(client.clone(), &ns.name, &mqtt_cluster_resource());
+    clusters
+        .create(
+            &PostParams::default(),
+            &mqtt_cluster(NAME, json!({"replicas": 1})),
+        )
+        .await
+        .unwrap();
+    // Idle: every later reconcile comes from a watch event, not from a rollout's 5 s requeue.
+    wait_for_status(&clusters, &operator, 1).await;
+
+    let policies = Api::<NetworkPolicy>::namespaced(client.clone(), &ns.name);
+    let rules = |policy: &NetworkPolicy| {
+        policy
+            .spec
+            .as_ref()
+            .and_then(|s| s.ingress.as_ref())
+            .map_or(0, Vec::len)
+    };
+    let before = rules(&policies.get(NAME).await.unwrap());
+    assert!(before > 0, "the NetworkPolicy has ingress rules");
+    hand_edit(&policies, NAME, json!({"spec": {"ingress": []}})).await;
+    wait_for(
+        "the NetworkPolicy's ingress rules back",
+        DRIFT_TIMEOUT,
+        || async {
+            let n = rules(&policies.get(NAME).await?);
+            Ok(if n == before {
+                Ok(())
+            } else {
+                Err(format!("{n} ingress rules, want {before}"))
+            })
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", operator.log_tail(30)));
+
+    let broker = format!("{NAME}-broker");
+    let roles = Api::<Role>::namespaced(client.clone(), &ns.name);
+    let resources = |role: &Role| -> Vec<String> {
+        role.rules
+            .iter()
+            .flatten()
+            .flat_map(|r| r.resources.clone().unwrap_or_default())
+            .collect()
+    };
+    assert_eq!(
+        resources(&roles.get(&broker).await.unwrap()),
+        ["endpointslices"]
+    );
+    let widened =
+        json!({"rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]});
+    hand_edit(&roles, &broker, widened).await;
+    wait_for("the Role's rules back", DRIFT_TIMEOUT, || async {
+        let found = resources(&roles.get(&broker).await?);
+        Ok(if found == ["endpointslices"] {
+            Ok(())
+        } else {
+            Err(format!("rules on {found:?}"))
+        })
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", operator.log_tail(30)));
+
+    let pdbs = Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns.name);
+    let budget = |pdb: &PodDisruptionBudget| {
+        let spec = pdb.spec.clone().unwrap_or_default();
+        (spec.max_unavailable, spec.min_available)
+    };
+    let wanted = (Some(IntOrString::Int(1)), None);
+    assert_eq!(budget(&pdbs.get(NAME).await.unwrap()), wanted);
+    // Swapping maxUnavailable for minAvailable: the operator's apply must also remove
+    // minAvailable, or the API server refuses a PDB with both.
+    let swapped = json!({"spec": {"maxUnavailable": null, "minAvailable": 2}});
+    hand_edit(&pdbs, NAME, swapped).await;
+    wait_for(
+        "the PDB back at maxUnavailable 1 without minAvailable",
+        DRIFT_TIMEOUT,
+        || async {
+            let found = budget(&pdbs.get(NAME).await?);
+            Ok(if found == wanted {
+                Ok(())
+            } else {
+                Err(format!("(maxUnavailable, minAvailable) = {found:?}"))
+            })
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", operator.log_tail(30)));
+
+    let bindings = Api::<RoleBinding>::namespaced(client.clone(), &ns.name);
+    let uid = bindings.get(&broker).await.unwrap().uid();
+    bindings
+        .delete(&broker, &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for("the RoleBinding re-created", DRIFT_TIMEOUT, || async {
+        Ok(match bindings.get_opt(&broker).await? {
+            Some(b) if b.uid() != uid => Ok(()),
+            Some(_) => Err("the deleted RoleBinding is still there".to_string()),
+            None => Err("no RoleBinding".to_string()),
         })
     })
     .await

@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::build::names::{Names, FIELD_MANAGER, INSTANCE_LABEL};
-use crate::build::{certificate, prometheusrule, servicemonitor, Desired};
+use crate::build::{certificate, pdb, prometheusrule, servicemonitor, Desired};
 use crate::error::{Error, Result};
 
 fn params() -> PatchParams {
@@ -84,7 +84,11 @@ pub async fn apply_all(client: &Client, names: &Names, desired: &Desired) -> Res
     let client_service = apply(client, ns, &desired.client_service).await?;
     apply(client, ns, &desired.statefulset).await?;
     if let Some(pdb) = &desired.pdb {
-        apply(client, ns, pdb).await?;
+        let name = pdb.name_any();
+        Api::<PodDisruptionBudget>::namespaced(client.clone(), ns)
+            .patch(&name, &params(), &Patch::Apply(pdb::apply_document(pdb)))
+            .await
+            .map_err(failed(format!("PodDisruptionBudget {name}")))?;
     }
     if let Some(policy) = &desired.network_policy {
         apply(client, ns, policy).await?;

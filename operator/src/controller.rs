@@ -14,8 +14,11 @@ use std::time::Duration;
 use corvid_crds::{MqttCluster, MqttClusterStatus};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::runtime::controller::Action as Requeue;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::ObjectRef;
@@ -24,7 +27,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::apply;
-use crate::build::names::{Names, FIELD_MANAGER, INSTANCE_LABEL, MANAGED_BY_LABEL};
+use crate::build::names::{Names, FIELD_MANAGER, INSTANCE_LABEL};
 use crate::build::statefulset::{GRACE_MARGIN_SECONDS, PRE_STOP_SLEEP_SECONDS};
 use crate::build::{self, secret, BuildInputs};
 use crate::error::{Error, Result};
@@ -35,6 +38,7 @@ use crate::podtalk::{bounded, BrokerAdmin};
 use crate::rotation;
 use crate::status::{self, StatusInputs};
 use crate::validate::validate;
+use crate::watched;
 
 /// Shared state of all reconciles.
 pub struct Context {
@@ -720,30 +724,51 @@ where
     }
 }
 
+/// An Api over one namespace, or over all of them, for a dynamic kind.
+fn scoped_dynamic(
+    client: &Client,
+    namespace: &Option<String>,
+    ar: &ApiResource,
+) -> Api<DynamicObject> {
+    match namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, ar),
+        None => Api::all_with(client.clone(), ar),
+    }
+}
+
 /// Runs the controller over `namespaces` (all namespaces when empty) until shutdown.
+///
+/// Every kind the operator applies is watched (see `watched`), so drift in any owned object
+/// is corrected within seconds; the optional kinds only when their API is served at start.
 pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
     let scopes: Vec<Option<String>> = if namespaces.is_empty() {
         vec![None]
     } else {
         namespaces.into_iter().map(Some).collect()
     };
+    let optional = watched::served_optional_kinds(&ctx.client).await;
     let controllers = scopes.into_iter().map(|ns| {
         let client = ctx.client.clone();
-        let (clusters, statefulsets, services, config_maps, pods) = (
+        let owned = watched::owned_config();
+        let mut controller = Controller::new(
             scoped::<MqttCluster>(&client, &ns),
-            scoped::<StatefulSet>(&client, &ns),
-            scoped::<Service>(&client, &ns),
-            scoped::<ConfigMap>(&client, &ns),
-            scoped::<Pod>(&client, &ns),
-        );
-        let owned =
-            watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={FIELD_MANAGER}"));
-        Controller::new(clusters, watcher::Config::default().any_semantic())
-            .owns(statefulsets, owned.clone())
-            .owns(services, owned.clone())
-            .owns(config_maps, owned.clone())
+            watcher::Config::default().any_semantic(),
+        )
+        .owns(scoped::<StatefulSet>(&client, &ns), owned.clone())
+        .owns(scoped::<Service>(&client, &ns), owned.clone())
+        .owns(scoped::<ConfigMap>(&client, &ns), owned.clone())
+        .owns(scoped::<ServiceAccount>(&client, &ns), owned.clone())
+        .owns(scoped::<Role>(&client, &ns), owned.clone())
+        .owns(scoped::<RoleBinding>(&client, &ns), owned.clone())
+        .owns(scoped::<PodDisruptionBudget>(&client, &ns), owned.clone())
+        .owns(scoped::<NetworkPolicy>(&client, &ns), owned.clone());
+        for ar in &optional {
+            controller =
+                controller.owns_with(scoped_dynamic(&client, &ns, ar), ar.clone(), owned.clone());
+        }
+        controller
             // Pods belong to the StatefulSet, not to the MqttCluster: map them back by label.
-            .watches(pods, owned, |pod: Pod| {
+            .watches(scoped::<Pod>(&client, &ns), owned, |pod: Pod| {
                 let ns = pod.namespace()?;
                 let cluster = pod.labels().get(INSTANCE_LABEL)?.clone();
                 Some(ObjectRef::<MqttCluster>::new(&cluster).within(&ns))

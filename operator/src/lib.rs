@@ -20,6 +20,7 @@ pub mod podtalk;
 pub mod rotation;
 pub mod status;
 pub mod validate;
+pub mod watched;
 
 #[cfg(test)]
 pub mod testing;

@@ -64,9 +64,11 @@ to broker pods, because RBAC forbids granting what you do not have.
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [list, watch, create, patch]
+# The broker pods' ServiceAccount: applied, and watched (like every kind below that lists
+# watch) so a hand edit is put back within seconds.
 - apiGroups: [""]
   resources: [serviceaccounts]
-  verbs: [create, patch]
+  verbs: [list, watch, create, patch]
 # The cluster and admin-token Secrets are created once; the admin token is read for admin calls;
 # the cluster Secret is patched only by a rotation (corvid.dev/rotate-cluster-secret).
 - apiGroups: [""]
@@ -84,27 +86,28 @@ to broker pods, because RBAC forbids granting what you do not have.
 - apiGroups: [""]
   resources: [pods/log]
   verbs: [get]
-# The broker pods' Role and RoleBinding (peer discovery), applied.
+# The broker pods' Role and RoleBinding (peer discovery), applied and watched.
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]
-  verbs: [create, patch]
+  verbs: [list, watch, create, patch]
 # Not used by the operator itself: RBAC forbids granting (in the brokers' Role) what you do not hold.
 - apiGroups: [discovery.k8s.io]
   resources: [endpointslices]
   verbs: [get, list, watch]
-# Optional objects: applied when wanted, pruned by instance label when not.
+# Optional objects: applied when wanted, pruned by instance label when not, watched (the
+# cert-manager and Prometheus Operator kinds only when their API is served at start).
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
-  verbs: [list, create, patch, delete]
+  verbs: [list, watch, create, patch, delete]
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
-  verbs: [list, create, patch, delete]
+  verbs: [list, watch, create, patch, delete]
 - apiGroups: [cert-manager.io]
   resources: [certificates]
-  verbs: [list, create, patch, delete]
+  verbs: [list, watch, create, patch, delete]
 - apiGroups: [monitoring.coreos.com]
   resources: [servicemonitors, prometheusrules]
-  verbs: [list, create, patch, delete]
+  verbs: [list, watch, create, patch, delete]
 # kube's event recorder creates an Event and patches its series count.
 - apiGroups: [events.k8s.io]
   resources: [events]
