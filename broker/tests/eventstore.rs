@@ -772,10 +772,13 @@ async fn redis_faults_wrong_password_and_restart() {
     // The bystander's events, held while the password was wrong, go out once it is right
     // (written, not only taken from the buffer: a write cut short by the kill below would put
     // them back, and the count after the kill would no longer be the outage's alone).
-    eventually("the events held during the auth failure written", || async {
-        let st = status(&r, "redis").await;
-        (st["buffered"] == 0 && st["written"].as_u64() >= Some(2)).then_some(())
-    })
+    eventually(
+        "the events held during the auth failure written",
+        || async {
+            let st = status(&r, "redis").await;
+            (st["buffered"] == 0 && st["written"].as_u64() >= Some(2)).then_some(())
+        },
+    )
     .await;
 
     // Killed mid-stream, then back: buffered events arrive.
