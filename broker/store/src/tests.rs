@@ -216,3 +216,27 @@ fn what_was_acknowledged_survives_sigkill() {
     assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>(), "a gap");
     store.close();
 }
+
+#[test]
+fn marks_become_durable_in_order_and_a_closed_store_fails_waiters() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let a = store.send(vec![enqueue("c", 1, "x")]);
+    let b = store.send(vec![enqueue("c", 2, "y")]);
+    assert!(b > a && store.submitted() == b);
+    rt.block_on(store.wait_durable(b)).expect("durable");
+    assert!(store.durable() >= b && !store.failed());
+    let clone = store.clone();
+    store.close();
+    let late = clone.send(vec![enqueue("c", 3, "z")]);
+    assert!(rt.block_on(clone.wait_durable(late)).is_err());
+    assert!(clone.failed());
+    drop(clone);
+    let (store, r) = open(dir.path());
+    assert_eq!(r.queued.len(), 2, "what reached the durable mark is there");
+    store.close();
+}
