@@ -65,6 +65,8 @@ pub struct Broker {
     pub hooks: Hooks,
     /// Client events persisted to PostgreSQL / Redis (sinks attached to `hooks`).
     pub event_store: crate::eventstore::EventStore,
+    /// The durable store of sessions and retained messages (`persistence.data_dir`).
+    pub durable: Option<crate::persist::Durable>,
     /// Client and topic traces.
     pub tracer: Arc<Tracer>,
     /// Bridges to other brokers and Kafka: the publish path's tap into their buffers.
@@ -93,6 +95,9 @@ pub enum BrokerError {
     /// The event store cannot be set up.
     #[error(transparent)]
     EventStore(#[from] crate::eventstore::EventStoreError),
+    /// The durable store under `persistence.data_dir` cannot be opened.
+    #[error("persistence.data_dir: {0}")]
+    Store(#[from] corvid_store::StoreError),
 }
 
 /// A CONNECT refused because another identity owns the session of its client id
@@ -133,6 +138,7 @@ impl Broker {
             metrics.clone(),
         ));
         let mut hooks = hooks;
+        let config_persistence = config.persistence.clone();
         let event_store = crate::eventstore::EventStore::new(
             &config.event_store,
             &node,
@@ -162,6 +168,7 @@ impl Broker {
             fabric: std::sync::OnceLock::new(),
             cluster: std::sync::OnceLock::new(),
             event_store,
+            durable: crate::persist::Durable::open(&config_persistence)?,
         }))
     }
 
@@ -181,7 +188,7 @@ impl Broker {
             if !crate::sys::is_sys(&msg.topic) && self.retained_over_limit(&msg) {
                 self.metrics.dropped("retained_limit");
             } else {
-                self.retained.set(msg.clone());
+                self.set_retained(msg.clone());
                 if let Some(c) = self.fabric.get() {
                     c.retained(&msg);
                 }
@@ -209,6 +216,15 @@ impl Broker {
         }
         // Bridges see each message once, on the node where it entered the cluster.
         n + self.bridges.tap(&msg)
+    }
+
+    /// Stores (or, with an empty payload, clears) a retained message, durably when
+    /// `persistence.data_dir` is set. Every path that changes the retained store comes here.
+    pub fn set_retained(&self, msg: Msg) {
+        if let Some(db) = &self.durable {
+            db.retained(&msg);
+        }
+        self.retained.set(msg);
     }
 
     /// Whether retaining `msg` would go beyond `limits.max_retained` (a new topic) or
@@ -274,6 +290,7 @@ impl Broker {
             retain: msg.retain && t.retain_as_published,
             sub_ids: t.sub_ids,
             share: t.share,
+            seq: 0,
         };
         if self.enqueue(&t.session, d) && !congested.iter().any(|s| Arc::ptr_eq(s, &t.session)) {
             congested.push(t.session);
@@ -287,7 +304,7 @@ impl Broker {
             .hooks
             .wants(EventKind::MessageDropped)
             .then(|| (d.msg.clone(), d.qos));
-        let reason = match session.enqueue(d, &self.queue_bounds) {
+        let reason = match session.enqueue(d, &self.queue_bounds, self.durable.as_ref()) {
             Enqueued::Queued | Enqueued::Duplicate => return false,
             Enqueued::Congested => return true,
             Enqueued::QueuedDroppedOldest => "queue_full",
@@ -325,9 +342,14 @@ impl Broker {
         opts.qos = opts.qos.min(max_qos(&self.config));
         let existed = {
             let mut st = session.state.lock();
-            st.subscriptions
+            let existed = st
+                .subscriptions
                 .insert(raw.to_string(), Subscription { opts, sub_id })
-                .is_some()
+                .is_some();
+            if let Some(db) = self.durable.as_ref().filter(|_| st.stored) {
+                db.put_session(&session.client_id, &mut st);
+            }
+            existed
         };
         let (_, new_route) = self
             .router
@@ -352,6 +374,7 @@ impl Broker {
                     retain: true,
                     sub_ids: sub_id.into_iter().collect(),
                     share: None,
+                    seq: 0,
                 };
                 self.enqueue(session, d);
             }
@@ -361,9 +384,33 @@ impl Broker {
 
     /// Removes a subscription; returns whether it existed.
     pub fn unsubscribe(&self, session: &Arc<Session>, raw: &str) -> bool {
-        let existed = session.state.lock().subscriptions.remove(raw).is_some();
+        let existed = {
+            let mut st = session.state.lock();
+            let existed = st.subscriptions.remove(raw).is_some();
+            if let Some(db) = self.durable.as_ref().filter(|_| existed && st.stored) {
+                db.put_session(&session.client_id, &mut st);
+            }
+            existed
+        };
         self.remove_route(session, raw);
         existed
+    }
+
+    /// Puts back a subscription of a session restored from the durable store, with its route.
+    pub(crate) fn restore_subscription(
+        &self,
+        session: &Arc<Session>,
+        raw: String,
+        sub: Subscription,
+    ) {
+        let Ok(f) = self.config.mqtt.topic_limits().filter(&raw) else {
+            tracing::warn!(client_id = %session.client_id, filter = raw, "stored subscription no longer valid; dropped");
+            return;
+        };
+        let _ = self
+            .router
+            .subscribe(f.group, f.filter, session, sub.opts, sub.sub_id);
+        session.state.lock().subscriptions.insert(raw, sub);
     }
 
     fn remove_route(&self, session: &Session, raw: &str) {
@@ -448,6 +495,31 @@ impl Broker {
                 }
             }
         }
+        // A session that arrived is stored here as if it had always been (the old node
+        // deleted its copy when it handed it over).
+        if let Some(db) = self.durable.as_ref() {
+            let mut st = session.state.lock();
+            if st.expiry > 0 {
+                db.put_session(&session.client_id, &mut st);
+                let queued: Vec<Delivery> = std::mem::take(&mut st.queue).into_iter().collect();
+                for mut d in queued {
+                    db.enqueue(&session.client_id, &mut st, &mut d);
+                    st.queue.push_back(d);
+                }
+                let mut inflight = std::mem::take(&mut st.inflight);
+                for f in inflight.iter_mut() {
+                    db.enqueue(&session.client_id, &mut st, &mut f.delivery);
+                    if f.delivery.qos == QoS::ExactlyOnce {
+                        let released = f.state == crate::session::InflightState::AwaitComp;
+                        db.sent_qos2(&session.client_id, &f.delivery, f.packet_id, released);
+                    }
+                }
+                st.inflight = inflight;
+                for id in st.incoming_qos2.iter() {
+                    db.put_incoming(&session.client_id, &st, *id);
+                }
+            }
+        }
         // Deliveries the old node forwarded before the session arrived.
         if let Some(c) = self.fabric.get() {
             for d in c.take_early(&session.client_id) {
@@ -514,6 +586,14 @@ impl Broker {
             st.owner = conn.username.clone();
             st.connection = Some(conn);
             st.disconnected_at = None;
+            if let Some(db) = &self.durable {
+                if expiry > 0 {
+                    db.put_session(client_id, &mut st);
+                } else {
+                    // Expiry 0 now: it ends when this connection does; nothing to keep.
+                    db.delete_session(client_id, &mut st);
+                }
+            }
             st.generation
         };
         Ok(Opened {
@@ -533,6 +613,10 @@ impl Broker {
             }
             st.connection = None;
             st.disconnected_at = Some(Instant::now());
+            if let Some(db) = self.durable.as_ref().filter(|_| st.stored && st.expiry > 0) {
+                // Offline from now: the expiry countdown survives a restart.
+                db.put_session(&session.client_id, &mut st);
+            }
             st.expiry
         };
         session.release_publishers();
@@ -549,11 +633,21 @@ impl Broker {
 
     /// Ends `session` after `expiry` seconds unless it reconnects (its generation changes).
     fn schedule_expiry(self: &Arc<Self>, session: &Arc<Session>, generation: u64, expiry: u32) {
+        self.schedule_expiry_in(session, generation, Duration::from_secs(u64::from(expiry)));
+    }
+
+    /// Ends `session` after `left` unless it reconnects (a restored session's remaining time).
+    pub(crate) fn schedule_expiry_in(
+        self: &Arc<Self>,
+        session: &Arc<Session>,
+        generation: u64,
+        left: Duration,
+    ) {
         let broker = self.clone();
         let session = session.clone();
         tokio::spawn(async move {
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(u64::from(expiry))) => {}
+                _ = tokio::time::sleep(left) => {}
                 _ = broker.shutdown.cancelled() => return,
             }
             let expired = {
@@ -575,6 +669,9 @@ impl Broker {
             let mut st = session.state.lock();
             st.ended = true;
             st.generation += 1;
+            if let Some(db) = &self.durable {
+                db.delete_session(&session.client_id, &mut st);
+            }
             let subs: Vec<String> = st.subscriptions.drain().map(|(k, _)| k).collect();
             let mut orphans: Vec<Delivery> = st
                 .inflight
@@ -614,6 +711,8 @@ impl Broker {
                 let d = Delivery {
                     qos: d.msg.qos.min(t.qos),
                     share: t.share,
+                    // A key in the ended session's queue, gone with it.
+                    seq: 0,
                     ..d
                 };
                 self.enqueue(&t.session, d);

@@ -371,7 +371,9 @@ struct Conn {
     /// A write was abandoned midway: nothing more may be written.
     write_torn: bool,
     /// PUBACK / PUBREC held back while this client's own session is congested.
-    held_acks: Vec<codec::Outbound>,
+    /// Each with the durable store's mark it waits for (0: none): PUBACK / PUBREC are sent
+    /// in PUBLISH order once what their PUBLISH changed is on disk.
+    held_acks: std::collections::VecDeque<(u64, codec::Outbound)>,
 }
 
 /// A connection's topic alias tables [MQTT-3.3.2.3.4].
@@ -593,7 +595,7 @@ impl Conn {
             limits,
             congested: Vec::new(),
             write_torn: false,
-            held_acks: Vec::new(),
+            held_acks: std::collections::VecDeque::new(),
         };
         if opened.present {
             conn.reauthorize_subscriptions();
@@ -818,14 +820,20 @@ impl Conn {
                 rbuf = BytesMut::new();
             }
             // A packet partly received while the broker is reading must keep coming.
+            // At most a receive maximum of acknowledgements wait for the store; past that the
+            // client is not read from (a client that respects the receive maximum never gets
+            // there).
+            let acks_room = self.held_acks.len() < usize::from(broker.config.mqtt.receive_maximum);
             let stalled_at = packet_timeout
-                .filter(|_| self.codec.mid_packet(&rbuf) && paused.is_none() && held.is_empty())
+                .filter(|_| {
+                    self.codec.mid_packet(&rbuf) && paused.is_none() && held.is_empty() && acks_room
+                })
                 .map(|t| last_bytes + t);
             tokio::select! {
                 biased;
                 k = kick.recv() => return End::Kicked(k),
                 _ = shutdown.cancelled() => return End::Kicked(Kick::ShuttingDown),
-                r = t.read(&mut rbuf), if paused.is_none() && held.is_empty() => {
+                r = t.read(&mut rbuf), if paused.is_none() && held.is_empty() && acks_room => {
                     match r {
                         Ok(0) | Err(_) => return End::Lost,
                         Ok(n) => {
@@ -893,6 +901,16 @@ impl Conn {
                     }
                 }
                 _ = session.notify.notified() => {}
+                // Acknowledgements waiting for the store: sent by the next turn's
+                // `release_acks` once durable; a failed store sends none of them.
+                r = OptionFuture::from(self.awaited_mark().and_then(|m| Some(Box::pin(broker.durable.as_ref()?.store().wait_durable(m))))), if self.awaited_mark().is_some() => {
+                    if let Some(Err(_)) = r {
+                        return End::Protocol(
+                            Reason::UnspecifiedError,
+                            "the durable store failed; unacknowledged messages were not kept".into(),
+                        );
+                    }
+                }
                 _ = &mut sleep => return End::KeepAlive,
                 _ = OptionFuture::from(stalled_at.map(|d| Box::pin(tokio::time::sleep_until(d)))), if stalled_at.is_some() => {
                     return End::Protocol(
@@ -981,7 +999,9 @@ impl Conn {
                 break false;
             };
             if front.msg.expired(now) {
-                st.queue.pop_front();
+                if let (Some(d), Some(db)) = (st.queue.pop_front(), &broker.durable) {
+                    db.dequeue(&self.client_id, &d);
+                }
                 metrics.dropped("expired");
                 continue;
             }
@@ -1015,6 +1035,9 @@ impl Conn {
                         a.outbound.remove(&d.msg.topic);
                     }
                 }
+                if let Some(db) = &broker.durable {
+                    db.dequeue(&self.client_id, &d);
+                }
                 metrics.dropped("too_large_for_client");
                 continue;
             }
@@ -1029,6 +1052,14 @@ impl Conn {
                 });
             }
             if let Some(packet_id) = packet_id {
+                if let Some(db) = broker
+                    .durable
+                    .as_ref()
+                    .filter(|_| d.qos == QoS::ExactlyOnce)
+                {
+                    // Resent with the same packet id after a restart [MQTT-4.3.3].
+                    db.sent_qos2(&self.client_id, &d, packet_id, false);
+                }
                 st.inflight.push_back(Inflight {
                     packet_id,
                     delivery: d,
@@ -1120,6 +1151,9 @@ impl Conn {
                 let acked = st.inflight.remove(pos);
                 drop(st);
                 if let Some(f) = acked {
+                    if let Some(db) = &self.broker.durable {
+                        db.dequeue(&self.client_id, &f.delivery);
+                    }
                     self.acked_event(&f);
                 }
             }
@@ -1135,11 +1169,17 @@ impl Conn {
                 }
                 match found {
                     Some(pos) if rc >= Reason::UnspecifiedError.code() => {
-                        st.inflight.remove(pos);
+                        if let (Some(f), Some(db)) = (st.inflight.remove(pos), &self.broker.durable)
+                        {
+                            db.dequeue(&self.client_id, &f.delivery);
+                        }
                     }
                     Some(pos) => {
                         if let Some(f) = st.inflight.get_mut(pos) {
                             f.state = InflightState::AwaitComp;
+                            if let Some(db) = &self.broker.durable {
+                                db.sent_qos2(&self.client_id, &f.delivery, id, true);
+                            }
                         }
                         drop(st);
                         let _ = self.send(Outbound::PubRel(id, Reason::Success.code()), wbuf, None);
@@ -1155,7 +1195,14 @@ impl Conn {
                 }
             }
             Inbound::PubRel(id) => {
-                let known = self.session.state.lock().incoming_qos2.remove(&id.get());
+                let known = {
+                    let mut st = self.session.state.lock();
+                    let known = st.incoming_qos2.remove(&id.get());
+                    if let Some(db) = self.broker.durable.as_ref().filter(|_| known) {
+                        db.delete_incoming(&self.client_id, &st, id.get());
+                    }
+                    known
+                };
                 let _ = self.send(
                     Outbound::PubComp(
                         id,
@@ -1186,6 +1233,9 @@ impl Conn {
                 let acked = st.inflight.remove(pos);
                 drop(st);
                 if let Some(f) = acked {
+                    if let Some(db) = &self.broker.durable {
+                        db.dequeue(&self.client_id, &f.delivery);
+                    }
                     self.acked_event(&f);
                 }
             }
@@ -1448,6 +1498,8 @@ impl Conn {
             return self.publish_denied(p, wbuf, "acl_denied");
         }
         self.broker.metrics.acl.publish_allow.inc();
+        // The store's mark before this PUBLISH changed anything (see the acknowledgement).
+        let before = self.broker.durable.as_ref().map(|d| d.store().submitted());
         if p.qos == QoS::ExactlyOnce {
             let Some(id) = packet_id else {
                 return Some(End::Protocol(
@@ -1459,7 +1511,7 @@ impl Conn {
             if st.incoming_qos2.contains(&id.get()) {
                 // A resend of a message already routed: acknowledge again, don't deliver twice.
                 drop(st);
-                self.ack(Outbound::PubRec(id, Reason::Success.code()), false, wbuf);
+                self.ack(Outbound::PubRec(id, Reason::Success.code()), false, 0, wbuf);
                 return None;
             }
             if st.incoming_qos2.len() >= usize::from(cfg.mqtt.receive_maximum) {
@@ -1469,6 +1521,9 @@ impl Conn {
                 ));
             }
             st.incoming_qos2.insert(id.get());
+            if let Some(db) = &self.broker.durable {
+                db.put_incoming(&self.client_id, &st, id.get());
+            }
         }
         let qos = p.qos;
         if self.broker.hooks.wants(EventKind::MessagePublish) {
@@ -1516,12 +1571,20 @@ impl Conn {
             Reason::Success
         }
         .code();
+        // What this PUBLISH stored (queued for stored sessions, retained, its QoS 2 state)
+        // must be durable before it is acknowledged: everything sent to the store since
+        // `before` (other connections' changes included, which costs at most one commit).
+        let mark = match (&self.broker.durable, before) {
+            (Some(d), Some(before)) => Some(d.store().submitted()).filter(|&m| m > before),
+            _ => None,
+        }
+        .unwrap_or(0);
         match (qos, packet_id) {
             (QoS::AtLeastOnce, Some(id)) => {
-                self.ack(Outbound::PubAck(id, reason), self_fed, wbuf);
+                self.ack(Outbound::PubAck(id, reason), self_fed, mark, wbuf);
             }
             (QoS::ExactlyOnce, Some(id)) => {
-                self.ack(Outbound::PubRec(id, reason), self_fed, wbuf);
+                self.ack(Outbound::PubRec(id, reason), self_fed, mark, wbuf);
             }
             _ => {}
         }
@@ -1529,24 +1592,51 @@ impl Conn {
     }
 
     /// Acknowledges a PUBLISH, or holds the acknowledgement back while this client's own
-    /// session is congested (and behind any held one: acks go out in PUBLISH order).
-    fn ack(&mut self, p: Outbound, hold: bool, wbuf: &mut BytesMut) {
-        if hold || !self.held_acks.is_empty() {
-            self.held_acks.push(p);
+    /// session is congested or until the store's `mark` is durable (and behind any held one:
+    /// acks go out in PUBLISH order).
+    fn ack(&mut self, p: Outbound, hold: bool, mark: u64, wbuf: &mut BytesMut) {
+        let not_durable = mark > 0
+            && self
+                .broker
+                .durable
+                .as_ref()
+                .is_some_and(|d| d.store().durable() < mark);
+        if hold || not_durable || !self.held_acks.is_empty() {
+            self.held_acks.push_back((mark, p));
         } else {
             let _ = self.send(p, wbuf, None);
         }
     }
 
-    /// Sends the held acknowledgements once this client's own session no longer holds
-    /// publishers back.
+    /// Sends the held acknowledgements whose marks are durable, in order, once this client's
+    /// own session no longer holds publishers back.
     fn release_acks(&mut self, bounds: &QueueBounds, wbuf: &mut BytesMut) {
         if self.held_acks.is_empty() || self.session.holds_back(bounds).is_some() {
             return;
         }
-        for p in std::mem::take(&mut self.held_acks) {
-            let _ = self.send(p, wbuf, None);
+        let durable = self
+            .broker
+            .durable
+            .as_ref()
+            .map_or(u64::MAX, |d| d.store().durable());
+        while let Some(&(mark, _)) = self.held_acks.front() {
+            if mark > durable {
+                break;
+            }
+            if let Some((_, p)) = self.held_acks.pop_front() {
+                let _ = self.send(p, wbuf, None);
+            }
         }
+        if self.held_acks.is_empty() && self.held_acks.capacity() > 64 {
+            self.held_acks = std::collections::VecDeque::new();
+        }
+    }
+
+    /// The store mark the first held acknowledgement waits for, if it is not durable yet.
+    fn awaited_mark(&self) -> Option<u64> {
+        let (mark, _) = self.held_acks.front()?;
+        let store = self.broker.durable.as_ref()?.store();
+        (*mark > store.durable()).then_some(*mark)
     }
 
     /// A PUBLISH the ACL refuses (or one into `$SYS`): MQTT 5 acknowledges it with 0x87 (Not
@@ -1578,14 +1668,14 @@ impl Conn {
         .code();
         match (p.qos, p.packet_id) {
             (QoS::AtLeastOnce, Some(id)) => {
-                self.ack(Outbound::PubAck(id, rc), false, wbuf);
+                self.ack(Outbound::PubAck(id, rc), false, 0, wbuf);
             }
             (QoS::ExactlyOnce, Some(id)) => {
                 if !v5 {
                     // The 3.1.1 flow goes on to PUBREL/PUBCOMP.
                     self.session.state.lock().incoming_qos2.insert(id.get());
                 }
-                self.ack(Outbound::PubRec(id, rc), false, wbuf);
+                self.ack(Outbound::PubRec(id, rc), false, 0, wbuf);
             }
             (QoS::ExactlyOnce, None) => {
                 return Some(End::Protocol(

@@ -16,6 +16,7 @@ pub mod limits;
 pub mod listener;
 pub mod message;
 pub mod metrics;
+pub mod persist;
 pub mod retained;
 pub mod router;
 pub mod server;

@@ -104,6 +104,9 @@ pub struct Delivery {
     /// The shared-subscription group (`group/filter`) that chose this session, so the message
     /// can go to another member if this session ends before acknowledging it.
     pub share: Option<Arc<str>>,
+    /// Its key in the session's durable queue (`persistence.data_dir`); 0 when not stored
+    /// (QoS 0, a session with expiry 0, or no persistence).
+    pub seq: u64,
 }
 
 impl Delivery {

@@ -56,6 +56,8 @@ pub struct Running {
 /// Binds everything and starts serving.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let broker = Broker::new(config)?;
+    // Everything the durable store holds is back before any client can connect.
+    crate::persist::restore(&broker);
     broker.hooks.start(&broker.shutdown);
     crate::sys::start(broker.clone());
     crate::bridge::start(&broker);
@@ -137,7 +139,8 @@ impl Running {
 
     /// Stops accepting, tells connected clients the server is shutting down (MQTT 5 reason
     /// 0x8B) and waits up to `deadline` for their connections to close. Persistent sessions
-    /// stay in memory until the process exits (the cluster layer hands them off first).
+    /// stay in memory until the process exits (the cluster layer hands them off first); with
+    /// `persistence.data_dir` they are in the store, which is synced and closed last.
     pub async fn shutdown(mut self, deadline: Duration) {
         let b = &self.broker;
         b.accepting.store(false, Ordering::Relaxed);
@@ -159,6 +162,9 @@ impl Running {
         b.event_store.finish(left.max(Duration::from_secs(2))).await;
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
+        if let Some(d) = &b.durable {
+            d.close().await;
+        }
         tracing::info!("broker stopped");
     }
 }

@@ -172,6 +172,11 @@ pub struct SessionState {
     pub not_draining: bool,
     /// The delayed will waiting to be published for this session, if any: at most one.
     pub pending_will: Option<tokio::task::AbortHandle>,
+    /// The session is in the durable store (`persistence.data_dir`, expiry above zero): its
+    /// changes and QoS 1/2 deliveries are written there.
+    pub stored: bool,
+    /// The last sequence number given to a stored delivery.
+    pub next_seq: u64,
 }
 
 /// A session's queue of deliveries, its byte count kept in step so the byte bound costs
@@ -439,7 +444,14 @@ impl Session {
     /// Offers a delivery within `b`: QoS 0 to offline sessions is queued only when
     /// `queue_qos0`; an online session above its high-water mark answers
     /// [`Enqueued::Congested`] until it has been congested for the drain timeout, then sheds.
-    pub fn enqueue(&self, d: Delivery, b: &QueueBounds) -> Enqueued {
+    /// With `durable`, a QoS 1/2 delivery to a stored session is written to the store under
+    /// the session's lock (so its removal can never be sent before it).
+    pub fn enqueue(
+        &self,
+        mut d: Delivery,
+        b: &QueueBounds,
+        durable: Option<&crate::persist::Durable>,
+    ) -> Enqueued {
         let mut st = self.state.lock();
         if let Some(node) = &st.moved_to {
             return Enqueued::Moved(node.clone(), Box::new(d));
@@ -479,10 +491,19 @@ impl Session {
                 st.dropped += 1;
                 return Enqueued::Dropped;
             }
-            while b.full(&st.queue, size) && st.queue.pop_front().is_some() {
+            while b.full(&st.queue, size) {
+                let Some(old) = st.queue.pop_front() else {
+                    break;
+                };
+                if let Some(db) = durable {
+                    db.dequeue(&self.client_id, &old);
+                }
                 st.dropped += 1;
             }
             result = Enqueued::QueuedDroppedOldest;
+        }
+        if let Some(db) = durable {
+            db.enqueue(&self.client_id, &mut st, &mut d);
         }
         st.queue.push_back(d);
         drop(st);
@@ -574,6 +595,7 @@ mod tests {
             retain: false,
             sub_ids: vec![],
             share: None,
+            seq: 0,
         }
     }
 
@@ -613,13 +635,13 @@ mod tests {
         };
         for n in 0..4 {
             assert!(matches!(
-                s.enqueue(delivery(QoS::AtLeastOnce, n), &b),
+                s.enqueue(delivery(QoS::AtLeastOnce, n), &b, None),
                 Enqueued::Queued
             ));
         }
         assert!(s.holds_back(&b).is_none());
         assert!(matches!(
-            s.enqueue(delivery(QoS::AtLeastOnce, 4), &b),
+            s.enqueue(delivery(QoS::AtLeastOnce, 4), &b, None),
             Enqueued::Congested
         ));
         assert!(s.holds_back(&b).is_some());
@@ -644,7 +666,7 @@ mod tests {
             ..bounds(3, QueueFullPolicy::DropOldest, false)
         };
         for n in 0..6 {
-            let r = s.enqueue(delivery(QoS::AtLeastOnce, n), &b);
+            let r = s.enqueue(delivery(QoS::AtLeastOnce, n), &b, None);
             assert!(!matches!(r, Enqueued::Congested), "{r:?}");
         }
         assert!(s.holds_back(&b).is_none());
@@ -662,7 +684,7 @@ mod tests {
             ..bounds(5, QueueFullPolicy::DropOldest, false)
         };
         for n in 0..5 {
-            let r = s.enqueue(delivery(QoS::AtLeastOnce, n), &b);
+            let r = s.enqueue(delivery(QoS::AtLeastOnce, n), &b, None);
             assert!(matches!(r, Enqueued::Queued), "{r:?}");
         }
         assert!(s.holds_back(&b).is_none());
@@ -675,6 +697,7 @@ mod tests {
             s.enqueue(
                 delivery(QoS::AtLeastOnce, n),
                 &bounds(3, QueueFullPolicy::DropOldest, false),
+                None,
             );
         }
         let st = s.state.lock();
@@ -692,7 +715,7 @@ mod tests {
         };
         // Each delivery is 2 bytes (topic "t" and a one-byte payload).
         for n in 0..8 {
-            s.enqueue(delivery(QoS::AtLeastOnce, n), &b);
+            s.enqueue(delivery(QoS::AtLeastOnce, n), &b, None);
         }
         let mut st = s.state.lock();
         assert_eq!((st.queue.len(), st.queue.bytes(), st.dropped), (5, 10, 3));
@@ -709,6 +732,7 @@ mod tests {
             s.enqueue(
                 delivery(QoS::AtLeastOnce, n),
                 &bounds(3, QueueFullPolicy::DropNew, false),
+                None,
             );
         }
         let st = s.state.lock();
@@ -722,11 +746,13 @@ mod tests {
         let r = s.enqueue(
             delivery(QoS::AtMostOnce, 0),
             &bounds(3, QueueFullPolicy::DropNew, false),
+            None,
         );
         assert!(matches!(r, Enqueued::Dropped));
         let r = s.enqueue(
             delivery(QoS::AtMostOnce, 0),
             &bounds(3, QueueFullPolicy::DropNew, true),
+            None,
         );
         assert!(matches!(r, Enqueued::Queued));
     }
@@ -736,12 +762,12 @@ mod tests {
         let s = Session::new(ByteString::from_static("c"), 60);
         s.state.lock().recent_ids = Some(Box::default());
         let d = delivery(QoS::AtLeastOnce, 1);
-        let r = s.enqueue(d.clone(), &bounds(3, QueueFullPolicy::DropNew, false));
+        let r = s.enqueue(d.clone(), &bounds(3, QueueFullPolicy::DropNew, false), None);
         assert!(matches!(r, Enqueued::Queued));
-        let r = s.enqueue(d.clone(), &bounds(3, QueueFullPolicy::DropNew, false));
+        let r = s.enqueue(d.clone(), &bounds(3, QueueFullPolicy::DropNew, false), None);
         assert!(matches!(r, Enqueued::Duplicate));
         s.state.lock().moved_to = Some("n2".into());
-        let r = s.enqueue(d, &bounds(3, QueueFullPolicy::DropNew, false));
+        let r = s.enqueue(d, &bounds(3, QueueFullPolicy::DropNew, false), None);
         assert!(matches!(r, Enqueued::Moved(n, _) if n == "n2"));
     }
 

@@ -648,6 +648,47 @@ impl Default for TraceConfig {
 pub struct PersistenceConfig {
     /// Directory for persistent sessions and retained messages; unset keeps state in memory.
     pub data_dir: Option<PathBuf>,
+    /// When a commit reaches the disk before the PUBACKs that wait on it are sent.
+    pub sync: PersistSync,
+}
+
+/// `persistence.sync`: `always` (every group commit is `fdatasync`ed before its
+/// acknowledgements go out: nothing acknowledged is lost, also on power loss) or `<N>ms`
+/// (acknowledged once the OS has the bytes, synced at most N ms apart: a process crash or
+/// `kill -9` loses nothing, a power loss or kernel crash up to the last N ms).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum PersistSync {
+    /// `fdatasync` before acknowledging.
+    #[default]
+    Always,
+    /// Sync at most this many milliseconds apart.
+    EveryMs(std::num::NonZeroU32),
+}
+
+impl TryFrom<String> for PersistSync {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let t = s.trim();
+        if t == "always" {
+            return Ok(PersistSync::Always);
+        }
+        t.strip_suffix("ms")
+            .and_then(|n| n.trim().parse::<std::num::NonZeroU32>().ok())
+            .map(PersistSync::EveryMs)
+            .ok_or_else(|| {
+                format!("{s:?}: expected `always` or a number of milliseconds like `50ms`")
+            })
+    }
+}
+
+impl From<PersistSync> for String {
+    fn from(p: PersistSync) -> String {
+        match p {
+            PersistSync::Always => "always".into(),
+            PersistSync::EveryMs(n) => format!("{n}ms"),
+        }
+    }
 }
 
 /// A rate with a burst, written `rate,burst` (e.g. `1024,4096`).
@@ -2170,9 +2211,21 @@ acl:
 auto_subscriptions: [{ topic: "devices/%c/cmd", qos: 1 }]
 webhooks: [{ name: audit, url: "http://sink/events", events: [client.connected] }]
 cluster: { rebalance: { enabled: true, rate: 10 } }
-persistence: { data_dir: /var/lib/corvid }
+persistence: { data_dir: /var/lib/corvid, sync: 20ms }
 "#;
         let c = load_str(yaml, vec![]).expect("operator shape loads");
+        assert_eq!(
+            c.persistence.sync,
+            PersistSync::EveryMs(std::num::NonZeroU32::new(20).expect("20"))
+        );
+        for bad in ["sometimes", "0ms", "20"] {
+            let y = format!("persistence: {{ sync: {bad:?} }}");
+            let e = load_str(&y, vec![]).expect_err(bad).to_string();
+            assert!(
+                e.contains("persistence") && e.contains("always"),
+                "{bad}: {e}"
+            );
+        }
         assert_eq!(
             c.limits.message_rate(),
             Some(Rate {

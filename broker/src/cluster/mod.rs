@@ -758,7 +758,7 @@ impl Cluster {
                 if limits.name(&m.topic).is_err() {
                     return invalid("retained", 1);
                 }
-                b.retained.set(m.into_msg())
+                b.set_retained(m.into_msg())
             }
             Frame::RetainSnapshot(all) => {
                 let before = all.len();
@@ -768,7 +768,7 @@ impl Cluster {
                     .collect();
                 invalid("retained", before - valid.len());
                 for m in valid {
-                    b.retained.set(m.into_msg());
+                    b.set_retained(m.into_msg());
                 }
             }
             Frame::TakeSession {
@@ -999,6 +999,10 @@ impl Cluster {
                 st.queue.clear();
                 st.inflight.clear();
                 st.moved_to = Some(to.to_string());
+                // The new node stores it from here on.
+                if let Some(db) = &b.durable {
+                    db.delete_session(client_id, &mut st);
+                }
                 Some(snap)
             }
         };

@@ -206,6 +206,7 @@ impl WireDelivery {
                 .filter_map(NonZeroU32::new)
                 .collect(),
             share: self.share.map(Arc::from),
+            seq: 0,
         }
     }
 }
@@ -218,6 +219,33 @@ pub struct WireSub {
     retain_as_published: bool,
     retain_handling: u8,
     sub_id: Option<u32>,
+}
+
+impl WireSub {
+    /// Encodes a session's subscription.
+    pub fn from_sub(s: &Subscription) -> Self {
+        WireSub {
+            qos: s.opts.qos.value(),
+            no_local: s.opts.no_local,
+            retain_as_published: s.opts.retain_as_published,
+            retain_handling: u8::from(s.opts.retain_handling),
+            sub_id: s.sub_id.map(|i| i.get()),
+        }
+    }
+
+    /// Decodes into a session's subscription (unknown values fall back to the defaults).
+    pub fn to_sub(self) -> Subscription {
+        Subscription {
+            opts: SubOptions {
+                qos: QoS::try_from(self.qos).unwrap_or(QoS::AtMostOnce),
+                no_local: self.no_local,
+                retain_as_published: self.retain_as_published,
+                retain_handling: RetainHandling::try_from(self.retain_handling)
+                    .unwrap_or(RetainHandling::AtSubscribe),
+            },
+            sub_id: self.sub_id.and_then(NonZeroU32::new),
+        }
+    }
 }
 
 /// Everything that moves with a session.
@@ -256,18 +284,7 @@ impl SessionSnapshot {
             subscriptions: st
                 .subscriptions
                 .iter()
-                .map(|(f, s)| {
-                    (
-                        f.clone(),
-                        WireSub {
-                            qos: s.opts.qos.value(),
-                            no_local: s.opts.no_local,
-                            retain_as_published: s.opts.retain_as_published,
-                            retain_handling: u8::from(s.opts.retain_handling),
-                            sub_id: s.sub_id.map(|i| i.get()),
-                        },
-                    )
-                })
+                .map(|(f, s)| (f.clone(), WireSub::from_sub(s)))
                 .collect(),
             queue: st.queue.iter().map(WireDelivery::from_delivery).collect(),
             inflight: st
@@ -298,21 +315,7 @@ impl SessionSnapshot {
     pub fn subscriptions(&self) -> Vec<(String, Subscription)> {
         self.subscriptions
             .iter()
-            .map(|(f, w)| {
-                (
-                    f.clone(),
-                    Subscription {
-                        opts: SubOptions {
-                            qos: QoS::try_from(w.qos).unwrap_or(QoS::AtMostOnce),
-                            no_local: w.no_local,
-                            retain_as_published: w.retain_as_published,
-                            retain_handling: RetainHandling::try_from(w.retain_handling)
-                                .unwrap_or(RetainHandling::AtSubscribe),
-                        },
-                        sub_id: w.sub_id.and_then(NonZeroU32::new),
-                    },
-                )
-            })
+            .map(|(f, w)| (f.clone(), w.to_sub()))
             .collect()
     }
 

@@ -1,0 +1,452 @@
+//! Durable sessions (`persistence.data_dir`): turns changes of persistent sessions, their
+//! queues, QoS 2 state and the retained store into [`corvid_store`] ops, and restores all of
+//! it before the broker serves anyone after a restart. A PUBACK/PUBREC waits until the ops
+//! its PUBLISH caused are durable (the connection holds it on the store's mark), so what was
+//! acknowledged survives `kill -9`.
+//!
+//! What is stored: sessions with an expiry above zero (subscriptions with options, owner,
+//! expiry, when they went offline), their queued QoS 1/2 deliveries keyed by a per-session
+//! sequence number, the packet id and state of outgoing QoS 2 deliveries, the packet ids of
+//! incoming QoS 2 messages not yet released, and retained messages. Record formats are the
+//! cluster's wire types (postcard), so a session looks the same on a link and on disk.
+
+use std::collections::HashMap;
+use std::num::NonZeroU16;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytestring::ByteString;
+use corvid_store::{Op, Recovered, Store, StoreError, Sync};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::broker::Broker;
+use crate::cluster::proto::{WireDelivery, WireMsg, WireSub};
+use crate::config::{PersistSync, PersistenceConfig};
+use crate::message::{Delivery, Message, Msg};
+use crate::session::{Inflight, InflightState, Session, SessionState};
+
+/// A session's own record.
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredSession {
+    /// Session expiry interval, seconds (`u32::MAX` never).
+    expiry: u32,
+    /// The identity that owns it.
+    owner: Option<String>,
+    /// When it went offline (Unix seconds); `None` while online (a crash then counts the
+    /// offline time from the restart).
+    offline_since: Option<u64>,
+    /// Subscriptions by raw filter.
+    subscriptions: Vec<(String, WireSub)>,
+}
+
+/// A message with its expiry as a wall-clock time (the wire form's is relative).
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredDelivery {
+    delivery: WireDelivery,
+    /// Unix milliseconds after which it is not delivered.
+    expires_at_ms: Option<u64>,
+}
+
+/// A retained message.
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredMsg {
+    msg: WireMsg,
+    /// Unix milliseconds after which it is not delivered.
+    expires_at_ms: Option<u64>,
+}
+
+/// Marker key of an incoming QoS 2 packet id (received, not yet released).
+fn incoming_key(packet_id: u16) -> Vec<u8> {
+    let mut k = b"i".to_vec();
+    k.extend_from_slice(&packet_id.to_be_bytes());
+    k
+}
+
+/// Marker key of the packet id an outgoing QoS 2 delivery was sent with.
+fn outgoing_key(seq: u64) -> Vec<u8> {
+    let mut k = b"o".to_vec();
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn unix_ms(now_wall: SystemTime) -> u64 {
+    now_wall
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// An `Instant` deadline as Unix milliseconds.
+fn deadline_ms(at: Option<Instant>) -> Option<u64> {
+    let at = at?;
+    let left = at.saturating_duration_since(Instant::now());
+    Some(unix_ms(SystemTime::now()) + left.as_millis() as u64)
+}
+
+/// Unix milliseconds back to an `Instant` deadline (`now` if already past).
+fn deadline_instant(ms: Option<u64>) -> Option<Instant> {
+    let ms = ms?;
+    let left = ms.saturating_sub(unix_ms(SystemTime::now()));
+    Some(Instant::now() + Duration::from_millis(left))
+}
+
+/// The broker's handle on its durable store.
+pub struct Durable {
+    store: Store,
+    /// What the store held when opened, until [`restore`] takes it.
+    recovered: Mutex<Option<Recovered>>,
+}
+
+impl std::fmt::Debug for Durable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Durable").finish_non_exhaustive()
+    }
+}
+
+impl Durable {
+    /// Opens the store under `persistence.data_dir`, if set.
+    pub fn open(cfg: &PersistenceConfig) -> Result<Option<Durable>, StoreError> {
+        let Some(dir) = &cfg.data_dir else {
+            return Ok(None);
+        };
+        let sync = match cfg.sync {
+            PersistSync::Always => Sync::Always,
+            PersistSync::EveryMs(ms) => Sync::Every(Duration::from_millis(u64::from(ms.get()))),
+        };
+        let started = Instant::now();
+        let (store, recovered) = Store::open(&dir.join("store"), sync)?;
+        tracing::info!(
+            dir = %dir.display(),
+            sessions = recovered.sessions.len(),
+            queued = recovered.queued.len(),
+            retained = recovered.retained.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "durable store opened"
+        );
+        Ok(Some(Durable {
+            store,
+            recovered: Mutex::new(Some(recovered)),
+        }))
+    }
+
+    /// The store (marks, stats).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn send(&self, op: Op) {
+        self.store.send(vec![op]);
+    }
+
+    /// Writes a session's record (identity, expiry, subscriptions); marks it stored.
+    pub fn put_session(&self, client_id: &str, st: &mut SessionState) {
+        st.stored = true;
+        let offline_since = st.connection.is_none().then(|| {
+            let ago = st.disconnected_at.map_or(0, |t| t.elapsed().as_secs());
+            unix_ms(SystemTime::now()) / 1000 - ago
+        });
+        let rec = StoredSession {
+            expiry: st.expiry,
+            owner: st.owner.clone(),
+            offline_since,
+            subscriptions: st
+                .subscriptions
+                .iter()
+                .map(|(f, s)| (f.clone(), WireSub::from_sub(s)))
+                .collect(),
+        };
+        match postcard::to_stdvec(&rec) {
+            Ok(record) => self.send(Op::PutSession {
+                client_id: client_id.to_string(),
+                record,
+            }),
+            Err(e) => tracing::error!(client_id, error = %e, "session record not encoded"),
+        }
+    }
+
+    /// Removes a stored session and everything it holds.
+    pub fn delete_session(&self, client_id: &str, st: &mut SessionState) {
+        if std::mem::take(&mut st.stored) {
+            self.send(Op::DeleteSession {
+                client_id: client_id.to_string(),
+            });
+        }
+    }
+
+    /// Gives `d` the session's next sequence number and stores it, if the session is stored
+    /// and the delivery is QoS 1 or 2.
+    pub fn enqueue(&self, client_id: &str, st: &mut SessionState, d: &mut Delivery) {
+        if !st.stored || d.qos == crate::codec::QoS::AtMostOnce {
+            return;
+        }
+        st.next_seq += 1;
+        d.seq = st.next_seq;
+        let rec = StoredDelivery {
+            delivery: WireDelivery::from_delivery(d),
+            expires_at_ms: deadline_ms(d.msg.expires_at),
+        };
+        match postcard::to_stdvec(&rec) {
+            Ok(record) => self.send(Op::Enqueue {
+                client_id: client_id.to_string(),
+                seq: d.seq,
+                record,
+            }),
+            Err(e) => {
+                d.seq = 0;
+                tracing::error!(client_id, error = %e, "delivery not encoded");
+            }
+        }
+    }
+
+    /// A stored delivery is done with (acknowledged, expired, dropped).
+    pub fn dequeue(&self, client_id: &str, d: &Delivery) {
+        if d.seq == 0 {
+            return;
+        }
+        let mut ops = vec![Op::Dequeue {
+            client_id: client_id.to_string(),
+            seq: d.seq,
+        }];
+        if d.qos == crate::codec::QoS::ExactlyOnce {
+            ops.push(Op::DeleteMark {
+                client_id: client_id.to_string(),
+                key: outgoing_key(d.seq),
+            });
+        }
+        self.store.send(ops);
+    }
+
+    /// A stored QoS 2 delivery was sent with `packet_id`; `released` once PUBREL went out.
+    pub fn sent_qos2(&self, client_id: &str, d: &Delivery, packet_id: NonZeroU16, released: bool) {
+        if d.seq == 0 {
+            return;
+        }
+        let [a, b] = packet_id.get().to_be_bytes();
+        self.send(Op::PutMark {
+            client_id: client_id.to_string(),
+            key: outgoing_key(d.seq),
+            record: vec![a, b, u8::from(released)],
+        });
+    }
+
+    /// An incoming QoS 2 message was routed and awaits PUBREL.
+    pub fn put_incoming(&self, client_id: &str, st: &SessionState, packet_id: u16) {
+        if st.stored {
+            self.send(Op::PutMark {
+                client_id: client_id.to_string(),
+                key: incoming_key(packet_id),
+                record: Vec::new(),
+            });
+        }
+    }
+
+    /// An incoming QoS 2 message was released.
+    pub fn delete_incoming(&self, client_id: &str, st: &SessionState, packet_id: u16) {
+        if st.stored {
+            self.send(Op::DeleteMark {
+                client_id: client_id.to_string(),
+                key: incoming_key(packet_id),
+            });
+        }
+    }
+
+    /// A retained message was set (or cleared, by an empty payload).
+    pub fn retained(&self, msg: &Message) {
+        if msg.payload.is_empty() {
+            self.send(Op::DeleteRetained {
+                topic: msg.topic.to_string(),
+            });
+            return;
+        }
+        let rec = StoredMsg {
+            msg: WireMsg::from_msg(msg),
+            expires_at_ms: deadline_ms(msg.expires_at),
+        };
+        match postcard::to_stdvec(&rec) {
+            Ok(record) => self.send(Op::PutRetained {
+                topic: msg.topic.to_string(),
+                record,
+            }),
+            Err(e) => tracing::error!(topic = %msg.topic, error = %e, "retained not encoded"),
+        }
+    }
+
+    /// Commits what was sent and stops the writer (graceful shutdown).
+    pub async fn close(&self) {
+        let store = self.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.close()).await;
+    }
+}
+
+/// What [`restore`] brought back.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Restored {
+    /// Sessions restored.
+    pub sessions: usize,
+    /// Sessions dropped because they expired while the broker was down.
+    pub expired_sessions: usize,
+    /// Deliveries restored (queued or in flight).
+    pub messages: usize,
+    /// Deliveries dropped because their message expired.
+    pub expired_messages: usize,
+    /// Retained messages restored.
+    pub retained: usize,
+}
+
+/// Restores what the store held into `broker`: retained messages, sessions with their
+/// routes, queues, in-flight QoS 2 and incoming QoS 2 state. Called once at start, before any
+/// listener accepts.
+pub fn restore(broker: &Arc<Broker>) -> Restored {
+    let mut out = Restored::default();
+    let Some(db) = &broker.durable else {
+        return out;
+    };
+    let Some(r) = db.recovered.lock().take() else {
+        return out;
+    };
+    let started = Instant::now();
+    let now_s = unix_ms(SystemTime::now()) / 1000;
+    for (topic, rec) in r.retained {
+        match postcard::from_bytes::<StoredMsg>(&rec) {
+            Ok(s) => {
+                let mut m = Arc::unwrap_or_clone(s.msg.into_msg());
+                m.expires_at = deadline_instant(s.expires_at_ms);
+                if m.expired(Instant::now()) {
+                    db.send(Op::DeleteRetained { topic });
+                    continue;
+                }
+                broker.retained.set(Arc::new(m));
+                out.retained += 1;
+            }
+            Err(e) => {
+                tracing::warn!(topic, error = %e, "unreadable retained record dropped");
+                db.send(Op::DeleteRetained { topic });
+            }
+        }
+    }
+    let mut sessions: HashMap<String, Arc<Session>> = HashMap::new();
+    for (client_id, rec) in r.sessions {
+        let s = match postcard::from_bytes::<StoredSession>(&rec) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(client_id, error = %e, "unreadable session record dropped");
+                db.send(Op::DeleteSession { client_id });
+                continue;
+            }
+        };
+        let offline_for = s.offline_since.map_or(0, |t| now_s.saturating_sub(t));
+        if s.expiry != u32::MAX && offline_for >= u64::from(s.expiry) {
+            db.send(Op::DeleteSession { client_id });
+            out.expired_sessions += 1;
+            broker.metrics.sessions_expired.inc();
+            continue;
+        }
+        let session = Session::new(ByteString::from(client_id.as_str()), s.expiry);
+        {
+            let mut st = session.state.lock();
+            st.owner = s.owner;
+            st.stored = true;
+            st.disconnected_at = Some(
+                Instant::now()
+                    .checked_sub(Duration::from_secs(offline_for))
+                    .unwrap_or_else(Instant::now),
+            );
+        }
+        for (raw, w) in s.subscriptions {
+            broker.restore_subscription(&session, raw, w.to_sub());
+        }
+        broker.sessions.insert(session.clone());
+        if s.expiry != u32::MAX {
+            let left = u64::from(s.expiry) - offline_for;
+            let generation = session.state.lock().generation;
+            broker.schedule_expiry_in(&session, generation, Duration::from_secs(left));
+        }
+        sessions.insert(client_id, session);
+        out.sessions += 1;
+    }
+    // Outgoing QoS 2 deliveries already sent: (client, seq) → (packet id, released).
+    let mut sent: HashMap<(String, u64), (u16, bool)> = HashMap::new();
+    for (client_id, key, rec) in r.marks {
+        let Some(session) = sessions.get(&client_id) else {
+            continue; // the session's deletion covers it
+        };
+        match (key.first(), key.len(), rec.as_slice()) {
+            (Some(b'i'), 3, _) => {
+                let id = u16::from_be_bytes([key[1], key[2]]);
+                session.state.lock().incoming_qos2.insert(id);
+            }
+            (Some(b'o'), 9, [a, b, released]) => {
+                let mut seq = [0u8; 8];
+                seq.copy_from_slice(&key[1..9]);
+                sent.insert(
+                    (client_id, u64::from_be_bytes(seq)),
+                    (u16::from_be_bytes([*a, *b]), *released != 0),
+                );
+            }
+            _ => tracing::warn!(client_id, "unknown session marker ignored"),
+        }
+    }
+    let now = Instant::now();
+    let mut orphans: Vec<String> = Vec::new();
+    for (client_id, seq, rec) in r.queued {
+        let Some(session) = sessions.get(&client_id) else {
+            if orphans.last() != Some(&client_id) {
+                orphans.push(client_id);
+            }
+            continue;
+        };
+        let mut d = match postcard::from_bytes::<StoredDelivery>(&rec) {
+            Ok(s) => {
+                let mut d = s.delivery.into_delivery();
+                let mut m = Arc::unwrap_or_clone(d.msg);
+                m.expires_at = deadline_instant(s.expires_at_ms);
+                d.msg = Msg::new(m);
+                d
+            }
+            Err(e) => {
+                tracing::warn!(client_id, seq, error = %e, "unreadable queued message dropped");
+                db.send(Op::Dequeue { client_id, seq });
+                continue;
+            }
+        };
+        d.seq = seq;
+        let mut st = session.state.lock();
+        st.next_seq = st.next_seq.max(seq);
+        if d.msg.expired(now) {
+            drop(st);
+            db.dequeue(&client_id, &d);
+            out.expired_messages += 1;
+            continue;
+        }
+        out.messages += 1;
+        match sent
+            .remove(&(client_id, seq))
+            .and_then(|(id, rel)| Some((NonZeroU16::new(id)?, rel)))
+        {
+            Some((packet_id, released)) => st.inflight.push_back(Inflight {
+                packet_id,
+                delivery: d,
+                state: if released {
+                    InflightState::AwaitComp
+                } else {
+                    InflightState::AwaitAck
+                },
+            }),
+            None => st.queue.push_back(d),
+        }
+    }
+    for client_id in orphans {
+        // Queued messages whose session record is gone (never written, or unreadable).
+        db.send(Op::DeleteSession { client_id });
+    }
+    tracing::info!(
+        sessions = out.sessions,
+        expired_sessions = out.expired_sessions,
+        messages = out.messages,
+        expired_messages = out.expired_messages,
+        retained = out.retained,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "durable state restored"
+    );
+    out
+}

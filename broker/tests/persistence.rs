@@ -1,0 +1,359 @@
+//! Durable sessions (`persistence.data_dir`, #15): a real `corvid-broker` process killed with
+//! SIGKILL mid-stream and started again on the same directory loses nothing it acknowledged —
+//! offline and online persistent sessions of MQTT 3.1.1 and 5.0 with their queues and
+//! unacknowledged deliveries, a QoS 2 message half-way through its handshake (delivered once,
+//! not twice), and retained messages. Graceful stops keep the same.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{pkt, within, Raw, V};
+
+const BIN: &str = env!("CARGO_BIN_EXE_corvid-broker");
+
+/// One broker process on a data directory; killed on drop.
+struct Proc {
+    child: Option<Child>,
+    config: std::path::PathBuf,
+    log: std::path::PathBuf,
+    addr: SocketAddr,
+}
+
+impl Proc {
+    fn start(dir: &Path) -> Proc {
+        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let admin = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let config = dir.join("corvid.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "listeners:\n  mqtt: {{ bind: \"127.0.0.1:{port}\" }}\n  ws: {{ enabled: false }}\n\
+                 admin: {{ bind: \"127.0.0.1:{admin}\" }}\n\
+                 sys: {{ enabled: false }}\n\
+                 persistence: {{ data_dir: \"{}\" }}\n",
+                dir.join("data").display()
+            ),
+        )
+        .expect("write config");
+        let mut p = Proc {
+            child: None,
+            config,
+            log: dir.join("broker.log"),
+            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        };
+        p.launch();
+        p
+    }
+
+    fn launch(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log");
+        let child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn corvid-broker");
+        self.child = Some(child);
+    }
+
+    /// Waits until the broker accepts MQTT connections.
+    async fn ready(&self) {
+        within("the broker listening", async {
+            loop {
+                if tokio::net::TcpStream::connect(self.addr).await.is_ok() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for the process to exit.
+    async fn term(&mut self) {
+        let Some(mut c) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        within("the broker exiting after SIGTERM", async {
+            while c.try_wait().ok().flatten().is_none() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            if let Ok(log) = std::fs::read_to_string(&self.log) {
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("--- broker log (last lines) ---");
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+}
+
+/// CONNECT keeping the session: 3.1.1 clean session 0; 5.0 clean start 0 and a session
+/// expiry interval of an hour.
+fn connect_persistent(v: V, client_id: &str) -> Vec<u8> {
+    let mut b = Vec::new();
+    pkt::field(b"MQTT", &mut b);
+    b.extend_from_slice(&[v.level(), 0x00, 0, 60]);
+    if v == V::V5 {
+        pkt::props(&[0x11, 0, 0, 0x0E, 0x10], &mut b);
+    }
+    pkt::field(client_id.as_bytes(), &mut b);
+    pkt::frame(0x10, &b)
+}
+
+/// Connects keeping the session; returns the client and CONNACK's session-present flag.
+async fn resume(addr: SocketAddr, v: V, client_id: &str) -> (Raw, bool) {
+    let mut r = Raw::tcp(addr, v).await;
+    r.send(&connect_persistent(v, client_id)).await;
+    let ack = r.expect(pkt::CONNACK).await;
+    assert_eq!(ack.reason(), 0, "{client_id}: CONNACK refused: {ack:?}");
+    (r, ack.body.first().is_some_and(|f| f & 1 == 1))
+}
+
+fn pubrel(id: u16) -> Vec<u8> {
+    pkt::frame(0x62, &id.to_be_bytes())
+}
+
+fn pubrec(id: u16) -> Vec<u8> {
+    pkt::frame(0x50, &id.to_be_bytes())
+}
+
+fn pubcomp(id: u16) -> Vec<u8> {
+    pkt::frame(0x70, &id.to_be_bytes())
+}
+
+/// Reads PUBLISHes, acknowledging each (QoS 1 PUBACK; QoS 2 PUBREC, then PUBCOMP for the
+/// broker's PUBREL), until `done` says the payloads counted so far are enough.
+async fn collect(
+    r: &mut Raw,
+    counts: &mut BTreeMap<String, usize>,
+    done: impl Fn(&BTreeMap<String, usize>) -> bool,
+) {
+    while !done(counts) {
+        let p = r.recv().await.expect("connection open while collecting");
+        match p.kind() {
+            pkt::PUBLISH => {
+                let (_, id, body) = p.publish(r.v);
+                *counts
+                    .entry(String::from_utf8_lossy(&body).into_owned())
+                    .or_default() += 1;
+                match ((p.header >> 1) & 3, id) {
+                    (1, Some(id)) => r.send(&pkt::puback(id)).await,
+                    (2, Some(id)) => r.send(&pubrec(id)).await,
+                    _ => {}
+                }
+            }
+            6 => {
+                // PUBREL from the broker: complete the QoS 2 delivery.
+                let id = u16::from_be_bytes([p.body[0], p.body[1]]);
+                r.send(&pubcomp(id)).await;
+            }
+            _ => {}
+        }
+    }
+}
+
+const N: usize = 100;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_loses_nothing_acknowledged_and_delivers_qos2_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut broker = Proc::start(dir.path());
+    broker.ready().await;
+    let addr = broker.addr;
+
+    // An offline 3.1.1 session and an online 5.0 session that never acknowledges.
+    let (mut sub_a, present) = resume(addr, V::V311, "sub-a").await;
+    assert!(!present);
+    assert_eq!(sub_a.subscribe(1, "t/#", 1).await, 1);
+    drop(sub_a);
+    let (mut sub_b, _) = resume(addr, V::V5, "sub-b").await;
+    assert_eq!(sub_b.subscribe(1, "t/#", 2).await, 2);
+
+    // Acknowledged QoS 1 messages and a retained one.
+    let mut publisher = Raw::connect(addr, V::V311, "pub").await;
+    for i in 0..N {
+        let id = (i + 1) as u16;
+        publisher
+            .send(&pkt::publish(
+                V::V311,
+                b"t/1",
+                1,
+                id,
+                format!("m{i}").as_bytes(),
+            ))
+            .await;
+        publisher.expect(pkt::PUBACK).await;
+    }
+    let mut retained = pkt::publish(V::V311, b"r/x", 1, 500, b"kept");
+    retained[0] |= 1;
+    publisher.send(&retained).await;
+    publisher.expect(pkt::PUBACK).await;
+
+    // A QoS 2 message half-way: PUBREC received, PUBREL not sent yet.
+    let (mut pub2, _) = resume(addr, V::V5, "pub-2").await;
+    pub2.send(&pkt::publish(V::V5, b"t/q2", 2, 7, b"once"))
+        .await;
+    let rec = pub2.expect(pkt::PUBREC).await;
+    assert_eq!(rec.body[..2], 7u16.to_be_bytes());
+
+    // sub-b has some deliveries in flight, unacknowledged.
+    let first = sub_b.expect(pkt::PUBLISH).await;
+    assert_eq!(first.publish(V::V5).2, b"m0");
+
+    broker.kill9();
+    drop((sub_b, publisher, pub2));
+    broker.launch();
+    broker.ready().await;
+
+    // The QoS 2 sender resends after reconnecting: acknowledged again, not routed again.
+    let (mut pub2, present) = resume(addr, V::V5, "pub-2").await;
+    assert!(present, "pub-2's session (with its QoS 2 state) survived");
+    let mut dup = pkt::publish(V::V5, b"t/q2", 2, 7, b"once");
+    dup[0] |= 0x08;
+    pub2.send(&dup).await;
+    pub2.expect(pkt::PUBREC).await;
+    pub2.send(&pubrel(7)).await;
+    let comp = pub2.expect(7).await;
+    assert_eq!(
+        comp.body[2..].first().copied().unwrap_or(0),
+        0,
+        "PUBCOMP success: the id was known"
+    );
+
+    // A sentinel after everything: once it arrives, nothing else is on its way.
+    let mut publisher = Raw::connect(addr, V::V311, "pub").await;
+    publisher
+        .send(&pkt::publish(V::V311, b"t/end", 1, 1, b"end"))
+        .await;
+    publisher.expect(pkt::PUBACK).await;
+
+    for (v, id) in [(V::V311, "sub-a"), (V::V5, "sub-b")] {
+        let (mut sub, present) = resume(addr, v, id).await;
+        assert!(present, "{id}: session present after kill -9");
+        let mut counts = BTreeMap::new();
+        collect(&mut sub, &mut counts, |c| c.contains_key("end")).await;
+        let missing: Vec<usize> = (0..N)
+            .filter(|i| !counts.contains_key(&format!("m{i}")))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "{id}: acknowledged messages lost: {missing:?}"
+        );
+        assert_eq!(
+            counts.get("once"),
+            Some(&1),
+            "{id}: the QoS 2 message exactly once"
+        );
+        if v == V::V311 {
+            // Nothing was delivered to sub-a before the kill: no duplicates at all.
+            assert!(
+                counts.values().all(|&n| n == 1),
+                "{id}: duplicates {counts:?}"
+            );
+        }
+    }
+
+    // Retained messages came back too.
+    let mut late = Raw::connect(addr, V::V311, "late").await;
+    assert_eq!(late.subscribe(1, "r/#", 1).await, 1);
+    let p = late.expect(pkt::PUBLISH).await;
+    assert_eq!(p.publish(V::V311).2, b"kept");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_and_restart_keep_queued_messages_and_expired_sessions_go() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut broker = Proc::start(dir.path());
+    broker.ready().await;
+    let addr = broker.addr;
+    let (mut sub, _) = resume(addr, V::V311, "keeper").await;
+    assert_eq!(sub.subscribe(1, "k/#", 1).await, 1);
+    drop(sub);
+    // A 5.0 session that expires three seconds after it goes offline.
+    let mut short = Raw::tcp(addr, V::V5).await;
+    let mut b = Vec::new();
+    pkt::field(b"MQTT", &mut b);
+    b.extend_from_slice(&[5, 0x00, 0, 60]);
+    pkt::props(&[0x11, 0, 0, 0, 3], &mut b);
+    pkt::field(b"short", &mut b);
+    short.send(&pkt::frame(0x10, &b)).await;
+    short.expect(pkt::CONNACK).await;
+    assert_eq!(short.subscribe(1, "k/#", 1).await, 1);
+    short.send(&pkt::disconnect()).await;
+    drop(short);
+
+    let mut publisher = Raw::connect(addr, V::V311, "pub").await;
+    for i in 0..20u16 {
+        publisher
+            .send(&pkt::publish(
+                V::V311,
+                b"k/1",
+                1,
+                i + 1,
+                format!("k{i}").as_bytes(),
+            ))
+            .await;
+        publisher.expect(pkt::PUBACK).await;
+    }
+    drop(publisher);
+    broker.term().await;
+    // Down for longer than `short`'s expiry (counted in whole seconds).
+    within(
+        "four seconds pass",
+        tokio::time::sleep(Duration::from_secs(4)),
+    )
+    .await;
+    broker.launch();
+    broker.ready().await;
+
+    let (mut sub, present) = resume(addr, V::V311, "keeper").await;
+    assert!(present, "session present after SIGTERM and restart");
+    let mut counts = BTreeMap::new();
+    collect(&mut sub, &mut counts, |c| c.len() == 20).await;
+    assert!(counts.values().all(|&n| n == 1), "{counts:?}");
+    let (_short, present) = resume(addr, V::V5, "short").await;
+    assert!(
+        !present,
+        "a session whose expiry passed while the broker was down is gone"
+    );
+}
