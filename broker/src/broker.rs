@@ -139,6 +139,7 @@ impl Broker {
         ));
         let mut hooks = hooks;
         let config_persistence = config.persistence.clone();
+        let durable_metrics = metrics.clone();
         let event_store = crate::eventstore::EventStore::new(
             &config.event_store,
             &node,
@@ -168,7 +169,7 @@ impl Broker {
             fabric: std::sync::OnceLock::new(),
             cluster: std::sync::OnceLock::new(),
             event_store,
-            durable: crate::persist::Durable::open(&config_persistence)?,
+            durable: crate::persist::Durable::open(&config_persistence, &durable_metrics)?,
         }))
     }
 
@@ -796,6 +797,9 @@ impl Broker {
         m.routes.set(gauge(self.router.filters().len()));
         m.retained.set(gauge(self.retained.len()));
         self.event_store.refresh_gauges();
+        if let Some(d) = &self.durable {
+            d.refresh_metrics();
+        }
     }
 }
 

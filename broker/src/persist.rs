@@ -90,11 +90,62 @@ fn deadline_instant(ms: Option<u64>) -> Option<Instant> {
     Some(Instant::now() + Duration::from_millis(left))
 }
 
+/// The store's figures as metrics, refreshed at scrape time from [`corvid_store::Stats`].
+struct StoreMetrics {
+    commits: prometheus::IntCounter,
+    ops: prometheus::IntCounter,
+    failures: prometheus::IntCounter,
+    commit_micros: prometheus::IntCounter,
+    max_commit_micros: prometheus::IntGauge,
+    disk_bytes: prometheus::IntGauge,
+    pending: prometheus::IntGauge,
+    failed: prometheus::IntGauge,
+}
+
+impl StoreMetrics {
+    fn new(m: &crate::metrics::Metrics) -> Result<Self, prometheus::Error> {
+        Ok(StoreMetrics {
+            commits: m.counter("corvid_store_commits_total", "Group commits written to the durable store")?,
+            ops: m.counter("corvid_store_ops_total", "Changes written to the durable store")?,
+            failures: m.counter(
+                "corvid_store_commit_failures_total",
+                "Commits that failed (I/O error, disk full); QoS 1/2 publishers are disconnected unacknowledged",
+            )?,
+            commit_micros: m.counter(
+                "corvid_store_commit_microseconds_total",
+                "Time spent writing and syncing commits (with corvid_store_commits_total: mean commit latency)",
+            )?,
+            max_commit_micros: m.gauge(
+                "corvid_store_commit_max_microseconds",
+                "Slowest commit since the last scrape",
+            )?,
+            disk_bytes: m.gauge("corvid_store_disk_bytes", "Bytes the durable store uses on disk")?,
+            pending: m.gauge(
+                "corvid_store_pending_requests",
+                "Changes handed to the store and not yet durable (acknowledgements wait on them)",
+            )?,
+            failed: m.gauge(
+                "corvid_store_failed",
+                "1 once a commit failed: nothing more is acknowledged until the broker restarts",
+            )?,
+        })
+    }
+}
+
+/// Brings a counter up to `value` (the store counts; Prometheus counters only add).
+fn catch_up(c: &prometheus::IntCounter, value: u64) {
+    let now = c.get();
+    if value > now {
+        c.inc_by(value - now);
+    }
+}
+
 /// The broker's handle on its durable store.
 pub struct Durable {
     store: Store,
     /// What the store held when opened, until [`restore`] takes it.
     recovered: Mutex<Option<Recovered>>,
+    metrics: StoreMetrics,
 }
 
 impl std::fmt::Debug for Durable {
@@ -104,8 +155,11 @@ impl std::fmt::Debug for Durable {
 }
 
 impl Durable {
-    /// Opens the store under `persistence.data_dir`, if set.
-    pub fn open(cfg: &PersistenceConfig) -> Result<Option<Durable>, StoreError> {
+    /// Opens the store under `persistence.data_dir`, if set, and registers its metrics.
+    pub fn open(
+        cfg: &PersistenceConfig,
+        metrics: &crate::metrics::Metrics,
+    ) -> Result<Option<Durable>, crate::broker::BrokerError> {
         let Some(dir) = &cfg.data_dir else {
             return Ok(None);
         };
@@ -126,7 +180,25 @@ impl Durable {
         Ok(Some(Durable {
             store,
             recovered: Mutex::new(Some(recovered)),
+            metrics: StoreMetrics::new(metrics)?,
         }))
+    }
+
+    /// Copies the store's figures into the metrics (at scrape time).
+    pub fn refresh_metrics(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (s, m) = (self.store.stats(), &self.metrics);
+        catch_up(&m.commits, s.commits.load(Relaxed));
+        catch_up(&m.ops, s.ops.load(Relaxed));
+        catch_up(&m.failures, s.failures.load(Relaxed));
+        catch_up(&m.commit_micros, s.commit_micros.load(Relaxed));
+        m.max_commit_micros
+            .set(i64::try_from(s.max_commit_micros.swap(0, Relaxed)).unwrap_or(i64::MAX));
+        m.disk_bytes
+            .set(i64::try_from(self.store.disk_space()).unwrap_or(i64::MAX));
+        let pending = self.store.submitted().saturating_sub(self.store.durable());
+        m.pending.set(i64::try_from(pending).unwrap_or(i64::MAX));
+        m.failed.set(i64::from(self.store.failed()));
     }
 
     /// The store (marks, stats).

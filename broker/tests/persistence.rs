@@ -22,6 +22,7 @@ struct Proc {
     config: std::path::PathBuf,
     log: std::path::PathBuf,
     addr: SocketAddr,
+    admin: SocketAddr,
 }
 
 impl Proc {
@@ -51,6 +52,7 @@ impl Proc {
             config,
             log: dir.join("broker.log"),
             addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+            admin: SocketAddr::from((Ipv4Addr::LOCALHOST, admin)),
         };
         p.launch();
         p
@@ -292,6 +294,19 @@ async fn kill_9_mid_stream_loses_nothing_acknowledged_and_delivers_qos2_once() {
             );
         }
     }
+
+    // The store's work shows in the metrics.
+    let (status, metrics) = common::http_get(broker.admin, "/metrics").await;
+    assert_eq!(status, 200);
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+    };
+    assert!(value("corvid_store_commits_total") >= 1.0);
+    assert_eq!(value("corvid_store_failed"), 0.0);
+    assert!(value("corvid_store_disk_bytes") > 0.0);
 
     // Retained messages came back too.
     let mut late = Raw::connect(addr, V::V311, "late").await;
