@@ -57,7 +57,7 @@ pub struct PodTemplateOptions {
         .message("persistence.storageClassName is immutable")
 )]
 pub struct PersistenceSpec {
-    /// none keeps state in memory (lost when a pod restarts); pvc gives every pod a PersistentVolumeClaim.
+    /// none keeps state in memory (lost when a pod crashes); pvc gives every pod a PersistentVolumeClaim where the broker keeps persistent sessions, their queued messages and retained messages across restarts.
     #[serde(default)]
     pub mode: PersistenceMode,
     /// Size of each pod's volume (pvc mode).

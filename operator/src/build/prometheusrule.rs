@@ -117,6 +117,24 @@ pub fn alerts(cluster: &MqttCluster, names: &Names) -> Vec<Alert> {
             "A peer failed the cluster handshake: a wrong cluster secret or a replay.",
         ),
     ];
+    if cluster.spec.persistence.mode == corvid_crds::PersistenceMode::Pvc {
+        out.push(alert(
+            "CorvidStoreFailed",
+            format!("max by (pod) (corvid_store_failed{{{sel}}}) > 0"),
+            None,
+            "critical",
+            "A broker's durable store failed (disk full or I/O error): it acknowledges no QoS 1/2 message until restarted.",
+        ));
+        out.push(alert(
+            "CorvidStoreSlowCommits",
+            format!(
+                "max by (pod) (rate(corvid_store_commit_microseconds_total{{{sel}}}[5m]) / rate(corvid_store_commits_total{{{sel}}}[5m])) > 50000"
+            ),
+            Some("10m"),
+            "warning",
+            "Durable-store commits take over 50 ms on average: every QoS 1/2 acknowledgement waits that long.",
+        ));
+    }
     let bridges = &cluster.spec.bridges;
     if !bridges.mqtt.is_empty() || !bridges.kafka.is_empty() {
         out.push(alert(

@@ -108,11 +108,14 @@ fn the_extractor_finds_metrics_and_skips_labels_functions_and_keywords() {
 #[test]
 fn every_alert_uses_only_metrics_the_broker_exports() {
     let exported = exported();
-    // With bridges, so the bridge alerts are checked too.
-    let c = cluster(json!({"bridges": {"mqtt": [{"name": "cloud",
-        "remote": {"host": "mqtt.example.com"}, "egress": [{"localFilter": "a/#"}]}]}}));
+    // With bridges and volumes, so the bridge and store alerts are checked too.
+    let c = cluster(
+        json!({"persistence": {"mode": "pvc"}, "bridges": {"mqtt": [{"name": "cloud",
+        "remote": {"host": "mqtt.example.com"}, "egress": [{"localFilter": "a/#"}]}]}}),
+    );
     let all = alerts(&c, &Names::of(&c));
     assert!(all.iter().any(|a| a.name == "CorvidBridgeDown"));
+    assert!(all.iter().any(|a| a.name == "CorvidStoreFailed"));
     let mut used = BTreeSet::new();
     for alert in &all {
         let names = metric_names(&alert.expr);
