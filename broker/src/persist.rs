@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytestring::ByteString;
-use corvid_store::{Op, Recovered, Store, StoreError, Sync};
+use corvid_store::{Op, Recovered, Store, Sync};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 

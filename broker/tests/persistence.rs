@@ -372,3 +372,120 @@ async fn sigterm_and_restart_keep_queued_messages_and_expired_sessions_go() {
         "a session whose expiry passed while the broker was down is gone"
     );
 }
+
+/// Issue #15 item 3's figure: start-up with 100,000 persisted sessions and 1,000,000 queued
+/// messages (target ≤ 10 s). Filled through the broker's own session and publish paths
+/// in-process, then the store is closed and a second broker opens and restores it; the time
+/// of that open + restore is the figure. A measurement, not a check: run it with
+/// `cargo test --release -p corvid-broker --test persistence -- --ignored --nocapture`
+/// (`CORVID_RECOVERY_SESSIONS`, `CORVID_RECOVERY_PER_SESSION` change the size).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; run in release with --ignored --nocapture"]
+async fn recovery_time_with_100k_sessions_and_1m_queued_messages() {
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use corvid_broker::codec::{Protocol, QoS, SubOptions};
+    use corvid_broker::message::Message;
+    use corvid_broker::session::{ConnInfo, KickSlot};
+    use corvid_broker::Broker;
+
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let sessions = env("CORVID_RECOVERY_SESSIONS", 100_000);
+    let per = env("CORVID_RECOVERY_PER_SESSION", 10);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = common::config();
+    cfg.persistence.data_dir = Some(dir.path().to_path_buf());
+    cfg.sessions.max_offline_queue = per.max(1000);
+
+    let filled = Instant::now();
+    {
+        let broker = Broker::new(cfg.clone()).expect("broker");
+        let peer: SocketAddr = "127.0.0.1:1".parse().expect("addr");
+        for i in 0..sessions {
+            let id = bytestring::ByteString::from(format!("dev-{i}"));
+            let acl = broker.acl.for_client(
+                &corvid_broker::acl::Client {
+                    client_id: &id,
+                    username: None,
+                    ip: peer.ip(),
+                },
+                &[],
+            );
+            let info = ConnInfo {
+                id: broker.sessions.next_conn_id(),
+                peer,
+                listener: "mqtt",
+                protocol: Protocol::V311,
+                keep_alive: 60,
+                username: None,
+                connected_at: 0,
+                kick: Arc::new(KickSlot::default()),
+                acl: Arc::new(acl),
+            };
+            let opened = broker
+                .open_session(&id, false, 3600, info)
+                .expect("session opens");
+            let opts = SubOptions::qos(QoS::AtLeastOnce);
+            broker
+                .subscribe(&opened.session, &format!("d/{i}"), opts, None)
+                .expect("subscribe");
+            broker.close_session(&opened.session, opened.generation);
+        }
+        let payload = bytes::Bytes::from(vec![b'x'; 64]);
+        for _ in 0..per {
+            for i in 0..sessions {
+                broker.publish(Arc::new(Message::new(
+                    format!("d/{i}").into(),
+                    payload.clone(),
+                    QoS::AtLeastOnce,
+                    false,
+                    None,
+                    "publisher".into(),
+                )));
+            }
+        }
+        let durable = broker.durable.as_ref().expect("durable store");
+        let last = durable.store().submitted();
+        durable
+            .store()
+            .wait_durable(last)
+            .await
+            .expect("everything durable");
+        durable.close().await;
+        broker.shutdown.cancel();
+        within("the first broker's tasks letting go", async {
+            while Arc::strong_count(&broker) > 1 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    }
+    let filled = filled.elapsed();
+
+    let started = Instant::now();
+    let broker = Broker::new(cfg).expect("broker reopens");
+    let restored = corvid_broker::persist::restore(&broker);
+    let took = started.elapsed();
+    let disk = broker
+        .durable
+        .as_ref()
+        .map_or(0, |d| d.store().disk_space());
+    println!(
+        "recovery: {} sessions, {} queued messages (64-byte payloads) restored in {:.2} s \
+         (filled in {:.1} s; {} bytes on disk, {} per message)",
+        restored.sessions,
+        restored.messages,
+        took.as_secs_f64(),
+        filled.as_secs_f64(),
+        disk,
+        disk / (restored.messages.max(1) as u64),
+    );
+    assert_eq!(restored.sessions, sessions);
+    assert_eq!(restored.messages, sessions * per);
+}
