@@ -6,7 +6,8 @@ starts one broker at a time on 127.0.0.1, drives it with corvid-bench, alternate
 brokers every round (so slow drift on a shared machine hits both), and prints the median of each
 figure plus the corvid/mosquitto ratio. Standard library only.
 
-Figures: QoS0 and QoS1 delivered msg/s (p2p pairs, unthrottled with a bounded window), fan-out
+Figures: QoS0 and QoS1 delivered msg/s (p2p pairs, unthrottled with a bounded window), the same
+QoS1 run with durable sessions (corvid with persistence.data_dir) and its p99 at 2000 msg/s, fan-out
 1->1000 deliveries/s, p99 latency at a fixed offered rate, broker CPU-seconds per million
 deliveries (utime+stime from /proc/PID/stat around the run), and broker RSS per idle connection at
 10k connections (VmRSS delta from /proc/PID/status / connections).
@@ -169,6 +170,8 @@ class Corvid(Broker):
     def __init__(self, workdir: Path, binary: str):
         super().__init__(workdir)
         self.binary = binary
+        # Set per run by scenarios that measure durable sessions (persistence.data_dir).
+        self.data_dir: Path | None = None
         try:
             help_text = subprocess.run(
                 [binary, "serve", "--help"], capture_output=True, text=True, timeout=10
@@ -207,6 +210,7 @@ class Corvid(Broker):
             # Every benchmark client comes from 127.0.0.1 (10k idle connections, fan-out to 1000):
             # the per-address cap, meant for the internet, would refuse them.
             "CORVID_LIMITS__MAX_CONNECTIONS_PER_IP": "0",
+            **({"CORVID_PERSISTENCE__DATA_DIR": str(self.data_dir)} if self.data_dir else {}),
         }
 
 
@@ -256,6 +260,27 @@ def scenarios(quick: bool) -> list[dict]:
             "key": "latency",
             "title": "p99 latency at 2000 msg/s (p2p 10 pairs, QoS1)",
             "args": ["pub-sub", "--scenario", "p2p", "--publishers", pairs, "--qos", "1", "--rate", "2000", *common],
+        },
+        {
+            # Durable sessions (#15): subscribers keep their sessions and corvid runs with
+            # persistence.data_dir, so every delivery is on disk before its PUBACK goes out.
+            # mosquitto runs as everywhere else (persistence false: it writes only on autosave).
+            "key": "qos1_durable",
+            "title": "QoS1 delivered msg/s, durable sessions (corvid: data_dir, sync always; p2p 10 pairs)",
+            "args": [
+                "pub-sub", "--scenario", "p2p", "--publishers", pairs, "--qos", "1", "--rate", "0",
+                "--persistent-subscribers", *common,
+            ],
+            "durable": True,
+        },
+        {
+            "key": "latency_durable",
+            "title": "p99 latency at 2000 msg/s, durable sessions (p2p 10 pairs, QoS1)",
+            "args": [
+                "pub-sub", "--scenario", "p2p", "--publishers", pairs, "--qos", "1", "--rate", "2000",
+                "--persistent-subscribers", *common,
+            ],
+            "durable": True,
         },
         {"key": "idle", "title": f"RSS per idle connection ({conns} connections)", "connections": conns},
         {
@@ -421,7 +446,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="short runs, 1 round, smaller fan-out and idle counts")
     ap.add_argument("--rounds", type=int, help="rounds per scenario (default 3, quick 1)")
     ap.add_argument("--brokers", default="corvid,mosquitto", help="comma list of corvid,mosquitto")
-    ap.add_argument("--only", help="comma list of scenarios: qos0,qos1,qos1sw,fanout,latency,idle,idle_sub,storm")
+    ap.add_argument("--only", help="comma list of scenarios: qos0,qos1,qos1sw,fanout,latency,qos1_durable,latency_durable,idle,idle_sub,storm")
     ap.add_argument("--skip-build", action="store_true", help="use already built release binaries")
     ap.add_argument("--out", default=str(REPO / "target" / "bench" / "report.json"))
     args = ap.parse_args()
@@ -473,6 +498,8 @@ def main() -> int:
             order = brokers if r % 2 == 0 else list(reversed(brokers))
             for b in order:
                 log(f"{sc['key']} round {r + 1}/{rounds} on {b.name}")
+                if isinstance(b, Corvid):
+                    b.data_dir = workdir / f"data-{sc['key']}-{r + 1}" if sc.get("durable") else None
                 b.start()
                 try:
                     if sc["key"] in IDLE_TARGETS:
@@ -515,6 +542,17 @@ def main() -> int:
         add(titles["qos0"], "qos0", "delivered_per_sec", "higher", 1.5, " msg/s")
     if "qos1" in keys:
         add(titles["qos1"], "qos1", "delivered_per_sec", "higher", 1.5, " msg/s")
+    if "qos1_durable" in keys:
+        add(titles["qos1_durable"], "qos1_durable", "delivered_per_sec", "higher", 1.0, " msg/s")
+        c_mem, c_dur = med("qos1", "corvid", "delivered_per_sec"), med("qos1_durable", "corvid", "delivered_per_sec")
+        if c_mem and c_dur is not None:
+            # corvid against itself: the cost of durability (#15 item 6: at least half).
+            rows.append({"figure": f"  corvid durable ÷ corvid in memory ({c_mem:,.0f} msg/s, QoS1 row)",
+                         "scenario": "qos1_durable", "metric": "durable_ratio", "better": "higher",
+                         "target_ratio": 0.5, "corvid": c_dur, "mosquitto": None, "ratio": c_dur / c_mem,
+                         "meets_target": c_dur / c_mem >= 0.5, "unit": " msg/s"})
+    if "latency_durable" in keys:
+        add(titles["latency_durable"], "latency_durable", "p99_us", "lower", None, " µs")
     if "qos1sw" in keys:
         add(titles["qos1sw"], "qos1sw", "delivered_per_sec", "higher", None, " msg/s")
     if "fanout" in keys:

@@ -118,6 +118,10 @@ struct PubSubArgs {
     /// With --rate 0: messages in flight end to end, per publisher.
     #[arg(long, default_value_t = 1000)]
     window: usize,
+    /// Subscribers keep their sessions (clean session 0 / session expiry 3600 s), so a broker
+    /// with durable sessions stores their deliveries before acknowledging the publishes.
+    #[arg(long)]
+    persistent_subscribers: bool,
 }
 
 /// Flags of `conn`.
@@ -197,6 +201,7 @@ fn main() -> anyhow::Result<()> {
                 connect_concurrency: a.target.connect_concurrency,
                 keep_alive: a.target.keep_alive,
                 connect_timeout: secs("connect-timeout", a.target.connect_timeout)?,
+                persistent_subscribers: a.persistent_subscribers,
             };
             let r = rt
                 .block_on(pubsub::run(cfg))

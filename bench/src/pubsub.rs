@@ -86,6 +86,10 @@ pub struct PubSubConfig {
     pub keep_alive: u16,
     /// Limit for each handshake step.
     pub connect_timeout: Duration,
+    /// Subscribers keep their sessions (3.1.1 clean session 0; 5.0 clean start 0 with an
+    /// hour's session expiry), so a broker with durable sessions stores what it queues for
+    /// them before acknowledging.
+    pub persistent_subscribers: bool,
 }
 
 /// The result of one pub-sub run, printed as a table or as JSON.
@@ -872,16 +876,32 @@ impl SubscriberTask {
         } = self;
         let conn = {
             let _permit = gate.acquire().await;
-            match Connection::open(
-                cfg.sub_addr.as_deref().unwrap_or(&cfg.addr),
-                cfg.protocol,
-                &client_id,
-                cfg.keep_alive,
-                READ_CHUNK,
-                cfg.connect_timeout,
-            )
-            .await
-            {
+            let addr = cfg.sub_addr.as_deref().unwrap_or(&cfg.addr);
+            let opened = if cfg.persistent_subscribers {
+                let options = crate::wire::ConnectOptions {
+                    clean_start: false,
+                    keep_alive: cfg.keep_alive,
+                    session_expiry: 3600,
+                };
+                match Connection::tcp(addr, cfg.protocol, READ_CHUNK, cfg.connect_timeout).await {
+                    Ok(mut c) => c
+                        .handshake(&client_id, options, cfg.connect_timeout)
+                        .await
+                        .map(|_| c),
+                    Err(e) => Err(e),
+                }
+            } else {
+                Connection::open(
+                    addr,
+                    cfg.protocol,
+                    &client_id,
+                    cfg.keep_alive,
+                    READ_CHUNK,
+                    cfg.connect_timeout,
+                )
+                .await
+            };
+            match opened {
                 Ok(mut c) => c
                     .subscribe(&filter, cfg.qos, cfg.connect_timeout)
                     .await
