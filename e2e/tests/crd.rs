@@ -180,6 +180,42 @@ async fn invalid_specs_are_rejected_naming_the_field() {
             "service.type LoadBalancer or NodePort exposes the brokers",
         ),
         (
+            "additional Service named like the headless one",
+            json!({ "services": [{ "name": "headless" }] }),
+            "spec.services[0]",
+            "services[].name must not be headless",
+        ),
+        (
+            "additional Service with an upper-case name",
+            json!({ "services": [{ "name": "Public" }] }),
+            "spec.services[0]",
+            "services[].name must be lowercase letters",
+        ),
+        (
+            "two additional Services with one name",
+            json!({ "services": [{ "name": "a" }, { "name": "a" }] }),
+            "spec",
+            "services[].name must be unique",
+        ),
+        (
+            "additional Service exposing a disabled listener",
+            json!({ "services": [{ "name": "a", "listeners": ["wss"] }] }),
+            "spec",
+            "services[].listeners may only name enabled listeners",
+        ),
+        (
+            "additional load balancer without authentication",
+            json!({ "services": [{ "name": "a", "type": "LoadBalancer" }] }),
+            "spec",
+            "services[].type LoadBalancer or NodePort exposes the brokers",
+        ),
+        (
+            "trusted PROXY ranges without PROXY protocol",
+            json!({ "services": [{ "name": "a", "proxyTrustedRanges": ["10.0.0.0/8"] }] }),
+            "spec.services[0]",
+            "services[].proxyTrustedRanges needs proxyProtocol: true",
+        ),
+        (
             "unknown TLS mode",
             json!({ "tls": { "mode": "sometimes" } }),
             "spec.tls.mode",

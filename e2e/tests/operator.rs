@@ -559,6 +559,140 @@ async fn operator_owns_a_prometheus_rule_when_its_crd_exists() {
     ns.delete().await.unwrap();
 }
 
+/// spec.services through the real API server: each entry becomes a Service `<cluster>-<name>`
+/// owned by the MqttCluster with its own type and ports next to the default client Service, the
+/// broker listener behind a PROXY-protocol Service expects the header, and removing an entry
+/// deletes its Service while the default one stays.
+#[tokio::test]
+async fn operator_manages_additional_services_and_prunes_removed_ones() {
+    let Some(client) =
+        cluster("operator_manages_additional_services_and_prunes_removed_ones").await
+    else {
+        return;
+    };
+    apply_crds(&client).await;
+    let ns = TestNamespace::create(&client, "services").await.unwrap();
+    let operator = start_operator(&ns.name).await;
+    let clusters =
+        Api::<DynamicObject>::namespaced_with(client.clone(), &ns.name, &mqtt_cluster_resource());
+    let spec = json!({"replicas": 1, "auth": {"allowAnonymous": true},
+    "service": {"listeners": ["ws"]},
+    "services": [
+        {"name": "internal", "listeners": ["ws"]},
+        {"name": "public", "type": "NodePort", "listeners": ["mqtt"],
+         "proxyProtocol": true, "proxyTrustedRanges": ["10.0.0.0/8"],
+         "annotations": {"example.com/team": "iot"}},
+    ]});
+    let created = clusters
+        .create(&PostParams::default(), &mqtt_cluster(NAME, spec))
+        .await
+        .unwrap();
+    let uid = created.uid().unwrap();
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns.name);
+    let public = wait_for("the additional Services", TIMEOUT, || async {
+        let internal = services.get_opt(&format!("{NAME}-internal")).await?;
+        let public = services.get_opt(&format!("{NAME}-public")).await?;
+        Ok(match (internal, public) {
+            (Some(_), Some(public)) => Ok(public),
+            _ => Err("not both there yet".to_string()),
+        })
+    })
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e:#}
+{}",
+            operator.log_tail(30)
+        )
+    });
+    assert_controlled_by(&public, &uid);
+    let spec = public.spec.clone().unwrap_or_default();
+    assert_eq!(spec.type_.as_deref(), Some("NodePort"));
+    let ports: Vec<(Option<String>, i32)> = spec
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| (p.name.clone(), p.port))
+        .collect();
+    assert_eq!(ports, [(Some("mqtt".to_string()), 1883)]);
+    assert_eq!(
+        public
+            .annotations()
+            .get("example.com/team")
+            .map(String::as_str),
+        Some("iot")
+    );
+    let default = services.get(NAME).await.unwrap();
+    let default_ports: Vec<i32> = default
+        .spec
+        .iter()
+        .flat_map(|s| s.ports.iter().flatten())
+        .map(|p| p.port)
+        .collect();
+    assert_eq!(
+        default_ports,
+        [8083],
+        "spec.service.listeners narrows the default Service"
+    );
+    let config = Api::<ConfigMap>::namespaced(client.clone(), &ns.name)
+        .get(&format!("{NAME}-config"))
+        .await
+        .unwrap();
+    let yaml = config
+        .data
+        .as_ref()
+        .and_then(|d| d.get("corvid.yaml"))
+        .cloned()
+        .unwrap_or_default();
+    let parsed: Value = serde_yaml::from_str(&yaml).unwrap();
+    assert_eq!(
+        parsed["listeners"]["mqtt"]["proxy_protocol"], true,
+        "{yaml}"
+    );
+    assert_eq!(
+        parsed["listeners"]["mqtt"]["proxy_trusted"],
+        json!(["10.0.0.0/8"]),
+        "{yaml}"
+    );
+    assert!(
+        parsed["listeners"]["ws"].get("proxy_protocol").is_none(),
+        "{yaml}"
+    );
+
+    let fewer = json!({"spec": {"services": [{"name": "internal", "listeners": ["ws"]}]}});
+    clusters
+        .patch(NAME, &PatchParams::default(), &Patch::Merge(&fewer))
+        .await
+        .unwrap();
+    wait_for("the removed Service to be pruned", TIMEOUT, || async {
+        Ok(match services.get_opt(&format!("{NAME}-public")).await? {
+            None => Ok(()),
+            Some(_) => Err("still there".to_string()),
+        })
+    })
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e:#}
+{}",
+            operator.log_tail(30)
+        )
+    });
+    for kept in [
+        NAME.to_string(),
+        format!("{NAME}-internal"),
+        format!("{NAME}-headless"),
+    ] {
+        assert!(
+            services.get_opt(&kept).await.unwrap().is_some(),
+            "{kept} kept"
+        );
+    }
+
+    drop(operator);
+    ns.delete().await.unwrap();
+}
+
 /// How soon a hand edit of an owned object must be undone: far below the 300 s idle requeue,
 /// so only a watch on the object's kind can meet it.
 const DRIFT_TIMEOUT: Duration = Duration::from_secs(15);
