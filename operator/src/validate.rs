@@ -96,6 +96,12 @@ pub fn validate(cluster: &MqttCluster) -> Result<Validated, InvalidSpec> {
         return invalid("listeners: at least one listener must be enabled");
     }
     services(cluster)?;
+    if crate::expand::quantity_millis(&spec.persistence.size).is_none() {
+        return Err(InvalidSpec(format!(
+            "persistence.size {:?} must be a quantity such as 10Gi",
+            spec.persistence.size
+        )));
+    }
     let bridge_names: Vec<&str> = (spec.bridges.mqtt.iter().map(|b| b.name.as_str()))
         .chain(spec.bridges.kafka.iter().map(|b| b.name.as_str()))
         .collect();
