@@ -289,3 +289,47 @@ async fn persistence_mode_cannot_change_after_creation() {
     assert_eq!(patched.data["spec"]["replicas"], 5);
     ns.delete().await.unwrap();
 }
+
+#[tokio::test]
+async fn persistence_size_may_grow_but_never_shrink() {
+    let Some(client) = cluster("persistence_size_may_grow_but_never_shrink").await else {
+        return;
+    };
+    apply_crds(&client).await;
+    let ns = TestNamespace::create(&client, "crd-size").await.unwrap();
+    let api = Api::<DynamicObject>::namespaced_with(client, &ns.name, &mqtt_cluster_resource());
+    let spec = json!({ "persistence": { "mode": "pvc", "size": "2Gi" } });
+    api.create(&PostParams::default(), &mqtt_cluster("size", spec))
+        .await
+        .expect("valid MqttCluster");
+    let size = |s: &str| json!({ "spec": { "persistence": { "size": s } } });
+
+    let result = api
+        .patch("size", &PatchParams::default(), &Patch::Merge(&size("1Gi")))
+        .await;
+    let message = rejection(result, "persistence.size shrink");
+    assert!(
+        message.contains("spec.persistence: ")
+            && message.contains("persistence.size cannot shrink"),
+        "unexpected message: {message}"
+    );
+    let result = api
+        .patch(
+            "size",
+            &PatchParams::default(),
+            &Patch::Merge(&size("lots")),
+        )
+        .await;
+    let message = rejection(result, "persistence.size not a quantity");
+    assert!(
+        message.contains("persistence.size must be a quantity"),
+        "unexpected message: {message}"
+    );
+    // The same size spelled differently, and growing, are accepted.
+    for ok in ["2048Mi", "5Gi"] {
+        api.patch("size", &PatchParams::default(), &Patch::Merge(&size(ok)))
+            .await
+            .unwrap_or_else(|e| panic!("persistence.size {ok}: {e}"));
+    }
+    ns.delete().await.unwrap();
+}
