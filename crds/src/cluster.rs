@@ -70,7 +70,15 @@ use crate::{
     validation = Rule::new("self.tls.mode != 'loadBalancer' || self.service.type == 'LoadBalancer'")
         .message("tls.mode loadBalancer needs service.type LoadBalancer"),
     validation = Rule::new("!(self.service.type in ['LoadBalancer', 'NodePort']) || has(self.auth.usersSecret) || has(self.auth.http) || (has(self.auth.allowAnonymous) && self.auth.allowAnonymous)")
-        .message("service.type LoadBalancer or NodePort exposes the brokers beyond the cluster: configure auth.usersSecret or auth.http, or set auth.allowAnonymous: true on purpose")
+        .message("service.type LoadBalancer or NodePort exposes the brokers beyond the cluster: configure auth.usersSecret or auth.http, or set auth.allowAnonymous: true on purpose"),
+    validation = Rule::new("!has(self.services) || self.services.all(s, !(s.type in ['LoadBalancer', 'NodePort'])) || has(self.auth.usersSecret) || has(self.auth.http) || (has(self.auth.allowAnonymous) && self.auth.allowAnonymous)")
+        .message("services[].type LoadBalancer or NodePort exposes the brokers beyond the cluster: configure auth.usersSecret or auth.http, or set auth.allowAnonymous: true on purpose"),
+    validation = Rule::new("!has(self.services) || self.services.all(s, self.services.exists_one(t, t.name == s.name))")
+        .message("services[].name must be unique"),
+    validation = Rule::new("(!has(self.services) || self.services.all(s, s.listeners.all(l, (l == 'mqtt' && self.listeners.mqtt.enabled) || (l == 'ws' && self.listeners.ws.enabled) || (l == 'mqtts' && self.listeners.mqtts.enabled) || (l == 'wss' && self.listeners.wss.enabled)))) && (!has(self.service.listeners) || self.service.listeners.all(l, (l == 'mqtt' && self.listeners.mqtt.enabled) || (l == 'ws' && self.listeners.ws.enabled) || (l == 'mqtts' && self.listeners.mqtts.enabled) || (l == 'wss' && self.listeners.wss.enabled)))")
+        .message("service.listeners and services[].listeners may only name enabled listeners"),
+    validation = Rule::new("self.tls.mode != 'loadBalancer' || !has(self.services) || self.services.all(s, s.type == 'LoadBalancer' || (size(s.listeners) == 0 ? !(self.listeners.mqtts.enabled || self.listeners.wss.enabled) : !s.listeners.exists(l, l == 'mqtts' || l == 'wss')))")
+        .message("with tls.mode loadBalancer, a services[] entry that exposes mqtts or wss must be type LoadBalancer (TLS ends at the load balancer)")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct MqttClusterSpec {
@@ -105,6 +113,13 @@ pub struct MqttClusterSpec {
     /// The client-facing Service. Only the fields listed here are owned by the operator.
     #[serde(default)]
     pub service: ServiceOptions,
+
+    /// Additional client Services, each named `<cluster>-<name>` with its own type, annotations,
+    /// source ranges, listeners and PROXY protocol setting (at most 8); spec.service's Service
+    /// stays the default one. Removing an entry deletes its Service.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub services: Vec<crate::ExtraService>,
 
     /// Where TLS terminates: none, at the cloud load balancer, or in the broker.
     #[serde(default)]

@@ -54,13 +54,19 @@ pub struct PodTemplateOptions {
 #[x_kube(
     validation = Rule::new("self.mode == oldSelf.mode").message("persistence.mode is immutable (changing it would recreate the volumes)"),
     validation = Rule::new("!has(oldSelf.storageClassName) || (has(self.storageClassName) && self.storageClassName == oldSelf.storageClassName)")
-        .message("persistence.storageClassName is immutable")
+        .message("persistence.storageClassName is immutable"),
+    validation = Rule::new("isQuantity(self.size)")
+        .message("persistence.size must be a quantity such as 10Gi"),
+    validation = Rule::new("!isQuantity(self.size) || !isQuantity(oldSelf.size) || quantity(self.size).compareTo(quantity(oldSelf.size)) >= 0")
+        .message("persistence.size cannot shrink (volumes only grow)")
 )]
 pub struct PersistenceSpec {
     /// none keeps state in memory (lost when a pod crashes); pvc gives every pod a PersistentVolumeClaim where the broker keeps persistent sessions, their queued messages and retained messages across restarts.
     #[serde(default)]
     pub mode: PersistenceMode,
-    /// Size of each pod's volume (pvc mode).
+    /// Size of each pod's volume (pvc mode). It may grow, never shrink: growing expands every
+    /// claim in place when their StorageClass has allowVolumeExpansion, and re-creates the
+    /// StatefulSet object (not its pods) so later claims get the new size.
     #[serde(default = "default_size")]
     pub size: String,
     /// StorageClass of the volumes (pvc mode); unset uses the cluster default.

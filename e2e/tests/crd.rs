@@ -180,6 +180,42 @@ async fn invalid_specs_are_rejected_naming_the_field() {
             "service.type LoadBalancer or NodePort exposes the brokers",
         ),
         (
+            "additional Service named like the headless one",
+            json!({ "services": [{ "name": "headless" }] }),
+            "spec.services[0]",
+            "services[].name must not be headless",
+        ),
+        (
+            "additional Service with an upper-case name",
+            json!({ "services": [{ "name": "Public" }] }),
+            "spec.services[0]",
+            "services[].name must be lowercase letters",
+        ),
+        (
+            "two additional Services with one name",
+            json!({ "services": [{ "name": "a" }, { "name": "a" }] }),
+            "spec",
+            "services[].name must be unique",
+        ),
+        (
+            "additional Service exposing a disabled listener",
+            json!({ "services": [{ "name": "a", "listeners": ["wss"] }] }),
+            "spec",
+            "services[].listeners may only name enabled listeners",
+        ),
+        (
+            "additional load balancer without authentication",
+            json!({ "services": [{ "name": "a", "type": "LoadBalancer" }] }),
+            "spec",
+            "services[].type LoadBalancer or NodePort exposes the brokers",
+        ),
+        (
+            "trusted PROXY ranges without PROXY protocol",
+            json!({ "services": [{ "name": "a", "proxyTrustedRanges": ["10.0.0.0/8"] }] }),
+            "spec.services[0]",
+            "services[].proxyTrustedRanges needs proxyProtocol: true",
+        ),
+        (
             "unknown TLS mode",
             json!({ "tls": { "mode": "sometimes" } }),
             "spec.tls.mode",
@@ -251,5 +287,49 @@ async fn persistence_mode_cannot_change_after_creation() {
         .await
         .expect("replicas can change");
     assert_eq!(patched.data["spec"]["replicas"], 5);
+    ns.delete().await.unwrap();
+}
+
+#[tokio::test]
+async fn persistence_size_may_grow_but_never_shrink() {
+    let Some(client) = cluster("persistence_size_may_grow_but_never_shrink").await else {
+        return;
+    };
+    apply_crds(&client).await;
+    let ns = TestNamespace::create(&client, "crd-size").await.unwrap();
+    let api = Api::<DynamicObject>::namespaced_with(client, &ns.name, &mqtt_cluster_resource());
+    let spec = json!({ "persistence": { "mode": "pvc", "size": "2Gi" } });
+    api.create(&PostParams::default(), &mqtt_cluster("size", spec))
+        .await
+        .expect("valid MqttCluster");
+    let size = |s: &str| json!({ "spec": { "persistence": { "size": s } } });
+
+    let result = api
+        .patch("size", &PatchParams::default(), &Patch::Merge(&size("1Gi")))
+        .await;
+    let message = rejection(result, "persistence.size shrink");
+    assert!(
+        message.contains("spec.persistence: ")
+            && message.contains("persistence.size cannot shrink"),
+        "unexpected message: {message}"
+    );
+    let result = api
+        .patch(
+            "size",
+            &PatchParams::default(),
+            &Patch::Merge(&size("lots")),
+        )
+        .await;
+    let message = rejection(result, "persistence.size not a quantity");
+    assert!(
+        message.contains("persistence.size must be a quantity"),
+        "unexpected message: {message}"
+    );
+    // The same size spelled differently, and growing, are accepted.
+    for ok in ["2048Mi", "5Gi"] {
+        api.patch("size", &PatchParams::default(), &Patch::Merge(&size(ok)))
+            .await
+            .unwrap_or_else(|e| panic!("persistence.size {ok}: {e}"));
+    }
     ns.delete().await.unwrap();
 }

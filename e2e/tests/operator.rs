@@ -14,10 +14,13 @@ use corvid_e2e::{
     workspace_binary, TestNamespace, TestProcess,
 };
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, PersistentVolume, PersistentVolumeClaim, Service, ServiceAccount,
+};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::{Api, Resource, ResourceExt};
@@ -557,6 +560,384 @@ async fn operator_owns_a_prometheus_rule_when_its_crd_exists() {
 
     drop(operator);
     ns.delete().await.unwrap();
+}
+
+/// spec.services through the real API server: each entry becomes a Service `<cluster>-<name>`
+/// owned by the MqttCluster with its own type and ports next to the default client Service, the
+/// broker listener behind a PROXY-protocol Service expects the header, and removing an entry
+/// deletes its Service while the default one stays.
+#[tokio::test]
+async fn operator_manages_additional_services_and_prunes_removed_ones() {
+    let Some(client) =
+        cluster("operator_manages_additional_services_and_prunes_removed_ones").await
+    else {
+        return;
+    };
+    apply_crds(&client).await;
+    let ns = TestNamespace::create(&client, "services").await.unwrap();
+    let operator = start_operator(&ns.name).await;
+    let clusters =
+        Api::<DynamicObject>::namespaced_with(client.clone(), &ns.name, &mqtt_cluster_resource());
+    let spec = json!({"replicas": 1, "auth": {"allowAnonymous": true},
+    "service": {"listeners": ["ws"]},
+    "services": [
+        {"name": "internal", "listeners": ["ws"]},
+        {"name": "public", "type": "NodePort", "listeners": ["mqtt"],
+         "proxyProtocol": true, "proxyTrustedRanges": ["10.0.0.0/8"],
+         "annotations": {"example.com/team": "iot"}},
+    ]});
+    let created = clusters
+        .create(&PostParams::default(), &mqtt_cluster(NAME, spec))
+        .await
+        .unwrap();
+    let uid = created.uid().unwrap();
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns.name);
+    let public = wait_for("the additional Services", TIMEOUT, || async {
+        let internal = services.get_opt(&format!("{NAME}-internal")).await?;
+        let public = services.get_opt(&format!("{NAME}-public")).await?;
+        Ok(match (internal, public) {
+            (Some(_), Some(public)) => Ok(public),
+            _ => Err("not both there yet".to_string()),
+        })
+    })
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e:#}
+{}",
+            operator.log_tail(30)
+        )
+    });
+    assert_controlled_by(&public, &uid);
+    let spec = public.spec.clone().unwrap_or_default();
+    assert_eq!(spec.type_.as_deref(), Some("NodePort"));
+    let ports: Vec<(Option<String>, i32)> = spec
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| (p.name.clone(), p.port))
+        .collect();
+    assert_eq!(ports, [(Some("mqtt".to_string()), 1883)]);
+    assert_eq!(
+        public
+            .annotations()
+            .get("example.com/team")
+            .map(String::as_str),
+        Some("iot")
+    );
+    let default = services.get(NAME).await.unwrap();
+    let default_ports: Vec<i32> = default
+        .spec
+        .iter()
+        .flat_map(|s| s.ports.iter().flatten())
+        .map(|p| p.port)
+        .collect();
+    assert_eq!(
+        default_ports,
+        [8083],
+        "spec.service.listeners narrows the default Service"
+    );
+    let config = Api::<ConfigMap>::namespaced(client.clone(), &ns.name)
+        .get(&format!("{NAME}-config"))
+        .await
+        .unwrap();
+    let yaml = config
+        .data
+        .as_ref()
+        .and_then(|d| d.get("corvid.yaml"))
+        .cloned()
+        .unwrap_or_default();
+    let parsed: Value = serde_yaml::from_str(&yaml).unwrap();
+    assert_eq!(
+        parsed["listeners"]["mqtt"]["proxy_protocol"], true,
+        "{yaml}"
+    );
+    assert_eq!(
+        parsed["listeners"]["mqtt"]["proxy_trusted"],
+        json!(["10.0.0.0/8"]),
+        "{yaml}"
+    );
+    assert!(
+        parsed["listeners"]["ws"].get("proxy_protocol").is_none(),
+        "{yaml}"
+    );
+
+    let fewer = json!({"spec": {"services": [{"name": "internal", "listeners": ["ws"]}]}});
+    clusters
+        .patch(NAME, &PatchParams::default(), &Patch::Merge(&fewer))
+        .await
+        .unwrap();
+    wait_for("the removed Service to be pruned", TIMEOUT, || async {
+        Ok(match services.get_opt(&format!("{NAME}-public")).await? {
+            None => Ok(()),
+            Some(_) => Err("still there".to_string()),
+        })
+    })
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e:#}
+{}",
+            operator.log_tail(30)
+        )
+    });
+    for kept in [
+        NAME.to_string(),
+        format!("{NAME}-internal"),
+        format!("{NAME}-headless"),
+    ] {
+        assert!(
+            services.get_opt(&kept).await.unwrap().is_some(),
+            "{kept} kept"
+        );
+    }
+
+    drop(operator);
+    ns.delete().await.unwrap();
+}
+
+/// A StorageClass for one test (cluster-scoped, so named after the test's namespace and
+/// deleted by the test). kwok has no storage: its provisioner provisions nothing.
+async fn storage_class(client: &kube::Client, name: &str, expandable: bool) -> StorageClass {
+    let class: StorageClass = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "provisioner": "e2e.corvid.dev/none",
+        "allowVolumeExpansion": expandable,
+        "volumeBindingMode": "Immediate",
+        "reclaimPolicy": "Retain",
+    }))
+    .unwrap();
+    Api::<StorageClass>::all(client.clone())
+        .create(&PostParams::default(), &class)
+        .await
+        .unwrap()
+}
+
+/// The claim template's storage request of the stored StatefulSet.
+fn template_size(sts: &StatefulSet) -> Option<String> {
+    let templates = sts.spec.as_ref()?.volume_claim_templates.as_ref()?;
+    let requests = templates.first()?.spec.as_ref()?.resources.as_ref()?;
+    Some(requests.requests.as_ref()?.get("storage")?.0.clone())
+}
+
+/// The message of the MqttCluster's ReconcileSuccess condition when it is False.
+async fn reconcile_failure(clusters: &Api<DynamicObject>) -> anyhow::Result<Option<String>> {
+    let cluster = clusters.get(NAME).await?;
+    let conditions = cluster.data["status"]["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    Ok(conditions
+        .iter()
+        .find(|c| c["type"] == "ReconcileSuccess" && c["status"] == "False")
+        .map(|c| format!("{}: {}", c["reason"], c["message"])))
+}
+
+/// Growing spec.persistence.size when the claims' StorageClass does not allow expansion: the
+/// operator changes nothing, says so in ReconcileSuccess, and keeps the StatefulSet's template.
+/// (kwok has no storage, so the claim stays unbound; the refusal comes before any resize.)
+#[tokio::test]
+async fn operator_refuses_to_grow_volumes_the_storage_class_cannot_expand() {
+    let Some(client) =
+        cluster("operator_refuses_to_grow_volumes_the_storage_class_cannot_expand").await
+    else {
+        return;
+    };
+    apply_crds(&client).await;
+    let ns = TestNamespace::create(&client, "volumes-fixed")
+        .await
+        .unwrap();
+    let class_name = format!("{}-fixed", ns.name);
+    storage_class(&client, &class_name, false).await;
+    let operator = start_operator(&ns.name).await;
+    let clusters =
+        Api::<DynamicObject>::namespaced_with(client.clone(), &ns.name, &mqtt_cluster_resource());
+    let spec = json!({"replicas": 1,
+        "persistence": {"mode": "pvc", "size": "1Gi", "storageClassName": class_name}});
+    clusters
+        .create(&PostParams::default(), &mqtt_cluster(NAME, spec))
+        .await
+        .unwrap();
+    let claims = Api::<PersistentVolumeClaim>::namespaced(client.clone(), &ns.name);
+    let claim = format!("data-{NAME}-0");
+    wait_for("the StatefulSet's claim", TIMEOUT, || async {
+        Ok(match claims.get_opt(&claim).await? {
+            Some(_) => Ok(()),
+            None => Err("no claim yet".to_string()),
+        })
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", operator.log_tail(30)));
+
+    let grow = json!({"spec": {"persistence": {"size": "2Gi"}}});
+    clusters
+        .patch(NAME, &PatchParams::default(), &Patch::Merge(&grow))
+        .await
+        .unwrap();
+    let message = wait_for(
+        "ReconcileSuccess=False for the expansion",
+        TIMEOUT,
+        || async {
+            Ok(match reconcile_failure(&clusters).await? {
+                Some(m) if m.contains("VolumeExpansion") => Ok(m),
+                other => Err(format!("{other:?}")),
+            })
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", operator.log_tail(30)));
+    assert!(
+        message.contains(&format!(
+            "StorageClass {class_name} does not allow volume expansion"
+        )) && message.contains(&claim),
+        "{message}"
+    );
+    let sts = Api::<StatefulSet>::namespaced(client.clone(), &ns.name)
+        .get(NAME)
+        .await
+        .unwrap();
+    assert_eq!(template_size(&sts).as_deref(), Some("1Gi"), "template kept");
+    let stored = claims.get(&claim).await.unwrap();
+    let requested = stored
+        .spec
+        .and_then(|s| s.resources)
+        .and_then(|r| r.requests)
+        .and_then(|r| r.get("storage").cloned());
+    assert_eq!(
+        requested.map(|q| q.0).as_deref(),
+        Some("1Gi"),
+        "claim untouched"
+    );
+
+    drop(operator);
+    ns.delete().await.unwrap();
+    Api::<StorageClass>::all(client)
+        .delete(&class_name, &DeleteParams::default())
+        .await
+        .unwrap();
+}
+
+/// Growing spec.persistence.size with an expandable StorageClass: the bound claim's request
+/// grows and the StatefulSet is re-created (new uid, new claim template) while its pod keeps
+/// running (same uid). kwok has no storage, so the test binds the claim to a PersistentVolume it
+/// makes itself (Kubernetes only resizes bound claims); nothing actually grows on a disk.
+#[tokio::test]
+async fn operator_grows_bound_claims_and_recreates_the_statefulset_without_restarting_pods() {
+    let Some(client) = cluster(
+        "operator_grows_bound_claims_and_recreates_the_statefulset_without_restarting_pods",
+    )
+    .await
+    else {
+        return;
+    };
+    apply_crds(&client).await;
+    let ns = TestNamespace::create(&client, "volumes-grow")
+        .await
+        .unwrap();
+    let class_name = format!("{}-grow", ns.name);
+    storage_class(&client, &class_name, true).await;
+    let claim = format!("data-{NAME}-0");
+    let pv_name = format!("{}-0", ns.name);
+    let volume: PersistentVolume = serde_json::from_value(json!({
+        "metadata": {"name": pv_name},
+        "spec": {
+            "capacity": {"storage": "1Gi"},
+            "accessModes": ["ReadWriteOnce"],
+            "storageClassName": class_name,
+            "persistentVolumeReclaimPolicy": "Retain",
+            "hostPath": {"path": "/tmp/corvid-e2e-volume"},
+            "claimRef": {"namespace": ns.name, "name": claim},
+        },
+    }))
+    .unwrap();
+    let volumes = Api::<PersistentVolume>::all(client.clone());
+    volumes
+        .create(&PostParams::default(), &volume)
+        .await
+        .unwrap();
+    let operator = start_operator(&ns.name).await;
+    let clusters =
+        Api::<DynamicObject>::namespaced_with(client.clone(), &ns.name, &mqtt_cluster_resource());
+    let spec = json!({"replicas": 1,
+        "persistence": {"mode": "pvc", "size": "1Gi", "storageClassName": class_name}});
+    clusters
+        .create(&PostParams::default(), &mqtt_cluster(NAME, spec))
+        .await
+        .unwrap();
+    let claims = Api::<PersistentVolumeClaim>::namespaced(client.clone(), &ns.name);
+    wait_for("the claim to be bound", TIMEOUT, || async {
+        let phase = claims
+            .get_opt(&claim)
+            .await?
+            .and_then(|c| c.status)
+            .and_then(|s| s.phase);
+        Ok(if phase.as_deref() == Some("Bound") {
+            Ok(())
+        } else {
+            Err(format!("phase {phase:?}"))
+        })
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", operator.log_tail(30)));
+    wait_for_status(&clusters, &operator, 1).await;
+    let statefulsets = Api::<StatefulSet>::namespaced(client.clone(), &ns.name);
+    let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), &ns.name);
+    let sts_uid = statefulsets.get(NAME).await.unwrap().uid();
+    let pod_uid = pods.get(&format!("{NAME}-0")).await.unwrap().uid();
+
+    let grow = json!({"spec": {"persistence": {"size": "2Gi"}}});
+    clusters
+        .patch(NAME, &PatchParams::default(), &Patch::Merge(&grow))
+        .await
+        .unwrap();
+    wait_for("the StatefulSet re-created with 2Gi", TIMEOUT, || async {
+        let Some(sts) = statefulsets.get_opt(NAME).await? else {
+            return Ok(Err("no StatefulSet (between delete and apply)".to_string()));
+        };
+        Ok(
+            if sts.uid() != sts_uid && template_size(&sts).as_deref() == Some("2Gi") {
+                Ok(())
+            } else {
+                Err(format!(
+                    "uid {:?}, template {:?}",
+                    sts.uid(),
+                    template_size(&sts)
+                ))
+            },
+        )
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", operator.log_tail(30)));
+    let requested = claims
+        .get(&claim)
+        .await
+        .unwrap()
+        .spec
+        .and_then(|s| s.resources)
+        .and_then(|r| r.requests)
+        .and_then(|r| r.get("storage").cloned());
+    assert_eq!(
+        requested.map(|q| q.0).as_deref(),
+        Some("2Gi"),
+        "claim asked to grow"
+    );
+    wait_for_status(&clusters, &operator, 1).await;
+    assert_eq!(
+        pods.get(&format!("{NAME}-0")).await.unwrap().uid(),
+        pod_uid,
+        "the pod kept running through the re-creation"
+    );
+
+    drop(operator);
+    ns.delete().await.unwrap();
+    Api::<StorageClass>::all(client)
+        .delete(&class_name, &DeleteParams::default())
+        .await
+        .unwrap();
+    volumes
+        .delete(&pv_name, &DeleteParams::default())
+        .await
+        .unwrap();
 }
 
 /// How soon a hand edit of an owned object must be undone: far below the 300 s idle requeue,

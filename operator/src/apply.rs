@@ -82,6 +82,9 @@ pub async fn apply_all(client: &Client, names: &Names, desired: &Desired) -> Res
     apply(client, ns, &desired.config_map).await?;
     apply(client, ns, &desired.headless_service).await?;
     let client_service = apply(client, ns, &desired.client_service).await?;
+    for svc in &desired.extra_services {
+        apply(client, ns, svc).await?;
+    }
     apply(client, ns, &desired.statefulset).await?;
     if let Some(pdb) = &desired.pdb {
         let name = pdb.name_any();
@@ -121,7 +124,8 @@ pub async fn prune(client: &Client, names: &Names, desired: &Desired) -> Result<
     let ns = names.namespace.as_str();
     let selector = format!("{INSTANCE_LABEL}={}", names.cluster);
     let mut deleted = Vec::new();
-    let keep_services = [names.client_service(), names.headless_service()];
+    let mut keep_services = vec![names.client_service(), names.headless_service()];
+    keep_services.extend(desired.extra_services.iter().map(|s| s.name_any()));
     let services: Api<Service> = Api::namespaced(client.clone(), ns);
     deleted.extend(prune_typed(&services, &selector, &keep_services).await?);
     let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), ns);

@@ -31,6 +31,7 @@ use crate::build::names::{Names, FIELD_MANAGER, INSTANCE_LABEL};
 use crate::build::statefulset::{GRACE_MARGIN_SECONDS, PRE_STOP_SLEEP_SECONDS};
 use crate::build::{self, secret, BuildInputs};
 use crate::error::{Error, Result};
+use crate::expand;
 use crate::metrics::Metrics;
 use crate::observe::{observe, Observation};
 use crate::planner::{self, Action, Observed, Plan, Wait};
@@ -342,6 +343,8 @@ async fn apply_and_act(
         }
     }
     let rotating = rotate_cluster_secret(ctx, cluster, names, observation).await;
+    let (kept, expansion_error) = grow_volumes(ctx, cluster, names, desired, observation).await?;
+    let desired = kept.as_ref().unwrap_or(desired);
     let client_service = apply::apply_all(&ctx.client, names, desired).await?;
     for gone in apply::prune(&ctx.client, names, desired).await? {
         ctx.event(
@@ -362,13 +365,72 @@ async fn apply_and_act(
             source,
         })?;
     let plan = planner::plan(&planner_input(cluster, observation, applied.as_ref()));
-    let error = act(ctx, cluster, names, &plan, observation).await.err();
+    let error = act(ctx, cluster, names, &plan, observation)
+        .await
+        .err()
+        .or(expansion_error);
     Ok(Acted {
         plan,
         endpoint: endpoint(&client_service, names),
         error,
         rotating,
     })
+}
+
+/// Grows the claims and re-creates the StatefulSet when spec.persistence.size grew (see
+/// `expand`). When that is refused, returns the desired objects with the StatefulSet's claim
+/// template as stored, and the refusal, reported once the rest was applied.
+async fn grow_volumes(
+    ctx: &Context,
+    cluster: &MqttCluster,
+    names: &Names,
+    desired: &build::Desired,
+    observation: &Observation,
+) -> Result<(Option<build::Desired>, Option<Error>)> {
+    let Some(sts) = observation
+        .statefulset
+        .as_ref()
+        .filter(|s| expand::wanted(cluster, Some(s)))
+    else {
+        return Ok((None, None));
+    };
+    let done = expand::run(&ctx.client, cluster, names, sts).await?;
+    let size = &cluster.spec.persistence.size;
+    for claim in &done.grown {
+        ctx.event(
+            cluster,
+            EventType::Normal,
+            "VolumeExpansion",
+            format!("asked PersistentVolumeClaim {claim} to grow to {size}"),
+        )
+        .await;
+    }
+    if done.recreated {
+        ctx.event(
+            cluster,
+            EventType::Normal,
+            "StatefulSetRecreated",
+            format!(
+                "deleted StatefulSet {} with propagationPolicy Orphan (pods and claims kept) to \
+                 apply it again with volumeClaimTemplates of {size}",
+                names.statefulset()
+            ),
+        )
+        .await;
+    }
+    let Some(why) = done.refused else {
+        return Ok((None, None));
+    };
+    ctx.event(
+        cluster,
+        EventType::Warning,
+        "VolumeExpansionRefused",
+        why.clone(),
+    )
+    .await;
+    let mut kept = desired.clone();
+    expand::keep_claim_template(&mut kept.statefulset, sts);
+    Ok((Some(kept), Some(Error::VolumeExpansion(why))))
 }
 
 /// One step of a cluster secret rotation (`corvid.dev/rotate-cluster-secret`); returns whether

@@ -40,6 +40,10 @@ pub enum Error {
     /// The MqttCluster has no namespace (it is namespaced, so this means a malformed event).
     #[error("MqttCluster has no namespace")]
     MissingNamespace,
+    /// Growing the volumes (spec.persistence.size) is refused or not finished; the message says
+    /// why. Retried with backoff, since what blocks it (a StorageClass) is not in the spec.
+    #[error("volume expansion: {0}")]
+    VolumeExpansion(String),
     /// The whole reconcile took longer than its deadline (a hung API call); it is abandoned so
     /// that the next one can start from fresh observations.
     #[error("reconcile did not finish within {}s", .0.as_secs())]
@@ -58,6 +62,7 @@ impl Error {
             Error::Status(_) => "StatusFailed",
             Error::MissingNamespace => "MissingNamespace",
             Error::Timeout(_) => "ReconcileTimeout",
+            Error::VolumeExpansion(_) => "VolumeExpansion",
         }
     }
 }

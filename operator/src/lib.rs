@@ -12,6 +12,7 @@ pub mod build;
 pub mod cli;
 pub mod controller;
 pub mod error;
+pub mod expand;
 pub mod leader;
 pub mod metrics;
 pub mod observe;

@@ -5,7 +5,8 @@
 use std::collections::BTreeSet;
 
 use corvid_crds::{
-    ListenerKind, LoadBalancerProvider, MqttCluster, TlsMode, ADMIN_PORT, CLUSTER_PORT,
+    ListenerKind, LoadBalancerProvider, MqttCluster, ServiceListener, ServiceType, TlsMode,
+    ADMIN_PORT, CLUSTER_PORT,
 };
 use serde_json::Value;
 
@@ -94,6 +95,13 @@ pub fn validate(cluster: &MqttCluster) -> Result<Validated, InvalidSpec> {
     {
         return invalid("listeners: at least one listener must be enabled");
     }
+    services(cluster)?;
+    if crate::expand::quantity_millis(&spec.persistence.size).is_none() {
+        return Err(InvalidSpec(format!(
+            "persistence.size {:?} must be a quantity such as 10Gi",
+            spec.persistence.size
+        )));
+    }
     let bridge_names: Vec<&str> = (spec.bridges.mqtt.iter().map(|b| b.name.as_str()))
         .chain(spec.bridges.kafka.iter().map(|b| b.name.as_str()))
         .collect();
@@ -114,6 +122,111 @@ pub fn validate(cluster: &MqttCluster) -> Result<Validated, InvalidSpec> {
     };
     let config_file = crate::build::config::file(cluster, &Names::of(cluster), overrides)?;
     Ok(Validated { config_file })
+}
+
+/// Checks spec.service.listeners and spec.services (the CRD's CEL rules, plus the Service name's
+/// length, which CEL cannot see because it includes the cluster's name). Whether the Services
+/// agree on PROXY protocol per listener is checked when the configuration is built.
+fn services(cluster: &MqttCluster) -> Result<(), InvalidSpec> {
+    let spec = &cluster.spec;
+    let names = Names::of(cluster);
+    let listeners_ok = |field: &str, named: &[ServiceListener]| {
+        for (i, l) in named.iter().enumerate() {
+            let kind = ListenerKind::from(*l);
+            if named[..i].contains(l) {
+                return Err(InvalidSpec(format!(
+                    "{field}.listeners must not name a listener twice ({})",
+                    kind.name()
+                )));
+            }
+            if !spec.listeners.get(kind).enabled {
+                return Err(InvalidSpec(format!(
+                    "{field}.listeners names {}, which is not enabled (listeners.{}.enabled)",
+                    kind.name(),
+                    kind.name()
+                )));
+            }
+        }
+        Ok(())
+    };
+    listeners_ok("service", &spec.service.listeners)?;
+    let auth = &spec.auth;
+    let authenticated =
+        auth.users_secret.is_some() || auth.http.is_some() || auth.allow_anonymous == Some(true);
+    for (i, s) in spec.services.iter().enumerate() {
+        let field = format!("services[{}]", s.name);
+        let fail = |m: String| Err(InvalidSpec(format!("{field}: {m}")));
+        if !is_dns_label(&s.name) {
+            return fail(
+                "name must be lowercase letters, digits and '-', start with a letter and end \
+                 with a letter or digit"
+                    .to_string(),
+            );
+        }
+        if s.name == "headless" {
+            return fail(
+                "name must not be headless: <cluster>-headless is the operator's \
+                 peer-discovery Service"
+                    .to_string(),
+            );
+        }
+        let full = names.extra_service(&s.name);
+        if full.len() > 63 {
+            return fail(format!(
+                "the Service name {full:?} is longer than 63 characters; shorten the name"
+            ));
+        }
+        if spec.services[..i].iter().any(|t| t.name == s.name) {
+            return fail("name is used twice (services[].name must be unique)".to_string());
+        }
+        let lb = s.type_ == ServiceType::LoadBalancer;
+        if !lb && (s.load_balancer_class.is_some() || !s.load_balancer_source_ranges.is_empty()) {
+            return fail(
+                "loadBalancerClass and loadBalancerSourceRanges need type LoadBalancer".to_string(),
+            );
+        }
+        if s.type_ == ServiceType::ClusterIP && s.external_traffic_policy.is_some() {
+            return fail("externalTrafficPolicy needs type NodePort or LoadBalancer".to_string());
+        }
+        if !s.proxy_protocol && !s.proxy_trusted_ranges.is_empty() {
+            return fail("proxyTrustedRanges needs proxyProtocol: true".to_string());
+        }
+        if let Some(bad) = s.proxy_trusted_ranges.iter().find(|r| !is_cidr(r)) {
+            return fail(format!(
+                "proxyTrustedRanges: {bad:?} is not an address or CIDR (e.g. 10.0.0.0/16)"
+            ));
+        }
+        listeners_ok(&format!("services[{}]", s.name), &s.listeners)?;
+        if matches!(s.type_, ServiceType::LoadBalancer | ServiceType::NodePort) && !authenticated {
+            return fail(
+                "type LoadBalancer or NodePort exposes the brokers beyond the cluster: configure \
+                 auth.usersSecret or auth.http, or set auth.allowAnonymous: true on purpose"
+                    .to_string(),
+            );
+        }
+        let exposes_tls = crate::build::service::exposed(cluster, &s.listeners)
+            .iter()
+            .any(|k| k.is_tls());
+        if spec.tls.mode == TlsMode::LoadBalancer && exposes_tls && !lb {
+            return fail(
+                "with tls.mode loadBalancer, a Service that exposes mqtts or wss must be type \
+                 LoadBalancer (TLS ends at the load balancer)"
+                    .to_string(),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Whether `s` is a DNS-1035 label start (lowercase letters, digits, '-'; a letter first, no
+/// '-' last); the length is checked on the whole Service name.
+fn is_dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.first().is_some_and(u8::is_ascii_lowercase)
+        && b.last()
+            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
 }
 
 /// Whether `s` is an IP address or an address with a prefix length (`10.0.0.0/16`, `::1/128`).

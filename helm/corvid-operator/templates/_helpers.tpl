@@ -53,10 +53,15 @@ to broker pods, because RBAC forbids granting what you do not have.
 - apiGroups: [corvid.dev]
   resources: [mqttclusters/status]
   verbs: [patch]
-# Applied and watched; read back after the apply to plan the pod step.
+# Applied and watched; read back after the apply to plan the pod step; deleted with
+# propagationPolicy Orphan (pods kept) to re-create it when spec.persistence.size grows.
 - apiGroups: [apps]
   resources: [statefulsets]
-  verbs: [get, list, watch, create, patch]
+  verbs: [get, list, watch, create, patch, delete]
+# Volume expansion: the StatefulSet's claims are listed and their storage request patched.
+- apiGroups: [""]
+  resources: [persistentvolumeclaims]
+  verbs: [list, patch]
 # Client and headless Services: applied, watched, extra ones pruned.
 - apiGroups: [""]
   resources: [services]
@@ -115,11 +120,15 @@ to broker pods, because RBAC forbids granting what you do not have.
 {{- end -}}
 
 {{/* Cluster-scoped rules: read the ServiceMonitor and PrometheusRule CRDs (to see whether the
-Prometheus Operator is installed); patch the MqttCluster CRD when crds.applyOnStart. */}}
+Prometheus Operator is installed); read StorageClasses (whether volumes may grow); patch the
+MqttCluster CRD when crds.applyOnStart. */}}
 {{- define "corvid-operator.clusterRules" -}}
 - apiGroups: [apiextensions.k8s.io]
   resources: [customresourcedefinitions]
   resourceNames: [servicemonitors.monitoring.coreos.com, prometheusrules.monitoring.coreos.com]
+  verbs: [get]
+- apiGroups: [storage.k8s.io]
+  resources: [storageclasses]
   verbs: [get]
 {{- if .Values.crds.applyOnStart }}
 - apiGroups: [apiextensions.k8s.io]

@@ -32,6 +32,14 @@ pub fn build(cluster: &MqttCluster, names: &Names) -> Option<DynamicObject> {
         format!("{client}.{ns}.svc"),
         format!("*.{headless}.{ns}.svc"),
     ];
+    for extra in &cluster.spec.services {
+        let svc = names.extra_service(&extra.name);
+        dns.extend([
+            svc.clone(),
+            format!("{svc}.{ns}"),
+            format!("{svc}.{ns}.svc"),
+        ]);
+    }
     dns.extend(tls.dns_names.iter().cloned());
     let mut obj = DynamicObject::new(&names.tls_secret(), &api_resource());
     obj.metadata = owned_meta(cluster, names, names.tls_secret());

@@ -72,7 +72,8 @@ pub fn broker_serves(cluster: &MqttCluster, kind: ListenerKind) -> bool {
     }
 }
 
-/// Whether listeners expect a PROXY protocol header (only when the load balancer sends it).
+/// Whether the client Service's traffic carries a PROXY protocol header (only when the load
+/// balancer sends it); each listener follows the Services that reach it (`service::proxy_trust`).
 pub fn proxy_protocol(cluster: &MqttCluster) -> bool {
     let tls = &cluster.spec.tls;
     tls.mode == TlsMode::LoadBalancer
@@ -82,7 +83,7 @@ pub fn proxy_protocol(cluster: &MqttCluster) -> bool {
             .is_some_and(|lb| lb.proxy_protocol)
 }
 
-/// The source ranges listeners believe PROXY headers from (`listeners.*.proxy_trusted`).
+/// The source ranges the client Service's PROXY headers are believed from.
 pub fn proxy_trusted(cluster: &MqttCluster) -> Vec<String> {
     let lb = cluster.spec.tls.load_balancer.as_ref();
     lb.map(|lb| lb.proxy_trusted_ranges.clone())
@@ -105,12 +106,6 @@ pub fn typed(cluster: &MqttCluster, names: &Names) -> Result<Config, InvalidSpec
     let spec = &cluster.spec;
     let mut c = Config::default();
     c.log.format = cfg::LogFormat::Json;
-    let proxy = proxy_protocol(cluster);
-    let trusted = if proxy {
-        proxy_trusted(cluster)
-    } else {
-        Vec::new()
-    };
     for kind in ListenerKind::ALL {
         let port = fit(
             spec.listeners.get(kind).port.into(),
@@ -122,10 +117,11 @@ pub fn typed(cluster: &MqttCluster, names: &Names) -> Result<Config, InvalidSpec
             ListenerKind::Mqtts => &mut c.listeners.mqtts,
             ListenerKind::Wss => &mut c.listeners.wss,
         };
+        let trust = super::service::proxy_trust(cluster, kind)?;
         l.enabled = broker_serves(cluster, kind);
         l.bind = any_addr(port);
-        l.proxy_protocol = proxy;
-        l.proxy_trusted = trusted.clone();
+        l.proxy_protocol = trust.proxy_protocol;
+        l.proxy_trusted = trust.proxy_trusted;
     }
     c.tls.cert_file = PathBuf::from(format!("{TLS_DIR}/tls.crt"));
     c.tls.key_file = PathBuf::from(format!("{TLS_DIR}/tls.key"));

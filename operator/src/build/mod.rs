@@ -55,6 +55,8 @@ pub struct Desired {
     pub headless_service: Service,
     /// Client-facing Service.
     pub client_service: Service,
+    /// Additional client Services (spec.services), in spec order.
+    pub extra_services: Vec<Service>,
     /// The broker pods.
     pub statefulset: StatefulSet,
     /// Voluntary-disruption guard, when enabled.
@@ -80,6 +82,7 @@ pub fn desired(cluster: &MqttCluster, valid: &Validated, inputs: &BuildInputs) -
         role_binding: rbac::role_binding(cluster, &names),
         headless_service: service::headless(cluster, &names),
         client_service: service::client(cluster, &names),
+        extra_services: service::extra(cluster, &names),
         statefulset: statefulset::build(cluster, &names, &rendered, inputs.statefulset_replicas),
         pdb: pdb::build(cluster, &names),
         network_policy: networkpolicy::build(cluster, &names, &inputs.operator_namespace),

@@ -47,6 +47,10 @@ impl Names {
     pub fn client_service(&self) -> String {
         self.cluster.clone()
     }
+    /// Name of the additional client Service `spec.services[].name` (`<cluster>-<name>`).
+    pub fn extra_service(&self, name: &str) -> String {
+        format!("{}-{name}", self.cluster)
+    }
     /// Headless Service name (peer discovery and stable pod DNS).
     pub fn headless_service(&self) -> String {
         format!("{}-headless", self.cluster)

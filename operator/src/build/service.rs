@@ -1,16 +1,21 @@
-//! The two Services: the headless one (stable pod DNS and peer discovery, not-ready pods
-//! included so members can find each other while joining) and the client-facing one, which sets
-//! only the fields the operator owns so a cloud load-balancer controller's fields are left alone.
+//! The Services: the headless one (stable pod DNS and peer discovery, not-ready pods included so
+//! members can find each other while joining), the client-facing one and the additional ones of
+//! spec.services, which set only the fields the operator owns so a cloud load-balancer
+//! controller's fields are left alone; and which PROXY protocol setting each broker listener
+//! gets from the Services that reach it.
 
 use std::collections::BTreeMap;
 
 use corvid_crds::{
-    ListenerKind, LoadBalancerProvider, MqttCluster, TlsMode, ADMIN_PORT, CLUSTER_PORT,
+    ListenerKind, LoadBalancerProvider, MqttCluster, ServiceListener, ServiceType, TlsMode,
+    ADMIN_PORT, CLUSTER_PORT,
 };
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use super::config;
 use super::names::{owned_meta, Names};
+use crate::validate::InvalidSpec;
 
 fn port(name: &str, port: i32, target: &str) -> ServicePort {
     ServicePort {
@@ -50,21 +55,142 @@ pub fn target_port(cluster: &MqttCluster, kind: ListenerKind) -> ListenerKind {
     }
 }
 
-/// Client Service: one port per enabled listener, plus owned metadata and LB options.
-pub fn client(cluster: &MqttCluster, names: &Names) -> Service {
-    let spec = &cluster.spec;
-    let svc = &spec.service;
-    let ports = ListenerKind::ALL
+/// The enabled listeners a Service exposes: those it names, or every enabled one when it names
+/// none (validation refuses naming a disabled one; it is left out here all the same).
+pub fn exposed(cluster: &MqttCluster, named: &[ServiceListener]) -> Vec<ListenerKind> {
+    let listeners = &cluster.spec.listeners;
+    ListenerKind::ALL
         .into_iter()
-        .filter(|k| spec.listeners.get(*k).enabled)
-        .map(|k| {
+        .filter(|k| listeners.get(*k).enabled)
+        .filter(|k| named.is_empty() || named.iter().any(|n| ListenerKind::from(*n) == *k))
+        .collect()
+}
+
+fn ports_of(cluster: &MqttCluster, kinds: &[ListenerKind]) -> Vec<ServicePort> {
+    kinds
+        .iter()
+        .map(|&k| {
             port(
                 k.name(),
-                spec.listeners.get(k).port,
+                cluster.spec.listeners.get(k).port,
                 target_port(cluster, k).name(),
             )
         })
+        .collect()
+}
+
+/// One Service that carries client traffic to the broker listeners, as far as PROXY protocol
+/// is concerned: which listeners it reaches and whether its traffic starts with a PROXY header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Exposure {
+    /// The spec field that declares it, for messages (`spec.service`, `spec.services[name]`).
+    pub field: String,
+    /// The client listeners it exposes (Service ports).
+    pub listeners: Vec<ListenerKind>,
+    /// Whether its traffic carries a PROXY header.
+    pub proxy_protocol: bool,
+    /// Sources whose PROXY header is believed (empty: any).
+    pub proxy_trusted: Vec<String>,
+}
+
+/// Every Service that exposes client listeners: spec.service's first, then spec.services in order.
+pub fn exposures(cluster: &MqttCluster) -> Vec<Exposure> {
+    let spec = &cluster.spec;
+    let client_proxy = config::proxy_protocol(cluster);
+    let mut out = vec![Exposure {
+        field: "spec.service".to_string(),
+        listeners: exposed(cluster, &spec.service.listeners),
+        proxy_protocol: client_proxy,
+        proxy_trusted: if client_proxy {
+            config::proxy_trusted(cluster)
+        } else {
+            Vec::new()
+        },
+    }];
+    out.extend(spec.services.iter().map(|s| Exposure {
+        field: format!("spec.services[{}]", s.name),
+        listeners: exposed(cluster, &s.listeners),
+        proxy_protocol: s.proxy_protocol,
+        proxy_trusted: if s.proxy_protocol {
+            s.proxy_trusted_ranges.clone()
+        } else {
+            Vec::new()
+        },
+    }));
+    out
+}
+
+/// PROXY protocol settings of one broker listener.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProxyTrust {
+    /// Whether the listener expects a PROXY header.
+    pub proxy_protocol: bool,
+    /// Sources whose PROXY header it believes (empty: any).
+    pub proxy_trusted: Vec<String>,
+}
+
+/// The PROXY protocol setting of the broker listener `kind`, which follows the Services whose
+/// ports land on it (with TLS at the load balancer, mqtts and wss land on mqtt and ws). A
+/// listener no Service reaches keeps spec.service's setting. The broker has one listener per
+/// kind, so Services that disagree cannot both be served: that is refused, naming both.
+pub fn proxy_trust(cluster: &MqttCluster, kind: ListenerKind) -> Result<ProxyTrust, InvalidSpec> {
+    let all = exposures(cluster);
+    let reaching: Vec<&Exposure> = all
+        .iter()
+        .filter(|e| e.listeners.iter().any(|k| target_port(cluster, *k) == kind))
         .collect();
+    let Some(first) = reaching.first() else {
+        let client = &all[0];
+        return Ok(ProxyTrust {
+            proxy_protocol: client.proxy_protocol,
+            proxy_trusted: client.proxy_trusted.clone(),
+        });
+    };
+    if let Some(other) = reaching
+        .iter()
+        .find(|e| e.proxy_protocol != first.proxy_protocol)
+    {
+        let (with, without) = if first.proxy_protocol {
+            (first, other)
+        } else {
+            (other, first)
+        };
+        return Err(InvalidSpec(format!(
+            "the broker listener {} is exposed by {} with PROXY protocol and by {} without; a \
+             listener either expects the PROXY header or not, so expose it through Services that \
+             agree (narrow spec.service.listeners or spec.services[].listeners)",
+            kind.name(),
+            with.field,
+            without.field
+        )));
+    }
+    if !first.proxy_protocol {
+        return Ok(ProxyTrust::default());
+    }
+    // The union of the trusted ranges; one Service trusting any sender opens the listener.
+    let mut trusted: Vec<String> = Vec::new();
+    for e in &reaching {
+        if e.proxy_trusted.is_empty() {
+            trusted.clear();
+            break;
+        }
+        for range in &e.proxy_trusted {
+            if !trusted.contains(range) {
+                trusted.push(range.clone());
+            }
+        }
+    }
+    Ok(ProxyTrust {
+        proxy_protocol: true,
+        proxy_trusted: trusted,
+    })
+}
+
+/// Client Service: one port per exposed listener, plus owned metadata and LB options.
+pub fn client(cluster: &MqttCluster, names: &Names) -> Service {
+    let spec = &cluster.spec;
+    let svc = &spec.service;
+    let ports = ports_of(cluster, &exposed(cluster, &svc.listeners));
     let mut meta = owned_meta(cluster, names, names.client_service());
     let mut labels = svc.labels.clone();
     labels.extend(names.labels());
@@ -85,6 +211,61 @@ pub fn client(cluster: &MqttCluster, names: &Names) -> Service {
         }),
         ..Service::default()
     }
+}
+
+/// The additional Services of spec.services, named `<cluster>-<name>`, built like the client
+/// Service from their own options. With TLS at the load balancer, one of type LoadBalancer that
+/// exposes a TLS listener gets the preset's annotations for its own TLS ports and PROXY setting.
+pub fn extra(cluster: &MqttCluster, names: &Names) -> Vec<Service> {
+    cluster
+        .spec
+        .services
+        .iter()
+        .map(|s| {
+            let kinds = exposed(cluster, &s.listeners);
+            let mut meta = owned_meta(cluster, names, names.extra_service(&s.name));
+            let mut labels = s.labels.clone();
+            labels.extend(names.labels());
+            meta.labels = Some(labels);
+            let mut annotations = BTreeMap::new();
+            let tls = &cluster.spec.tls;
+            if let (TlsMode::LoadBalancer, Some(lb), ServiceType::LoadBalancer) =
+                (tls.mode, &tls.load_balancer, s.type_)
+            {
+                let tls_ports: Vec<String> = kinds
+                    .iter()
+                    .filter(|k| k.is_tls())
+                    .map(|k| cluster.spec.listeners.get(*k).port.to_string())
+                    .collect();
+                if !tls_ports.is_empty() {
+                    annotations.extend(preset(
+                        lb.provider,
+                        lb.certificate.as_deref(),
+                        &tls_ports.join(","),
+                        s.proxy_protocol,
+                    ));
+                }
+            }
+            annotations.extend(s.annotations.clone());
+            meta.annotations = (!annotations.is_empty()).then_some(annotations);
+            Service {
+                metadata: meta,
+                spec: Some(ServiceSpec {
+                    type_: Some(s.type_.as_str().to_string()),
+                    selector: Some(names.selector()),
+                    ports: Some(ports_of(cluster, &kinds)),
+                    load_balancer_class: s.load_balancer_class.clone(),
+                    load_balancer_source_ranges: (!s.load_balancer_source_ranges.is_empty())
+                        .then(|| s.load_balancer_source_ranges.clone()),
+                    external_traffic_policy: s
+                        .external_traffic_policy
+                        .map(|p| p.as_str().to_string()),
+                    ..ServiceSpec::default()
+                }),
+                ..Service::default()
+            }
+        })
+        .collect()
 }
 
 /// Service annotations: the TLS preset's, then `tls.loadBalancer.annotations`, then

@@ -6,6 +6,7 @@ mod objects;
 mod podtemplate;
 mod prometheusrule;
 mod service;
+mod services;
 mod statefulset;
 
 use corvid_crds::MqttCluster;
