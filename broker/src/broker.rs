@@ -223,7 +223,11 @@ impl Broker {
     /// `persistence.data_dir` is set. Every path that changes the retained store comes here.
     pub fn set_retained(&self, msg: Msg) {
         // `$SYS` figures are the broker's own and published again after a restart.
-        if let Some(db) = self.durable.as_ref().filter(|_| !crate::sys::is_sys(&msg.topic)) {
+        if let Some(db) = self
+            .durable
+            .as_ref()
+            .filter(|_| !crate::sys::is_sys(&msg.topic))
+        {
             db.retained(&msg);
         }
         self.retained.set(msg);
