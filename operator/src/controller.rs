@@ -185,7 +185,28 @@ async fn reconcile_pipeline(cluster: &MqttCluster, ctx: &Context) -> Result<Requ
     if paused(cluster) {
         // Removing the annotation is a change to the object, which wakes the controller.
         tracing::info!(cluster = %names.cluster, namespace = %names.namespace, "paused by the corvid.dev/paused annotation; nothing is written");
+        // The pause itself is the one thing recorded, once: status and an event say so.
+        if !status::shows_paused(cluster.status.as_ref()) {
+            ctx.event(
+                cluster,
+                EventType::Normal,
+                "Paused",
+                format!("{PAUSED_ANNOTATION} is \"true\": reconciling stopped"),
+            )
+            .await;
+            let new = status::paused(cluster.status.as_ref(), jiff::Timestamp::now());
+            patch_status(ctx, &names, &new).await?;
+        }
         return Ok(Requeue::await_change());
+    }
+    if status::shows_paused(cluster.status.as_ref()) {
+        ctx.event(
+            cluster,
+            EventType::Normal,
+            "Resumed",
+            format!("{PAUSED_ANNOTATION} removed: reconciling again"),
+        )
+        .await;
     }
     let observation = match observe(&ctx.client, ctx.admin.as_ref(), cluster, &names).await {
         Ok(observation) => observation,

@@ -231,6 +231,31 @@ pub fn failed(
     status
 }
 
+/// The `ReconcileSuccess` reason while `corvid.dev/paused: "true"` holds the operator back.
+pub const PAUSED_BY_ANNOTATION: &str = "PausedByAnnotation";
+
+/// Whether `status` already records the pause (so entering it is written once, not per wake).
+pub fn shows_paused(status: Option<&MqttClusterStatus>) -> bool {
+    status.is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == RECONCILE_SUCCESS && c.reason == PAUSED_BY_ANNOTATION)
+    })
+}
+
+/// The status that records a pause: everything as it was, `ReconcileSuccess=False` with reason
+/// [`PAUSED_BY_ANNOTATION`]; the next reconcile after the annotation goes replaces it.
+pub fn paused(previous: Option<&MqttClusterStatus>, now: Timestamp) -> MqttClusterStatus {
+    failed(
+        previous,
+        PAUSED_BY_ANNOTATION,
+        "corvid.dev/paused is \"true\": the operator applies, prunes, evacuates and deletes \
+         nothing for this cluster until the annotation is removed"
+            .to_string(),
+        now,
+    )
+}
+
 #[cfg(test)]
 #[path = "status_tests.rs"]
 mod tests;

@@ -277,3 +277,26 @@ fn observed_generation_is_the_generation_acted_on() {
         .iter()
         .all(|c| c.observed_generation == Some(2)));
 }
+
+#[test]
+fn a_pause_is_recorded_once_and_the_next_reconcile_replaces_it() {
+    let pods = [pod(0, "r2", true), pod(1, "r2", true), pod(2, "r2", true)];
+    let p = plan(Action::Idle);
+    let running = compute(&inputs(&pods, Some(&p), None));
+    assert!(!shows_paused(Some(&running)));
+    assert!(!shows_paused(None));
+
+    let held = paused(Some(&running), now());
+    assert!(shows_paused(Some(&held)));
+    assert_eq!(get(&held, RECONCILE_SUCCESS).status, "False");
+    assert!(get(&held, RECONCILE_SUCCESS)
+        .message
+        .contains("corvid.dev/paused"));
+    // Everything else is what the operator last saw: the pause changes nothing it reports.
+    assert_eq!(get(&held, AVAILABLE), get(&running, AVAILABLE));
+    assert_eq!(held.observed_generation, running.observed_generation);
+
+    let resumed = compute(&inputs(&pods, Some(&p), Some(&held)));
+    assert!(!shows_paused(Some(&resumed)));
+    assert_eq!(get(&resumed, RECONCILE_SUCCESS).status, "True");
+}
