@@ -821,9 +821,11 @@ impl Conn {
             }
             // A packet partly received while the broker is reading must keep coming.
             // At most a receive maximum of acknowledgements wait for the store; past that the
-            // client is not read from (a client that respects the receive maximum never gets
-            // there).
-            let acks_room = self.held_acks.len() < usize::from(broker.config.mqtt.receive_maximum);
+            // client is not read from until the store catches up (a client that respects the
+            // receive maximum never gets there). Acks held only for this client's own congested
+            // session never stop reading: its PUBACKs for deliveries are what drain that session.
+            let acks_room = self.awaited_mark().is_none()
+                || self.held_acks.len() < usize::from(broker.config.mqtt.receive_maximum);
             let stalled_at = packet_timeout
                 .filter(|_| {
                     self.codec.mid_packet(&rbuf) && paused.is_none() && held.is_empty() && acks_room

@@ -33,8 +33,20 @@ struct Counts {
 /// A rumqttc 3.1.1 client whose event loop runs in a task, counting PUBACKs and deliveries
 /// (it acknowledges QoS 1 deliveries as fast as loopback allows).
 async fn client(addr: std::net::SocketAddr, id: &str, inflight: u16) -> (AsyncClient, Arc<Counts>) {
+    client_with(addr, id, inflight, true).await
+}
+
+/// [`client`] with a choice of clean session (false: a persistent session, which a broker
+/// with `persistence.data_dir` stores).
+async fn client_with(
+    addr: std::net::SocketAddr,
+    id: &str,
+    inflight: u16,
+    clean: bool,
+) -> (AsyncClient, Arc<Counts>) {
     let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
     o.set_keep_alive(Duration::from_secs(30));
+    o.set_clean_session(clean);
     o.set_inflight(inflight);
     let (c, mut ev) = AsyncClient::new(o, 1024);
     let counts = Arc::new(Counts::default());
@@ -208,6 +220,33 @@ async fn publisher_subscribed_to_itself_does_not_deadlock() {
     wait_count("echo PUBACKs", &k.acked, 3000).await;
     wait_count("echo deliveries", &k.received, 3000).await;
     by.assert_served().await;
+    stop(r).await;
+}
+
+/// The same with a durable store and a persistent session: every PUBACK then also waits for
+/// the store, and acks held that way stop reading only until the store catches up, never for
+/// the client's own congestion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publisher_subscribed_to_itself_does_not_deadlock_with_a_durable_store() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut cfg = config();
+    cfg.persistence.data_dir = Some(dir.path().to_path_buf());
+    let r = start_with(cfg).await;
+    let a = mqtt(&r);
+    let mut by = Bystander::connect(a, "bystander").await;
+    let (c, k) = client_with(a, "echo", INFLIGHT, false).await;
+    subscribe(&c, "echo/t", &mut by).await;
+    spawn_publisher(c.clone(), "echo/t".into(), 3000);
+    wait_count("echo PUBACKs", &k.acked, 3000).await;
+    wait_count("echo deliveries", &k.received, 3000).await;
+    by.assert_served().await;
+    let store = r.broker.durable.as_ref().expect("durable store").store();
+    assert!(
+        store.durable() >= 3000,
+        "every message went through the store: {} marks durable",
+        store.durable()
+    );
     stop(r).await;
 }
 
