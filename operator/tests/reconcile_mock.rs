@@ -319,7 +319,7 @@ async fn an_enabled_network_policy_is_kept() {
 }
 
 #[tokio::test]
-async fn a_paused_cluster_gets_no_write_at_all() {
+async fn a_paused_cluster_gets_no_write_but_the_record_of_its_pause() {
     let (client, calls) = fake_client();
     let ctx = context(client);
     let mut obj = (*cluster(json!({}))).clone();
@@ -334,6 +334,40 @@ async fn a_paused_cluster_gets_no_write_at_all() {
         .await
         .expect("a paused reconcile succeeds");
     assert_eq!(action, Action::await_change(), "woken by the next change");
+    // Entering the pause writes exactly its record: one event and the status saying so.
+    let writes: Vec<_> = calls
+        .lock()
+        .expect("calls")
+        .iter()
+        .filter(|c| c.method != "GET")
+        .cloned()
+        .collect();
+    let described: Vec<String> = writes
+        .iter()
+        .map(|c| format!("{} {}", c.method, c.uri))
+        .collect();
+    assert_eq!(writes.len(), 2, "only the pause's record: {described:?}");
+    assert!(
+        writes[0].method == "POST" && writes[0].uri.contains("/events"),
+        "{described:?}"
+    );
+    assert_eq!(writes[0].body["reason"], "Paused");
+    assert!(writes[1].uri.contains("/status"), "{described:?}");
+    let status = writes[1].body["status"].clone();
+    let reconcile_success = status["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == "ReconcileSuccess"))
+        .cloned()
+        .expect("ReconcileSuccess in the pause's status");
+    assert_eq!(reconcile_success["status"], "False");
+    assert_eq!(reconcile_success["reason"], "PausedByAnnotation");
+
+    // Once status shows the pause, a reconcile (any wake) writes nothing at all.
+    obj.status = Some(serde_json::from_value(status).expect("status"));
+    calls.lock().expect("calls").clear();
+    reconcile(Arc::new(obj.clone()), ctx.clone())
+        .await
+        .expect("a paused reconcile succeeds");
     let writes: Vec<String> = calls
         .lock()
         .expect("calls")
@@ -359,6 +393,14 @@ async fn a_paused_cluster_gets_no_write_at_all() {
         .expect("calls")
         .iter()
         .any(|c| c.method == "PATCH" && c.body["kind"] == "StatefulSet"));
+    assert!(
+        calls
+            .lock()
+            .expect("calls")
+            .iter()
+            .any(|c| c.method == "POST" && c.body["reason"] == "Resumed"),
+        "resuming is an event"
+    );
 }
 
 #[tokio::test]
