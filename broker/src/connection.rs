@@ -819,13 +819,16 @@ impl Conn {
                 // Idle connections hold no read buffer.
                 rbuf = BytesMut::new();
             }
-            // A packet partly received while the broker is reading must keep coming.
             // At most a receive maximum of acknowledgements wait for the store; past that the
             // client is not read from until the store catches up (a client that respects the
             // receive maximum never gets there). Acks held only for this client's own congested
             // session never stop reading: its PUBACKs for deliveries are what drain that session.
-            let acks_room = self.awaited_mark().is_none()
-                || self.held_acks.len() < usize::from(broker.config.mqtt.receive_maximum);
+            // Both decisions come from one look at the store, so a mark that becomes durable in
+            // between cannot leave reading stopped with nothing to wake the loop.
+            let (awaited, ack_wait) = self.ack_wait(&broker.queue_bounds);
+            let acks_room =
+                !awaited || self.held_acks.len() < usize::from(broker.config.mqtt.receive_maximum);
+            // A packet partly received while the broker is reading must keep coming.
             let stalled_at = packet_timeout
                 .filter(|_| {
                     self.codec.mid_packet(&rbuf) && paused.is_none() && held.is_empty() && acks_room
@@ -905,7 +908,7 @@ impl Conn {
                 _ = session.notify.notified() => {}
                 // Acknowledgements waiting for the store: sent by the next turn's
                 // `release_acks` once durable; a failed store sends none of them.
-                r = OptionFuture::from(self.awaited_mark().and_then(|m| Some(Box::pin(broker.durable.as_ref()?.store().wait_durable(m))))), if self.awaited_mark().is_some() => {
+                r = OptionFuture::from(ack_wait.and_then(|m| Some(Box::pin(broker.durable.as_ref()?.store().wait_durable(m))))), if ack_wait.is_some() => {
                     if let Some(Err(_)) = r {
                         return End::Protocol(
                             Reason::UnspecifiedError,
@@ -1634,11 +1637,20 @@ impl Conn {
         }
     }
 
-    /// The store mark the first held acknowledgement waits for, if it is not durable yet.
-    fn awaited_mark(&self) -> Option<u64> {
-        let (mark, _) = self.held_acks.front()?;
-        let store = self.broker.durable.as_ref()?.store();
-        (*mark > store.durable()).then_some(*mark)
+    /// One look at the held acknowledgements against the store: whether the first still waits
+    /// for its mark to be durable, and the mark this turn waits on. It waits whenever the first
+    /// is not durable yet, and also when it is but this client's session does not hold it back
+    /// (it became durable since `release_acks`: the wait resolves at once and the next turn
+    /// sends it). Acks held only for the client's own congested session are released by the
+    /// queue's wake-up instead.
+    fn ack_wait(&self, bounds: &QueueBounds) -> (bool, Option<u64>) {
+        let (Some(&(mark, _)), Some(db)) = (self.held_acks.front(), self.broker.durable.as_ref())
+        else {
+            return (false, None);
+        };
+        let awaited = mark > db.store().durable();
+        let wait = awaited || self.session.holds_back(bounds).is_none();
+        (awaited, wait.then_some(mark))
     }
 
     /// A PUBLISH the ACL refuses (or one into `$SYS`): MQTT 5 acknowledges it with 0x87 (Not
