@@ -76,6 +76,14 @@ async fn client_with(
     (c, counts)
 }
 
+/// Starts a broker with a durable store in a fresh directory (kept while the guard lives).
+async fn start_durable() -> (Running, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut cfg = config();
+    cfg.persistence.data_dir = Some(dir.path().to_path_buf());
+    (start_with(cfg).await, dir)
+}
+
 /// Subscribes and gives the broker a moment to confirm (a bystander round trip orders it).
 async fn subscribe(c: &AsyncClient, filter: &str, by: &mut Bystander) {
     c.subscribe(filter, QoS::AtLeastOnce)
@@ -229,10 +237,7 @@ async fn publisher_subscribed_to_itself_does_not_deadlock() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publisher_subscribed_to_itself_does_not_deadlock_with_a_durable_store() {
     let _serial = SERIAL.lock().await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut cfg = config();
-    cfg.persistence.data_dir = Some(dir.path().to_path_buf());
-    let r = start_with(cfg).await;
+    let (r, _dir) = start_durable().await;
     let a = mqtt(&r);
     let mut by = Bystander::connect(a, "bystander").await;
     let (c, k) = client_with(a, "echo", INFLIGHT, false).await;
@@ -259,10 +264,7 @@ async fn publisher_subscribed_to_itself_does_not_deadlock_with_a_durable_store()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn durable_acks_reach_every_publisher_under_load() {
     let _serial = SERIAL.lock().await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut cfg = config();
-    cfg.persistence.data_dir = Some(dir.path().to_path_buf());
-    let r = start_with(cfg).await;
+    let (r, _dir) = start_durable().await;
     let a = mqtt(&r);
     let mut by = Bystander::connect(a, "bystander").await;
     const PAIRS: usize = 10;

@@ -49,23 +49,7 @@ async fn operator_rolls_out_scales_and_cleans_up_an_mqtt_cluster() {
 
     // Owned objects exist and point back at the MqttCluster as their controller.
     let statefulsets = Api::<StatefulSet>::namespaced(client.clone(), &ns.name);
-    let sts = wait_for(
-        "the StatefulSet to roll out 3 Ready pods",
-        TIMEOUT,
-        || async {
-            let Some(sts) = statefulsets.get_opt(NAME).await? else {
-                return Ok(Err("no StatefulSet yet".to_string()));
-            };
-            let ready = sts.status.as_ref().and_then(|s| s.ready_replicas);
-            Ok(if ready == Some(3) {
-                Ok(sts)
-            } else {
-                Err(format!("{:?}", sts.status))
-            })
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e:#}\n{}", operator.log_tail(30)));
+    let sts = wait_for_ready_statefulset(&statefulsets, &operator, 3).await;
     assert_controlled_by(&sts, &uid);
     let services = Api::<Service>::namespaced(client.clone(), &ns.name);
     for name in [NAME.to_string(), format!("{NAME}-headless")] {
@@ -195,6 +179,31 @@ fn assert_controlled_by<K: Resource>(object: &K, uid: &str) {
     );
 }
 
+/// Waits until the StatefulSet `NAME` has `ready` Ready pods, and returns it.
+async fn wait_for_ready_statefulset(
+    statefulsets: &Api<StatefulSet>,
+    operator: &TestProcess,
+    ready: i32,
+) -> StatefulSet {
+    wait_for(
+        &format!("the StatefulSet to roll out {ready} Ready pods"),
+        TIMEOUT,
+        || async {
+            let Some(sts) = statefulsets.get_opt(NAME).await? else {
+                return Ok(Err("no StatefulSet yet".to_string()));
+            };
+            let now = sts.status.as_ref().and_then(|s| s.ready_replicas);
+            Ok(if now == Some(ready) {
+                Ok(sts)
+            } else {
+                Err(format!("{:?}", sts.status))
+            })
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", operator.log_tail(30)))
+}
+
 /// Waits until the MqttCluster's status describes the current generation with `replicas`
 /// Ready pods, Available and ReconcileSuccess True, Degraded False, and no Unknown condition.
 async fn wait_for_status(clusters: &Api<DynamicObject>, operator: &TestProcess, replicas: i64) {
@@ -299,23 +308,7 @@ async fn operator_merges_the_pod_template_into_the_statefulset() {
         .await
         .unwrap();
     let statefulsets = Api::<StatefulSet>::namespaced(client.clone(), &ns.name);
-    let sts = wait_for(
-        "the StatefulSet to roll out 2 Ready pods",
-        TIMEOUT,
-        || async {
-            let Some(sts) = statefulsets.get_opt(NAME).await? else {
-                return Ok(Err("no StatefulSet yet".to_string()));
-            };
-            let ready = sts.status.as_ref().and_then(|s| s.ready_replicas);
-            Ok(if ready == Some(2) {
-                Ok(sts)
-            } else {
-                Err(format!("{:?}", sts.status))
-            })
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e:#}\n{}", operator.log_tail(30)));
+    let sts = wait_for_ready_statefulset(&statefulsets, &operator, 2).await;
     let template = sts.spec.expect("spec").template;
     let labels = template.metadata.and_then(|m| m.labels).unwrap_or_default();
     assert_eq!(labels.get("team").map(String::as_str), Some("iot"));

@@ -7,9 +7,7 @@
 use std::collections::BTreeMap;
 
 use corvid_crds::{PodSpecOverride, PodTemplateOverride, BROKER_CONTAINER};
-use k8s_openapi::api::core::v1::{
-    Capabilities, Container, PodSpec, Probe, SeccompProfile, SecurityContext,
-};
+use k8s_openapi::api::core::v1::{Container, PodSpec, Probe, SecurityContext};
 
 use super::config::{
     ADMIN_TOKEN_DIR, AUTH_DIR, BRIDGES_DIR, CLUSTER_SECRET_DIR, CONFIG_PATH, DATA_DIR,
@@ -223,17 +221,8 @@ fn check_broker(c: &Container, at: &str) -> Result<(), InvalidSpec> {
 /// context of its own (its root filesystem stays writable: it is not the broker).
 pub fn sidecar_security() -> SecurityContext {
     SecurityContext {
-        allow_privilege_escalation: Some(false),
-        run_as_non_root: Some(true),
-        capabilities: Some(Capabilities {
-            drop: Some(vec!["ALL".to_string()]),
-            ..Capabilities::default()
-        }),
-        seccomp_profile: Some(SeccompProfile {
-            type_: "RuntimeDefault".to_string(),
-            ..SeccompProfile::default()
-        }),
-        ..SecurityContext::default()
+        read_only_root_filesystem: None,
+        ..super::statefulset::default_container_security()
     }
 }
 
