@@ -113,6 +113,19 @@ pub enum Op {
         /// Topic.
         topic: String,
     },
+    /// A record of the cluster layer (messages held for a peer until it has them durably,
+    /// what this node last took from each peer), replacing the last one under `key`.
+    PutCluster {
+        /// The cluster layer's key.
+        key: Vec<u8>,
+        /// Its value.
+        record: Vec<u8>,
+    },
+    /// A cluster-layer record is gone.
+    DeleteCluster {
+        /// The cluster layer's key.
+        key: Vec<u8>,
+    },
 }
 
 /// Everything the store held when it was opened.
@@ -126,6 +139,8 @@ pub struct Recovered {
     pub marks: Vec<(String, Vec<u8>, Vec<u8>)>,
     /// Retained messages by topic.
     pub retained: Vec<(String, Vec<u8>)>,
+    /// Cluster-layer records by key, in key order.
+    pub cluster: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 /// Counters the broker exports as metrics.
@@ -214,6 +229,7 @@ struct Spaces {
     queue: Keyspace,
     marks: Keyspace,
     retained: Keyspace,
+    cluster: Keyspace,
 }
 
 /// Names a keyspace in a commit's folded ops.
@@ -223,6 +239,7 @@ enum Space {
     Queue,
     Marks,
     Retained,
+    Cluster,
 }
 
 impl Spaces {
@@ -232,6 +249,7 @@ impl Spaces {
             Space::Queue => &self.queue,
             Space::Marks => &self.marks,
             Space::Retained => &self.retained,
+            Space::Cluster => &self.cluster,
         }
     }
 }
@@ -252,6 +270,7 @@ impl Store {
             queue: db.keyspace("queue", KeyspaceCreateOptions::default)?,
             marks: db.keyspace("marks", KeyspaceCreateOptions::default)?,
             retained: db.keyspace("retained", KeyspaceCreateOptions::default)?,
+            cluster: db.keyspace("cluster", KeyspaceCreateOptions::default)?,
         };
         let recovered = recover(&spaces)?;
         let (tx, rx) = std::sync::mpsc::channel();
@@ -588,6 +607,12 @@ impl Writer {
                 Op::DeleteRetained { topic } => {
                     last.insert((Space::Retained, topic.as_bytes().to_vec()), None);
                 }
+                Op::PutCluster { key, record } => {
+                    last.insert((Space::Cluster, key.clone()), Some(record));
+                }
+                Op::DeleteCluster { key } => {
+                    last.insert((Space::Cluster, key.clone()), None);
+                }
             }
         }
         let mode = if sync {
@@ -682,6 +707,10 @@ fn recover(s: &Spaces) -> Result<Recovered, StoreError> {
             })?
             .to_owned();
         r.retained.push((topic, v.to_vec()));
+    }
+    for kv in s.cluster.iter() {
+        let (k, v) = kv.into_inner()?;
+        r.cluster.push((k.to_vec(), v.to_vec()));
     }
     Ok(r)
 }

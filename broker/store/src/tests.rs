@@ -240,3 +240,43 @@ fn marks_become_durable_in_order_and_a_closed_store_fails_waiters() {
     assert_eq!(r.queued.len(), 2, "what reached the durable mark is there");
     store.close();
 }
+
+#[test]
+fn cluster_records_come_back_in_key_order_and_deletes_stick() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, r) = open(dir.path());
+    assert!(r.cluster.is_empty());
+    let put = |k: &[u8], v: &[u8]| Op::PutCluster {
+        key: k.to_vec(),
+        record: v.to_vec(),
+    };
+    store
+        .submit(vec![
+            put(b"out/b\x00\x02", b"two"),
+            put(b"out/b\x00\x01", b"one"),
+            put(b"in/a", b"old"),
+            put(b"in/a", b"new"),
+            put(b"out/b\x00\x03", b"three"),
+            Op::DeleteCluster {
+                key: b"out/b\x00\x03".to_vec(),
+            },
+        ])
+        .wait_blocking()
+        .unwrap();
+    store
+        .submit(vec![Op::DeleteCluster {
+            key: b"out/b\x00\x01".to_vec(),
+        }])
+        .wait_blocking()
+        .unwrap();
+    store.close();
+    let (store, r) = open(dir.path());
+    assert_eq!(
+        r.cluster,
+        vec![
+            (b"in/a".to_vec(), b"new".to_vec()),
+            (b"out/b\x00\x02".to_vec(), b"two".to_vec()),
+        ]
+    );
+    store.close();
+}
