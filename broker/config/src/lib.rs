@@ -1174,6 +1174,39 @@ pub struct ClusterConfig {
     pub kubernetes: KubernetesDiscovery,
     /// Moving connections onto new nodes after a scale-up.
     pub rebalance: RebalanceConfig,
+    /// What the other nodes do while a node with durable sessions is down (killed, crashed):
+    /// they hold what is routed to its sessions, and clients of its sessions wait for it.
+    pub node_failure: NodeFailureConfig,
+}
+
+/// While a node with durable sessions (`persistence.data_dir`) is down after a crash or
+/// `kill -9`, its sessions are on its volume, not lost: the other nodes keep what is routed to
+/// them until it is back under the same name, and a client of one of them that reconnects to
+/// another node waits (bounded) for it, then takes its session over with everything queued.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeFailureConfig {
+    /// Seconds a client resuming a session (clean start off) on this node waits, at most, for
+    /// a failed node with durable sessions to come back before it gets a fresh session here
+    /// (counted: `corvid_cluster_owner_waits_total{result="expired"}`). 0 never waits.
+    pub owner_wait: u64,
+    /// Seconds this node keeps messages for a failed node's sessions; then the node counts
+    /// as gone, and what was held for it is dropped (counted). A node that comes back sooner
+    /// gets everything held for it.
+    pub hold: u64,
+    /// Messages held at most per peer (awaiting its acknowledgement, or its return); the
+    /// oldest beyond it are dropped (counted: `corvid_cluster_held_dropped_total`).
+    pub max_held_messages: usize,
+}
+
+impl Default for NodeFailureConfig {
+    fn default() -> Self {
+        Self {
+            owner_wait: 15,
+            hold: 600,
+            max_held_messages: 100_000,
+        }
+    }
 }
 
 /// How many accepted secrets a node holds besides its primary: a rotation needs one; the bound
@@ -1214,6 +1247,7 @@ impl Default for ClusterConfig {
             accepted_secret_files: Vec::new(),
             kubernetes: KubernetesDiscovery::default(),
             rebalance: RebalanceConfig::default(),
+            node_failure: NodeFailureConfig::default(),
         }
     }
 }
