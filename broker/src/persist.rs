@@ -56,6 +56,42 @@ struct StoredMsg {
     expires_at_ms: Option<u64>,
 }
 
+/// A message held for a peer until it has it ([`crate::cluster::held`]), with its expiry as
+/// a wall-clock time.
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredForward {
+    msg: WireMsg,
+    /// Unix milliseconds after which it is not delivered.
+    expires_at_ms: Option<u64>,
+    /// Deliver to ordinary subscriptions.
+    plain: bool,
+    /// Shared groups assigned to the peer.
+    groups: Vec<String>,
+}
+
+/// Encodes a message held for a peer.
+pub fn encode_forward(msg: &Message, plain: bool, groups: &[String]) -> Option<Vec<u8>> {
+    let rec = StoredForward {
+        msg: WireMsg::from_msg(msg),
+        expires_at_ms: deadline_ms(msg.expires_at),
+        plain,
+        groups: groups.to_vec(),
+    };
+    postcard::to_stdvec(&rec)
+        .inspect_err(|e| tracing::error!(error = %e, "held message not encoded"))
+        .ok()
+}
+
+/// Decodes a message held for a peer (its expiry relative to now again); `None` when the
+/// record is unreadable.
+pub fn decode_forward(rec: &[u8]) -> Option<(WireMsg, bool, Vec<String>)> {
+    let s: StoredForward = postcard::from_bytes(rec).ok()?;
+    let mut msg = s.msg;
+    msg.expires_in_ms = deadline_instant(s.expires_at_ms)
+        .map(|t| t.saturating_duration_since(Instant::now()).as_millis() as u64);
+    Some((msg, s.plain, s.groups))
+}
+
 /// Marker key of an incoming QoS 2 packet id (received, not yet released).
 fn incoming_key(packet_id: u16) -> Vec<u8> {
     let mut k = b"i".to_vec();
@@ -145,6 +181,8 @@ pub struct Durable {
     store: Store,
     /// What the store held when opened, until [`restore`] takes it.
     recovered: Mutex<Option<Recovered>>,
+    /// The cluster layer's records, until the cluster layer takes them at its start.
+    cluster_records: Mutex<Vec<(Vec<u8>, Vec<u8>)>>,
     metrics: StoreMetrics,
 }
 
@@ -177,9 +215,12 @@ impl Durable {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "durable store opened"
         );
+        let mut recovered = recovered;
+        let cluster_records = std::mem::take(&mut recovered.cluster);
         Ok(Some(Durable {
             store,
             recovered: Mutex::new(Some(recovered)),
+            cluster_records: Mutex::new(cluster_records),
             metrics: StoreMetrics::new(metrics)?,
         }))
     }
@@ -340,6 +381,27 @@ impl Durable {
                 record,
             }),
             Err(e) => tracing::error!(topic = %msg.topic, error = %e, "retained not encoded"),
+        }
+    }
+
+    /// The cluster layer's records as the store held them at start (taken once).
+    pub fn take_cluster_records(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        std::mem::take(&mut *self.cluster_records.lock())
+    }
+
+    /// Writes a cluster-layer record; returns the mark it is durable at.
+    pub fn put_cluster(&self, key: Vec<u8>, record: Vec<u8>) -> u64 {
+        self.store.send(vec![Op::PutCluster { key, record }])
+    }
+
+    /// Removes cluster-layer records.
+    pub fn delete_cluster(&self, keys: Vec<Vec<u8>>) {
+        if !keys.is_empty() {
+            self.store.send(
+                keys.into_iter()
+                    .map(|key| Op::DeleteCluster { key })
+                    .collect(),
+            );
         }
     }
 

@@ -547,6 +547,134 @@ async fn kill_9_of_one_node_survivors_serve_and_its_sessions_are_lost() {
     eprintln!("corvid_cluster_sessions_lost_total on n1, n2: {lost:?}");
 }
 
+/// Publishes `seqs` on `topic` at QoS 1 and waits until every one is acknowledged.
+async fn publish_range(c: &mut Client, topic: &str, seqs: std::ops::Range<u64>) {
+    let n = seqs.end - seqs.start;
+    for seq in seqs {
+        c.publish(topic, 1, false, seq_payload(seq)).await;
+    }
+    let mut acked = 0;
+    within("PUBACK for every publish", DEADLINE, async {
+        while acked < n {
+            match c.rx.recv().await {
+                Some(Ev::Acked(_)) => acked += 1,
+                Some(Ev::Closed(e)) => panic!("publisher closed: {e}"),
+                None => panic!("publisher event loop ended"),
+                Some(_) => {}
+            }
+        }
+    })
+    .await;
+}
+
+/// Three nodes with durable sessions, each on its own data directory.
+fn durable_cluster() -> Cluster {
+    let mut c = Cluster::empty();
+    for mut s in Cluster::static_loopback_specs(3) {
+        // A top-level section after the cluster section's lines.
+        s.cluster_extra = format!(
+            "persistence: {{ data_dir: \"{}\" }}\n",
+            c.dir.path().join(format!("{}-data", s.name)).display()
+        );
+        c.add(s);
+    }
+    c
+}
+
+/// With durable sessions, `kill -9` of a node loses no acknowledged message (docs/cluster.md,
+/// "Node failure: the guarantee"): while it is down the publisher's node holds what is routed
+/// to its sessions (and acknowledges the publisher once that is on its own store); a client of
+/// the killed node that reconnects to another node waits for it to come back, then takes its
+/// session over with everything queued; an online subscriber's session keeps its unacknowledged
+/// deliveries. Without the hold and the wait, the 100 messages published while the node is
+/// down, and the offline session itself, are lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_durable_node_loses_nothing_and_its_clients_resume_elsewhere() {
+    let mut c = durable_cluster();
+    c.wait_formed(&[0, 1, 2]).await;
+    let topic = "dur/t";
+    // On n3, the node about to die: an offline persistent session and an online one.
+    let off = Client::connect(c.nodes[2].mqtt_addr(), &Opts::persistent(V::V3, "dur-off")).await;
+    off.subscribe(topic, 1).await;
+    let mut on = Client::connect(c.nodes[2].mqtt_addr(), &Opts::persistent(V::V5, "dur-on")).await;
+    on.subscribe(topic, 1).await;
+    c.wait_routes(0, 2, 1).await;
+    off.disconnect().await;
+    let mut p = Client::connect(c.nodes[0].mqtt_addr(), &Opts::clean(V::V5, "dur-pub")).await;
+    publish_range(&mut p, topic, 0..100).await;
+    let mut seen_on = on.drain(QUIET, DEADLINE).await;
+
+    c.nodes[2].kill9();
+    drop(on);
+    // Acknowledged while n3 is down: held by n1 for n3's sessions.
+    publish_range(&mut p, topic, 100..200).await;
+    let held = c.nodes[0]
+        .metric("corvid_cluster_held_messages")
+        .await
+        .expect("metrics");
+    assert!(
+        held >= 100.0,
+        "n1 holds what n3's sessions are owed: {held}"
+    );
+    for i in [0, 1] {
+        let n = &c.nodes[i];
+        eventually(
+            &format!("{} to see n3 fail", n.name()),
+            Duration::from_secs(30),
+            || async {
+                let m = n.members().await?;
+                match m.iter().find(|m| m.0 == "n3") {
+                    Some(x) if x.1 == "ready" => Err(format!("{m:?}")),
+                    _ => Ok(()),
+                }
+            },
+        )
+        .await;
+    }
+    // The offline session's client comes back on n2 while n3 is still down: it waits.
+    let n2 = c.nodes[1].mqtt_addr();
+    let back =
+        tokio::spawn(
+            async move { Client::try_connect(n2, &Opts::persistent(V::V3, "dur-off")).await },
+        );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!back.is_finished(), "the client did not wait for n3");
+    c.nodes[2].restart();
+    let mut off = back
+        .await
+        .expect("join")
+        .expect("the client resumes once n3 is back");
+    assert!(
+        off.session_present,
+        "the session n3 kept on its volume moved to n2"
+    );
+    let got = counts(&off.drain(QUIET, DEADLINE).await, topic);
+    let missing: Vec<u64> = (0..200).filter(|s| !got.contains_key(s)).collect();
+    if !missing.is_empty() {
+        c.dump_counters().await;
+    }
+    assert!(missing.is_empty(), "offline session lost {missing:?}");
+    // The online session resumes on n1 with what it had not acknowledged and what was held.
+    let mut on = Client::connect(c.nodes[0].mqtt_addr(), &Opts::persistent(V::V5, "dur-on")).await;
+    assert!(on.session_present, "the online session survived the kill");
+    seen_on.extend(on.drain(QUIET, DEADLINE).await);
+    let got = counts(&seen_on, topic);
+    let missing: Vec<u64> = (0..200).filter(|s| !got.contains_key(s)).collect();
+    assert!(missing.is_empty(), "online session lost {missing:?}");
+    for i in [0, 1] {
+        let lost = c.nodes[i]
+            .metric("corvid_cluster_held_dropped_total")
+            .await
+            .expect("metrics");
+        assert_eq!(lost, 0.0, "{} dropped held messages", c.nodes[i].name());
+    }
+    eventually("n1 to let go of what n3 acknowledged", DEADLINE, || async {
+        let held = c.nodes[0].metric("corvid_cluster_held_messages").await?;
+        (held == 0.0).then_some(()).ok_or(format!("{held} held"))
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_with_the_wrong_secret_is_refused() {
     let mut c = Cluster::static_loopback(3);

@@ -46,6 +46,10 @@ pub const KEY_MQTT: &str = "mqtt";
 /// Gossip key: the node's state — a [`corvid_api::MemberState`] (`joining`, `ready`,
 /// `evacuating`, the same strings the admin API shows) or [`STATE_LEFT`].
 pub const KEY_STATE: &str = "state";
+/// Gossip key: `true` when the node keeps sessions on a durable store (a failed one comes back
+/// with them, so the others hold its messages and its clients wait for it), `false` when not.
+/// Present at all: the node acknowledges forwarded messages ([`super::proto::Frame::Forward`]).
+pub const KEY_DURABLE: &str = "durable";
 /// Gossiped state of a node that left cleanly (scale-down); it is never listed as a member.
 pub const STATE_LEFT: &str = "left";
 

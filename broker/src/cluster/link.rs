@@ -209,7 +209,7 @@ impl Link {
                         backoff = Duration::from_millis(100);
                         up2.store(true, Ordering::Relaxed);
                         let mut ok = true;
-                        for f in cluster.sync_frames() {
+                        for f in cluster.sync_frames(&peer) {
                             if let Ok(b) = proto::encode(&f) {
                                 if io.send(&b).await.is_err() {
                                     ok = false;
@@ -279,7 +279,9 @@ impl Link {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = cluster.shutdown.cancelled() => return,
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                // At most a second apart: a killed peer that restarts is waited for by clients
+                // and held messages, so it is linked again soon after it listens.
+                backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         });
         Link { addr, tx, up, task }

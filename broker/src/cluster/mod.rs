@@ -12,11 +12,16 @@
 //! - a client id is unique cluster-wide: connecting on one node takes the session over from
 //!   another; evacuation hands every session to a peer before the node stops;
 //! - after a scale-up, nodes holding more than their share of connections shed the surplus
-//!   towards the new members ([`rebalance`]).
+//!   towards the new members ([`rebalance`]);
+//! - QoS 1/2 messages forwarded to a peer are held until it acknowledges them ([`held`]); a
+//!   peer with durable sessions that fails is waited for: its messages are held, and its
+//!   clients reconnecting elsewhere wait for it to take their sessions over
+//!   (`cluster.node_failure`).
 
 pub mod channel;
 pub mod discovery;
 pub mod gossip;
+pub mod held;
 pub mod link;
 pub mod proto;
 pub mod rebalance;
@@ -119,6 +124,15 @@ pub struct ClusterMetrics {
     pub evacuation_remaining: IntGauge,
     /// Sessions a dead member held when it died (lost unless evacuated before).
     pub sessions_lost: IntCounter,
+    /// Messages held for peers until they acknowledge them (or come back).
+    pub held: IntGauge,
+    /// Held messages dropped without the peer having them (bound, hold expired, peer left).
+    pub held_dropped: IntCounter,
+    /// Forwarded messages received again (a resend) and not applied twice.
+    pub forward_duplicates: IntCounter,
+    /// Clients that waited for a failed durable node before resuming, by result (`returned`,
+    /// `expired`).
+    pub owner_waits: IntCounterVec,
     /// Connections moved away by rebalancing.
     pub rebalance_moved: IntCounter,
     /// Rebalancing rounds that moved connections.
@@ -196,6 +210,23 @@ impl ClusterMetrics {
             sessions_lost: m.counter(
                 "corvid_cluster_sessions_lost_total",
                 "Sessions held by members that died without evacuating",
+            )?,
+            held: m.gauge(
+                "corvid_cluster_held_messages",
+                "QoS 1/2 messages held for peers until they acknowledge them or come back",
+            )?,
+            held_dropped: m.counter(
+                "corvid_cluster_held_dropped_total",
+                "Held messages dropped before the peer had them (bound reached, hold expired, peer left)",
+            )?,
+            forward_duplicates: m.counter(
+                "corvid_cluster_forward_duplicates_total",
+                "Forwarded messages received again after a resend and not applied twice",
+            )?,
+            owner_waits: m.counter_vec(
+                "corvid_cluster_owner_waits_total",
+                "Clients that waited for a failed node with durable sessions before resuming, by result",
+                "result",
             )?,
             rebalance_moved: m.counter(
                 "corvid_rebalance_moved_total",
@@ -368,6 +399,15 @@ pub struct Cluster {
     pub shutdown: CancellationToken,
     started: Instant,
     discovery: Discovery,
+    /// QoS 1/2 messages held for peers until they acknowledge them.
+    outbox: held::Outbox,
+    /// Which forwards from peers were applied here.
+    inbound: held::Inbound,
+    /// Peers that acknowledge forwards, and whether they keep durable sessions (gossiped).
+    caps: Mutex<HashMap<String, bool>>,
+    /// Failed peers with durable sessions, waited for until the deadline.
+    parked: Mutex<HashMap<String, Instant>>,
+    node_failure: corvid_config::NodeFailureConfig,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -412,6 +452,12 @@ impl Cluster {
         );
         let gossip_key = Arc::new(gossip::GossipKey::from_ring(&ring));
         let key_usage = Arc::new(KeyUsage::new(metrics.key_used.clone()));
+        // This start's Unix ms: chitchat's generation and the first half of forward keys.
+        let generation = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let node_failure = cfg.node_failure.clone();
         let cluster = Arc::new(Cluster {
             node: broker.node.clone(),
             broker: Arc::downgrade(broker),
@@ -438,13 +484,15 @@ impl Cluster {
             shutdown: broker.shutdown.child_token(),
             started: Instant::now(),
             discovery: cfg.discovery,
+            outbox: held::Outbox::new(generation, node_failure.max_held_messages),
+            inbound: held::Inbound::default(),
+            caps: Mutex::new(HashMap::new()),
+            parked: Mutex::new(HashMap::new()),
+            node_failure,
         });
+        cluster.restore_held(broker);
         tokio::spawn(link::accept_loop(cluster.clone(), listener));
         let seeds = discovery::seeds(cfg, port)?;
-        let generation = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
         let mut initial = vec![
             (gossip::KEY_LINK.into(), advertise.to_string()),
             (
@@ -456,6 +504,10 @@ impl Cluster {
             (
                 gossip::KEY_STATE.into(),
                 MemberState::Joining.as_str().into(),
+            ),
+            (
+                gossip::KEY_DURABLE.into(),
+                broker.durable.is_some().to_string(),
             ),
         ];
         // Where clients reach this node directly: the Server Reference rebalancing sends.
@@ -492,6 +544,7 @@ impl Cluster {
         tokio::spawn(membership_loop(cluster.clone()));
         tokio::spawn(rebalance::run(cluster.clone()));
         tokio::spawn(keyring_loop(cluster.clone()));
+        tokio::spawn(held_loop(cluster.clone()));
         tracing::info!(node = %cluster.node, %advertise, discovery = ?cfg.discovery, "cluster layer started");
         Ok(cluster)
     }
@@ -564,8 +617,10 @@ impl Cluster {
         }
     }
 
-    /// Frames a new link sends first: this node's routes and retained messages.
-    pub fn sync_frames(&self) -> Vec<Frame> {
+    /// Frames a new link to `peer` sends first: this node's routes and retained messages,
+    /// then every message still held for the peer (a broken link may have lost them; the
+    /// peer skips those it has).
+    pub fn sync_frames(&self, peer: &str) -> Vec<Frame> {
         let Some(b) = self.broker() else {
             return Vec::new();
         };
@@ -575,10 +630,55 @@ impl Cluster {
             .iter()
             .map(|m| WireMsg::from_msg(m))
             .collect();
-        vec![
+        let mut frames = vec![
             Frame::Routes(b.router.filters()),
             Frame::RetainSnapshot(retained),
-        ]
+        ];
+        let held = self.outbox.resend(peer);
+        if !held.is_empty() {
+            tracing::info!(
+                peer,
+                messages = held.len(),
+                "resending held messages on the new link"
+            );
+        }
+        frames.extend(held);
+        frames
+    }
+
+    /// Takes back the messages held for peers and the forwards applied from them before a
+    /// restart; a peer something is held for is waited for like a failed one.
+    fn restore_held(&self, b: &Broker) {
+        let Some(db) = b.durable.as_ref() else {
+            return;
+        };
+        let records = db.take_cluster_records();
+        self.inbound.restore(&records);
+        let moved = self.outbox.restore(&records, Some(db));
+        self.count_held(moved);
+        let peers = self.outbox.peers();
+        if !peers.is_empty() {
+            tracing::info!(
+                ?peers,
+                messages = moved.added,
+                "messages held for peers restored"
+            );
+        }
+        let until = Instant::now() + Duration::from_secs(self.node_failure.hold);
+        let mut parked = self.parked.lock();
+        for p in peers {
+            parked.insert(p, until);
+        }
+    }
+
+    fn count_held(&self, m: held::Moved) {
+        let delta = m.added as i64 - m.acked as i64 - m.dropped as i64;
+        if delta != 0 {
+            self.metrics.held.add(delta);
+        }
+        if m.dropped > 0 {
+            self.metrics.held_dropped.inc_by(m.dropped);
+        }
     }
 
     /// Waits (at most `limit`) until this node has linked to and synced with every live peer,
@@ -626,12 +726,17 @@ impl Cluster {
         seen_world && all
     }
 
-    fn send(&self, peer: &str, frame: Frame) {
+    fn send(&self, peer: &str, frame: Frame) -> bool {
         let links = self.links.lock();
-        if let Some(l) = links.get(peer) {
-            if l.tx.try_send((Instant::now(), frame)).is_err() {
-                self.metrics.link_drops.inc();
+        match links.get(peer) {
+            Some(l) => {
+                let sent = l.tx.try_send((Instant::now(), frame)).is_ok();
+                if !sent {
+                    self.metrics.link_drops.inc();
+                }
+                sent
             }
+            None => false,
         }
     }
 
@@ -691,16 +796,28 @@ impl Cluster {
                 Some(i) => assigned[i].push(g),
             }
         }
-        let wire = WireMsg::from_msg(msg);
+        let mut wire: Option<WireMsg> = None;
+        let b = self.broker();
+        let db = b.as_ref().and_then(|b| b.durable.as_ref());
         for ((node, m), groups) in remote.into_iter().zip(assigned) {
             if !m.plain && groups.is_empty() {
                 continue;
             }
             self.metrics.forwarded.inc();
+            // QoS 1/2 to a peer that acknowledges: held until it has it.
+            if msg.qos != crate::codec::QoS::AtMostOnce && self.caps.lock().contains_key(&node) {
+                let tx = self.links.lock().get(&node).map(|l| l.tx.clone());
+                let moved = self
+                    .outbox
+                    .hold(&node, msg, m.plain, groups, db, tx.as_ref());
+                self.count_held(moved);
+                continue;
+            }
+            let w = wire.get_or_insert_with(|| WireMsg::from_msg(msg)).clone();
             self.send(
                 &node,
                 Frame::Publish {
-                    msg: wire.clone(),
+                    msg: w,
                     plain: m.plain,
                     groups,
                 },
@@ -776,7 +893,22 @@ impl Cluster {
                 client_id,
                 clean,
                 owner,
-            } => self.answer_take(&b, req, &client_id, clean, owner, peer, 0),
+            } => {
+                if self.links.lock().contains_key(peer) {
+                    self.answer_take(&b, req, &client_id, clean, owner, peer, 0);
+                } else {
+                    // A node that just (re)started can be asked before it has learnt of the
+                    // asker and has a link to answer on: answer once it has (bounded).
+                    let (c, peer) = (self.clone(), peer.to_string());
+                    tokio::spawn(async move {
+                        let until = Instant::now() + TAKEOVER_WAIT / 2;
+                        while !c.links.lock().contains_key(&peer) && Instant::now() < until {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        c.answer_take(&b, req, &client_id, clean, owner, &peer, 0);
+                    });
+                }
+            }
             Frame::TakeFor {
                 req,
                 client_id,
@@ -840,6 +972,29 @@ impl Cluster {
                     }
                 }
             },
+            Frame::Forward {
+                key,
+                msg,
+                plain,
+                groups,
+            } => {
+                self.metrics.received.inc();
+                if !self.inbound.is_new(peer, key) {
+                    self.metrics.forward_duplicates.inc();
+                    return;
+                }
+                if limits.name(&msg.topic).is_err() && !msg.topic.starts_with("$SYS/") {
+                    invalid("publish", 1);
+                } else {
+                    let groups: HashSet<Arc<str>> = groups.into_iter().map(Arc::from).collect();
+                    b.publish_local(msg.into_msg(), plain, &groups);
+                }
+                self.inbound.applied(peer, key, b.durable.as_ref());
+            }
+            Frame::ForwardAck { key } => {
+                let moved = self.outbox.ack(peer, key, b.durable.as_ref());
+                self.count_held(moved);
+            }
             Frame::Hello { .. } | Frame::Welcome { .. } => {}
         }
     }
@@ -947,8 +1102,15 @@ impl Cluster {
     /// routes again; without the close it would never resend them, its routes would be
     /// missing and this node would never count itself synced.
     fn forget_peer(&self, peer: &str) {
-        self.links.lock().remove(peer);
+        self.unlink_peer(peer);
         self.routes.remove_node(peer);
+        self.caps.lock().remove(peer);
+    }
+
+    /// Drops the link to `peer` and what says it is synced, and closes its incoming links;
+    /// its routes stay (a failed peer with durable sessions is waited for).
+    fn unlink_peer(&self, peer: &str) {
+        self.links.lock().remove(peer);
         self.synced.lock().remove(peer);
         self.seen.lock().remove(peer);
         for (_, (p, token)) in self.incoming.lock().iter() {
@@ -1029,6 +1191,9 @@ impl Cluster {
     /// Asks the other nodes for `client_id`'s session before it connects here, on behalf of
     /// the identity `owner`. A moved session is installed by the time this returns.
     pub async fn take_session(&self, client_id: &str, clean: bool, owner: Option<&str>) -> Taken {
+        if !clean {
+            self.wait_for_owners(client_id).await;
+        }
         let peers: Vec<String> = {
             let links = self.links.lock();
             links
@@ -1071,6 +1236,57 @@ impl Cluster {
             self.metrics.takeovers.inc();
         }
         taken
+    }
+
+    /// A client resuming its session waits, at most `node_failure.owner_wait`, while a peer
+    /// that keeps durable sessions is away (failed and held for, or not linked): its
+    /// session may be there, and taking it over once the peer is back loses nothing. After
+    /// the wait it goes on without that peer (counted).
+    async fn wait_for_owners(&self, client_id: &str) {
+        let limit = Duration::from_secs(self.node_failure.owner_wait);
+        let Some(first) = self.away().filter(|_| !limit.is_zero()) else {
+            return;
+        };
+        tracing::info!(client_id, peer = %first, "a node with durable sessions is away; the client waits for it before resuming its session");
+        let deadline = Instant::now() + limit;
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            match self.away() {
+                None => {
+                    self.metrics
+                        .owner_waits
+                        .with_label_values(&["returned"])
+                        .inc();
+                    return;
+                }
+                Some(peer) if Instant::now() >= deadline => {
+                    tracing::warn!(client_id, peer = %peer, wait_s = limit.as_secs(), "a node with durable sessions stayed away; the client goes on without it (a session it held there is not taken over)");
+                    self.metrics
+                        .owner_waits
+                        .with_label_values(&["expired"])
+                        .inc();
+                    return;
+                }
+                Some(_) => {}
+            }
+        }
+    }
+
+    /// A peer with durable sessions that cannot answer for them now: failed and held for,
+    /// or live but not linked (killed and not noticed yet, or restarting).
+    fn away(&self) -> Option<String> {
+        if let Some(p) = self.parked.lock().keys().next() {
+            return Some(p.clone());
+        }
+        let caps = self.caps.lock();
+        let live = self.live.lock();
+        let links = self.links.lock();
+        live.keys()
+            .find(|p| {
+                caps.get(*p) == Some(&true)
+                    && !links.get(*p).is_some_and(|l| l.up.load(Ordering::Relaxed))
+            })
+            .cloned()
     }
 
     /// Members, this node first.
@@ -1330,6 +1546,35 @@ impl Cluster {
     }
 }
 
+/// How often acknowledgements of forwarded messages are sent (once durable) and held messages
+/// are pushed again onto link queues that had no room.
+const HELD_TICK: Duration = Duration::from_millis(5);
+
+/// Acknowledges peers' forwards once the store holds what they wrote, and resends held
+/// messages to peers whose link queue had no room, every [`HELD_TICK`].
+async fn held_loop(cluster: Arc<Cluster>) {
+    let mut tick = tokio::time::interval(HELD_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = cluster.shutdown.cancelled() => return,
+        }
+        let Some(b) = cluster.broker() else { return };
+        let durable = b.durable.as_ref().map_or(u64::MAX, |d| d.store().durable());
+        for (peer, key) in cluster.inbound.due(durable) {
+            let sent = cluster.send(&peer, Frame::ForwardAck { key });
+            cluster.inbound.acked(&peer, key, sent);
+        }
+        for peer in cluster.outbox.resyncing() {
+            let tx = cluster.links.lock().get(&peer).map(|l| l.tx.clone());
+            if let Some(tx) = tx {
+                cluster.outbox.pump(&peer, &tx);
+            }
+        }
+    }
+}
+
 /// Follows gossip's view of live members: links to new ones, forgets departed ones.
 async fn membership_loop(cluster: Arc<Cluster>) {
     let Some(g) = cluster.gossip.get() else {
@@ -1372,6 +1617,7 @@ async fn membership_loop(cluster: Arc<Cluster>) {
         }
         let mut loads: HashMap<String, PeerLoad> = HashMap::new();
         type Seen = (String, Option<String>, Option<String>, Option<u64>);
+        let mut caps_now: HashMap<String, bool> = HashMap::new();
         let snapshot: Vec<Seen> = watcher
             .borrow_and_update()
             .iter()
@@ -1384,6 +1630,9 @@ async fn membership_loop(cluster: Arc<Cluster>) {
                         mqtt: st.get(gossip::KEY_MQTT).map(str::to_string),
                     },
                 );
+                if let Some(d) = st.get(gossip::KEY_DURABLE) {
+                    caps_now.insert(id.node_id.to_string(), d == "true");
+                }
                 (
                     id.node_id.to_string(),
                     st.get(gossip::KEY_STATE).map(str::to_string),
@@ -1393,6 +1642,7 @@ async fn membership_loop(cluster: Arc<Cluster>) {
             })
             .collect();
         *cluster.loads.lock() = loads;
+        cluster.caps.lock().extend(caps_now);
         let mut now: HashMap<String, (MemberState, Option<String>)> = HashMap::new();
         for (name, state, link, sessions) in snapshot {
             if let Some(n) = sessions {
@@ -1417,17 +1667,65 @@ async fn membership_loop(cluster: Arc<Cluster>) {
             *live = now.clone();
             gone
         };
+        let db = cluster.broker();
+        let db = db.as_ref().and_then(|b| b.durable.as_ref());
+        let hold = Duration::from_secs(cluster.node_failure.hold);
         for n in &gone {
-            cluster.forget_peer(n);
             if left.contains(n) {
+                cluster.forget_peer(n);
+                cluster.count_held(cluster.outbox.drop_peer(n, db));
                 tracing::info!(peer = %n, "member left the cluster");
                 continue;
             }
+            let durable = cluster.caps.lock().get(n).copied().unwrap_or(false);
+            if durable && !hold.is_zero() {
+                // Its sessions are on its volume: wait for it, holding what is routed to them.
+                cluster.unlink_peer(n);
+                cluster
+                    .parked
+                    .lock()
+                    .insert(n.clone(), Instant::now() + hold);
+                tracing::warn!(peer = %n, hold_s = hold.as_secs(), held = cluster.outbox.len(n), "member failed; it keeps durable sessions, so what is routed to them is held until it is back");
+                continue;
+            }
+            cluster.forget_peer(n);
+            cluster.count_held(cluster.outbox.drop_peer(n, db));
             // It died without evacuating: its sessions are gone. One survivor (the first by
             // name) counts them, so the cluster-wide sum is right.
             let counter = now.keys().chain(std::iter::once(&cluster.node)).min();
             let lost = sessions_of.get(n).copied().unwrap_or(0);
             tracing::warn!(peer = %n, sessions_lost = lost, "member failed");
+            if counter == Some(&cluster.node) {
+                cluster.metrics.sessions_lost.inc_by(lost);
+            }
+        }
+        let expired: Vec<String> = {
+            let mut parked = cluster.parked.lock();
+            parked.retain(|n, _| {
+                let back = now.contains_key(n);
+                if back {
+                    tracing::info!(peer = %n, "failed member is back");
+                }
+                !back
+            });
+            let t = Instant::now();
+            let expired: Vec<String> = parked
+                .iter()
+                .filter(|(_, until)| **until <= t)
+                .map(|(n, _)| n.clone())
+                .collect();
+            for n in &expired {
+                parked.remove(n);
+            }
+            expired
+        };
+        for n in &expired {
+            cluster.forget_peer(n);
+            let moved = cluster.outbox.drop_peer(n, db);
+            cluster.count_held(moved);
+            let counter = now.keys().chain(std::iter::once(&cluster.node)).min();
+            let lost = sessions_of.get(n).copied().unwrap_or(0);
+            tracing::warn!(peer = %n, sessions_lost = lost, held_dropped = moved.dropped, "failed member did not come back within node_failure.hold; its sessions count as lost");
             if counter == Some(&cluster.node) {
                 cluster.metrics.sessions_lost.inc_by(lost);
             }

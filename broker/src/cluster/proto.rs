@@ -105,11 +105,35 @@ pub enum Frame {
         /// How many nodes passed this request on (bounded, so a cycle of moves cannot loop).
         hops: u8,
     },
+    /// A QoS 1/2 message for the receiver's subscribers that the sender holds (durably, when
+    /// it has a store) until the receiver acknowledges it with [`Frame::ForwardAck`]; resent
+    /// after a link breaks or the receiver restarts, and applied once (`key` only grows).
+    /// Sent only to peers that gossip [`super::gossip::KEY_DURABLE`].
+    Forward {
+        /// The sender's key for it: increasing in the order the sender sends to this peer.
+        key: FwdKey,
+        /// The message.
+        msg: WireMsg,
+        /// Deliver to ordinary subscriptions.
+        plain: bool,
+        /// Shared groups whose delivery the sender assigned to the receiver.
+        groups: Vec<String>,
+    },
+    /// Every [`Frame::Forward`] from the receiver up to `key` is applied here, and durable in
+    /// the sessions it reached when this node has a store: the receiver may let them go.
+    ForwardAck {
+        /// The last key applied.
+        key: FwdKey,
+    },
 }
 
 /// How many kinds of [`Frame`] this node decodes; a frame whose kind (postcard's leading
 /// variant index) is not below this comes from a newer peer and is skipped, not fatal.
-pub const KNOWN_FRAME_KINDS: u8 = 13;
+pub const KNOWN_FRAME_KINDS: u8 = 15;
+
+/// Orders the messages one node forwards to one peer: the sender's start (Unix ms, so a
+/// restarted sender's keys are above its earlier ones) and a counter within it.
+pub type FwdKey = (u64, u64);
 
 /// A message on the wire.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -384,23 +408,16 @@ mod tests {
     /// `KNOWN_FRAME_KINDS` follows the enum: the last variant decodes, one past it is skipped.
     #[test]
     fn the_last_kind_decodes_and_a_newer_kind_is_skipped() {
-        let last = Frame::TakeFor {
-            req: 7,
-            client_id: "c".into(),
-            clean: false,
-            owner: None,
-            requester: "n3".into(),
-            hops: 1,
-        };
+        let last = Frame::ForwardAck { key: (5, 9) };
         let bytes = encode(&last).expect("encode");
         assert_eq!(
             bytes[0],
             KNOWN_FRAME_KINDS - 1,
-            "TakeFor must stay the last kind"
+            "ForwardAck must stay the last kind"
         );
         assert!(matches!(
             decode(&bytes),
-            Ok(Some(Frame::TakeFor { req: 7, .. }))
+            Ok(Some(Frame::ForwardAck { key: (5, 9) }))
         ));
         let mut newer = bytes.clone();
         newer[0] = KNOWN_FRAME_KINDS;
