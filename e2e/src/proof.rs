@@ -1284,6 +1284,33 @@ mod tests {
     }
 
     #[test]
+    fn the_live_manifest_asks_for_durable_sessions_on_the_runners_class() {
+        // As e2e/live-proof fills it in (the StorageClass it makes for its static volumes).
+        let path = crate::repo_root().join("e2e/live/mqttcluster.yaml");
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("@IMAGE@", "corvid-broker:live-a")
+            .replace("@VERSION@", "live-a")
+            .replace("@REBALANCE@", "false")
+            .replace("@STORAGE_CLASS@", "corvid-live");
+        assert!(
+            !text.contains('@'),
+            "a placeholder the runner does not fill"
+        );
+        let cluster: corvid_crds::MqttCluster = serde_yaml::from_str(&text).unwrap();
+        let p = &cluster.spec.persistence;
+        assert_eq!(p.mode, corvid_crds::PersistenceMode::Pvc);
+        assert_eq!(p.storage_class_name.as_deref(), Some("corvid-live"));
+        // One 1Gi static volume per pod: the claims must ask for no more.
+        assert_eq!(p.size, "1Gi");
+        assert_eq!(
+            p.retention.when_scaled,
+            corvid_crds::RetentionPolicy::Retain
+        );
+        assert_eq!(cluster.spec.replicas, 3);
+    }
+
+    #[test]
     fn member_and_connection_views() {
         let c: ClusterView =
             serde_json::from_value(json!({"node": "n1", "synced": true, "members": [
