@@ -27,6 +27,9 @@ pub struct LocalNode {
     pub rebalance: bool,
     /// The d-acl-change scenario's new ACL (deny publishing to `forbidden/#`).
     pub changed_acl: bool,
+    /// `persistence.data_dir`: the node's durable sessions, kept across a restart on the same
+    /// directory (as a pod's volume is); `None` keeps them in memory.
+    pub data_dir: Option<PathBuf>,
 }
 
 impl LocalNode {
@@ -53,6 +56,8 @@ impl LocalNode {
         c.cluster.secret_file = Some(self.secret_file.clone());
         c.cluster.rebalance.enabled = self.rebalance;
         c.cluster.rebalance.rate = 100;
+        // `persistence.sync` stays at its default, `always`, as the operator leaves it.
+        c.persistence.data_dir = self.data_dir.clone();
         if self.changed_acl {
             let all = |permission, action, topic: &str| AclRule {
                 permission,
@@ -94,6 +99,7 @@ mod tests {
             secret_file: "/tmp/cluster.secret".into(),
             rebalance: false,
             changed_acl,
+            data_dir: Some("/tmp/live/data/n2".into()),
         }
     }
 
@@ -108,6 +114,11 @@ mod tests {
         assert_eq!(c.cluster.peers[2], "127.0.0.1:21203");
         assert_eq!(c.acl.rules.len(), 2);
         assert_eq!(c.acl.rules[0].topics, vec!["forbidden/#".to_string()]);
+        assert_eq!(
+            c.persistence.data_dir.as_deref(),
+            Some(std::path::Path::new("/tmp/live/data/n2"))
+        );
+        assert_eq!(c.persistence.sync, corvid_config::PersistSync::Always);
         let base = Config::from_text(
             "test",
             &node(false).yaml().expect("valid"),
@@ -116,5 +127,11 @@ mod tests {
         )
         .expect("loads");
         assert!(base.acl.rules.is_empty());
+        let in_memory = LocalNode {
+            data_dir: None,
+            ..node(false)
+        };
+        let yaml = in_memory.yaml().expect("valid");
+        assert!(!yaml.contains("persistence"), "{yaml}");
     }
 }

@@ -6,12 +6,15 @@
 //! Pass rules per scenario (`ok` = every check passes):
 //! - every scenario: no liveload error, nothing left unacknowledged, no PUBACK refused, no
 //!   reconnect gap over [`MAX_RECONNECT_GAP_S`];
-//! - planned (upgrade, scale, delete, config roll): 0 acknowledged messages lost and every
-//!   reconnect resumed its session; the upgrade finishes in under [`UPGRADE_MAX_S`];
-//! - kill -9 (docs/cluster.md, "Node failure: the guarantee"): sessions held by the killed node
-//!   may be lost with their queued messages, nothing else (`lost_deliveries_to_live_sessions` = 0);
+//! - every scenario, kill -9 included: 0 acknowledged messages lost and every reconnect resumed
+//!   its session (CONNACK session present = 1). The brokers keep durable sessions
+//!   (`persistence.data_dir`; a PersistentVolumeClaim per pod in kubernetes mode), so a killed
+//!   node comes back with its data and its clients take their sessions over (docs/cluster.md,
+//!   "Node failure: the guarantee");
+//! - the upgrade finishes in under [`UPGRADE_MAX_S`];
 //! - in kubernetes mode also: the runner's soft checks, Degraded never True, Available True after
-//!   the action, and Progressing True during it for the scenarios that change the spec.
+//!   the action, and Progressing True during it for the scenarios that change the spec (not the
+//!   pod deletion or the kill).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -39,8 +42,6 @@ pub mod files {
     pub const CONDITIONS: &str = "conditions.jsonl";
     /// Kubernetes mode: the MqttCluster as `kubectl get -o json` showed it after the action.
     pub const AFTER: &str = "mqc-after.json";
-    /// Local mode: how many sessions the survivors counted as lost (the kill scenario).
-    pub const BROKER_SESSIONS_LOST: &str = "broker_sessions_lost";
     /// The judged scenario ([`super::ScenarioResult`]).
     pub const SCENARIO: &str = "scenario.json";
 }
@@ -78,14 +79,6 @@ pub enum ProofError {
         /// Why.
         source: serde_json::Error,
     },
-    /// The local kill scenario's lost-session count is not a number.
-    #[error("{path} holds {text:?}, not a count")]
-    NotACount {
-        /// The file.
-        path: PathBuf,
-        /// What it holds.
-        text: String,
-    },
 }
 
 /// Where the proof runs: the cluster under test and how actions are carried out.
@@ -107,13 +100,15 @@ impl fmt::Display for Target {
     }
 }
 
-/// What a scenario does to the cluster, which decides its loss rule.
+/// What a scenario does to the cluster (the report's `kind`). Nothing may be lost in any of
+/// them; only the upgrade has a time limit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
-    /// A planned change (scale, pod deletion, config roll): nothing may be lost.
+    /// A planned change (scale, pod deletion, config roll).
     Planned,
-    /// kill -9 of a broker: only the killed node's sessions may lose messages.
+    /// kill -9 of a broker, which comes back with its durable sessions (its data directory or
+    /// volume): held to the planned rules.
     Kill,
     /// A version upgrade: planned, and under [`UPGRADE_MAX_S`].
     Upgrade,
@@ -124,7 +119,7 @@ pub enum Kind {
 pub struct Scenario {
     /// Name in `--only`, the report and the work directory.
     pub name: &'static str,
-    /// Which loss rule applies.
+    /// What the action is.
     pub kind: Kind,
     /// The action changes the MqttCluster's spec, so the operator must report Progressing=True
     /// during it (kubernetes mode).
@@ -230,7 +225,8 @@ pub struct LoadFigures {
     pub received_unique: u64,
     /// Acknowledged messages some expected subscriber never received.
     pub lost: u64,
-    /// Missing deliveries to subscribers whose session was never lost.
+    /// Missing deliveries to subscribers whose session was never lost (diagnostic: every loss
+    /// fails a scenario).
     pub lost_deliveries_to_live_sessions: u64,
     /// Extra copies received.
     pub duplicates: u64,
@@ -431,11 +427,8 @@ pub fn crd_established(crd: &CustomResourceDefinition) -> bool {
 /// What the runner observed about the cluster during a scenario, besides liveload's figures.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Observed {
-    /// Local mode.
-    Local {
-        /// Sessions the survivors counted as lost (the kill scenario), if measured.
-        broker_sessions_lost: Option<u64>,
-    },
+    /// Local mode: nothing besides the soft checks.
+    Local,
     /// Kubernetes mode.
     Kubernetes {
         /// The MqttCluster, once a second while the scenario ran.
@@ -458,17 +451,10 @@ pub struct ScenarioResult {
     pub load_duration_s: f64,
     /// How long the action took (s).
     pub duration_s: f64,
-    /// Which loss rule applied.
+    /// What the action was.
     pub kind: Kind,
     /// Where it ran.
     pub target: Target,
-    /// Local mode: sessions the survivors counted as lost (null when not measured).
-    #[serde(
-        default,
-        deserialize_with = "present",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub broker_sessions_lost: Option<Option<u64>>,
     /// Kubernetes mode: the MqttCluster's conditions while the scenario ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conditions_timeline: Option<Vec<Sample>>,
@@ -478,15 +464,6 @@ pub struct ScenarioResult {
     pub checks: Vec<Check>,
     /// Every check passed.
     pub ok: bool,
-}
-
-/// A field that is present (maybe null) deserializes to `Some(value)`.
-fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
-where
-    D: Deserializer<'de>,
-    T: Deserialize<'de>,
-{
-    T::deserialize(d).map(Some)
 }
 
 /// Formats a number as jq prints it (no trailing `.0` on whole numbers), so names and tables
@@ -515,18 +492,12 @@ pub fn judge(
             f.max_reconnect_gap_s <= MAX_RECONNECT_GAP_S,
         ),
     ];
-    if scenario.kind == Kind::Kill {
-        checks.push(Check::new(
-            "losses only to sessions the killed node held",
-            f.lost_deliveries_to_live_sessions == 0,
-        ));
-    } else {
-        checks.push(Check::new("0 acknowledged messages lost", f.lost == 0));
-        checks.push(Check::new(
-            "every session kept (CONNACK session present = 1 on every reconnect)",
-            f.sessions_lost_subscribers + f.sessions_lost_publishers == 0,
-        ));
-    }
+    // The same for kill -9 as for planned changes: the killed node's sessions are durable.
+    checks.push(Check::new("0 acknowledged messages lost", f.lost == 0));
+    checks.push(Check::new(
+        "every session kept (CONNACK session present = 1 on every reconnect)",
+        f.sessions_lost_subscribers + f.sessions_lost_publishers == 0,
+    ));
     if scenario.kind == Kind::Upgrade {
         checks.push(Check::new(
             format!("upgrade under {} s", num(UPGRADE_MAX_S)),
@@ -534,10 +505,8 @@ pub fn judge(
         ));
     }
     let mut condition_checks = soft_checks;
-    let (broker_sessions_lost, conditions_timeline) = match observed {
-        Observed::Local {
-            broker_sessions_lost,
-        } => (Some(broker_sessions_lost), None),
+    let conditions_timeline = match observed {
+        Observed::Local => None,
         Observed::Kubernetes {
             timeline,
             available_after,
@@ -554,7 +523,7 @@ pub fn judge(
                     seen("Progressing", "True"),
                 ));
             }
-            (None, Some(timeline))
+            Some(timeline)
         }
     };
     checks.extend(condition_checks.iter().cloned());
@@ -566,7 +535,6 @@ pub fn judge(
         duration_s: action_s,
         kind: scenario.kind,
         target,
-        broker_sessions_lost,
         conditions_timeline,
         condition_checks,
         checks,
@@ -619,25 +587,7 @@ pub fn judge_dir(
     let load: LoadReport = read_json(&dir.join(files::LOAD))?;
     let soft_checks: Vec<Check> = read_jsonl(&dir.join(files::CHECKS))?;
     let observed = match target {
-        Target::Local => {
-            let path = dir.join(files::BROKER_SESSIONS_LOST);
-            let text = match std::fs::read_to_string(&path) {
-                Ok(t) => t.trim().to_string(),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-                Err(source) => return Err(ProofError::Read { path, source }),
-            };
-            let broker_sessions_lost = if text.is_empty() {
-                None
-            } else {
-                Some(
-                    text.parse()
-                        .map_err(|_| ProofError::NotACount { path, text })?,
-                )
-            };
-            Observed::Local {
-                broker_sessions_lost,
-            }
-        }
+        Target::Local => Observed::Local,
         Target::Kubernetes => {
             // Not there or not readable: kubectl failed after the action, so Available was not
             // seen True.
@@ -827,9 +777,7 @@ mod tests {
             action_s,
             load(overrides),
             vec![],
-            Observed::Local {
-                broker_sessions_lost: None,
-            },
+            Observed::Local,
         )
     }
 
@@ -886,23 +834,71 @@ mod tests {
     }
 
     #[test]
-    fn kill_tolerates_losses_only_to_sessions_the_killed_node_held() {
+    fn kill_is_held_to_the_planned_rules() {
+        // A clean kill -9 (the node came back with its durable sessions) passes, on the same
+        // checks as a planned change.
+        let clean = local_ok("c-kill-9", json!({}), 20.0);
+        assert!(clean.ok, "{:?}", failed(&clean));
+        assert_eq!(clean.kind, Kind::Kill);
+        let names = |r: &ScenarioResult| -> Vec<String> {
+            r.checks.iter().map(|c| c.check.clone()).collect()
+        };
+        assert_eq!(
+            names(&clean),
+            names(&local_ok("c-delete-pod", json!({}), 20.0))
+        );
+        // What the kill used to be allowed: losses confined to the sessions the killed node held
+        // (their clients came back to session present = 0). Now a failure on both counts.
         let lost_sessions = json!({
-            "lost": 231, "lost_deliveries_to_lost_sessions": 231,
+            "lost": 231, "lost_deliveries": 231, "lost_deliveries_to_lost_sessions": 231,
+            "lost_deliveries_to_live_sessions": 0,
             "sessions_lost_subscribers": 4, "sessions_lost_publishers": 3
         });
-        let r = local_ok("c-kill-9", lost_sessions, 20.0);
-        assert!(r.ok, "{:?}", failed(&r));
-        assert!(r
-            .checks
-            .iter()
-            .any(|c| c.check == "losses only to sessions the killed node held"));
-        let r = local_ok(
-            "c-kill-9",
-            json!({"lost": 5, "lost_deliveries_to_live_sessions": 1}),
-            20.0,
+        let r = local_ok("c-kill-9", lost_sessions.clone(), 20.0);
+        assert!(!r.ok);
+        assert_eq!(
+            failed(&r),
+            [
+                "0 acknowledged messages lost",
+                "every session kept (CONNACK session present = 1 on every reconnect)"
+            ]
         );
-        assert_eq!(failed(&r), ["losses only to sessions the killed node held"]);
+        // Each on its own.
+        let r = local_ok("c-kill-9", json!({"lost": 1}), 20.0);
+        assert_eq!(failed(&r), ["0 acknowledged messages lost"]);
+        for key in ["sessions_lost_subscribers", "sessions_lost_publishers"] {
+            let r = local_ok("c-kill-9", json!({ key: 1 }), 20.0);
+            assert_eq!(
+                failed(&r),
+                ["every session kept (CONNACK session present = 1 on every reconnect)"]
+            );
+        }
+        // The same in kubernetes mode, where the kill needs no Progressing=True.
+        let after = || kube(vec![sample(&[("Available", "True")])], true);
+        let r = judge(
+            k8s("c-kill-9"),
+            Target::Kubernetes,
+            30.0,
+            load(json!({})),
+            vec![],
+            after(),
+        );
+        assert!(r.ok, "{:?}", failed(&r));
+        let r = judge(
+            k8s("c-kill-9"),
+            Target::Kubernetes,
+            30.0,
+            load(lost_sessions),
+            vec![],
+            after(),
+        );
+        assert_eq!(
+            failed(&r),
+            [
+                "0 acknowledged messages lost",
+                "every session kept (CONNACK session present = 1 on every reconnect)"
+            ]
+        );
     }
 
     #[test]
@@ -1034,9 +1030,7 @@ mod tests {
             60.0,
             load(json!({})),
             soft,
-            Observed::Local {
-                broker_sessions_lost: Some(0),
-            },
+            Observed::Local,
         );
         assert!(!r.ok);
         assert_eq!(r.condition_checks.len(), 1);
@@ -1063,14 +1057,21 @@ mod tests {
         assert_eq!(v["load_duration_s"], json!(31.5));
         assert_eq!(v["kind"], json!("kill"));
         assert_eq!(v["target"], json!("local"));
-        assert_eq!(v["broker_sessions_lost"], Value::Null);
+        assert!(v.get("broker_sessions_lost").is_none());
         assert!(v.get("conditions_timeline").is_none());
         assert_eq!(v["disconnects"], json!({"0x9c": 40}));
         assert_eq!(v["drain"], json!("quiet"));
         assert!(v.get("error").is_none());
         // And it reads back as itself (the report step reads the scenario files).
-        let back: ScenarioResult = serde_json::from_value(v).unwrap();
+        let back: ScenarioResult = serde_json::from_value(v.clone()).unwrap();
         assert_eq!(back, r);
+        // A scenario file from before durable sessions (with the survivors' lost-session count)
+        // still reads; the count is kept as a diagnostic, it decides nothing.
+        let mut old = v;
+        old["broker_sessions_lost"] = json!(7);
+        let back: ScenarioResult = serde_json::from_value(old).unwrap();
+        assert_eq!(back.figures.other["broker_sessions_lost"], json!(7));
+        assert_eq!(back.ok, r.ok);
         let k = judge(
             k8s("c-kill-9"),
             Target::Kubernetes,
@@ -1080,7 +1081,6 @@ mod tests {
             kube(vec![sample(&[("Available", "True")])], true),
         );
         let v = serde_json::to_value(&k).unwrap();
-        assert!(v.get("broker_sessions_lost").is_none());
         assert_eq!(
             v["conditions_timeline"][0]["conditions"][0]["type"],
             "Available"
@@ -1281,6 +1281,33 @@ mod tests {
         assert!(crd_established(&crd(json!({"conditions": [
             {"type": "NamesAccepted", "status": "True"},
             {"type": "Established", "status": "True"}]}))));
+    }
+
+    #[test]
+    fn the_live_manifest_asks_for_durable_sessions_on_the_runners_class() {
+        // As e2e/live-proof fills it in (the StorageClass it makes for its static volumes).
+        let path = crate::repo_root().join("e2e/live/mqttcluster.yaml");
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("@IMAGE@", "corvid-broker:live-a")
+            .replace("@VERSION@", "live-a")
+            .replace("@REBALANCE@", "false")
+            .replace("@STORAGE_CLASS@", "corvid-live");
+        assert!(
+            !text.contains('@'),
+            "a placeholder the runner does not fill"
+        );
+        let cluster: corvid_crds::MqttCluster = serde_yaml::from_str(&text).unwrap();
+        let p = &cluster.spec.persistence;
+        assert_eq!(p.mode, corvid_crds::PersistenceMode::Pvc);
+        assert_eq!(p.storage_class_name.as_deref(), Some("corvid-live"));
+        // One 1Gi static volume per pod: the claims must ask for no more.
+        assert_eq!(p.size, "1Gi");
+        assert_eq!(
+            p.retention.when_scaled,
+            corvid_crds::RetentionPolicy::Retain
+        );
+        assert_eq!(cluster.spec.replicas, 3);
     }
 
     #[test]

@@ -111,6 +111,9 @@ enum Command {
         /// The d-acl-change scenario's changed ACL.
         #[arg(long, action = clap::ArgAction::Set)]
         changed_acl: bool,
+        /// The node's `persistence.data_dir` (durable sessions); unset keeps them in memory.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
     },
 }
 
@@ -207,6 +210,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             secret_file,
             rebalance,
             changed_acl,
+            data_dir,
         } => {
             let node = corvid_e2e::local::LocalNode {
                 index,
@@ -217,6 +221,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 secret_file,
                 rebalance,
                 changed_acl,
+                data_dir,
             };
             print!("{}", node.yaml()?);
             ExitCode::SUCCESS
