@@ -592,6 +592,15 @@ impl Broker {
             st.owner = conn.username.clone();
             st.connection = Some(conn);
             st.disconnected_at = None;
+            if present {
+                // Resumed within the will delay: that will is never sent [MQTT-3.1.3-9].
+                if let Some(will) = st.pending_will.take() {
+                    will.abort();
+                    if let Some(db) = &self.durable {
+                        db.delete_will(client_id, &st);
+                    }
+                }
+            }
             if let Some(db) = &self.durable {
                 if expiry > 0 {
                     db.put_session(client_id, &mut st);
@@ -749,10 +758,37 @@ impl Broker {
             self.publish(msg);
             return;
         }
+        if let Some(db) = &self.durable {
+            // A restart within the delay publishes it then (persist::restore).
+            db.put_will(&session.client_id, &session.state.lock(), &msg, delay);
+        }
+        self.arm_will(
+            msg,
+            Duration::from_secs(u64::from(delay)),
+            session,
+            generation,
+            false,
+        );
+    }
+
+    /// Publishes the will `msg` of `session` after `delay` unless the session was resumed
+    /// (its generation moved on) meanwhile; one pending will per session. A will `restored`
+    /// from the store waits for the cluster first, so peers' subscribers get it too.
+    pub fn arm_will(
+        self: &Arc<Self>,
+        msg: Msg,
+        delay: Duration,
+        session: Arc<Session>,
+        generation: u64,
+        restored: bool,
+    ) {
         let broker = self.clone();
         let waiting = session.clone();
         let task = tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
+            tokio::time::sleep(delay).await;
+            if restored {
+                broker.settled().await;
+            }
             let still_gone = {
                 let st = session.state.lock();
                 st.connection.is_none() && (st.generation == generation || st.ended)
@@ -760,6 +796,9 @@ impl Broker {
             if still_gone {
                 broker.metrics.wills_published.inc();
                 broker.publish(msg);
+            }
+            if let Some(db) = &broker.durable {
+                db.delete_will(&session.client_id, &session.state.lock());
             }
         });
         // One pending will per session: a client that connects and drops again and again
@@ -771,6 +810,32 @@ impl Broker {
             .replace(task.abort_handle());
         if let Some(old) = previous {
             old.abort();
+        }
+    }
+
+    /// Publishes the will of a session that expired while the broker was down (restored from
+    /// the store), once the cluster has settled.
+    pub fn publish_restored_will(self: &Arc<Self>, msg: Msg) {
+        let broker = self.clone();
+        tokio::spawn(async move {
+            broker.settled().await;
+            broker.metrics.wills_published.inc();
+            broker.publish(msg);
+        });
+    }
+
+    /// Waits (bounded) until a clustered broker's cluster layer is up and synced with its
+    /// peers, so what is published right after a start reaches their subscribers.
+    async fn settled(&self) {
+        if self.config.cluster.discovery == crate::config::Discovery::None {
+            return;
+        }
+        let until = Instant::now() + SYNC_WAIT;
+        while self.fabric.get().is_none() && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if let Some(f) = self.fabric.get() {
+            f.wait_synced(SYNC_WAIT).await;
         }
     }
 

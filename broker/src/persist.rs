@@ -92,6 +92,19 @@ pub fn decode_forward(rec: &[u8]) -> Option<(WireMsg, bool, Vec<String>)> {
     Some((msg, s.plain, s.groups))
 }
 
+/// A will waiting out its delay, with when it is due.
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredWill {
+    msg: WireMsg,
+    /// Unix milliseconds after which the will message itself expires.
+    expires_at_ms: Option<u64>,
+    /// Unix milliseconds when it is published unless the session is resumed first.
+    due_at_ms: u64,
+}
+
+/// Marker key of a session's pending delayed will.
+const WILL_KEY: &[u8] = b"w";
+
 /// Marker key of an incoming QoS 2 packet id (received, not yet released).
 fn incoming_key(packet_id: u16) -> Vec<u8> {
     let mut k = b"i".to_vec();
@@ -363,6 +376,36 @@ impl Durable {
         }
     }
 
+    /// A delayed will was armed for a stored session: due in `delay_s` seconds.
+    pub fn put_will(&self, client_id: &str, st: &SessionState, msg: &Message, delay_s: u32) {
+        if !st.stored {
+            return;
+        }
+        let rec = StoredWill {
+            msg: WireMsg::from_msg(msg),
+            expires_at_ms: deadline_ms(msg.expires_at),
+            due_at_ms: unix_ms(SystemTime::now()) + u64::from(delay_s) * 1000,
+        };
+        match postcard::to_stdvec(&rec) {
+            Ok(record) => self.send(Op::PutMark {
+                client_id: client_id.to_string(),
+                key: WILL_KEY.to_vec(),
+                record,
+            }),
+            Err(e) => tracing::error!(client_id, error = %e, "will not encoded"),
+        }
+    }
+
+    /// A stored session's delayed will was published or cancelled.
+    pub fn delete_will(&self, client_id: &str, st: &SessionState) {
+        if st.stored {
+            self.send(Op::DeleteMark {
+                client_id: client_id.to_string(),
+                key: WILL_KEY.to_vec(),
+            });
+        }
+    }
+
     /// A retained message was set (or cleared, by an empty payload).
     pub fn retained(&self, msg: &Message) {
         if msg.payload.is_empty() {
@@ -425,6 +468,8 @@ pub struct Restored {
     pub expired_messages: usize,
     /// Retained messages restored.
     pub retained: usize,
+    /// Delayed wills restored (armed again, or published: their session expired meanwhile).
+    pub wills: usize,
 }
 
 /// Restores what the store held into `broker`: retained messages, sessions with their
@@ -459,6 +504,8 @@ pub fn restore(broker: &Arc<Broker>) -> Restored {
         }
     }
     let mut sessions: HashMap<String, Arc<Session>> = HashMap::new();
+    // Sessions that expired while the broker was down: their pending wills are due now.
+    let mut expired: std::collections::HashSet<String> = std::collections::HashSet::new();
     for (client_id, rec) in r.sessions {
         let s = match postcard::from_bytes::<StoredSession>(&rec) {
             Ok(s) => s,
@@ -470,6 +517,7 @@ pub fn restore(broker: &Arc<Broker>) -> Restored {
         };
         let offline_for = s.offline_since.map_or(0, |t| now_s.saturating_sub(t));
         if s.expiry != u32::MAX && offline_for >= u64::from(s.expiry) {
+            expired.insert(client_id.clone());
             db.send(Op::DeleteSession { client_id });
             out.expired_sessions += 1;
             broker.metrics.sessions_expired.inc();
@@ -501,6 +549,19 @@ pub fn restore(broker: &Arc<Broker>) -> Restored {
     // Outgoing QoS 2 deliveries already sent: (client, seq) → (packet id, released).
     let mut sent: HashMap<(String, u64), (u16, bool)> = HashMap::new();
     for (client_id, key, rec) in r.marks {
+        if key == WILL_KEY {
+            if restore_will(
+                broker,
+                db,
+                &client_id,
+                &rec,
+                sessions.get(&client_id),
+                &expired,
+            ) {
+                out.wills += 1;
+            }
+            continue;
+        }
         let Some(session) = sessions.get(&client_id) else {
             continue; // the session's deletion covers it
         };
@@ -579,8 +640,55 @@ pub fn restore(broker: &Arc<Broker>) -> Restored {
         messages = out.messages,
         expired_messages = out.expired_messages,
         retained = out.retained,
+        wills = out.wills,
         elapsed_ms = started.elapsed().as_millis() as u64,
         "durable state restored"
     );
     out
+}
+
+/// Arms a delayed will again for a restored session (what is left of its delay), or publishes
+/// it when its session expired while the broker was down. False when it is unreadable (then
+/// dropped) or its session is gone for another reason.
+fn restore_will(
+    broker: &Arc<Broker>,
+    db: &Durable,
+    client_id: &str,
+    rec: &[u8],
+    session: Option<&Arc<Session>>,
+    expired: &std::collections::HashSet<String>,
+) -> bool {
+    let will = match postcard::from_bytes::<StoredWill>(rec) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(client_id, error = %e, "unreadable pending will dropped");
+            db.send(Op::DeleteMark {
+                client_id: client_id.to_string(),
+                key: WILL_KEY.to_vec(),
+            });
+            return false;
+        }
+    };
+    let mut m = Arc::unwrap_or_clone(will.msg.into_msg());
+    m.expires_at = deadline_instant(will.expires_at_ms);
+    let msg = Msg::new(m);
+    match session {
+        Some(s) => {
+            let left = will.due_at_ms.saturating_sub(unix_ms(SystemTime::now()));
+            let generation = s.state.lock().generation;
+            broker.arm_will(
+                msg,
+                Duration::from_millis(left),
+                s.clone(),
+                generation,
+                true,
+            );
+            true
+        }
+        None if expired.contains(client_id) => {
+            broker.publish_restored_will(msg);
+            true
+        }
+        None => false,
+    }
 }

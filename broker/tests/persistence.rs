@@ -373,6 +373,90 @@ async fn sigterm_and_restart_keep_queued_messages_and_expired_sessions_go() {
     );
 }
 
+/// A 5.0 CONNECT keeping the session for `expiry` seconds, with a QoS 1 will on `topic`
+/// published `delay` seconds after the connection is lost.
+fn connect_with_will(client_id: &str, expiry: u32, topic: &str, delay: u32) -> Vec<u8> {
+    let mut b = Vec::new();
+    pkt::field(b"MQTT", &mut b);
+    // Will flag, will QoS 1; clean start off.
+    b.extend_from_slice(&[5, 0x0C, 0, 60]);
+    let e = expiry.to_be_bytes();
+    pkt::props(&[0x11, e[0], e[1], e[2], e[3]], &mut b);
+    pkt::field(client_id.as_bytes(), &mut b);
+    let d = delay.to_be_bytes();
+    pkt::props(&[0x18, d[0], d[1], d[2], d[3]], &mut b);
+    pkt::field(topic.as_bytes(), &mut b);
+    pkt::field(format!("will of {client_id}").as_bytes(), &mut b);
+    pkt::frame(0x10, &b)
+}
+
+/// Pending delayed wills survive `kill -9` (#15 item 1): a will still waiting out its delay is
+/// published after the restart when it falls due; one whose session expired while the broker
+/// was down is published at once; one whose client resumed its session before the kill is
+/// never published [MQTT-3.1.3-9].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_wills_survive_kill_9_and_a_resumed_session_cancels_its_will() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut broker = Proc::start(dir.path());
+    broker.ready().await;
+    let addr = broker.addr;
+    let (mut watcher, _) = resume(addr, V::V311, "will-watcher").await;
+    assert_eq!(watcher.subscribe(1, "will/#", 1).await, 1);
+    drop(watcher);
+    // Resumed within its delay: its will must never be sent.
+    let mut back = Raw::tcp(addr, V::V5).await;
+    back.send(&connect_with_will("back", 60, "will/back", 3))
+        .await;
+    back.expect(pkt::CONNACK).await;
+    drop(back);
+    let (_back, present) = resume(addr, V::V5, "back").await;
+    assert!(present);
+    // Lost with a will due 5 s later: the broker is killed before then.
+    let mut due = Raw::tcp(addr, V::V5).await;
+    due.send(&connect_with_will("due", 60, "will/due", 5)).await;
+    due.expect(pkt::CONNACK).await;
+    // Its session ends two seconds after the loss, while the broker is down: the will then.
+    let mut ends = Raw::tcp(addr, V::V5).await;
+    ends.send(&connect_with_will("ends", 2, "will/ends", 600))
+        .await;
+    ends.expect(pkt::CONNACK).await;
+    drop(due);
+    drop(ends);
+    // The broker sees both connections go (a will is armed on the loss), then dies.
+    let admin = broker.admin;
+    within("both connections to be gone", async {
+        loop {
+            let (_, body) = common::http_get(admin, "/metrics").await;
+            let connected = body
+                .lines()
+                .find(|l| l.starts_with("corvid_connections "))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+            if connected == Some(1.0) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    broker.kill9();
+    within(
+        "the broker to stay down three seconds",
+        tokio::time::sleep(Duration::from_secs(3)),
+    )
+    .await;
+    broker.launch();
+    broker.ready().await;
+    let (mut watcher, present) = resume(addr, V::V311, "will-watcher").await;
+    assert!(present);
+    let mut counts = BTreeMap::new();
+    collect(&mut watcher, &mut counts, |c| c.len() >= 2).await;
+    assert_eq!(
+        counts.keys().collect::<Vec<_>>(),
+        ["will of due", "will of ends"],
+        "the two pending wills, and not the cancelled one: {counts:?}"
+    );
+}
+
 /// Issue #15 item 3's figure: start-up with 100,000 persisted sessions and 1,000,000 queued
 /// messages (target ≤ 10 s). Filled through the broker's own session and publish paths
 /// in-process, then the store is closed and a second broker opens and restores it; the time
