@@ -457,6 +457,155 @@ async fn delayed_wills_survive_kill_9_and_a_resumed_session_cancels_its_will() {
     );
 }
 
+/// A store the broker cannot fully read (#15; "think like an attacker" for the data
+/// directory): records of every kind that do not decode are dropped with a warning and the rest
+/// is restored; a directory whose engine files are garbage stops the broker with an error that
+/// names `persistence.data_dir` — never a panic, never a broker serving an empty state as if
+/// nothing had happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_records_are_dropped_and_a_garbage_store_is_refused_by_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut broker = Proc::start(dir.path());
+    broker.ready().await;
+    let addr = broker.addr;
+    let (mut sub, _) = resume(addr, V::V311, "keeper").await;
+    assert_eq!(sub.subscribe(1, "k/#", 1).await, 1);
+    drop(sub);
+    let mut publisher = Raw::connect(addr, V::V311, "pub").await;
+    for i in 0..5u16 {
+        publisher
+            .send(&pkt::publish(
+                V::V311,
+                b"k/1",
+                1,
+                i + 1,
+                format!("k{i}").as_bytes(),
+            ))
+            .await;
+        publisher.expect(pkt::PUBACK).await;
+    }
+    drop(publisher);
+    broker.term().await;
+
+    // Garbage of every kind next to the good records, as a bad disk or a hostile hand leaves it.
+    let store_dir = dir.path().join("data").join("store");
+    {
+        use corvid_store::{Op, Store, Sync};
+        let (store, recovered) = Store::open(&store_dir, Sync::Always).expect("open store");
+        assert_eq!(recovered.sessions.len(), 1, "the broker stored the session");
+        let junk = || vec![0xff; 7];
+        store
+            .submit(vec![
+                Op::PutSession {
+                    client_id: "junk".into(),
+                    record: junk(),
+                },
+                Op::Enqueue {
+                    client_id: "keeper".into(),
+                    seq: 1_000_000,
+                    record: junk(),
+                },
+                Op::Enqueue {
+                    client_id: "no-such-session".into(),
+                    seq: 1,
+                    record: junk(),
+                },
+                Op::PutMark {
+                    client_id: "keeper".into(),
+                    key: b"w".to_vec(),
+                    record: junk(),
+                },
+                Op::PutMark {
+                    client_id: "keeper".into(),
+                    key: b"zz-unknown".to_vec(),
+                    record: junk(),
+                },
+                Op::PutRetained {
+                    topic: "r/junk".into(),
+                    record: junk(),
+                },
+                Op::PutCluster {
+                    key: b"out/\x00\x02n9garbage".to_vec(),
+                    record: junk(),
+                },
+            ])
+            .wait()
+            .await
+            .expect("write junk");
+        tokio::task::spawn_blocking(move || store.close())
+            .await
+            .expect("close store");
+    }
+    broker.launch();
+    broker.ready().await;
+    let (mut sub, present) = resume(addr, V::V311, "keeper").await;
+    assert!(present, "the good session is restored next to the junk");
+    let mut counts = BTreeMap::new();
+    collect(&mut sub, &mut counts, |c| c.len() == 5).await;
+    assert!(counts.values().all(|&n| n == 1), "{counts:?}");
+    let (_junk, present) = resume(addr, V::V311, "junk").await;
+    assert!(!present, "an unreadable session record is not a session");
+    drop(sub);
+    broker.term().await;
+    let log = std::fs::read_to_string(&broker.log).expect("log");
+    assert!(log.contains("unreadable session record dropped"), "{log}");
+    assert!(log.contains("unreadable queued message dropped"), "{log}");
+
+    // Engine files overwritten with garbage: refused, by name, with a non-zero exit.
+    for entry in walk(&store_dir) {
+        let len = std::fs::metadata(&entry).map(|m| m.len()).unwrap_or(0);
+        std::fs::write(&entry, vec![0x5a; len.max(64) as usize]).expect("overwrite");
+    }
+    broker.launch();
+    let status = within("the broker to refuse the garbage store", async {
+        loop {
+            if let Some(st) = broker
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                return Some(st);
+            }
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let log = std::fs::read_to_string(&broker.log).expect("log");
+    let last_start = log.rfind("Recovering database").unwrap_or(0);
+    let tail = &log[last_start..];
+    assert!(!log.contains("panicked"), "{tail}");
+    match status {
+        Some(st) => {
+            assert!(!st.success(), "a refused store is a failed start");
+            assert!(
+                tail.contains("persistence.data_dir: store: cannot open"),
+                "{tail}"
+            );
+        }
+        None => panic!("the broker served on a store it could not read: {tail}"),
+    }
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
 /// Issue #15 item 3's figure: start-up with 100,000 persisted sessions and 1,000,000 queued
 /// messages (target ≤ 10 s). Filled through the broker's own session and publish paths
 /// in-process, then the store is closed and a second broker opens and restores it; the time

@@ -32,6 +32,15 @@ pub enum StoreError {
         /// Which keyspace held it.
         keyspace: &'static str,
     },
+    /// The directory holds no store this version can open (another program's files, a
+    /// damaged store): refused, never replaced.
+    #[error("store: cannot open {path} (damaged, or not a Corvid store; move it aside to start empty): {source}")]
+    Open {
+        /// The directory.
+        path: PathBuf,
+        /// What the engine said.
+        source: fjall::Error,
+    },
     /// The data directory could not be created.
     #[error("store: {path}: {source}")]
     Dir {
@@ -264,13 +273,21 @@ impl Store {
             path: dir.to_path_buf(),
             source,
         })?;
-        let db = Database::builder(dir).open()?;
+        let refused = |source| StoreError::Open {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let db = Database::builder(dir).open().map_err(refused)?;
+        let space = |name: &str| {
+            db.keyspace(name, KeyspaceCreateOptions::default)
+                .map_err(refused)
+        };
         let spaces = Spaces {
-            sessions: db.keyspace("sessions", KeyspaceCreateOptions::default)?,
-            queue: db.keyspace("queue", KeyspaceCreateOptions::default)?,
-            marks: db.keyspace("marks", KeyspaceCreateOptions::default)?,
-            retained: db.keyspace("retained", KeyspaceCreateOptions::default)?,
-            cluster: db.keyspace("cluster", KeyspaceCreateOptions::default)?,
+            sessions: space("sessions")?,
+            queue: space("queue")?,
+            marks: space("marks")?,
+            retained: space("retained")?,
+            cluster: space("cluster")?,
         };
         let recovered = recover(&spaces)?;
         let (tx, rx) = std::sync::mpsc::channel();
