@@ -58,8 +58,6 @@ struct Held {
     entries: VecDeque<Entry>,
     /// A push onto the link failed: direct sends stop until everything held is pushed again.
     resync: bool,
-    /// The counter of the next key.
-    next: u64,
 }
 
 /// Messages held for peers until they acknowledge them.
@@ -69,6 +67,9 @@ pub struct Outbox {
     epoch: u64,
     /// Messages held per peer at most.
     max: usize,
+    /// The counter of the last key, one for all peers: a peer forgotten (it left) and seen
+    /// again must get keys above those it already applied, which it remembers on its store.
+    last: std::sync::atomic::AtomicU64,
     peers: Mutex<HashMap<String, Held>>,
 }
 
@@ -116,6 +117,7 @@ impl Outbox {
         Outbox {
             epoch,
             max: max.max(1),
+            last: std::sync::atomic::AtomicU64::new(0),
             peers: Mutex::new(HashMap::new()),
         }
     }
@@ -137,8 +139,10 @@ impl Outbox {
         };
         let mut peers = self.peers.lock();
         let held = peers.entry(peer.to_string()).or_default();
-        held.next += 1;
-        let key = (self.epoch, held.next);
+        let key = (
+            self.epoch,
+            self.last.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1,
+        );
         let stored = match db.and_then(|_| crate::persist::encode_forward(msg, plain, &groups)) {
             Some(record) => {
                 if let Some(db) = db {
@@ -485,6 +489,26 @@ mod tests {
         // A key from an earlier start (smaller epoch) acknowledges nothing newer.
         assert_eq!(o.ack("b", (6, 99), None).acked, 0);
         assert_eq!(o.len("b"), 2);
+    }
+
+    #[test]
+    fn a_peer_forgotten_and_seen_again_gets_keys_above_those_it_applied() {
+        let o = Outbox::new(7, 100);
+        let i = Inbound::default();
+        for n in 1..=3 {
+            o.hold("b", &msg(n), true, Vec::new(), None, None);
+        }
+        for f in o.resend("b") {
+            if let Frame::Forward { key, .. } = f {
+                assert!(i.is_new("a", key));
+                i.applied("a", key, None);
+            }
+        }
+        // b left (its held messages dropped) and came back with what it applied on its store.
+        o.drop_peer("b", None);
+        o.hold("b", &msg(4), true, Vec::new(), None, None);
+        let again = o.resend("b");
+        assert!(matches!(&again[..], [Frame::Forward { key, .. }] if i.is_new("a", *key)));
     }
 
     #[test]

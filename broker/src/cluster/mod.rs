@@ -405,8 +405,10 @@ pub struct Cluster {
     inbound: held::Inbound,
     /// Peers that acknowledge forwards, and whether they keep durable sessions (gossiped).
     caps: Mutex<HashMap<String, bool>>,
-    /// Failed peers with durable sessions, waited for until the deadline.
-    parked: Mutex<HashMap<String, Instant>>,
+    /// Peers held for until a deadline: failed peers with durable sessions (their clients
+    /// wait for them: `true`), and peers something was held for before a restart (`false`:
+    /// they may be long gone, so nobody waits for them).
+    parked: Mutex<HashMap<String, (Instant, bool)>>,
     node_failure: corvid_config::NodeFailureConfig,
 }
 
@@ -667,7 +669,7 @@ impl Cluster {
         let until = Instant::now() + Duration::from_secs(self.node_failure.hold);
         let mut parked = self.parked.lock();
         for p in peers {
-            parked.insert(p, until);
+            parked.insert(p, (until, false));
         }
     }
 
@@ -1275,7 +1277,7 @@ impl Cluster {
     /// A peer with durable sessions that cannot answer for them now: failed and held for,
     /// or live but not linked (killed and not noticed yet, or restarting).
     fn away(&self) -> Option<String> {
-        if let Some(p) = self.parked.lock().keys().next() {
+        if let Some((p, _)) = self.parked.lock().iter().find(|(_, (_, wait))| *wait) {
             return Some(p.clone());
         }
         let caps = self.caps.lock();
@@ -1528,6 +1530,12 @@ impl Cluster {
 
     /// Leaves the cluster: tells peers this node is gone.
     pub async fn leave(&self) {
+        // What this node forwarded is acknowledged within milliseconds; wait (bounded) so none
+        // of it stays held on this node's volume for peers to come.
+        let until = Instant::now() + Duration::from_secs(2);
+        while !self.outbox.peers().is_empty() && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         if let Some(g) = self.gossip.get() {
             g.with_chitchat(|c| {
                 c.self_node_state()
@@ -1684,7 +1692,7 @@ async fn membership_loop(cluster: Arc<Cluster>) {
                 cluster
                     .parked
                     .lock()
-                    .insert(n.clone(), Instant::now() + hold);
+                    .insert(n.clone(), (Instant::now() + hold, true));
                 tracing::warn!(peer = %n, hold_s = hold.as_secs(), held = cluster.outbox.len(n), "member failed; it keeps durable sessions, so what is routed to them is held until it is back");
                 continue;
             }
@@ -1711,7 +1719,7 @@ async fn membership_loop(cluster: Arc<Cluster>) {
             let t = Instant::now();
             let expired: Vec<String> = parked
                 .iter()
-                .filter(|(_, until)| **until <= t)
+                .filter(|(_, (until, _))| *until <= t)
                 .map(|(n, _)| n.clone())
                 .collect();
             for n in &expired {
