@@ -744,7 +744,18 @@ impl Broker {
         session: Arc<Session>,
         generation: u64,
     ) {
-        let delay = will.delay.min(session.state.lock().expiry);
+        let (delay, resumed) = {
+            let st = session.state.lock();
+            (
+                will.delay.min(st.expiry),
+                st.generation != generation && !st.ended,
+            )
+        };
+        if delay > 0 && resumed {
+            // Resumed by a newer connection before this one's close got here: a delayed will
+            // is never sent [MQTT-3.1.3-9] (nor stored, to be restored after a restart).
+            return;
+        }
         let msg = Arc::new(Message::new(
             will.topic,
             will.payload,

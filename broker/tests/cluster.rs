@@ -32,23 +32,7 @@ const QUIET: Duration = Duration::from_millis(700);
 /// Publishes `n` sequence-numbered messages on `topic` and waits until every QoS 1/2 one was
 /// acknowledged; returns the sequence numbers.
 async fn publish_seq(c: &mut Client, topic: &str, qos: u8, n: u64) -> Vec<u64> {
-    for seq in 0..n {
-        c.publish(topic, qos, false, seq_payload(seq)).await;
-    }
-    if qos > 0 {
-        let mut acked = 0;
-        within("PUBACK/PUBCOMP for every publish", DEADLINE, async {
-            while acked < n {
-                match c.rx.recv().await {
-                    Some(Ev::Acked(_)) => acked += 1,
-                    Some(Ev::Closed(e)) => panic!("publisher closed: {e}"),
-                    None => panic!("publisher event loop ended"),
-                    Some(_) => {}
-                }
-            }
-        })
-        .await;
-    }
+    c.publish_seqs(topic, qos, 0..n).await;
     (0..n).collect()
 }
 
@@ -485,21 +469,7 @@ async fn kill_9_of_one_node_survivors_serve_and_its_sessions_are_lost() {
 
     c.nodes[2].kill9();
     drop(doomed);
-    for i in [0, 1] {
-        let n = &c.nodes[i];
-        eventually(
-            &format!("{} to see n3 not ready", n.name()),
-            Duration::from_secs(30),
-            || async {
-                let m = n.members().await?;
-                match m.iter().find(|m| m.0 == "n3") {
-                    Some(x) if x.1 == "ready" => Err(format!("{m:?}")),
-                    _ => Ok(()),
-                }
-            },
-        )
-        .await;
-    }
+    wait_n3_not_ready(&c).await;
     // The survivors keep serving each other.
     let mut sub = Client::connect(c.nodes[1].mqtt_addr(), &Opts::clean(V::V5, "k-sub")).await;
     sub.subscribe("kill/after", 1).await;
@@ -547,24 +517,23 @@ async fn kill_9_of_one_node_survivors_serve_and_its_sessions_are_lost() {
     eprintln!("corvid_cluster_sessions_lost_total on n1, n2: {lost:?}");
 }
 
-/// Publishes `seqs` on `topic` at QoS 1 and waits until every one is acknowledged.
-async fn publish_range(c: &mut Client, topic: &str, seqs: std::ops::Range<u64>) {
-    let n = seqs.end - seqs.start;
-    for seq in seqs {
-        c.publish(topic, 1, false, seq_payload(seq)).await;
+/// Waits until n1 and n2 no longer count n3 (killed) as ready.
+async fn wait_n3_not_ready(c: &Cluster) {
+    for i in [0, 1] {
+        let n = &c.nodes[i];
+        eventually(
+            &format!("{} to see n3 not ready", n.name()),
+            Duration::from_secs(30),
+            || async {
+                let m = n.members().await?;
+                match m.iter().find(|m| m.0 == "n3") {
+                    Some(x) if x.1 == "ready" => Err(format!("{m:?}")),
+                    _ => Ok(()),
+                }
+            },
+        )
+        .await;
     }
-    let mut acked = 0;
-    within("PUBACK for every publish", DEADLINE, async {
-        while acked < n {
-            match c.rx.recv().await {
-                Some(Ev::Acked(_)) => acked += 1,
-                Some(Ev::Closed(e)) => panic!("publisher closed: {e}"),
-                None => panic!("publisher event loop ended"),
-                Some(_) => {}
-            }
-        }
-    })
-    .await;
 }
 
 /// Three nodes with durable sessions, each on its own data directory.
@@ -601,13 +570,13 @@ async fn kill_9_of_a_durable_node_loses_nothing_and_its_clients_resume_elsewhere
     c.wait_routes(0, 2, 1).await;
     off.disconnect().await;
     let mut p = Client::connect(c.nodes[0].mqtt_addr(), &Opts::clean(V::V5, "dur-pub")).await;
-    publish_range(&mut p, topic, 0..100).await;
+    p.publish_seqs(topic, 1, 0..100).await;
     let mut seen_on = on.drain(QUIET, DEADLINE).await;
 
     c.nodes[2].kill9();
     drop(on);
     // Acknowledged while n3 is down: held by n1 for n3's sessions.
-    publish_range(&mut p, topic, 100..200).await;
+    p.publish_seqs(topic, 1, 100..200).await;
     let held = c.nodes[0]
         .metric("corvid_cluster_held_messages")
         .await
@@ -616,21 +585,7 @@ async fn kill_9_of_a_durable_node_loses_nothing_and_its_clients_resume_elsewhere
         held >= 100.0,
         "n1 holds what n3's sessions are owed: {held}"
     );
-    for i in [0, 1] {
-        let n = &c.nodes[i];
-        eventually(
-            &format!("{} to see n3 fail", n.name()),
-            Duration::from_secs(30),
-            || async {
-                let m = n.members().await?;
-                match m.iter().find(|m| m.0 == "n3") {
-                    Some(x) if x.1 == "ready" => Err(format!("{m:?}")),
-                    _ => Ok(()),
-                }
-            },
-        )
-        .await;
-    }
+    wait_n3_not_ready(&c).await;
     // The offline session's client comes back on n2 while n3 is still down: it waits.
     let n2 = c.nodes[1].mqtt_addr();
     let back =

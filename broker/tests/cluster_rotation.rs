@@ -67,22 +67,7 @@ async fn wait_ring(c: &Cluster, i: usize, primary: &str, accepted: &[&str]) {
 /// every one is acknowledged.
 async fn publish_acked(c: &Cluster, from: usize, id: &str, seqs: std::ops::Range<u64>) {
     let mut p = Client::connect(c.nodes[from].mqtt_addr(), &Opts::clean(V::V5, id)).await;
-    let n = seqs.end - seqs.start;
-    for seq in seqs {
-        p.publish(TOPIC, 1, false, seq_payload(seq)).await;
-    }
-    let mut acked = 0;
-    within("PUBACK for every publish", DEADLINE, async {
-        while acked < n {
-            match p.rx.recv().await {
-                Some(Ev::Acked(_)) => acked += 1,
-                Some(Ev::Closed(e)) => panic!("publisher closed: {e}"),
-                None => panic!("publisher event loop ended"),
-                Some(_) => {}
-            }
-        }
-    })
-    .await;
+    p.publish_seqs(TOPIC, 1, seqs).await;
     p.disconnect().await;
 }
 

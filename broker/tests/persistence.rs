@@ -77,6 +77,15 @@ impl Proc {
         self.child = Some(child);
     }
 
+    /// Waits until the broker is ready, then leaves an offline persistent 3.1.1 session
+    /// `client_id` subscribed to `filter` at QoS 1; returns the MQTT address.
+    async fn with_subscriber(&self, client_id: &str, filter: &str) -> SocketAddr {
+        self.ready().await;
+        let (mut sub, _) = resume(self.addr, V::V311, client_id).await;
+        assert_eq!(sub.subscribe(1, filter, 1).await, 1);
+        self.addr
+    }
+
     /// Waits until the broker accepts MQTT connections.
     async fn ready(&self) {
         within("the broker listening", async {
@@ -191,6 +200,18 @@ async fn collect(
             }
             _ => {}
         }
+    }
+}
+
+/// Publishes `k0`…`k{n-1}` on `k/1` at QoS 1 from a fresh 3.1.1 client, each acknowledged.
+async fn publish_k(addr: SocketAddr, n: u16) {
+    let mut publisher = Raw::connect(addr, V::V311, "pub").await;
+    for i in 0..n {
+        let body = format!("k{i}");
+        publisher
+            .send(&pkt::publish(V::V311, b"k/1", 1, i + 1, body.as_bytes()))
+            .await;
+        publisher.expect(pkt::PUBACK).await;
     }
 }
 
@@ -319,11 +340,7 @@ async fn kill_9_mid_stream_loses_nothing_acknowledged_and_delivers_qos2_once() {
 async fn sigterm_and_restart_keep_queued_messages_and_expired_sessions_go() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut broker = Proc::start(dir.path());
-    broker.ready().await;
-    let addr = broker.addr;
-    let (mut sub, _) = resume(addr, V::V311, "keeper").await;
-    assert_eq!(sub.subscribe(1, "k/#", 1).await, 1);
-    drop(sub);
+    let addr = broker.with_subscriber("keeper", "k/#").await;
     // A 5.0 session that expires three seconds after it goes offline.
     let mut short = Raw::tcp(addr, V::V5).await;
     let mut b = Vec::new();
@@ -337,20 +354,7 @@ async fn sigterm_and_restart_keep_queued_messages_and_expired_sessions_go() {
     short.send(&pkt::disconnect()).await;
     drop(short);
 
-    let mut publisher = Raw::connect(addr, V::V311, "pub").await;
-    for i in 0..20u16 {
-        publisher
-            .send(&pkt::publish(
-                V::V311,
-                b"k/1",
-                1,
-                i + 1,
-                format!("k{i}").as_bytes(),
-            ))
-            .await;
-        publisher.expect(pkt::PUBACK).await;
-    }
-    drop(publisher);
+    publish_k(addr, 20).await;
     broker.term().await;
     // Down for longer than `short`'s expiry (counted in whole seconds).
     within(
@@ -398,11 +402,7 @@ fn connect_with_will(client_id: &str, expiry: u32, topic: &str, delay: u32) -> V
 async fn delayed_wills_survive_kill_9_and_a_resumed_session_cancels_its_will() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut broker = Proc::start(dir.path());
-    broker.ready().await;
-    let addr = broker.addr;
-    let (mut watcher, _) = resume(addr, V::V311, "will-watcher").await;
-    assert_eq!(watcher.subscribe(1, "will/#", 1).await, 1);
-    drop(watcher);
+    let addr = broker.with_subscriber("will-watcher", "will/#").await;
     // Resumed within its delay: its will must never be sent.
     let mut back = Raw::tcp(addr, V::V5).await;
     back.send(&connect_with_will("back", 60, "will/back", 3))
@@ -466,25 +466,8 @@ async fn delayed_wills_survive_kill_9_and_a_resumed_session_cancels_its_will() {
 async fn unreadable_records_are_dropped_and_a_garbage_store_is_refused_by_name() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut broker = Proc::start(dir.path());
-    broker.ready().await;
-    let addr = broker.addr;
-    let (mut sub, _) = resume(addr, V::V311, "keeper").await;
-    assert_eq!(sub.subscribe(1, "k/#", 1).await, 1);
-    drop(sub);
-    let mut publisher = Raw::connect(addr, V::V311, "pub").await;
-    for i in 0..5u16 {
-        publisher
-            .send(&pkt::publish(
-                V::V311,
-                b"k/1",
-                1,
-                i + 1,
-                format!("k{i}").as_bytes(),
-            ))
-            .await;
-        publisher.expect(pkt::PUBACK).await;
-    }
-    drop(publisher);
+    let addr = broker.with_subscriber("keeper", "k/#").await;
+    publish_k(addr, 5).await;
     broker.term().await;
 
     // Garbage of every kind next to the good records, as a bad disk or a hostile hand leaves it.

@@ -895,6 +895,30 @@ impl Client {
         })
     }
 
+    /// Publishes the sequence numbers `seqs` on `topic` at `qos` and, for QoS 1 and 2, waits
+    /// until every one is acknowledged (PUBACK, PUBCOMP).
+    pub async fn publish_seqs(&mut self, topic: &str, qos: u8, seqs: std::ops::Range<u64>) {
+        let n = seqs.end.saturating_sub(seqs.start);
+        for seq in seqs {
+            self.publish(topic, qos, false, seq_payload(seq)).await;
+        }
+        if qos == 0 {
+            return;
+        }
+        let mut acked = 0;
+        within("PUBACK/PUBCOMP for every publish", DEADLINE, async {
+            while acked < n {
+                match self.rx.recv().await {
+                    Some(Ev::Acked(_)) => acked += 1,
+                    Some(Ev::Closed(e)) => panic!("publisher closed: {e}"),
+                    None => panic!("publisher event loop ended"),
+                    Some(_) => {}
+                }
+            }
+        })
+        .await;
+    }
+
     /// Subscribes to `filter` at `qos` and waits for the SUBACK to be requested (the request is
     /// queued in order; callers that need the route elsewhere wait for it separately).
     pub async fn subscribe(&self, filter: &str, qos: u8) {
