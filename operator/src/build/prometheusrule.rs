@@ -116,6 +116,22 @@ pub fn alerts(cluster: &MqttCluster, names: &Names) -> Vec<Alert> {
             "critical",
             "A peer failed the cluster handshake: a wrong cluster secret or a replay.",
         ),
+        alert(
+            "CorvidHeldMessagesDropped",
+            format!(
+                "sum by (pod) (increase(corvid_cluster_held_dropped_total{{{sel}}}[10m])) > 0"
+            ),
+            None,
+            "critical",
+            "Acknowledged QoS 1/2 messages held for a peer were dropped (node_failure bound or hold reached, or a peer without durable sessions failed): its subscribers lose them.",
+        ),
+        alert(
+            "CorvidHeldMessagesPilingUp",
+            format!("max by (pod) (corvid_cluster_held_messages{{{sel}}}) > 10000"),
+            Some("5m"),
+            "warning",
+            "More than 10,000 messages have waited 5 minutes for a peer's acknowledgement: it is down (held for until it is back) or its link is too slow.",
+        ),
     ];
     if cluster.spec.persistence.mode == corvid_crds::PersistenceMode::Pvc {
         out.push(alert(
@@ -133,6 +149,15 @@ pub fn alerts(cluster: &MqttCluster, names: &Names) -> Vec<Alert> {
             Some("10m"),
             "warning",
             "Durable-store commits take over 50 ms on average: every QoS 1/2 acknowledgement waits that long.",
+        ));
+        out.push(alert(
+            "CorvidOwnerWaitExpired",
+            format!(
+                "sum by (pod) (increase(corvid_cluster_owner_waits_total{{result=\"expired\", {sel}}}[10m])) > 0"
+            ),
+            None,
+            "warning",
+            "Clients stopped waiting for a failed pod with durable sessions and started afresh: it stayed away longer than node_failure.owner_wait.",
         ));
     }
     let bridges = &cluster.spec.bridges;

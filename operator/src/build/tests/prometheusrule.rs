@@ -116,6 +116,8 @@ fn every_alert_uses_only_metrics_the_broker_exports() {
     let all = alerts(&c, &Names::of(&c));
     assert!(all.iter().any(|a| a.name == "CorvidBridgeDown"));
     assert!(all.iter().any(|a| a.name == "CorvidStoreFailed"));
+    assert!(all.iter().any(|a| a.name == "CorvidOwnerWaitExpired"));
+    assert!(all.iter().any(|a| a.name == "CorvidHeldMessagesDropped"));
     let mut used = BTreeSet::new();
     for alert in &all {
         let names = metric_names(&alert.expr);
@@ -189,7 +191,7 @@ fn prometheus_rule_needs_the_switch_and_its_crd() {
     let rules = rule.data["spec"]["groups"][0]["rules"]
         .as_array()
         .expect("rules");
-    assert_eq!(rules.len(), 8);
+    assert_eq!(rules.len(), 10);
     let missing = rules
         .iter()
         .find(|r| r["alert"] == "CorvidMemberMissing")
