@@ -48,7 +48,8 @@ struct StoredDelivery {
     expires_at_ms: Option<u64>,
 }
 
-/// A retained message.
+/// A message with its expiry as a wall-clock time: a retained message, and the message of a
+/// held forward and of a pending will.
 #[derive(Debug, Serialize, Deserialize)]
 struct StoredMsg {
     msg: WireMsg,
@@ -56,13 +57,26 @@ struct StoredMsg {
     expires_at_ms: Option<u64>,
 }
 
-/// A message held for a peer until it has it ([`crate::cluster::held`]), with its expiry as
-/// a wall-clock time.
+impl StoredMsg {
+    fn of(msg: &Message) -> Self {
+        StoredMsg {
+            msg: WireMsg::from_msg(msg),
+            expires_at_ms: deadline_ms(msg.expires_at),
+        }
+    }
+
+    /// The message, its expiry an `Instant` again.
+    fn into_msg(self) -> Message {
+        let mut m = Arc::unwrap_or_clone(self.msg.into_msg());
+        m.expires_at = deadline_instant(self.expires_at_ms);
+        m
+    }
+}
+
+/// A message held for a peer until it has it ([`crate::cluster::held`]).
 #[derive(Debug, Serialize, Deserialize)]
 struct StoredForward {
-    msg: WireMsg,
-    /// Unix milliseconds after which it is not delivered.
-    expires_at_ms: Option<u64>,
+    stored: StoredMsg,
     /// Deliver to ordinary subscriptions.
     plain: bool,
     /// Shared groups assigned to the peer.
@@ -72,8 +86,7 @@ struct StoredForward {
 /// Encodes a message held for a peer.
 pub fn encode_forward(msg: &Message, plain: bool, groups: &[String]) -> Option<Vec<u8>> {
     let rec = StoredForward {
-        msg: WireMsg::from_msg(msg),
-        expires_at_ms: deadline_ms(msg.expires_at),
+        stored: StoredMsg::of(msg),
         plain,
         groups: groups.to_vec(),
     };
@@ -86,18 +99,13 @@ pub fn encode_forward(msg: &Message, plain: bool, groups: &[String]) -> Option<V
 /// record is unreadable.
 pub fn decode_forward(rec: &[u8]) -> Option<(WireMsg, bool, Vec<String>)> {
     let s: StoredForward = postcard::from_bytes(rec).ok()?;
-    let mut msg = s.msg;
-    msg.expires_in_ms = deadline_instant(s.expires_at_ms)
-        .map(|t| t.saturating_duration_since(Instant::now()).as_millis() as u64);
-    Some((msg, s.plain, s.groups))
+    Some((WireMsg::from_msg(&s.stored.into_msg()), s.plain, s.groups))
 }
 
 /// A will waiting out its delay, with when it is due.
 #[derive(Debug, Serialize, Deserialize)]
 struct StoredWill {
-    msg: WireMsg,
-    /// Unix milliseconds after which the will message itself expires.
-    expires_at_ms: Option<u64>,
+    stored: StoredMsg,
     /// Unix milliseconds when it is published unless the session is resumed first.
     due_at_ms: u64,
 }
@@ -382,8 +390,7 @@ impl Durable {
             return;
         }
         let rec = StoredWill {
-            msg: WireMsg::from_msg(msg),
-            expires_at_ms: deadline_ms(msg.expires_at),
+            stored: StoredMsg::of(msg),
             due_at_ms: unix_ms(SystemTime::now()) + u64::from(delay_s) * 1000,
         };
         match postcard::to_stdvec(&rec) {
@@ -414,11 +421,7 @@ impl Durable {
             });
             return;
         }
-        let rec = StoredMsg {
-            msg: WireMsg::from_msg(msg),
-            expires_at_ms: deadline_ms(msg.expires_at),
-        };
-        match postcard::to_stdvec(&rec) {
+        match postcard::to_stdvec(&StoredMsg::of(msg)) {
             Ok(record) => self.send(Op::PutRetained {
                 topic: msg.topic.to_string(),
                 record,
@@ -488,8 +491,7 @@ pub fn restore(broker: &Arc<Broker>) -> Restored {
     for (topic, rec) in r.retained {
         match postcard::from_bytes::<StoredMsg>(&rec) {
             Ok(s) => {
-                let mut m = Arc::unwrap_or_clone(s.msg.into_msg());
-                m.expires_at = deadline_instant(s.expires_at_ms);
+                let m = s.into_msg();
                 if m.expired(Instant::now()) {
                     db.send(Op::DeleteRetained { topic });
                     continue;
@@ -669,9 +671,7 @@ fn restore_will(
             return false;
         }
     };
-    let mut m = Arc::unwrap_or_clone(will.msg.into_msg());
-    m.expires_at = deadline_instant(will.expires_at_ms);
-    let msg = Msg::new(m);
+    let msg = Msg::new(will.stored.into_msg());
     match session {
         Some(s) => {
             let left = will.due_at_ms.saturating_sub(unix_ms(SystemTime::now()));

@@ -858,41 +858,30 @@ mod tests {
             "lost_deliveries_to_live_sessions": 0,
             "sessions_lost_subscribers": 4, "sessions_lost_publishers": 3
         });
-        let r = local_ok("c-kill-9", lost_sessions.clone(), 20.0);
-        assert!(!r.ok);
+        let r_local = local_ok("c-kill-9", lost_sessions.clone(), 20.0);
+        assert!(!r_local.ok);
         assert_eq!(
-            failed(&r),
+            failed(&r_local),
             [
                 "0 acknowledged messages lost",
                 "every session kept (CONNACK session present = 1 on every reconnect)"
             ]
         );
         // The same in kubernetes mode, where the kill needs no Progressing=True.
-        let after = || kube(vec![sample(&[("Available", "True")])], true);
-        let r = judge(
-            k8s("c-kill-9"),
-            Target::Kubernetes,
-            30.0,
-            load(json!({})),
-            vec![],
-            after(),
-        );
+        let kill = |report| {
+            let after = kube(vec![sample(&[("Available", "True")])], true);
+            judge(
+                k8s("c-kill-9"),
+                Target::Kubernetes,
+                30.0,
+                load(report),
+                vec![],
+                after,
+            )
+        };
+        let r = kill(json!({}));
         assert!(r.ok, "{:?}", failed(&r));
-        let r = judge(
-            k8s("c-kill-9"),
-            Target::Kubernetes,
-            30.0,
-            load(lost_sessions),
-            vec![],
-            after(),
-        );
-        assert_eq!(
-            failed(&r),
-            [
-                "0 acknowledged messages lost",
-                "every session kept (CONNACK session present = 1 on every reconnect)"
-            ]
-        );
+        assert_eq!(failed(&kill(lost_sessions)), failed(&r_local));
     }
 
     #[test]

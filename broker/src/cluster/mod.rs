@@ -126,7 +126,8 @@ pub struct ClusterMetrics {
     pub sessions_lost: IntCounter,
     /// Messages held for peers until they acknowledge them (or come back).
     pub held: IntGauge,
-    /// Held messages dropped without the peer having them (bound, hold expired, peer left).
+    /// Held messages dropped without the peer having them (bound, hold expired, a peer
+    /// without durable sessions failed).
     pub held_dropped: IntCounter,
     /// Forwarded messages received again (a resend) and not applied twice.
     pub forward_duplicates: IntCounter,
@@ -217,7 +218,7 @@ impl ClusterMetrics {
             )?,
             held_dropped: m.counter(
                 "corvid_cluster_held_dropped_total",
-                "Held messages dropped before the peer had them (bound reached, hold expired, peer left)",
+                "Held messages dropped before the peer had them (bound reached, hold expired, a peer without durable sessions failed)",
             )?,
             forward_duplicates: m.counter(
                 "corvid_cluster_forward_duplicates_total",
@@ -359,6 +360,15 @@ struct PendingTake {
 
 pub use crate::fabric::Taken;
 
+/// A peer not live now that messages are held for until `until`.
+#[derive(Debug, Clone, Copy)]
+struct Parked {
+    until: Instant,
+    /// A failed peer with durable sessions: resuming clients wait for it. Peers something was
+    /// held for before this node restarted may be long gone: nobody waits for them.
+    clients_wait: bool,
+}
+
 /// The cluster layer of one node.
 pub struct Cluster {
     /// This node's name.
@@ -405,10 +415,8 @@ pub struct Cluster {
     inbound: held::Inbound,
     /// Peers that acknowledge forwards, and whether they keep durable sessions (gossiped).
     caps: Mutex<HashMap<String, bool>>,
-    /// Peers held for until a deadline: failed peers with durable sessions (their clients
-    /// wait for them: `true`), and peers something was held for before a restart (`false`:
-    /// they may be long gone, so nobody waits for them).
-    parked: Mutex<HashMap<String, (Instant, bool)>>,
+    /// Peers held for until a deadline, by name.
+    parked: Mutex<HashMap<String, Parked>>,
     node_failure: corvid_config::NodeFailureConfig,
 }
 
@@ -649,7 +657,8 @@ impl Cluster {
     }
 
     /// Takes back the messages held for peers and the forwards applied from them before a
-    /// restart; a peer something is held for is waited for like a failed one.
+    /// restart; a peer something is held for is held for until `node_failure.hold` (its
+    /// clients do not wait for it: it may be long gone).
     fn restore_held(&self, b: &Broker) {
         let Some(db) = b.durable.as_ref() else {
             return;
@@ -669,7 +678,13 @@ impl Cluster {
         let until = Instant::now() + Duration::from_secs(self.node_failure.hold);
         let mut parked = self.parked.lock();
         for p in peers {
-            parked.insert(p, (until, false));
+            parked.insert(
+                p,
+                Parked {
+                    until,
+                    clients_wait: false,
+                },
+            );
         }
     }
 
@@ -801,13 +816,14 @@ impl Cluster {
         let mut wire: Option<WireMsg> = None;
         let b = self.broker();
         let db = b.as_ref().and_then(|b| b.durable.as_ref());
+        let caps = self.caps.lock();
         for ((node, m), groups) in remote.into_iter().zip(assigned) {
             if !m.plain && groups.is_empty() {
                 continue;
             }
             self.metrics.forwarded.inc();
             // QoS 1/2 to a peer that acknowledges: held until it has it.
-            if msg.qos != crate::codec::QoS::AtMostOnce && self.caps.lock().contains_key(&node) {
+            if msg.qos != crate::codec::QoS::AtMostOnce && caps.contains_key(&node) {
                 let tx = self.links.lock().get(&node).map(|l| l.tx.clone());
                 let moved = self
                     .outbox
@@ -854,6 +870,14 @@ impl Cluster {
                     .inc_by(n as u64);
             }
         };
+        // A message for this node's subscribers, held to the topic bounds like a client's.
+        let apply = |msg: WireMsg, plain: bool, groups: Vec<String>| {
+            if limits.name(&msg.topic).is_err() && !msg.topic.starts_with("$SYS/") {
+                return invalid("publish", 1);
+            }
+            let groups: HashSet<Arc<str>> = groups.into_iter().map(Arc::from).collect();
+            b.publish_local(msg.into_msg(), plain, &groups);
+        };
         match frame {
             Frame::Routes(filters) => {
                 invalid("route", self.routes.replace(peer, &filters));
@@ -867,11 +891,7 @@ impl Cluster {
             Frame::RouteDel(f) => self.routes.del(peer, &f),
             Frame::Publish { msg, plain, groups } => {
                 self.metrics.received.inc();
-                if limits.name(&msg.topic).is_err() && !msg.topic.starts_with("$SYS/") {
-                    return invalid("publish", 1);
-                }
-                let groups: HashSet<Arc<str>> = groups.into_iter().map(Arc::from).collect();
-                b.publish_local(msg.into_msg(), plain, &groups);
+                apply(msg, plain, groups);
             }
             Frame::Retain(m) => {
                 if limits.name(&m.topic).is_err() {
@@ -985,12 +1005,7 @@ impl Cluster {
                     self.metrics.forward_duplicates.inc();
                     return;
                 }
-                if limits.name(&msg.topic).is_err() && !msg.topic.starts_with("$SYS/") {
-                    invalid("publish", 1);
-                } else {
-                    let groups: HashSet<Arc<str>> = groups.into_iter().map(Arc::from).collect();
-                    b.publish_local(msg.into_msg(), plain, &groups);
-                }
+                apply(msg, plain, groups);
                 self.inbound.applied(peer, key, b.durable.as_ref());
             }
             Frame::ForwardAck { key } => {
@@ -1277,7 +1292,7 @@ impl Cluster {
     /// A peer with durable sessions that cannot answer for them now: failed and held for,
     /// or live but not linked (killed and not noticed yet, or restarting).
     fn away(&self) -> Option<String> {
-        if let Some((p, _)) = self.parked.lock().iter().find(|(_, (_, wait))| *wait) {
+        if let Some((p, _)) = self.parked.lock().iter().find(|(_, k)| k.clients_wait) {
             return Some(p.clone());
         }
         let caps = self.caps.lock();
@@ -1678,16 +1693,32 @@ async fn membership_loop(cluster: Arc<Cluster>) {
         let db = cluster.broker();
         let db = db.as_ref().and_then(|b| b.durable.as_ref());
         let hold = Duration::from_secs(cluster.node_failure.hold);
-        for n in &gone {
-            if left.contains(n) {
-                cluster.forget_peer(n);
-                // It evacuated and left: what is still held for it went out on its link before
-                // it did (only the acknowledgement may be missing), so it is no drop to alert on.
-                let moved = cluster.outbox.drop_peer(n, db);
+        // Forgets `n` for good; unless it left cleanly, what was held for it is dropped and its
+        // sessions are lost (one survivor, the first by name, counts them, so the
+        // cluster-wide sum is right). Returns (held messages dropped, sessions lost).
+        let forget = |n: &String, left_cleanly: bool| {
+            cluster.forget_peer(n);
+            let moved = cluster.outbox.drop_peer(n, db);
+            if left_cleanly {
+                // It evacuated: what is still held for it went out on its link before it left
+                // (only the acknowledgement may be missing), so it is no drop to alert on.
                 cluster.count_held(held::Moved {
                     acked: moved.dropped,
                     ..held::Moved::default()
                 });
+                return (0, 0);
+            }
+            cluster.count_held(moved);
+            let lost = sessions_of.get(n).copied().unwrap_or(0);
+            let counter = now.keys().chain(std::iter::once(&cluster.node)).min();
+            if counter == Some(&cluster.node) {
+                cluster.metrics.sessions_lost.inc_by(lost);
+            }
+            (moved.dropped, lost)
+        };
+        for n in &gone {
+            if left.contains(n) {
+                forget(n, true);
                 tracing::info!(peer = %n, "member left the cluster");
                 continue;
             }
@@ -1695,23 +1726,20 @@ async fn membership_loop(cluster: Arc<Cluster>) {
             if durable && !hold.is_zero() {
                 // Its sessions are on its volume: wait for it, holding what is routed to them.
                 cluster.unlink_peer(n);
-                cluster
-                    .parked
-                    .lock()
-                    .insert(n.clone(), (Instant::now() + hold, true));
+                let until = Instant::now() + hold;
+                cluster.parked.lock().insert(
+                    n.clone(),
+                    Parked {
+                        until,
+                        clients_wait: true,
+                    },
+                );
                 tracing::warn!(peer = %n, hold_s = hold.as_secs(), held = cluster.outbox.len(n), "member failed; it keeps durable sessions, so what is routed to them is held until it is back");
                 continue;
             }
-            cluster.forget_peer(n);
-            cluster.count_held(cluster.outbox.drop_peer(n, db));
-            // It died without evacuating: its sessions are gone. One survivor (the first by
-            // name) counts them, so the cluster-wide sum is right.
-            let counter = now.keys().chain(std::iter::once(&cluster.node)).min();
-            let lost = sessions_of.get(n).copied().unwrap_or(0);
+            // It died without evacuating and keeps nothing: its sessions are gone.
+            let (_, lost) = forget(n, false);
             tracing::warn!(peer = %n, sessions_lost = lost, "member failed");
-            if counter == Some(&cluster.node) {
-                cluster.metrics.sessions_lost.inc_by(lost);
-            }
         }
         let expired: Vec<String> = {
             let mut parked = cluster.parked.lock();
@@ -1725,7 +1753,7 @@ async fn membership_loop(cluster: Arc<Cluster>) {
             let t = Instant::now();
             let expired: Vec<String> = parked
                 .iter()
-                .filter(|(_, (until, _))| *until <= t)
+                .filter(|(_, k)| k.until <= t)
                 .map(|(n, _)| n.clone())
                 .collect();
             for n in &expired {
@@ -1734,15 +1762,8 @@ async fn membership_loop(cluster: Arc<Cluster>) {
             expired
         };
         for n in &expired {
-            cluster.forget_peer(n);
-            let moved = cluster.outbox.drop_peer(n, db);
-            cluster.count_held(moved);
-            let counter = now.keys().chain(std::iter::once(&cluster.node)).min();
-            let lost = sessions_of.get(n).copied().unwrap_or(0);
-            tracing::warn!(peer = %n, sessions_lost = lost, held_dropped = moved.dropped, "failed member did not come back within node_failure.hold; its sessions count as lost");
-            if counter == Some(&cluster.node) {
-                cluster.metrics.sessions_lost.inc_by(lost);
-            }
+            let (dropped, lost) = forget(n, false);
+            tracing::warn!(peer = %n, sessions_lost = lost, held_dropped = dropped, "failed member did not come back within node_failure.hold; its sessions count as lost");
         }
         for (name, (_, link)) in &now {
             let Some(addr) = link.as_deref().and_then(|a| a.parse::<SocketAddr>().ok()) else {
