@@ -20,6 +20,7 @@
 
 pub mod channel;
 pub mod discovery;
+pub mod early;
 pub mod gossip;
 pub mod held;
 pub mod link;
@@ -390,7 +391,8 @@ pub struct Cluster {
     seen: Mutex<HashMap<String, PeerSeen>>,
     /// Open incoming links by id: the peer and what closes the link.
     incoming: Mutex<HashMap<u64, (String, CancellationToken)>>,
-    early: Mutex<HashMap<String, Vec<Delivery>>>,
+    /// Deliveries forwarded for sessions on their way here (bounded: [`early`]).
+    early: Mutex<early::Early>,
     gossip: tokio::sync::OnceCell<ChitchatHandle>,
     /// Live peers: the state each gossips and its link address.
     live: Mutex<HashMap<String, (MemberState, Option<String>)>>,
@@ -480,7 +482,7 @@ impl Cluster {
             synced: Mutex::new(HashMap::new()),
             seen: Mutex::new(HashMap::new()),
             incoming: Mutex::new(HashMap::new()),
-            early: Mutex::new(HashMap::new()),
+            early: Mutex::new(early::Early::default()),
             gossip: tokio::sync::OnceCell::new(),
             live: Mutex::new(HashMap::new()),
             departed: Mutex::new(HashSet::new()),
@@ -984,12 +986,17 @@ impl Cluster {
                 }
                 None => {
                     // The old node may forward before its reply reaches us: hold it until the
-                    // session is installed (bounded).
+                    // session is installed (bounded in count, bytes and age).
+                    let now = std::time::Instant::now();
                     let mut early = self.early.lock();
-                    let q = early.entry(client_id).or_default();
-                    if q.len() < 10_000 {
-                        q.push(delivery.into_delivery());
-                    } else {
+                    let expired = early.sweep(now);
+                    let held = early.push(&client_id, delivery.into_delivery(), now);
+                    drop(early);
+                    b.metrics
+                        .messages_dropped
+                        .with_label_values(&["moved_session_missing"])
+                        .inc_by(expired as u64);
+                    if held.is_err() {
                         b.metrics.dropped("moved_session_missing");
                     }
                 }
@@ -1139,7 +1146,7 @@ impl Cluster {
 
     /// Deliveries forwarded for `client_id` before its session was installed here.
     pub fn take_early(&self, client_id: &str) -> Vec<Delivery> {
-        self.early.lock().remove(client_id).unwrap_or_default()
+        self.early.lock().take(client_id)
     }
 
     /// Gives up a local session to `to`: the connection (if any) is closed as taken over, the
