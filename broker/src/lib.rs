@@ -14,6 +14,7 @@ pub mod fabric;
 pub mod hooks;
 pub mod limits;
 pub mod listener;
+pub mod memory;
 pub mod message;
 pub mod metrics;
 pub mod persist;

@@ -3,6 +3,11 @@
 
 mod ctl;
 
+/// jemalloc, not the C library's malloc: measured in docs/performance.md ("The allocator").
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::path::PathBuf;
 use std::time::Duration;
 

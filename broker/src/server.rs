@@ -175,8 +175,8 @@ const TRIM_EVERY: Duration = Duration::from_secs(5);
 const TRIM_AFTER_ENDED: u64 = 256;
 
 /// Gives memory back to the kernel after a crowd of clients leaves (a reconnect storm that
-/// ended, a load balancer that moved clients away): glibc keeps freed heap pages, so without
-/// this the pod keeps paying for its peak. `malloc_trim` walks the heap, so it runs at most
+/// ended, a load balancer that moved clients away): the allocator keeps freed pages, so without
+/// this the pod keeps paying for its peak. Releasing walks the heap, so it runs at most
 /// every few seconds and only when many connections have ended since the last time.
 async fn return_memory_after_bursts(broker: Arc<Broker>) {
     let mut tick = tokio::time::interval(TRIM_EVERY);
@@ -199,12 +199,7 @@ async fn return_memory_after_bursts(broker: Arc<Broker>) {
             continue;
         }
         let started = std::time::Instant::now();
-        // SAFETY: malloc_trim only releases free memory of the process's own heap; it has no
-        // preconditions and is thread-safe in glibc.
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        let released = unsafe { libc::malloc_trim(0) } == 1;
-        #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-        let released = false;
+        let released = crate::memory::release_free_memory();
         tracing::debug!(
             ended = now - last,
             released,
