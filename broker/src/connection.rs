@@ -35,6 +35,9 @@ use crate::topic;
 use crate::trace::{self, Dir};
 use corvid_proto::reason::Reason;
 
+/// Most acknowledgements an MQTT 3.1/3.1.1 client may have waiting for the store (see
+/// `Conn::ack_window`): bounds what one connection puts into the store's queue and holds.
+pub const V3_ACK_WINDOW: usize = 256;
 /// Bytes buffered for writing before the queue drain pauses to flush.
 const WRITE_BATCH: usize = 64 * 1024;
 
@@ -819,15 +822,14 @@ impl Conn {
                 // Idle connections hold no read buffer.
                 rbuf = BytesMut::new();
             }
-            // At most a receive maximum of acknowledgements wait for the store; past that the
-            // client is not read from until the store catches up (a client that respects the
-            // receive maximum never gets there). Acks held only for this client's own congested
+            // At most an ack window of acknowledgements wait for the store (`ack_window`); past
+            // that the client is not read from until the store catches up (an MQTT 5 client that
+            // respects the receive maximum never gets there). Acks held only for this client's own congested
             // session never stop reading: its PUBACKs for deliveries are what drain that session.
             // Both decisions come from one look at the store, so a mark that becomes durable in
             // between cannot leave reading stopped with nothing to wake the loop.
             let (awaited, ack_wait) = self.ack_wait(&broker.queue_bounds);
-            let acks_room =
-                !awaited || self.held_acks.len() < usize::from(broker.config.mqtt.receive_maximum);
+            let acks_room = !awaited || self.held_acks.len() < self.ack_window();
             // A packet partly received while the broker is reading must keep coming.
             let stalled_at = packet_timeout
                 .filter(|_| {
@@ -1610,6 +1612,22 @@ impl Conn {
             self.held_acks.push_back((mark, p));
         } else {
             let _ = self.send(p, wbuf, None);
+        }
+    }
+
+    /// Acknowledgements this client may have waiting for the store before it is not read from.
+    /// An MQTT 5 client may not have more unacknowledged publishes than the receive maximum
+    /// the broker announced (`mqtt.receive_maximum`). MQTT 3.1/3.1.1 have no receive maximum:
+    /// the client chooses how many it keeps in flight (an SDK's "max inflight", commonly
+    /// 10–100), and without a store the broker acknowledges them at once; so durable sessions
+    /// let it keep that window, up to [`V3_ACK_WINDOW`], instead of cutting it to the receive
+    /// maximum.
+    fn ack_window(&self) -> usize {
+        let announced = usize::from(self.broker.config.mqtt.receive_maximum);
+        if self.protocol.is_v5() {
+            announced
+        } else {
+            announced.max(V3_ACK_WINDOW)
         }
     }
 
