@@ -7,7 +7,8 @@ brokers every round (so slow drift on a shared machine hits both), and prints th
 figure plus the corvid/mosquitto ratio. Standard library only.
 
 Figures: QoS0 and QoS1 delivered msg/s (p2p pairs, unthrottled with a bounded window), the same
-QoS1 run with durable sessions (corvid with persistence.data_dir) and its p99 at 2000 msg/s, fan-out
+QoS1 run with durable sessions (corvid with persistence.data_dir) and its p99 at 2000 msg/s, an
+offline backlog's disk per queued message and the restart time on it, fan-out
 1->1000 deliveries/s, p99 latency at a fixed offered rate, broker CPU-seconds per million
 deliveries (utime+stime from /proc/PID/stat around the run), and broker RSS per idle connection at
 10k connections (VmRSS delta from /proc/PID/status / connections).
@@ -26,6 +27,8 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -119,6 +122,43 @@ class Broker:
         assert self.proc is not None
         return self.proc.pid
 
+    def state_dir(self) -> Path | None:
+        """Where the broker keeps state on disk for this run, if anywhere."""
+        return None
+
+    def ready(self) -> bool:
+        """Whether the broker serves clients (after restoring what it stored)."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    def restart_timed(self, timeout: float = 120.0) -> float:
+        """Starts the broker again on the same state and returns the seconds until it is ready."""
+        self.port = free_port()
+        cmd = self.command()
+        logf = open(self.workdir / f"{self.name}.log", "ab")
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(
+            cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env()
+        )
+        logf.close()
+        while not self.ready():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode} while restoring")
+            if time.monotonic() - t0 > timeout:
+                raise RuntimeError(f"{self.name} not ready within {timeout}s of a restart")
+            time.sleep(0.01)
+        return time.monotonic() - t0
+
+    def kill(self) -> None:
+        """SIGKILL: nothing is written on the way down."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
     def stop(self) -> None:
         if self.proc is None:
             return
@@ -138,15 +178,28 @@ class Mosquitto(Broker):
     def __init__(self, workdir: Path, binary: str):
         super().__init__(workdir)
         self.binary = binary
+        # Set per run by the backlog scenario: persistence on, its file in this directory.
+        self.persist_dir: Path | None = None
+
+    def state_dir(self) -> Path | None:
+        return self.persist_dir
 
     def command(self) -> list[str]:
         conf = self.workdir / "mosquitto.conf"
+        persistence = ["persistence false"]
+        if self.persist_dir is not None:
+            self.persist_dir.mkdir(parents=True, exist_ok=True)
+            # Mosquitto writes its whole state at exit (and on autosave, off here).
+            persistence = ["persistence true", f"persistence_location {self.persist_dir}/", "autosave_interval 0"]
+            if os.geteuid() == 0:
+                # Started as root, mosquitto drops to user mosquitto, which may not write here.
+                persistence.append("user root")
         conf.write_text(
             "\n".join(
                 [
                     f"listener {self.port} 127.0.0.1",
                     "allow_anonymous true",
-                    "persistence false",
+                    *persistence,
                     # Never drop on queue limits: we measure speed, not load shedding.
                     "max_queued_messages 10000000",
                     "max_queued_bytes 0",
@@ -196,6 +249,17 @@ class Corvid(Broker):
             cmd += ["--cluster-port", str(free_port())]
         return cmd
 
+    def state_dir(self) -> Path | None:
+        return self.data_dir
+
+    def ready(self) -> bool:
+        # Listening is not enough: /readyz answers 200 once the store is restored.
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/readyz", timeout=0.5) as r:
+                return r.status == 200
+        except (OSError, urllib.error.URLError):
+            return False
+
     def env(self) -> dict[str, str]:
         # Same footing as the mosquitto config: loopback only, warnings and errors logged.
         return {
@@ -227,6 +291,7 @@ def scenarios(quick: bool) -> list[dict]:
     pairs = "10"
     fan = "200" if quick else "1000"
     conns = 2000 if quick else 10000
+    backlog_sessions, backlog_msgs = (100, 100_000) if quick else (1000, 1_000_000)
     common = ["--duration", dur, "--warmup", warm, "--drain", "5"]
     return [
         {
@@ -280,6 +345,18 @@ def scenarios(quick: bool) -> list[dict]:
                 "pub-sub", "--scenario", "p2p", "--publishers", pairs, "--qos", "1", "--rate", "2000",
                 "--persistent-subscribers", *common,
             ],
+            "durable": True,
+        },
+        {
+            # An offline backlog (#15 item 6): persistent sessions away, a QoS 1 backlog queued
+            # for them; disk per queued message, then a restart on that state timed until the
+            # broker serves again, and every message checked. Corvid is killed (-9: what it
+            # acknowledged is on disk); mosquitto, whose persistence writes only on autosave
+            # and at exit, is stopped with SIGTERM so it has a file to restart from.
+            "key": "backlog",
+            "title": f"offline backlog: disk per queued message ({backlog_msgs:,} × 64 B for {backlog_sessions:,} sessions)",
+            "sessions": backlog_sessions,
+            "messages": backlog_msgs,
             "durable": True,
         },
         {"key": "idle", "title": f"RSS per idle connection ({conns} connections)", "connections": conns},
@@ -394,6 +471,40 @@ def measure_storm(broker: Broker, bench: str, sc: dict, workdir: Path) -> dict:
     }
 
 
+def allocated_bytes(path: Path | None) -> int | None:
+    """Disk blocks the files under `path` occupy (what the volume is charged), in bytes."""
+    if path is None or not path.exists():
+        return None
+    total = 0
+    for f in path.rglob("*"):
+        if f.is_file():
+            total += f.stat().st_blocks * 512
+    return total
+
+
+def measure_backlog(broker: Broker, bench: str, sc: dict) -> dict:
+    common = ["--sessions", str(sc["sessions"]), "--messages", str(sc["messages"]),
+              "--prefix", f"backlog-{time.time_ns() % 10**9}"]
+    fill = run_bench(bench, ["backlog", "--port", str(broker.port), "--phase", "fill", *common], timeout=900)
+    if isinstance(broker, Corvid):
+        broker.kill()
+    else:
+        broker.stop()
+    disk = allocated_bytes(broker.state_dir())
+    recovery = broker.restart_timed()
+    check = run_bench(bench, ["backlog", "--port", str(broker.port), "--phase", "check", *common], timeout=900)
+    return {
+        "acknowledged": fill["acknowledged"],
+        "fill_msgs_per_sec": fill["acknowledged"] / fill["publish_secs"] if fill["publish_secs"] else None,
+        "disk_bytes": disk,
+        "disk_bytes_per_msg": disk / fill["acknowledged"] if disk is not None and fill["acknowledged"] else None,
+        "recovery_s": recovery,
+        "sessions_present": check["sessions_present"],
+        "received": check["received"],
+        "lost": check["lost"],
+    }
+
+
 def median(values: list) -> float | None:
     vals = [v for v in values if v is not None]
     return statistics.median(vals) if vals else None
@@ -446,7 +557,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="short runs, 1 round, smaller fan-out and idle counts")
     ap.add_argument("--rounds", type=int, help="rounds per scenario (default 3, quick 1)")
     ap.add_argument("--brokers", default="corvid,mosquitto", help="comma list of corvid,mosquitto")
-    ap.add_argument("--only", help="comma list of scenarios: qos0,qos1,qos1sw,fanout,latency,qos1_durable,latency_durable,idle,idle_sub,storm")
+    ap.add_argument("--only", help="comma list of scenarios: qos0,qos1,qos1sw,fanout,latency,qos1_durable,latency_durable,backlog,idle,idle_sub,storm")
     ap.add_argument("--skip-build", action="store_true", help="use already built release binaries")
     ap.add_argument("--out", default=str(REPO / "target" / "bench" / "report.json"))
     args = ap.parse_args()
@@ -500,12 +611,16 @@ def main() -> int:
                 log(f"{sc['key']} round {r + 1}/{rounds} on {b.name}")
                 if isinstance(b, Corvid):
                     b.data_dir = workdir / f"data-{sc['key']}-{r + 1}" if sc.get("durable") else None
+                if isinstance(b, Mosquitto):
+                    b.persist_dir = workdir / f"mosq-{sc['key']}-{r + 1}" if sc["key"] == "backlog" else None
                 b.start()
                 try:
                     if sc["key"] in IDLE_TARGETS:
                         m = measure_idle(b, bench, sc, workdir, hold)
                     elif sc["key"] == "storm":
                         m = measure_storm(b, bench, sc, workdir)
+                    elif sc["key"] == "backlog":
+                        m = measure_backlog(b, bench, sc)
                     else:
                         m = measure_pubsub(b, bench, sc)
                     m.update({"scenario": sc["key"], "broker": b.name, "round": r + 1})
@@ -553,6 +668,10 @@ def main() -> int:
                          "meets_target": c_dur / c_mem >= 0.5, "unit": " msg/s"})
     if "latency_durable" in keys:
         add(titles["latency_durable"], "latency_durable", "p99_us", "lower", None, " µs")
+    if "backlog" in keys:
+        add(titles["backlog"], "backlog", "disk_bytes_per_msg", "lower", None, " B")
+        add("  restart on that backlog until serving (corvid: kill -9, /readyz; mosquitto: SIGTERM, port)",
+            "backlog", "recovery_s", "lower", None, " s")
     if "qos1sw" in keys:
         add(titles["qos1sw"], "qos1sw", "delivered_per_sec", "higher", None, " msg/s")
     if "fanout" in keys:
@@ -614,7 +733,7 @@ def main() -> int:
             tgt = f"≥ {STORM_TARGET_PER_SEC:,} /s (corvid)"
             if row["corvid"] is not None:
                 tgt += " ✅" if row["corvid"] >= STORM_TARGET_PER_SEC else " ❌"
-        elif row["target_ratio"] is None and row["scenario"] == "storm":
+        elif row["target_ratio"] is None and row["scenario"] in ("storm", "backlog"):
             tgt = "—"
         elif row["target_ratio"] is None:
             target = IDLE_TARGETS.get(row["scenario"])

@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod accounting;
+pub mod backlog;
 pub mod connection;
 pub mod error;
 pub mod histogram;

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use corvid_bench::pubsub::{PubSubConfig, Scenario};
 use corvid_bench::wire::{protocol_from_level, qos_from_level};
-use corvid_bench::{idle, pubsub, report, rlimit};
+use corvid_bench::{backlog, idle, pubsub, report, rlimit};
 
 /// Open-loop MQTT load generator.
 #[derive(Debug, Parser)]
@@ -28,6 +28,46 @@ enum Command {
     PubSub(PubSubArgs),
     /// Open idle connections and hold them (memory per idle connection).
     Conn(ConnArgs),
+    /// Queue a QoS 1 backlog for offline persistent sessions (`fill`), or reconnect them and
+    /// count what the broker kept (`check`, after a restart).
+    Backlog(BacklogArgs),
+}
+
+/// Which half of the backlog run.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum BacklogPhase {
+    /// Create the sessions, leave them offline, publish the backlog.
+    Fill,
+    /// Reconnect every session and receive its backlog.
+    Check,
+}
+
+/// Flags of `backlog`.
+#[derive(Debug, Args)]
+struct BacklogArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Which half to run.
+    #[arg(long, value_enum)]
+    phase: BacklogPhase,
+    /// Persistent sessions.
+    #[arg(long, default_value_t = 100)]
+    sessions: usize,
+    /// Messages in all (spread evenly over the sessions).
+    #[arg(long, default_value_t = 100_000)]
+    messages: usize,
+    /// Publishing connections (fill).
+    #[arg(long, default_value_t = 10)]
+    publishers: usize,
+    /// Payload bytes (at least 8: the message's number).
+    #[arg(long, default_value_t = 64)]
+    payload: usize,
+    /// Unacknowledged publishes per publisher.
+    #[arg(long, default_value_t = 64)]
+    inflight: usize,
+    /// Client id and topic prefix (the same for both phases).
+    #[arg(long, default_value = "corvid-backlog")]
+    prefix: String,
 }
 
 /// Where the broker is and how to talk to it.
@@ -238,6 +278,31 @@ fn main() -> anyhow::Result<()> {
             } else {
                 print!("{}", report::conn_table(&r));
             }
+        }
+        Command::Backlog(a) => {
+            rlimit::raise_nofile(4096).context("raising RLIMIT_NOFILE")?;
+            let cfg = backlog::BacklogConfig {
+                addr: a.target.addr(),
+                protocol: protocol_from_level(a.target.protocol)?,
+                sessions: a.sessions,
+                messages: a.messages,
+                publishers: a.publishers,
+                payload: a.payload,
+                inflight: a.inflight,
+                prefix: a.prefix,
+                step_timeout: secs("connect-timeout", a.target.connect_timeout)?,
+            };
+            let json = match a.phase {
+                BacklogPhase::Fill => serde_json::to_string(
+                    &rt.block_on(backlog::fill(cfg))
+                        .context("backlog fill failed")?,
+                )?,
+                BacklogPhase::Check => serde_json::to_string(
+                    &rt.block_on(backlog::check(cfg))
+                        .context("backlog check failed")?,
+                )?,
+            };
+            println!("{json}");
         }
     }
     Ok(())

@@ -171,3 +171,43 @@ fn conn_mode_with_a_subscription_each() {
     assert_eq!(count(&r, "connect_errors"), 0);
     assert_eq!(count(&r, "dropped"), 0);
 }
+
+/// `backlog`: the sessions are left offline with their backlog queued, and `check` gets every
+/// message back on the same broker; a session the broker never had counts as lost.
+#[test]
+fn backlog_fill_then_check_finds_every_message() {
+    let test = "backlog_fill_then_check_finds_every_message";
+    let Some(broker) = start_mosquitto(test) else {
+        return;
+    };
+    let run = |phase: &str, prefix: &str| -> Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_corvid-bench"))
+            .args([
+                "backlog",
+                "--port",
+                &broker.port.to_string(),
+                "--phase",
+                phase,
+            ])
+            .args(["--sessions", "7", "--messages", "700", "--prefix", prefix])
+            .args(["--connect-timeout", "3"])
+            .output()
+            .expect("run bench");
+        assert!(
+            out.status.success(),
+            "corvid-bench failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
+    };
+    let fill = run("fill", "bl-a");
+    assert_eq!(count(&fill, "acknowledged"), 700, "{fill}");
+    let check = run("check", "bl-a");
+    assert_eq!(count(&check, "sessions_present"), 7, "{check}");
+    assert_eq!(count(&check, "received"), 700, "{check}");
+    assert_eq!(count(&check, "lost"), 0, "{check}");
+    // Sessions nobody filled: not present, and their whole backlog is counted lost.
+    let empty = run("check", "bl-never");
+    assert_eq!(count(&empty, "sessions_present"), 0, "{empty}");
+    assert_eq!(count(&empty, "lost"), 700, "{empty}");
+}
