@@ -150,6 +150,7 @@ fn deadline_instant(ms: Option<u64>) -> Option<Instant> {
 /// The store's figures as metrics, refreshed at scrape time from [`corvid_store::Stats`].
 struct StoreMetrics {
     commits: prometheus::IntCounter,
+    syncs: prometheus::IntCounter,
     ops: prometheus::IntCounter,
     failures: prometheus::IntCounter,
     commit_micros: prometheus::IntCounter,
@@ -163,6 +164,10 @@ impl StoreMetrics {
     fn new(m: &crate::metrics::Metrics) -> Result<Self, prometheus::Error> {
         Ok(StoreMetrics {
             commits: m.counter("corvid_store_commits_total", "Group commits written to the durable store")?,
+            syncs: m.counter(
+                "corvid_store_syncs_total",
+                "fdatasync calls of the durable store (commits of acknowledgements alone need none)",
+            )?,
             ops: m.counter("corvid_store_ops_total", "Changes written to the durable store")?,
             failures: m.counter(
                 "corvid_store_commit_failures_total",
@@ -251,6 +256,7 @@ impl Durable {
         use std::sync::atomic::Ordering::Relaxed;
         let (s, m) = (self.store.stats(), &self.metrics);
         catch_up(&m.commits, s.commits.load(Relaxed));
+        catch_up(&m.syncs, s.syncs.load(Relaxed));
         catch_up(&m.ops, s.ops.load(Relaxed));
         catch_up(&m.failures, s.failures.load(Relaxed));
         catch_up(&m.commit_micros, s.commit_micros.load(Relaxed));
@@ -346,8 +352,12 @@ impl Durable {
                 client_id: client_id.to_string(),
                 key: outgoing_key(d.seq),
             });
+            self.store.send(ops);
+        } else {
+            // Undone by a power failure, a QoS 1 delivery only comes again (at least once):
+            // no sync of its own.
+            self.store.send_relaxed(ops);
         }
-        self.store.send(ops);
     }
 
     /// A stored QoS 2 delivery was sent with `packet_id`; `released` once PUBREL went out.

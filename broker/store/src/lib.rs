@@ -55,6 +55,8 @@ pub enum StoreError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sync {
     /// Every commit is `fdatasync`ed before its tickets complete: nothing acknowledged is lost.
+    /// A commit of [`Store::send_relaxed`] changes only is written to the OS and synced by the
+    /// next commit that needs it (a power loss may undo it; a process crash does not).
     Always,
     /// Commits are written to the OS at once and synced at most this far apart: a power loss or
     /// kernel crash may lose the last interval's acknowledged messages (a process crash does
@@ -159,6 +161,8 @@ pub struct Stats {
     pub commits: AtomicU64,
     /// Ops written.
     pub ops: AtomicU64,
+    /// `fdatasync` calls (with `Sync::Always`, the commits that needed one).
+    pub syncs: AtomicU64,
     /// Commits that failed (each failed every ticket in it).
     pub failures: AtomicU64,
     /// Total time spent in commits, microseconds (with `commits`, the mean latency).
@@ -201,6 +205,9 @@ struct Request {
     mark: u64,
     /// The writer commits this request, syncs and stops.
     close: bool,
+    /// Losing these ops to a power failure only repeats what they finished (see
+    /// [`Store::send_relaxed`]): a commit of relaxed requests alone is not synced.
+    relaxed: bool,
 }
 
 /// The sending half, behind one lock so marks enter the channel in order: the writer commits
@@ -328,7 +335,7 @@ impl Store {
     /// are committed atomically, in order, and after every earlier call's.
     pub fn submit(&self, ops: Vec<Op>) -> Ticket {
         let (done, rx) = tokio::sync::oneshot::channel();
-        self.enqueue(ops, Some(done), false);
+        self.enqueue(ops, Some(done), false, false);
         Ticket(rx)
     }
 
@@ -337,7 +344,16 @@ impl Store {
     /// changes of a publish path, whose acknowledgement waits on the mark (see
     /// [`Store::wait_durable`]).
     pub fn send(&self, ops: Vec<Op>) -> u64 {
-        self.enqueue(ops, None, false)
+        self.enqueue(ops, None, false, false)
+    }
+
+    /// Like [`Store::send`], for changes whose loss on a power failure only repeats something
+    /// (a QoS 1 delivery the subscriber acknowledged comes again: at least once allows it). With
+    /// [`Sync::Always`] a commit holding only such changes is written without `fdatasync`; the
+    /// next commit that needs one syncs them too. Halves the syncs of a lightly loaded broker,
+    /// whose every acknowledgement would otherwise be a commit and a sync of its own.
+    pub fn send_relaxed(&self, ops: Vec<Op>) -> u64 {
+        self.enqueue(ops, None, false, true)
     }
 
     fn enqueue(
@@ -345,6 +361,7 @@ impl Store {
         ops: Vec<Op>,
         done: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
         close: bool,
+        relaxed: bool,
     ) -> u64 {
         let mut s = match self.sender.lock() {
             Ok(s) => s,
@@ -357,6 +374,7 @@ impl Store {
             done,
             mark,
             close,
+            relaxed,
         });
         self.submitted.store(mark, Ordering::Release);
         drop(s);
@@ -408,7 +426,7 @@ impl Store {
     /// once the writer has let go of the files, so the store can be opened again.
     pub fn close(self) {
         let (done, rx) = tokio::sync::oneshot::channel();
-        self.enqueue(Vec::new(), Some(done), true);
+        self.enqueue(Vec::new(), Some(done), true, false);
         let _ = rx.blocking_recv();
         let handle = self.writer.lock().ok().and_then(|mut h| h.take());
         if let Some(h) = handle {
@@ -480,13 +498,16 @@ impl Writer {
             }
             let sync_now = closing
                 || match self.sync {
-                    Sync::Always => !batch.is_empty(),
+                    Sync::Always => batch.iter().any(|r| !r.relaxed),
                     Sync::Every(every) => {
                         (dirty || !batch.is_empty()) && last_sync.elapsed() >= every
                     }
                 };
             let started = Instant::now();
             let result = self.commit(&batch, sync_now);
+            if sync_now && result.is_ok() {
+                self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+            }
             let micros = started.elapsed().as_micros() as u64;
             match &result {
                 Ok(()) => {

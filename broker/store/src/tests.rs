@@ -280,3 +280,49 @@ fn cluster_records_come_back_in_key_order_and_deletes_stick() {
     );
     store.close();
 }
+
+/// With `Sync::Always`, a commit of relaxed changes alone (QoS 1 acknowledgements) is written
+/// without `fdatasync`; the next commit that needs a sync has one, and a mixed commit is synced.
+#[test]
+fn relaxed_changes_alone_are_committed_without_a_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path());
+    let syncs = || store.stats().syncs.load(Ordering::Relaxed);
+    let commits = || store.stats().commits.load(Ordering::Relaxed);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    store
+        .submit(vec![enqueue("dev-1", 1, "a"), enqueue("dev-1", 2, "b")])
+        .wait_blocking()
+        .unwrap();
+    assert_eq!((commits(), syncs()), (1, 1));
+    let mark = store.send_relaxed(vec![Op::Dequeue {
+        client_id: "dev-1".into(),
+        seq: 1,
+    }]);
+    rt.block_on(store.wait_durable(mark)).unwrap();
+    assert_eq!(
+        (commits(), syncs()),
+        (2, 1),
+        "a relaxed commit alone is not synced"
+    );
+    store
+        .submit(vec![enqueue("dev-1", 3, "c")])
+        .wait_blocking()
+        .unwrap();
+    assert_eq!(
+        (commits(), syncs()),
+        (3, 2),
+        "the next commit that needs it syncs"
+    );
+    store.close();
+    let (store, r) = open(dir.path());
+    let seqs: Vec<u64> = r.queued.iter().map(|q| q.1).collect();
+    assert_eq!(
+        seqs,
+        vec![2, 3],
+        "the relaxed dequeue is there after reopening"
+    );
+    store.close();
+}
