@@ -78,11 +78,16 @@ fn start_mosquitto(test: &str) -> Option<Mosquitto> {
 /// skipped (see [`start_mosquitto`]).
 fn bench(test: &str, command: &str, args: &str) -> Option<Value> {
     let broker = start_mosquitto(test)?;
+    Some(run(&broker, command, &format!("{args} --json")))
+}
+
+/// Runs `corvid-bench <command> --port <port> <args…>` against `broker` and parses the one JSON
+/// object it prints.
+fn run(broker: &Mosquitto, command: &str, args: &str) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_corvid-bench"))
         .arg(command)
         .args(["--port", &broker.port.to_string()])
         .args(args.split_whitespace())
-        .arg("--json")
         .output()
         .expect("run bench");
     assert!(
@@ -90,7 +95,7 @@ fn bench(test: &str, command: &str, args: &str) -> Option<Value> {
         "corvid-bench failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    Some(serde_json::from_slice(&out.stdout).expect("one JSON object on stdout"))
+    serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
 }
 
 fn count(v: &Value, key: &str) -> u64 {
@@ -180,34 +185,23 @@ fn backlog_fill_then_check_finds_every_message() {
     let Some(broker) = start_mosquitto(test) else {
         return;
     };
-    let run = |phase: &str, prefix: &str| -> Value {
-        let out = Command::new(env!("CARGO_BIN_EXE_corvid-bench"))
-            .args([
-                "backlog",
-                "--port",
-                &broker.port.to_string(),
-                "--phase",
-                phase,
-            ])
-            .args(["--sessions", "7", "--messages", "700", "--prefix", prefix])
-            .args(["--connect-timeout", "3"])
-            .output()
-            .expect("run bench");
-        assert!(
-            out.status.success(),
-            "corvid-bench failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
+    let backlog = |phase: &str, prefix: &str| {
+        run(
+            &broker,
+            "backlog",
+            &format!(
+                "--phase {phase} --sessions 7 --messages 700 --prefix {prefix} --connect-timeout 3"
+            ),
+        )
     };
-    let fill = run("fill", "bl-a");
+    let fill = backlog("fill", "bl-a");
     assert_eq!(count(&fill, "acknowledged"), 700, "{fill}");
-    let check = run("check", "bl-a");
+    let check = backlog("check", "bl-a");
     assert_eq!(count(&check, "sessions_present"), 7, "{check}");
     assert_eq!(count(&check, "received"), 700, "{check}");
     assert_eq!(count(&check, "lost"), 0, "{check}");
     // Sessions nobody filled: not present, and their whole backlog is counted lost.
-    let empty = run("check", "bl-never");
+    let empty = backlog("check", "bl-never");
     assert_eq!(count(&empty, "sessions_present"), 0, "{empty}");
     assert_eq!(count(&empty, "lost"), 700, "{empty}");
 }
