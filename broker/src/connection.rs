@@ -824,8 +824,9 @@ impl Conn {
             }
             // At most an ack window of acknowledgements wait for the store (`ack_window`); past
             // that the client is not read from until the store catches up (an MQTT 5 client that
-            // respects the receive maximum never gets there). Acks held only for this client's own congested
-            // session never stop reading: its PUBACKs for deliveries are what drain that session.
+            // respects the receive maximum never gets there). Acks held only for this client's
+            // own congested session never stop reading: its PUBACKs for deliveries are what
+            // drain that session.
             // Both decisions come from one look at the store, so a mark that becomes durable in
             // between cannot leave reading stopped with nothing to wake the loop.
             let (awaited, ack_wait) = self.ack_wait(&broker.queue_bounds);

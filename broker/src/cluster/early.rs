@@ -84,6 +84,13 @@ impl Early {
         Ok(())
     }
 
+    /// Lets go of what waited too long, then holds `d` for `client_id`; returns how many
+    /// deliveries were dropped (expired, or `d` itself over a bound) for the caller to count.
+    pub fn hold(&mut self, client_id: &str, d: Delivery, now: Instant) -> usize {
+        let expired = self.sweep(now);
+        expired + usize::from(self.push(client_id, d, now).is_err())
+    }
+
     /// Everything held for `client_id` (its session was installed here).
     pub fn take(&mut self, client_id: &str) -> Vec<Delivery> {
         match self.held.remove(client_id) {
@@ -183,6 +190,26 @@ mod tests {
             e.push("b9", delivery(big), now).is_ok(),
             "taking frees its bytes"
         );
+    }
+
+    #[test]
+    fn holding_counts_what_expired_and_what_did_not_fit() {
+        let mut e = Early::default();
+        let t0 = Instant::now();
+        assert_eq!(e.hold("old", delivery(1), t0), 0);
+        assert_eq!(e.hold("old", delivery(1), t0), 0);
+        let later = t0 + MAX_AGE + Duration::from_secs(1);
+        assert_eq!(
+            e.hold("new", delivery(1), later),
+            2,
+            "both of `old` expired"
+        );
+        assert_eq!(
+            e.hold("big", delivery(MAX_BYTES), later),
+            1,
+            "over the byte bound"
+        );
+        assert_eq!(e.len(), 1);
     }
 
     #[test]

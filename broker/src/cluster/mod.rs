@@ -987,18 +987,15 @@ impl Cluster {
                 None => {
                     // The old node may forward before its reply reaches us: hold it until the
                     // session is installed (bounded in count, bytes and age).
-                    let now = std::time::Instant::now();
-                    let mut early = self.early.lock();
-                    let expired = early.sweep(now);
-                    let held = early.push(&client_id, delivery.into_delivery(), now);
-                    drop(early);
+                    let dropped = self.early.lock().hold(
+                        &client_id,
+                        delivery.into_delivery(),
+                        std::time::Instant::now(),
+                    );
                     b.metrics
                         .messages_dropped
                         .with_label_values(&["moved_session_missing"])
-                        .inc_by(expired as u64);
-                    if held.is_err() {
-                        b.metrics.dropped("moved_session_missing");
-                    }
+                        .inc_by(dropped as u64);
                 }
             },
             Frame::Forward {
