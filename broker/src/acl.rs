@@ -229,6 +229,21 @@ pub enum ClientAcl {
     },
 }
 
+/// The one [`ClientAcl::AllowAll`] every connection shares when no rule applies to it (the
+/// default configuration), instead of an allocation each.
+static ALLOW_ALL: std::sync::LazyLock<std::sync::Arc<ClientAcl>> =
+    std::sync::LazyLock::new(|| std::sync::Arc::new(ClientAcl::AllowAll));
+
+impl ClientAcl {
+    /// This ACL behind an `Arc`, shared with every other connection's when it checks nothing.
+    pub fn shared(self) -> std::sync::Arc<ClientAcl> {
+        match self {
+            ClientAcl::AllowAll => ALLOW_ALL.clone(),
+            rules => std::sync::Arc::new(rules),
+        }
+    }
+}
+
 impl ClientAcl {
     /// Decides a PUBLISH to the topic name `topic` or a SUBSCRIBE to the filter `topic`
     /// (without any `$share/{group}/` prefix).

@@ -75,6 +75,9 @@ pub struct Broker {
     pub queue_bounds: QueueBounds,
     /// Failed authentications per source address (`limits.max_auth_failures_per_minute`).
     pub auth_failures: crate::limits::AuthFailures,
+    /// Where idle connections wait without a task; started by the first connection (`None`
+    /// inside if it could not be: connections then keep their tasks).
+    parker: std::sync::OnceLock<Option<Arc<crate::park::Parker>>>,
 }
 
 /// Why the broker state could not be built from the configuration.
@@ -168,9 +171,27 @@ impl Broker {
             started: Instant::now(),
             fabric: std::sync::OnceLock::new(),
             cluster: std::sync::OnceLock::new(),
+            parker: std::sync::OnceLock::new(),
             event_store,
             durable: crate::persist::Durable::open(&config_persistence, &durable_metrics)?,
         }))
+    }
+
+    /// Where this broker's idle connections park; started on first use, which must be on the
+    /// broker's runtime.
+    pub fn parker(&self) -> Option<&Arc<crate::park::Parker>> {
+        self.parker
+            .get_or_init(|| {
+                crate::park::Parker::start(
+                    self.shutdown.clone(),
+                    self.metrics.connections_parked.clone(),
+                )
+                .inspect_err(|e| {
+                    tracing::warn!(error = %e, "idle connections cannot park; each keeps its task")
+                })
+                .ok()
+            })
+            .as_ref()
     }
 
     /// Publishes a message: updates the retained store if asked, then delivers it to every
@@ -549,7 +570,7 @@ impl Broker {
         client_id: &ByteString,
         clean_start: bool,
         expiry: u32,
-        conn: ConnInfo,
+        conn: Arc<ConnInfo>,
     ) -> Result<Opened, NotOwner> {
         let existing = self.sessions.get(client_id);
         if let Some(old) = &existing {

@@ -17,6 +17,7 @@ pub mod listener;
 pub mod memory;
 pub mod message;
 pub mod metrics;
+pub mod park;
 pub mod persist;
 pub mod retained;
 pub mod router;

@@ -33,6 +33,8 @@ pub struct Metrics {
     pub connections: IntGauge,
     /// Connections accepted.
     pub connections_total: IntCounter,
+    /// Connections idle without a task of their own (parked: see `park`).
+    pub connections_parked: IntGauge,
     /// Connections refused, by reason.
     pub connections_refused: IntCounterVec,
     /// Connections closed for a protocol error, by MQTT reason code name.
@@ -203,6 +205,10 @@ impl Metrics {
         Ok(Metrics {
             connections: gauge("corvid_connections", "Connected clients")?,
             connections_total: counter("corvid_connections_total", "Connections accepted")?,
+            connections_parked: gauge(
+                "corvid_connections_parked",
+                "Connected clients idle without a task of their own",
+            )?,
             connections_refused: vec(
                 "corvid_connections_refused_total",
                 "Connections refused",

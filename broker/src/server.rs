@@ -170,8 +170,9 @@ impl Running {
 }
 
 /// How often the broker looks whether clients have left since the last look.
-const TRIM_EVERY: Duration = Duration::from_secs(5);
-/// Connections that must have ended since the last trim before the allocator is asked again.
+const TRIM_EVERY: Duration = Duration::from_secs(1);
+/// Connections that must have ended (or parked) since the last trim before the allocator is
+/// asked again.
 const TRIM_AFTER_ENDED: u64 = 256;
 
 /// Gives memory back to the kernel after a crowd of clients leaves (a reconnect storm that
@@ -182,11 +183,15 @@ async fn return_memory_after_bursts(broker: Arc<Broker>) {
     let mut tick = tokio::time::interval(TRIM_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let m = &broker.metrics;
-    // Connections ended = accepted minus still open.
+    // Connections ended = accepted minus still open; a parked connection freed its task too.
     let ended = || {
+        let parks = broker
+            .parker()
+            .map_or(0, |p| p.parks.load(Ordering::Relaxed));
         m.connections_total
             .get()
             .saturating_sub(m.connections.get().max(0) as u64)
+            + parks
     };
     let mut last = ended();
     loop {

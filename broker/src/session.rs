@@ -5,7 +5,7 @@
 //! so a new connection (on this node, or later through the cluster layer) can take it over
 //! at any moment: the registry is the cluster's seam for takeover and hand-off.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::num::{NonZeroU16, NonZeroU32};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -72,32 +72,62 @@ impl ConnInfo {
 }
 
 /// A one-shot mailbox to ask a connection task to close: a few dozen bytes per connection,
-/// where a channel would allocate a block of slots.
+/// where a channel would allocate a block of slots. While the connection is parked (idle,
+/// without a task: see [`crate::park`]) it also holds the waker that resumes it, so a kick or
+/// a message for its session brings it back.
 #[derive(Debug, Default)]
 pub struct KickSlot {
-    kick: Mutex<Option<Kick>>,
+    slot: Mutex<KickState>,
     notify: Notify,
+}
+
+/// What a [`KickSlot`] holds.
+#[derive(Debug, Default)]
+struct KickState {
+    /// Boxed: almost every connection ends without one, and the slot lives as long as it.
+    kick: Option<Box<Kick>>,
+    parked: Option<std::task::Waker>,
 }
 
 impl KickSlot {
     /// Asks the connection to close (the first reason wins).
     pub fn send(&self, k: Kick) {
-        let mut slot = self.kick.lock();
-        if slot.is_none() {
-            *slot = Some(k);
+        let mut slot = self.slot.lock();
+        if slot.kick.is_none() {
+            slot.kick = Some(Box::new(k));
         }
+        let parked = slot.parked.take();
         drop(slot);
         self.notify.notify_one();
+        if let Some(w) = parked {
+            w.wake();
+        }
     }
 
     /// Waits for a kick. Cancel-safe.
     pub async fn recv(&self) -> Kick {
         loop {
-            if let Some(k) = self.kick.lock().take() {
-                return k;
+            if let Some(k) = self.slot.lock().kick.take() {
+                return *k;
             }
             self.notify.notified().await;
         }
+    }
+
+    /// Installs the waker of the parked connection, unless a kick is already waiting (then
+    /// false: the connection must not park).
+    pub fn park(&self, waker: std::task::Waker) -> bool {
+        let mut slot = self.slot.lock();
+        if slot.kick.is_some() {
+            return false;
+        }
+        slot.parked = Some(waker);
+        true
+    }
+
+    /// Takes the parked connection's waker, if it is parked: whoever wakes it resumes it.
+    pub fn unpark(&self) -> Option<std::task::Waker> {
+        self.slot.lock().parked.take()
     }
 }
 
@@ -142,9 +172,9 @@ pub struct SessionState {
     /// Next packet id to try.
     pub next_packet_id: u16,
     /// QoS 2 packet ids received and not yet released.
-    pub incoming_qos2: HashSet<u16>,
-    /// The current connection, if online.
-    pub connection: Option<ConnInfo>,
+    pub incoming_qos2: BTreeSet<u16>,
+    /// The current connection, if online (shared with its connection task).
+    pub connection: Option<Arc<ConnInfo>>,
     /// Session expiry interval in seconds (`u32::MAX` never).
     pub expiry: u32,
     /// Bumped by every (re)connect and by ending the session; stale tasks compare it.
@@ -403,9 +433,13 @@ pub struct Session {
     pub state: Mutex<SessionState>,
     /// Wakes the connection task when the queue grows.
     pub notify: Notify,
-    /// Wakes publishers held back by this session when its congestion ends.
-    pub drained: Notify,
 }
+
+/// Wakes publishers held back by a congested session when that congestion ends. One for all
+/// sessions, so a session carries no wait list of its own: a woken publisher looks again at
+/// the sessions it waits for (`Session::holds_back`), and episodes end rarely (a queue must
+/// drain to its low-water mark).
+pub static DRAINED: Notify = Notify::const_new();
 
 impl Session {
     /// A new, empty, offline session.
@@ -417,7 +451,6 @@ impl Session {
                 ..Default::default()
             }),
             notify: Notify::new(),
-            drained: Notify::new(),
         })
     }
 
@@ -438,7 +471,7 @@ impl Session {
     /// went offline or ended) so held-back publishers go on.
     pub fn release_publishers(&self) {
         self.state.lock().congested_since = None;
-        self.drained.notify_waiters();
+        DRAINED.notify_waiters();
     }
 
     /// Offers a delivery within `b`: QoS 0 to offline sessions is queued only when
@@ -506,9 +539,14 @@ impl Session {
             db.enqueue(&self.client_id, &mut st, &mut d);
         }
         st.queue.push_back(d);
+        // A parked connection has no task to notify: its waker resumes it.
+        let parked = st.connection.as_ref().and_then(|c| c.kick.unpark());
         drop(st);
         if online {
             self.notify.notify_one();
+        }
+        if let Some(w) = parked {
+            w.wake();
         }
         result
     }
@@ -612,7 +650,7 @@ mod tests {
     }
 
     fn online(s: &Session) {
-        s.state.lock().connection = Some(ConnInfo {
+        s.state.lock().connection = Some(Arc::new(ConnInfo {
             id: 1,
             peer: "127.0.0.1:1".parse().expect("addr"),
             listener: "mqtt",
@@ -622,7 +660,7 @@ mod tests {
             connected_at: 0,
             kick: Arc::default(),
             acl: Arc::new(crate::acl::ClientAcl::AllowAll),
-        });
+        }));
     }
 
     #[test]

@@ -645,7 +645,7 @@ async fn recovery_time_with_100k_sessions_and_1m_queued_messages() {
                 acl: Arc::new(acl),
             };
             let opened = broker
-                .open_session(&id, false, 3600, info)
+                .open_session(&id, false, 3600, Arc::new(info))
                 .expect("session opens");
             let opts = SubOptions::qos(QoS::AtLeastOnce);
             broker

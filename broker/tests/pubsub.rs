@@ -879,3 +879,75 @@ async fn shared_subscription_distributes_across_members() {
 fn payloads<Q>(publishes: Vec<(String, String, Q)>) -> Vec<String> {
     publishes.into_iter().map(|(_, p, _)| p).collect()
 }
+
+/// Waits until `n` connections of `b` are parked (idle without a task).
+async fn parked(b: &corvid_broker::server::Running, n: i64) {
+    let gauge = &b.broker.metrics.connections_parked;
+    wait_until(&format!("{n} parked connections"), || gauge.get() == n).await;
+}
+
+/// An idle connection parks (gives up its task) and comes back for each thing that needs it:
+/// a message for its session, a packet from its client, a takeover, and the broker's shutdown.
+#[tokio::test]
+async fn a_parked_connection_comes_back_for_whatever_needs_it() {
+    let b = common::start().await;
+    let addr = common::mqtt(&b);
+    for v in V::BOTH {
+        let mut sub = Raw::connect(addr, v, "park-sub").await;
+        assert_eq!(sub.subscribe(1, "park/t", 1).await, 1);
+        let mut publ = Raw::connect(addr, v, "park-pub").await;
+        parked(&b, 2).await;
+
+        // A message for the parked subscriber, from a parked publisher.
+        publ.send(&pkt::publish(v, b"park/t", 1, 7, b"one")).await;
+        assert_eq!(publ.expect(pkt::PUBACK).await.kind(), pkt::PUBACK);
+        let (topic, id, body) = sub.expect(pkt::PUBLISH).await.publish(v);
+        assert_eq!((topic.as_str(), body.as_slice()), ("park/t", &b"one"[..]));
+        sub.send(&pkt::puback(id.expect("QoS 1"))).await;
+        parked(&b, 2).await;
+
+        // A packet from the client.
+        sub.send(&pkt::pingreq()).await;
+        sub.expect(pkt::PINGRESP).await;
+        parked(&b, 2).await;
+
+        // A takeover of the parked subscriber's client id.
+        let again = Raw::connect(addr, v, "park-sub").await;
+        if v == V::V5 {
+            sub.expect_disconnect(0x8E).await;
+        } else {
+            assert!(sub.closed().await.is_empty(), "3.1.1 gets no DISCONNECT");
+        }
+        drop((again, publ));
+        parked(&b, 0).await;
+    }
+    // Shutdown reaches parked connections too.
+    let mut idle = Raw::connect(addr, V::V5, "park-idle").await;
+    parked(&b, 1).await;
+    common::stop(b).await;
+    idle.expect_disconnect(0x8B).await;
+}
+
+/// A parked connection whose client goes quiet is let go after one and a half keep alive
+/// periods, like one with a task.
+#[tokio::test]
+async fn a_parked_connection_keeps_its_keep_alive() {
+    let b = common::start().await;
+    let mut body = Vec::new();
+    pkt::field(b"MQTT", &mut body);
+    body.extend_from_slice(&[5, 0x02, 0, 2, 0]); // keep alive 2 s, no properties
+    pkt::field(b"park-ka", &mut body);
+    let mut quiet = Raw::tcp(common::mqtt(&b), V::V5).await;
+    let started = Instant::now();
+    quiet.send(&pkt::frame(0x10, &body)).await;
+    quiet.expect(pkt::CONNACK).await;
+    parked(&b, 1).await;
+    quiet.expect_disconnect(0x8D).await;
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(3),
+        "let go after {waited:?}, before 1.5 x keep alive"
+    );
+    parked(&b, 0).await;
+    common::stop(b).await;
+}

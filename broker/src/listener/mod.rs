@@ -65,6 +65,14 @@ impl Drop for ConnSlot {
     }
 }
 
+/// What admitted a connection against the listeners' limits: dropped when it ends (it
+/// travels with the connection when it parks).
+#[derive(Debug, Default)]
+pub struct Admission {
+    _total: Option<ConnSlot>,
+    _ip: Option<IpSlot>,
+}
+
 /// Decrements a source address's connection count when the connection ends.
 #[derive(Debug)]
 struct IpSlot(Arc<ConnCount>, IpAddr);
@@ -162,7 +170,7 @@ impl Listener {
             let broker = broker.clone();
             let count = count.clone();
             tokio::spawn(async move {
-                let _slot = slot;
+                let mut slot = Some(slot);
                 if me.config.proxy_protocol && !me.config.proxy_trusts(peer.ip()) {
                     // Only the load balancer may say where a client comes from.
                     tracing::debug!(listener = me.name, %peer, "PROXY header from an untrusted source; closed");
@@ -179,7 +187,7 @@ impl Listener {
                     Ok(Ok((transport, peer))) => {
                         // Counted on the address after the PROXY header: the client's own.
                         let max = broker.config.limits.max_connections_per_ip;
-                        let Some(_ip_slot) = count.take_ip(peer.ip(), max) else {
+                        let Some(ip_slot) = count.take_ip(peer.ip(), max) else {
                             tracing::debug!(listener = me.name, %peer, "too many connections from this address");
                             broker
                                 .metrics
@@ -188,7 +196,11 @@ impl Listener {
                                 .inc();
                             return;
                         };
-                        crate::connection::serve(broker, transport, peer, me.name).await;
+                        let admission = Admission {
+                            _total: slot.take(),
+                            _ip: Some(ip_slot),
+                        };
+                        crate::connection::serve(broker, transport, peer, me.name, admission).await;
                     }
                     Ok(Err(e)) => {
                         tracing::debug!(listener = me.name, %peer, error = %e, "handshake failed");
