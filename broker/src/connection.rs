@@ -29,7 +29,7 @@ use crate::limits::ConnLimits;
 use crate::listener::transport::Transport;
 use crate::listener::Admission;
 use crate::message::Message;
-use crate::park::{Parkable, PARK_AFTER};
+use crate::park::{Parkable, PARK_AFTER, REPARK_AFTER};
 use crate::session::{
     unix_now, ConnInfo, Inflight, InflightState, Kick, KickSlot, QueueBounds, Session,
 };
@@ -89,7 +89,8 @@ impl End {
 enum Served {
     /// The connection ended.
     Ended(End),
-    /// Nothing to do for [`PARK_AFTER`]: it may park, with this keep alive deadline.
+    /// Nothing to do for a while ([`PARK_AFTER`], [`REPARK_AFTER`]): it may park, with this
+    /// keep alive deadline.
     Idle(Option<tokio::time::Instant>),
 }
 
@@ -101,6 +102,13 @@ fn next_timer(
 ) -> tokio::time::Instant {
     let far = tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
     keep_alive.into_iter().chain(park_at).min().unwrap_or(far)
+}
+
+/// Where a parked connection left off: what its new task starts from.
+#[derive(Debug, Clone, Copy)]
+struct Resumed {
+    /// Its keep alive deadline (`None`: keep alive 0).
+    keep_alive: Option<tokio::time::Instant>,
 }
 
 /// Serves one client connection from its first byte to its close.
@@ -137,7 +145,7 @@ async fn serving(
     mut transport: Transport,
     rbuf: BytesMut,
     wbuf: BytesMut,
-    resumed: Option<tokio::time::Instant>,
+    resumed: Option<Resumed>,
     admission: Admission,
 ) {
     match conn.run(&mut transport, rbuf, wbuf, resumed).await {
@@ -166,12 +174,13 @@ impl Parkable for ParkedConn {
             match tokio::net::TcpStream::from_std(stream) {
                 Ok(s) => {
                     let t = Transport::Tcp(s);
+                    let resumed = Some(Resumed { keep_alive });
                     serving(
                         conn,
                         t,
                         BytesMut::new(),
                         BytesMut::new(),
-                        keep_alive,
+                        resumed,
                         admission,
                     )
                     .await
@@ -838,14 +847,16 @@ impl Conn {
     }
 
     /// Serves the connection until it ends, or until it has had nothing to do for
-    /// [`PARK_AFTER`] and may park (plain TCP only). `resumed` is the keep alive deadline a
-    /// parked connection left with.
+    /// [`PARK_AFTER`] and may park (plain TCP only). A connection `resumed` from parking parks
+    /// again after [`REPARK_AFTER`]: what woke it was most likely one packet (a ping, a
+    /// reading) or one message, and a fleet that pings in step would otherwise hold a task per
+    /// device for the whole grace.
     async fn run(
         &mut self,
         t: &mut Transport,
         mut rbuf: BytesMut,
         mut wbuf: BytesMut,
-        resumed: Option<tokio::time::Instant>,
+        resumed: Option<Resumed>,
     ) -> Served {
         let shutdown = self.broker.shutdown.clone();
         let session = self.session.clone();
@@ -854,13 +865,21 @@ impl Conn {
         let start = tokio::time::Instant::now();
         // When the client is let go unless a packet comes first (`None`: never). Moving it
         // later does not touch the timer: `sleep` fires at or before it and is re-armed then.
-        let mut ka_deadline = (!ka.is_zero()).then(|| resumed.unwrap_or(start + ka));
+        let mut ka_deadline = match resumed {
+            Some(r) => r.keep_alive,
+            None => (!ka.is_zero()).then(|| start + ka),
+        };
         // Only plain TCP connections park (the others' streams keep state a socket does not).
         let parks = matches!(t, Transport::Tcp(_)) && self.broker.parker().is_some();
+        let grace = if resumed.is_some() {
+            REPARK_AFTER
+        } else {
+            PARK_AFTER
+        };
         // When the serving loop last had something to do.
         let mut active_at = start;
         let sleep =
-            tokio::time::sleep_until(next_timer(ka_deadline, parks.then_some(start + PARK_AFTER)));
+            tokio::time::sleep_until(next_timer(ka_deadline, parks.then_some(start + grace)));
         tokio::pin!(sleep);
         // While over its rate the client is not read from until this instant.
         let mut paused: Option<tokio::time::Instant> = None;
@@ -1021,10 +1040,10 @@ impl Conn {
                         && held.is_empty()
                         && self.held_acks.is_empty()
                         && ack_wait.is_none();
-                    if parks && idle && idle_since + PARK_AFTER <= now {
+                    if parks && idle && idle_since + grace <= now {
                         return Served::Idle(ka_deadline);
                     }
-                    let park_at = parks.then(|| (idle_since + PARK_AFTER).max(now + PARK_AFTER / 4));
+                    let park_at = parks.then(|| (idle_since + grace).max(now + grace / 4));
                     sleep.as_mut().reset(next_timer(ka_deadline, park_at));
                     // The timer is not activity.
                     continue;

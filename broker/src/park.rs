@@ -25,6 +25,10 @@ use tokio_util::sync::CancellationToken;
 /// devices that just connected stops costing a task each within a moment.
 pub const PARK_AFTER: Duration = Duration::from_secs(1);
 
+/// The same for a connection that was parked and was woken: it parks again sooner, since what
+/// woke it is most likely one packet or one message.
+pub const REPARK_AFTER: Duration = Duration::from_millis(100);
+
 /// A parked connection's state: everything needed to serve it again except its socket.
 pub trait Parkable: Send + 'static {
     /// Starts serving again (on a new task of `handle`'s runtime) over `stream`, with the
