@@ -477,7 +477,7 @@ impl Broker {
         }
         if let Some(local) = self.sessions.get(client_id) {
             let st = local.state.lock();
-            if st.moved_to.is_none() && !st.ended {
+            if st.moved_to().is_none() && !st.ended {
                 return Ok(()); // it is here: `open_session` checks the owner
             }
         }
@@ -501,7 +501,7 @@ impl Broker {
             st.owner = snap.owner;
             (snap.restore)(&mut st);
             // A fresh dedupe window: the ids the old node saw stay there.
-            st.recent_ids = Some(Box::default());
+            st.rare_mut().recent_ids = Some(Box::default());
             st.disconnected_at = Some(Instant::now());
         }
         if let Some(old) = self.sessions.insert(session.clone()) {
@@ -615,7 +615,7 @@ impl Broker {
             st.disconnected_at = None;
             if present {
                 // Resumed within the will delay: that will is never sent [MQTT-3.1.3-9].
-                if let Some(will) = st.pending_will.take() {
+                if let Some(will) = st.take_pending_will() {
                     will.abort();
                     if let Some(db) = &self.durable {
                         db.delete_will(client_id, &st);
@@ -838,6 +838,7 @@ impl Broker {
         let previous = waiting
             .state
             .lock()
+            .rare_mut()
             .pending_will
             .replace(task.abort_handle());
         if let Some(old) = previous {

@@ -109,6 +109,8 @@ fn next_timer(
 struct Resumed {
     /// Its keep alive deadline (`None`: keep alive 0).
     keep_alive: Option<tokio::time::Instant>,
+    /// How long it was parked.
+    parked_for: Duration,
 }
 
 /// Serves one client connection from its first byte to its close.
@@ -165,6 +167,7 @@ impl Parkable for ParkedConn {
         self: Box<Self>,
         stream: std::net::TcpStream,
         keep_alive: Option<tokio::time::Instant>,
+        parked_for: Duration,
         handle: &tokio::runtime::Handle,
     ) {
         let ParkedConn { conn, admission } = *self;
@@ -174,7 +177,10 @@ impl Parkable for ParkedConn {
             match tokio::net::TcpStream::from_std(stream) {
                 Ok(s) => {
                     let t = Transport::Tcp(s);
-                    let resumed = Some(Resumed { keep_alive });
+                    let resumed = Some(Resumed {
+                        keep_alive,
+                        parked_for,
+                    });
                     serving(
                         conn,
                         t,
@@ -454,7 +460,48 @@ struct Conn {
     /// PUBACK / PUBREC held back while this client's own session is congested.
     /// Each with the durable store's mark it waits for (0: none): PUBACK / PUBREC are sent
     /// in PUBLISH order once what their PUBLISH changed is on disk.
-    held_acks: std::collections::VecDeque<(u64, codec::Outbound)>,
+    held_acks: HeldAcks,
+}
+
+/// Acknowledgements held back, each with the store mark it waits for; the queue is allocated
+/// on first use (most connections never hold one, and every connection carries the field:
+/// boxed, the field is one word instead of four).
+#[derive(Default)]
+#[allow(clippy::box_collection)]
+struct HeldAcks(Option<Box<std::collections::VecDeque<(u64, Outbound)>>>);
+
+impl HeldAcks {
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |q| q.len())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn front(&self) -> Option<&(u64, Outbound)> {
+        self.0.as_ref()?.front()
+    }
+
+    fn push_back(&mut self, ack: (u64, Outbound)) {
+        self.0.get_or_insert_default().push_back(ack);
+    }
+
+    fn pop_front(&mut self) -> Option<(u64, Outbound)> {
+        self.0.as_mut()?.pop_front()
+    }
+
+    /// Gives the queue's memory back when it is empty and grew past `keep` entries (or
+    /// always, with `keep` 0).
+    fn shrink(&mut self, keep: usize) {
+        if self
+            .0
+            .as_ref()
+            .is_some_and(|q| q.is_empty() && q.capacity() >= keep)
+        {
+            self.0 = None;
+        }
+    }
 }
 
 /// A connection's topic alias tables [MQTT-3.3.2.3.4].
@@ -557,7 +604,9 @@ impl Conn {
         let client_id = if assigned {
             ByteString::from(format!("corvid-{:016x}", fastrand::u64(..)))
         } else {
-            c.client_id.clone()
+            // Copied out of the read buffer: the session keeps its id for as long as it lives,
+            // and a slice would keep the whole buffer of the CONNECT's read with it.
+            ByteString::from(&*c.client_id)
         };
         let expiry = if protocol.is_v5() {
             c.session_expiry.min(cfg.sessions.max_session_expiry)
@@ -675,7 +724,7 @@ impl Conn {
             limits,
             congested: Vec::new(),
             write_torn: false,
-            held_acks: std::collections::VecDeque::new(),
+            held_acks: HeldAcks::default(),
         };
         if opened.present {
             conn.reauthorize_subscriptions();
@@ -847,10 +896,10 @@ impl Conn {
     }
 
     /// Serves the connection until it ends, or until it has had nothing to do for
-    /// [`PARK_AFTER`] and may park (plain TCP only). A connection `resumed` from parking parks
-    /// again after [`REPARK_AFTER`]: what woke it was most likely one packet (a ping, a
-    /// reading) or one message, and a fleet that pings in step would otherwise hold a task per
-    /// device for the whole grace.
+    /// [`PARK_AFTER`] and may park (plain TCP only). A connection `resumed` after a long park
+    /// parks again as soon as it is idle ([`REPARK_AFTER`]): what woke it was most likely one
+    /// packet (a ping, a reading) or one message, and a fleet that pings in step would
+    /// otherwise hold a task per device for the whole grace.
     async fn run(
         &mut self,
         t: &mut Transport,
@@ -871,10 +920,9 @@ impl Conn {
         };
         // Only plain TCP connections park (the others' streams keep state a socket does not).
         let parks = matches!(t, Transport::Tcp(_)) && self.broker.parker().is_some();
-        let grace = if resumed.is_some() {
-            REPARK_AFTER
-        } else {
-            PARK_AFTER
+        let grace = match resumed {
+            Some(r) if r.parked_for >= PARK_AFTER => REPARK_AFTER,
+            _ => PARK_AFTER,
         };
         // When the serving loop last had something to do.
         let mut active_at = start;
@@ -1043,7 +1091,8 @@ impl Conn {
                     if parks && idle && idle_since + grace <= now {
                         return Served::Idle(ka_deadline);
                     }
-                    let park_at = parks.then(|| (idle_since + grace).max(now + grace / 4));
+                    // Not idle yet (acks held, a pause): look again in a while.
+                    let park_at = parks.then(|| (idle_since + grace).max(now + PARK_AFTER / 4));
                     sleep.as_mut().reset(next_timer(ka_deadline, park_at));
                     // The timer is not activity.
                     continue;
@@ -1783,9 +1832,7 @@ impl Conn {
                 let _ = self.send(p, wbuf, None);
             }
         }
-        if self.held_acks.is_empty() && self.held_acks.capacity() > 64 {
-            self.held_acks = std::collections::VecDeque::new();
-        }
+        self.held_acks.shrink(65);
     }
 
     /// One look at the held acknowledgements against the store: whether the first still waits
@@ -1878,10 +1925,17 @@ impl Conn {
     /// unless the client said goodbye, and the session handed back to the broker.
     /// Parks this idle connection (see [`crate::park`]): its task ends, its state waits
     /// without one until its socket, session, a kick, its keep alive or shutdown needs it.
-    fn park(self, t: Transport, keep_alive: Option<tokio::time::Instant>, admission: Admission) {
+    fn park(
+        mut self,
+        t: Transport,
+        keep_alive: Option<tokio::time::Instant>,
+        admission: Admission,
+    ) {
         let Transport::Tcp(stream) = t else {
             unreachable!("only plain TCP connections park (Conn::run)");
         };
+        // Parks with nothing it does not need (`run` parks only with no acks held).
+        self.held_acks.shrink(0);
         let Some(parker) = self.broker.parker().cloned() else {
             unreachable!("the serving loop parks only with a parker (Conn::run)");
         };
@@ -2052,13 +2106,13 @@ mod tests {
 
     /// What a parked (idle) connection keeps is its protocol state and its session: each a
     /// long-lived allocation per connected client, sized to stay in the allocator's size class
-    /// they are in today (jemalloc: 224 and 384 bytes with the `Arc` counts). A field added to
+    /// they are in today (jemalloc: 192 and 320 bytes with the `Arc` counts). A field added to
     /// either shows here before it shows in `bench/compare.sh`'s idle row.
     #[test]
     fn what_an_idle_connection_keeps_stays_small() {
         let parked = std::mem::size_of::<super::ParkedConn>();
-        assert!(parked <= 224, "a parked connection is {parked} bytes");
+        assert!(parked <= 192, "a parked connection is {parked} bytes");
         let session = std::mem::size_of::<crate::session::Session>();
-        assert!(session <= 368, "a session is {session} bytes");
+        assert!(session <= 304, "a session is {session} bytes");
     }
 }

@@ -11,7 +11,6 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Weak};
-use std::task::{Wake, Waker};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -25,28 +24,37 @@ use tokio_util::sync::CancellationToken;
 /// devices that just connected stops costing a task each within a moment.
 pub const PARK_AFTER: Duration = Duration::from_secs(1);
 
-/// The same for a connection that was parked and was woken: it parks again sooner, since what
-/// woke it is most likely one packet or one message.
-pub const REPARK_AFTER: Duration = Duration::from_millis(100);
+/// The same for a connection woken after at least [`PARK_AFTER`] parked: it parks again as
+/// soon as it has nothing to do, since what woke it is most likely one ping or one message (a
+/// fleet that pings in step would otherwise hold a task per device meanwhile). One woken
+/// sooner than that waits the full [`PARK_AFTER`]: a client that wakes its connection every
+/// few hundred milliseconds (busy, or trickling pings to make the broker spawn tasks) keeps
+/// its task.
+pub const REPARK_AFTER: Duration = Duration::ZERO;
 
 /// A parked connection's state: everything needed to serve it again except its socket.
 pub trait Parkable: Send + 'static {
     /// Starts serving again (on a new task of `handle`'s runtime) over `stream`, with the
-    /// keep alive deadline it parked with.
+    /// keep alive deadline it parked with, after `parked_for` without a task.
     fn resume(
         self: Box<Self>,
         stream: std::net::TcpStream,
         keep_alive: Option<Instant>,
+        parked_for: Duration,
         handle: &tokio::runtime::Handle,
     );
 }
 
-/// One parked connection.
+/// One parked connection. Times are milliseconds since the parker started, so a slot stays
+/// 40 bytes.
 struct Entry {
     /// Tells this parking apart from earlier ones in the same slot.
     stamp: u32,
     stream: std::net::TcpStream,
-    keep_alive: Option<Instant>,
+    /// Its keep alive deadline (`u64::MAX`: none).
+    keep_alive_ms: u64,
+    /// When it parked.
+    parked_ms: u64,
     state: Box<dyn Parkable>,
 }
 
@@ -58,10 +66,56 @@ const SWEEP_EVERY: Duration = Duration::from_millis(250);
 /// The parked connections, under one lock.
 #[derive(Default)]
 struct Lot {
-    slots: Vec<Option<Entry>>,
+    slots: Slots,
     free: Vec<u32>,
     next_stamp: u32,
     parked: usize,
+}
+
+/// Slots for parked connections, in pages: the table grows a page at a time instead of
+/// doubling (a vector of 19,000 slots would hold room for 32,768).
+#[derive(Default)]
+struct Slots {
+    pages: Vec<Box<[Option<Entry>]>>,
+    len: usize,
+}
+
+impl Slots {
+    const PAGE: usize = 1024;
+
+    fn get(&self, i: u32) -> Option<&Option<Entry>> {
+        let i = i as usize;
+        self.pages.get(i / Self::PAGE)?.get(i % Self::PAGE)
+    }
+
+    fn get_mut(&mut self, i: u32) -> Option<&mut Option<Entry>> {
+        let i = i as usize;
+        self.pages.get_mut(i / Self::PAGE)?.get_mut(i % Self::PAGE)
+    }
+
+    /// Puts `e` in a new slot at the end.
+    fn push(&mut self, e: Entry) -> u32 {
+        if self.len % Self::PAGE == 0 {
+            let page = std::iter::repeat_with(|| None).take(Self::PAGE).collect();
+            self.pages.push(page);
+        }
+        let i = self.len;
+        self.len += 1;
+        if let Some(slot) = self.get_mut(i as u32) {
+            *slot = Some(e);
+        }
+        i as u32
+    }
+
+    /// Every slot handed out, with its index.
+    fn iter(&self) -> impl Iterator<Item = (u32, &Option<Entry>)> {
+        self.pages
+            .iter()
+            .flat_map(|p| p.iter())
+            .take(self.len)
+            .enumerate()
+            .map(|(i, e)| (i as u32, e))
+    }
 }
 
 /// Where idle connections wait; one per broker, created on first use (inside its runtime).
@@ -69,6 +123,8 @@ pub struct Parker {
     epoll: AsyncFd<OwnedFd>,
     lot: Mutex<Lot>,
     handle: tokio::runtime::Handle,
+    /// What [`Entry`]'s times count from.
+    epoch: Instant,
     shutdown: CancellationToken,
     /// `corvid_connections_parked`.
     gauge: prometheus::IntGauge,
@@ -105,6 +161,7 @@ impl Parker {
             epoll,
             lot: Mutex::new(Lot::default()),
             handle: tokio::runtime::Handle::current(),
+            epoch: Instant::now(),
             shutdown,
             gauge,
             parks: Default::default(),
@@ -114,7 +171,7 @@ impl Parker {
     }
 
     /// Parks a connection: keeps its socket (already taken from Tokio) and `state` until
-    /// something wakes it. Returns the waker that resumes it (to install where its session and
+    /// something wakes it. Returns the wake-up that resumes it (to install where its session and
     /// kicks will find it) and the ticket to [`Parker::arm`] once that is done; until then its
     /// socket is not watched.
     pub fn park(
@@ -122,37 +179,37 @@ impl Parker {
         stream: std::net::TcpStream,
         keep_alive: Option<Instant>,
         state: Box<dyn Parkable>,
-    ) -> (Waker, Ticket) {
+    ) -> (Wakeup, Ticket) {
         let mut lot = self.lot.lock();
         lot.next_stamp = lot.next_stamp.wrapping_add(1);
         let stamp = lot.next_stamp;
         let entry = Entry {
             stamp,
             stream,
-            keep_alive,
+            keep_alive_ms: keep_alive.map_or(u64::MAX, |d| self.ms(d)),
+            parked_ms: self.ms(Instant::now()),
             state,
         };
         let slot = match lot.free.pop() {
             Some(i) => {
-                lot.slots[i as usize] = Some(entry);
+                if let Some(free) = lot.slots.get_mut(i) {
+                    *free = Some(entry);
+                }
                 i
             }
-            None => {
-                lot.slots.push(Some(entry));
-                (lot.slots.len() - 1) as u32
-            }
+            None => lot.slots.push(entry),
         };
         lot.parked += 1;
         drop(lot);
         self.gauge.inc();
         self.parks
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let waker = Waker::from(Arc::new(ParkWaker {
+        let ticket = Ticket { slot, stamp };
+        let wakeup = Wakeup {
             parker: Arc::downgrade(self),
-            slot,
-            stamp,
-        }));
-        (waker, Ticket { slot, stamp })
+            ticket,
+        };
+        (wakeup, ticket)
     }
 
     /// Starts watching a parked connection's socket (see [`Parker::park`]): bytes, a close or
@@ -164,7 +221,7 @@ impl Parker {
             return;
         }
         let lot = self.lot.lock();
-        let Some(Some(e)) = lot.slots.get(t.slot as usize) else {
+        let Some(Some(e)) = lot.slots.get(t.slot) else {
             return;
         };
         if e.stamp != t.stamp {
@@ -192,7 +249,7 @@ impl Parker {
     /// Resumes the connection parked under `t`, if it still is.
     pub fn unpark(&self, t: Ticket) {
         let mut lot = self.lot.lock();
-        let Some(slot) = lot.slots.get_mut(t.slot as usize) else {
+        let Some(slot) = lot.slots.get_mut(t.slot) else {
             return;
         };
         if slot.as_ref().is_none_or(|e| e.stamp != t.stamp) {
@@ -214,7 +271,11 @@ impl Parker {
         }
         drop(lot);
         self.gauge.dec();
-        e.state.resume(e.stream, e.keep_alive, &self.handle);
+        let keep_alive = (e.keep_alive_ms != u64::MAX)
+            .then(|| self.epoch + Duration::from_millis(e.keep_alive_ms));
+        let parked_for = Duration::from_millis(self.ms(Instant::now()).saturating_sub(e.parked_ms));
+        e.state
+            .resume(e.stream, keep_alive, parked_for, &self.handle);
     }
 
     /// Resumes every parked connection (the broker is shutting down).
@@ -223,10 +284,9 @@ impl Parker {
             let lot = self.lot.lock();
             lot.slots
                 .iter()
-                .enumerate()
                 .filter_map(|(i, e)| {
                     e.as_ref().map(|e| Ticket {
-                        slot: i as u32,
+                        slot: i,
                         stamp: e.stamp,
                     })
                 })
@@ -239,16 +299,16 @@ impl Parker {
 
     /// Resumes the connections whose keep alive ran out.
     fn expire(&self, now: Instant) {
+        let now_ms = self.ms(now);
         let due: Vec<Ticket> = {
             let lot = self.lot.lock();
             lot.slots
                 .iter()
-                .enumerate()
                 .filter_map(|(i, e)| {
                     let e = e.as_ref()?;
-                    e.keep_alive.filter(|d| *d <= now)?;
+                    (e.keep_alive_ms <= now_ms).then_some(())?;
                     Some(Ticket {
-                        slot: i as u32,
+                        slot: i,
                         stamp: e.stamp,
                     })
                 })
@@ -262,6 +322,13 @@ impl Parker {
     /// How many connections are parked now.
     pub fn parked(&self) -> usize {
         self.lot.lock().parked
+    }
+
+    /// `t` in milliseconds since the parker started (rounded up: a deadline never comes early).
+    fn ms(&self, t: Instant) -> u64 {
+        let d = t.saturating_duration_since(self.epoch);
+        let ms = d.as_millis() + u128::from(d.subsec_nanos() % 1_000_000 != 0);
+        ms.min(u128::from(u64::MAX - 1)) as u64
     }
 
     fn epoll_fd(&self) -> RawFd {
@@ -308,24 +375,19 @@ impl Ticket {
     }
 }
 
-/// Resumes a parked connection when its session or kick slot wakes it.
-struct ParkWaker {
+/// Resumes a parked connection when its session or kick slot wakes it: left in the
+/// connection's kick slot while it is parked (two words, no allocation).
+#[derive(Debug)]
+pub struct Wakeup {
     parker: Weak<Parker>,
-    slot: u32,
-    stamp: u32,
+    ticket: Ticket,
 }
 
-impl Wake for ParkWaker {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
+impl Wakeup {
+    /// Resumes the connection, if it is still parked under this ticket.
+    pub fn wake(self) {
         if let Some(p) = self.parker.upgrade() {
-            p.unpark(Ticket {
-                slot: self.slot,
-                stamp: self.stamp,
-            });
+            p.unpark(self.ticket);
         }
     }
 }
@@ -369,5 +431,55 @@ async fn watch(parker: Weak<Parker>) {
                 p.unpark_all();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A parked connection's state for the slot tests: never resumed.
+    struct Nothing;
+
+    impl Parkable for Nothing {
+        fn resume(
+            self: Box<Self>,
+            _: std::net::TcpStream,
+            _: Option<Instant>,
+            _: Duration,
+            _: &tokio::runtime::Handle,
+        ) {
+        }
+    }
+
+    fn entry(stamp: u32, stream: &std::net::TcpStream) -> Entry {
+        Entry {
+            stamp,
+            stream: stream.try_clone().expect("clone a socket"),
+            keep_alive_ms: u64::MAX,
+            parked_ms: 0,
+            state: Box::new(Nothing),
+        }
+    }
+
+    /// Slots past the first page land in the right page and are found again by index.
+    #[test]
+    fn slots_grow_a_page_at_a_time() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let s = std::net::TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        let mut slots = Slots::default();
+        let n = Slots::PAGE as u32 + 3;
+        for i in 0..n {
+            assert_eq!(slots.push(entry(i, &s)), i);
+        }
+        assert_eq!(slots.pages.len(), 2);
+        for i in [0, Slots::PAGE as u32 - 1, Slots::PAGE as u32, n - 1] {
+            assert_eq!(
+                slots.get(i).and_then(|e| e.as_ref()).map(|e| e.stamp),
+                Some(i)
+            );
+        }
+        assert!(slots.get(n).and_then(|e| e.as_ref()).is_none());
+        assert_eq!(slots.iter().count(), n as usize);
     }
 }

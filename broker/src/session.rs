@@ -73,7 +73,7 @@ impl ConnInfo {
 
 /// A one-shot mailbox to ask a connection task to close: a few dozen bytes per connection,
 /// where a channel would allocate a block of slots. While the connection is parked (idle,
-/// without a task: see [`crate::park`]) it also holds the waker that resumes it, so a kick or
+/// without a task: see [`crate::park`]) it also holds the wake-up that resumes it, so a kick or
 /// a message for its session brings it back.
 #[derive(Debug, Default)]
 pub struct KickSlot {
@@ -86,7 +86,7 @@ pub struct KickSlot {
 struct KickState {
     /// Boxed: almost every connection ends without one, and the slot lives as long as it.
     kick: Option<Box<Kick>>,
-    parked: Option<std::task::Waker>,
+    parked: Option<crate::park::Wakeup>,
 }
 
 impl KickSlot {
@@ -114,9 +114,9 @@ impl KickSlot {
         }
     }
 
-    /// Installs the waker of the parked connection, unless a kick is already waiting (then
+    /// Installs the wake-up of the parked connection, unless a kick is already waiting (then
     /// false: the connection must not park).
-    pub fn park(&self, waker: std::task::Waker) -> bool {
+    pub fn park(&self, waker: crate::park::Wakeup) -> bool {
         let mut slot = self.slot.lock();
         if slot.kick.is_some() {
             return false;
@@ -125,8 +125,8 @@ impl KickSlot {
         true
     }
 
-    /// Takes the parked connection's waker, if it is parked: whoever wakes it resumes it.
-    pub fn unpark(&self) -> Option<std::task::Waker> {
+    /// Takes the parked connection's wake-up, if it is parked: whoever wakes it resumes it.
+    pub fn unpark(&self) -> Option<crate::park::Wakeup> {
         self.slot.lock().parked.take()
     }
 }
@@ -185,15 +185,27 @@ pub struct SessionState {
     pub disconnected_at: Option<Instant>,
     /// Messages dropped because the queue was full, or expired.
     pub dropped: u64,
+    /// The identity that owns the session: the user name it was opened with (`None` for an
+    /// anonymous client). `sessions.takeover: owner_only` lets only this identity resume it.
+    pub owner: Option<String>,
+    /// What few sessions ever need (a move to another node, congestion, a delayed will), in
+    /// one allocation made on first use: every session of a large fleet carries the field.
+    pub rare: Option<Box<Rare>>,
+    /// The session is in the durable store (`persistence.data_dir`, expiry above zero): its
+    /// changes and QoS 1/2 deliveries are written there.
+    pub stored: bool,
+    /// The last sequence number given to a stored delivery.
+    pub next_seq: u64,
+}
+
+/// The parts of a session's state few sessions ever use (see [`SessionState::rare`]).
+#[derive(Debug, Default)]
+pub struct Rare {
     /// The session moved to this node; deliveries are forwarded there.
     pub moved_to: Option<String>,
     /// Ids of messages recently queued, kept for sessions that arrived from another node, so a
     /// message that reaches them both directly and through the old node is queued once.
-    /// Boxed: rare, and every session carries the field.
     pub recent_ids: Option<Box<RecentIds>>,
-    /// The identity that owns the session: the user name it was opened with (`None` for an
-    /// anonymous client). `sessions.takeover: owner_only` lets only this identity resume it.
-    pub owner: Option<String>,
     /// When the queue of this online session went above its high-water mark; cleared once it
     /// drains to the low-water mark. Publishers routing into it wait meanwhile (bounded).
     pub congested_since: Option<Instant>,
@@ -202,11 +214,6 @@ pub struct SessionState {
     pub not_draining: bool,
     /// The delayed will waiting to be published for this session, if any: at most one.
     pub pending_will: Option<tokio::task::AbortHandle>,
-    /// The session is in the durable store (`persistence.data_dir`, expiry above zero): its
-    /// changes and QoS 1/2 deliveries are written there.
-    pub stored: bool,
-    /// The last sequence number given to a stored delivery.
-    pub next_seq: u64,
 }
 
 /// A session's queue of deliveries, its byte count kept in step so the byte bound costs
@@ -314,14 +321,41 @@ impl RecentIds {
 }
 
 impl SessionState {
+    /// The rarely used parts, allocated on first use.
+    pub fn rare_mut(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_default()
+    }
+
+    /// The node this session moved to, if it did.
+    pub fn moved_to(&self) -> Option<&String> {
+        self.rare.as_ref()?.moved_to.as_ref()
+    }
+
+    /// When the current congestion episode began, if one is running.
+    pub fn congested_since(&self) -> Option<Instant> {
+        self.rare.as_ref()?.congested_since
+    }
+
+    /// Whether the session is congested past its drain timeout (it sheds instead of holding
+    /// publishers back).
+    pub fn not_draining(&self) -> bool {
+        self.rare.as_ref().is_some_and(|r| r.not_draining)
+    }
+
+    /// Takes the delayed will waiting for this session, if any.
+    pub fn take_pending_will(&mut self) -> Option<tokio::task::AbortHandle> {
+        self.rare.as_mut()?.pending_will.take()
+    }
+
     /// Ends a congestion episode once the queue is down to `low` (called by the connection
     /// after it moved messages out of the queue). Returns true if publishers should be woken.
     pub fn relieve(&mut self, b: &QueueBounds, client_id: &str) -> bool {
-        if self.congested_since.is_none() || !b.at_low_water(&self.queue) {
+        if self.congested_since().is_none() || !b.at_low_water(&self.queue) {
             return false;
         }
-        self.congested_since = None;
-        if std::mem::take(&mut self.not_draining) {
+        let rare = self.rare_mut();
+        rare.congested_since = None;
+        if std::mem::take(&mut rare.not_draining) {
             tracing::info!(
                 client_id,
                 "session draining again; publishers are held back for it again"
@@ -459,8 +493,8 @@ impl Session {
     /// timeout.
     pub fn holds_back(&self, b: &QueueBounds) -> Option<Instant> {
         let st = self.state.lock();
-        let since = st.congested_since?;
-        if st.connection.is_none() || st.not_draining || b.at_low_water(&st.queue) {
+        let since = st.congested_since()?;
+        if st.connection.is_none() || st.not_draining() || b.at_low_water(&st.queue) {
             return None;
         }
         let until = since + b.congestion_timeout;
@@ -470,7 +504,9 @@ impl Session {
     /// Notes a congestion episode that ended for a reason other than draining (the session
     /// went offline or ended) so held-back publishers go on.
     pub fn release_publishers(&self) {
-        self.state.lock().congested_since = None;
+        if let Some(r) = self.state.lock().rare.as_mut() {
+            r.congested_since = None;
+        }
         DRAINED.notify_waiters();
     }
 
@@ -486,13 +522,13 @@ impl Session {
         durable: Option<&crate::persist::Durable>,
     ) -> Enqueued {
         let mut st = self.state.lock();
-        if let Some(node) = &st.moved_to {
+        if let Some(node) = st.moved_to() {
             return Enqueued::Moved(node.clone(), Box::new(d));
         }
         if st.ended {
             return Enqueued::Dropped;
         }
-        if let Some(recent) = st.recent_ids.as_mut() {
+        if let Some(recent) = st.rare.as_mut().and_then(|r| r.recent_ids.as_mut()) {
             if !recent.insert(d.msg.id) {
                 return Enqueued::Duplicate;
             }
@@ -503,13 +539,13 @@ impl Session {
             return Enqueued::Dropped;
         }
         let mut result = Enqueued::Queued;
-        if online && !st.not_draining && b.above_high_water(&st.queue) {
+        if online && b.above_high_water(&st.queue) && !st.not_draining() {
             let now = Instant::now();
-            let since = *st.congested_since.get_or_insert(now);
+            let since = *st.rare_mut().congested_since.get_or_insert(now);
             if now.saturating_duration_since(since) < b.congestion_timeout {
                 result = Enqueued::Congested;
             } else {
-                st.not_draining = true;
+                st.rare_mut().not_draining = true;
                 tracing::warn!(
                     client_id = %self.client_id,
                     queued = st.queue.len(),
@@ -539,7 +575,7 @@ impl Session {
             db.enqueue(&self.client_id, &mut st, &mut d);
         }
         st.queue.push_back(d);
-        // A parked connection has no task to notify: its waker resumes it.
+        // A parked connection has no task to notify: its wake-up resumes it.
         let parked = st.connection.as_ref().and_then(|c| c.kick.unpark());
         drop(st);
         if online {
@@ -555,8 +591,36 @@ impl Session {
 /// All sessions of this node by client id.
 #[derive(Debug, Default)]
 pub struct Registry {
-    sessions: Mutex<HashMap<ByteString, Arc<Session>>>,
+    /// Keyed by the sessions' own client ids: a table slot is one pointer (a map from a
+    /// copy of the id would be five words a session).
+    sessions: Mutex<HashSet<ById>>,
     conn_ids: AtomicU64,
+}
+
+/// A session as a member of [`Registry`]'s table: hashed, compared and looked up by its
+/// client id.
+#[derive(Debug)]
+struct ById(Arc<Session>);
+
+impl std::hash::Hash for ById {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // As `str` hashes, so that lookups by `&str` find it (`Borrow<str>`).
+        (*self.0.client_id).hash(state);
+    }
+}
+
+impl PartialEq for ById {
+    fn eq(&self, other: &Self) -> bool {
+        *self.0.client_id == *other.0.client_id
+    }
+}
+
+impl Eq for ById {}
+
+impl std::borrow::Borrow<str> for ById {
+    fn borrow(&self) -> &str {
+        &self.0.client_id
+    }
 }
 
 impl Registry {
@@ -567,22 +631,20 @@ impl Registry {
 
     /// The session for `client_id`, if any.
     pub fn get(&self, client_id: &str) -> Option<Arc<Session>> {
-        self.sessions.lock().get(client_id).cloned()
+        self.sessions.lock().get(client_id).map(|s| s.0.clone())
     }
 
     /// Inserts `session`, returning the one it replaces.
     pub fn insert(&self, session: Arc<Session>) -> Option<Arc<Session>> {
-        self.sessions
-            .lock()
-            .insert(session.client_id.clone(), session)
+        self.sessions.lock().replace(ById(session)).map(|s| s.0)
     }
 
     /// Removes `session` only if it is still the registered one for its client id.
     pub fn remove_if_same(&self, session: &Arc<Session>) -> bool {
-        let mut map = self.sessions.lock();
-        match map.get(&session.client_id) {
-            Some(s) if Arc::ptr_eq(s, session) => {
-                map.remove(&session.client_id);
+        let mut set = self.sessions.lock();
+        match set.get(&*session.client_id) {
+            Some(s) if Arc::ptr_eq(&s.0, session) => {
+                set.remove(&*session.client_id);
                 true
             }
             _ => false,
@@ -591,7 +653,7 @@ impl Registry {
 
     /// Snapshot of all sessions.
     pub fn all(&self) -> Vec<Arc<Session>> {
-        self.sessions.lock().values().cloned().collect()
+        self.sessions.lock().iter().map(|s| s.0.clone()).collect()
     }
 
     /// Number of sessions.
@@ -709,7 +771,7 @@ mod tests {
         }
         assert!(s.holds_back(&b).is_none());
         let st = s.state.lock();
-        assert!(st.not_draining);
+        assert!(st.not_draining());
         assert_eq!(st.queue.len(), 3);
         assert_eq!(st.dropped, 3);
     }
@@ -798,13 +860,13 @@ mod tests {
     #[test]
     fn moved_session_hands_deliveries_back_and_dedupes() {
         let s = Session::new(ByteString::from_static("c"), 60);
-        s.state.lock().recent_ids = Some(Box::default());
+        s.state.lock().rare_mut().recent_ids = Some(Box::default());
         let d = delivery(QoS::AtLeastOnce, 1);
         let r = s.enqueue(d.clone(), &bounds(3, QueueFullPolicy::DropNew, false), None);
         assert!(matches!(r, Enqueued::Queued));
         let r = s.enqueue(d.clone(), &bounds(3, QueueFullPolicy::DropNew, false), None);
         assert!(matches!(r, Enqueued::Duplicate));
-        s.state.lock().moved_to = Some("n2".into());
+        s.state.lock().rare_mut().moved_to = Some("n2".into());
         let r = s.enqueue(d, &bounds(3, QueueFullPolicy::DropNew, false), None);
         assert!(matches!(r, Enqueued::Moved(n, _) if n == "n2"));
     }
@@ -821,5 +883,29 @@ mod tests {
         st.next_packet_id = 0;
         let b = st.alloc_packet_id().expect("id");
         assert_ne!(a, b);
+    }
+}
+
+#[cfg(test)]
+mod registry_tests {
+    use super::*;
+
+    /// The table finds a session by its client id, replaces it under the same id, and removes
+    /// only the session that is still registered.
+    #[test]
+    fn sessions_are_found_replaced_and_removed_by_client_id() {
+        let r = Registry::default();
+        let first = Session::new("dev-1".into(), 0);
+        assert!(r.insert(first.clone()).is_none());
+        r.insert(Session::new("dev-2".into(), 0));
+        assert!(Arc::ptr_eq(&r.get("dev-1").expect("found"), &first));
+        let second = Session::new("dev-1".into(), 0);
+        let replaced = r.insert(second.clone()).expect("replaces");
+        assert!(Arc::ptr_eq(&replaced, &first));
+        assert_eq!(r.len(), 2);
+        assert!(!r.remove_if_same(&first), "no longer registered");
+        assert!(r.remove_if_same(&second));
+        assert!(r.get("dev-1").is_none());
+        assert_eq!(r.all().len(), 1);
     }
 }

@@ -1057,7 +1057,7 @@ impl Cluster {
         let moved_to = b
             .sessions
             .get(client_id)
-            .and_then(|s| s.state.lock().moved_to.clone());
+            .and_then(|s| s.state.lock().moved_to().cloned());
         if let Some(next) = moved_to.filter(|n| n != requester && hops < MAX_TAKE_HOPS) {
             if self.links.lock().contains_key(&next) {
                 tracing::info!(client_id, requester, to = %next, "session moved on; takeover request passed to its new node");
@@ -1163,7 +1163,7 @@ impl Cluster {
         };
         let snapshot = {
             let mut st = session.state.lock();
-            if st.ended || st.moved_to.is_some() {
+            if st.ended || st.moved_to().is_some() {
                 return Ok(None);
             }
             if owner.is_some_and(|o| {
@@ -1181,7 +1181,7 @@ impl Cluster {
                 let snap = SessionSnapshot::capture(client_id, &st);
                 st.queue.clear();
                 st.inflight.clear();
-                st.moved_to = Some(to.to_string());
+                st.rare_mut().moved_to = Some(to.to_string());
                 // The new node stores it from here on.
                 if let Some(db) = &b.durable {
                     db.delete_session(client_id, &mut st);
@@ -1403,7 +1403,7 @@ impl Cluster {
                 .into_iter()
                 .filter(|s| {
                     let st = s.state.lock();
-                    !st.ended && st.moved_to.is_none()
+                    !st.ended && st.moved_to().is_none()
                 })
                 .collect();
             let clients = remaining

@@ -289,7 +289,7 @@ fn candidates(cluster: &Cluster, sessions: &[Arc<Session>]) -> Vec<Arc<Session>>
         .filter_map(|s| {
             let st = s.state.lock();
             let conn = st.connection.as_ref()?;
-            (!st.ended && st.moved_to.is_none()).then(|| (conn.id, s.clone()))
+            (!st.ended && st.moved_to().is_none()).then(|| (conn.id, s.clone()))
         })
         .collect();
     online.sort_by_key(|(id, _)| std::cmp::Reverse(*id));

@@ -44,14 +44,25 @@ pub struct ConnCount(AtomicUsize, parking_lot::Mutex<HashMap<IpAddr, usize>>);
 
 impl ConnCount {
     /// Counts one more connection from `ip` unless it already has `max` (0 = unlimited).
-    fn take_ip(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<IpSlot> {
+    fn take_ip(&self, ip: IpAddr, max: usize) -> bool {
         let mut per_ip = self.1.lock();
         let n = per_ip.entry(ip).or_insert(0);
         if max > 0 && *n >= max {
-            return None;
+            return false;
         }
         *n += 1;
-        Some(IpSlot(self.clone(), ip))
+        true
+    }
+
+    /// Counts one connection from `ip` less.
+    fn release_ip(&self, ip: IpAddr) {
+        let mut per_ip = self.1.lock();
+        if let Some(n) = per_ip.get_mut(&ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                per_ip.remove(&ip);
+            }
+        }
     }
 }
 
@@ -66,25 +77,18 @@ impl Drop for ConnSlot {
 }
 
 /// What admitted a connection against the listeners' limits: dropped when it ends (it
-/// travels with the connection when it parks).
+/// travels with the connection when it parks, so it is kept to two words and an address).
 #[derive(Debug, Default)]
 pub struct Admission {
-    _total: Option<ConnSlot>,
-    _ip: Option<IpSlot>,
+    total: Option<ConnSlot>,
+    /// The source address counted against `limits.max_connections_per_ip`.
+    ip: Option<IpAddr>,
 }
 
-/// Decrements a source address's connection count when the connection ends.
-#[derive(Debug)]
-struct IpSlot(Arc<ConnCount>, IpAddr);
-
-impl Drop for IpSlot {
+impl Drop for Admission {
     fn drop(&mut self) {
-        let mut per_ip = (self.0).1.lock();
-        if let Some(n) = per_ip.get_mut(&self.1) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                per_ip.remove(&self.1);
-            }
+        if let (Some(ConnSlot(count)), Some(ip)) = (&self.total, self.ip) {
+            count.release_ip(ip);
         }
     }
 }
@@ -187,7 +191,7 @@ impl Listener {
                     Ok(Ok((transport, peer))) => {
                         // Counted on the address after the PROXY header: the client's own.
                         let max = broker.config.limits.max_connections_per_ip;
-                        let Some(ip_slot) = count.take_ip(peer.ip(), max) else {
+                        if !count.take_ip(peer.ip(), max) {
                             tracing::debug!(listener = me.name, %peer, "too many connections from this address");
                             broker
                                 .metrics
@@ -195,10 +199,10 @@ impl Listener {
                                 .with_label_values(&["max_connections_per_ip"])
                                 .inc();
                             return;
-                        };
+                        }
                         let admission = Admission {
-                            _total: slot.take(),
-                            _ip: Some(ip_slot),
+                            total: slot.take(),
+                            ip: Some(peer.ip()),
                         };
                         crate::connection::serve(broker, transport, peer, me.name, admission).await;
                     }
