@@ -1082,7 +1082,8 @@ impl Conn {
                         return Served::Ended(End::KeepAlive);
                     }
                     let idle_since = active_at.max(last_bytes);
-                    let idle = rbuf.is_empty()
+                    // Not mid-packet: the codec may hold a fixed header it took off `rbuf`.
+                    let idle = !self.codec.mid_packet(&rbuf)
                         && wbuf.is_empty()
                         && paused.is_none()
                         && held.is_empty()

@@ -951,3 +951,25 @@ async fn a_parked_connection_keeps_its_keep_alive() {
     parked(&b, 0).await;
     common::stop(b).await;
 }
+
+/// A connection whose packet stops right after its fixed header (which the codec has taken off
+/// the read buffer) is not idle: it must not park, and is closed after `mqtt.packet_timeout`
+/// even with keep alive off.
+#[tokio::test]
+async fn a_connection_mid_packet_does_not_park() {
+    let mut cfg = common::config();
+    cfg.mqtt.packet_timeout = 2;
+    let b = common::start_with(cfg).await;
+    let mut body = Vec::new();
+    pkt::field(b"MQTT", &mut body);
+    body.extend_from_slice(&[4, 0x02, 0, 0]); // 3.1.1, clean session, keep alive 0
+    pkt::field(b"park-stall", &mut body);
+    let mut c = Raw::tcp(common::mqtt(&b), V::V311).await;
+    c.send(&pkt::frame(0x10, &body)).await;
+    c.expect(pkt::CONNACK).await;
+    let publish = pkt::publish(V::V311, b"park/stall", 0, 0, &[b'x'; 100]);
+    c.send(&publish[..2]).await;
+    assert!(c.closed().await.is_empty(), "closed without a word");
+    assert_eq!(b.broker.metrics.connections_parked.get(), 0);
+    common::stop(b).await;
+}
