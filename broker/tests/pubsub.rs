@@ -933,13 +933,11 @@ async fn a_parked_connection_comes_back_for_whatever_needs_it() {
 #[tokio::test]
 async fn a_parked_connection_keeps_its_keep_alive() {
     let b = common::start().await;
-    let mut body = Vec::new();
-    pkt::field(b"MQTT", &mut body);
-    body.extend_from_slice(&[5, 0x02, 0, 2, 0]); // keep alive 2 s, no properties
-    pkt::field(b"park-ka", &mut body);
     let mut quiet = Raw::tcp(common::mqtt(&b), V::V5).await;
     let started = Instant::now();
-    quiet.send(&pkt::frame(0x10, &body)).await;
+    quiet
+        .send(&pkt::connect_keep_alive(V::V5, b"park-ka", 2, &[]))
+        .await;
     quiet.expect(pkt::CONNACK).await;
     parked(&b, 1).await;
     quiet.expect_disconnect(0x8D).await;
@@ -960,12 +958,9 @@ async fn a_connection_mid_packet_does_not_park() {
     let mut cfg = common::config();
     cfg.mqtt.packet_timeout = 2;
     let b = common::start_with(cfg).await;
-    let mut body = Vec::new();
-    pkt::field(b"MQTT", &mut body);
-    body.extend_from_slice(&[4, 0x02, 0, 0]); // 3.1.1, clean session, keep alive 0
-    pkt::field(b"park-stall", &mut body);
     let mut c = Raw::tcp(common::mqtt(&b), V::V311).await;
-    c.send(&pkt::frame(0x10, &body)).await;
+    c.send(&pkt::connect_keep_alive(V::V311, b"park-stall", 0, &[]))
+        .await;
     c.expect(pkt::CONNACK).await;
     let publish = pkt::publish(V::V311, b"park/stall", 0, 0, &[b'x'; 100]);
     c.send(&publish[..2]).await;

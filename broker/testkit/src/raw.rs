@@ -65,9 +65,20 @@ pub mod pkt {
 
     /// CONNECT with clean start, keep alive 60 and raw MQTT 5 properties.
     pub fn connect_with(v: Protocol, client_id: &[u8], properties: &[u8]) -> Vec<u8> {
+        connect_keep_alive(v, client_id, 60, properties)
+    }
+
+    /// CONNECT with clean start, the given keep alive (seconds) and raw MQTT 5 properties.
+    pub fn connect_keep_alive(
+        v: Protocol,
+        client_id: &[u8],
+        keep_alive: u16,
+        properties: &[u8],
+    ) -> Vec<u8> {
         let mut b = Vec::new();
         field(b"MQTT", &mut b);
-        b.extend_from_slice(&[v.level(), 0x02, 0, 60]);
+        b.extend_from_slice(&[v.level(), 0x02]);
+        b.extend_from_slice(&keep_alive.to_be_bytes());
         if v == Protocol::V5 {
             props(properties, &mut b);
         }
