@@ -362,7 +362,7 @@ async fn client(State(b): State<Arc<Broker>>, Path(id): Path<String>) -> Respons
                 .subscriptions
                 .iter()
                 .map(|(f, sub)| ClientSubscription {
-                    filter: f.clone(),
+                    filter: f.to_string(),
                     qos: sub.opts.qos.value(),
                 })
                 .collect();
@@ -400,7 +400,7 @@ async fn subscriptions(State(b): State<Arc<Broker>>) -> Json<SubscriptionList> {
         for (f, sub) in &st.subscriptions {
             out.push(SubscriptionInfo {
                 client_id: s.client_id.to_string(),
-                filter: f.clone(),
+                filter: f.to_string(),
                 qos: sub.opts.qos.value(),
                 no_local: sub.opts.no_local,
                 retain_as_published: sub.opts.retain_as_published,

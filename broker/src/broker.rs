@@ -371,7 +371,7 @@ impl Broker {
             let mut st = session.state.lock();
             let existed = st
                 .subscriptions
-                .insert(raw.to_string(), Subscription { opts, sub_id })
+                .insert(raw.into(), Subscription { opts, sub_id })
                 .is_some();
             if let Some(db) = self.durable.as_ref().filter(|_| st.stored) {
                 db.put_session(&session.client_id, &mut st);
@@ -437,7 +437,7 @@ impl Broker {
         let _ = self
             .router
             .subscribe(f.group, f.filter, session, sub.opts, sub.sub_id);
-        session.state.lock().subscriptions.insert(raw, sub);
+        session.state.lock().subscriptions.insert(raw.into(), sub);
     }
 
     fn remove_route(&self, session: &Session, raw: &str) {
@@ -510,7 +510,11 @@ impl Broker {
             }
         }
         for (raw, sub) in subs {
-            session.state.lock().subscriptions.insert(raw.clone(), sub);
+            session
+                .state
+                .lock()
+                .subscriptions
+                .insert(raw.as_str().into(), sub);
             if let Ok(f) = topic::parse_filter(&raw) {
                 let (_, new_route) = self
                     .router
@@ -708,7 +712,7 @@ impl Broker {
             if let Some(db) = &self.durable {
                 db.delete_session(&session.client_id, &mut st);
             }
-            let subs: Vec<String> = st.subscriptions.drain().map(|(k, _)| k).collect();
+            let subs: Vec<String> = st.subscriptions.drain().map(|(k, _)| k.into()).collect();
             let mut orphans: Vec<Delivery> = st
                 .inflight
                 .drain(..)

@@ -811,7 +811,7 @@ impl Conn {
             .lock()
             .subscriptions
             .keys()
-            .cloned()
+            .map(|k| k.to_string())
             .collect();
         // Auto-subscriptions bypass the ACL; they are made again right after this.
         let auto: Vec<String> = self.auto_filters().into_iter().map(|(f, _)| f).collect();

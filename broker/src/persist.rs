@@ -292,7 +292,7 @@ impl Durable {
             subscriptions: st
                 .subscriptions
                 .iter()
-                .map(|(f, s)| (f.clone(), WireSub::from_sub(s)))
+                .map(|(f, s)| (f.to_string(), WireSub::from_sub(s)))
                 .collect(),
         };
         match postcard::to_stdvec(&rec) {

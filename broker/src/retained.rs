@@ -1,7 +1,6 @@
 //! Retained messages, kept in a topic trie so a new subscription finds the retained messages
 //! its filter matches without scanning every retained topic.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
@@ -22,7 +21,7 @@ fn exact<'a>(root: &'a Node, levels: &[&str]) -> Option<&'a Msg> {
 
 #[derive(Debug, Default)]
 struct Node {
-    children: HashMap<Box<str>, Node>,
+    children: trie::Children<Node>,
     msg: Option<Msg>,
 }
 

@@ -6,7 +6,6 @@
 //! with the number of subscriptions. The trie is also the route table the cluster layer
 //! replicates: [`Router::filters`] lists what this node wants.
 
-use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -17,7 +16,8 @@ use parking_lot::RwLock;
 use crate::codec::{QoS, SubOptions};
 use crate::config::SharedStrategy;
 use crate::session::Session;
-use crate::trie;
+use crate::trie::{self, Children};
+use corvid_proto::keyed::{Keyed, KeyedSet, SmallMap};
 
 /// One subscriber of a filter.
 #[derive(Debug, Clone)]
@@ -36,21 +36,38 @@ struct SharedGroup {
     sticky: AtomicUsize,
 }
 
+impl Keyed for Subscriber {
+    type Key = ByteString;
+    fn key(&self) -> &ByteString {
+        &self.session.client_id
+    }
+}
+
+/// Shared groups on one filter by group name; boxed, as most filters have none.
+type Groups = Option<Box<SmallMap<Box<str>, SharedGroup>>>;
+
+/// One topic level. Small on purpose: a device's own topic (`{id}/cmd`) is two nodes with one
+/// child and one subscriber each, and every node lives in its parent's child map.
 #[derive(Debug, Default)]
 struct Node {
-    children: HashMap<Box<str>, Node>,
-    subscribers: HashMap<ByteString, Subscriber>,
-    shared: HashMap<Box<str>, SharedGroup>,
+    children: Children<Node>,
+    subscribers: KeyedSet<Subscriber>,
+    shared: Groups,
 }
 
 impl Node {
     #[cfg(test)]
     fn is_empty(&self) -> bool {
-        self.children.is_empty() && self.subscribers.is_empty() && self.shared.is_empty()
+        self.children.is_empty() && self.subscribers.is_empty() && self.groups().next().is_none()
+    }
+
+    /// The shared groups on this filter.
+    fn groups(&self) -> impl Iterator<Item = (&Box<str>, &SharedGroup)> {
+        self.shared.iter().flat_map(|m| m.iter())
     }
 }
 
-corvid_proto::trie_node!(Node, |n| n.subscribers.is_empty() && n.shared.is_empty());
+corvid_proto::trie_node!(Node, |n| n.subscribers.is_empty() && n.shared.is_none());
 
 /// A matched subscriber, ready to become a [`crate::message::Delivery`].
 #[derive(Debug, Clone)]
@@ -95,19 +112,20 @@ impl Router {
         };
         let route_new = match group {
             None => node.subscribers.is_empty(),
-            Some(g) => !node.shared.contains_key(g),
+            Some(g) => !node.shared.as_ref().is_some_and(|m| m.contains_key(g)),
         };
         let new = match group {
-            None => node
-                .subscribers
-                .insert(session.client_id.clone(), sub)
-                .is_none(),
+            None => node.subscribers.insert(sub).is_none(),
             Some(g) => {
-                let grp = node.shared.entry(g.into()).or_insert_with(|| SharedGroup {
-                    key: Arc::from(format!("{g}/{filter}")),
-                    members: Vec::new(),
-                    next: AtomicUsize::new(0),
-                    sticky: AtomicUsize::new(usize::MAX),
+                let groups = node.shared.get_or_insert_with(Box::default);
+                let grp = groups.get_or_insert_with(g, || {
+                    let grp = SharedGroup {
+                        key: Arc::from(format!("{g}/{filter}")),
+                        members: Vec::new(),
+                        next: AtomicUsize::new(0),
+                        sticky: AtomicUsize::new(usize::MAX),
+                    };
+                    (g.into(), grp)
                 });
                 match grp
                     .members
@@ -187,7 +205,7 @@ impl Router {
         let levels: Vec<&str> = topic.split('/').collect();
         let mut out = Vec::new();
         trie::walk_matching(&*root, &levels, topic.starts_with('$'), |n| {
-            out.extend(n.shared.values().map(|g| g.key.clone()))
+            out.extend(n.groups().map(|(_, g)| g.key.clone()))
         });
         out
     }
@@ -209,7 +227,10 @@ fn remove(node: &mut Node, group: Option<&str>, client_id: &str) -> (bool, bool)
             (removed, node.subscribers.is_empty())
         }
         Some(g) => {
-            let Some(grp) = node.shared.get_mut(g) else {
+            let Some(groups) = node.shared.as_mut() else {
+                return (false, false);
+            };
+            let Some(grp) = groups.get_mut(g) else {
                 return (false, false);
             };
             let before = grp.members.len();
@@ -217,7 +238,10 @@ fn remove(node: &mut Node, group: Option<&str>, client_id: &str) -> (bool, bool)
             let removed = grp.members.len() != before;
             let gone = grp.members.is_empty();
             if gone {
-                node.shared.remove(g);
+                groups.remove(g);
+                if groups.is_empty() {
+                    node.shared = None;
+                }
             }
             (removed, gone)
         }
@@ -250,14 +274,14 @@ fn emit(node: &Node, ctx: &Ctx<'_>, out: &mut Vec<Target>) {
         Select::Some { plain, groups } => (plain, Some(groups)),
     };
     if plain {
-        for s in node.subscribers.values() {
+        for s in &node.subscribers {
             if s.opts.no_local && &*s.session.client_id == ctx.publisher {
                 continue;
             }
             out.push(target(s, None));
         }
     }
-    for grp in node.shared.values() {
+    for (_, grp) in node.groups() {
         if only.is_some_and(|g| !g.contains(&grp.key)) {
             continue;
         }
@@ -351,9 +375,9 @@ fn walk_filters(root: &Node, out: &mut Vec<String>) {
             continue;
         };
         path.push(level);
-        if !child.shared.is_empty() || !child.subscribers.is_empty() {
+        if child.shared.is_some() || !child.subscribers.is_empty() {
             let filter = path.join("/");
-            for g in child.shared.keys() {
+            for (g, _) in child.groups() {
                 out.push(format!("$share/{g}/{filter}"));
             }
             if !child.subscribers.is_empty() {
@@ -436,7 +460,7 @@ mod tests {
         for m in &members {
             r.subscribe(Some("g"), "t/#", m, SubOptions::qos(QoS::AtLeastOnce), None);
         }
-        let mut counts = HashMap::new();
+        let mut counts = std::collections::HashMap::new();
         for _ in 0..30 {
             let t = r.route("t/1", "p", SharedStrategy::RoundRobin);
             assert_eq!(t.len(), 1);
@@ -470,6 +494,27 @@ mod tests {
         assert!(r
             .route_selected("t/x", "p", SharedStrategy::RoundRobin, sel)
             .is_empty());
+    }
+
+    #[test]
+    fn a_subscription_keeps_small_records() {
+        // A device's own filter (`{id}/cmd`) is two nodes, each in its parent's child map, and
+        // one subscriber: what each costs is what 10,000 idle subscribed devices cost.
+        assert!(
+            std::mem::size_of::<Node>() <= 56,
+            "{}",
+            std::mem::size_of::<Node>()
+        );
+        assert!(std::mem::size_of::<Subscriber>() <= 16);
+        let r = Router::default();
+        let a = sess("a");
+        r.subscribe(None, "a/cmd", &a, SubOptions::qos(QoS::AtLeastOnce), None);
+        let root = r.root.read();
+        let dev = root.children.get("a").expect("the device's level");
+        assert!(dev.shared.is_none());
+        let cmd = dev.children.get("cmd").expect("its command topic");
+        assert_eq!(cmd.subscribers.len(), 1);
+        assert!(cmd.subscribers.contains("a"));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! so a new connection (on this node, or later through the cluster layer) can take it over
 //! at any moment: the registry is the cluster's seam for takeover and hand-off.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::num::{NonZeroU16, NonZeroU32};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,6 +19,7 @@ use tokio::sync::Notify;
 use crate::codec::{Protocol, QoS, SubOptions};
 use crate::config::{QueueFullPolicy, SessionConfig};
 use crate::message::Delivery;
+use corvid_proto::keyed::SmallMap;
 
 /// Why a connection is being told to go away by someone else.
 #[derive(Debug, Clone)]
@@ -163,8 +164,9 @@ pub struct Inflight {
 /// Mutable session state, always accessed under the session's lock.
 #[derive(Debug, Default)]
 pub struct SessionState {
-    /// Subscriptions by raw filter (including any `$share/{group}/` prefix).
-    pub subscriptions: HashMap<String, Subscription>,
+    /// Subscriptions by raw filter (including any `$share/{group}/` prefix); most sessions
+    /// have one or two, kept without a hash table.
+    pub subscriptions: SmallMap<Box<str>, Subscription>,
     /// Messages waiting to be sent.
     pub queue: Queue,
     /// Messages sent and not yet acknowledged, in send order.

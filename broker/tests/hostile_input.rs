@@ -438,7 +438,11 @@ async fn sessions_belong_to_their_owner() {
             assert!(c.closed().await.is_empty());
         }
         assert_eq!(session.state.lock().queue.len(), 1);
-        assert!(session.state.lock().subscriptions.contains_key(&inbox));
+        assert!(session
+            .state
+            .lock()
+            .subscriptions
+            .contains_key(inbox.as_str()));
 
         // Alice resumes and gets her message; while she is online, Bob cannot kick her.
         let (mut alice, code, present) = try_connect_as(addr, v, &id, Some("alice"), false).await;
@@ -499,7 +503,13 @@ async fn resumed_subscriptions_are_reauthorized() {
     .await;
     let (_bob, code, present) = try_connect_as(addr, V::V5, "handed", Some("bob"), false).await;
     assert_eq!((code, present), (0, true));
-    let subs: Vec<String> = session.state.lock().subscriptions.keys().cloned().collect();
+    let subs: Vec<String> = session
+        .state
+        .lock()
+        .subscriptions
+        .keys()
+        .map(|k| k.to_string())
+        .collect();
     assert_eq!(subs, vec!["public/news".to_string()]);
     assert_eq!(
         metric(&r, "corvid_subscriptions_revoked_total", &[]).await,

@@ -4,6 +4,7 @@
 
 #[cfg(feature = "codec")]
 pub mod codec;
+pub mod keyed;
 pub mod reason;
 pub mod topic;
 pub mod trie;

@@ -2,29 +2,32 @@
 //! down a path, pruning the empty tail of a path, and dropping a subtree — all with loops, so a
 //! topic's depth (which a client chooses) never becomes the depth of the call stack.
 
-use std::collections::HashMap;
+use crate::keyed::SmallMap;
+
+/// A node's children by level: most topic levels have one child, kept without a hash table.
+pub type Children<N> = SmallMap<Box<str>, N>;
 
 /// A node of a topic trie: children by level, plus whatever it stores.
 pub trait TrieNode: Sized {
     /// Children by level.
-    fn children(&self) -> &HashMap<Box<str>, Self>;
+    fn children(&self) -> &Children<Self>;
     /// Children by level, mutably.
-    fn children_mut(&mut self) -> &mut HashMap<Box<str>, Self>;
+    fn children_mut(&mut self) -> &mut Children<Self>;
     /// Whether the node stores nothing of its own (it may still have children).
     fn is_vacant(&self) -> bool;
 }
 
-/// Implements [`TrieNode`] for a node type with a `children: HashMap<Box<str>, Self>` field,
+/// Implements [`TrieNode`] for a node type with a `children: Children<Self>` field,
 /// and its `Drop` with [`drop_children`] (so dropping a deep trie never recurses).
 /// `vacant` says when the node stores nothing of its own.
 #[macro_export]
 macro_rules! trie_node {
     ($node:ty, |$n:ident| $vacant:expr) => {
         impl $crate::trie::TrieNode for $node {
-            fn children(&self) -> &std::collections::HashMap<Box<str>, Self> {
+            fn children(&self) -> &$crate::trie::Children<Self> {
                 &self.children
             }
-            fn children_mut(&mut self) -> &mut std::collections::HashMap<Box<str>, Self> {
+            fn children_mut(&mut self) -> &mut $crate::trie::Children<Self> {
                 &mut self.children
             }
             fn is_vacant(&self) -> bool {
@@ -98,7 +101,9 @@ pub fn descend_or_insert<'a, N: TrieNode + Default>(
 ) -> &'a mut N {
     let mut node = root;
     for l in levels {
-        node = node.children_mut().entry(l.into()).or_default();
+        node = node
+            .children_mut()
+            .get_or_insert_with(l, || (l.into(), N::default()));
     }
     node
 }
@@ -152,15 +157,15 @@ mod tests {
 
     #[derive(Default)]
     struct N {
-        children: HashMap<Box<str>, N>,
+        children: Children<N>,
         value: bool,
     }
 
     impl TrieNode for N {
-        fn children(&self) -> &HashMap<Box<str>, Self> {
+        fn children(&self) -> &Children<Self> {
             &self.children
         }
-        fn children_mut(&mut self) -> &mut HashMap<Box<str>, Self> {
+        fn children_mut(&mut self) -> &mut Children<Self> {
             &mut self.children
         }
         fn is_vacant(&self) -> bool {

@@ -308,7 +308,7 @@ impl SessionSnapshot {
             subscriptions: st
                 .subscriptions
                 .iter()
-                .map(|(f, s)| (f.clone(), WireSub::from_sub(s)))
+                .map(|(f, s)| (f.to_string(), WireSub::from_sub(s)))
                 .collect(),
             queue: st.queue.iter().map(WireDelivery::from_delivery).collect(),
             inflight: st

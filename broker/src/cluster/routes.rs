@@ -10,7 +10,7 @@ use crate::trie;
 
 #[derive(Debug, Default)]
 struct Node {
-    children: HashMap<Box<str>, Node>,
+    children: trie::Children<Node>,
     plain: bool,
     groups: Vec<String>,
 }
