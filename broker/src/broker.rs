@@ -109,6 +109,14 @@ pub enum BrokerError {
 #[error("the session of this client id belongs to another identity")]
 pub struct NotOwner;
 
+/// Makes `task` the session's one pending will: a client that connects and drops again and
+/// again within its will delay replaces its will instead of piling up sleeping copies.
+fn install_will(st: &mut crate::session::SessionState, task: tokio::task::AbortHandle) {
+    if let Some(old) = st.rare_mut().pending_will.replace(task) {
+        old.abort();
+    }
+}
+
 /// Whether `owner` may take over a session owned by `current` under `policy`.
 pub fn may_take_over(policy: Takeover, current: Option<&str>, owner: Option<&str>) -> bool {
     policy == Takeover::Any || current == owner
@@ -769,14 +777,12 @@ impl Broker {
         session: Arc<Session>,
         generation: u64,
     ) {
-        let (delay, resumed) = {
-            let st = session.state.lock();
-            (
-                will.delay.min(st.expiry),
-                st.generation != generation && !st.ended,
-            )
-        };
-        if delay > 0 && resumed {
+        // The check, the stored copy and the pending handle under one lock: a connection that
+        // resumes the session between them would find no pending will to cancel, and a stored
+        // one would be published after a restart although the session came back in time.
+        let mut st = session.state.lock();
+        let delay = will.delay.min(st.expiry);
+        if delay > 0 && st.generation != generation && !st.ended {
             // Resumed by a newer connection before this one's close got here: a delayed will
             // is never sent [MQTT-3.1.3-9] (nor stored, to be restored after a restart).
             return;
@@ -790,21 +796,23 @@ impl Broker {
             client_id,
         ));
         if delay == 0 {
+            drop(st);
             self.metrics.wills_published.inc();
             self.publish(msg);
             return;
         }
         if let Some(db) = &self.durable {
             // A restart within the delay publishes it then (persist::restore).
-            db.put_will(&session.client_id, &session.state.lock(), &msg, delay);
+            db.put_will(&session.client_id, &st, &msg, delay);
         }
-        self.arm_will(
+        let task = self.will_task(
             msg,
             Duration::from_secs(u64::from(delay)),
-            session,
+            session.clone(),
             generation,
             false,
         );
+        install_will(&mut st, task);
     }
 
     /// Publishes the will `msg` of `session` after `delay` unless the session was resumed
@@ -818,8 +826,21 @@ impl Broker {
         generation: u64,
         restored: bool,
     ) {
+        let task = self.will_task(msg, delay, session.clone(), generation, restored);
+        install_will(&mut session.state.lock(), task);
+    }
+
+    /// The task behind [`Broker::arm_will`]: sleeps out the delay, publishes unless the
+    /// session came back, and forgets the stored copy.
+    fn will_task(
+        self: &Arc<Self>,
+        msg: Msg,
+        delay: Duration,
+        session: Arc<Session>,
+        generation: u64,
+        restored: bool,
+    ) -> tokio::task::AbortHandle {
         let broker = self.clone();
-        let waiting = session.clone();
         let task = tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             if restored {
@@ -837,17 +858,7 @@ impl Broker {
                 db.delete_will(&session.client_id, &session.state.lock());
             }
         });
-        // One pending will per session: a client that connects and drops again and again
-        // within its will delay replaces its will instead of piling up sleeping copies.
-        let previous = waiting
-            .state
-            .lock()
-            .rare_mut()
-            .pending_will
-            .replace(task.abort_handle());
-        if let Some(old) = previous {
-            old.abort();
-        }
+        task.abort_handle()
     }
 
     /// Publishes the will of a session that expired while the broker was down (restored from
