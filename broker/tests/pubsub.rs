@@ -968,3 +968,32 @@ async fn a_connection_mid_packet_does_not_park() {
     assert_eq!(b.broker.metrics.connections_parked.get(), 0);
     common::stop(b).await;
 }
+
+/// A connection woken again and again within the parking grace keeps its task instead of the
+/// broker spawning one per packet: a client that trickles pings every 100 ms (busy, or trying
+/// to make the broker churn tasks) is not parked between them, and parks once it goes quiet.
+#[tokio::test]
+async fn a_connection_woken_often_keeps_its_task() {
+    let b = common::start().await;
+    let mut c = Raw::connect(common::mqtt(&b), V::V311, "park-trickle").await;
+    parked(&b, 1).await;
+    // Woken after a long park: it parks again as soon as it is idle.
+    c.send(&pkt::pingreq()).await;
+    c.expect(pkt::PINGRESP).await;
+    parked(&b, 1).await;
+    // Woken again at once: it keeps its task through a trickle of pings.
+    for i in 0..15 {
+        if i > 0 {
+            assert_eq!(
+                b.broker.metrics.connections_parked.get(),
+                0,
+                "parked between pings 100 ms apart (before ping {i})"
+            );
+        }
+        c.send(&pkt::pingreq()).await;
+        c.expect(pkt::PINGRESP).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    parked(&b, 1).await;
+    common::stop(b).await;
+}
