@@ -291,6 +291,51 @@ async fn durable_acks_reach_every_publisher_under_load() {
     stop(r).await;
 }
 
+/// A 3.1.1 client has no receive maximum to respect: one that writes 20,000 QoS 1 PUBLISHes
+/// without waiting for a single PUBACK, to a broker whose every PUBACK waits for the store, is
+/// read only as fast as its acknowledgements become durable (the broker holds at most
+/// `V3_ACK_WINDOW` of them before it stops reading), gets
+/// every PUBACK in the order it published, and loses nothing on the way to a persistent
+/// subscriber; a bystander keeps its round trips and the process does not balloon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_v3_client_that_never_waits_gets_every_ack_from_a_durable_store() {
+    let _serial = SERIAL.lock().await;
+    let (r, _dir) = start_durable().await;
+    let a = mqtt(&r);
+    let mut by = Bystander::connect(a, "bystander").await;
+    let (sub, k) = client_with(a, "flood-sub", 100, false).await;
+    subscribe(&sub, "flood/t", &mut by).await;
+    let rss0 = rss();
+    const N: u16 = 20_000;
+    let mut flood = Vec::with_capacity(usize::from(N) * 80);
+    for id in 1..=N {
+        let mut payload = format!("{id:08}").into_bytes();
+        payload.resize(64, b'x');
+        flood.extend_from_slice(&pkt::publish(V::V311, b"flood/t", 1, id, &payload));
+    }
+    let mut publ = Raw::connect(a, V::V311, "flood-pub").await;
+    // All of it at once: the broker's PUBACKs (4 bytes each) fit the socket's buffers, so the
+    // write completes as fast as the broker reads.
+    publ.send(&flood).await;
+    by.assert_served().await;
+    for want in 1..=N {
+        let ack = publ.expect(pkt::PUBACK).await;
+        let got = u16::from_be_bytes([ack.body[0], ack.body[1]]);
+        assert_eq!(got, want, "PUBACKs in publish order [MQTT-4.6.0-2]");
+    }
+    wait_count("deliveries to flood-sub", &k.received, usize::from(N)).await;
+    by.assert_served().await;
+    let store = r.broker.durable.as_ref().expect("durable store").store();
+    assert!(
+        store.durable() >= u64::from(N),
+        "{} marks durable",
+        store.durable()
+    );
+    let grown = rss().saturating_sub(rss0);
+    assert!(grown < 64 << 20, "RSS grew by {} MiB", grown >> 20);
+    stop(r).await;
+}
+
 /// Shared subscriptions: a group of two members gets every message exactly once in total.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_group_loses_nothing() {
