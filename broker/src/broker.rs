@@ -109,14 +109,6 @@ pub enum BrokerError {
 #[error("the session of this client id belongs to another identity")]
 pub struct NotOwner;
 
-/// Makes `task` the session's one pending will: a client that connects and drops again and
-/// again within its will delay replaces its will instead of piling up sleeping copies.
-fn install_will(st: &mut crate::session::SessionState, task: tokio::task::AbortHandle) {
-    if let Some(old) = st.rare_mut().pending_will.replace(task) {
-        old.abort();
-    }
-}
-
 /// Whether `owner` may take over a session owned by `current` under `policy`.
 pub fn may_take_over(policy: Takeover, current: Option<&str>, owner: Option<&str>) -> bool {
     policy == Takeover::Any || current == owner
@@ -805,42 +797,33 @@ impl Broker {
             // A restart within the delay publishes it then (persist::restore).
             db.put_will(&session.client_id, &st, &msg, delay);
         }
-        let task = self.will_task(
+        self.arm_will(
             msg,
             Duration::from_secs(u64::from(delay)),
-            session.clone(),
+            &session,
+            &mut st,
             generation,
             false,
         );
-        install_will(&mut st, task);
     }
 
     /// Publishes the will `msg` of `session` after `delay` unless the session was resumed
-    /// (its generation moved on) meanwhile; one pending will per session. A will `restored`
-    /// from the store waits for the cluster first, so peers' subscribers get it too.
+    /// (its generation moved on) meanwhile, and makes it the session's one pending will: a
+    /// client that connects and drops again and again within its will delay replaces its will
+    /// instead of piling up sleeping copies. `st` is the session's state, locked by the caller
+    /// together with whatever it checked or stored about the will. A will `restored` from the
+    /// store waits for the cluster first, so peers' subscribers get it too.
     pub fn arm_will(
         self: &Arc<Self>,
         msg: Msg,
         delay: Duration,
-        session: Arc<Session>,
+        session: &Arc<Session>,
+        st: &mut crate::session::SessionState,
         generation: u64,
         restored: bool,
     ) {
-        let task = self.will_task(msg, delay, session.clone(), generation, restored);
-        install_will(&mut session.state.lock(), task);
-    }
-
-    /// The task behind [`Broker::arm_will`]: sleeps out the delay, publishes unless the
-    /// session came back, and forgets the stored copy.
-    fn will_task(
-        self: &Arc<Self>,
-        msg: Msg,
-        delay: Duration,
-        session: Arc<Session>,
-        generation: u64,
-        restored: bool,
-    ) -> tokio::task::AbortHandle {
         let broker = self.clone();
+        let session = session.clone();
         let task = tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             if restored {
@@ -858,7 +841,9 @@ impl Broker {
                 db.delete_will(&session.client_id, &session.state.lock());
             }
         });
-        task.abort_handle()
+        if let Some(old) = st.rare_mut().pending_will.replace(task.abort_handle()) {
+            old.abort();
+        }
     }
 
     /// Publishes the will of a session that expired while the broker was down (restored from

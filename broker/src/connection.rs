@@ -805,14 +805,7 @@ impl Conn {
     /// changed since they were made, here or on the node the session came from) and removes
     /// the ones it now denies.
     fn reauthorize_subscriptions(&mut self) {
-        let filters: Vec<String> = self
-            .session
-            .state
-            .lock()
-            .subscriptions
-            .keys()
-            .map(|k| k.to_string())
-            .collect();
+        let filters: Vec<String> = self.session.state.lock().subscription_filters();
         // Auto-subscriptions bypass the ACL; they are made again right after this.
         let auto: Vec<String> = self.auto_filters().into_iter().map(|(f, _)| f).collect();
         for raw in filters {

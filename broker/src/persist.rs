@@ -685,14 +685,10 @@ fn restore_will(
     match session {
         Some(s) => {
             let left = will.due_at_ms.saturating_sub(unix_ms(SystemTime::now()));
-            let generation = s.state.lock().generation;
-            broker.arm_will(
-                msg,
-                Duration::from_millis(left),
-                s.clone(),
-                generation,
-                true,
-            );
+            let mut st = s.state.lock();
+            let generation = st.generation;
+            let delay = Duration::from_millis(left);
+            broker.arm_will(msg, delay, s, &mut st, generation, true);
             true
         }
         None if expired.contains(client_id) => {

@@ -344,6 +344,11 @@ impl SessionState {
         self.rare.as_ref().is_some_and(|r| r.not_draining)
     }
 
+    /// The raw filters of its subscriptions, in no particular order.
+    pub fn subscription_filters(&self) -> Vec<String> {
+        self.subscriptions.keys().map(|k| k.to_string()).collect()
+    }
+
     /// Takes the delayed will waiting for this session, if any.
     pub fn take_pending_will(&mut self) -> Option<tokio::task::AbortHandle> {
         self.rare.as_mut()?.pending_will.take()

@@ -182,13 +182,7 @@ async fn auto_subscriptions_with_placeholders() {
     assert_eq!(anon.publish_in().await.0, "devices/dev2/cmd");
     // No user name: the %u subscription is skipped.
     let s = r.broker.sessions.get("dev2").expect("session");
-    let subs: Vec<String> = s
-        .state
-        .lock()
-        .subscriptions
-        .keys()
-        .map(|k| k.to_string())
-        .collect();
+    let subs: Vec<String> = s.state.lock().subscription_filters();
     assert_eq!(subs, vec!["devices/dev2/cmd".to_string()]);
     let d = r.broker.sessions.get("dev1").expect("session");
     let qos = d

@@ -503,13 +503,7 @@ async fn resumed_subscriptions_are_reauthorized() {
     .await;
     let (_bob, code, present) = try_connect_as(addr, V::V5, "handed", Some("bob"), false).await;
     assert_eq!((code, present), (0, true));
-    let subs: Vec<String> = session
-        .state
-        .lock()
-        .subscriptions
-        .keys()
-        .map(|k| k.to_string())
-        .collect();
+    let subs: Vec<String> = session.state.lock().subscription_filters();
     assert_eq!(subs, vec!["public/news".to_string()]);
     assert_eq!(
         metric(&r, "corvid_subscriptions_revoked_total", &[]).await,
