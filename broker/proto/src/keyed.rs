@@ -218,23 +218,7 @@ impl<T: Keyed> KeyedSet<T> {
         Some(out)
     }
 
-    /// Keeps the values `keep` says yes to.
-    pub fn retain(&mut self, mut keep: impl FnMut(&mut T) -> bool) {
-        match &mut self.repr {
-            Repr::Few(v) => {
-                v.retain_mut(keep);
-                if v.capacity() > 2 * v.len() {
-                    v.shrink_to_fit();
-                }
-            }
-            Repr::Many(t) => {
-                t.table.retain(&mut keep);
-                self.settle();
-            }
-        }
-    }
-
-    /// After removals from the table: back to a vector when few are left (half of [`SPILL`],
+    /// After a removal from the table: back to a vector when few are left (half of [`SPILL`],
     /// so an entry added and removed at the edge does not move everything each time), or a
     /// smaller table when it is mostly empty.
     fn settle(&mut self) {
@@ -258,15 +242,6 @@ impl<T: Keyed> KeyedSet<T> {
             Repr::Few(v) => Iter::Few(v.iter()),
             Repr::Many(t) => Iter::Many(t.table.iter()),
         }
-    }
-
-    /// The values, mutably, in no particular order. Changing a key breaks the set.
-    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut T> {
-        let (few, many) = match &mut self.repr {
-            Repr::Few(v) => (Some(v.iter_mut()), None),
-            Repr::Many(t) => (None, Some(t.table.iter_mut())),
-        };
-        few.into_iter().flatten().chain(many.into_iter().flatten())
     }
 
     /// Empties the set, returning what it held; the set keeps no allocation.
@@ -416,22 +391,12 @@ impl<K: Hash + Eq, V> SmallMap<K, V> {
         self.0.remove(q).map(|(_, v)| v)
     }
 
-    /// Keeps the entries `keep` says yes to.
-    pub fn retain(&mut self, mut keep: impl FnMut(&K, &mut V) -> bool) {
-        self.0.retain(|(k, v)| keep(k, v))
-    }
-
     /// Entries, in no particular order.
     pub fn iter(&self) -> MapIter<'_, K, V> {
         fn pair<K, V>((k, v): &(K, V)) -> (&K, &V) {
             (k, v)
         }
         self.0.iter().map(pair as fn(&(K, V)) -> (&K, &V))
-    }
-
-    /// Entries with mutable values, in no particular order.
-    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&K, &mut V)> {
-        self.0.iter_mut().map(|(k, v)| (&*k, v))
     }
 
     /// Keys, in no particular order.
@@ -444,24 +409,9 @@ impl<K: Hash + Eq, V> SmallMap<K, V> {
         self.0.iter().map(|(_, v)| v)
     }
 
-    /// Values, mutably, in no particular order.
-    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut V> {
-        self.0.iter_mut().map(|(_, v)| v)
-    }
-
     /// Empties the map, returning its entries; keeps no allocation.
     pub fn drain(&mut self) -> IntoIter<(K, V)> {
         self.0.drain()
-    }
-}
-
-impl<K: Hash + Eq, V> FromIterator<(K, V)> for SmallMap<K, V> {
-    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
-        let mut m = Self::new();
-        for (k, v) in iter {
-            m.insert(k, v);
-        }
-        m
     }
 }
 
@@ -529,13 +479,6 @@ mod tests {
             let mut want: Vec<String> = reference.keys().cloned().collect();
             want.sort();
             assert_eq!(keys(&m), want);
-            m.retain(|k, _| k != "k0");
-            reference.retain(|k, _| k != "k0");
-            assert_eq!(keys(&m), {
-                let mut w: Vec<String> = reference.keys().cloned().collect();
-                w.sort();
-                w
-            });
         }
         assert_eq!(m.drain().count(), reference.len());
         assert!(m.is_empty());
