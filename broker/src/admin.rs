@@ -20,11 +20,12 @@ use corvid_api::{
 use std::time::Duration;
 
 use crate::broker::Broker;
+use crate::server::Server;
 use crate::session::Kick;
 
 /// Builds the admin router: probes and metrics are open; `/api/*` needs the token when one
 /// is configured.
-pub fn router(broker: Arc<Broker>) -> Router {
+pub fn router(broker: Arc<Server>) -> Router {
     let api = Router::new()
         .route("/api/v1/stats", get(stats))
         .route("/api/v1/eventstore", get(eventstore))
@@ -54,7 +55,7 @@ pub fn router(broker: Arc<Broker>) -> Router {
 
 /// Refuses `/api/*` requests without the configured bearer token.
 async fn require_token(
-    State(b): State<Arc<Broker>>,
+    State(b): State<Arc<Server>>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
@@ -65,7 +66,7 @@ async fn require_token(
 }
 
 /// Serves the admin API on `listener` until shutdown.
-pub async fn serve(broker: Arc<Broker>, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+pub async fn serve(broker: Arc<Server>, listener: tokio::net::TcpListener) -> std::io::Result<()> {
     let shutdown = broker.shutdown.clone();
     axum::serve(listener, router(broker))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -76,7 +77,7 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-async fn readyz(State(b): State<Arc<Broker>>) -> Response {
+async fn readyz(State(b): State<Arc<Server>>) -> Response {
     if !b.accepting.load(Ordering::Relaxed) || b.shutdown.is_cancelled() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -97,7 +98,7 @@ async fn readyz(State(b): State<Arc<Broker>>) -> Response {
 }
 
 /// Every webhook's health (last delivery or idle check), last error and counters.
-async fn webhooks(State(b): State<Arc<Broker>>) -> Json<corvid_api::WebhookList> {
+async fn webhooks(State(b): State<Arc<Server>>) -> Json<corvid_api::WebhookList> {
     Json(corvid_api::WebhookList {
         node: b.node.clone(),
         webhooks: b.hooks.webhook_status(),
@@ -105,13 +106,13 @@ async fn webhooks(State(b): State<Arc<Broker>>) -> Json<corvid_api::WebhookList>
 }
 
 /// Every bridge's state, last error and counters.
-async fn bridges(State(b): State<Arc<Broker>>) -> Json<BridgeList> {
+async fn bridges(State(b): State<Arc<Server>>) -> Json<BridgeList> {
     Json(BridgeList {
         bridges: b.bridges.status(),
     })
 }
 
-async fn cluster(State(b): State<Arc<Broker>>) -> Json<ClusterView> {
+async fn cluster(State(b): State<Arc<Server>>) -> Json<ClusterView> {
     Json(match b.cluster.get() {
         Some(c) => ClusterView {
             node: b.node.clone(),
@@ -153,7 +154,7 @@ fn single_node_evacuation(b: &Broker) -> EvacuationStatus {
     }
 }
 
-async fn evacuate(State(b): State<Arc<Broker>>, Query(o): Query<EvacuateOptions>) -> Response {
+async fn evacuate(State(b): State<Arc<Server>>, Query(o): Query<EvacuateOptions>) -> Response {
     let rate = o.rate.unwrap_or(EvacuateOptions::DEFAULT_RATE);
     if let Some(r) = &o.server_reference {
         let member = b.cluster.get().is_some_and(|c| c.is_member_mqtt_addr(r));
@@ -180,7 +181,7 @@ async fn evacuate(State(b): State<Arc<Broker>>, Query(o): Query<EvacuateOptions>
     }
 }
 
-async fn evacuation(State(b): State<Arc<Broker>>) -> Json<EvacuationStatus> {
+async fn evacuation(State(b): State<Arc<Server>>) -> Json<EvacuationStatus> {
     Json(match b.cluster.get() {
         Some(c) => c.evacuation(),
         None => single_node_evacuation(&b),
@@ -189,7 +190,7 @@ async fn evacuation(State(b): State<Arc<Broker>>) -> Json<EvacuationStatus> {
 
 /// One balance check now; the operator calls it on the old pods after a scale-up.
 async fn rebalance_now(
-    State(b): State<Arc<Broker>>,
+    State(b): State<Arc<Server>>,
     Query(o): Query<RebalanceOptions>,
 ) -> Response {
     match b.cluster.get() {
@@ -202,7 +203,7 @@ async fn rebalance_now(
     }
 }
 
-async fn rebalance(State(b): State<Arc<Broker>>) -> Json<RebalanceStatus> {
+async fn rebalance(State(b): State<Arc<Server>>) -> Json<RebalanceStatus> {
     Json(match b.cluster.get() {
         Some(c) => c.rebalance_status(),
         None => RebalanceStatus {
@@ -215,8 +216,9 @@ async fn rebalance(State(b): State<Arc<Broker>>) -> Json<RebalanceStatus> {
     })
 }
 
-async fn metrics(State(b): State<Arc<Broker>>) -> Response {
+async fn metrics(State(b): State<Arc<Server>>) -> Response {
     b.refresh_gauges();
+    b.event_store.refresh_gauges();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         b.metrics.render(),
@@ -284,7 +286,7 @@ fn authorized(b: &Broker, headers: &HeaderMap) -> Result<(), Response> {
     }
 }
 
-async fn stats(State(b): State<Arc<Broker>>) -> Json<Stats> {
+async fn stats(State(b): State<Arc<Server>>) -> Json<Stats> {
     b.refresh_gauges();
     let m = &b.metrics;
     Json(Stats {
@@ -304,7 +306,7 @@ async fn stats(State(b): State<Arc<Broker>>) -> Json<Stats> {
 }
 
 /// The event store's sinks: state, last error, counters.
-async fn eventstore(State(b): State<Arc<Broker>>) -> Json<EventStoreStatus> {
+async fn eventstore(State(b): State<Arc<Server>>) -> Json<EventStoreStatus> {
     Json(EventStoreStatus {
         node: b.node.clone(),
         enabled: b.event_store.enabled(),
@@ -326,7 +328,7 @@ fn client_info(s: &crate::session::Session) -> ClientInfo {
     }
 }
 
-async fn clients(State(b): State<Arc<Broker>>, Query(f): Query<ClientFilter>) -> Json<ClientList> {
+async fn clients(State(b): State<Arc<Server>>, Query(f): Query<ClientFilter>) -> Json<ClientList> {
     let mut all = b.sessions.all();
     all.sort_by(|a, b| a.client_id.cmp(&b.client_id));
     let list: Vec<ClientInfo> = all
@@ -352,7 +354,7 @@ async fn clients(State(b): State<Arc<Broker>>, Query(f): Query<ClientFilter>) ->
     })
 }
 
-async fn client(State(b): State<Arc<Broker>>, Path(id): Path<String>) -> Response {
+async fn client(State(b): State<Arc<Server>>, Path(id): Path<String>) -> Response {
     match b.sessions.get(&id) {
         Some(s) => {
             let info = client_info(&s);
@@ -376,7 +378,7 @@ async fn client(State(b): State<Arc<Broker>>, Path(id): Path<String>) -> Respons
     }
 }
 
-async fn kick(State(b): State<Arc<Broker>>, Path(id): Path<String>) -> Response {
+async fn kick(State(b): State<Arc<Server>>, Path(id): Path<String>) -> Response {
     let Some(s) = b.sessions.get(&id) else {
         return error(StatusCode::NOT_FOUND, format!("no client {id}"));
     };
@@ -393,7 +395,7 @@ async fn kick(State(b): State<Arc<Broker>>, Path(id): Path<String>) -> Response 
     }
 }
 
-async fn subscriptions(State(b): State<Arc<Broker>>) -> Json<SubscriptionList> {
+async fn subscriptions(State(b): State<Arc<Server>>) -> Json<SubscriptionList> {
     let mut out = Vec::new();
     for s in b.sessions.all() {
         let st = s.state.lock();
@@ -414,7 +416,7 @@ async fn subscriptions(State(b): State<Arc<Broker>>) -> Json<SubscriptionList> {
     })
 }
 
-async fn routes(State(b): State<Arc<Broker>>) -> Json<RouteList> {
+async fn routes(State(b): State<Arc<Server>>) -> Json<RouteList> {
     let mut filters = b.router.filters();
     filters.sort();
     let list: Vec<Route> = filters
@@ -435,7 +437,7 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(ErrorBody::new(msg))).into_response()
 }
 
-async fn trace_start(State(b): State<Arc<Broker>>, Json(req): Json<TraceRequest>) -> Response {
+async fn trace_start(State(b): State<Arc<Server>>, Json(req): Json<TraceRequest>) -> Response {
     use crate::trace::{Target, TraceError};
     let target = match (req.kind, req.client_id, req.topic) {
         (TraceKind::Client, Some(c), _) if !c.is_empty() => Target::Client(c),
@@ -456,7 +458,7 @@ async fn trace_start(State(b): State<Arc<Broker>>, Json(req): Json<TraceRequest>
     }
 }
 
-async fn trace_list(State(b): State<Arc<Broker>>) -> Json<TraceList> {
+async fn trace_list(State(b): State<Arc<Server>>) -> Json<TraceList> {
     let traces = b.tracer.list();
     Json(TraceList {
         count: traces.len() as u64,
@@ -464,7 +466,7 @@ async fn trace_list(State(b): State<Arc<Broker>>) -> Json<TraceList> {
     })
 }
 
-async fn trace_stop(State(b): State<Arc<Broker>>, Path(name): Path<String>) -> Response {
+async fn trace_stop(State(b): State<Arc<Server>>, Path(name): Path<String>) -> Response {
     match b.tracer.stop(&name) {
         Some(info) => Json(info).into_response(),
         None => error(StatusCode::NOT_FOUND, format!("no trace {name}")),
@@ -472,7 +474,7 @@ async fn trace_stop(State(b): State<Arc<Broker>>, Path(name): Path<String>) -> R
 }
 
 /// The log of a running trace, as plain text.
-async fn trace_log(State(b): State<Arc<Broker>>, Path(name): Path<String>) -> Response {
+async fn trace_log(State(b): State<Arc<Server>>, Path(name): Path<String>) -> Response {
     let Some(t) = b.tracer.list().into_iter().find(|t| t.name == name) else {
         return error(StatusCode::NOT_FOUND, format!("no trace {name}"));
     };

@@ -1,33 +1,20 @@
-//! Corvid's MQTT broker: its own core (sessions, router, retained store, delivery) on tokio,
-//! with the wire codec behind [`codec`]. The binary `corvid-broker` wires it up; tests and the
-//! cluster layer use the library directly.
+//! Corvid's MQTT broker server: client listeners (TCP, TLS, WebSocket, PROXY protocol), the
+//! admin HTTP API, `ctl`, and the start and stop of a whole node that wires the core
+//! ([`corvid_core`]), the cluster ([`corvid_cluster`]) and the integrations
+//! ([`corvid_integrations`]) together. The only crate with sockets to clients. The other crates'
+//! modules are re-exported under their old names so tests and tools reach one library.
 
-pub mod acl;
 pub mod admin;
-pub mod auth;
-pub mod bridge;
-pub mod broker;
-pub mod cluster;
-pub mod connection;
-pub mod eventstore;
-pub mod fabric;
-pub mod hooks;
-pub mod limits;
 pub mod listener;
 pub mod memory;
-pub mod message;
-pub mod metrics;
-pub mod park;
-pub mod persist;
-pub mod retained;
-pub mod router;
 pub mod server;
-pub mod session;
-pub mod sys;
-pub mod trace;
 
-pub use corvid_config as config;
-pub use corvid_proto::{codec, topic, trie};
+pub use corvid_cluster as cluster;
+pub use corvid_core::{
+    acl, admission, auth, broker, codec, config, connection, fabric, hooks, limits, message,
+    metrics, park, persist, retained, router, session, sys, topic, trace, transport, trie, wire,
+};
+pub use corvid_integrations::{bridge, eventstore};
 
 pub use broker::Broker;
 pub use config::Config;

@@ -9,9 +9,14 @@ use std::time::Duration;
 
 use tokio::task::JoinSet;
 
-use crate::broker::Broker;
+use corvid_core::admission::ConnCount;
+
+use crate::bridge::Bridges;
+use crate::broker::{Broker, Parts};
+use crate::cluster::Cluster;
 use crate::config::Config;
-use crate::listener::{self, BindError, ConnCount};
+use crate::eventstore::EventStore;
+use crate::listener::{self, BindError};
 
 /// Why the broker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +44,54 @@ pub enum StartError {
     /// The configuration could not be turned into broker state (auth, ACL, webhooks).
     #[error(transparent)]
     Setup(#[from] crate::broker::BrokerError),
+    /// The event store cannot be set up.
+    #[error(transparent)]
+    EventStore(#[from] crate::eventstore::EventStoreError),
+}
+
+/// One broker process: the core and what the server wired into it. Dereferences to the
+/// [`Broker`], so the admin API reads the core's state and the parts beside it alike.
+#[derive(Debug)]
+pub struct Server {
+    /// The core.
+    pub broker: Arc<Broker>,
+    /// The cluster layer, once it is up (membership, evacuation, rebalancing).
+    pub cluster: std::sync::OnceLock<Arc<Cluster>>,
+    /// Bridges to other brokers and Kafka (the broker's tap).
+    pub bridges: Arc<Bridges>,
+    /// Client events persisted to PostgreSQL / Redis (sinks attached to the broker's hooks).
+    pub event_store: EventStore,
+}
+
+impl std::ops::Deref for Server {
+    type Target = Broker;
+    fn deref(&self) -> &Broker {
+        &self.broker
+    }
+}
+
+impl Server {
+    /// Builds the broker with the bridges as its tap and the event store's sinks on its hooks.
+    pub fn new(config: Config) -> Result<Arc<Self>, StartError> {
+        let mut parts = Parts::new(&config)?;
+        let bridges = Arc::new(Bridges::new(&config.bridges, &parts.metrics)?);
+        let event_store = EventStore::new(
+            &config.event_store,
+            &config.node_name(),
+            crate::hooks::now_us(),
+            &parts.metrics,
+            &mut parts.hooks,
+        )?;
+        if !bridges.is_empty() {
+            parts.tap = Some(bridges.clone());
+        }
+        Ok(Arc::new(Server {
+            broker: Broker::with_parts(config, parts)?,
+            cluster: std::sync::OnceLock::new(),
+            bridges,
+            event_store,
+        }))
+    }
 }
 
 /// A started broker.
@@ -46,6 +99,8 @@ pub enum StartError {
 pub struct Running {
     /// Shared state.
     pub broker: Arc<Broker>,
+    /// The broker with what the server wired into it.
+    pub server: Arc<Server>,
     /// Bound client listeners by name.
     pub listeners: HashMap<&'static str, SocketAddr>,
     /// Bound admin address.
@@ -55,12 +110,13 @@ pub struct Running {
 
 /// Binds everything and starts serving.
 pub async fn start(config: Config) -> Result<Running, StartError> {
-    let broker = Broker::new(config)?;
+    let server = Server::new(config)?;
+    let broker = server.broker.clone();
     // Everything the durable store holds is back before any client can connect.
     crate::persist::restore(&broker);
     broker.hooks.start(&broker.shutdown);
     crate::sys::start(broker.clone());
-    crate::bridge::start(&broker);
+    crate::bridge::start(&broker, &server.bridges);
     let mut tasks = JoinSet::new();
     let mut addrs = HashMap::new();
     let count = Arc::new(ConnCount::default());
@@ -88,23 +144,24 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         })?;
     let admin_addr = admin.local_addr().unwrap_or(admin_addr);
     tracing::info!(addr = %admin_addr, "admin endpoint listening");
-    let b = broker.clone();
+    let s = server.clone();
     tasks.spawn(async move {
-        if let Err(e) = crate::admin::serve(b, admin).await {
+        if let Err(e) = crate::admin::serve(s, admin).await {
             tracing::error!(error = %e, "admin endpoint failed");
         }
     });
     if broker.config.cluster.discovery != crate::config::Discovery::None {
         let cluster = crate::cluster::Cluster::start(&broker, admin_addr).await?;
         let _ = broker.fabric.set(cluster.clone());
-        let _ = broker.cluster.set(cluster);
+        let _ = server.cluster.set(cluster);
     }
     // Events emitted before this wait in the sinks' buffers.
-    broker.event_store.start();
+    server.event_store.start();
     tasks.spawn(return_memory_after_bursts(broker.clone()));
     tracing::info!(node = %broker.node, version = env!("CARGO_PKG_VERSION"), "broker started");
     Ok(Running {
         broker,
+        server,
         listeners: addrs,
         admin: admin_addr,
         tasks,
@@ -121,7 +178,7 @@ impl Running {
     /// sessions handed off) within `deadline`, leave the cluster, then shut down.
     pub async fn drain_and_shutdown(self, deadline: Duration, rate: u32) {
         let until = tokio::time::Instant::now() + deadline;
-        if let Some(c) = self.broker.cluster.get() {
+        if let Some(c) = self.server.cluster.get() {
             if c.evacuate(rate, None)
                 || c.evacuation().state == corvid_api::EvacuationState::Running
             {
@@ -159,7 +216,10 @@ impl Running {
         // Clients' disconnect events are queued by now: give the event store a moment to
         // write them.
         let left = until.saturating_duration_since(tokio::time::Instant::now());
-        b.event_store.finish(left.max(Duration::from_secs(2))).await;
+        self.server
+            .event_store
+            .finish(left.max(Duration::from_secs(2)))
+            .await;
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
         if let Some(d) = &b.durable {

@@ -35,7 +35,7 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// Whether `name` is the first argument of a registration call somewhere in broker/src.
+/// Whether `name` is the first argument of a registration call somewhere in the broker's crates.
 fn registered_in_source(sources: &[String], name: &str) -> bool {
     let literal = format!("\"{name}\"");
     sources.iter().any(|text| {
@@ -58,7 +58,9 @@ fn every_name_the_alerts_may_use_is_registered_by_the_broker() {
     assert!(!names.is_empty(), "docs/broker-metrics.txt lists no name");
     let rendered = Metrics::new().expect("metrics").render();
     let mut files = Vec::new();
-    rust_files(Path::new(&format!("{ROOT}/broker/src")), &mut files);
+    for dir in ["src", "core/src", "cluster/src", "integrations/src"] {
+        rust_files(Path::new(&format!("{ROOT}/broker/{dir}")), &mut files);
+    }
     let sources: Vec<String> = files
         .iter()
         .map(|f| std::fs::read_to_string(f).expect("source"))

@@ -277,7 +277,7 @@ mod tests {
         )
         .expect("evacuate");
         assert_eq!(e.state, EvacuationState::Running);
-        // Every state the broker sends (broker/src/cluster/mod.rs `members`), plus one it may send
+        // Every state the broker sends (broker/cluster/src/lib.rs `members`), plus one it may send
         // some day.
         let c: ClusterView = serde_json::from_str(
             r#"{"node":"demo-0","members":[

@@ -6,11 +6,9 @@
 
 pub mod proxy;
 pub mod tls;
-pub mod transport;
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,8 +19,9 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::broker::Broker;
 use crate::config::ListenerConfig;
+use corvid_core::admission::ConnCount;
+use corvid_core::transport::{Io, Transport};
 use tls::ReloadingAcceptor;
-use transport::{Io, Transport};
 
 /// What sits between TCP and MQTT on a listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,62 +34,6 @@ pub enum Kind {
     Ws,
     /// WebSocket over TLS.
     Wss,
-}
-
-/// Live connection counts shared by all listeners, for `limits.max_connections` and
-/// `limits.max_connections_per_ip`.
-#[derive(Debug, Default)]
-pub struct ConnCount(AtomicUsize, parking_lot::Mutex<HashMap<IpAddr, usize>>);
-
-impl ConnCount {
-    /// Counts one more connection from `ip` unless it already has `max` (0 = unlimited).
-    fn take_ip(&self, ip: IpAddr, max: usize) -> bool {
-        let mut per_ip = self.1.lock();
-        let n = per_ip.entry(ip).or_insert(0);
-        if max > 0 && *n >= max {
-            return false;
-        }
-        *n += 1;
-        true
-    }
-
-    /// Counts one connection from `ip` less.
-    fn release_ip(&self, ip: IpAddr) {
-        let mut per_ip = self.1.lock();
-        if let Some(n) = per_ip.get_mut(&ip) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                per_ip.remove(&ip);
-            }
-        }
-    }
-}
-
-/// Decrements the live connection count when the connection ends.
-#[derive(Debug)]
-pub struct ConnSlot(Arc<ConnCount>);
-
-impl Drop for ConnSlot {
-    fn drop(&mut self) {
-        (self.0).0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// What admitted a connection against the listeners' limits: dropped when it ends (it
-/// travels with the connection when it parks, so it is kept to two words and an address).
-#[derive(Debug, Default)]
-pub struct Admission {
-    total: Option<ConnSlot>,
-    /// The source address counted against `limits.max_connections_per_ip`.
-    ip: Option<IpAddr>,
-}
-
-impl Drop for Admission {
-    fn drop(&mut self) {
-        if let (Some(ConnSlot(count)), Some(ip)) = (&self.total, self.ip) {
-            count.release_ip(ip);
-        }
-    }
 }
 
 /// One bound listener.
@@ -160,21 +103,17 @@ impl Listener {
                     continue;
                 }
             }
-            if count.0.fetch_add(1, Ordering::Relaxed) >= limits.max_connections {
-                count.0.fetch_sub(1, Ordering::Relaxed);
+            let Some(slot) = count.take_slot(limits.max_connections) else {
                 broker
                     .metrics
                     .connections_refused
                     .with_label_values(&["max_connections"])
                     .inc();
                 continue;
-            }
-            let slot = ConnSlot(count.clone());
+            };
             let me = me.clone();
             let broker = broker.clone();
-            let count = count.clone();
             tokio::spawn(async move {
-                let mut slot = Some(slot);
                 if me.config.proxy_protocol && !me.config.proxy_trusts(peer.ip()) {
                     // Only the load balancer may say where a client comes from.
                     tracing::debug!(listener = me.name, %peer, "PROXY header from an untrusted source; closed");
@@ -191,7 +130,7 @@ impl Listener {
                     Ok(Ok((transport, peer))) => {
                         // Counted on the address after the PROXY header: the client's own.
                         let max = broker.config.limits.max_connections_per_ip;
-                        if !count.take_ip(peer.ip(), max) {
+                        let Some(admission) = slot.admit(peer.ip(), max) else {
                             tracing::debug!(listener = me.name, %peer, "too many connections from this address");
                             broker
                                 .metrics
@@ -199,10 +138,6 @@ impl Listener {
                                 .with_label_values(&["max_connections_per_ip"])
                                 .inc();
                             return;
-                        }
-                        let admission = Admission {
-                            total: slot.take(),
-                            ip: Some(peer.ip()),
                         };
                         crate::connection::serve(broker, transport, peer, me.name, admission).await;
                     }

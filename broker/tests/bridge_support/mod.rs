@@ -127,7 +127,7 @@ impl Drop for Mosquitto {
 
 /// The named bridge of a running broker.
 pub fn bridge(running: &Running, name: &str) -> std::sync::Arc<Bridge> {
-    running.broker.bridges.get(name).expect("bridge configured")
+    running.server.bridges.get(name).expect("bridge configured")
 }
 
 /// Waits until the bridge reaches `state`.

@@ -56,4 +56,6 @@ pub trait Fabric: Send + Sync + std::fmt::Debug {
     async fn take_session(&self, client_id: &str, clean: bool, owner: Option<&str>) -> Taken;
     /// Deliveries that arrived for `client_id` before its session did.
     fn take_early(&self, client_id: &str) -> Vec<Delivery>;
+    /// The names of the nodes not known to be dead, this one first (`$SYS/brokers`).
+    fn running_nodes(&self) -> Vec<String>;
 }

@@ -8,7 +8,7 @@
 //! counted. One worker task per bridge ([`mqtt`], [`kafka`]) drains its buffer to the remote,
 //! reconnecting with exponential backoff and jitter.
 //!
-//! The tap runs in [`crate::broker::Broker::publish`], on the node where a message entered the
+//! The tap runs in [`corvid_core::broker::Broker::publish`], on the node where a message entered the
 //! cluster (never for copies forwarded by peers), so in a cluster every message leaves through
 //! a bridge once, not once per pod.
 
@@ -263,7 +263,7 @@ impl MetricVecs {
     }
 }
 
-/// All configured bridges; built with the broker, started by [`start`].
+/// All configured bridges; built before the broker (it is the broker's tap), started by [`start`].
 #[derive(Debug, Default)]
 pub struct Bridges {
     all: Vec<Arc<Bridge>>,
@@ -357,9 +357,14 @@ impl Bridges {
     }
 }
 
+impl crate::broker::Tap for Bridges {
+    fn tap(&self, msg: &Msg) -> usize {
+        Bridges::tap(self, msg)
+    }
+}
+
 /// Starts one worker task per bridge; they stop when the broker shuts down.
-pub fn start(broker: &Arc<Broker>) {
-    let bridges = &broker.bridges;
+pub fn start(broker: &Arc<Broker>, bridges: &Bridges) {
     for cfg in &bridges.config.mqtt {
         if let Some(b) = bridges.get(&cfg.name) {
             tokio::spawn(mqtt::run(broker.clone(), b, cfg.clone()));

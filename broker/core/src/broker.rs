@@ -55,22 +55,18 @@ pub struct Broker {
     /// The other nodes, as the core's publish, subscribe and takeover paths see them; set
     /// once when clustering is on.
     pub fabric: std::sync::OnceLock<Arc<dyn Fabric>>,
-    /// The cluster layer itself, for the admin API and the server (membership, evacuation).
-    pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
     /// Client authentication.
     pub auth: Authenticator,
     /// Topic access control.
     pub acl: Acl,
     /// Event hooks (webhooks).
     pub hooks: Hooks,
-    /// Client events persisted to PostgreSQL / Redis (sinks attached to `hooks`).
-    pub event_store: crate::eventstore::EventStore,
     /// The durable store of sessions and retained messages (`persistence.data_dir`).
     pub durable: Option<crate::persist::Durable>,
     /// Client and topic traces.
     pub tracer: Arc<Tracer>,
-    /// Bridges to other brokers and Kafka: the publish path's tap into their buffers.
-    pub bridges: crate::bridge::Bridges,
+    /// Where every message that enters the cluster here is also handed (the bridges).
+    tap: Option<Arc<dyn Tap>>,
     /// Session queue bounds and flow-control marks, resolved from `sessions.*` once.
     pub queue_bounds: QueueBounds,
     /// Failed authentications per source address (`limits.max_auth_failures_per_minute`).
@@ -95,9 +91,6 @@ pub enum BrokerError {
     /// A webhook cannot be set up.
     #[error(transparent)]
     Hooks(#[from] HookError),
-    /// The event store cannot be set up.
-    #[error(transparent)]
-    EventStore(#[from] crate::eventstore::EventStoreError),
     /// The durable store under `persistence.data_dir` cannot be opened.
     #[error("persistence.data_dir: {0}")]
     Store(#[from] corvid_store::StoreError),
@@ -125,37 +118,69 @@ pub struct Opened {
     pub generation: u64,
 }
 
-impl Broker {
-    /// Creates the broker state.
-    pub fn new(config: Config) -> Result<Arc<Self>, BrokerError> {
-        let node = config.node_name();
+/// Takes a copy of every message that enters the cluster on this node (the bridges to other
+/// brokers and Kafka): the core hands messages over without naming who takes them.
+pub trait Tap: Send + Sync + std::fmt::Debug {
+    /// Takes `msg` if it matches; returns how many destinations took it.
+    fn tap(&self, msg: &Msg) -> usize;
+}
+
+/// What the server attaches to the broker before it is built: the metrics registry and the
+/// hooks, on which integrations register (event-store sinks), and the tap.
+#[derive(Debug)]
+pub struct Parts {
+    /// The metrics registry every part registers its figures in.
+    pub metrics: Metrics,
+    /// Event hooks; sinks may be attached until the broker is built.
+    pub hooks: Hooks,
+    /// Where published messages are also handed.
+    pub tap: Option<Arc<dyn Tap>>,
+}
+
+impl Parts {
+    /// The metrics registry and the configured webhooks.
+    pub fn new(config: &Config) -> Result<Self, BrokerError> {
         let metrics = Metrics::new()?;
+        let hooks = Hooks::new(&config.webhooks, &config.node_name(), &metrics)?;
+        Ok(Parts {
+            metrics,
+            hooks,
+            tap: None,
+        })
+    }
+}
+
+impl Broker {
+    /// Creates the broker state with nothing attached (no bridges, no event store).
+    pub fn new(config: Config) -> Result<Arc<Self>, BrokerError> {
+        let parts = Parts::new(&config)?;
+        Self::with_parts(config, parts)
+    }
+
+    /// Creates the broker state from `parts` built for the same `config`.
+    pub fn with_parts(config: Config, parts: Parts) -> Result<Arc<Self>, BrokerError> {
+        let node = config.node_name();
+        let Parts {
+            metrics,
+            hooks,
+            tap,
+        } = parts;
         let auth = Authenticator::new(&config.auth, metrics.auth.clone())?
             .with_max_concurrent_hashes(config.limits.max_concurrent_hashes);
         let acl = Acl::new(&config.acl)?;
-        let hooks = Hooks::new(&config.webhooks, &node, &metrics)?;
-        let bridges = crate::bridge::Bridges::new(&config.bridges, &metrics)?;
         let tracer = Arc::new(Tracer::new(
             config.trace.dir.clone(),
             Duration::from_secs(config.trace.max_duration.max(1)),
             metrics.clone(),
         ));
-        let mut hooks = hooks;
         let config_persistence = config.persistence.clone();
         let durable_metrics = metrics.clone();
-        let event_store = crate::eventstore::EventStore::new(
-            &config.event_store,
-            &node,
-            crate::hooks::now_us(),
-            &metrics,
-            &mut hooks,
-        )?;
         Ok(Arc::new(Broker {
             auth,
             acl,
             hooks,
             tracer,
-            bridges,
+            tap,
             queue_bounds: QueueBounds::new(&config.sessions),
             auth_failures: crate::limits::AuthFailures::new(
                 config.limits.max_auth_failures_per_minute,
@@ -170,9 +195,7 @@ impl Broker {
             accepting: AtomicBool::new(true),
             started: Instant::now(),
             fabric: std::sync::OnceLock::new(),
-            cluster: std::sync::OnceLock::new(),
             parker: std::sync::OnceLock::new(),
-            event_store,
             durable: crate::persist::Durable::open(&config_persistence, &durable_metrics)?,
         }))
     }
@@ -237,7 +260,7 @@ impl Broker {
             self.deliver(&msg, t, congested);
         }
         // Bridges see each message once, on the node where it entered the cluster.
-        n + self.bridges.tap(&msg)
+        n + self.tap.as_ref().map_or(0, |t| t.tap(&msg))
     }
 
     /// Stores (or, with an empty payload, clears) a retained message, durably when
@@ -899,7 +922,6 @@ impl Broker {
         m.subscriptions.set(gauge(self.router.subscription_count()));
         m.routes.set(gauge(self.router.filters().len()));
         m.retained.set(gauge(self.retained.len()));
-        self.event_store.refresh_gauges();
         if let Some(d) = &self.durable {
             d.refresh_metrics();
         }

@@ -87,14 +87,8 @@ pub fn publish_stats(b: &Broker) {
         .map(|mm| mm.get_counter().get_value() as u64)
         .sum();
     // Like EMQX: the comma-separated names of the running nodes (this one first).
-    let nodes = match b.cluster.get() {
-        Some(c) => c
-            .members()
-            .into_iter()
-            .filter(|m| m.state != corvid_api::MemberState::Dead)
-            .map(|m| m.name)
-            .collect::<Vec<_>>()
-            .join(","),
+    let nodes = match b.fabric.get() {
+        Some(c) => c.running_nodes().join(","),
         None => b.node.clone(),
     };
     publish(b, "$SYS/brokers".into(), nodes, true);

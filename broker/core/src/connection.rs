@@ -17,6 +17,7 @@ use bytestring::ByteString;
 use futures_util::future::OptionFuture;
 
 use crate::acl::{self, Action};
+use crate::admission::Admission;
 use crate::auth::{AuthDecision, ConnectCtx, Refusal};
 use crate::broker::{max_qos, Broker};
 use crate::codec::{
@@ -26,8 +27,6 @@ use crate::codec::{
 use crate::config::{OverRate, Permission};
 use crate::hooks::{Event, EventKind};
 use crate::limits::ConnLimits;
-use crate::listener::transport::Transport;
-use crate::listener::Admission;
 use crate::message::Message;
 use crate::park::{Parkable, PARK_AFTER, REPARK_AFTER};
 use crate::session::{
@@ -35,6 +34,7 @@ use crate::session::{
 };
 use crate::topic;
 use crate::trace::{self, Dir};
+use crate::transport::Transport;
 use corvid_proto::reason::Reason;
 
 /// Most acknowledgements an MQTT 3.1/3.1.1 client may have waiting for the store (see
@@ -2087,7 +2087,7 @@ mod tests {
             .expect("bind");
         let addr = l.local_addr().expect("addr");
         let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let transport = crate::listener::transport::Transport::Tcp(stream);
+        let transport = crate::transport::Transport::Tcp(stream);
         let fut = super::serve(broker, transport, addr, "mqtt", Default::default());
         let size = std::mem::size_of_val(&fut);
         assert!(size <= 2176, "the connection future is {size} bytes");

@@ -29,6 +29,9 @@ pub mod rebalance;
 pub mod routes;
 pub mod secret;
 
+// The core's modules under the names this crate's code has always used for them.
+use corvid_core::{broker, codec, config, fabric, message, metrics, persist, session, topic, trie};
+
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -1836,6 +1839,13 @@ impl crate::fabric::Fabric for Cluster {
     }
     fn take_early(&self, client_id: &str) -> Vec<Delivery> {
         Cluster::take_early(self, client_id)
+    }
+    fn running_nodes(&self) -> Vec<String> {
+        self.members()
+            .into_iter()
+            .filter(|m| m.state != MemberState::Dead)
+            .map(|m| m.name)
+            .collect()
     }
 }
 

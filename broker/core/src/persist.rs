@@ -21,10 +21,10 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::broker::Broker;
-use crate::cluster::proto::{WireDelivery, WireMsg, WireSub};
 use crate::config::{PersistSync, PersistenceConfig};
 use crate::message::{Delivery, Message, Msg};
 use crate::session::{Inflight, InflightState, Session, SessionState};
+use crate::wire::{WireDelivery, WireMsg, WireSub};
 
 /// A session's own record.
 #[derive(Debug, Serialize, Deserialize)]
@@ -73,7 +73,7 @@ impl StoredMsg {
     }
 }
 
-/// A message held for a peer until it has it ([`crate::cluster::held`]).
+/// A message held for a peer until it has it (the cluster's `held` messages).
 #[derive(Debug, Serialize, Deserialize)]
 struct StoredForward {
     stored: StoredMsg,
