@@ -21,6 +21,10 @@ pub mod pkt {
     pub const PUBACK: u8 = 4;
     /// PUBREC
     pub const PUBREC: u8 = 5;
+    /// PUBREL
+    pub const PUBREL: u8 = 6;
+    /// PUBCOMP
+    pub const PUBCOMP: u8 = 7;
     /// SUBACK
     pub const SUBACK: u8 = 9;
     /// PINGRESP
@@ -131,6 +135,11 @@ pub mod pkt {
     /// PUBACK (success).
     pub fn puback(packet_id: u16) -> Vec<u8> {
         frame(0x40, &packet_id.to_be_bytes())
+    }
+
+    /// PUBREL (success).
+    pub fn pubrel(packet_id: u16) -> Vec<u8> {
+        frame(0x62, &packet_id.to_be_bytes())
     }
 
     /// PINGREQ.

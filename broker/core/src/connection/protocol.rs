@@ -1,9 +1,9 @@
-//! One task per client connection: read packets, act on them, write the answers and the
-//! session's queued messages — nothing hidden.
-//!
-//! The task owns the socket and the per-connection protocol state (topic aliases, keep alive);
-//! everything that must outlive the connection lives in the [`Session`]. Protocol errors end
-//! only this connection, with an MQTT 5 DISCONNECT reason code where the protocol has one.
+//! The connection's MQTT protocol as a state machine without I/O: [`Conn`] takes decoded
+//! packets (or the bytes holding them) and writes its answers — CONNACK, SUBACK, PUBACK, the
+//! session's deliveries — into a buffer the caller sends. Everything that outlives the
+//! connection lives in the [`Session`]; everything that waits (sockets, timers, the store's
+//! durable mark) lives in the caller, [`super`]. The tests below drive it packet by packet
+//! with the test client's framing, no socket involved.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -14,11 +14,8 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use bytestring::ByteString;
-use futures_util::future::OptionFuture;
 
 use crate::acl::{self, Action};
-use crate::admission::Admission;
-use crate::auth::{AuthDecision, ConnectCtx, Refusal};
 use crate::broker::{max_qos, Broker};
 use crate::codec::{
     self, Codec, ConnAckCode, ConnAckProps, Connect, Inbound, Outbound, Protocol, Publish, QoS,
@@ -28,28 +25,22 @@ use crate::config::{OverRate, Permission};
 use crate::hooks::{Event, EventKind};
 use crate::limits::ConnLimits;
 use crate::message::Message;
-use crate::park::{Parkable, PARK_AFTER, REPARK_AFTER};
 use crate::session::{
     unix_now, ConnInfo, Inflight, InflightState, Kick, KickSlot, QueueBounds, Session,
 };
 use crate::topic;
 use crate::trace::{self, Dir};
-use crate::transport::Transport;
 use corvid_proto::reason::Reason;
 
 /// Most acknowledgements an MQTT 3.1/3.1.1 client may have waiting for the store (see
 /// `Conn::ack_window`): bounds what one connection puts into the store's queue and holds.
 pub const V3_ACK_WINDOW: usize = 256;
 /// Bytes buffered for writing before the queue drain pauses to flush.
-const WRITE_BATCH: usize = 64 * 1024;
-
-/// How long the last words to a closing client (refusing CONNACK, acks before a protocol
-/// error, DISCONNECT) may take: a client that does not read them is not waited for.
-const FLUSH_BEFORE_CLOSE: Duration = Duration::from_secs(2);
+pub(super) const WRITE_BATCH: usize = 64 * 1024;
 
 /// Why a connection ended.
 #[derive(Debug)]
-enum End {
+pub(super) enum End {
     /// Client sent DISCONNECT; `will` says whether to publish the will (MQTT 5 reason 0x04).
     ClientDisconnect { will: bool },
     /// The socket closed or failed without DISCONNECT.
@@ -69,7 +60,7 @@ enum End {
 
 impl End {
     /// The reason named in `client.disconnected` events and `$SYS`.
-    fn label(&self) -> &'static str {
+    pub(super) fn label(&self) -> &'static str {
         match self {
             End::ClientDisconnect { .. } => "normal",
             End::Lost => "connection_lost",
@@ -85,361 +76,16 @@ impl End {
     }
 }
 
-/// How an accepted connection's serving loop stopped.
-enum Served {
-    /// The connection ended.
-    Ended(End),
-    /// Nothing to do for a while ([`PARK_AFTER`], [`REPARK_AFTER`]): it may park, with this
-    /// keep alive deadline.
-    Idle(Option<tokio::time::Instant>),
-}
-
-/// The serving loop's next timer: the keep alive deadline or the next look at parking,
-/// whichever comes first (a year away when neither applies).
-fn next_timer(
-    keep_alive: Option<tokio::time::Instant>,
-    park_at: Option<tokio::time::Instant>,
-) -> tokio::time::Instant {
-    let far = tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
-    keep_alive.into_iter().chain(park_at).min().unwrap_or(far)
-}
-
-/// Where a parked connection left off: what its new task starts from.
-#[derive(Debug, Clone, Copy)]
-struct Resumed {
-    /// Its keep alive deadline (`None`: keep alive 0).
-    keep_alive: Option<tokio::time::Instant>,
-    /// How long it was parked.
-    parked_for: Duration,
-}
-
-/// Serves one client connection from its first byte to its close.
-///
-/// The task lives as long as the connection, so its future is kept small: the handshake
-/// (CONNECT, authentication, a cluster takeover) and the close run in boxed futures that
-/// are freed when they finish, and only the serving loop's state stays for the idle life.
-pub fn serve(
-    broker: Arc<Broker>,
-    transport: Transport,
-    peer: SocketAddr,
-    listener: &'static str,
-    admission: Admission,
-) -> impl std::future::Future<Output = ()> + Send {
-    // Not an `async fn`: its arguments would stay in the future after `open` took them.
-    let opening = Box::pin(open(broker, transport, peer, listener));
-    async move {
-        let Some(Opened {
-            conn,
-            transport,
-            rbuf,
-            wbuf,
-        }) = opening.await
-        else {
-            return;
-        };
-        serving(conn, transport, rbuf, wbuf, None, admission).await;
-    }
-}
-
-/// Serves an accepted (or resumed) connection until it ends or parks.
-async fn serving(
-    mut conn: Conn,
-    mut transport: Transport,
-    rbuf: BytesMut,
-    wbuf: BytesMut,
-    resumed: Option<Resumed>,
-    admission: Admission,
-) {
-    match conn.run(&mut transport, rbuf, wbuf, resumed).await {
-        Served::Ended(end) => Box::pin(conn.finish(end, Some(&mut transport))).await,
-        Served::Idle(keep_alive) => conn.park(transport, keep_alive, admission),
-    }
-}
-
-/// A parked connection: its protocol state and what counts it as admitted.
-struct ParkedConn {
-    conn: Conn,
-    admission: Admission,
-}
-
-impl Parkable for ParkedConn {
-    fn resume(
-        self: Box<Self>,
-        stream: std::net::TcpStream,
-        keep_alive: Option<tokio::time::Instant>,
-        parked_for: Duration,
-        handle: &tokio::runtime::Handle,
-    ) {
-        let ParkedConn { conn, admission } = *self;
-        handle.spawn(async move {
-            // Woken by its socket, a timer or shutdown: the waker it left is stale.
-            drop(conn.info.kick.unpark());
-            match tokio::net::TcpStream::from_std(stream) {
-                Ok(s) => {
-                    let t = Transport::Tcp(s);
-                    let resumed = Some(Resumed {
-                        keep_alive,
-                        parked_for,
-                    });
-                    serving(
-                        conn,
-                        t,
-                        BytesMut::new(),
-                        BytesMut::new(),
-                        resumed,
-                        admission,
-                    )
-                    .await
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not resume a parked connection");
-                    Box::pin(conn.finish(End::Lost, None)).await
-                }
-            }
-        });
-    }
-}
-
-/// An accepted connection, CONNACK written into `wbuf`, ready to serve.
-struct Opened {
-    conn: Conn,
-    transport: Transport,
-    rbuf: BytesMut,
-    wbuf: BytesMut,
-}
-
-/// Reads and handles CONNECT: `None` when the connection ended (refused, timed out, closed).
-async fn open(
-    broker: Arc<Broker>,
-    mut transport: Transport,
-    peer: SocketAddr,
-    listener: &'static str,
-) -> Option<Opened> {
-    // Until CONNECT is handled, only a CONNECT-sized packet is buffered for an anonymous peer.
-    let max_packet = broker.config.mqtt.max_packet_size;
-    let mut codec = Codec::new(broker.config.mqtt.max_connect_size.min(max_packet));
-    let mut rbuf = BytesMut::new();
-    let mut wbuf = BytesMut::new();
-    let timeout = Duration::from_secs(broker.config.mqtt.connect_timeout.max(1));
-    let first =
-        tokio::time::timeout(timeout, read_packet(&mut transport, &mut codec, &mut rbuf)).await;
-    let connect = match first {
-        Ok(Ok(Some(Inbound::Connect(c)))) => {
-            codec.set_max_inbound(max_packet);
-            c
-        }
-        Ok(Ok(Some(other))) => {
-            tracing::debug!(%peer, packet = ?other, "first packet is not CONNECT");
-            broker
-                .metrics
-                .protocol_errors
-                .with_label_values(&["first_packet_not_connect"])
-                .inc();
-            close_with(&mut transport, &[]).await;
-            return None;
-        }
-        Ok(Ok(None)) => return None,
-        Ok(Err(e)) => {
-            tracing::debug!(%peer, error = %e.message, "bad CONNECT");
-            broker
-                .metrics
-                .protocol_errors
-                .with_label_values(&["malformed_connect"])
-                .inc();
-            let code = if e.unsupported_version {
-                Some(ConnAckCode::UnsupportedVersion)
-            } else if e.client_id_rejected {
-                Some(ConnAckCode::ClientIdNotValid)
-            } else {
-                None
-            };
-            if let Some(code) = code {
-                let _ = codec.encode(Outbound::refused(code), &mut wbuf);
-            }
-            close_with(&mut transport, &wbuf).await;
-            return None;
-        }
-        Err(_) => {
-            broker
-                .metrics
-                .connections_refused
-                .with_label_values(&["connect_timeout"])
-                .inc();
-            return None;
-        }
-    };
-    // Authenticate before anything else touches a session (here or, clustered, on another
-    // node): a refused client gets its CONNACK code and nothing more.
-    let extra_acl = match authenticate(&broker, &connect, peer).await {
-        Ok(rules) => rules,
-        Err((code, why)) => {
-            tracing::debug!(%peer, client_id = %connect.client_id, reason = why, "authentication failed");
-            broker
-                .metrics
-                .connections_refused
-                .with_label_values(&[why])
-                .inc();
-            let _ = codec.encode(Outbound::refused(code), &mut wbuf);
-            close_with(&mut transport, &wbuf).await;
-            return None;
-        }
-    };
-    // In a cluster the client id is unique cluster-wide: take the session from whichever node
-    // holds it before answering CONNECT.
-    let owner = connect.username.as_deref();
-    if broker
-        .prepare_session(&connect.client_id, connect.clean_start, owner)
-        .await
-        .is_err()
-    {
-        tracing::debug!(%peer, client_id = %connect.client_id, "session owned by another identity; refused");
-        broker
-            .metrics
-            .connections_refused
-            .with_label_values(&["session_owner"])
-            .inc();
-        let _ = codec.encode(Outbound::refused(ConnAckCode::NotAuthorized), &mut wbuf);
-        let _ = transport.write_all(&wbuf).await;
-        transport.close().await;
-        return None;
-    }
-    match Conn::accept(
-        broker, codec, peer, listener, *connect, extra_acl, &mut wbuf,
-    ) {
-        Ok(conn) => Some(Opened {
-            conn,
-            transport,
-            rbuf,
-            wbuf,
-        }),
-        Err(()) => {
-            close_with(&mut transport, &wbuf).await;
-            None
-        }
-    }
-}
-
-/// Runs the authentication chain for a CONNECT (skipped when it admits everyone). On success
-/// returns the extra ACL rules for this connection; on refusal the CONNACK code and the
-/// `connections_refused` reason.
-async fn authenticate(
-    broker: &Broker,
-    c: &Connect,
-    peer: SocketAddr,
-) -> Result<Vec<acl::Rule>, (ConnAckCode, &'static str)> {
-    if broker.auth.is_open() {
-        return Ok(Vec::new());
-    }
-    if broker.auth_failures.blocked(peer.ip(), Instant::now()) {
-        return Err((ConnAckCode::BadCredentials, "auth_rate_limited"));
-    }
-    let ctx = ConnectCtx {
-        client_id: &c.client_id,
-        username: c.username.as_deref(),
-        password: c.password.as_deref(),
-        peer,
-        protocol: c.protocol.label(),
-    };
-    match broker.auth.authenticate(&ctx).await {
-        AuthDecision::Allow { acl, .. } => Ok(acl),
-        AuthDecision::Deny(r) => Err({
-            if matches!(r, Refusal::BadCredentials | Refusal::NotAuthorized) {
-                broker.auth_failures.failed(peer.ip(), Instant::now());
-            }
-            match r {
-                Refusal::BadCredentials => (ConnAckCode::BadCredentials, "bad_credentials"),
-                Refusal::NotAuthorized => (ConnAckCode::NotAuthorized, "not_authorized"),
-                Refusal::ClientIdNotAllowed => {
-                    (ConnAckCode::ClientIdNotValid, "client_id_not_allowed")
-                }
-                Refusal::BackendUnavailable => {
-                    (ConnAckCode::NotAuthorized, "auth_backend_unavailable")
-                }
-            }
-        }),
-    }
-}
-
-/// Writes `last` (a refusing CONNACK) and closes, within [`FLUSH_BEFORE_CLOSE`] in all: a
-/// client that does not read is not waited for.
-async fn close_with(t: &mut Transport, last: &[u8]) {
-    let _ = tokio::time::timeout(FLUSH_BEFORE_CLOSE, async {
-        if !last.is_empty() {
-            let _ = t.write_all(last).await;
-        }
-        t.close().await;
-    })
-    .await;
-}
-
-/// Writes what is buffered (acknowledgements of packets handled before an error go out
-/// first [MQTT-4.3.2-4, 4.3.3-8]), then hands back why the connection ends.
-async fn flush_then(t: &mut Transport, wbuf: &BytesMut, end: End) -> End {
-    if !wbuf.is_empty() {
-        let _ = tokio::time::timeout(FLUSH_BEFORE_CLOSE, t.write_all(wbuf)).await;
-    }
-    end
-}
-
-/// Waits until none of `held` holds its publisher back any more: each drained to its
-/// low-water mark, went offline, or stayed congested past the drain timeout. Cancel-safe.
-async fn wait_drained(held: &mut Vec<Arc<Session>>, bounds: &QueueBounds) {
-    /// A wake-up that is lost (another session drained, a session went offline) costs at
-    /// most this much.
-    const RECHECK: Duration = Duration::from_millis(50);
-    loop {
-        let mut until: Option<Instant> = None;
-        held.retain(|s| match s.holds_back(bounds) {
-            Some(t) => {
-                until = Some(until.map_or(t, |u| u.min(t)));
-                true
-            }
-            None => false,
-        });
-        let (Some(first), Some(until)) = (held.first().cloned(), until) else {
-            return;
-        };
-        let notified = crate::session::DRAINED.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        if first.holds_back(bounds).is_none() {
-            continue;
-        }
-        let wake = until.min(Instant::now() + RECHECK);
-        tokio::select! {
-            _ = notified => {}
-            _ = tokio::time::sleep_until(wake.into()) => {}
-        }
-    }
-}
-
-/// Reads until one whole packet is decoded; `Ok(None)` if the peer closed first.
-async fn read_packet(
-    t: &mut Transport,
-    codec: &mut Codec,
-    buf: &mut BytesMut,
-) -> Result<Option<Inbound>, codec::DecodeError> {
-    loop {
-        if let Some(p) = codec.decode(buf)? {
-            return Ok(Some(p));
-        }
-        match t.read(buf).await {
-            Ok(0) | Err(_) => return Ok(None),
-            Ok(_) => {}
-        }
-    }
-}
-
 /// State of an accepted connection.
-struct Conn {
-    broker: Arc<Broker>,
-    codec: Codec,
-    protocol: Protocol,
-    session: Arc<Session>,
-    generation: u64,
-    keep_alive: Duration,
+pub(super) struct Conn {
+    pub(super) broker: Arc<Broker>,
+    pub(super) codec: Codec,
+    pub(super) protocol: Protocol,
+    pub(super) session: Arc<Session>,
+    pub(super) generation: u64,
+    pub(super) keep_alive: Duration,
     /// Boxed: most clients set no will, and this struct lives as long as the connection.
-    will: Option<Box<Will>>,
+    pub(super) will: Option<Box<Will>>,
     max_inflight: u16,
     /// Topic aliases in both directions, allocated on first use (most clients use none).
     aliases: Option<Box<Aliases>>,
@@ -447,20 +93,20 @@ struct Conn {
     expiry_was_zero: bool,
     /// What `$SYS` and hooks report about this connection: its address, kick slot and ACL
     /// (shared with the session, which shows it to the admin API).
-    info: Arc<ConnInfo>,
+    pub(super) info: Arc<ConnInfo>,
     /// Accept time in µs since the epoch: identifies this connection in stored events.
-    connected_at_us: u64,
+    pub(super) connected_at_us: u64,
     /// Message and byte rate buckets; `None` when no rate is configured.
-    limits: Option<Box<ConnLimits>>,
+    pub(super) limits: Option<Box<ConnLimits>>,
     /// Sessions this client's last PUBLISH was routed into while they were above their
     /// high-water mark: its socket is not read until they drain (bounded in time).
     congested: Vec<Arc<Session>>,
     /// A write was abandoned midway: nothing more may be written.
-    write_torn: bool,
+    pub(super) write_torn: bool,
     /// PUBACK / PUBREC held back while this client's own session is congested.
     /// Each with the durable store's mark it waits for (0: none): PUBACK / PUBREC are sent
     /// in PUBLISH order once what their PUBLISH changed is on disk.
-    held_acks: HeldAcks,
+    pub(super) held_acks: HeldAcks,
 }
 
 /// Acknowledgements held back, each with the store mark it waits for; the queue is allocated
@@ -468,14 +114,14 @@ struct Conn {
 /// boxed, the field is one word instead of four).
 #[derive(Default)]
 #[allow(clippy::box_collection)]
-struct HeldAcks(Option<Box<std::collections::VecDeque<(u64, Outbound)>>>);
+pub(super) struct HeldAcks(Option<Box<std::collections::VecDeque<(u64, Outbound)>>>);
 
 impl HeldAcks {
-    fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.0.as_ref().map_or(0, |q| q.len())
     }
 
-    fn is_empty(&self) -> bool {
+    pub(super) fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
@@ -493,7 +139,7 @@ impl HeldAcks {
 
     /// Gives the queue's memory back when it is empty and grew past `keep` entries (or
     /// always, with `keep` 0).
-    fn shrink(&mut self, keep: usize) {
+    pub(super) fn shrink(&mut self, keep: usize) {
         if self
             .0
             .as_ref()
@@ -516,7 +162,7 @@ struct Aliases {
 impl Conn {
     /// Validates CONNECT, opens the session and writes CONNACK into `wbuf`. On refusal the
     /// refusing CONNACK is in `wbuf` and `Err` is returned.
-    fn accept(
+    pub(super) fn accept(
         broker: Arc<Broker>,
         mut codec: Codec,
         peer: SocketAddr,
@@ -888,230 +534,16 @@ impl Conn {
         }
     }
 
-    /// Serves the connection until it ends, or until it has had nothing to do for
-    /// [`PARK_AFTER`] and may park (plain TCP only). A connection `resumed` after a long park
-    /// parks again as soon as it is idle ([`REPARK_AFTER`]): what woke it was most likely one
-    /// packet (a ping, a reading) or one message, and a fleet that pings in step would
-    /// otherwise hold a task per device for the whole grace.
-    async fn run(
-        &mut self,
-        t: &mut Transport,
-        mut rbuf: BytesMut,
-        mut wbuf: BytesMut,
-        resumed: Option<Resumed>,
-    ) -> Served {
-        let shutdown = self.broker.shutdown.clone();
-        let session = self.session.clone();
-        let kick = self.info.kick.clone();
-        let ka = self.keep_alive;
-        let start = tokio::time::Instant::now();
-        // When the client is let go unless a packet comes first (`None`: never). Moving it
-        // later does not touch the timer: `sleep` fires at or before it and is re-armed then.
-        let mut ka_deadline = match resumed {
-            Some(r) => r.keep_alive,
-            None => (!ka.is_zero()).then(|| start + ka),
-        };
-        // Only plain TCP connections park (the others' streams keep state a socket does not).
-        let parks = matches!(t, Transport::Tcp(_)) && self.broker.parker().is_some();
-        let grace = match resumed {
-            Some(r) if r.parked_for >= PARK_AFTER => REPARK_AFTER,
-            _ => PARK_AFTER,
-        };
-        // When the serving loop last had something to do.
-        let mut active_at = start;
-        let sleep =
-            tokio::time::sleep_until(next_timer(ka_deadline, parks.then_some(start + grace)));
-        tokio::pin!(sleep);
-        // While over its rate the client is not read from until this instant.
-        let mut paused: Option<tokio::time::Instant> = None;
-        // While not empty the client is not read from: sessions its PUBLISHes went into that
-        // are above their high-water mark (each holds it back at most the drain timeout).
-        let mut held: Vec<Arc<Session>> = Vec::new();
-        // Read through the broker, not copied into this long-lived future.
-        let broker = self.broker.clone();
-        let packet_timeout = broker.packet_timeout();
-        // When the last bytes arrived: a packet left partly received stalls from there.
-        let mut last_bytes = tokio::time::Instant::now();
-        loop {
-            let more = match self.drain(&mut wbuf) {
-                Ok(more) => more,
-                Err(end) => return Served::Ended(end),
-            };
-            self.release_acks(&broker.queue_bounds, &mut wbuf);
-            if !wbuf.is_empty() {
-                let n = wbuf.len();
-                // A client that stops reading must not hold up a kick or shutdown, and is let
-                // go after the write deadline (which also bounds how long keep alive, checked
-                // between writes, can be kept waiting).
-                tokio::select! {
-                    biased;
-                    k = kick.recv() => return Served::Ended(self.torn(End::Kicked(k))),
-                    _ = shutdown.cancelled() => return Served::Ended(self.torn(End::Kicked(Kick::ShuttingDown))),
-                    r = tokio::time::timeout(broker.write_timeout(), t.write_all(&wbuf)) => match r {
-                        Ok(Ok(())) => {}
-                        Ok(Err(_)) => return Served::Ended(End::Lost),
-                        Err(_) => return Served::Ended(self.torn(End::WriteTimeout)),
-                    },
-                }
-                self.broker.metrics.bytes_sent.inc_by(n as u64);
-                wbuf.clear();
-                if !more || wbuf.capacity() > 4 * WRITE_BATCH {
-                    // Idle connections hold no write buffer either.
-                    wbuf = BytesMut::new();
-                }
-            }
-            if more {
-                session.notify.notify_one();
-            }
-            if self.hold_for_congestion(&mut held) && !ka.is_zero() {
-                // Not reading is the broker's doing: keep alive waits too.
-                let until = tokio::time::Instant::now() + broker.queue_bounds.congestion_timeout;
-                ka_deadline = Some(until + ka);
-            }
-            if rbuf.is_empty() && rbuf.capacity() > 0 && !more && paused.is_none() {
-                // Idle connections hold no read buffer.
-                rbuf = BytesMut::new();
-            }
-            // At most an ack window of acknowledgements wait for the store (`ack_window`); past
-            // that the client is not read from until the store catches up (an MQTT 5 client that
-            // respects the receive maximum never gets there). Acks held only for this client's
-            // own congested session never stop reading: its PUBACKs for deliveries are what
-            // drain that session.
-            // Both decisions come from one look at the store, so a mark that becomes durable in
-            // between cannot leave reading stopped with nothing to wake the loop.
-            let (awaited, ack_wait) = self.ack_wait(&broker.queue_bounds);
-            let acks_room = !awaited || self.held_acks.len() < self.ack_window();
-            // A packet partly received while the broker is reading must keep coming.
-            let stalled_at = packet_timeout
-                .filter(|_| {
-                    self.codec.mid_packet(&rbuf) && paused.is_none() && held.is_empty() && acks_room
-                })
-                .map(|t| last_bytes + t);
-            tokio::select! {
-                biased;
-                k = kick.recv() => return Served::Ended(End::Kicked(k)),
-                _ = shutdown.cancelled() => return Served::Ended(End::Kicked(Kick::ShuttingDown)),
-                r = t.read(&mut rbuf), if paused.is_none() && held.is_empty() && acks_room => {
-                    match r {
-                        Ok(0) | Err(_) => return Served::Ended(End::Lost),
-                        Ok(n) => {
-                            last_bytes = tokio::time::Instant::now();
-                            self.broker.metrics.bytes_received.inc_by(n as u64);
-                            let mut wait = None;
-                            if let Some(b) = self.limits.as_mut().and_then(|l| l.bytes.as_mut()) {
-                                wait = b.take(n as u64, Instant::now());
-                                if wait.is_some() {
-                                    self.broker.metrics.throttled_bytes.inc();
-                                }
-                            }
-                            if wait.is_some()
-                                && self.broker.config.limits.over_rate == OverRate::Disconnect
-                            {
-                                return Served::Ended(End::RateLimited);
-                            }
-                            let decoded = self.codec.decoded();
-                            match self.process(&mut rbuf, &mut wbuf) {
-                                Ok(w) => wait = wait.max(w),
-                                Err(end) => return Served::Ended(flush_then(t, &wbuf, end).await),
-                            }
-                            // Keep alive counts whole control packets [MQTT-3.1.2-24], not
-                            // bytes: a client trickling one packet byte by byte is let go
-                            // after one and a half keep alive periods all the same.
-                            if self.codec.decoded() != decoded && !ka.is_zero() {
-                                ka_deadline = Some(tokio::time::Instant::now() + ka);
-                            }
-                            paused = wait.map(|w| tokio::time::Instant::now() + w);
-                            if let (Some(until), false) = (paused, ka.is_zero()) {
-                                // Not reading is the broker's doing: keep alive waits too.
-                                ka_deadline = Some(until + ka);
-                            }
-                        }
-                    }
-                }
-                // The rarely armed branches are boxed only while armed, so an idle connection's
-                // future does not carry their state (see `serve`).
-                _ = OptionFuture::from(paused.map(|p| Box::pin(tokio::time::sleep_until(p)))), if paused.is_some() => {
-                    // Back under the rate: finish what is buffered, then read again.
-                    if !ka.is_zero() {
-                        ka_deadline = Some(tokio::time::Instant::now() + ka);
-                    }
-                    match self.process(&mut rbuf, &mut wbuf) {
-                        Ok(w) => {
-                            paused = w.map(|w| tokio::time::Instant::now() + w);
-                            if let (Some(until), false) = (paused, ka.is_zero()) {
-                                ka_deadline = Some(until + ka);
-                            }
-                        }
-                        Err(end) => return Served::Ended(flush_then(t, &wbuf, end).await),
-                    }
-                }
-                _ = OptionFuture::from((!held.is_empty()).then(|| Box::pin(wait_drained(&mut held, &broker.queue_bounds)))), if !held.is_empty() => {
-                    // The sessions drained (or stopped counting as draining): finish what is
-                    // buffered, then read again — unless a rate pause is still running.
-                    if !ka.is_zero() {
-                        ka_deadline = Some(tokio::time::Instant::now() + ka);
-                    }
-                    if paused.is_none() {
-                        match self.process(&mut rbuf, &mut wbuf) {
-                            Ok(w) => paused = w.map(|w| tokio::time::Instant::now() + w),
-                            Err(end) => return Served::Ended(flush_then(t, &wbuf, end).await),
-                        }
-                    }
-                }
-                _ = session.notify.notified() => {}
-                // Acknowledgements waiting for the store: sent by the next turn's
-                // `release_acks` once durable; a failed store sends none of them.
-                r = OptionFuture::from(ack_wait.and_then(|m| Some(Box::pin(broker.durable.as_ref()?.store().wait_durable(m))))), if ack_wait.is_some() => {
-                    if let Some(Err(_)) = r {
-                        return Served::Ended(End::Protocol(
-                            Reason::UnspecifiedError,
-                            "the durable store failed; unacknowledged messages were not kept".into(),
-                        ));
-                    }
-                }
-                _ = &mut sleep => {
-                    let now = tokio::time::Instant::now();
-                    if ka_deadline.is_some_and(|d| d <= now) {
-                        return Served::Ended(End::KeepAlive);
-                    }
-                    let idle_since = active_at.max(last_bytes);
-                    // Not mid-packet: the codec may hold a fixed header it took off `rbuf`.
-                    let idle = !self.codec.mid_packet(&rbuf)
-                        && wbuf.is_empty()
-                        && paused.is_none()
-                        && held.is_empty()
-                        && self.held_acks.is_empty()
-                        && ack_wait.is_none();
-                    if parks && idle && idle_since + grace <= now {
-                        return Served::Idle(ka_deadline);
-                    }
-                    // Not idle yet (acks held, a pause): look again in a while.
-                    let park_at = parks.then(|| (idle_since + grace).max(now + PARK_AFTER / 4));
-                    sleep.as_mut().reset(next_timer(ka_deadline, park_at));
-                    // The timer is not activity.
-                    continue;
-                }
-                _ = OptionFuture::from(stalled_at.map(|d| Box::pin(tokio::time::sleep_until(d)))), if stalled_at.is_some() => {
-                    return Served::Ended(End::Protocol(
-                        Reason::ProtocolError,
-                        "a packet stalled midway (mqtt.packet_timeout)".into(),
-                    ));
-                }
-            }
-            active_at = tokio::time::Instant::now();
-        }
-    }
-
     /// Notes that a write was abandoned midway (the stream may end inside a packet), so
     /// closing sends no DISCONNECT; hands `end` back.
-    fn torn(&mut self, end: End) -> End {
+    pub(super) fn torn(&mut self, end: End) -> End {
         self.write_torn = true;
         end
     }
 
     /// Moves the sessions the last PUBLISHes found congested into `held`; true when the
     /// connection starts waiting (counted as a pause).
-    fn hold_for_congestion(&mut self, held: &mut Vec<Arc<Session>>) -> bool {
+    pub(super) fn hold_for_congestion(&mut self, held: &mut Vec<Arc<Session>>) -> bool {
         if self.congested.is_empty() {
             return false;
         }
@@ -1130,7 +562,7 @@ impl Conn {
     /// Decodes and handles the packets in `rbuf`. Stops early when the client goes over its
     /// message rate, returning how long to stop reading (the rest stays buffered), or when a
     /// PUBLISH went into a congested session (`self.congested` is then not empty).
-    fn process(
+    pub(super) fn process(
         &mut self,
         rbuf: &mut BytesMut,
         wbuf: &mut BytesMut,
@@ -1165,7 +597,7 @@ impl Conn {
 
     /// Moves queued messages into the inflight window and encodes them. Returns whether more
     /// could be sent right away (the write batch filled up).
-    fn drain(&mut self, wbuf: &mut BytesMut) -> Result<bool, End> {
+    pub(super) fn drain(&mut self, wbuf: &mut BytesMut) -> Result<bool, End> {
         let now = Instant::now();
         let session = self.session.clone();
         let mut st = session.state.lock();
@@ -1798,7 +1230,7 @@ impl Conn {
     /// 10–100), and without a store the broker acknowledges them at once; so durable sessions
     /// let it keep that window, up to [`V3_ACK_WINDOW`], instead of cutting it to the receive
     /// maximum.
-    fn ack_window(&self) -> usize {
+    pub(super) fn ack_window(&self) -> usize {
         let announced = usize::from(self.broker.config.mqtt.receive_maximum);
         if self.protocol.is_v5() {
             announced
@@ -1809,7 +1241,7 @@ impl Conn {
 
     /// Sends the held acknowledgements whose marks are durable, in order, once this client's
     /// own session no longer holds publishers back.
-    fn release_acks(&mut self, bounds: &QueueBounds, wbuf: &mut BytesMut) {
+    pub(super) fn release_acks(&mut self, bounds: &QueueBounds, wbuf: &mut BytesMut) {
         if self.held_acks.is_empty() || self.session.holds_back(bounds).is_some() {
             return;
         }
@@ -1835,7 +1267,7 @@ impl Conn {
     /// (it became durable since `release_acks`: the wait resolves at once and the next turn
     /// sends it). Acks held only for the client's own congested session are released by the
     /// queue's wake-up instead.
-    fn ack_wait(&self, bounds: &QueueBounds) -> (bool, Option<u64>) {
+    pub(super) fn ack_wait(&self, bounds: &QueueBounds) -> (bool, Option<u64>) {
         let (Some(&(mark, _)), Some(db)) = (self.held_acks.front(), self.broker.durable.as_ref())
         else {
             return (false, None);
@@ -1914,199 +1346,277 @@ impl Conn {
             });
         }
     }
-
-    /// Closes the connection: DISCONNECT with a reason for MQTT 5 where one applies, the will
-    /// unless the client said goodbye, and the session handed back to the broker.
-    /// Parks this idle connection (see [`crate::park`]): its task ends, its state waits
-    /// without one until its socket, session, a kick, its keep alive or shutdown needs it.
-    fn park(
-        mut self,
-        t: Transport,
-        keep_alive: Option<tokio::time::Instant>,
-        admission: Admission,
-    ) {
-        let Transport::Tcp(stream) = t else {
-            unreachable!("only plain TCP connections park (Conn::run)");
-        };
-        // Parks with nothing it does not need (`run` parks only with no acks held).
-        self.held_acks.shrink(0);
-        let Some(parker) = self.broker.parker().cloned() else {
-            unreachable!("the serving loop parks only with a parker (Conn::run)");
-        };
-        let stream = match stream.into_std() {
-            Ok(s) => s,
-            Err(e) => {
-                // Tokio dropped the socket with the error: the connection is lost.
-                tracing::warn!(error = %e, "could not park a connection");
-                tokio::spawn(async move { Box::pin(self.finish(End::Lost, None)).await });
-                return;
-            }
-        };
-        let session = self.session.clone();
-        let kick = self.info.kick.clone();
-        let generation = self.generation;
-        let (waker, ticket) = parker.park(
-            stream,
-            keep_alive,
-            Box::new(ParkedConn {
-                conn: self,
-                admission,
-            }),
-        );
-        // What arrived since the serving loop last looked would have found no waker: only
-        // an empty queue of a session still ours may wait, and the waker goes in under the
-        // session's lock, where the next message looks for it.
-        let stays = {
-            let st = session.state.lock();
-            st.generation == generation && !st.ended && st.queue.is_empty() && kick.park(waker)
-        };
-        if stays {
-            parker.arm(ticket);
-        } else {
-            parker.unpark(ticket);
-        }
-    }
-
-    async fn finish(mut self, end: End, mut t: Option<&mut Transport>) {
-        let (reason, server_ref, publish_will) = match &end {
-            End::ClientDisconnect { will } => (None, None, *will),
-            End::Lost => (None, None, true),
-            End::KeepAlive => (Some(Reason::KeepAliveTimeout), None, true),
-            End::Protocol(code, why) => {
-                let byte = code.code();
-                tracing::debug!(peer = %self.info.peer, client_id = %self.session.client_id, code = byte, reason = %why, "protocol error");
-                self.broker
-                    .metrics
-                    .protocol_errors
-                    .with_label_values(&[&format!("0x{byte:02X}")])
-                    .inc();
-                (Some(*code), None, true)
-            }
-            End::Kicked(Kick::TakenOver) => (Some(Reason::SessionTakenOver), None, true),
-            End::Kicked(Kick::Administrative) => (Some(Reason::AdministrativeAction), None, true),
-            End::Kicked(Kick::ShuttingDown) => (Some(Reason::ServerShuttingDown), None, true),
-            End::Kicked(Kick::UseAnotherServer(r)) => {
-                (Some(Reason::UseAnotherServer), r.clone(), true)
-            }
-            End::RateLimited => {
-                self.broker.metrics.rate_disconnects.inc();
-                (Some(Reason::MessageRateTooHigh), None, true)
-            }
-            End::WriteTimeout => {
-                self.broker.metrics.write_timeouts.inc();
-                tracing::info!(peer = %self.info.peer, client_id = %self.session.client_id, "client stopped reading; disconnected after the write timeout");
-                (None, None, true)
-            }
-        };
-        if self.broker.tracer.is_traced(&self.session.client_id, None) {
-            let line = format!("CLOSE reason={}", end.label());
-            self.broker
-                .tracer
-                .record(&self.session.client_id, None, Dir::Out, &line);
-        }
-        if let (Some(code), true, false) = (reason, self.protocol.is_v5(), self.write_torn) {
-            let mut buf = BytesMut::new();
-            if self
-                .codec
-                .encode(
-                    Outbound::Disconnect {
-                        reason: code.code(),
-                        server_reference: server_ref,
-                    },
-                    &mut buf,
-                )
-                .is_ok()
-            {
-                if let Some(t) = t.as_mut() {
-                    let _ = tokio::time::timeout(FLUSH_BEFORE_CLOSE, t.write_all(&buf)).await;
-                }
-            }
-        }
-        self.broker.metrics.connections.dec();
-        let will = self.will.take().filter(|w| {
-            if crate::sys::is_sys(&w.topic) {
-                self.broker.metrics.dropped("sys_topic");
-                return false;
-            }
-            let ok = self.info.acl.check(Action::Publish, &w.topic) == Permission::Allow;
-            if !ok {
-                self.broker.metrics.acl.publish_deny.inc();
-                self.broker.metrics.dropped("acl_denied");
-            }
-            ok
-        });
-        if let (true, Some(will)) = (publish_will, will) {
-            self.broker.schedule_will(
-                *will,
-                self.session.client_id.clone(),
-                self.session.clone(),
-                self.generation,
-            );
-        }
-        self.broker.close_session(&self.session, self.generation);
-        if self.broker.hooks.wants(EventKind::ClientDisconnected) {
-            self.broker.hooks.emit(Event::ClientDisconnected {
-                client_id: self.session.client_id.to_string(),
-                username: self.info.username.clone(),
-                peer: self.info.peer.to_string(),
-                reason: end.label(),
-                connected_at_us: self.connected_at_us,
-            });
-        }
-        crate::sys::client_disconnected(
-            &self.broker,
-            &self.session.client_id,
-            &self.info,
-            end.label(),
-        );
-        tracing::debug!(peer = %self.info.peer, client_id = %self.session.client_id, end = ?end, "client disconnected");
-        // Last, after the session is handed back: half-close and discard what the client is
-        // still sending, so the kernel sends FIN rather than RST and the client reads the
-        // DISCONNECT above.
-        let linger = u64::from(self.broker.config.mqtt.max_packet_size).saturating_mul(2);
-        if let Some(t) = t {
-            tokio::time::timeout(Duration::from_secs(2), t.linger_close(linger))
-                .await
-                .ok();
-        }
-    }
 }
 
+/// The protocol driven packet by packet: bytes a client would send go into [`Conn::process`],
+/// what the connection answers comes out of its write buffer — no socket, no task.
 #[cfg(test)]
 mod tests {
-    /// The connection task lives as long as the connection is busy (an idle one parks
-    /// without it): its future must not grow back. Handshake, close and rarely armed waits
-    /// are boxed so that only the serving loop's state is inline; a large state added to it
-    /// fails here before it shows in `bench/compare.sh`'s rows. Measured in the test (debug)
-    /// build; the release layout is smaller.
+    use super::*;
+    use corvid_testkit::raw::{pkt, take_packet, Packet};
+    use corvid_testkit::{Protocol as V, Wire};
+
+    fn broker() -> Arc<Broker> {
+        Broker::new(crate::config::Config::default()).expect("broker")
+    }
+
+    /// One client's connection, as the serving loop would hold it.
+    struct Client {
+        conn: Conn,
+        v: V,
+    }
+
+    impl Client {
+        /// CONNECTs `id` (clean start, keep alive 60 s); returns the connection and its
+        /// CONNACK.
+        fn connect(broker: &Arc<Broker>, v: V, id: &str) -> (Client, Packet) {
+            let mut rbuf = BytesMut::new();
+            Wire::new(v)
+                .connect(id, 60, &mut rbuf)
+                .expect("encode CONNECT");
+            let mut codec = Codec::new(broker.config.mqtt.max_packet_size);
+            let Ok(Some(Inbound::Connect(c))) = codec.decode(&mut rbuf) else {
+                panic!("the CONNECT does not decode");
+            };
+            let mut wbuf = BytesMut::new();
+            let peer = SocketAddr::from(([192, 0, 2, 1], 50000));
+            let Ok(conn) = Conn::accept(
+                broker.clone(),
+                codec,
+                peer,
+                "mqtt",
+                *c,
+                Vec::new(),
+                &mut wbuf,
+            ) else {
+                panic!("CONNECT refused");
+            };
+            let connack = take_packet(&mut wbuf).expect("a CONNACK");
+            assert!(wbuf.is_empty(), "only a CONNACK answers CONNECT");
+            (Client { conn, v }, connack)
+        }
+
+        /// Hands `bytes` to the connection as one read, then lets it send what its session
+        /// holds; returns every packet it writes, or why it ends.
+        fn send(&mut self, bytes: &[u8]) -> Result<Vec<Packet>, End> {
+            let mut rbuf = BytesMut::from(bytes);
+            let mut wbuf = BytesMut::new();
+            self.conn.process(&mut rbuf, &mut wbuf)?;
+            self.conn.drain(&mut wbuf)?;
+            let broker = self.conn.broker.clone();
+            self.conn.release_acks(&broker.queue_bounds, &mut wbuf);
+            let mut out = Vec::new();
+            while let Some(p) = take_packet(&mut wbuf) {
+                out.push(p);
+            }
+            assert!(wbuf.is_empty(), "a packet was cut short");
+            Ok(out)
+        }
+
+        /// Subscribes to `filter` and checks the SUBACK grants `qos`.
+        fn subscribe(&mut self, filter: &str, qos: u8) {
+            let out = self
+                .send(&pkt::subscribe(self.v, 1, filter, qos))
+                .expect("SUBSCRIBE");
+            assert_eq!(out.len(), 1, "one SUBACK: {out:?}");
+            assert_eq!(out[0].kind(), pkt::SUBACK);
+            assert_eq!(out[0].body.last(), Some(&qos), "granted QoS");
+        }
+
+        fn publish(
+            &mut self,
+            topic: &str,
+            qos: u8,
+            id: u16,
+            payload: &[u8],
+        ) -> Result<Vec<Packet>, End> {
+            self.send(&pkt::publish(self.v, topic.as_bytes(), qos, id, payload))
+        }
+
+        fn inflight(&self) -> usize {
+            self.conn.session.state.lock().inflight.len()
+        }
+    }
+
+    /// The packet id and (MQTT 5, where present) reason code of a PUBACK / PUBREC / PUBCOMP.
+    fn ack_of(p: &Packet, kind: u8) -> (u16, u8) {
+        assert_eq!(p.kind(), kind, "{p:?}");
+        let id = u16::from_be_bytes([p.body[0], p.body[1]]);
+        (id, p.body.get(2).copied().unwrap_or(0))
+    }
+
     #[tokio::test]
-    async fn the_connection_future_stays_small() {
-        let broker = crate::broker::Broker::new(crate::config::Config::default()).expect("broker");
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = l.local_addr().expect("addr");
-        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let transport = crate::transport::Transport::Tcp(stream);
-        let fut = super::serve(broker, transport, addr, "mqtt", Default::default());
-        let size = std::mem::size_of_val(&fut);
-        assert!(size <= 2176, "the connection future is {size} bytes");
-        assert!(
-            std::mem::size_of::<super::Conn>() <= 512,
-            "Conn is {} bytes",
-            std::mem::size_of::<super::Conn>()
+    async fn a_qos1_publish_is_acknowledged_and_delivered_across_versions() {
+        let b = broker();
+        let (mut sub, connack) = Client::connect(&b, V::V311, "sub");
+        assert_eq!((connack.kind(), connack.reason()), (pkt::CONNACK, 0));
+        sub.subscribe("t/+", 1);
+        let (mut publisher, connack) = Client::connect(&b, V::V5, "pub");
+        assert_eq!((connack.kind(), connack.reason()), (pkt::CONNACK, 0));
+
+        let out = publisher.publish("t/1", 1, 7, b"hello").expect("PUBLISH");
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(ack_of(&out[0], pkt::PUBACK), (7, 0));
+
+        let out = sub.send(&[]).expect("drain");
+        assert_eq!(out.len(), 1, "{out:?}");
+        let (topic, id, payload) = out[0].publish(V::V311);
+        assert_eq!((topic.as_str(), payload.as_slice()), ("t/1", &b"hello"[..]));
+        let id = id.expect("QoS 1 delivery has a packet id");
+        assert_eq!(sub.inflight(), 1);
+        assert!(sub.send(&pkt::puback(id)).expect("PUBACK").is_empty());
+        assert_eq!(sub.inflight(), 0, "the PUBACK ends the delivery");
+
+        // Nobody subscribed: MQTT 5 says so in the PUBACK.
+        let out = publisher
+            .publish("nobody/here", 1, 8, b"x")
+            .expect("PUBLISH");
+        assert_eq!(
+            ack_of(&out[0], pkt::PUBACK),
+            (8, Reason::NoMatchingSubscribers.code())
         );
     }
 
-    /// What a parked (idle) connection keeps is its protocol state and its session: each a
-    /// long-lived allocation per connected client, sized to stay in the allocator's size class
-    /// they are in today (jemalloc: 192 and 320 bytes with the `Arc` counts). A field added to
-    /// either shows here before it shows in `bench/compare.sh`'s idle row.
-    #[test]
-    fn what_an_idle_connection_keeps_stays_small() {
-        let parked = std::mem::size_of::<super::ParkedConn>();
-        assert!(parked <= 192, "a parked connection is {parked} bytes");
-        let session = std::mem::size_of::<crate::session::Session>();
-        assert!(session <= 304, "a session is {session} bytes");
+    #[tokio::test]
+    async fn a_qos2_publish_resent_before_pubrel_is_acknowledged_again_and_delivered_once() {
+        let b = broker();
+        let (mut sub, _) = Client::connect(&b, V::V5, "sub");
+        sub.subscribe("q/2", 0);
+        let (mut publisher, _) = Client::connect(&b, V::V311, "pub");
+
+        let out = publisher.publish("q/2", 2, 9, b"once").expect("PUBLISH");
+        assert_eq!(ack_of(&out[0], pkt::PUBREC).0, 9);
+        // The PUBREC was lost; the client resends with DUP [MQTT-4.3.3].
+        let mut resend = pkt::publish(V::V311, b"q/2", 2, 9, b"once");
+        resend[0] |= 0x08;
+        let out = publisher.send(&resend).expect("resend");
+        assert_eq!(ack_of(&out[0], pkt::PUBREC).0, 9);
+
+        let out = sub.send(&[]).expect("drain");
+        assert_eq!(out.len(), 1, "delivered exactly once: {out:?}");
+        assert_eq!(out[0].publish(V::V5).2, b"once");
+
+        let out = publisher.send(&pkt::pubrel(9)).expect("PUBREL");
+        assert_eq!(ack_of(&out[0], pkt::PUBCOMP).0, 9);
+        assert!(publisher.conn.session.state.lock().incoming_qos2.is_empty());
+        assert!(sub.send(&[]).expect("drain").is_empty(), "nothing more");
+    }
+
+    #[tokio::test]
+    async fn deliveries_wait_for_room_in_the_inflight_window() {
+        let b = broker();
+        let (mut sub, _) = Client::connect(&b, V::V311, "sub");
+        sub.subscribe("w", 1);
+        let window = usize::from(sub.conn.max_inflight);
+        let (mut publisher, _) = Client::connect(&b, V::V311, "pub");
+        for i in 0..window + 2 {
+            let id = u16::try_from(i + 1).expect("id");
+            publisher
+                .publish("w", 1, id, &id.to_be_bytes())
+                .expect("PUBLISH");
+        }
+
+        let out = sub.send(&[]).expect("drain");
+        assert_eq!(out.len(), window, "a full window, no more");
+        assert_eq!(sub.inflight(), window);
+        let first = out[0].publish(V::V311).1.expect("packet id");
+        let out = sub.send(&pkt::puback(first)).expect("PUBACK");
+        assert_eq!(out.len(), 1, "one acknowledged, one more sent");
+        let (_, _, payload) = out[0].publish(V::V311);
+        assert_eq!(
+            payload,
+            u16::try_from(window + 1).expect("id").to_be_bytes()
+        );
+    }
+
+    #[tokio::test]
+    async fn topic_aliases_stand_for_their_topic_until_the_connection_ends() {
+        let b = broker();
+        let (mut sub, _) = Client::connect(&b, V::V311, "sub");
+        sub.subscribe("a/b", 0);
+        let (mut publisher, _) = Client::connect(&b, V::V5, "pub");
+        let alias = |n: u16| {
+            let [hi, lo] = n.to_be_bytes();
+            [0x23, hi, lo]
+        };
+        publisher
+            .send(&pkt::publish_with(V::V5, b"a/b", 0, 0, &alias(1), b"1"))
+            .expect("PUBLISH setting alias 1");
+        publisher
+            .send(&pkt::publish_with(V::V5, b"", 0, 0, &alias(1), b"2"))
+            .expect("PUBLISH by alias 1");
+        let out = sub.send(&[]).expect("drain");
+        let got: Vec<_> = out.iter().map(|p| p.publish(V::V311)).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("a/b".to_string(), None, b"1".to_vec()),
+                ("a/b".to_string(), None, b"2".to_vec())
+            ]
+        );
+
+        // An alias never set is a protocol error [MQTT-3.3.4-7] ...
+        let end = publisher
+            .send(&pkt::publish_with(V::V5, b"", 0, 0, &alias(2), b"3"))
+            .expect_err("unknown alias");
+        assert!(
+            matches!(end, End::Protocol(Reason::ProtocolError, _)),
+            "{end:?}"
+        );
+        // ... and one above the maximum the broker announced is invalid [MQTT-3.3.2-9].
+        let (mut other, _) = Client::connect(&b, V::V5, "other");
+        let over = b.config.mqtt.topic_alias_maximum.saturating_add(1);
+        let end = other
+            .send(&pkt::publish_with(V::V5, b"a/b", 0, 0, &alias(over), b"4"))
+            .expect_err("alias over the maximum");
+        assert!(
+            matches!(end, End::Protocol(Reason::TopicAliasInvalid, _)),
+            "{end:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn more_unreleased_qos2_publishes_than_the_receive_maximum_end_the_connection() {
+        let b = broker();
+        let (mut publisher, _) = Client::connect(&b, V::V5, "pub");
+        let max = b.config.mqtt.receive_maximum;
+        let mut burst = Vec::new();
+        for id in 1..=max {
+            burst.extend(pkt::publish(V::V5, b"r", 2, id, b"x"));
+        }
+        let out = publisher.send(&burst).expect("up to the receive maximum");
+        assert_eq!(out.len(), usize::from(max), "a PUBREC each");
+        let end = publisher
+            .publish("r", 2, max + 1, b"x")
+            .expect_err("one over");
+        assert!(
+            matches!(end, End::Protocol(Reason::ReceiveMaximumExceeded, _)),
+            "{end:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_cannot_publish_into_sys_or_connect_twice() {
+        let b = broker();
+        let (mut spy, _) = Client::connect(&b, V::V311, "spy");
+        spy.subscribe("$SYS/fake", 1);
+        let (mut c, _) = Client::connect(&b, V::V5, "c");
+        let out = c.publish("$SYS/fake", 1, 3, b"forged").expect("PUBLISH");
+        assert_eq!(
+            ack_of(&out[0], pkt::PUBACK),
+            (3, Reason::NotAuthorized.code())
+        );
+        assert!(spy.send(&[]).expect("drain").is_empty(), "not delivered");
+
+        // A second CONNECT on a connection is a protocol error [MQTT-3.1.0-2].
+        let mut again = BytesMut::new();
+        Wire::new(V::V5)
+            .connect("c", 60, &mut again)
+            .expect("encode");
+        let end = c.send(&again).expect_err("second CONNECT");
+        assert!(
+            matches!(end, End::Protocol(Reason::ProtocolError, _)),
+            "{end:?}"
+        );
     }
 }
