@@ -47,6 +47,9 @@ pub enum StartError {
     /// The event store cannot be set up.
     #[error(transparent)]
     EventStore(#[from] crate::eventstore::EventStoreError),
+    /// The bridges cannot be set up.
+    #[error(transparent)]
+    Bridges(#[from] crate::bridge::BridgeError),
 }
 
 /// One broker process: the core and what the server wired into it. Dereferences to the

@@ -13,7 +13,9 @@
 //! a bridge once, not once per pod.
 
 pub mod buffer;
+#[cfg(feature = "kafka")]
 pub mod kafka;
+#[cfg(feature = "mqtt-bridge")]
 pub mod mqtt;
 
 use std::sync::Arc;
@@ -263,6 +265,22 @@ impl MetricVecs {
     }
 }
 
+/// Why the bridges could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    /// Metrics registration failed (a bug).
+    #[error("bridges metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// The configuration asks for a kind of bridge this build left out.
+    #[error("{field}: this broker was built without the `{feature}` feature")]
+    NotBuilt {
+        /// The configuration field (`bridges.kafka`, `bridges.mqtt`).
+        field: &'static str,
+        /// The cargo feature that brings it.
+        feature: &'static str,
+    },
+}
+
 /// All configured bridges; built before the broker (it is the broker's tap), started by [`start`].
 #[derive(Debug, Default)]
 pub struct Bridges {
@@ -272,9 +290,21 @@ pub struct Bridges {
 
 impl Bridges {
     /// Builds the bridges' buffers, metrics and status from the configuration (no I/O).
-    pub fn new(config: &BridgesConfig, metrics: &Metrics) -> Result<Self, prometheus::Error> {
+    pub fn new(config: &BridgesConfig, metrics: &Metrics) -> Result<Self, BridgeError> {
         if config.mqtt.is_empty() && config.kafka.is_empty() {
             return Ok(Bridges::default());
+        }
+        if !config.mqtt.is_empty() && !cfg!(feature = "mqtt-bridge") {
+            return Err(BridgeError::NotBuilt {
+                field: "bridges.mqtt",
+                feature: "mqtt-bridge",
+            });
+        }
+        if !config.kafka.is_empty() && !cfg!(feature = "kafka") {
+            return Err(BridgeError::NotBuilt {
+                field: "bridges.kafka",
+                feature: "kafka",
+            });
         }
         let vecs = MetricVecs::new(metrics)?;
         let mut all = Vec::new();
@@ -367,12 +397,18 @@ impl crate::broker::Tap for Bridges {
 pub fn start(broker: &Arc<Broker>, bridges: &Bridges) {
     for cfg in &bridges.config.mqtt {
         if let Some(b) = bridges.get(&cfg.name) {
+            #[cfg(feature = "mqtt-bridge")]
             tokio::spawn(mqtt::run(broker.clone(), b, cfg.clone()));
+            #[cfg(not(feature = "mqtt-bridge"))]
+            let _ = b; // refused by `Bridges::new`
         }
     }
     for cfg in &bridges.config.kafka {
         if let Some(b) = bridges.get(&cfg.name) {
+            #[cfg(feature = "kafka")]
             tokio::spawn(kafka::run(broker.clone(), b, cfg.clone()));
+            #[cfg(not(feature = "kafka"))]
+            let _ = b; // refused by `Bridges::new`
         }
     }
 }
@@ -399,6 +435,28 @@ async fn pause(broker: &Broker, d: Duration) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A configuration that asks for a bridge this build left out is refused with the field
+    /// and the feature named, not silently ignored (runs in builds without the features).
+    #[test]
+    #[cfg(not(all(feature = "kafka", feature = "mqtt-bridge")))]
+    fn a_bridge_left_out_of_the_build_is_refused_by_name() {
+        let metrics = Metrics::new().expect("metrics");
+        let mut config = BridgesConfig::default();
+        let (field, feature) = if cfg!(feature = "kafka") {
+            config.mqtt.push(Default::default());
+            ("bridges.mqtt", "mqtt-bridge")
+        } else {
+            config.kafka.push(Default::default());
+            ("bridges.kafka", "kafka")
+        };
+        let e = Bridges::new(&config, &metrics).expect_err("refused");
+        assert!(
+            matches!(e, BridgeError::NotBuilt { field: f, feature: g } if f == field && g == feature),
+            "{e}"
+        );
+        assert!(e.to_string().contains(field), "{e}");
+    }
 
     #[test]
     fn backoff_grows_and_caps_with_jitter() {

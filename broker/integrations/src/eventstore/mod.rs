@@ -17,7 +17,9 @@
 //! by connection start time, so a replay or a late disconnect from an older connection (a
 //! takeover on another node) never marks a newer connection offline.
 
+#[cfg(feature = "postgres")]
 mod postgres;
+#[cfg(feature = "redis")]
 mod redis;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -43,6 +45,14 @@ pub enum EventStoreError {
     /// Metrics registration failed (a bug).
     #[error("event_store metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// The configuration asks for a store this build left out.
+    #[error("{field}: this broker was built without the `{feature}` feature")]
+    NotBuilt {
+        /// The configuration field (`event_store.postgres`, `event_store.redis`).
+        field: &'static str,
+        /// The cargo feature that brings it.
+        feature: &'static str,
+    },
 }
 
 /// What kind of fault a store reported: decides between reconnecting and giving up a batch.
@@ -265,6 +275,18 @@ impl EventStore {
         if cfg.postgres.is_none() && cfg.redis.is_none() {
             return Ok(store);
         }
+        if cfg.postgres.is_some() && !cfg!(feature = "postgres") {
+            return Err(EventStoreError::NotBuilt {
+                field: "event_store.postgres",
+                feature: "postgres",
+            });
+        }
+        if cfg.redis.is_some() && !cfg!(feature = "redis") {
+            return Err(EventStoreError::NotBuilt {
+                field: "event_store.redis",
+                feature: "redis",
+            });
+        }
         let label = "sink";
         let written = metrics.counter_vec(
             "corvid_eventstore_written_total",
@@ -328,12 +350,16 @@ impl EventStore {
                 );
             }};
         }
+        #[cfg(feature = "postgres")]
         if let Some(p) = &cfg.postgres {
             add_sink!("postgres", p, postgres::Postgres::new(p, node, started_us));
         }
+        #[cfg(feature = "redis")]
         if let Some(r) = &cfg.redis {
             add_sink!("redis", r, redis::Redis::new(r, node, started_us));
         }
+        #[cfg(not(all(feature = "postgres", feature = "redis")))]
+        let _ = (node, started_us, &sink_metrics, &mut *hooks);
         Ok(store)
     }
 
@@ -655,6 +681,28 @@ pub(crate) fn protocol_level(label: &str) -> Option<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A configuration that asks for a store this build left out is refused with the field
+    /// and the feature named (runs in builds without the features).
+    #[test]
+    #[cfg(not(all(feature = "postgres", feature = "redis")))]
+    fn a_store_left_out_of_the_build_is_refused_by_name() {
+        let metrics = Metrics::new().expect("metrics");
+        let mut hooks = Hooks::new(&[], "n", &metrics).expect("hooks");
+        let mut config = EventStoreConfig::default();
+        let (field, feature) = if cfg!(feature = "postgres") {
+            config.redis = Some(Default::default());
+            ("event_store.redis", "redis")
+        } else {
+            config.postgres = Some(Default::default());
+            ("event_store.postgres", "postgres")
+        };
+        let e = EventStore::new(&config, "n", 0, &metrics, &mut hooks).expect_err("refused");
+        assert!(
+            matches!(e, EventStoreError::NotBuilt { field: f, feature: g } if f == field && g == feature),
+            "{e}"
+        );
+    }
 
     #[test]
     fn kinds_add_publish_only_with_filters() {
