@@ -12,7 +12,8 @@ pub mod server;
 pub use corvid_cluster as cluster;
 pub use corvid_core::{
     acl, admission, auth, broker, codec, config, connection, fabric, hooks, limits, message,
-    metrics, park, persist, retained, router, session, sys, topic, trace, transport, trie, wire,
+    metrics, park, persist, restore, retained, router, session, sys, topic, trace, transport, trie,
+    wire,
 };
 pub use corvid_integrations::{bridge, eventstore};
 

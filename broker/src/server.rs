@@ -116,7 +116,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let server = Server::new(config)?;
     let broker = server.broker.clone();
     // Everything the durable store holds is back before any client can connect.
-    crate::persist::restore(&broker);
+    crate::restore::restore(&broker);
     broker.hooks.start(&broker.shutdown);
     crate::sys::start(broker.clone());
     crate::bridge::start(&broker, &server.bridges);

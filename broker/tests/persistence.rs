@@ -686,7 +686,7 @@ async fn recovery_time_with_100k_sessions_and_1m_queued_messages() {
 
     let started = Instant::now();
     let broker = Broker::new(cfg).expect("broker reopens");
-    let restored = corvid_broker::persist::restore(&broker);
+    let restored = corvid_broker::restore::restore(&broker);
     let took = started.elapsed();
     let disk = broker
         .durable

@@ -93,7 +93,7 @@ pub enum BrokerError {
     Hooks(#[from] HookError),
     /// The durable store under `persistence.data_dir` cannot be opened.
     #[error("persistence.data_dir: {0}")]
-    Store(#[from] corvid_store::StoreError),
+    Store(#[from] crate::persist::OpenError),
 }
 
 /// A CONNECT refused because another identity owns the session of its client id
@@ -230,7 +230,7 @@ impl Broker {
         if msg.retain && self.config.mqtt.retain_available {
             // The broker's own `$SYS` figures (clients cannot publish there) do not count
             // against the limits meant for clients.
-            if !crate::sys::is_sys(&msg.topic) && self.retained_over_limit(&msg) {
+            if !topic::is_sys(&msg.topic) && self.retained_over_limit(&msg) {
                 self.metrics.dropped("retained_limit");
             } else {
                 self.set_retained(msg.clone());
@@ -267,11 +267,7 @@ impl Broker {
     /// `persistence.data_dir` is set. Every path that changes the retained store comes here.
     pub fn set_retained(&self, msg: Msg) {
         // `$SYS` figures are the broker's own and published again after a restart.
-        if let Some(db) = self
-            .durable
-            .as_ref()
-            .filter(|_| !crate::sys::is_sys(&msg.topic))
-        {
+        if let Some(db) = self.durable.as_ref().filter(|_| !topic::is_sys(&msg.topic)) {
             db.retained(&msg);
         }
         self.retained.set(msg);
@@ -315,7 +311,7 @@ impl Broker {
     /// Whether `session` may be given `msg`: a `$SYS` topic that names other clients only
     /// goes to a connected client whose ACL explicitly allows reading it (counted when not).
     fn may_receive(&self, session: &Session, msg: &Msg) -> bool {
-        if !crate::sys::names_clients(&msg.topic) {
+        if !topic::sys_names_clients(&msg.topic) {
             return true;
         }
         let allowed = session
@@ -354,19 +350,20 @@ impl Broker {
             .hooks
             .wants(EventKind::MessageDropped)
             .then(|| (d.msg.clone(), d.qos));
-        let reason = match session.enqueue(d, &self.queue_bounds, self.durable.as_ref()) {
-            Enqueued::Queued | Enqueued::Duplicate => return false,
-            Enqueued::Congested => return true,
-            Enqueued::QueuedDroppedOldest => "queue_full",
-            Enqueued::Dropped => "queue_full_or_offline_qos0",
-            Enqueued::Moved(node, d) => match self.fabric.get() {
-                Some(c) => {
-                    c.deliver_to(&node, &session.client_id, &d);
-                    return false;
-                }
-                None => "moved_session",
-            },
-        };
+        let reason =
+            match session.enqueue(d, &self.queue_bounds, self.durable.as_ref().map(|d| d as _)) {
+                Enqueued::Queued | Enqueued::Duplicate => return false,
+                Enqueued::Congested => return true,
+                Enqueued::QueuedDroppedOldest => "queue_full",
+                Enqueued::Dropped => "queue_full_or_offline_qos0",
+                Enqueued::Moved(node, d) => match self.fabric.get() {
+                    Some(c) => {
+                        c.deliver_to(&node, &session.client_id, &d);
+                        return false;
+                    }
+                    None => "moved_session",
+                },
+            };
         self.metrics.dropped(reason);
         if let Some((msg, qos)) = hook {
             self.hooks.emit(Event::MessageDropped {

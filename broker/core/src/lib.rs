@@ -16,6 +16,7 @@ pub mod message;
 pub mod metrics;
 pub mod park;
 pub mod persist;
+pub mod restore;
 pub mod retained;
 pub mod router;
 pub mod session;

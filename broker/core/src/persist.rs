@@ -1,8 +1,8 @@
 //! Durable sessions (`persistence.data_dir`): turns changes of persistent sessions, their
-//! queues, QoS 2 state and the retained store into [`corvid_store`] ops, and restores all of
-//! it before the broker serves anyone after a restart. A PUBACK/PUBREC waits until the ops
-//! its PUBLISH caused are durable (the connection holds it on the store's mark), so what was
-//! acknowledged survives `kill -9`.
+//! queues, QoS 2 state and the retained store into [`corvid_store`] ops, which `restore.rs`
+//! reads back before the broker serves anyone after a restart. A PUBACK/PUBREC waits until
+//! the ops its PUBLISH caused are durable (the connection holds it on the store's mark), so
+//! what was acknowledged survives `kill -9`.
 //!
 //! What is stored: sessions with an expiry above zero (subscriptions with options, owner,
 //! expiry, when they went offline), their queued QoS 1/2 deliveries keyed by a per-session
@@ -10,51 +10,48 @@
 //! incoming QoS 2 messages not yet released, and retained messages. Record formats are the
 //! cluster's wire types (postcard), so a session looks the same on a link and on disk.
 
-use std::collections::HashMap;
 use std::num::NonZeroU16;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytestring::ByteString;
 use corvid_store::{Op, Recovered, Store, Sync};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use crate::broker::Broker;
 use crate::config::{PersistSync, PersistenceConfig};
-use crate::message::{Delivery, Message, Msg};
-use crate::session::{Inflight, InflightState, Session, SessionState};
+use crate::message::{Delivery, Message};
+use crate::session::SessionState;
 use crate::wire::{WireDelivery, WireMsg, WireSub};
 
 /// A session's own record.
 #[derive(Debug, Serialize, Deserialize)]
-struct StoredSession {
+pub(crate) struct StoredSession {
     /// Session expiry interval, seconds (`u32::MAX` never).
-    expiry: u32,
+    pub(crate) expiry: u32,
     /// The identity that owns it.
-    owner: Option<String>,
+    pub(crate) owner: Option<String>,
     /// When it went offline (Unix seconds); `None` while online (a crash then counts the
     /// offline time from the restart).
-    offline_since: Option<u64>,
+    pub(crate) offline_since: Option<u64>,
     /// Subscriptions by raw filter.
-    subscriptions: Vec<(String, WireSub)>,
+    pub(crate) subscriptions: Vec<(String, WireSub)>,
 }
 
 /// A message with its expiry as a wall-clock time (the wire form's is relative).
 #[derive(Debug, Serialize, Deserialize)]
-struct StoredDelivery {
-    delivery: WireDelivery,
+pub(crate) struct StoredDelivery {
+    pub(crate) delivery: WireDelivery,
     /// Unix milliseconds after which it is not delivered.
-    expires_at_ms: Option<u64>,
+    pub(crate) expires_at_ms: Option<u64>,
 }
 
 /// A message with its expiry as a wall-clock time: a retained message, and the message of a
 /// held forward and of a pending will.
 #[derive(Debug, Serialize, Deserialize)]
-struct StoredMsg {
-    msg: WireMsg,
+pub(crate) struct StoredMsg {
+    pub(crate) msg: WireMsg,
     /// Unix milliseconds after which it is not delivered.
-    expires_at_ms: Option<u64>,
+    pub(crate) expires_at_ms: Option<u64>,
 }
 
 impl StoredMsg {
@@ -66,7 +63,7 @@ impl StoredMsg {
     }
 
     /// The message, its expiry an `Instant` again.
-    fn into_msg(self) -> Message {
+    pub(crate) fn into_msg(self) -> Message {
         let mut m = Arc::unwrap_or_clone(self.msg.into_msg());
         m.expires_at = deadline_instant(self.expires_at_ms);
         m
@@ -104,14 +101,14 @@ pub fn decode_forward(rec: &[u8]) -> Option<(WireMsg, bool, Vec<String>)> {
 
 /// A will waiting out its delay, with when it is due.
 #[derive(Debug, Serialize, Deserialize)]
-struct StoredWill {
-    stored: StoredMsg,
+pub(crate) struct StoredWill {
+    pub(crate) stored: StoredMsg,
     /// Unix milliseconds when it is published unless the session is resumed first.
-    due_at_ms: u64,
+    pub(crate) due_at_ms: u64,
 }
 
 /// Marker key of a session's pending delayed will.
-const WILL_KEY: &[u8] = b"w";
+pub(crate) const WILL_KEY: &[u8] = b"w";
 
 /// Marker key of an incoming QoS 2 packet id (received, not yet released).
 fn incoming_key(packet_id: u16) -> Vec<u8> {
@@ -127,7 +124,7 @@ fn outgoing_key(seq: u64) -> Vec<u8> {
     k
 }
 
-fn unix_ms(now_wall: SystemTime) -> u64 {
+pub(crate) fn unix_ms(now_wall: SystemTime) -> u64 {
     now_wall
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -141,7 +138,7 @@ fn deadline_ms(at: Option<Instant>) -> Option<u64> {
 }
 
 /// Unix milliseconds back to an `Instant` deadline (`now` if already past).
-fn deadline_instant(ms: Option<u64>) -> Option<Instant> {
+pub(crate) fn deadline_instant(ms: Option<u64>) -> Option<Instant> {
     let ms = ms?;
     let left = ms.saturating_sub(unix_ms(SystemTime::now()));
     Some(Instant::now() + Duration::from_millis(left))
@@ -205,8 +202,8 @@ fn catch_up(c: &prometheus::IntCounter, value: u64) {
 /// The broker's handle on its durable store.
 pub struct Durable {
     store: Store,
-    /// What the store held when opened, until [`restore`] takes it.
-    recovered: Mutex<Option<Recovered>>,
+    /// What the store held when opened, until `restore::restore` takes it.
+    pub(crate) recovered: Mutex<Option<Recovered>>,
     /// The cluster layer's records, until the cluster layer takes them at its start.
     cluster_records: Mutex<Vec<(Vec<u8>, Vec<u8>)>>,
     metrics: StoreMetrics,
@@ -218,12 +215,23 @@ impl std::fmt::Debug for Durable {
     }
 }
 
+/// Why the durable store could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The store under `persistence.data_dir` cannot be opened or recovered.
+    #[error(transparent)]
+    Store(#[from] corvid_store::StoreError),
+    /// Its metrics cannot be registered (a bug).
+    #[error("store metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
 impl Durable {
     /// Opens the store under `persistence.data_dir`, if set, and registers its metrics.
     pub fn open(
         cfg: &PersistenceConfig,
         metrics: &crate::metrics::Metrics,
-    ) -> Result<Option<Durable>, crate::broker::BrokerError> {
+    ) -> Result<Option<Durable>, OpenError> {
         let Some(dir) = &cfg.data_dir else {
             return Ok(None);
         };
@@ -274,7 +282,7 @@ impl Durable {
         &self.store
     }
 
-    fn send(&self, op: Op) {
+    pub(crate) fn send(&self, op: Op) {
         self.store.send(vec![op]);
     }
 
@@ -468,233 +476,11 @@ impl Durable {
     }
 }
 
-/// What [`restore`] brought back.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Restored {
-    /// Sessions restored.
-    pub sessions: usize,
-    /// Sessions dropped because they expired while the broker was down.
-    pub expired_sessions: usize,
-    /// Deliveries restored (queued or in flight).
-    pub messages: usize,
-    /// Deliveries dropped because their message expired.
-    pub expired_messages: usize,
-    /// Retained messages restored.
-    pub retained: usize,
-    /// Delayed wills restored (armed again, or published: their session expired meanwhile).
-    pub wills: usize,
-}
-
-/// Restores what the store held into `broker`: retained messages, sessions with their
-/// routes, queues, in-flight QoS 2 and incoming QoS 2 state. Called once at start, before any
-/// listener accepts.
-pub fn restore(broker: &Arc<Broker>) -> Restored {
-    let mut out = Restored::default();
-    let Some(db) = &broker.durable else {
-        return out;
-    };
-    let Some(r) = db.recovered.lock().take() else {
-        return out;
-    };
-    let started = Instant::now();
-    let now_s = unix_ms(SystemTime::now()) / 1000;
-    for (topic, rec) in r.retained {
-        match postcard::from_bytes::<StoredMsg>(&rec) {
-            Ok(s) => {
-                let m = s.into_msg();
-                if m.expired(Instant::now()) {
-                    db.send(Op::DeleteRetained { topic });
-                    continue;
-                }
-                broker.retained.set(Arc::new(m));
-                out.retained += 1;
-            }
-            Err(e) => {
-                tracing::warn!(topic, error = %e, "unreadable retained record dropped");
-                db.send(Op::DeleteRetained { topic });
-            }
-        }
+impl crate::session::QueueLog for Durable {
+    fn enqueued(&self, client_id: &str, st: &mut SessionState, d: &mut Delivery) {
+        self.enqueue(client_id, st, d);
     }
-    let mut sessions: HashMap<String, Arc<Session>> = HashMap::new();
-    // Sessions that expired while the broker was down: their pending wills are due now.
-    let mut expired: std::collections::HashSet<String> = std::collections::HashSet::new();
-    for (client_id, rec) in r.sessions {
-        let s = match postcard::from_bytes::<StoredSession>(&rec) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(client_id, error = %e, "unreadable session record dropped");
-                db.send(Op::DeleteSession { client_id });
-                continue;
-            }
-        };
-        let offline_for = s.offline_since.map_or(0, |t| now_s.saturating_sub(t));
-        if s.expiry != u32::MAX && offline_for >= u64::from(s.expiry) {
-            expired.insert(client_id.clone());
-            db.send(Op::DeleteSession { client_id });
-            out.expired_sessions += 1;
-            broker.metrics.sessions_expired.inc();
-            continue;
-        }
-        let session = Session::new(ByteString::from(client_id.as_str()), s.expiry);
-        {
-            let mut st = session.state.lock();
-            st.owner = s.owner;
-            st.stored = true;
-            st.disconnected_at = Some(
-                Instant::now()
-                    .checked_sub(Duration::from_secs(offline_for))
-                    .unwrap_or_else(Instant::now),
-            );
-        }
-        for (raw, w) in s.subscriptions {
-            broker.restore_subscription(&session, raw, w.to_sub());
-        }
-        broker.sessions.insert(session.clone());
-        if s.expiry != u32::MAX {
-            let left = u64::from(s.expiry) - offline_for;
-            let generation = session.state.lock().generation;
-            broker.schedule_expiry_in(&session, generation, Duration::from_secs(left));
-        }
-        sessions.insert(client_id, session);
-        out.sessions += 1;
-    }
-    // Outgoing QoS 2 deliveries already sent: (client, seq) → (packet id, released).
-    let mut sent: HashMap<(String, u64), (u16, bool)> = HashMap::new();
-    for (client_id, key, rec) in r.marks {
-        if key == WILL_KEY {
-            if restore_will(
-                broker,
-                db,
-                &client_id,
-                &rec,
-                sessions.get(&client_id),
-                &expired,
-            ) {
-                out.wills += 1;
-            }
-            continue;
-        }
-        let Some(session) = sessions.get(&client_id) else {
-            continue; // the session's deletion covers it
-        };
-        match (key.first(), key.len(), rec.as_slice()) {
-            (Some(b'i'), 3, _) => {
-                let id = u16::from_be_bytes([key[1], key[2]]);
-                session.state.lock().incoming_qos2.insert(id);
-            }
-            (Some(b'o'), 9, [a, b, released]) => {
-                let mut seq = [0u8; 8];
-                seq.copy_from_slice(&key[1..9]);
-                sent.insert(
-                    (client_id, u64::from_be_bytes(seq)),
-                    (u16::from_be_bytes([*a, *b]), *released != 0),
-                );
-            }
-            _ => tracing::warn!(client_id, "unknown session marker ignored"),
-        }
-    }
-    let now = Instant::now();
-    let mut orphans: Vec<String> = Vec::new();
-    for (client_id, seq, rec) in r.queued {
-        let Some(session) = sessions.get(&client_id) else {
-            if orphans.last() != Some(&client_id) {
-                orphans.push(client_id);
-            }
-            continue;
-        };
-        let mut d = match postcard::from_bytes::<StoredDelivery>(&rec) {
-            Ok(s) => {
-                let mut d = s.delivery.into_delivery();
-                let mut m = Arc::unwrap_or_clone(d.msg);
-                m.expires_at = deadline_instant(s.expires_at_ms);
-                d.msg = Msg::new(m);
-                d
-            }
-            Err(e) => {
-                tracing::warn!(client_id, seq, error = %e, "unreadable queued message dropped");
-                db.send(Op::Dequeue { client_id, seq });
-                continue;
-            }
-        };
-        d.seq = seq;
-        let mut st = session.state.lock();
-        st.next_seq = st.next_seq.max(seq);
-        if d.msg.expired(now) {
-            drop(st);
-            db.dequeue(&client_id, &d);
-            out.expired_messages += 1;
-            continue;
-        }
-        out.messages += 1;
-        match sent
-            .remove(&(client_id, seq))
-            .and_then(|(id, rel)| Some((NonZeroU16::new(id)?, rel)))
-        {
-            Some((packet_id, released)) => st.inflight.push_back(Inflight {
-                packet_id,
-                delivery: d,
-                state: if released {
-                    InflightState::AwaitComp
-                } else {
-                    InflightState::AwaitAck
-                },
-            }),
-            None => st.queue.push_back(d),
-        }
-    }
-    for client_id in orphans {
-        // Queued messages whose session record is gone (never written, or unreadable).
-        db.send(Op::DeleteSession { client_id });
-    }
-    tracing::info!(
-        sessions = out.sessions,
-        expired_sessions = out.expired_sessions,
-        messages = out.messages,
-        expired_messages = out.expired_messages,
-        retained = out.retained,
-        wills = out.wills,
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "durable state restored"
-    );
-    out
-}
-
-/// Arms a delayed will again for a restored session (what is left of its delay), or publishes
-/// it when its session expired while the broker was down. False when it is unreadable (then
-/// dropped) or its session is gone for another reason.
-fn restore_will(
-    broker: &Arc<Broker>,
-    db: &Durable,
-    client_id: &str,
-    rec: &[u8],
-    session: Option<&Arc<Session>>,
-    expired: &std::collections::HashSet<String>,
-) -> bool {
-    let will = match postcard::from_bytes::<StoredWill>(rec) {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::warn!(client_id, error = %e, "unreadable pending will dropped");
-            db.send(Op::DeleteMark {
-                client_id: client_id.to_string(),
-                key: WILL_KEY.to_vec(),
-            });
-            return false;
-        }
-    };
-    let msg = Msg::new(will.stored.into_msg());
-    match session {
-        Some(s) => {
-            let left = will.due_at_ms.saturating_sub(unix_ms(SystemTime::now()));
-            let mut st = s.state.lock();
-            let generation = st.generation;
-            let delay = Duration::from_millis(left);
-            broker.arm_will(msg, delay, s, &mut st, generation, true);
-            true
-        }
-        None if expired.contains(client_id) => {
-            broker.publish_restored_will(msg);
-            true
-        }
-        None => false,
+    fn dequeued(&self, client_id: &str, d: &Delivery) {
+        self.dequeue(client_id, d);
     }
 }

@@ -482,6 +482,16 @@ pub struct Session {
 /// drain to its low-water mark).
 pub static DRAINED: Notify = Notify::const_new();
 
+/// Where a stored session's queue changes are written (the durable store,
+/// `persist::Durable`): [`Session::enqueue`] writes them under the session's lock, so a
+/// removal can never reach the store before the entry it removes.
+pub trait QueueLog {
+    /// `d` joins the queue of the session `st` (numbered here when the session is stored).
+    fn enqueued(&self, client_id: &str, st: &mut SessionState, d: &mut Delivery);
+    /// `d` left the queue without being delivered.
+    fn dequeued(&self, client_id: &str, d: &Delivery);
+}
+
 impl Session {
     /// A new, empty, offline session.
     pub fn new(client_id: ByteString, expiry: u32) -> Arc<Self> {
@@ -526,7 +536,7 @@ impl Session {
         &self,
         mut d: Delivery,
         b: &QueueBounds,
-        durable: Option<&crate::persist::Durable>,
+        durable: Option<&dyn QueueLog>,
     ) -> Enqueued {
         let mut st = self.state.lock();
         if let Some(node) = st.moved_to() {
@@ -572,14 +582,14 @@ impl Session {
                     break;
                 };
                 if let Some(db) = durable {
-                    db.dequeue(&self.client_id, &old);
+                    db.dequeued(&self.client_id, &old);
                 }
                 st.dropped += 1;
             }
             result = Enqueued::QueuedDroppedOldest;
         }
         if let Some(db) = durable {
-            db.enqueue(&self.client_id, &mut st, &mut d);
+            db.enqueued(&self.client_id, &mut st, &mut d);
         }
         st.queue.push_back(d);
         // A parked connection has no task to notify: its wake-up resumes it.

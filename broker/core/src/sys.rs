@@ -26,20 +26,7 @@ use crate::codec::QoS;
 use crate::message::Message;
 use crate::session::ConnInfo;
 
-/// Whether a topic is in `$SYS`, which only the broker publishes to (as mosquitto: a
-/// client's PUBLISH there is refused like an ACL denial).
-pub fn is_sys(topic: &str) -> bool {
-    topic == "$SYS" || topic.starts_with("$SYS/")
-}
-
-/// Whether a `$SYS` topic carries another client's identity or address
-/// (`$SYS/brokers/{node}/clients/…`).
-pub fn names_clients(topic: &str) -> bool {
-    topic
-        .strip_prefix("$SYS/brokers/")
-        .and_then(|rest| rest.split_once('/'))
-        .is_some_and(|(_, rest)| rest.starts_with("clients/"))
-}
+pub use crate::topic::{is_sys, sys_names_clients as names_clients};
 
 /// Publishes one `$SYS` message.
 fn publish(broker: &Broker, topic: String, payload: String, retain: bool) {

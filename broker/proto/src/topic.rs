@@ -174,6 +174,21 @@ pub fn matches(filter: &str, topic: &str) -> bool {
     }
 }
 
+/// Whether a topic is in `$SYS`, which only the broker publishes to (as mosquitto: a
+/// client's PUBLISH there is refused like an ACL denial).
+pub fn is_sys(topic: &str) -> bool {
+    topic == "$SYS" || topic.starts_with("$SYS/")
+}
+
+/// Whether a `$SYS` topic carries another client's identity or address
+/// (`$SYS/brokers/{node}/clients/…`).
+pub fn sys_names_clients(topic: &str) -> bool {
+    topic
+        .strip_prefix("$SYS/brokers/")
+        .and_then(|rest| rest.split_once('/'))
+        .is_some_and(|(_, rest)| rest.starts_with("clients/"))
+}
+
 /// Whether a filter contains wildcards.
 pub fn has_wildcards(filter: &str) -> bool {
     filter.contains(['+', '#'])
