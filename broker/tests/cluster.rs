@@ -1339,16 +1339,6 @@ async fn partition_body(c: &mut Cluster, hub: &str) {
     }
 }
 
-/// What one evacuated subscriber saw.
-#[derive(Debug, Default)]
-struct SubLog {
-    seqs: HashMap<u64, usize>,
-    disconnect: Option<(u8, Option<String>)>,
-    reconnected_to: Option<SocketAddr>,
-    session_present: Option<bool>,
-    errors: Vec<String>,
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn evacuation_under_a_steady_qos1_stream_loses_nothing() {
     let mut c = Cluster::static_loopback(3);
@@ -1363,57 +1353,18 @@ async fn evacuation_under_a_steady_qos1_stream_loses_nothing() {
     let mut tasks = Vec::new();
     for k in 0..SUBS {
         let id = format!("ev-sub-{k}");
-        let first = Client::connect(c.nodes[0].mqtt_addr(), &Opts::persistent(V::V5, &id)).await;
+        let opts = Opts::persistent(V::V5, &id);
+        let first = Client::connect(c.nodes[0].mqtt_addr(), &opts).await;
         first.subscribe(TOPIC, 1).await;
-        let log = Arc::new(Mutex::new(SubLog::default()));
+        let log = Arc::new(Mutex::new(MoveLog::default()));
         logs.push(log.clone());
-        tasks.push(tokio::spawn(async move {
-            // Read until the evacuation closes the connection, then reconnect where the server
-            // points (or to n2) with the session kept, and read on.
-            let mut client = Some(first);
-            let until = Instant::now() + Duration::from_secs(90);
-            while Instant::now() < until {
-                let Some(cl) = client.as_mut() else { break };
-                match tokio::time::timeout(Duration::from_secs(1), cl.rx.recv()).await {
-                    Err(_) => continue,
-                    Ok(Some(Ev::Msg { payload, .. })) => {
-                        if let Some(s) = seq_of(&payload) {
-                            *log.lock().unwrap().seqs.entry(s).or_default() += 1;
-                        }
-                    }
-                    Ok(Some(Ev::Disconnect(r, reference))) => {
-                        log.lock().unwrap().disconnect = Some((r, reference));
-                    }
-                    Ok(Some(Ev::Closed(_))) | Ok(None) => {
-                        if log.lock().unwrap().reconnected_to.is_some() {
-                            log.lock().unwrap().errors.push("second disconnect".into());
-                        }
-                        // rumqttc hides the Server Reference; the bare client below checks
-                        // it, so a subscriber told "use another server" goes to the target.
-                        let told = log.lock().unwrap().disconnect.as_ref().map(|d| d.0);
-                        let to = if told == Some(0x9C) { target } else { fallback };
-                        client = None;
-                        for _ in 0..50 {
-                            match Client::try_connect(to, &Opts::persistent(V::V5, &id)).await {
-                                Ok(cl) => {
-                                    let mut l = log.lock().unwrap();
-                                    l.reconnected_to = Some(to);
-                                    l.session_present = Some(cl.session_present);
-                                    client = Some(cl);
-                                    break;
-                                }
-                                Err(e) => {
-                                    log.lock().unwrap().errors.push(format!("reconnect: {e}"));
-                                    tokio::time::sleep(Duration::from_millis(200)).await;
-                                }
-                            }
-                        }
-                    }
-                    Ok(Some(_)) => {}
-                }
-            }
-            client
-        }));
+        // rumqttc hides the Server Reference; the bare client below checks it, so a subscriber
+        // told "use another server" goes to the target.
+        let to = move |l: &MoveLog| match l.disconnect.as_ref().map(|d| d.0) {
+            Some(0x9C) => target,
+            _ => fallback,
+        };
+        tasks.push(follow_moves(first, opts, to, log));
     }
     c.wait_routes(1, 0, 1).await;
     // A bare MQTT 5 connection on n1 shows the DISCONNECT's properties (rumqttc hides them).
@@ -1421,52 +1372,8 @@ async fn evacuation_under_a_steady_qos1_stream_loses_nothing() {
 
     // A QoS 1 publisher on n2 at ~200 msg/s; it records which sequence numbers were acknowledged.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut publisher =
-        Client::connect(c.nodes[1].mqtt_addr(), &Opts::clean(V::V3, "ev-pub")).await;
-    let stop2 = stop.clone();
-    let pub_task = tokio::spawn(async move {
-        let mut seq = 0u64;
-        let mut order: std::collections::VecDeque<u64> = Default::default();
-        let mut by_id: HashMap<u16, u64> = HashMap::new();
-        let mut acked: HashSet<u64> = HashSet::new();
-        let mut tick = tokio::time::interval(Duration::from_millis(5));
-        let mut drain_until: Option<Instant> = None;
-        loop {
-            tokio::select! {
-                _ = tick.tick(), if drain_until.is_none() => {
-                    if stop2.load(std::sync::atomic::Ordering::Relaxed) {
-                        drain_until = Some(Instant::now() + DEADLINE);
-                        continue;
-                    }
-                    order.push_back(seq);
-                    publisher.publish(TOPIC, 1, false, seq_payload(seq)).await;
-                    seq += 1;
-                }
-                ev = publisher.rx.recv() => match ev {
-                    Some(Ev::Sent(id)) => {
-                        if let Some(s) = order.pop_front() {
-                            by_id.insert(id, s);
-                        }
-                    }
-                    Some(Ev::Acked(id)) => {
-                        if let Some(s) = by_id.remove(&id) {
-                            acked.insert(s);
-                        }
-                    }
-                    Some(Ev::Closed(e)) => panic!("publisher on n2 lost its connection: {e}"),
-                    None => break,
-                    _ => {}
-                },
-                _ = tokio::time::sleep(Duration::from_millis(50)), if drain_until.is_some() => {}
-            }
-            if let Some(t) = drain_until {
-                if by_id.is_empty() && order.is_empty() || Instant::now() > t {
-                    break;
-                }
-            }
-        }
-        (seq, acked)
-    });
+    let publisher = Client::connect(c.nodes[1].mqtt_addr(), &Opts::clean(V::V3, "ev-pub")).await;
+    let pub_task = qos1_stream(publisher, TOPIC, Duration::from_millis(5), stop.clone());
 
     // Stream for a second, evacuate n1 towards n3, stream on for a second after it is done.
     let stream_started = Instant::now();
@@ -1521,39 +1428,10 @@ async fn evacuation_under_a_steady_qos1_stream_loses_nothing() {
     );
 
     // Every subscriber must end up with every acknowledged message.
-    let until = Instant::now() + DEADLINE;
-    loop {
-        let mut lost = Vec::new();
-        for (k, l) in logs.iter().enumerate() {
-            let l = l.lock().unwrap();
-            let mut missing: Vec<u64> = acked
-                .iter()
-                .filter(|s| !l.seqs.contains_key(s))
-                .copied()
-                .collect();
-            missing.sort_unstable();
-            if !missing.is_empty() {
-                lost.push(format!(
-                    "ev-sub-{k} (reconnected to {:?}): {} missing, first {:?}",
-                    l.reconnected_to,
-                    missing.len(),
-                    &missing[..missing.len().min(10)]
-                ));
-            }
-        }
-        if lost.is_empty() {
-            break;
-        }
-        if Instant::now() > until {
-            c.dump_counters().await;
-            panic!(
-                "acknowledged messages lost during evacuation ({} acknowledged): {}",
-                acked.len(),
-                lost.join("; ")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let named: Vec<_> = (logs.iter().enumerate())
+        .map(|(k, l)| (format!("ev-sub-{k}"), l.clone()))
+        .collect();
+    wait_all_delivered(&c, &acked, &named, "during evacuation").await;
     for t in tasks {
         t.abort();
     }
@@ -1588,7 +1466,7 @@ async fn evacuation_under_a_steady_qos1_stream_loses_nothing() {
     assert_eq!(done["remaining_sessions"], 0, "{done}");
 }
 
-/// What one client saw while rebalancing moved it (or left it where it was).
+/// What one client saw while an evacuation or rebalancing moved it (or left it where it was).
 #[derive(Debug, Default)]
 struct MoveLog {
     seqs: HashMap<u64, usize>,
@@ -1600,12 +1478,12 @@ struct MoveLog {
 }
 
 /// Runs a persistent subscriber: reads until the broker closes the connection, then reconnects
-/// where the Server Reference points (or to `fallback`, for MQTT 3.1.1 and when rumqttc hides
-/// the reference) with its session kept, and reads on; everything goes into `log`.
+/// to where `to` says from what it saw (see [`reference_or`]) with its session kept, and reads
+/// on; everything goes into `log`.
 fn follow_moves(
     first: Client,
     opts: Opts,
-    fallback: SocketAddr,
+    to: impl Fn(&MoveLog) -> SocketAddr + Send + 'static,
     log: Arc<Mutex<MoveLog>>,
 ) -> tokio::task::JoinHandle<Option<Client>> {
     tokio::spawn(async move {
@@ -1634,11 +1512,7 @@ fn follow_moves(
                             l.errors.push("closed a second time".into());
                         }
                         l.closed = true;
-                        l.disconnect
-                            .as_ref()
-                            .and_then(|d| d.1.as_deref())
-                            .and_then(|r| r.parse::<SocketAddr>().ok())
-                            .unwrap_or(fallback)
+                        to(&l)
                     };
                     client = None;
                     for _ in 0..50 {
@@ -1662,6 +1536,61 @@ fn follow_moves(
         }
         client
     })
+}
+
+/// Where the Server Reference points, or `fallback` (MQTT 3.1.1, and where rumqttc hides the
+/// reference).
+fn reference_or(fallback: SocketAddr) -> impl Fn(&MoveLog) -> SocketAddr + Send + 'static {
+    move |l| {
+        l.disconnect
+            .as_ref()
+            .and_then(|d| d.1.as_deref())
+            .and_then(|r| r.parse::<SocketAddr>().ok())
+            .unwrap_or(fallback)
+    }
+}
+
+/// Waits (at most [`DEADLINE`]) until every client in `logs` has every acknowledged message;
+/// panics naming those that still miss some, `during` saying what moved them.
+async fn wait_all_delivered(
+    c: &Cluster,
+    acked: &HashSet<u64>,
+    logs: &[(String, Arc<Mutex<MoveLog>>)],
+    during: &str,
+) {
+    let until = Instant::now() + DEADLINE;
+    loop {
+        let mut lost = Vec::new();
+        for (name, l) in logs {
+            let l = l.lock().unwrap();
+            let mut missing: Vec<u64> = acked
+                .iter()
+                .filter(|s| !l.seqs.contains_key(s))
+                .copied()
+                .collect();
+            missing.sort_unstable();
+            if !missing.is_empty() {
+                lost.push(format!(
+                    "{name} (reconnected to {:?}): {} missing, first {:?}",
+                    l.reconnected_to,
+                    missing.len(),
+                    &missing[..missing.len().min(10)]
+                ));
+            }
+        }
+        if lost.is_empty() {
+            return;
+        }
+        if Instant::now() > until {
+            c.dump_counters().await;
+            panic!(
+                "acknowledged messages lost {during} ({} acknowledged): {}",
+                acked.len(),
+                lost.join("; ")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// A QoS 1 publisher streaming sequence numbers to `topic` every `every` until `stop`, then
@@ -1758,7 +1687,7 @@ async fn rebalance_after_scale_up_moves_half_and_loses_nothing() {
         first.subscribe(TOPIC, 1).await;
         let log = Arc::new(Mutex::new(MoveLog::default()));
         logs.push((opts.clone(), log.clone()));
-        tasks.push(follow_moves(first, opts, b_addr, log));
+        tasks.push(follow_moves(first, opts, reference_or(b_addr), log));
     }
     let n1 = &c.nodes[0];
     eventually("n1 to hold every subscription", DEADLINE, || async {
@@ -1849,40 +1778,10 @@ async fn rebalance_after_scale_up_moves_half_and_loses_nothing() {
         "only {} of {sent} acknowledged",
         acked.len()
     );
-    let until = Instant::now() + DEADLINE;
-    loop {
-        let mut lost = Vec::new();
-        for (o, l) in &logs {
-            let l = l.lock().unwrap();
-            let mut missing: Vec<u64> = acked
-                .iter()
-                .filter(|s| !l.seqs.contains_key(s))
-                .copied()
-                .collect();
-            missing.sort_unstable();
-            if !missing.is_empty() {
-                lost.push(format!(
-                    "{} (moved to {:?}): {} missing, first {:?}",
-                    o.id,
-                    l.reconnected_to,
-                    missing.len(),
-                    &missing[..missing.len().min(10)]
-                ));
-            }
-        }
-        if lost.is_empty() {
-            break;
-        }
-        if Instant::now() > until {
-            c.dump_counters().await;
-            panic!(
-                "acknowledged messages lost while rebalancing ({} acknowledged): {}",
-                acked.len(),
-                lost.join("; ")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let named: Vec<_> = (logs.iter())
+        .map(|(o, l)| (o.id.clone(), l.clone()))
+        .collect();
+    wait_all_delivered(&c, &acked, &named, "while rebalancing").await;
     for t in tasks {
         t.abort();
     }
@@ -1990,7 +1889,7 @@ async fn rebalance_on_request_works_with_the_periodic_check_disabled() {
         let first = Client::connect(a_addr, &opts).await;
         let log = Arc::new(Mutex::new(MoveLog::default()));
         logs.push(log.clone());
-        tasks.push(follow_moves(first, opts, b_addr, log));
+        tasks.push(follow_moves(first, opts, reference_or(b_addr), log));
     }
     let (n1, n2) = (&c.nodes[0], &c.nodes[1]);
     // n1 must know n2's count before the check, or n2 is no target yet.

@@ -916,6 +916,14 @@ pub type Publish = WirePublish;
 mod tests {
     use super::*;
 
+    /// A codec past a clean CONNECT at protocol `level`, and the buffer it read it from.
+    fn connected(level: u8) -> (Codec, BytesMut) {
+        let mut c = Codec::new(1024);
+        let mut buf = connect_bytes(level, 0x02, "abc");
+        assert!(matches!(c.decode(&mut buf), Ok(Some(Inbound::Connect(_)))));
+        (c, buf)
+    }
+
     fn connect_bytes(level: u8, flags: u8, client_id: &str) -> BytesMut {
         let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', level, flags, 0, 60];
         if level == 5 {
@@ -932,9 +940,7 @@ mod tests {
     #[test]
     fn a_pingreq_with_a_body_is_malformed() {
         for level in [4u8, 5] {
-            let mut c = Codec::new(1024);
-            let mut buf = connect_bytes(level, 0x02, "abc");
-            assert!(matches!(c.decode(&mut buf), Ok(Some(Inbound::Connect(_)))));
+            let (mut c, mut buf) = connected(level);
             buf.extend_from_slice(&[0xC0, 0x00]);
             assert!(
                 matches!(c.decode(&mut buf), Ok(Some(_))),
@@ -951,9 +957,7 @@ mod tests {
         // A PUBACK whose header came alone and whose packet id starts with 0x82 (the first
         // byte of a SUBSCRIBE) or 0xC0 (PINGREQ) is a PUBACK.
         for first in [0x82u8, 0xC0] {
-            let mut c = Codec::new(1024);
-            let mut buf = connect_bytes(4, 0x02, "abc");
-            assert!(matches!(c.decode(&mut buf), Ok(Some(Inbound::Connect(_)))));
+            let (mut c, mut buf) = connected(4);
             buf.extend_from_slice(&[0x40, 0x02]);
             assert!(matches!(c.decode(&mut buf), Ok(None)));
             buf.extend_from_slice(&[first, 0xFF]);
@@ -977,9 +981,7 @@ mod tests {
     #[test]
     fn a_packet_whose_header_was_taken_is_still_mid_packet() {
         for level in [4u8, 5] {
-            let mut c = Codec::new(1024);
-            let mut buf = connect_bytes(level, 0x02, "abc");
-            assert!(matches!(c.decode(&mut buf), Ok(Some(Inbound::Connect(_)))));
+            let (mut c, mut buf) = connected(level);
             assert_eq!(c.decoded(), 1);
             assert!(!c.mid_packet(&buf));
             // A QoS 0 PUBLISH announcing 10 bytes, of which only the fixed header came.

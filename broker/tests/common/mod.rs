@@ -17,6 +17,8 @@ use tokio::net::TcpStream;
 
 mod raw;
 pub mod tls;
+#[macro_use]
+mod driven;
 pub mod v3;
 pub mod v5;
 

@@ -752,25 +752,9 @@ impl Conn {
         match p {
             Inbound::Publish(p) => return self.on_publish(*p, wbuf),
             Inbound::PubAck(id) => {
-                let mut st = self.session.state.lock();
-                let Some(pos) = st.inflight.iter().position(|f| f.packet_id == id) else {
-                    return None; // an id we no longer wait for (a resend was acked twice)
-                };
-                if st.inflight[pos].delivery.qos != QoS::AtLeastOnce {
-                    // [MQTT-4.3.3] a QoS 2 delivery is answered with PUBREC, never PUBACK.
-                    return Some(End::Protocol(
-                        Reason::ProtocolError,
-                        "PUBACK for a QoS 2 message".into(),
-                    ));
-                }
-                let acked = st.inflight.remove(pos);
-                drop(st);
-                if let Some(f) = acked {
-                    if let Some(db) = &self.broker.durable {
-                        db.dequeue(&self.session.client_id, &f.delivery);
-                    }
-                    self.acked_event(&f);
-                }
+                // [MQTT-4.3.3] a QoS 2 delivery is answered with PUBREC, never PUBACK.
+                let fits = |f: &Inflight| f.delivery.qos == QoS::AtLeastOnce;
+                return self.delivered(id, fits, "PUBACK for a QoS 2 message");
             }
             Inbound::PubRec(id, rc) => {
                 let mut st = self.session.state.lock();
@@ -833,26 +817,11 @@ impl Conn {
                 );
             }
             Inbound::PubComp(id) => {
-                let mut st = self.session.state.lock();
-                let Some(pos) = st.inflight.iter().position(|f| f.packet_id == id) else {
-                    return None; // already completed (a duplicate PUBCOMP)
+                // [MQTT-4.3.3] PUBCOMP answers our PUBREL of a QoS 2 delivery, nothing else.
+                let fits = |f: &Inflight| {
+                    f.delivery.qos == QoS::ExactlyOnce && f.state == InflightState::AwaitComp
                 };
-                let f = &st.inflight[pos];
-                if f.delivery.qos != QoS::ExactlyOnce || f.state != InflightState::AwaitComp {
-                    // [MQTT-4.3.3] PUBCOMP answers our PUBREL of a QoS 2 delivery, nothing else.
-                    return Some(End::Protocol(
-                        Reason::ProtocolError,
-                        "PUBCOMP for a message not awaiting it".into(),
-                    ));
-                }
-                let acked = st.inflight.remove(pos);
-                drop(st);
-                if let Some(f) = acked {
-                    if let Some(db) = &self.broker.durable {
-                        db.dequeue(&self.session.client_id, &f.delivery);
-                    }
-                    self.acked_event(&f);
-                }
+                return self.delivered(id, fits, "PUBCOMP for a message not awaiting it");
             }
             Inbound::Subscribe {
                 packet_id,
@@ -1010,6 +979,31 @@ impl Conn {
                     format!("client sent {name}"),
                 ));
             }
+        }
+        None
+    }
+
+    /// Ends the delivery `id` the client acknowledged (PUBACK, PUBCOMP) if the acknowledgement
+    /// `fits` it, or ends the connection with `misfit`. An id no longer in flight is a
+    /// duplicate acknowledgement of a resend and is ignored.
+    fn delivered(
+        &mut self,
+        id: NonZeroU16,
+        fits: impl Fn(&Inflight) -> bool,
+        misfit: &'static str,
+    ) -> Option<End> {
+        let mut st = self.session.state.lock();
+        let pos = st.inflight.iter().position(|f| f.packet_id == id)?;
+        if !fits(&st.inflight[pos]) {
+            return Some(End::Protocol(Reason::ProtocolError, misfit.into()));
+        }
+        let acked = st.inflight.remove(pos);
+        drop(st);
+        if let Some(f) = acked {
+            if let Some(db) = &self.broker.durable {
+                db.dequeue(&self.session.client_id, &f.delivery);
+            }
+            self.acked_event(&f);
         }
         None
     }
