@@ -3,7 +3,7 @@
 //! subscriptions and max connections refused and counted, auto-subscriptions with
 //! placeholders.
 
-mod access_support;
+use crate::access_support;
 
 use std::time::{Duration, Instant};
 

@@ -1,7 +1,7 @@
 //! Graceful shutdown as clients see it: MQTT 5 clients are told why (DISCONNECT 0x8B, server
 //! shutting down) before the connection closes; 3.1.1 clients are simply closed.
 
-mod common;
+use crate::common;
 
 use common::{Raw, V};
 

@@ -7,7 +7,7 @@
 //! Without the servers the tests skip with a message; with `CORVID_REQUIRE_DB_SERVERS=1` (CI)
 //! they fail instead.
 
-mod access_support;
+use crate::access_support;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! Strict spec checks that once failed (found by the integration tests and fixed), kept as
 //! regression tests: each states what the MQTT specification requires.
 
-mod common;
+use crate::common;
 
 use common::{pkt, Bystander, Raw, V};
 

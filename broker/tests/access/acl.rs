@@ -2,7 +2,7 @@
 //! codes (3.1.1 0x80, 5.0 0x87), refused PUBLISH (3.1.1 dropped, 5.0 PUBACK/PUBREC 0x87), the
 //! dashboard-on-`$SYS` example, and the default (no rules) allowing everything.
 
-mod access_support;
+use crate::access_support;
 
 use std::time::Duration;
 

@@ -2,8 +2,8 @@
 //! slowing publishers, measured), `$SYS` content, trace files, the admin API and the
 //! `corvid-broker ctl` / `passwd` command lines.
 
-mod access_support;
-mod typed_api;
+use crate::access_support;
+use crate::typed_api;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -3,7 +3,7 @@
 //! Kubernetes API server's pod proxy leaves alone), probes and metrics stay open, and an
 //! evacuation cannot send clients to a host of the caller's choosing.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 

@@ -1,7 +1,7 @@
 //! What sits between TCP and MQTT: TLS (including certificate rotation without a restart),
 //! WebSocket on its path, and the PROXY protocol's client address as the admin API shows it.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! connection — with an MQTT 5 DISCONNECT and the right reason code where the protocol has
 //! one — while a bystander connected through it is still served afterwards.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -2,7 +2,7 @@
 //! pbkdf2), reload on change, client-id allow list, HTTP backend (allow, deny, timeout,
 //! fail-open, cache, ACL rules from the backend), and the CONNACK codes of each refusal.
 
-mod access_support;
+use crate::access_support;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
