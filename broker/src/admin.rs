@@ -156,6 +156,16 @@ fn single_node_evacuation(b: &Broker) -> EvacuationStatus {
 
 async fn evacuate(State(b): State<Arc<Server>>, Query(o): Query<EvacuateOptions>) -> Response {
     let rate = o.rate.unwrap_or(EvacuateOptions::DEFAULT_RATE);
+    // Meant for another instance of this pod (it was replaced while the request was on its
+    // way, or retried): evacuating the new one would keep it out of the cluster.
+    if let (Some(want), Some(have)) = (&o.pod_uid, b.config.node_uid()) {
+        if *want != have {
+            return error(
+                StatusCode::CONFLICT,
+                format!("this is pod instance {have}; the request is for {want}, which is gone"),
+            );
+        }
+    }
     if let Some(r) = &o.server_reference {
         let member = b.cluster.get().is_some_and(|c| c.is_member_mqtt_addr(r));
         if !member && !b.config.admin.server_references.iter().any(|a| a == r) {

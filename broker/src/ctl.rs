@@ -400,6 +400,7 @@ async fn exec(api: &Api, as_json: bool, cmd: CtlCommand) -> anyhow::Result<()> {
             let options = EvacuateOptions {
                 rate,
                 server_reference,
+                pod_uid: None,
             };
             let method = if status { Method::GET } else { Method::POST };
             let (v, e) = api

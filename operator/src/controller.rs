@@ -576,7 +576,14 @@ async fn act(
     match &plan.action {
         Action::Evacuate(pod) => {
             let rate = cluster.spec.upgrade_strategy.evacuation_rate;
-            bounded(pod, ctx.admin.evacuate(ns, pod, rate)).await?;
+            // Addressed to the instance observed, not just the name: a request that arrives
+            // (or is retried) after the pod was replaced is refused by the new pod.
+            let uid = observation
+                .pods
+                .iter()
+                .find(|p| p.name == *pod)
+                .and_then(|p| p.uid.as_deref());
+            bounded(pod, ctx.admin.evacuate(ns, pod, uid, rate)).await?;
             tracing::info!(cluster = %key(cluster), pod, rate, "evacuation requested");
             ctx.event(
                 cluster,

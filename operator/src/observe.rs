@@ -80,6 +80,7 @@ pub fn pod_view(pod: &Pod) -> PodView {
         .map(|t| t.0);
     PodView {
         ordinal,
+        uid: pod.metadata.uid.clone(),
         revision: pod.labels().get(REVISION_LABEL).cloned(),
         ready,
         joined: None,

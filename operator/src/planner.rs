@@ -36,6 +36,8 @@ pub struct PodView {
     pub name: String,
     /// StatefulSet ordinal.
     pub ordinal: i32,
+    /// The pod's UID: which instance of the name this is (a replaced pod has a new one).
+    pub uid: Option<String>,
     /// `controller-revision-hash` label: the StatefulSet revision the pod was created from.
     pub revision: Option<String>,
     /// Pod Ready condition (the broker's /readyz: joined and synced).
@@ -410,7 +412,15 @@ fn continue_step(
             op(o, OperationPhase::WaitingReady, &r.pod, target),
         )),
         OperationPhase::Evacuating => {
-            let p = p?;
+            // Already deleted or on its way out (the step was read back from before this
+            // operator's delete landed in its cache): asking again would reach the pod's
+            // replacement as soon as it starts, and evacuate the new pod instead.
+            let Some(p) = p.filter(|p| !p.terminating) else {
+                return Some((
+                    Action::Wait(Wait::Replacing(r.pod.clone())),
+                    op(o, OperationPhase::Replacing, &r.pod, target),
+                ));
+            };
             let drained = !p.ready
                 || p.evacuation == Some(Evacuation::Done)
                 || since >= o.drain_timeout_seconds;

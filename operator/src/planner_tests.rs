@@ -19,6 +19,7 @@ fn healthy(ordinal: i32, revision: &str) -> PodView {
     PodView {
         name: format!("demo-{ordinal}"),
         ordinal,
+        uid: Some(format!("uid-{ordinal}-{revision}")),
         revision: Some(revision.to_string()),
         ready: true,
         joined: Some(true),
@@ -321,6 +322,47 @@ fn operator_restart_resumes_from_pod_revisions() {
     pods[2] = healthy(2, "r2");
     let p = plan(&observed(pods, "r2"));
     assert_eq!(p.action, Action::Evacuate("demo-1".into()));
+}
+
+/// The CI failure of 2026-12-06: the Evacuating step, read back from the cache after this
+/// operator had already deleted the pod, made every reconcile ask the terminating pod to
+/// evacuate again — until a request reached its replacement, which evacuated itself and never
+/// joined ("did not become Ready … within 120s", the rollout blocked). A pod on its way out, or
+/// gone, is waited for; it is never asked again.
+#[test]
+fn a_stale_evacuating_step_never_asks_a_pod_on_its_way_out() {
+    for (case, pod) in [
+        (
+            "terminating, still Ready",
+            Some(PodView {
+                terminating: true,
+                ..healthy(2, "r1")
+            }),
+        ),
+        (
+            "terminating, unready",
+            Some(PodView {
+                terminating: true,
+                ..broken(2, "r1", 5, "")
+            }),
+        ),
+        ("gone", None),
+    ] {
+        let mut pods = three("r1");
+        pods.truncate(2);
+        pods.extend(pod);
+        let p = plan(&rolling(pods, "r2", step(Evacuating, "demo-2", "r2", 3)));
+        assert_eq!(
+            p.action,
+            Action::Wait(Wait::Replacing("demo-2".into())),
+            "{case}"
+        );
+        assert_eq!(
+            p.operation.map(|op| (op.phase, op.pod)),
+            Some((Replacing, "demo-2".to_string())),
+            "{case}: the step moves on, so the next reconcile reads Replacing"
+        );
+    }
 }
 
 #[test]

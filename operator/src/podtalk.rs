@@ -72,11 +72,13 @@ pub async fn bounded<T>(
 
 /// The admin calls the operator makes.
 pub trait BrokerAdmin: Send + Sync {
-    /// `POST /api/v1/evacuate` on `pod`, moving clients away at `rate` per second.
+    /// `POST /api/v1/evacuate` on `pod`, moving clients away at `rate` per second; with `uid`,
+    /// only the instance of the pod with that UID accepts (a replacement answers 409).
     fn evacuate<'a>(
         &'a self,
         namespace: &'a str,
         pod: &'a str,
+        uid: Option<&'a str>,
         rate: i32,
     ) -> BoxFuture<'a, Result<(), PodTalkError>>;
     /// `GET /api/v1/evacuate` on `pod`.
@@ -233,6 +235,7 @@ impl BrokerAdmin for ApiServerProxy {
         &'a self,
         namespace: &'a str,
         pod: &'a str,
+        uid: Option<&'a str>,
         rate: i32,
     ) -> BoxFuture<'a, Result<(), PodTalkError>> {
         Box::pin(
@@ -243,6 +246,7 @@ impl BrokerAdmin for ApiServerProxy {
                 corvid_api::EvacuateOptions {
                     rate: Some(positive(rate)),
                     server_reference: None,
+                    pod_uid: uid.map(str::to_string),
                 }
                 .query(),
             ),

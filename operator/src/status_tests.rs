@@ -10,6 +10,7 @@ fn pod(ordinal: i32, revision: &str, ready: bool) -> PodView {
     PodView {
         name: format!("demo-{ordinal}"),
         ordinal,
+        uid: None,
         revision: Some(revision.into()),
         ready,
         joined: Some(ready),

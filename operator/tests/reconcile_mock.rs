@@ -94,6 +94,7 @@ macro_rules! broker_admin {
                 &'a self,
                 _: &'a str,
                 $pod: &'a str,
+                _: Option<&'a str>,
                 _: i32,
             ) -> BoxFuture<'a, Result<(), PodTalkError>> {
                 let $what = "evacuate";

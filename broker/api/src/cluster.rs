@@ -143,6 +143,11 @@ pub struct EvacuateOptions {
     /// `admin.server_references`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_reference: Option<String>,
+    /// The Kubernetes pod UID the request is meant for: a broker that knows its own UID
+    /// (`node.uid`, `POD_UID`) and has another one refuses with 409, so a request sent to a pod
+    /// that was replaced meanwhile (same name, new instance) never evacuates the new one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
 }
 
 impl EvacuateOptions {
@@ -160,6 +165,9 @@ impl EvacuateOptions {
                 "server_reference={}",
                 crate::wire::percent_encode(s)
             ));
+        }
+        if let Some(u) = &self.pod_uid {
+            q.push(format!("pod_uid={}", crate::wire::percent_encode(u)));
         }
         q.join("&")
     }

@@ -219,10 +219,11 @@ fn options_become_the_query_the_broker_reads() {
     let evacuate = EvacuateOptions {
         rate: Some(200),
         server_reference: Some("mqtt-1.example:1883 a&b".into()),
+        pod_uid: Some("6f1c-42".into()),
     };
     assert_eq!(
         evacuate.query(),
-        "rate=200&server_reference=mqtt-1.example%3A1883%20a%26b"
+        "rate=200&server_reference=mqtt-1.example%3A1883%20a%26b&pod_uid=6f1c-42"
     );
     assert_eq!(EvacuateOptions::default().query(), "");
     assert_eq!(RebalanceOptions { rate: Some(5) }.query(), "rate=5");

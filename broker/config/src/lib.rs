@@ -726,6 +726,9 @@ impl std::str::FromStr for Rate {
 pub struct NodeConfig {
     /// Node name; when unset, `POD_NAME`, then the host name.
     pub name: Option<String>,
+    /// This instance's Kubernetes pod UID; when unset, `POD_UID`. An evacuation request meant
+    /// for another instance of the pod (`pod_uid=`) is refused with 409.
+    pub uid: Option<String>,
 }
 
 /// Log level and format.
@@ -2088,6 +2091,15 @@ impl Config {
             .clone()
             .or_else(|| std::env::var("POD_NAME").ok().filter(|s| !s.is_empty()))
             .unwrap_or_else(|| gethostname::gethostname().to_string_lossy().into_owned())
+    }
+
+    /// The pod UID: configured, else `POD_UID`; `None` outside Kubernetes.
+    pub fn node_uid(&self) -> Option<String> {
+        self.node
+            .uid
+            .clone()
+            .or_else(|| std::env::var("POD_UID").ok())
+            .filter(|s| !s.is_empty())
     }
 }
 

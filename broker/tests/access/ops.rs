@@ -708,6 +708,7 @@ async fn every_admin_answer_reads_into_its_corvid_api_type() {
         .map(|a| a.port())
         .expect("a port nobody listens on");
     let mut c = config();
+    c.node.uid = Some("uid-now".into());
     c.trace.dir = dir.path().join("traces");
     c.bridges.mqtt = vec![MqttBridgeConfig {
         name: "nowhere".into(),
@@ -837,6 +838,13 @@ async fn every_admin_answer_reads_into_its_corvid_api_type() {
             None,
             400,
         ),
+        // Meant for an instance of the pod that was replaced: the new one stays.
+        (
+            Method::POST,
+            "/api/v1/evacuate?pod_uid=uid-before",
+            None,
+            409,
+        ),
     ] {
         let (status, v) = api(&r, method, path, body).await;
         assert_eq!(status, want, "{path}: {v}");
@@ -846,7 +854,13 @@ async fn every_admin_answer_reads_into_its_corvid_api_type() {
     let (status, v) = api(&r, Method::DELETE, "/api/v1/clients/typed-two", None).await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(strict::<Kicked>("kick", &v).kicked, "typed-two");
-    let (status, v) = api(&r, Method::POST, "/api/v1/evacuate", None).await;
+    let evac: EvacuationStatus = strict("evacuation", &get("/api/v1/evacuate").await);
+    assert_eq!(
+        evac.state,
+        EvacuationState::Idle,
+        "the refused request did nothing"
+    );
+    let (status, v) = api(&r, Method::POST, "/api/v1/evacuate?pod_uid=uid-now", None).await;
     assert_eq!(status, 202, "{v}");
     let evac: EvacuationStatus = strict("evacuate", &v);
     assert_eq!(

@@ -43,9 +43,20 @@ pub const OPERATOR_MOUNT_PATHS: [&str; 9] = [
     DATA_DIR,
 ];
 
-/// Environment variables the operator sets from the downward API; the broker's peer discovery
-/// reads them.
-pub const OPERATOR_ENV: [&str; 3] = ["POD_NAME", "POD_NAMESPACE", "POD_IP"];
+/// Environment variables the operator sets from the downward API, with the pod field each
+/// comes from: the broker's node name and peer discovery read the first three, and its admin
+/// API refuses an evacuation meant for another instance of the pod by the UID.
+pub const OPERATOR_ENV: [(&str, &str); 4] = [
+    ("POD_NAME", "metadata.name"),
+    ("POD_NAMESPACE", "metadata.namespace"),
+    ("POD_IP", "status.podIP"),
+    ("POD_UID", "metadata.uid"),
+];
+
+/// Whether `name` is one of [`OPERATOR_ENV`].
+pub fn operator_env(name: &str) -> bool {
+    OPERATOR_ENV.iter().any(|(n, _)| *n == name)
+}
 
 /// Fields of the broker container a template entry may set; everything else is the operator's.
 const BROKER_FIELDS: [&str; 8] = [
@@ -178,7 +189,7 @@ fn check_broker(c: &Container, at: &str) -> Result<(), InvalidSpec> {
         }
     }
     for env in c.env.iter().flatten() {
-        if OPERATOR_ENV.contains(&env.name.as_str()) {
+        if operator_env(&env.name) {
             return refuse(format!(
                 "{at}.env[{}] is set by the operator (peer discovery reads it)",
                 env.name
@@ -300,7 +311,7 @@ fn with_default_security(c: &Container) -> Container {
 /// Merges the allowed fields of the template's broker entry into the built broker container.
 fn merge_broker(broker: &mut Container, over: &Container) {
     for var in over.env.iter().flatten() {
-        if OPERATOR_ENV.contains(&var.name.as_str()) {
+        if operator_env(&var.name) {
             continue;
         }
         let env = broker.env.get_or_insert_with(Vec::new);

@@ -257,11 +257,10 @@ pub fn container(cluster: &MqttCluster) -> Container {
         .collect();
     ports.push(container_port("admin", ADMIN_PORT));
     ports.push(container_port("cluster", CLUSTER_PORT));
-    let mut env = vec![
-        field_env("POD_NAME", "metadata.name"),
-        field_env("POD_NAMESPACE", "metadata.namespace"),
-        field_env("POD_IP", "status.podIP"),
-    ];
+    let mut env: Vec<EnvVar> = super::podtemplate::OPERATOR_ENV
+        .iter()
+        .map(|(name, path)| field_env(name, path))
+        .collect();
     env.extend(spec.pod.env.iter().cloned());
     Container {
         name: CONTAINER.to_string(),

@@ -220,7 +220,13 @@ fn container_image_args_ports_and_env() {
     let env: Vec<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
     assert_eq!(
         env,
-        ["POD_NAME", "POD_NAMESPACE", "POD_IP", "CORVID_LOG__LEVEL"]
+        [
+            "POD_NAME",
+            "POD_NAMESPACE",
+            "POD_IP",
+            "POD_UID",
+            "CORVID_LOG__LEVEL"
+        ]
     );
     let (_, custom) = build(json!({"image": "registry.local/corvid:dev"}));
     assert_eq!(
