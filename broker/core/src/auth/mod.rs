@@ -5,6 +5,10 @@
 //! A decision may carry extra ACL rules (the HTTP backend can send them per client); they go
 //! before the configured rules for that connection.
 
+#[cfg(feature = "http-auth")]
+pub mod http;
+#[cfg(not(feature = "http-auth"))]
+#[path = "http_off.rs"]
 pub mod http;
 pub mod users;
 
@@ -82,6 +86,14 @@ pub enum AuthError {
     /// The HTTP client could not be built.
     #[error("auth.http: {0}")]
     Http(String),
+    /// The configuration asks for something this build left out.
+    #[error("{field}: this broker was built without the `{feature}` feature")]
+    NotBuilt {
+        /// The configuration field (`auth.http`).
+        field: &'static str,
+        /// The cargo feature that brings it.
+        feature: &'static str,
+    },
 }
 
 /// The chain of authentication sources.

@@ -10,6 +10,10 @@
 //! non-blocking emit, but each event is stamped with the time it happened, since a database
 //! row needs that time and not the time it was written.
 
+#[cfg(feature = "webhooks")]
+mod webhook;
+#[cfg(not(feature = "webhooks"))]
+#[path = "webhook_off.rs"]
 mod webhook;
 
 pub use corvid_api::{WebhookState, WebhookStatus};
@@ -293,6 +297,14 @@ pub enum HookError {
         /// Why.
         reason: String,
     },
+    /// The configuration asks for something this build left out.
+    #[error("{field}: this broker was built without the `{feature}` feature")]
+    NotBuilt {
+        /// The configuration field (`webhooks`).
+        field: &'static str,
+        /// The cargo feature that brings it.
+        feature: &'static str,
+    },
 }
 
 /// An event with the time it happened, as queued for the event store.
@@ -361,6 +373,12 @@ struct WebhookHandle {
 impl Hooks {
     /// Sets up one queue per webhook; workers start with [`Hooks::start`].
     pub fn new(cfg: &[WebhookConfig], node: &str, metrics: &Metrics) -> Result<Self, HookError> {
+        if !cfg.is_empty() && !cfg!(feature = "webhooks") {
+            return Err(HookError::NotBuilt {
+                field: "webhooks",
+                feature: "webhooks",
+            });
+        }
         let mut sinks = Vec::new();
         let mut workers = Vec::new();
         let mut handles = Vec::new();
@@ -390,11 +408,15 @@ impl Hooks {
                 w.name.clone()
             };
             let (tx, rx) = mpsc::channel(w.queue_size.max(1));
+            #[cfg(not(feature = "webhooks"))]
+            let _ = (rx, node, &up, &mut workers, &mut handles);
+            #[cfg(feature = "webhooks")]
             let health = Arc::new(webhook::Health::new(
                 &name,
                 &w.url,
                 up.with_label_values(&[&name]),
             ));
+            #[cfg(feature = "webhooks")]
             workers.push(
                 webhook::Worker::new(
                     w,
@@ -406,6 +428,7 @@ impl Hooks {
                 )
                 .map_err(|reason| HookError::Client { index, reason })?,
             );
+            #[cfg(feature = "webhooks")]
             handles.push(WebhookHandle {
                 health,
                 tx: tx.clone(),
