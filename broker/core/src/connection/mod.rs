@@ -4,10 +4,12 @@
 //! This module is the connection's I/O: the CONNECT handshake and authentication, the serving
 //! loop (keep alive, rate pauses, congestion, acks waiting for the store), parking an idle
 //! connection and closing it. What a packet means is decided in [`protocol`], which does no
-//! I/O and is tested packet by packet. Protocol errors end only this connection, with an
+//! I/O and is tested packet by packet; when keep alive lets a client go and when an idle
+//! connection parks is decided in `timers`, tested instant by instant. Protocol errors end only this connection, with an
 //! MQTT 5 DISCONNECT reason code where the protocol has one.
 
 pub mod protocol;
+mod timers;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,6 +30,7 @@ use crate::session::{Kick, QueueBounds, Session};
 use crate::trace::Dir;
 use crate::transport::Transport;
 use corvid_proto::reason::Reason;
+use timers::{KeepAlive, OnTimer};
 
 pub use protocol::V3_ACK_WINDOW;
 use protocol::{Conn, End, WRITE_BATCH};
@@ -43,16 +46,6 @@ enum Served {
     /// Nothing to do for a while ([`PARK_AFTER`], [`REPARK_AFTER`]): it may park, with this
     /// keep alive deadline.
     Idle(Option<tokio::time::Instant>),
-}
-
-/// The serving loop's next timer: the keep alive deadline or the next look at parking,
-/// whichever comes first (a year away when neither applies).
-fn next_timer(
-    keep_alive: Option<tokio::time::Instant>,
-    park_at: Option<tokio::time::Instant>,
-) -> tokio::time::Instant {
-    let far = tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
-    keep_alive.into_iter().chain(park_at).min().unwrap_or(far)
 }
 
 /// Where a parked connection left off: what its new task starts from.
@@ -397,13 +390,12 @@ impl Conn {
         let shutdown = self.broker.shutdown.clone();
         let session = self.session.clone();
         let kick = self.info.kick.clone();
-        let ka = self.keep_alive;
         let start = tokio::time::Instant::now();
-        // When the client is let go unless a packet comes first (`None`: never). Moving it
-        // later does not touch the timer: `sleep` fires at or before it and is re-armed then.
-        let mut ka_deadline = match resumed {
-            Some(r) => r.keep_alive,
-            None => (!ka.is_zero()).then(|| start + ka),
+        // Moving the keep alive deadline later does not touch the timer: `sleep` fires at or
+        // before it and is re-armed then.
+        let mut ka = match resumed {
+            Some(r) => KeepAlive::resumed(self.keep_alive, r.keep_alive),
+            None => KeepAlive::new(self.keep_alive, start),
         };
         // Only plain TCP connections park (the others' streams keep state a socket does not).
         let parks = matches!(t, Transport::Tcp(_)) && self.broker.parker().is_some();
@@ -411,10 +403,14 @@ impl Conn {
             Some(r) if r.parked_for >= PARK_AFTER => REPARK_AFTER,
             _ => PARK_AFTER,
         };
+        let park = parks.then_some(grace);
         // When the serving loop last had something to do.
         let mut active_at = start;
-        let sleep =
-            tokio::time::sleep_until(next_timer(ka_deadline, parks.then_some(start + grace)));
+        let sleep = tokio::time::sleep_until(timers::next_timer(
+            ka.deadline(),
+            park.map(|g| start + g),
+            start,
+        ));
         tokio::pin!(sleep);
         // While over its rate the client is not read from until this instant.
         let mut paused: Option<tokio::time::Instant> = None;
@@ -457,10 +453,11 @@ impl Conn {
             if more {
                 session.notify.notify_one();
             }
-            if self.hold_for_congestion(&mut held) && !ka.is_zero() {
+            if self.hold_for_congestion(&mut held) {
                 // Not reading is the broker's doing: keep alive waits too.
-                let until = tokio::time::Instant::now() + broker.queue_bounds.congestion_timeout;
-                ka_deadline = Some(until + ka);
+                ka.not_reading_until(
+                    tokio::time::Instant::now() + broker.queue_bounds.congestion_timeout,
+                );
             }
             if rbuf.is_empty() && rbuf.capacity() > 0 && !more && paused.is_none() {
                 // Idle connections hold no read buffer.
@@ -511,13 +508,13 @@ impl Conn {
                             // Keep alive counts whole control packets [MQTT-3.1.2-24], not
                             // bytes: a client trickling one packet byte by byte is let go
                             // after one and a half keep alive periods all the same.
-                            if self.codec.decoded() != decoded && !ka.is_zero() {
-                                ka_deadline = Some(tokio::time::Instant::now() + ka);
+                            if self.codec.decoded() != decoded {
+                                ka.packet(tokio::time::Instant::now());
                             }
                             paused = wait.map(|w| tokio::time::Instant::now() + w);
-                            if let (Some(until), false) = (paused, ka.is_zero()) {
+                            if let Some(until) = paused {
                                 // Not reading is the broker's doing: keep alive waits too.
-                                ka_deadline = Some(until + ka);
+                                ka.not_reading_until(until);
                             }
                         }
                     }
@@ -526,14 +523,12 @@ impl Conn {
                 // future does not carry their state (see `serve`).
                 _ = OptionFuture::from(paused.map(|p| Box::pin(tokio::time::sleep_until(p)))), if paused.is_some() => {
                     // Back under the rate: finish what is buffered, then read again.
-                    if !ka.is_zero() {
-                        ka_deadline = Some(tokio::time::Instant::now() + ka);
-                    }
+                    ka.not_reading_until(tokio::time::Instant::now());
                     match self.process(&mut rbuf, &mut wbuf) {
                         Ok(w) => {
                             paused = w.map(|w| tokio::time::Instant::now() + w);
-                            if let (Some(until), false) = (paused, ka.is_zero()) {
-                                ka_deadline = Some(until + ka);
+                            if let Some(until) = paused {
+                                ka.not_reading_until(until);
                             }
                         }
                         Err(end) => return Served::Ended(flush_then(t, &wbuf, end).await),
@@ -542,9 +537,7 @@ impl Conn {
                 _ = OptionFuture::from((!held.is_empty()).then(|| Box::pin(wait_drained(&mut held, &broker.queue_bounds)))), if !held.is_empty() => {
                     // The sessions drained (or stopped counting as draining): finish what is
                     // buffered, then read again — unless a rate pause is still running.
-                    if !ka.is_zero() {
-                        ka_deadline = Some(tokio::time::Instant::now() + ka);
-                    }
+                    ka.not_reading_until(tokio::time::Instant::now());
                     if paused.is_none() {
                         match self.process(&mut rbuf, &mut wbuf) {
                             Ok(w) => paused = w.map(|w| tokio::time::Instant::now() + w),
@@ -564,11 +557,6 @@ impl Conn {
                     }
                 }
                 _ = &mut sleep => {
-                    let now = tokio::time::Instant::now();
-                    if ka_deadline.is_some_and(|d| d <= now) {
-                        return Served::Ended(End::KeepAlive);
-                    }
-                    let idle_since = active_at.max(last_bytes);
                     // Not mid-packet: the codec may hold a fixed header it took off `rbuf`.
                     let idle = !self.codec.mid_packet(&rbuf)
                         && wbuf.is_empty()
@@ -576,12 +564,13 @@ impl Conn {
                         && held.is_empty()
                         && self.held_acks.is_empty()
                         && ack_wait.is_none();
-                    if parks && idle && idle_since + grace <= now {
-                        return Served::Idle(ka_deadline);
+                    let now = tokio::time::Instant::now();
+                    match timers::on_timer(&ka, park, idle, active_at.max(last_bytes), now) {
+                        OnTimer::LetGo => return Served::Ended(End::KeepAlive),
+                        OnTimer::Park => return Served::Idle(ka.deadline()),
+                        // Not idle yet (acks held, a pause): look again in a while.
+                        OnTimer::SleepUntil(at) => sleep.as_mut().reset(at),
                     }
-                    // Not idle yet (acks held, a pause): look again in a while.
-                    let park_at = parks.then(|| (idle_since + grace).max(now + PARK_AFTER / 4));
-                    sleep.as_mut().reset(next_timer(ka_deadline, park_at));
                     // The timer is not activity.
                     continue;
                 }
