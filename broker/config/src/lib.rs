@@ -15,6 +15,33 @@ pub mod net;
 
 pub use events::EventKind;
 
+/// A configuration field this build cannot serve: the cargo feature that brings it was left
+/// out. Every crate with optional integrations refuses such a configuration at start with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: this broker was built without the `{feature}` feature")]
+pub struct NotBuilt {
+    /// The configuration field (`bridges.kafka`, `auth.http`, …).
+    pub field: &'static str,
+    /// The cargo feature that brings it.
+    pub feature: &'static str,
+}
+
+impl NotBuilt {
+    /// Refuses when the configuration `wants` the field and the feature is not `built`
+    /// (pass `cfg!(feature = "…")`).
+    pub fn check(
+        wants: bool,
+        built: bool,
+        field: &'static str,
+        feature: &'static str,
+    ) -> Result<(), NotBuilt> {
+        if wants && !built {
+            return Err(NotBuilt { field, feature });
+        }
+        Ok(())
+    }
+}
+
 /// Why a configuration could not be loaded; the message always names the file or field.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -24,10 +24,10 @@ pub enum HttpBackend {}
 impl HttpBackend {
     /// Refuses: this build has no HTTP client for the backend.
     pub fn new(_: &HttpAuthConfig) -> Result<Self, AuthError> {
-        Err(AuthError::NotBuilt {
+        Err(AuthError::NotBuilt(crate::config::NotBuilt {
             field: "auth.http",
             feature: "http-auth",
-        })
+        }))
     }
 
     /// Whether an unreachable backend admits clients (never called: no value exists).
@@ -55,7 +55,7 @@ mod tests {
             ..AuthConfig::default()
         };
         let err = Authenticator::new(&cfg, metrics.auth.clone()).expect_err("refused");
-        assert!(matches!(err, AuthError::NotBuilt { .. }), "{err:?}");
+        assert!(matches!(err, AuthError::NotBuilt(_)), "{err:?}");
         assert_eq!(
             err.to_string(),
             "auth.http: this broker was built without the `http-auth` feature"

@@ -87,13 +87,8 @@ pub enum AuthError {
     #[error("auth.http: {0}")]
     Http(String),
     /// The configuration asks for something this build left out.
-    #[error("{field}: this broker was built without the `{feature}` feature")]
-    NotBuilt {
-        /// The configuration field (`auth.http`).
-        field: &'static str,
-        /// The cargo feature that brings it.
-        feature: &'static str,
-    },
+    #[error(transparent)]
+    NotBuilt(#[from] crate::config::NotBuilt),
 }
 
 /// The chain of authentication sources.

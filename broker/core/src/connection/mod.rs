@@ -5,8 +5,8 @@
 //! loop (keep alive, rate pauses, congestion, acks waiting for the store), parking an idle
 //! connection and closing it. What a packet means is decided in [`protocol`], which does no
 //! I/O and is tested packet by packet; when keep alive lets a client go and when an idle
-//! connection parks is decided in `timers`, tested instant by instant. Protocol errors end only this connection, with an
-//! MQTT 5 DISCONNECT reason code where the protocol has one.
+//! connection parks is decided in `timers`, tested instant by instant. Protocol errors end
+//! only this connection, with an MQTT 5 DISCONNECT reason code where the protocol has one.
 
 pub mod protocol;
 mod timers;

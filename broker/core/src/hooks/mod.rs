@@ -298,13 +298,8 @@ pub enum HookError {
         reason: String,
     },
     /// The configuration asks for something this build left out.
-    #[error("{field}: this broker was built without the `{feature}` feature")]
-    NotBuilt {
-        /// The configuration field (`webhooks`).
-        field: &'static str,
-        /// The cargo feature that brings it.
-        feature: &'static str,
-    },
+    #[error(transparent)]
+    NotBuilt(#[from] crate::config::NotBuilt),
 }
 
 /// An event with the time it happened, as queued for the event store.
@@ -373,12 +368,8 @@ struct WebhookHandle {
 impl Hooks {
     /// Sets up one queue per webhook; workers start with [`Hooks::start`].
     pub fn new(cfg: &[WebhookConfig], node: &str, metrics: &Metrics) -> Result<Self, HookError> {
-        if !cfg.is_empty() && !cfg!(feature = "webhooks") {
-            return Err(HookError::NotBuilt {
-                field: "webhooks",
-                feature: "webhooks",
-            });
-        }
+        let built = cfg!(feature = "webhooks");
+        crate::config::NotBuilt::check(!cfg.is_empty(), built, "webhooks", "webhooks")?;
         let mut sinks = Vec::new();
         let mut workers = Vec::new();
         let mut handles = Vec::new();

@@ -26,7 +26,7 @@ use parking_lot::Mutex;
 use prometheus::{Histogram, IntCounter, IntGauge};
 
 use crate::broker::Broker;
-use crate::config::{BridgeBackoffConfig, BridgesConfig};
+use crate::config::{BridgeBackoffConfig, BridgesConfig, NotBuilt};
 use crate::message::Msg;
 use crate::metrics::Metrics;
 use crate::topic;
@@ -272,13 +272,8 @@ pub enum BridgeError {
     #[error("bridges metrics: {0}")]
     Metrics(#[from] prometheus::Error),
     /// The configuration asks for a kind of bridge this build left out.
-    #[error("{field}: this broker was built without the `{feature}` feature")]
-    NotBuilt {
-        /// The configuration field (`bridges.kafka`, `bridges.mqtt`).
-        field: &'static str,
-        /// The cargo feature that brings it.
-        feature: &'static str,
-    },
+    #[error(transparent)]
+    NotBuilt(#[from] NotBuilt),
 }
 
 /// All configured bridges; built before the broker (it is the broker's tap), started by [`start`].
@@ -294,18 +289,10 @@ impl Bridges {
         if config.mqtt.is_empty() && config.kafka.is_empty() {
             return Ok(Bridges::default());
         }
-        if !config.mqtt.is_empty() && !cfg!(feature = "mqtt-bridge") {
-            return Err(BridgeError::NotBuilt {
-                field: "bridges.mqtt",
-                feature: "mqtt-bridge",
-            });
-        }
-        if !config.kafka.is_empty() && !cfg!(feature = "kafka") {
-            return Err(BridgeError::NotBuilt {
-                field: "bridges.kafka",
-                feature: "kafka",
-            });
-        }
+        let mqtt = cfg!(feature = "mqtt-bridge");
+        NotBuilt::check(!config.mqtt.is_empty(), mqtt, "bridges.mqtt", "mqtt-bridge")?;
+        let kafka = cfg!(feature = "kafka");
+        NotBuilt::check(!config.kafka.is_empty(), kafka, "bridges.kafka", "kafka")?;
         let vecs = MetricVecs::new(metrics)?;
         let mut all = Vec::new();
         for b in &config.mqtt {
@@ -452,7 +439,7 @@ mod tests {
         };
         let e = Bridges::new(&config, &metrics).expect_err("refused");
         assert!(
-            matches!(e, BridgeError::NotBuilt { field: f, feature: g } if f == field && g == feature),
+            matches!(e, BridgeError::NotBuilt(n) if n == NotBuilt { field, feature }),
             "{e}"
         );
         assert!(e.to_string().contains(field), "{e}");

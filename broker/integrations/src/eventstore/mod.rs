@@ -32,7 +32,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{EventStoreConfig, StoreBatchConfig, StoreRetryConfig};
+use crate::config::{EventStoreConfig, NotBuilt, StoreBatchConfig, StoreRetryConfig};
 use crate::hooks::{now_ms, now_us, EventKind, Hooks, Stamped, StoreSink};
 use crate::metrics::Metrics;
 
@@ -46,13 +46,8 @@ pub enum EventStoreError {
     #[error("event_store metrics: {0}")]
     Metrics(#[from] prometheus::Error),
     /// The configuration asks for a store this build left out.
-    #[error("{field}: this broker was built without the `{feature}` feature")]
-    NotBuilt {
-        /// The configuration field (`event_store.postgres`, `event_store.redis`).
-        field: &'static str,
-        /// The cargo feature that brings it.
-        feature: &'static str,
-    },
+    #[error(transparent)]
+    NotBuilt(#[from] NotBuilt),
 }
 
 /// What kind of fault a store reported: decides between reconnecting and giving up a batch.
@@ -275,18 +270,15 @@ impl EventStore {
         if cfg.postgres.is_none() && cfg.redis.is_none() {
             return Ok(store);
         }
-        if cfg.postgres.is_some() && !cfg!(feature = "postgres") {
-            return Err(EventStoreError::NotBuilt {
-                field: "event_store.postgres",
-                feature: "postgres",
-            });
-        }
-        if cfg.redis.is_some() && !cfg!(feature = "redis") {
-            return Err(EventStoreError::NotBuilt {
-                field: "event_store.redis",
-                feature: "redis",
-            });
-        }
+        let postgres = cfg!(feature = "postgres");
+        NotBuilt::check(
+            cfg.postgres.is_some(),
+            postgres,
+            "event_store.postgres",
+            "postgres",
+        )?;
+        let redis = cfg!(feature = "redis");
+        NotBuilt::check(cfg.redis.is_some(), redis, "event_store.redis", "redis")?;
         let label = "sink";
         let written = metrics.counter_vec(
             "corvid_eventstore_written_total",
@@ -699,7 +691,7 @@ mod tests {
         };
         let e = EventStore::new(&config, "n", 0, &metrics, &mut hooks).expect_err("refused");
         assert!(
-            matches!(e, EventStoreError::NotBuilt { field: f, feature: g } if f == field && g == feature),
+            matches!(e, EventStoreError::NotBuilt(n) if n == NotBuilt { field, feature }),
             "{e}"
         );
     }
