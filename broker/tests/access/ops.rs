@@ -850,6 +850,28 @@ async fn every_admin_answer_reads_into_its_corvid_api_type() {
         assert_eq!(status, want, "{path}: {v}");
         strict::<ErrorBody>(path, &v);
     }
+    // Hostile UIDs (16 KiB, NUL and percent-escapes, a prefix of the real one) are only ever
+    // compared: each is refused, nothing is evacuated, MQTT keeps serving.
+    let long = format!("/api/v1/evacuate?pod_uid={}", "u".repeat(16 * 1024));
+    for path in [
+        long.as_str(),
+        "/api/v1/evacuate?pod_uid=%00uid-now%25%26",
+        "/api/v1/evacuate?pod_uid=uid-no",
+    ] {
+        let (status, v) = api(&r, Method::POST, path, None).await;
+        assert_eq!(status, 409, "{v}");
+        strict::<ErrorBody>("hostile pod_uid", &v);
+    }
+    // Given twice: the query does not parse (400), whichever comes first.
+    let (status, _) = api(
+        &r,
+        Method::POST,
+        "/api/v1/evacuate?pod_uid=uid-now&pod_uid=x",
+        None,
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_mqtt_served(&r, "evacuate-bystander").await;
 
     let (status, v) = api(&r, Method::DELETE, "/api/v1/clients/typed-two", None).await;
     assert_eq!(status, 200, "{v}");

@@ -205,6 +205,36 @@ macro_rules! client_common {
     };
 }
 
+/// MQTT keeps working for everyone: a QoS 1 round trip through the broker.
+pub async fn assert_mqtt_served(r: &Running, id: &str) {
+    let mut c = v3::connect(mqtt(r), id, None)
+        .await
+        .expect("bystander connects");
+    c.subscribe(&format!("bystander/{id}"), v3::QoS::AtLeastOnce)
+        .await;
+    let t = tokio::time::Instant::now();
+    c.client
+        .publish(
+            format!("bystander/{id}"),
+            v3::QoS::AtLeastOnce,
+            false,
+            "ping",
+        )
+        .await
+        .expect("publish");
+    let (topic, body) = c.publish_in().await;
+    assert_eq!(
+        (topic.as_str(), body.as_slice()),
+        (format!("bystander/{id}").as_str(), &b"ping"[..])
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "a bystander's QoS 1 round trip took {:?}",
+        t.elapsed()
+    );
+    c.client.disconnect().await.expect("disconnect");
+}
+
 pub mod v3 {
     use super::*;
     pub use rumqttc::{
