@@ -191,7 +191,7 @@ fn check_broker(c: &Container, at: &str) -> Result<(), InvalidSpec> {
     for env in c.env.iter().flatten() {
         if operator_env(&env.name) {
             return refuse(format!(
-                "{at}.env[{}] is set by the operator (peer discovery reads it)",
+                "{at}.env[{}] is set by the operator from the pod (the broker reads it)",
                 env.name
             ));
         }
