@@ -9,13 +9,16 @@
 //! The store knows keys and bytes only: values are the broker's own encodings, so the record
 //! formats live with the types they store.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+
+mod queue;
+use queue::{Pending, QueueWrite, Queues};
 
 /// What can go wrong with the store.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +32,12 @@ pub enum StoreError {
     /// A key the store wrote does not have the store's layout.
     #[error("store: bad key in {keyspace}")]
     BadKey {
+        /// Which keyspace held it.
+        keyspace: &'static str,
+    },
+    /// A record the store wrote does not have the store's layout.
+    #[error("store: unreadable record in {keyspace}")]
+    BadRecord {
         /// Which keyspace held it.
         keyspace: &'static str,
     },
@@ -242,7 +251,13 @@ impl std::fmt::Debug for Store {
 #[derive(Clone)]
 struct Spaces {
     sessions: Keyspace,
+    /// Queued deliveries one key each, as stores before segments wrote them (read, and
+    /// deleted as they are done with; never written).
     queue: Keyspace,
+    /// Queued deliveries packed per commit (see `queue.rs`).
+    segments: Keyspace,
+    /// Each segment's done entries.
+    segment_dead: Keyspace,
     marks: Keyspace,
     retained: Keyspace,
     cluster: Keyspace,
@@ -252,7 +267,6 @@ struct Spaces {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Space {
     Sessions,
-    Queue,
     Marks,
     Retained,
     Cluster,
@@ -262,7 +276,6 @@ impl Spaces {
     fn get(&self, space: Space) -> &Keyspace {
         match space {
             Space::Sessions => &self.sessions,
-            Space::Queue => &self.queue,
             Space::Marks => &self.marks,
             Space::Retained => &self.retained,
             Space::Cluster => &self.cluster,
@@ -292,11 +305,13 @@ impl Store {
         let spaces = Spaces {
             sessions: space("sessions")?,
             queue: space("queue")?,
+            segments: space("segments")?,
+            segment_dead: space("segment_dead")?,
             marks: space("marks")?,
             retained: space("retained")?,
             cluster: space("cluster")?,
         };
-        let recovered = recover(&spaces)?;
+        let (queues, recovered) = recover(&spaces)?;
         let (tx, rx) = std::sync::mpsc::channel();
         let stats = Arc::new(Stats::default());
         let (durable_tx, durable) = tokio::sync::watch::channel(0);
@@ -304,6 +319,7 @@ impl Store {
         let writer = Writer {
             db: db.clone(),
             spaces,
+            queues,
             sync,
             stats: stats.clone(),
             durable: durable_tx,
@@ -449,6 +465,8 @@ impl Store {
 struct Writer {
     db: Database,
     spaces: Spaces,
+    /// Where every live queued delivery is.
+    queues: Queues,
     sync: Sync,
     stats: Arc<Stats>,
     /// Advanced to the last mark of every committed batch.
@@ -458,7 +476,7 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(self, rx: std::sync::mpsc::Receiver<Request>) {
+    fn run(mut self, rx: std::sync::mpsc::Receiver<Request>) {
         let mut last_sync = Instant::now();
         let mut dirty = false;
         loop {
@@ -565,7 +583,7 @@ impl Writer {
         self.durable.send_modify(|_| {});
     }
 
-    fn commit(&self, batch: &[Request], sync: bool) -> Result<(), StoreError> {
+    fn commit(&mut self, batch: &[Request], sync: bool) -> Result<(), StoreError> {
         if batch.is_empty() {
             if sync {
                 self.db.persist(PersistMode::SyncData)?;
@@ -575,9 +593,11 @@ impl Writer {
         // Every item of an engine batch gets the same sequence number, so a key written twice
         // in one batch would be ambiguous: fold the ops into each key's last state first.
         let mut last: BTreeMap<(Space, Vec<u8>), Option<&[u8]>> = BTreeMap::new();
-        // Queue keys first written in this batch: a message queued and acknowledged within
-        // one commit never reaches the disk at all.
-        let mut fresh: BTreeSet<Vec<u8>> = BTreeSet::new();
+        // Queued deliveries go into this commit's segment; one queued and done with within
+        // the commit never reaches the disk at all.
+        let mut pending = Pending::default();
+        let mut writes: Vec<QueueWrite> = Vec::new();
+        let queues = &mut self.queues;
         for op in batch.iter().flat_map(|r| &r.ops) {
             match op {
                 Op::PutSession { client_id, record } => {
@@ -588,46 +608,27 @@ impl Writer {
                 }
                 Op::DeleteSession { client_id } => {
                     last.insert((Space::Sessions, client_id.as_bytes().to_vec()), None);
+                    queues.delete_session(&mut pending, client_id, &mut writes);
                     let prefix = session_prefix(client_id);
-                    for (space, ks) in [
-                        (Space::Queue, &self.spaces.queue),
-                        (Space::Marks, &self.spaces.marks),
-                    ] {
-                        for kv in ks.prefix(&prefix) {
-                            last.insert((space, kv.key()?.to_vec()), None);
-                        }
-                        let pending: Vec<Vec<u8>> = last
-                            .range((space, prefix.clone())..)
-                            .take_while(|((sp, k), _)| *sp == space && k.starts_with(&prefix))
-                            .map(|((_, k), _)| k.clone())
-                            .collect();
-                        for k in pending {
-                            if fresh.remove(&k) {
-                                last.remove(&(space, k));
-                            } else {
-                                last.insert((space, k), None);
-                            }
-                        }
+                    for kv in self.spaces.marks.prefix(&prefix) {
+                        last.insert((Space::Marks, kv.key()?.to_vec()), None);
+                    }
+                    let pending_marks: Vec<Vec<u8>> = last
+                        .range((Space::Marks, prefix.clone())..)
+                        .take_while(|((sp, k), _)| *sp == Space::Marks && k.starts_with(&prefix))
+                        .map(|((_, k), _)| k.clone())
+                        .collect();
+                    for k in pending_marks {
+                        last.insert((Space::Marks, k), None);
                     }
                 }
                 Op::Enqueue {
                     client_id,
                     seq,
                     record,
-                } => {
-                    let k = queue_key(client_id, *seq);
-                    if !last.contains_key(&(Space::Queue, k.clone())) {
-                        fresh.insert(k.clone());
-                    }
-                    last.insert((Space::Queue, k), Some(record));
-                }
+                } => queues.enqueue(&mut pending, client_id, *seq, record, &mut writes),
                 Op::Dequeue { client_id, seq } => {
-                    let k = queue_key(client_id, *seq);
-                    if fresh.remove(&k) {
-                        last.remove(&(Space::Queue, k));
-                    } else {
-                        last.insert((Space::Queue, k), None);
-                    }
+                    queues.dequeue(&mut pending, client_id, *seq, &mut writes);
                 }
                 Op::PutMark {
                     client_id,
@@ -653,12 +654,13 @@ impl Writer {
                 }
             }
         }
+        queues.finish(pending, &mut writes);
         let mode = if sync {
             PersistMode::SyncData
         } else {
             PersistMode::Buffer
         };
-        if last.is_empty() {
+        if last.is_empty() && writes.is_empty() {
             // Everything cancelled out; a sync still covers earlier unsynced commits.
             if sync {
                 self.db.persist(mode)?;
@@ -671,6 +673,19 @@ impl Writer {
             match value {
                 Some(v) => b.insert(ks, key, v),
                 None => b.remove(ks, key),
+            }
+        }
+        // Segment numbers are never reused, and a legacy key is never written again: a
+        // segment, a dead-set and a legacy key each appear at most once per commit.
+        for w in writes {
+            match w {
+                QueueWrite::PutSegment(k, v) => b.insert(&self.spaces.segments, k, v),
+                QueueWrite::PutDead(k, v) => b.insert(&self.spaces.segment_dead, k, v),
+                QueueWrite::DeleteSegment(k) => {
+                    b.remove(&self.spaces.segments, k.clone());
+                    b.remove(&self.spaces.segment_dead, k);
+                }
+                QueueWrite::DeleteLegacy(k) => b.remove(&self.spaces.queue, k),
             }
         }
         b.commit()?;
@@ -712,7 +727,7 @@ fn split_key<'a>(key: &'a [u8], keyspace: &'static str) -> Result<(String, &'a [
     Ok((id, &key[2 + len..]))
 }
 
-fn recover(s: &Spaces) -> Result<Recovered, StoreError> {
+fn recover(s: &Spaces) -> Result<(Queues, Recovered), StoreError> {
     let mut r = Recovered::default();
     for kv in s.sessions.iter() {
         let (k, v) = kv.into_inner()?;
@@ -723,15 +738,8 @@ fn recover(s: &Spaces) -> Result<Recovered, StoreError> {
             .to_owned();
         r.sessions.push((id, v.to_vec()));
     }
-    for kv in s.queue.iter() {
-        let (k, v) = kv.into_inner()?;
-        let (id, rest) = split_key(&k, "queue")?;
-        let seq = u64::from_be_bytes(
-            rest.try_into()
-                .map_err(|_| StoreError::BadKey { keyspace: "queue" })?,
-        );
-        r.queued.push((id, seq, v.to_vec()));
-    }
+    let (queues, queued) = Queues::recover(&s.segments, &s.segment_dead, &s.queue)?;
+    r.queued = queued;
     for kv in s.marks.iter() {
         let (k, v) = kv.into_inner()?;
         let (id, rest) = split_key(&k, "marks")?;
@@ -750,7 +758,7 @@ fn recover(s: &Spaces) -> Result<Recovered, StoreError> {
         let (k, v) = kv.into_inner()?;
         r.cluster.push((k.to_vec(), v.to_vec()));
     }
-    Ok(r)
+    Ok((queues, r))
 }
 
 #[cfg(test)]

@@ -326,3 +326,176 @@ fn relaxed_changes_alone_are_committed_without_a_sync() {
     );
     store.close();
 }
+
+fn dequeue(id: &str, seq: u64) -> Op {
+    Op::Dequeue {
+        client_id: id.into(),
+        seq,
+    }
+}
+
+/// Records in a keyspace of a closed store, read with the engine directly.
+fn records(dir: &Path, keyspace: &str) -> usize {
+    let db = Database::builder(dir).open().unwrap();
+    let ks = db
+        .keyspace(keyspace, KeyspaceCreateOptions::default)
+        .unwrap();
+    ks.iter().count()
+}
+
+fn seqs_of(r: &Recovered) -> Vec<(String, u64, String)> {
+    r.queued
+        .iter()
+        .map(|(c, s, v)| (c.clone(), *s, String::from_utf8(v.clone()).unwrap()))
+        .collect()
+}
+
+/// One commit's deliveries are one segment; those done with later — out of order, across
+/// commits and sessions — stay done after reopening, and a segment with nothing live left is
+/// deleted with its dead-set.
+#[test]
+fn deliveries_done_with_out_of_order_stay_done_and_empty_segments_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path());
+    store
+        .submit((1..=5).map(|s| enqueue("a", s, &format!("a{s}"))).collect())
+        .wait_blocking()
+        .unwrap();
+    store
+        .submit(vec![enqueue("b", 1, "b1"), enqueue("a", 6, "a6")])
+        .wait_blocking()
+        .unwrap();
+    store
+        .submit(vec![dequeue("a", 4), dequeue("a", 2), dequeue("a", 6)])
+        .wait_blocking()
+        .unwrap();
+    store.close();
+    assert_eq!(records(dir.path(), "segments"), 2);
+    let (store, r) = open(dir.path());
+    let live = |v: &[(&str, u64)]| -> Vec<(String, u64, String)> {
+        v.iter()
+            .map(|(c, s)| (c.to_string(), *s, format!("{c}{s}")))
+            .collect()
+    };
+    assert_eq!(seqs_of(&r), live(&[("a", 1), ("a", 3), ("a", 5), ("b", 1)]));
+    // The first segment empties; the second still holds b1.
+    store
+        .submit(vec![dequeue("a", 1), dequeue("a", 3), dequeue("a", 5)])
+        .wait_blocking()
+        .unwrap();
+    // Unknown and repeated ones change nothing.
+    store
+        .submit(vec![dequeue("a", 3), dequeue("zz", 1)])
+        .wait_blocking()
+        .unwrap();
+    store.close();
+    assert_eq!(records(dir.path(), "segments"), 1);
+    assert_eq!(records(dir.path(), "segment_dead"), 1);
+    let (store, r) = open(dir.path());
+    assert_eq!(seqs_of(&r), live(&[("b", 1)]));
+    store.submit(vec![dequeue("b", 1)]).wait_blocking().unwrap();
+    store.close();
+    assert_eq!(records(dir.path(), "segments"), 0);
+    assert_eq!(records(dir.path(), "segment_dead"), 0);
+}
+
+/// Deleting a session kills its deliveries inside segments it shares with others, and a
+/// number queued again replaces the first one.
+#[test]
+fn a_deleted_session_leaves_nothing_in_shared_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path());
+    store
+        .submit(vec![
+            enqueue("a", 1, "a1"),
+            enqueue("b", 1, "b1"),
+            enqueue("a", 2, "a2"),
+        ])
+        .wait_blocking()
+        .unwrap();
+    store
+        .submit(vec![
+            Op::DeleteSession {
+                client_id: "a".into(),
+            },
+            enqueue("a", 1, "new a1"),
+            enqueue("b", 1, "b1 again"),
+        ])
+        .wait_blocking()
+        .unwrap();
+    store.close();
+    let (store, r) = open(dir.path());
+    assert_eq!(
+        seqs_of(&r),
+        vec![
+            ("a".to_string(), 1, "new a1".to_string()),
+            ("b".to_string(), 1, "b1 again".to_string())
+        ]
+    );
+    store.close();
+    assert_eq!(records(dir.path(), "segments"), 1, "the first is all dead");
+}
+
+/// A store written before segments (one key per delivery) opens with its deliveries, and
+/// each is deleted when done with.
+#[test]
+fn deliveries_of_a_store_before_segments_are_read_and_deleted_one_by_one() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = Database::builder(dir.path()).open().unwrap();
+        let ks = db
+            .keyspace("queue", KeyspaceCreateOptions::default)
+            .unwrap();
+        for (id, seq) in [("old", 1u64), ("old", 2), ("x", 7)] {
+            ks.insert(queue_key(id, seq), format!("{id}{seq}")).unwrap();
+        }
+        db.persist(PersistMode::SyncAll).unwrap();
+    }
+    let (store, r) = open(dir.path());
+    let want = |v: &[(&str, u64)]| -> Vec<(String, u64, String)> {
+        v.iter()
+            .map(|(c, s)| (c.to_string(), *s, format!("{c}{s}")))
+            .collect()
+    };
+    assert_eq!(seqs_of(&r), want(&[("old", 1), ("old", 2), ("x", 7)]));
+    store
+        .submit(vec![
+            dequeue("old", 1),
+            enqueue("old", 3, "old3"),
+            Op::DeleteSession {
+                client_id: "x".into(),
+            },
+        ])
+        .wait_blocking()
+        .unwrap();
+    store.close();
+    assert_eq!(records(dir.path(), "queue"), 1);
+    let (store, r) = open(dir.path());
+    assert_eq!(seqs_of(&r), want(&[("old", 2), ("old", 3)]));
+    store.close();
+}
+
+/// A damaged segment refuses the open instead of losing what it holds in silence.
+#[test]
+fn a_damaged_segment_refuses_the_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path());
+    store
+        .submit(vec![enqueue("a", 1, "a1")])
+        .wait_blocking()
+        .unwrap();
+    store.close();
+    {
+        let db = Database::builder(dir.path()).open().unwrap();
+        let ks = db
+            .keyspace("segments", KeyspaceCreateOptions::default)
+            .unwrap();
+        let (k, v) = ks.iter().next().unwrap().into_inner().unwrap();
+        ks.insert(k, &v[..v.len() - 1]).unwrap();
+        db.persist(PersistMode::SyncAll).unwrap();
+    }
+    match Store::open(dir.path(), Sync::Always) {
+        Err(StoreError::BadRecord { keyspace }) => assert_eq!(keyspace, "segments"),
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    }
+}
