@@ -474,7 +474,8 @@ async fn unreadable_records_are_dropped_and_a_garbage_store_is_refused_by_name()
     let store_dir = dir.path().join("data").join("store");
     {
         use corvid_store::{Op, Store, Sync};
-        let (store, recovered) = Store::open(&store_dir, Sync::Always).expect("open store");
+        let (store, recovered) =
+            Store::open(&store_dir, Sync::Always, Duration::ZERO).expect("open store");
         assert_eq!(recovered.sessions.len(), 1, "the broker stored the session");
         let junk = || vec![0xff; 7];
         store

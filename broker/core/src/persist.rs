@@ -240,7 +240,11 @@ impl Durable {
             PersistSync::EveryMs(ms) => Sync::Every(Duration::from_millis(u64::from(ms.get()))),
         };
         let started = Instant::now();
-        let (store, recovered) = Store::open(&dir.join("store"), sync)?;
+        let (store, recovered) = Store::open(
+            &dir.join("store"),
+            sync,
+            Duration::from_micros(u64::from(cfg.group_commit_us)),
+        )?;
         tracing::info!(
             dir = %dir.display(),
             sessions = recovered.sessions.len(),

@@ -286,9 +286,14 @@ impl Spaces {
 /// Most ops one commit gathers; the rest wait for the next (bounds a batch's memory).
 const MAX_BATCH_OPS: usize = 16 * 1024;
 
+/// A commit of at least this many ops means load: the next one waits for its group to fill.
+pub const GROUP_MIN_OPS: usize = 64;
+
 impl Store {
     /// Opens (or creates) the store in `dir`, reads everything back, and starts the writer.
-    pub fn open(dir: &Path, sync: Sync) -> Result<(Store, Recovered), StoreError> {
+    /// Under load (a commit of [`GROUP_MIN_OPS`] ops or more), commits start at most `group`
+    /// apart (zero: at once).
+    pub fn open(dir: &Path, sync: Sync, group: Duration) -> Result<(Store, Recovered), StoreError> {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
             path: dir.to_path_buf(),
             source,
@@ -321,6 +326,7 @@ impl Store {
             spaces,
             queues,
             sync,
+            group,
             stats: stats.clone(),
             durable: durable_tx,
             failed: failed.clone(),
@@ -467,6 +473,8 @@ struct Writer {
     spaces: Spaces,
     /// Where every live queued delivery is.
     queues: Queues,
+    /// Under load, commits start at most this far apart.
+    group: Duration,
     sync: Sync,
     stats: Arc<Stats>,
     /// Advanced to the last mark of every committed batch.
@@ -479,6 +487,8 @@ impl Writer {
     fn run(mut self, rx: std::sync::mpsc::Receiver<Request>) {
         let mut last_sync = Instant::now();
         let mut dirty = false;
+        let mut last_start = Instant::now();
+        let mut last_ops = 0;
         loop {
             // Block for the first request (or, with interval syncing and unsynced commits, at
             // most until the next sync is due).
@@ -499,6 +509,17 @@ impl Writer {
             let mut batch = Vec::new();
             let mut n = 0;
             let mut closing = false;
+            if first.is_some() && last_ops >= GROUP_MIN_OPS && !self.group.is_zero() {
+                // Under load (the last commit was a large group), let the next group fill
+                // until `group` after the last one started: fewer, larger commits and syncs
+                // for the same work, at most that much later. A lightly loaded store (small
+                // commits) commits at once.
+                let due = last_start + self.group;
+                let now = Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+            }
             if let Some(r) = first {
                 closing = r.close;
                 n += r.ops.len();
@@ -523,6 +544,8 @@ impl Writer {
                 };
             let started = Instant::now();
             let result = self.commit(&batch, sync_now);
+            last_start = started;
+            last_ops = n;
             if sync_now && result.is_ok() {
                 self.stats.syncs.fetch_add(1, Ordering::Relaxed);
             }

@@ -4,7 +4,7 @@
 use super::*;
 
 fn open(dir: &Path) -> (Store, Recovered) {
-    Store::open(dir, Sync::Always).expect("open")
+    Store::open(dir, Sync::Always, Duration::ZERO).expect("open")
 }
 
 fn enqueue(id: &str, seq: u64, body: &str) -> Op {
@@ -159,7 +159,7 @@ fn child_writer() {
     let Ok(dir) = std::env::var("CORVID_STORE_CHILD_DIR") else {
         return;
     };
-    let (store, _) = Store::open(Path::new(&dir), Sync::Always).unwrap();
+    let (store, _) = Store::open(Path::new(&dir), Sync::Always, Duration::ZERO).unwrap();
     let mut out = std::io::stdout();
     for seq in 0u64.. {
         store
@@ -494,8 +494,53 @@ fn a_damaged_segment_refuses_the_open() {
         ks.insert(k, &v[..v.len() - 1]).unwrap();
         db.persist(PersistMode::SyncAll).unwrap();
     }
-    match Store::open(dir.path(), Sync::Always) {
+    match Store::open(dir.path(), Sync::Always, Duration::ZERO) {
         Err(StoreError::BadRecord { keyspace }) => assert_eq!(keyspace, "segments"),
         other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
     }
+}
+
+/// Under load (a commit of `GROUP_MIN_OPS` or more), the next commit starts no sooner than the
+/// group interval after it; after a small commit the next one goes at once.
+#[test]
+fn under_load_commits_wait_for_their_group_and_light_ones_do_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let group = Duration::from_secs(1);
+    let (store, _) = Store::open(dir.path(), Sync::Always, group).unwrap();
+    let commits = || store.stats().commits.load(Ordering::Relaxed);
+    // Light: two small commits, neither waits for a group.
+    let light = Instant::now();
+    for seq in 1..=2 {
+        store
+            .submit(vec![enqueue("light", seq, "x")])
+            .wait_blocking()
+            .unwrap();
+    }
+    assert!(
+        light.elapsed() < group,
+        "small commits waited for a group: {:?}",
+        light.elapsed()
+    );
+    // A large commit, then a small one: the small one is not committed before the group
+    // interval after the large one started.
+    let big: Vec<Op> = (0..GROUP_MIN_OPS as u64)
+        .map(|seq| enqueue("big", seq, "y"))
+        .collect();
+    let started = Instant::now();
+    store.submit(big).wait_blocking().unwrap();
+    let before = commits();
+    store
+        .submit(vec![enqueue("next", 1, "z")])
+        .wait_blocking()
+        .unwrap();
+    assert!(
+        started.elapsed() >= group,
+        "the commit after a large one went at once: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(commits(), before + 1);
+    store.close();
+    let (store, r) = open(dir.path());
+    assert_eq!(r.queued.len(), 2 + GROUP_MIN_OPS + 1);
+    store.close();
 }
