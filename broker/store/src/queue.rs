@@ -188,7 +188,14 @@ impl Queues {
     /// Ends the commit: packs its surviving deliveries into segments, writes the dead-sets
     /// that changed and deletes the segments with nothing live left.
     pub(crate) fn finish(&mut self, p: Pending<'_>, out: &mut Vec<QueueWrite>) {
-        let mut buf: Vec<u8> = Vec::new();
+        // One allocation for the segment (the engine copies it once more).
+        let size: usize = p
+            .entries
+            .iter()
+            .flatten()
+            .map(|(c, _, r)| 14 + c.len() + r.len())
+            .sum();
+        let mut buf: Vec<u8> = Vec::with_capacity(1 + size.min(SEGMENT_BYTES + 64 * 1024));
         let mut count: u32 = 0;
         for (client, seq, record) in p.entries.into_iter().flatten() {
             if count > 0 && buf.len() + record.len() > SEGMENT_BYTES {
