@@ -684,7 +684,7 @@ impl Writer {
                 }
             }
         }
-        queues.finish(pending, &mut writes);
+        queues.finish(pending, &self.spaces.segments, &mut writes)?;
         let mode = if sync {
             PersistMode::SyncData
         } else {

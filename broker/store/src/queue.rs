@@ -10,7 +10,7 @@
 //! written before segments keep their deliveries under one key each (the `queue` keyspace);
 //! those are read, indexed and deleted one by one as they are done with.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use fjall::Keyspace;
 
@@ -18,6 +18,13 @@ use crate::StoreError;
 
 /// A segment is cut at this size; a commit's deliveries beyond it go into the next one.
 const SEGMENT_BYTES: usize = 4 * 1024 * 1024;
+
+/// A segment with at most one live delivery in this many is rewritten: what it holds on disk
+/// stays within this factor of what is live.
+const SPARSE: u32 = 4;
+
+/// A sparse segment is moved once this many segments were written after it.
+pub(crate) const SPARSE_AGE: u64 = 64;
 
 /// The format byte a segment starts with.
 const SEGMENT_FORMAT: u8 = 1;
@@ -36,6 +43,8 @@ enum Loc {
 /// A written segment's bookkeeping.
 #[derive(Debug)]
 struct Seg {
+    /// Entries it holds.
+    total: u32,
     /// Entries not done with yet.
     live: u32,
     /// Entries done with, one bit each (what the segment's dead-set record holds).
@@ -101,6 +110,8 @@ pub(crate) struct Queues {
     touched: Vec<u64>,
     /// Segments found with nothing live when opened: the first commit deletes them.
     doomed: Vec<u64>,
+    /// Segments that became sparse, to be moved once old enough.
+    sparse: BTreeSet<u64>,
 }
 
 /// A segment's key: its number, big-endian, so segments iterate in the order they were written.
@@ -185,19 +196,74 @@ impl Queues {
         }
     }
 
-    /// Ends the commit: packs its surviving deliveries into segments, writes the dead-sets
-    /// that changed and deletes the segments with nothing live left.
-    pub(crate) fn finish(&mut self, p: Pending<'_>, out: &mut Vec<QueueWrite>) {
-        // One allocation for the segment (the engine copies it once more).
-        let size: usize = p
+    /// Ends the commit: moves what is still live out of segments that are mostly done with
+    /// (so a few long-queued deliveries cannot keep whole segments of acknowledged ones on
+    /// disk), packs the commit's surviving deliveries and the moved ones into new segments,
+    /// writes the dead-sets that changed and deletes the segments with nothing live left.
+    pub(crate) fn finish(
+        &mut self,
+        p: Pending<'_>,
+        segments: &Keyspace,
+        out: &mut Vec<QueueWrite>,
+    ) -> Result<(), StoreError> {
+        let mut touched = std::mem::take(&mut self.touched);
+        touched.sort_unstable();
+        touched.dedup();
+        for &n in &touched {
+            let sparse = self
+                .segments
+                .get(&n)
+                .is_some_and(|s| s.live > 0 && s.total >= 2 && s.live * SPARSE <= s.total);
+            if sparse {
+                self.sparse.insert(n);
+            }
+        }
+        // Live deliveries of sparse segments: client id, sequence number, record. A segment
+        // is moved once it is `SPARSE_AGE` segments old: young ones are usually about to be
+        // done with entirely (acknowledgements trail the commit by a few), and moving them
+        // would copy for nothing.
+        let mut moved: Vec<Queued> = Vec::new();
+        while let Some(n) = self.sparse.first().copied() {
+            if n.saturating_add(SPARSE_AGE) > self.next {
+                break;
+            }
+            self.sparse.remove(&n);
+            let sparse = self
+                .segments
+                .get(&n)
+                .is_some_and(|s| s.live > 0 && s.live * SPARSE <= s.total);
+            if !sparse {
+                continue;
+            }
+            let Some(value) = segments.get(segment_key(n))? else {
+                continue;
+            };
+            let Some(seg) = self.segments.remove(&n) else {
+                continue;
+            };
+            for (idx, entry) in (0u32..).zip(Entries::new(&value)?) {
+                let (client, seq, record) = entry?;
+                let here = self.sessions.get(client).and_then(|q| q.get(&seq)).copied()
+                    == Some(Loc::Segment { n, idx });
+                if here && !seg.is_dead(idx) {
+                    moved.push((client.to_owned(), seq, record.to_vec()));
+                }
+            }
+            out.push(QueueWrite::DeleteSegment(segment_key(n)));
+        }
+        let entries = p
             .entries
-            .iter()
+            .into_iter()
             .flatten()
+            .chain(moved.iter().map(|(c, s, r)| (c.as_str(), *s, r.as_slice())));
+        // One allocation for the segment (the engine copies it once more).
+        let size: usize = entries
+            .clone()
             .map(|(c, _, r)| 14 + c.len() + r.len())
             .sum();
         let mut buf: Vec<u8> = Vec::with_capacity(1 + size.min(SEGMENT_BYTES + 64 * 1024));
         let mut count: u32 = 0;
-        for (client, seq, record) in p.entries.into_iter().flatten() {
+        for (client, seq, record) in entries {
             if count > 0 && buf.len() + record.len() > SEGMENT_BYTES {
                 self.seal(&mut buf, &mut count, out);
             }
@@ -224,9 +290,6 @@ impl Queues {
         for n in std::mem::take(&mut self.doomed) {
             out.push(QueueWrite::DeleteSegment(segment_key(n)));
         }
-        let mut touched = std::mem::take(&mut self.touched);
-        touched.sort_unstable();
-        touched.dedup();
         for n in touched {
             match self.segments.get(&n) {
                 Some(s) if s.live == 0 => {
@@ -237,6 +300,7 @@ impl Queues {
                 None => {}
             }
         }
+        Ok(())
     }
 
     /// Writes the segment in `buf` under the next number.
@@ -246,6 +310,7 @@ impl Queues {
         self.segments.insert(
             n,
             Seg {
+                total: *count,
                 live: *count,
                 dead: Vec::new(),
             },
@@ -284,11 +349,13 @@ impl Queues {
             let n = u64::from_be_bytes((&*k).try_into().map_err(|_| bad("segments"))?);
             q.next = q.next.max(n + 1);
             let mut seg = Seg {
+                total: 0,
                 live: 0,
                 dead: dead_sets.remove(&n).unwrap_or_default(),
             };
             for (idx, entry) in (0u32..).zip(Entries::new(&v)?) {
                 let (client, seq, record) = entry?;
+                seg.total = idx + 1;
                 if !seg.is_dead(idx) {
                     seg.live += 1;
                     let loc = Loc::Segment { n, idx };
@@ -317,6 +384,12 @@ impl Queues {
                 .map(|(n, _)| *n),
         );
         q.segments.retain(|_, s| s.live > 0);
+        q.sparse.extend(
+            q.segments
+                .iter()
+                .filter(|(_, s)| s.live * SPARSE <= s.total)
+                .map(|(n, _)| *n),
+        );
         for kv in legacy.iter() {
             let (k, v) = kv.into_inner()?;
             let (client, rest) = crate::split_key(&k, "queue")?;

@@ -544,3 +544,58 @@ fn under_load_commits_wait_for_their_group_and_light_ones_do_not() {
     assert_eq!(r.queued.len(), 2 + GROUP_MIN_OPS + 1);
     store.close();
 }
+
+/// Whether segment `n` of a closed store is on disk.
+fn has_segment(dir: &Path, n: u64) -> bool {
+    let db = Database::builder(dir).open().unwrap();
+    let ks = db
+        .keyspace("segments", KeyspaceCreateOptions::default)
+        .unwrap();
+    ks.get(n.to_be_bytes()).unwrap().is_some()
+}
+
+/// A segment mostly done with is rewritten once it is old: its live deliveries move into a
+/// later commit's segment, so a few long-queued ones cannot keep a whole segment of
+/// acknowledged ones on disk; after the move they are found, done with and recovered at their
+/// new place.
+#[test]
+fn a_mostly_done_segment_moves_its_live_deliveries_and_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path());
+    store
+        .submit((1..=8).map(|s| enqueue("a", s, &format!("a{s}"))).collect())
+        .wait_blocking()
+        .unwrap();
+    // 6 of 8 done: a quarter live, but the segment is young.
+    store
+        .submit((1..=6).map(|s| dequeue("a", s)).collect())
+        .wait_blocking()
+        .unwrap();
+    store.close();
+    assert!(has_segment(dir.path(), 0));
+    // Reopening keeps it a candidate. Other traffic writes segments until it is old enough.
+    let (store, r) = open(dir.path());
+    assert_eq!(r.queued.len(), 2);
+    for i in 1..=queue::SPARSE_AGE + 1 {
+        store
+            .submit(vec![enqueue("c", i, &format!("c{i}")), dequeue("c", i - 1)])
+            .wait_blocking()
+            .unwrap();
+    }
+    store.close();
+    assert!(!has_segment(dir.path(), 0), "the sparse segment is gone");
+    let (store, r) = open(dir.path());
+    let last = queue::SPARSE_AGE + 1;
+    let want = |v: &[(&str, u64)]| -> Vec<(String, u64, String)> {
+        v.iter()
+            .map(|(c, s)| (c.to_string(), *s, format!("{c}{s}")))
+            .collect()
+    };
+    assert_eq!(seqs_of(&r), want(&[("a", 7), ("a", 8), ("c", last)]));
+    // At their new place they are done with like any other.
+    store.submit(vec![dequeue("a", 7)]).wait_blocking().unwrap();
+    store.close();
+    let (store, r) = open(dir.path());
+    assert_eq!(seqs_of(&r), want(&[("a", 8), ("c", last)]));
+    store.close();
+}
