@@ -365,11 +365,11 @@ impl Queues {
                         .or_default()
                         .insert(seq, loc);
                     if let Some(Loc::Segment { n: m, idx: i }) = replaced {
-                        // The same number queued twice: the later one stands.
+                        // The same number queued twice: the later one stands (the list keeps
+                        // only the later one once sorted, below).
                         if let Some(s) = q.segments.get_mut(&m) {
                             s.kill(i);
                         }
-                        live.retain(|(c, s, _): &Queued| !(c == client && *s == seq));
                     }
                     live.push((client.to_owned(), seq, record.to_vec()));
                 }
@@ -400,7 +400,15 @@ impl Queues {
                 .insert(seq, Loc::Legacy);
             live.push((client, seq, v.to_vec()));
         }
+        // A stable sort keeps a number queued twice in the order read; keep the later one.
         live.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        live.dedup_by(|later, earlier| {
+            let same = later.0 == earlier.0 && later.1 == earlier.1;
+            if same {
+                std::mem::swap(later, earlier);
+            }
+            same
+        });
         Ok((q, live))
     }
 }
